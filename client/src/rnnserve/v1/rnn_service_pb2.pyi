@@ -1,0 +1,310 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Optimizer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPTIMIZER_UNSPECIFIED: _ClassVar[Optimizer]
+    OPTIMIZER_SGD: _ClassVar[Optimizer]
+    OPTIMIZER_ADAGRAD: _ClassVar[Optimizer]
+    OPTIMIZER_ADAM: _ClassVar[Optimizer]
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
+    DATA_TYPE_FLOAT64: _ClassVar[DataType]
+
+class Preset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRESET_UNSPECIFIED: _ClassVar[Preset]
+    PRESET_DEFAULT: _ClassVar[Preset]
+    PRESET_NOTEBOOK: _ClassVar[Preset]
+    PRESET_MIN_CHAR_RNN: _ClassVar[Preset]
+
+class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_STATE_UNSPECIFIED: _ClassVar[SessionState]
+    SESSION_STATE_READY: _ClassVar[SessionState]
+    SESSION_STATE_TRAINING: _ClassVar[SessionState]
+    SESSION_STATE_BROKEN: _ClassVar[SessionState]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_REASON_COMPLETED: _ClassVar[StopReason]
+    STOP_REASON_SHUTDOWN: _ClassVar[StopReason]
+    STOP_REASON_DELETED: _ClassVar[StopReason]
+OPTIMIZER_UNSPECIFIED: Optimizer
+OPTIMIZER_SGD: Optimizer
+OPTIMIZER_ADAGRAD: Optimizer
+OPTIMIZER_ADAM: Optimizer
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_FLOAT32: DataType
+DATA_TYPE_FLOAT64: DataType
+PRESET_UNSPECIFIED: Preset
+PRESET_DEFAULT: Preset
+PRESET_NOTEBOOK: Preset
+PRESET_MIN_CHAR_RNN: Preset
+SESSION_STATE_UNSPECIFIED: SessionState
+SESSION_STATE_READY: SessionState
+SESSION_STATE_TRAINING: SessionState
+SESSION_STATE_BROKEN: SessionState
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_REASON_COMPLETED: StopReason
+STOP_REASON_SHUTDOWN: StopReason
+STOP_REASON_DELETED: StopReason
+
+class SessionConfig(_message.Message):
+    __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every")
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RESET_EVERY_FIELD_NUMBER: _ClassVar[int]
+    hidden_size: int
+    seq_length: int
+    batch_size: int
+    learning_rate: float
+    optimizer: Optimizer
+    clip: float
+    seed: int
+    dtype: DataType
+    reset_every: int
+    def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_CHARS_FIELD_NUMBER: _ClassVar[int]
+    ALPHABET_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    config: SessionConfig
+    state: SessionState
+    step: int
+    corpus_chars: int
+    alphabet: str
+    loss: float
+    smoothed_loss: float
+    parameter_count: int
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    resident: bool
+    error: str
+    checkpointed_step: int
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., step: _Optional[int] = ..., corpus_chars: _Optional[int] = ..., alphabet: _Optional[str] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., parameter_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resident: _Optional[bool] = ..., error: _Optional[str] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("session_id", "preset", "config", "text", "alphabet")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ALPHABET_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    preset: Preset
+    config: SessionConfig
+    text: str
+    alphabet: str
+    def __init__(self, session_id: _Optional[str] = ..., preset: _Optional[_Union[Preset, str]] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., text: _Optional[str] = ..., alphabet: _Optional[str] = ...) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_page_token", "total_size")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    next_page_token: str
+    total_size: int
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AppendTextRequest(_message.Message):
+    __slots__ = ("session_id", "text")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class AppendTextResponse(_message.Message):
+    __slots__ = ("session", "appended_chars")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    APPENDED_CHARS_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    appended_chars: int
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., appended_chars: _Optional[int] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "text")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("step", "loss", "bits_per_char", "grad_norm", "chars")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_CHAR_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    CHARS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    bits_per_char: float
+    grad_norm: float
+    chars: int
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., grad_norm: _Optional[float] = ..., chars: _Optional[int] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("session_id", "steps", "report_every", "sample_length")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    steps: int
+    report_every: int
+    sample_length: int
+    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., report_every: _Optional[int] = ..., sample_length: _Optional[int] = ...) -> None: ...
+
+class TrainResponse(_message.Message):
+    __slots__ = ("step", "steps_done", "loss", "smoothed_loss", "chars_per_second", "sample", "elapsed_seconds", "stop_reason")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    CHARS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    steps_done: int
+    loss: float
+    smoothed_loss: float
+    chars_per_second: float
+    sample: str
+    elapsed_seconds: float
+    stop_reason: StopReason
+    def __init__(self, step: _Optional[int] = ..., steps_done: _Optional[int] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., chars_per_second: _Optional[float] = ..., sample: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
+
+class WatchLossRequest(_message.Message):
+    __slots__ = ("session_id", "from_step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    from_step: int
+    def __init__(self, session_id: _Optional[str] = ..., from_step: _Optional[int] = ...) -> None: ...
+
+class LossPoint(_message.Message):
+    __slots__ = ("step", "loss")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class WatchLossResponse(_message.Message):
+    __slots__ = ("points",)
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedCompositeFieldContainer[LossPoint]
+    def __init__(self, points: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("session_id", "prime", "length", "temperature", "top_k", "seed")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIME_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    prime: str
+    length: int
+    temperature: float
+    top_k: int
+    seed: int
+    def __init__(self, session_id: _Optional[str] = ..., prime: _Optional[str] = ..., length: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("session_id", "text")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("predicted", "loss", "bits_per_char")
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    BITS_PER_CHAR_FIELD_NUMBER: _ClassVar[int]
+    predicted: str
+    loss: float
+    bits_per_char: float
+    def __init__(self, predicted: _Optional[str] = ..., loss: _Optional[float] = ..., bits_per_char: _Optional[float] = ...) -> None: ...
