@@ -1,0 +1,1 @@
+"""rnnserve: client library for the rnnserve gRPC service."""

@@ -1,0 +1,1 @@
+"""rnnserve-server: numpy character-level RNNs served over gRPC."""
