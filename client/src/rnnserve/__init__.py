@@ -1,1 +1,51 @@
-"""rnnserve: client library for the rnnserve gRPC service."""
+"""rnnserve: the client library for the rnnserve gRPC service.
+
+    from rnnserve import Client
+
+    with Client("localhost:50051") as client:
+        session = client.create_session(open("input.txt").read())
+        for progress in session.train(2000, report_every=200):
+            print(progress.step, progress.loss)
+        print(session.generate(200, seed=1))
+
+Results are the generated messages of ``rnnserve.v1.rnn_service_pb2``; errors are the
+subclasses of :class:`RnnServeError` in :mod:`rnnserve.errors`.
+"""
+
+from rnnserve.client import DEFAULT_ADDRESS, Client, Session, Stream, TrainStream
+from rnnserve.errors import (
+    InvalidArgument,
+    LimitExceeded,
+    PermissionDenied,
+    RnnServeError,
+    ServerUnavailable,
+    SessionBusy,
+    SessionExists,
+    SessionNotFound,
+    Timeout,
+    TrainingDiverged,
+    Unauthenticated,
+)
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "Client",
+    "InvalidArgument",
+    "LimitExceeded",
+    "PermissionDenied",
+    "RnnServeError",
+    "ServerUnavailable",
+    "Session",
+    "SessionBusy",
+    "SessionExists",
+    "SessionNotFound",
+    "Stream",
+    "Timeout",
+    "TrainStream",
+    "TrainingDiverged",
+    "Unauthenticated",
+    "pb",
+]

@@ -1,0 +1,672 @@
+"""The rnnserve client: a :class:`Client` for the server, a :class:`Session` handle per session.
+
+Results are the generated protobuf messages (``rnnserve.v1.rnn_service_pb2``); failures are
+the typed exceptions of :mod:`rnnserve.errors`. Unary calls get the client's timeout; the
+long streams (Train, WatchLoss, Generate) and the AppendText upload get no deadline unless
+one is passed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import IO, Any, Generic, TypeVar
+
+import grpc
+
+from rnnserve.errors import (
+    InvalidArgument,
+    RnnServeError,
+    ServerUnavailable,
+    Timeout,
+    error_from_rpc,
+)
+from rnnserve.v1 import rnn_service_pb2 as pb
+from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "DEFAULT_CHUNK_CHARS",
+    "Client",
+    "Session",
+    "Stream",
+    "TextSource",
+    "TrainStream",
+]
+
+DEFAULT_ADDRESS = "localhost:50051"
+# 64 Ki characters are at most 256 KiB of UTF-8: far under gRPC's 4 MiB default message limit.
+DEFAULT_CHUNK_CHARS = 65536
+# create_session sends at most this many characters inline and appends the rest in chunks.
+INLINE_TEXT_CHARS = 262144
+
+TOKEN_ENV = "RNNSERVE_TOKEN"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+HEALTH_STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+PRESETS: dict[str, int] = {
+    "default": pb.PRESET_DEFAULT,
+    "notebook": pb.PRESET_NOTEBOOK,
+    "min-char-rnn": pb.PRESET_MIN_CHAR_RNN,
+}
+OPTIMIZERS: dict[str, int] = {
+    "sgd": pb.OPTIMIZER_SGD,
+    "adagrad": pb.OPTIMIZER_ADAGRAD,
+    "adam": pb.OPTIMIZER_ADAM,
+}
+DTYPES: dict[str, int] = {"float32": pb.DATA_TYPE_FLOAT32, "float64": pb.DATA_TYPE_FLOAT64}
+
+# Text for append_text: a whole string, a text or binary file, or an iterable of chunks.
+TextSource = str | bytes | IO[str] | IO[bytes] | Iterable[str] | Iterable[bytes]
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+M = TypeVar("M")
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------
+# grpc.health.v1 without grpcio-health-checking: the two messages are one field each, so a
+# dozen lines of wire format keep that server-side package out of the client's dependencies.
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def encode_health_request(service: str) -> bytes:
+    """Serialize grpc.health.v1.HealthCheckRequest{string service = 1}."""
+    data = service.encode("utf-8")
+    return b"\x0a" + _varint(len(data)) + data if data else b""
+
+
+def decode_health_response(data: bytes) -> int:
+    """Parse grpc.health.v1.HealthCheckResponse{ServingStatus status = 1}; skip other fields."""
+    status = 0
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(data, pos)
+            if field == 1:
+                status = value
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 2:
+            length, pos = _read_varint(data, pos)
+            pos += length
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+    if pos != len(data):
+        raise ValueError("truncated message")
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunking for AppendText.
+
+
+def iter_text_chunks(source: TextSource, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterator[str]:
+    """Yield non-empty pieces of ``source`` of at most ``chunk_chars`` characters each.
+
+    ``source`` is a str, bytes (UTF-8), a file object opened in text or binary mode (read
+    ``chunk_chars`` at a time, never whole), or an iterable of str or bytes chunks of any size.
+    Bytes are decoded incrementally, so a character split across two chunks is kept whole.
+    """
+    if chunk_chars < 1:
+        raise InvalidArgument(f"chunk_chars must be at least 1, got {chunk_chars}")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def pieces() -> Iterator[str | bytes]:
+        if isinstance(source, str | bytes | bytearray):
+            yield source if isinstance(source, str) else bytes(source)
+        elif hasattr(source, "read"):
+            read: Callable[[int], str | bytes] = source.read
+            while piece := read(chunk_chars):
+                yield piece
+        else:
+            yield from source
+
+    for piece in pieces():
+        if isinstance(piece, bytes | bytearray):
+            text = decoder.decode(bytes(piece))
+        elif isinstance(piece, str):
+            text = piece
+        else:
+            raise TypeError(f"text chunks must be str or bytes, not {type(piece).__name__}")
+        for start in range(0, len(text), chunk_chars):
+            yield text[start : start + chunk_chars]
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams.
+
+
+class Stream(Iterator[T], Generic[M, T]):
+    """An iterator over a server stream that can be stopped early.
+
+    Leaving a ``for`` loop over it (``break``, an exception), :meth:`cancel`, :meth:`close`
+    or leaving a ``with`` block cancels the call on the server. After a cancel the iterator
+    simply ends; errors from the server raise the matching :class:`RnnServeError`.
+    """
+
+    def __init__(self, call: grpc.CallIterator[M], convert: Callable[[M], Iterable[T]]) -> None:
+        self._call = call
+        self._responses: Iterator[M] = iter(call)
+        self._convert = convert
+        self._pending: deque[T] = deque()
+        self._cancelled = False
+        self._done = False
+
+    def __next__(self) -> T:
+        while not self._pending:
+            if self._done:
+                raise StopIteration
+            try:
+                message = next(self._responses)
+            except StopIteration:
+                self._done = True
+                raise
+            except grpc.RpcError as e:
+                self._done = True
+                if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                    raise StopIteration from None
+                raise error_from_rpc(e) from None
+            self._observe(message)
+            self._pending.extend(self._convert(message))
+        return self._pending.popleft()
+
+    def __iter__(self) -> Iterator[T]:
+        # A fresh generator per loop: when the loop is left early the generator is closed,
+        # and its finally-clause cancels the call even if the caller still holds the stream.
+        def loop() -> Iterator[T]:
+            try:
+                while True:
+                    try:
+                        item = next(self)
+                    except StopIteration:
+                        return
+                    yield item
+            finally:
+                if not self._done:
+                    self.cancel()
+
+        return loop()
+
+    def _observe(self, message: M) -> None:
+        """Hook for subclasses: sees every response message before it is converted."""
+
+    @property
+    def done(self) -> bool:
+        """True once the stream has ended, failed or been cancelled."""
+        return self._done
+
+    def cancel(self) -> None:
+        """Cancel the call; safe to call from another thread and more than once."""
+        if not self._done:
+            self._cancelled = True
+            self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it bare
+            self._done = True
+
+    def close(self) -> None:
+        """Same as :meth:`cancel`."""
+        self.cancel()
+
+    def __enter__(self) -> Stream[M, T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+
+class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
+    """The progress of a Train call: every TrainResponse, the last one with ``stop_reason`` set.
+
+    ``last`` is the newest message received and ``final`` the closing one (``None`` until it
+    arrives, and forever if the stream was cancelled).
+    """
+
+    def __init__(self, call: grpc.CallIterator[pb.TrainResponse]) -> None:
+        super().__init__(call, lambda message: (message,))
+        self.last: pb.TrainResponse | None = None
+        self.final: pb.TrainResponse | None = None
+
+    def _observe(self, message: pb.TrainResponse) -> None:
+        self.last = message
+        if message.stop_reason != pb.STOP_REASON_UNSPECIFIED:
+            self.final = message
+
+    def wait(self) -> pb.TrainResponse:
+        """Consume the rest of the stream and return the final message (or the last one seen)."""
+        for _ in self:
+            pass
+        result = self.final or self.last
+        if result is None:
+            raise RnnServeError("the Train stream ended without any message")
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _enum(kind: str, value: str | int | None, names: dict[str, int]) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    key = value.strip().lower().replace("_", "-")
+    if key not in names:
+        raise InvalidArgument(f"unknown {kind} {value!r}: choose one of {', '.join(names)}")
+    return names[key]
+
+
+class Client:
+    """A connection to an rnnserve server.
+
+    ``timeout`` (seconds) is the deadline of every unary call; ``None`` means none. ``token``
+    (default: the ``RNNSERVE_TOKEN`` environment variable) is sent as ``authorization: Bearer
+    <token>``. ``ca_file`` connects over TLS trusting that CA certificate (PEM); ``tls=True``
+    connects over TLS with gRPC's default roots; ``tls_server_name`` overrides the name the
+    server's certificate must carry. ``options`` are extra gRPC channel options.
+
+    Example::
+
+        from rnnserve import Client
+
+        with Client("localhost:50051") as client:
+            session = client.create_session("Hallo", preset="notebook", session_id="hallo")
+            for _ in range(30):
+                session.step()
+            print(session.predict("Hallo").predicted)  # alloH
+            for progress in session.train(1000, report_every=100):
+                print(progress.step, progress.loss)
+            print(session.generate(50, prime="H", seed=1))
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        tls: bool = False,
+        tls_server_name: str | None = None,
+        options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        channel_options = list(options)
+        if tls_server_name:
+            channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if ca_file is not None or tls:
+            root = None
+            if ca_file is not None:
+                with open(ca_file, "rb") as f:
+                    root = f.read()
+            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+            self._channel = grpc.secure_channel(address, credentials, options=channel_options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=channel_options)
+        self._stub = pb_grpc.RnnServiceStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            HEALTH_CHECK_METHOD,
+            request_serializer=encode_health_request,
+            response_deserializer=decode_health_response,
+        )
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Req, Resp],
+        request: Req,
+        timeout: float | None,
+    ) -> Resp:
+        try:
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
+    def _server_stream(
+        self,
+        method: grpc.UnaryStreamMultiCallable[Req, Resp],
+        request: Req,
+        timeout: float | None,
+    ) -> grpc.CallIterator[Resp]:
+        # The call starts lazily; errors surface when the stream is iterated.
+        return method(request, timeout=timeout, metadata=self._metadata)
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.address!r})"
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        text: str = "",
+        *,
+        session_id: str = "",
+        preset: str | int = "default",
+        alphabet: str = "",
+        hidden_size: int | None = None,
+        seq_length: int | None = None,
+        batch_size: int | None = None,
+        learning_rate: float | None = None,
+        optimizer: str | int | None = None,
+        clip: float | None = None,
+        seed: int | None = None,
+        dtype: str | int | None = None,
+        reset_every: int | None = None,
+        timeout: float | None = None,
+    ) -> Session:
+        """Create a session from ``text``; unset hyperparameters take the preset's values.
+
+        ``preset`` is "default", "notebook" or "min-char-rnn"; ``optimizer`` "sgd", "adagrad"
+        or "adam"; ``dtype`` "float32" or "float64" (or the proto enum values). An empty
+        ``session_id`` lets the server make one. A text longer than a few hundred thousand
+        characters is sent in chunks after the call that creates the session (with the
+        alphabet fixed up front to ``sorted(set(text))``, what the server would pick).
+        """
+        config = pb.SessionConfig(
+            optimizer=_enum("optimizer", optimizer, OPTIMIZERS),  # type: ignore[arg-type]
+            dtype=_enum("dtype", dtype, DTYPES),  # type: ignore[arg-type]
+        )
+        for name, value in (
+            ("hidden_size", hidden_size),
+            ("seq_length", seq_length),
+            ("batch_size", batch_size),
+            ("learning_rate", learning_rate),
+            ("clip", clip),
+            ("seed", seed),
+            ("reset_every", reset_every),
+        ):
+            if value is not None:
+                setattr(config, name, value)
+        rest = ""
+        if len(text) > INLINE_TEXT_CHARS:
+            text, rest = text[:INLINE_TEXT_CHARS], text[INLINE_TEXT_CHARS:]
+            alphabet = alphabet or "".join(sorted(set(text) | set(rest)))
+        request = pb.CreateSessionRequest(
+            session_id=session_id,
+            preset=_enum("preset", preset, PRESETS),  # type: ignore[arg-type]
+            config=config,
+            text=text,
+            alphabet=alphabet,
+        )
+        response = self._unary(self._stub.CreateSession, request, timeout)
+        session = Session(self, response.session.session_id, response.session)
+        if rest:
+            session.append_text(rest)
+        return session
+
+    def session(self, session_id: str) -> Session:
+        """A handle on an existing session; makes no call (errors surface on first use)."""
+        return Session(self, session_id)
+
+    def list_sessions(
+        self, page_size: int = 100, *, timeout: float | None = None
+    ) -> Iterator[pb.Session]:
+        """Every session on the server, ordered by id, fetched one page at a time."""
+        token = ""
+        seen: set[str] = set()
+        while True:
+            request = pb.ListSessionsRequest(page_size=page_size, page_token=token)
+            response = self._unary(self._stub.ListSessions, request, timeout)
+            yield from response.sessions
+            token = response.next_page_token
+            if not token:
+                return
+            if token in seen:
+                raise RnnServeError(f"the server repeated page token {token!r}")
+            seen.add(token)
+
+    # -- health -------------------------------------------------------------------------------
+
+    def health(
+        self, service: str = "", *, timeout: float | None = None, wait_for_ready: bool = False
+    ) -> str:
+        """The grpc.health.v1 status of ``service`` ("" is the whole server).
+
+        Returns "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN" (the server does
+        not know that service name). Raises ServerUnavailable if nothing answers.
+        """
+        try:
+            status: int = self._health_check(
+                service,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+                wait_for_ready=wait_for_ready,
+            )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise error_from_rpc(e) from None
+        return HEALTH_STATUS_NAMES.get(status, "UNKNOWN")
+
+    def wait_ready(self, timeout: float = 10.0, *, service: str = "") -> None:
+        """Block until the server reports SERVING; Timeout after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        status = "UNREACHABLE"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(
+                    f"the server at {self.address} was not ready within {timeout:g} s "
+                    f"(last status: {status})"
+                )
+            try:
+                status = self.health(service, timeout=remaining, wait_for_ready=True)
+            except (ServerUnavailable, Timeout):
+                status = "UNREACHABLE"
+            if status == "SERVING":
+                return
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+
+
+class Session:
+    """A handle on one session of a :class:`Client`; every method is one RPC.
+
+    ``last_info`` holds the newest description of the session the handle has seen (from
+    create, :meth:`info` or :meth:`append_text`), or ``None``.
+    """
+
+    def __init__(self, client: Client, session_id: str, info: pb.Session | None = None) -> None:
+        self._client = client
+        self.id = session_id
+        self.last_info = info
+
+    def __repr__(self) -> str:
+        return f"Session({self.id!r})"
+
+    def info(self, *, timeout: float | None = None) -> pb.Session:
+        """The session's configuration, state and progress."""
+        request = pb.GetSessionRequest(session_id=self.id)
+        self.last_info = self._client._unary(
+            self._client._stub.GetSession, request, timeout
+        ).session
+        return self.last_info
+
+    def delete(self, *, timeout: float | None = None) -> None:
+        """Delete the session from the server's memory and disk."""
+        request = pb.DeleteSessionRequest(session_id=self.id)
+        self._client._unary(self._client._stub.DeleteSession, request, timeout)
+
+    def step(self, text: str | None = None, *, timeout: float | None = None) -> pb.StepResponse:
+        """One optimizer update: on the corpus's next window, or on ``text`` from a zero state."""
+        request = pb.StepRequest(session_id=self.id, text=text or "")
+        return self._client._unary(self._client._stub.Step, request, timeout)
+
+    def predict(self, text: str, *, timeout: float | None = None) -> pb.PredictResponse:
+        """Most likely next character at each position of ``text``, and the loss on it."""
+        request = pb.PredictRequest(session_id=self.id, text=text)
+        return self._client._unary(self._client._stub.Predict, request, timeout)
+
+    def train(
+        self,
+        steps: int,
+        report_every: int = 0,
+        sample_length: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> TrainStream:
+        """Apply ``steps`` updates, streaming progress every ``report_every`` (0: ~1/s).
+
+        Iterate the returned stream for the progress messages; the last one has
+        ``stop_reason`` set. Stopping early (``break``, :meth:`TrainStream.cancel`) cancels
+        the call and the server stops between two updates. ``stream.wait()`` runs to the end.
+        """
+        request = pb.TrainRequest(
+            session_id=self.id, steps=steps, report_every=report_every, sample_length=sample_length
+        )
+        return TrainStream(self._client._server_stream(self._client._stub.Train, request, timeout))
+
+    def watch_loss(
+        self, from_step: int = 1, *, timeout: float | None = None
+    ) -> Stream[pb.WatchLossResponse, pb.LossPoint]:
+        """Every update's loss from ``from_step`` on, then live as anyone trains the session.
+
+        The stream ends when the session is deleted or the server stops; cancel it to stop
+        watching earlier.
+        """
+        request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
+        call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
+        return Stream(call, lambda response: response.points)
+
+    def generate_stream(
+        self,
+        length: int,
+        prime: str = "",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Stream[pb.GenerateResponse, str]:
+        """Sample ``length`` characters after ``prime``, yielded in chunks as they are made.
+
+        ``temperature`` 0 is greedy; ``top_k`` > 0 samples among the k likeliest characters;
+        the same ``seed`` gives the same text.
+        """
+        request = pb.GenerateRequest(
+            session_id=self.id, prime=prime, length=length, temperature=temperature, top_k=top_k
+        )
+        if seed is not None:
+            request.seed = seed
+        call = self._client._server_stream(self._client._stub.Generate, request, timeout)
+        return Stream(call, lambda response: (response.text,) if response.text else ())
+
+    def generate(
+        self,
+        length: int,
+        prime: str = "",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> str:
+        """:meth:`generate_stream`, joined into one string."""
+        return "".join(
+            self.generate_stream(length, prime, temperature, top_k, seed, timeout=timeout)
+        )
+
+    def append_text(
+        self,
+        source: TextSource,
+        chunk_chars: int = DEFAULT_CHUNK_CHARS,
+        *,
+        timeout: float | None = None,
+    ) -> pb.AppendTextResponse:
+        """Add text to the corpus, streamed in chunks of at most ``chunk_chars`` characters.
+
+        ``source`` is a str, a file object (text or binary, read a chunk at a time) or an
+        iterable of chunks; see :func:`iter_text_chunks`. An error reading the source cancels
+        the call and is re-raised as itself.
+        """
+        failure: list[Exception] = []
+
+        def requests() -> Iterator[pb.AppendTextRequest]:
+            first = True
+            try:
+                for chunk in iter_text_chunks(source, chunk_chars):
+                    yield pb.AppendTextRequest(session_id=self.id if first else "", text=chunk)
+                    first = False
+            except Exception as e:  # raised in gRPC's thread: hand it back to the caller
+                failure.append(e)
+                raise
+            if first:
+                yield pb.AppendTextRequest(session_id=self.id)
+
+        try:
+            response: pb.AppendTextResponse = self._client._stub.AppendText(
+                requests(), timeout=timeout, metadata=self._client._metadata
+            )
+        except grpc.RpcError as e:
+            if failure:
+                raise failure[0] from None
+            raise error_from_rpc(e) from None
+        self.last_info = response.session
+        return response
