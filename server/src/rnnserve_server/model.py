@@ -1,0 +1,694 @@
+"""The math of rnnserve: a character-level tanh RNN, trained by truncated BPTT over a batch.
+
+Equations (column-vector form, as in the notebook seed and min-char-rnn)::
+
+    h_t = tanh(Wxh x_t + Whh h_{t-1} + bh)      x_t one-hot over the vocabulary
+    y_t = Why h_t + by                          p_t = softmax(y_t)
+
+Shapes (V = vocabulary size, H = hidden size)::
+
+    Wxh (H, V)   Whh (H, H)   Why (V, H)   bh (H,)   by (V,)
+
+The code works with row vectors (a batch of B strands is a (B, H) matrix), so ``Whh h`` is
+written ``h @ Whh.T``. ``Wxh x_t`` with a one-hot ``x_t`` is the column ``Wxh[:, x_t]``, so the
+input projection is an index gather, never a product with a one-hot matrix. The output
+projection and all weight gradients are one matrix product each over every time step of the
+window; only the recurrence itself loops over t.
+
+The loss that is differentiated is min-char-rnn's: cross-entropy summed over the window's time
+steps, averaged over the strands (so batch 1 is exactly min-char-rnn, and the batch size does
+not change the effective step size). Losses are *reported* as mean nats per character.
+
+Pure numpy: no grpc, no I/O. The ``Trainer`` is not thread-safe; the session layer serialises
+the calls that mutate it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+from .optim import OPTIMIZERS, Optimizer, make_optimizer
+from .vocab import Vocab
+
+__all__ = [
+    "DTYPES",
+    "PARAM_NAMES",
+    "PRESETS",
+    "DivergedError",
+    "EngineError",
+    "ModelConfig",
+    "StepResult",
+    "Trainer",
+    "Workspace",
+    "forward_hidden",
+    "init_params",
+    "loss_and_grads",
+    "nats_to_bits",
+    "param_shapes",
+]
+
+PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
+DTYPES = ("float32", "float64")
+STATE_FORMAT = 1
+_EVAL_CHUNK = 2048  # time steps per forward chunk when scoring long texts (bounds memory)
+
+
+class EngineError(ValueError):
+    """Bad configuration or text; the message names the field and says how to fix it."""
+
+
+class DivergedError(ArithmeticError):
+    """The loss, the gradient or the updated weights were not finite; nothing was changed."""
+
+
+def nats_to_bits(nats: float) -> float:
+    """Convert a loss in nats per character to bits per character."""
+    return nats / math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of one model. ``validate`` checks them; the constructor does not."""
+
+    hidden_size: int
+    seq_length: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str  # "sgd" | "adagrad" | "adam"
+    clip: float = 5.0  # gradients are clipped element-wise to [-clip, clip]
+    seed: int = 0  # seeds the weight initialisation
+    dtype: str = "float32"  # "float32" | "float64"
+    reset_every: int = 0  # zero the carried hidden states every N corpus windows; 0 = never
+
+    def validate(self) -> None:
+        """Raise EngineError naming the first invalid field and the values it accepts."""
+
+        def positive_int(name: str, value: object, low: int = 1) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise EngineError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        positive_int("hidden_size", self.hidden_size)
+        positive_int("seq_length", self.seq_length)
+        positive_int("batch_size", self.batch_size)
+        positive_int("seed", self.seed, 0)
+        positive_int("reset_every", self.reset_every, 0)
+        for name in ("learning_rate", "clip"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise EngineError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise EngineError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; EngineError for unknown or missing fields or bad values."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise EngineError(f"unknown model config field(s): {', '.join(unknown)}")
+        try:
+            config = cls(**data)
+        except TypeError as exc:
+            raise EngineError(f"incomplete model config: {exc}") from None
+        config.validate()
+        return config
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with ``changes`` applied (not validated)."""
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Chosen with bench/quality.py: clearly better held-out loss than min-char-rnn in the same
+    # wall-clock time (see README, "Performance").
+    "default": ModelConfig(
+        hidden_size=256,
+        seq_length=50,
+        batch_size=16,
+        learning_rate=2e-3,
+        optimizer="adam",
+        reset_every=10,
+    ),
+    # The notebook seed: learns `Hallo` -> `alloH`; diverges on real text.
+    "notebook": ModelConfig(
+        hidden_size=100, seq_length=5, batch_size=1, learning_rate=0.1, optimizer="sgd"
+    ),
+    # Karpathy's min-char-rnn.
+    "min-char-rnn": ModelConfig(
+        hidden_size=100, seq_length=25, batch_size=1, learning_rate=0.1, optimizer="adagrad"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer update did."""
+
+    step: int  # step count after the update
+    loss: float  # mean nats per character
+    grad_norm: float  # global L2 norm of the gradients before clipping
+    chars: int  # characters trained on (batch_size * seq_length for a corpus step)
+
+    @property
+    def bits(self) -> float:
+        """The loss in bits per character."""
+        return nats_to_bits(self.loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: parameters in, numbers out
+
+
+def param_shapes(vocab_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each parameter tensor, in PARAM_NAMES order."""
+    V, H = vocab_size, hidden_size
+    return {"Wxh": (H, V), "Whh": (H, H), "Why": (V, H), "bh": (H,), "by": (V,)}
+
+
+def _views(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Split a flat vector into named views of the given shapes (no copy)."""
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        out[name] = flat[offset : offset + n].reshape(shape)
+        offset += n
+    return out
+
+
+def init_params(
+    vocab_size: int, hidden_size: int, rng: np.random.Generator, dtype: str = "float32"
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Weights as in the seed: ``randn * 0.01`` (drawn in float64, Wxh, Whh, Why in that order),
+    zero biases. Returns the flat vector and named views into it."""
+    shapes = param_shapes(vocab_size, hidden_size)
+    flat = np.zeros(sum(math.prod(s) for s in shapes.values()), dtype=dtype)  # (P,)
+    params = _views(flat, shapes)
+    for name in ("Wxh", "Whh", "Why"):
+        params[name][...] = rng.standard_normal(shapes[name]) * 0.01
+    return flat, params
+
+
+class Workspace:
+    """Preallocated buffers for one window shape (T steps, B strands); reused across steps."""
+
+    def __init__(self, T: int, B: int, H: int, V: int, dtype: np.dtype | str) -> None:
+        self.shape = (T, B, H, V)
+        N = T * B
+        self.E = np.empty((V, H), dtype=dtype)  # Wxh.T + bh: input rows with the bias folded in
+        self.hs = np.empty((T + 1, B, H), dtype=dtype)  # hs[0] = h0, hs[t+1] = h_t
+        self.tmp = np.empty((B, H), dtype=dtype)  # h_{t-1} @ Whh.T, then the carried dh
+        self.logits = np.empty((N, V), dtype=dtype)  # y, then p, then dL/dy
+        self.dhs = np.empty((T, B, H), dtype=dtype)  # dL/dh_t, then dL/d(pre-activation)
+        self.dtanh = np.empty((T, B, H), dtype=dtype)  # 1 - h_t^2
+        self.onehot = np.zeros((N, V), dtype=dtype)  # inputs one-hot, for dWxh as one product
+        self.rows = np.arange(N)  # (N,)
+        self.h_steps = list(self.hs)  # per-step views, to keep indexing out of the hot loop
+        self.dh_steps = list(self.dhs)
+        self.dt_steps = list(self.dtanh)
+
+
+def _gather_inputs(params: dict[str, np.ndarray], xs: np.ndarray, ws: Workspace) -> None:
+    """hs[1:][t, b] = Wxh[:, xs[t, b]] + bh: the input projection as an index gather."""
+    np.add(params["Wxh"].T, params["bh"], out=ws.E)
+    np.take(ws.E, xs, axis=0, out=ws.hs[1:])
+
+
+def _recur(Whh: np.ndarray, ws: Workspace, T: int) -> None:
+    """h_t = tanh(hs[t+1] + h_{t-1} @ Whh.T) in place, for t = 1..T (the only loop over t)."""
+    WhhT = Whh.T
+    hsteps, tmp = ws.h_steps, ws.tmp
+    for t in range(T):
+        h = hsteps[t + 1]
+        np.matmul(hsteps[t], WhhT, out=tmp)
+        h += tmp
+        np.tanh(h, out=h)
+
+
+def loss_and_grads(
+    params: dict[str, np.ndarray],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    h0: np.ndarray,
+    *,
+    grads: dict[str, np.ndarray] | None = None,
+    ws: Workspace | None = None,
+    bptt: bool = True,
+) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+    """Forward and backward pass over one window of B strands.
+
+    ``inputs`` and ``targets`` are int arrays of shape (B, T); ``h0`` (B, H) is the incoming
+    hidden state. Returns ``(loss, grads, h_last)``: ``loss`` is the cross-entropy summed over
+    the T steps and averaged over the B strands (the quantity differentiated), ``grads`` the
+    exact, unclipped gradient of ``loss`` per parameter (written into ``grads`` if given), and
+    ``h_last`` (B, H) a copy of the final hidden state. Gradients do not flow into ``h0``
+    (truncated BPTT). ``ws`` reuses preallocated buffers of the right shape.
+
+    ``bptt=False`` reproduces the notebook seed's bug (dL/dh is not carried back through
+    time); it exists only so that tests can show the gradient check catches it.
+    """
+    Wxh, Whh, Why = params["Wxh"], params["Whh"], params["Why"]
+    H, V = Wxh.shape
+    B, T = inputs.shape
+    N = T * B
+    if ws is None or ws.shape != (T, B, H, V) or ws.hs.dtype != Wxh.dtype:
+        ws = Workspace(T, B, H, V, Wxh.dtype)
+    if grads is None:
+        grads = {name: np.empty_like(p) for name, p in params.items()}
+    xs = inputs.T  # (T, B) time-major
+    ys = targets.T.reshape(N)  # (N,) time-major, row n = t * B + b
+
+    # Forward.
+    ws.hs[0] = h0
+    _gather_inputs(params, xs, ws)
+    _recur(Whh, ws, T)
+    hs_flat = ws.hs[1:].reshape(N, H)  # (N, H) h_1..h_T
+    logits = ws.logits  # (N, V)
+    np.matmul(hs_flat, Why.T, out=logits)
+    logits += params["by"]
+    logits -= logits.max(axis=1, keepdims=True)  # stable softmax; loss is shift-invariant
+    target_logit = logits[ws.rows, ys]  # (N,)
+    np.exp(logits, out=logits)
+    total = logits.sum(axis=1, keepdims=True)  # (N, 1)
+    loss = float(np.log(total).sum(dtype=np.float64) - target_logit.sum(dtype=np.float64)) / B
+
+    # Backward: dL/dy = (p - onehot(target)) / B.
+    logits /= total
+    logits[ws.rows, ys] -= 1.0
+    if B > 1:
+        logits *= logits.dtype.type(1.0 / B)
+    dy = logits  # (N, V)
+    np.matmul(dy.T, hs_flat, out=grads["Why"])
+    np.sum(dy, axis=0, out=grads["by"])
+    dhs = ws.dhs  # (T, B, H)
+    np.matmul(dy, Why, out=dhs.reshape(N, H))
+    np.multiply(ws.hs[1:], ws.hs[1:], out=ws.dtanh)
+    np.subtract(1.0, ws.dtanh, out=ws.dtanh)
+    dsteps, tsteps, carry = ws.dh_steps, ws.dt_steps, ws.tmp
+    for t in range(T - 1, -1, -1):
+        d = dsteps[t]
+        d *= tsteps[t]  # now dL/d(pre-activation at t)
+        if bptt and t > 0:
+            np.matmul(d, Whh, out=carry)  # dL/dh_{t-1} through the recurrence
+            dsteps[t - 1] += carry
+    dpre = dhs.reshape(N, H)  # (N, H)
+    np.matmul(dpre.T, ws.hs[:-1].reshape(N, H), out=grads["Whh"])
+    np.sum(dpre, axis=0, out=grads["bh"])
+    onehot = ws.onehot  # (N, V)
+    xs_flat = xs.reshape(N)
+    onehot[ws.rows, xs_flat] = 1.0
+    np.matmul(dpre.T, onehot, out=grads["Wxh"])
+    onehot[ws.rows, xs_flat] = 0.0
+    return loss, grads, ws.hs[T].copy()
+
+
+def forward_hidden(
+    params: dict[str, np.ndarray], ids: np.ndarray, h0: np.ndarray, ws: Workspace | None = None
+) -> tuple[np.ndarray, Workspace]:
+    """Run one strand over ``ids`` (T,) from ``h0`` (H,); returns (h_1..h_T as (T, H), ws).
+
+    The returned array is a view into ``ws`` (valid until it is reused).
+    """
+    Wxh = params["Wxh"]
+    H, V = Wxh.shape
+    T = ids.shape[0]
+    if ws is None or ws.shape[:3] != (T, 1, H) or ws.hs.dtype != Wxh.dtype:
+        ws = Workspace(T, 1, H, 0, Wxh.dtype)
+        ws.E = np.empty((V, H), dtype=Wxh.dtype)
+    ws.hs[0, 0] = h0
+    _gather_inputs(params, ids.reshape(T, 1), ws)
+    _recur(params["Whh"], ws, T)
+    return ws.hs[1:, 0], ws
+
+
+def _score(
+    params: dict[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """From a zero state: argmax next id at each position of ``inputs`` (T,) and the summed
+    nats of ``targets`` (T,). Runs in chunks so memory stays bounded for long texts."""
+    H = params["Whh"].shape[0]
+    T = inputs.shape[0]
+    h = np.zeros(H, dtype=params["Whh"].dtype)  # (H,)
+    argmax = np.empty(T, dtype=np.int32)  # (T,)
+    nats = 0.0
+    ws: Workspace | None = None
+    for start in range(0, T, _EVAL_CHUNK):
+        stop = min(start + _EVAL_CHUNK, T)
+        hs, ws = forward_hidden(params, inputs[start:stop], h, ws)  # reuses ws if same length
+        logits = hs @ params["Why"].T + params["by"]  # (t, V)
+        logits -= logits.max(axis=1, keepdims=True)
+        argmax[start:stop] = logits.argmax(axis=1)
+        lse = np.log(np.exp(logits).sum(axis=1, dtype=np.float64))  # (t,)
+        nats += float(
+            lse.sum() - logits[np.arange(stop - start), targets[start:stop]].sum(dtype=np.float64)
+        )
+        h = hs[-1].copy()
+    return argmax, nats
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer: model + optimizer + corpus feed
+
+
+class Trainer:
+    """Model + optimizer + corpus feed (strands, cursors, carried hidden states).
+
+    The corpus is cyclic, as in the notebook: the target after the last character is the first.
+    Strand b starts at offset ``b * L // B``; each corpus step trains every strand on its next
+    window of ``seq_length`` characters, carrying its hidden state from window to window. A
+    strand whose next window would run past the end restarts at 0 with a zero state, and every
+    ``reset_every`` windows all carried states are zeroed, so the model also works from a zero
+    state (which is how it is evaluated and sampled). Not thread-safe.
+    """
+
+    def __init__(self, config: ModelConfig, vocab: Vocab, corpus: np.ndarray) -> None:
+        """EngineError for a bad config or a corpus shorter than seq_length or 2 characters."""
+        config.validate()
+        self.config = config
+        self.vocab = vocab
+        ids = self._check_ids(corpus, "corpus")
+        if ids.shape[0] < 2 or ids.shape[0] < config.seq_length:
+            raise EngineError(
+                f"the text has {ids.shape[0]} character(s); training needs at least "
+                f"max(2, seq_length={config.seq_length}): give more text or a smaller seq_length"
+            )
+        self._corpus = ids.copy()  # (capacity,) int32; the first corpus_length entries are used
+        self.corpus_length = int(ids.shape[0])
+        self.step_count = 0  # updates applied
+        self.windows = 0  # corpus steps applied (drives reset_every)
+        self._dtype = np.dtype(config.dtype)
+        V, H, B = vocab.size, config.hidden_size, config.batch_size
+        rng = np.random.default_rng(config.seed)
+        self._theta, self.params = init_params(V, H, rng, config.dtype)  # (P,), named views
+        self.parameter_count = int(self._theta.shape[0])
+        self._grad = np.zeros_like(self._theta)  # (P,)
+        self._grads = _views(self._grad, param_shapes(V, H))
+        self._proposed = np.empty_like(self._theta)  # (P,) parameters after a proposed update
+        self._optimizer: Optimizer = make_optimizer(
+            config.optimizer, self.parameter_count, config.learning_rate, self._dtype
+        )
+        self.hidden = np.zeros((B, H), dtype=self._dtype)  # carried state of each strand
+        self.cursors = (np.arange(B, dtype=np.int64) * self.corpus_length) // B  # (B,)
+        self._ws = Workspace(config.seq_length, B, H, V, self._dtype)
+        self._offsets = np.arange(config.seq_length + 1, dtype=np.int64)  # (T+1,)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
+        """``ids`` as a 1-D int32 array of valid ids; EngineError otherwise."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise EngineError(f"{what} must be a 1-D array of character ids")
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= self.vocab.size):
+            raise EngineError(f"{what} has ids outside the vocabulary [0, {self.vocab.size})")
+        return arr.astype(np.int32, copy=False)
+
+    @property
+    def corpus(self) -> np.ndarray:
+        """The corpus ids (a read-only view)."""
+        view = self._corpus[: self.corpus_length]
+        view.flags.writeable = False
+        return view
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The update rule and its state."""
+        return self._optimizer
+
+    def _apply(self, loss: float) -> float:
+        """Clip and apply the gradient in ``self._grad``; return its pre-clip norm.
+
+        DivergedError (and nothing changed) if the loss, the gradient or the result is not
+        finite.
+        """
+        g = self._grad
+        grad_norm = math.sqrt(float(np.dot(g, g)))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise DivergedError(
+                f"the loss ({loss}) or gradient norm ({grad_norm}) is not finite; the update "
+                "was not applied (the learning rate is probably too high)"
+            )
+        clip = self._dtype.type(self.config.clip)
+        np.clip(g, -clip, clip, out=g)
+        self._optimizer.propose(self._theta, g, self._proposed)
+        if not np.isfinite(self._proposed).all():
+            raise DivergedError(
+                "the update would make weights non-finite; it was not applied "
+                "(the learning rate is probably too high)"
+            )
+        np.copyto(self._theta, self._proposed)
+        self._optimizer.commit()
+        self.step_count += 1
+        return grad_norm
+
+    # -- training ----------------------------------------------------------------------------
+
+    def append(self, ids: np.ndarray) -> None:
+        """Add ``ids`` (1-D) to the end of the corpus; cursors and states are kept."""
+        new = self._check_ids(ids, "text")
+        n = new.shape[0]
+        need = self.corpus_length + n
+        if need > self._corpus.shape[0]:
+            grown = np.empty(max(need, 2 * self._corpus.shape[0]), dtype=np.int32)
+            grown[: self.corpus_length] = self._corpus[: self.corpus_length]
+            self._corpus = grown
+        self._corpus[self.corpus_length : need] = new
+        self.corpus_length = need
+
+    def step(self) -> StepResult:
+        """One update on the next window of every strand.
+
+        DivergedError leaves weights, optimizer state, cursors and hidden states untouched.
+        """
+        T, L = self.config.seq_length, self.corpus_length
+        hidden = self.hidden
+        reset = self.config.reset_every
+        if reset and self.windows % reset == 0:
+            hidden = np.zeros_like(hidden)
+        cursors = self.cursors
+        over = cursors + T > L  # (B,) strands whose window would pass the end restart at 0
+        if over.any():
+            cursors = np.where(over, 0, cursors)
+            hidden = np.where(over[:, None], self._dtype.type(0), hidden)
+        idx = cursors[:, None] + self._offsets  # (B, T+1)
+        if int(cursors.max()) + T >= L:
+            idx %= L  # only the very last target can wrap: cyclic corpus
+        window = self._corpus[idx]  # (B, T+1)
+        loss, _, h_last = loss_and_grads(
+            self.params, window[:, :-1], window[:, 1:], hidden, grads=self._grads, ws=self._ws
+        )
+        grad_norm = self._apply(loss)
+        self.hidden = h_last
+        self.cursors = cursors + T
+        self.windows += 1
+        B = self.config.batch_size
+        return StepResult(self.step_count, loss / T, grad_norm, B * T)
+
+    def step_on(self, ids: np.ndarray) -> StepResult:
+        """One update on the sequence ``ids`` (>= 2 ids) from a zero state: inputs ids[:-1],
+        targets ids[1:], one BPTT window. The corpus feed (cursors, carried states) is untouched.
+        """
+        seq = self._check_ids(ids, "text")
+        if seq.shape[0] < 2:
+            raise EngineError("text must have at least 2 characters to train on")
+        h0 = np.zeros((1, self.config.hidden_size), dtype=self._dtype)
+        loss, _, _ = loss_and_grads(
+            self.params, seq[None, :-1], seq[None, 1:], h0, grads=self._grads
+        )
+        T = seq.shape[0] - 1
+        grad_norm = self._apply(loss)
+        return StepResult(self.step_count, loss / T, grad_norm, T)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def predict(self, ids: np.ndarray) -> tuple[np.ndarray, float]:
+        """The notebook's predict: from a zero state, the most likely next id at each position
+        (int32, same length as ``ids``) and the mean nats per character, where the target after
+        the last character is the first (``Hallo`` -> ``alloH``). EngineError for empty text."""
+        seq = self._check_ids(ids, "text")
+        if seq.shape[0] < 1:
+            raise EngineError("text is empty: give at least 1 character to predict from")
+        argmax, nats = _score(self.params, seq, np.roll(seq, -1))
+        return argmax, nats / seq.shape[0]
+
+    def evaluate(self, ids: np.ndarray) -> float:
+        """Mean nats per character of ``ids[1:]`` given the preceding characters, from a zero
+        state, without updating anything. EngineError for fewer than 2 ids."""
+        seq = self._check_ids(ids, "text")
+        if seq.shape[0] < 2:
+            raise EngineError("text must have at least 2 characters to evaluate")
+        _, nats = _score(self.params, seq[:-1], seq[1:])
+        return float(nats / (seq.shape[0] - 1))
+
+    def sample(
+        self,
+        prime: np.ndarray,
+        length: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chunk_size: int = 256,
+    ) -> Iterator[np.ndarray]:
+        """Generate ``length`` ids after ``prime``, yielded in int32 chunks of ``chunk_size``.
+
+        From a zero state, the hidden state is warmed on ``prime`` (empty prime: ``corpus[0]`` is
+        the first input, and is not yielded); then each id is drawn from
+        softmax(y / temperature) restricted to the ``top_k`` most likely ids (0 = all).
+        Temperature 0 takes the argmax. Uses its own Generator seeded with ``seed`` (same seed,
+        same weights -> same text) and a snapshot of the weights taken now, so it never touches
+        the training state. Arguments are checked now (EngineError), not at the first chunk.
+        """
+        seq = self._check_ids(prime, "prime")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise EngineError(f"length must be an integer >= 0, got {length!r}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise EngineError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise EngineError(f"top_k must be an integer >= 0 (0 = no limit), got {top_k!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise EngineError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        if seq.shape[0] == 0:
+            seq = self._corpus[:1].copy()
+        params = {name: p.copy() for name, p in self.params.items()}  # snapshot
+        rng = np.random.default_rng(seed)
+        return _sample(params, seq, length, float(temperature), top_k, rng, chunk_size)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything needed to resume exactly: named arrays (copies) and a JSON-able dict."""
+        arrays: dict[str, np.ndarray] = {name: p.copy() for name, p in self.params.items()}
+        for name, arr in self._optimizer.state_arrays().items():
+            arrays[f"optim.{name}"] = arr
+        arrays["hidden"] = self.hidden.copy()
+        arrays["cursors"] = self.cursors.copy()
+        arrays["corpus"] = self._corpus[: self.corpus_length].copy()
+        meta: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "alphabet": self.vocab.alphabet,
+            "step_count": self.step_count,
+            "windows": self.windows,
+            "optim": self._optimizer.state_meta(),
+        }
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Trainer:
+        """Rebuild a trainer from ``state_dict()`` output, exactly (bit for bit).
+
+        EngineError if the state is malformed or its arrays do not match its config.
+        """
+        try:
+            if meta.get("format") != STATE_FORMAT:
+                raise EngineError(f"unsupported engine state format {meta.get('format')!r}")
+            config = ModelConfig.from_dict(dict(meta["config"]))
+            vocab = Vocab(str(meta["alphabet"]))
+            trainer = cls(config, vocab, np.asarray(arrays["corpus"]))
+            expected = {name: p for name, p in trainer.params.items()}
+            expected["hidden"] = trainer.hidden
+            expected["cursors"] = trainer.cursors
+            for name, arr in trainer._optimizer.state_arrays().items():
+                expected[f"optim.{name}"] = arr
+            for name, ref in expected.items():
+                got = np.asarray(arrays[name])
+                if got.shape != ref.shape or got.dtype != ref.dtype:
+                    raise EngineError(
+                        f"engine state array {name!r} is {got.dtype}{got.shape}, "
+                        f"expected {ref.dtype}{ref.shape}"
+                    )
+            for name in PARAM_NAMES:
+                np.copyto(trainer.params[name], arrays[name])
+            trainer._optimizer.load_state(
+                {
+                    k[len("optim.") :]: np.asarray(v)
+                    for k, v in arrays.items()
+                    if k.startswith("optim.")
+                },
+                dict(meta["optim"]),
+            )
+            trainer.hidden = np.array(arrays["hidden"], dtype=trainer._dtype)
+            trainer.cursors = np.array(arrays["cursors"], dtype=np.int64)
+            trainer.step_count = int(meta["step_count"])
+            trainer.windows = int(meta["windows"])
+        except KeyError as exc:
+            raise EngineError(f"engine state is missing {exc}") from None
+        return trainer
+
+
+def _sample(
+    params: dict[str, np.ndarray],
+    prime: np.ndarray,
+    length: int,
+    temperature: float,
+    top_k: int,
+    rng: np.random.Generator,
+    chunk_size: int,
+) -> Iterator[np.ndarray]:
+    """The sampling loop behind ``Trainer.sample`` (arguments already checked)."""
+    Wxh, Whh, Why = params["Wxh"], params["Whh"], params["Why"]
+    H, V = Wxh.shape
+    dtype = Wxh.dtype
+    h = np.zeros(H, dtype=dtype)  # (H,)
+    if prime.shape[0] > 1:
+        hs, _ = forward_hidden(params, prime[:-1], h)
+        h = hs[-1].copy()
+    x = int(prime[-1])
+    E = np.ascontiguousarray(Wxh.T + params["bh"])  # (V, H) input row + bias for each id
+    WhhT = np.ascontiguousarray(Whh.T)  # (H, H)
+    greedy = temperature == 0.0
+    scale = 1.0 if greedy else 1.0 / temperature
+    WhyT = np.ascontiguousarray(Why.T * dtype.type(scale))  # (H, V) with 1/temperature folded in
+    by = params["by"] * dtype.type(scale)  # (V,)
+    k = top_k if 0 < top_k < V else 0
+    tmp = np.empty(H, dtype=dtype)  # (H,)
+    y = np.empty(V, dtype=dtype)  # (V,)
+    p = np.empty(V, dtype=np.float64)  # (V,)
+    cdf = np.empty(V, dtype=np.float64)  # (V,)
+    done = 0
+    while done < length:
+        n = min(chunk_size, length - done)
+        out = np.empty(n, dtype=np.int32)
+        # One uniform per character, drawn up front: the same stream for any chunk_size.
+        u = rng.random(n) if not greedy else None
+        for i in range(n):
+            np.matmul(h, WhhT, out=tmp)
+            tmp += E[x]
+            np.tanh(tmp, out=h)
+            np.matmul(h, WhyT, out=y)
+            y += by
+            if u is None:
+                x = int(y.argmax())
+            else:
+                if k:
+                    y[np.argpartition(y, V - k)[: V - k]] = -np.inf
+                np.subtract(y, y.max(), out=p)
+                np.exp(p, out=p)
+                np.cumsum(p, out=cdf)
+                # Inverse-CDF draw: the first id whose cumulative mass exceeds u * total.
+                x = min(int(np.searchsorted(cdf, u[i] * cdf[-1], side="right")), V - 1)
+            out[i] = x
+        done += n
+        yield out

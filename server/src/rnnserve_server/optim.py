@@ -1,0 +1,184 @@
+"""Update rules over one flat parameter vector: SGD (the seed's), Adagrad (min-char-rnn's), Adam.
+
+All parameters live in one contiguous vector ``theta`` (the model's tensors are views into
+it), so an update is a handful of whole-vector operations however many tensors there are.
+
+An update is two-phase so that a non-finite result can be refused without touching anything:
+``propose(theta, grad, out)`` writes the new parameters to ``out`` and stages the new optimizer
+state; ``commit()`` makes the staged state current. Skipping ``commit`` discards the update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+
+__all__ = ["OPTIMIZERS", "SGD", "Adagrad", "Adam", "Optimizer", "make_optimizer"]
+
+OPTIMIZERS = ("sgd", "adagrad", "adam")
+
+
+class Optimizer(Protocol):
+    """What the trainer needs from an update rule."""
+
+    name: str
+    learning_rate: float
+
+    def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
+        """Write the updated parameters to ``out`` (same shape as ``theta``); stage new state.
+
+        ``grad`` may be used as scratch space (its contents are undefined afterwards).
+        """
+        ...
+
+    def commit(self) -> None:
+        """Make the state staged by the last ``propose`` current."""
+        ...
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The optimizer's state as named arrays (copies), for checkpoints."""
+        ...
+
+    def state_meta(self) -> dict[str, int]:
+        """The optimizer's scalar state (JSON-able), for checkpoints."""
+        ...
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, int]) -> None:
+        """Restore what ``state_arrays`` / ``state_meta`` returned, exactly."""
+        ...
+
+
+class SGD:
+    """``theta -= lr * g`` (the notebook's rule)."""
+
+    name = "sgd"
+
+    def __init__(self, size: int, learning_rate: float, dtype: np.dtype) -> None:
+        self.learning_rate = learning_rate
+        self._lr = dtype.type(learning_rate)
+
+    def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
+        np.multiply(grad, self._lr, out=grad)
+        np.subtract(theta, grad, out=out)
+
+    def commit(self) -> None:
+        pass
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def state_meta(self) -> dict[str, int]:
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, int]) -> None:
+        pass
+
+
+class Adagrad:
+    """``mem += g*g; theta -= lr * g / sqrt(mem + 1e-8)`` (min-char-rnn's rule)."""
+
+    name = "adagrad"
+    eps = 1e-8
+
+    def __init__(self, size: int, learning_rate: float, dtype: np.dtype) -> None:
+        self.learning_rate = learning_rate
+        self._lr = dtype.type(learning_rate)
+        self._eps = dtype.type(self.eps)
+        self.mem = np.zeros(size, dtype=dtype)  # (P,) running sum of squared gradients
+        self._staged = np.zeros(size, dtype=dtype)  # (P,) next ``mem``
+        self._tmp = np.empty(size, dtype=dtype)  # (P,) scratch
+
+    def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
+        tmp = self._tmp
+        np.multiply(grad, grad, out=tmp)
+        np.add(self.mem, tmp, out=self._staged)
+        np.add(self._staged, self._eps, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        np.divide(grad, tmp, out=tmp)
+        tmp *= self._lr
+        np.subtract(theta, tmp, out=out)
+
+    def commit(self) -> None:
+        self.mem, self._staged = self._staged, self.mem
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {"mem": self.mem.copy()}
+
+    def state_meta(self) -> dict[str, int]:
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, int]) -> None:
+        np.copyto(self.mem, arrays["mem"])
+
+
+class Adam:
+    """Adam (Kingma & Ba) with bias correction; beta1 0.9, beta2 0.999, eps 1e-8."""
+
+    name = "adam"
+    beta1 = 0.9
+    beta2 = 0.999
+    eps = 1e-8
+
+    def __init__(self, size: int, learning_rate: float, dtype: np.dtype) -> None:
+        self.learning_rate = learning_rate
+        self._dtype = dtype
+        self.t = 0  # updates committed
+        self.m = np.zeros(size, dtype=dtype)  # (P,) first moment
+        self.v = np.zeros(size, dtype=dtype)  # (P,) second moment
+        self._m_next = np.zeros(size, dtype=dtype)  # (P,) staged m
+        self._v_next = np.zeros(size, dtype=dtype)  # (P,) staged v
+        self._tmp = np.empty(size, dtype=dtype)  # (P,) scratch
+
+    def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
+        f = self._dtype.type
+        t = self.t + 1
+        b1, b2 = self.beta1, self.beta2
+        tmp = self._tmp
+        # m' = b1 m + (1-b1) g ; v' = b2 v + (1-b2) g^2
+        np.multiply(self.m, f(b1), out=self._m_next)
+        np.multiply(grad, f(1.0 - b1), out=tmp)
+        self._m_next += tmp
+        np.multiply(grad, grad, out=tmp)
+        tmp *= f(1.0 - b2)
+        np.multiply(self.v, f(b2), out=self._v_next)
+        self._v_next += tmp
+        # theta' = theta - lr_t * m' / (sqrt(v') + eps_t), the paper's efficient form
+        lr_t = self.learning_rate * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+        eps_t = self.eps * math.sqrt(1.0 - b2**t)
+        np.sqrt(self._v_next, out=tmp)
+        tmp += f(eps_t)
+        np.divide(self._m_next, tmp, out=tmp)
+        tmp *= f(lr_t)
+        np.subtract(theta, tmp, out=out)
+
+    def commit(self) -> None:
+        self.m, self._m_next = self._m_next, self.m
+        self.v, self._v_next = self._v_next, self.v
+        self.t += 1
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {"m": self.m.copy(), "v": self.v.copy()}
+
+    def state_meta(self) -> dict[str, int]:
+        return {"t": self.t}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, int]) -> None:
+        np.copyto(self.m, arrays["m"])
+        np.copyto(self.v, arrays["v"])
+        self.t = int(meta["t"])
+
+
+def make_optimizer(name: str, size: int, learning_rate: float, dtype: np.dtype) -> Optimizer:
+    """The update rule called ``name`` for a parameter vector of ``size`` entries.
+
+    ValueError for an unknown name.
+    """
+    if name == "sgd":
+        return SGD(size, learning_rate, dtype)
+    if name == "adagrad":
+        return Adagrad(size, learning_rate, dtype)
+    if name == "adam":
+        return Adam(size, learning_rate, dtype)
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")

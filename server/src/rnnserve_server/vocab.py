@@ -1,0 +1,94 @@
+"""Text <-> integer ids for a character-level model.
+
+The vocabulary is an ordered alphabet: ``sorted(set(text))`` by default (the notebook's
+``list(set(text))`` changes order between runs, which would scramble a saved model), or an
+explicit alphabet whose order is kept as given.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["UnknownCharactersError", "Vocab"]
+
+
+class UnknownCharactersError(ValueError):
+    """Text contains characters outside the vocabulary; ``characters`` lists them, sorted."""
+
+    def __init__(self, characters: Sequence[str], alphabet_size: int) -> None:
+        self.characters = list(characters)
+        shown = ", ".join(repr(c) for c in self.characters[:20])
+        more = f" and {len(self.characters) - 20} more" if len(self.characters) > 20 else ""
+        super().__init__(
+            f"text contains {len(self.characters)} character(s) outside the session's "
+            f"{alphabet_size}-character alphabet: {shown}{more}; remove them from the text, "
+            "or create the session with an alphabet that includes them"
+        )
+
+
+class Vocab:
+    """An ordered alphabet; character ``alphabet[i]`` has id ``i``."""
+
+    def __init__(self, alphabet: str) -> None:
+        """Use ``alphabet`` in the given order. ValueError if empty or it repeats a character."""
+        if not alphabet:
+            raise ValueError("alphabet is empty: give at least one character")
+        if len(set(alphabet)) != len(alphabet):
+            dups = sorted(c for c, n in Counter(alphabet).items() if n > 1)
+            raise ValueError(
+                f"alphabet repeats {', '.join(repr(c) for c in dups)}: list each character once"
+            )
+        self.alphabet: str = alphabet
+        self.size: int = len(alphabet)
+        self._index: dict[str, int] = {c: i for i, c in enumerate(alphabet)}
+        # Code point -> id lookup table for fast vectorised encoding (-1 = unknown).
+        top = max(ord(c) for c in alphabet) + 1
+        self._table = np.full(top, -1, dtype=np.int32)  # (max code point + 1,)
+        for i, c in enumerate(alphabet):
+            self._table[ord(c)] = i
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocab:
+        """The alphabet ``sorted(set(text))``. ValueError if ``text`` is empty."""
+        if not text:
+            raise ValueError("text is empty: the vocabulary is built from its characters")
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> np.ndarray:
+        """Ids of ``text`` as an int32 array of shape (len(text),).
+
+        Raises UnknownCharactersError naming every character not in the alphabet.
+        """
+        if not text:
+            return np.zeros(0, dtype=np.int32)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # (n,)
+        inside = codes < self._table.shape[0]
+        ids = np.full(codes.shape[0], -1, dtype=np.int32)  # (n,)
+        ids[inside] = self._table[codes[inside]]
+        if (ids < 0).any():
+            bad = sorted({chr(int(c)) for c in np.unique(codes[ids < 0])})
+            raise UnknownCharactersError(bad, self.size)
+        return ids
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of ``ids``. ValueError for an id outside [0, size)."""
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)  # (n,)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.size):
+            raise ValueError(f"id outside the vocabulary [0, {self.size})")
+        a = self.alphabet
+        return "".join([a[i] for i in arr.tolist()])
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocab) and other.alphabet == self.alphabet
+
+    def __hash__(self) -> int:
+        return hash(self.alphabet)
+
+    def __repr__(self) -> str:
+        return f"Vocab({self.alphabet!r})"
