@@ -1,0 +1,168 @@
+"""Pure tests of the client library and CLI plumbing: no server needed."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from rnnserve import (
+    InvalidArgument,
+    LimitExceeded,
+    RnnServeError,
+    ServerUnavailable,
+    SessionBusy,
+    SessionExists,
+    SessionNotFound,
+    Timeout,
+    TrainingDiverged,
+    Unauthenticated,
+)
+from rnnserve.cli import build_parser, message_to_dict
+from rnnserve.client import (
+    Client,
+    decode_health_response,
+    encode_health_request,
+    iter_text_chunks,
+)
+from rnnserve.errors import error_from_code, error_from_rpc
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.NOT_FOUND, SessionNotFound),
+        (grpc.StatusCode.ALREADY_EXISTS, SessionExists),
+        (grpc.StatusCode.FAILED_PRECONDITION, SessionBusy),
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, LimitExceeded),
+        (grpc.StatusCode.ABORTED, TrainingDiverged),
+        (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated),
+        (grpc.StatusCode.UNAVAILABLE, ServerUnavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, Timeout),
+        (grpc.StatusCode.INTERNAL, RnnServeError),
+        (grpc.StatusCode.UNKNOWN, RnnServeError),
+    ],
+)
+def test_status_codes_map_to_typed_errors(code: grpc.StatusCode, cls: type[RnnServeError]) -> None:
+    error = error_from_rpc(FakeRpcError(code, "what to fix"))
+    assert type(error) is cls
+    assert error.code is code
+    assert error.details == "what to fix"
+    assert str(error) == "what to fix"
+
+
+def test_error_bases_let_callers_catch_builtin_kinds() -> None:
+    assert isinstance(error_from_code(grpc.StatusCode.DEADLINE_EXCEEDED, "x"), TimeoutError)
+    assert isinstance(error_from_code(grpc.StatusCode.INVALID_ARGUMENT, "x"), ValueError)
+    assert isinstance(error_from_code(grpc.StatusCode.UNAVAILABLE, "x"), ConnectionError)
+    # No details from the server: the code's name stands in.
+    assert error_from_code(grpc.StatusCode.ABORTED, None).details == "ABORTED"
+
+
+@pytest.mark.parametrize("service", ["", "rnnserve.v1.RnnService", "é" * 200])
+def test_health_request_matches_the_real_message(service: str) -> None:
+    expected = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    assert encode_health_request(service) == expected
+
+
+@pytest.mark.parametrize("status", [0, 1, 2, 3])
+def test_health_response_parses_the_real_message(status: int) -> None:
+    data = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+    assert decode_health_response(data) == status
+
+
+def test_health_response_skips_unknown_fields() -> None:
+    # field 2 (length-delimited "ab"), field 1 = 2, field 3 fixed32, field 4 fixed64
+    data = b"\x12\x02ab" + b"\x08\x02" + b"\x1d" + b"\0" * 4 + b"\x21" + b"\0" * 8
+    assert decode_health_response(data) == 2
+    with pytest.raises(ValueError):
+        decode_health_response(b"\x08")
+
+
+def test_chunks_of_a_string_are_bounded_and_complete() -> None:
+    text = "abcdefghij" * 1001
+    chunks = list(iter_text_chunks(text, 1000))
+    assert all(1 <= len(c) <= 1000 for c in chunks)
+    assert "".join(chunks) == text
+    assert len(chunks) == 11
+
+
+def test_chunks_of_files_are_read_incrementally() -> None:
+    text = "Hallo, Welt! ünïcödé 🙂\n" * 500
+    reads: list[int] = []
+
+    class Spy(io.StringIO):
+        def read(self, size: int | None = -1) -> str:
+            reads.append(-1 if size is None else size)
+            return super().read(size)
+
+    assert "".join(iter_text_chunks(Spy(text), 100)) == text
+    assert set(reads) == {100}  # never a whole-file read
+    # Binary files: multi-byte characters split across reads are decoded whole.
+    chunks = list(iter_text_chunks(io.BytesIO(text.encode()), 7))
+    assert "".join(chunks) == text
+    assert all(len(c) <= 7 for c in chunks)
+
+
+def test_chunks_of_an_iterable_are_resplit_and_empties_dropped() -> None:
+    def parts() -> Iterator[str]:
+        yield "x" * 25
+        yield ""
+        yield "y"
+
+    assert list(iter_text_chunks(parts(), 10)) == ["x" * 10, "x" * 10, "x" * 5, "y"]
+    # Bytes chunks that cut a character in half.
+    data = "ü".encode()
+    assert list(iter_text_chunks([data[:1], data[1:]], 10)) == ["ü"]
+    with pytest.raises(TypeError):
+        list(iter_text_chunks([1, 2], 10))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        list(iter_text_chunks("abc", 0))
+
+
+def test_bad_enum_names_are_refused_before_any_call() -> None:
+    with Client("127.0.0.1:1") as client, pytest.raises(InvalidArgument, match="optimizer"):
+        client.create_session("Hallo", optimizer="rmsprop")
+
+
+def test_token_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RNNSERVE_TOKEN", "s3cret")
+    with Client("127.0.0.1:1") as client:
+        assert client._metadata == (("authorization", "Bearer s3cret"),)
+    with Client("127.0.0.1:1", token="") as client:
+        assert client._metadata == ()
+
+
+def test_cli_json_uses_field_names_and_int64_numbers() -> None:
+    data = message_to_dict(pb.TrainResponse(step=12, loss=0.5))
+    assert data["step"] == 12
+    assert data["steps_done"] == 0  # zero values are printed
+    assert data["stop_reason"] == "STOP_REASON_UNSPECIFIED"
+
+
+def test_cli_global_options_work_before_and_after_the_command() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["--address", "a:1", "--json", "show", "x"])
+    assert (args.address, args.json, args.timeout) == ("a:1", True, 30.0)
+    args = parser.parse_args(["show", "x", "--address", "b:2", "--timeout", "5"])
+    assert (args.address, args.json, args.timeout) == ("b:2", False, 5.0)
+    args = parser.parse_args(["--address", "a:1", "show", "x"])
+    assert args.address == "a:1"  # not reset by the subcommand's copy of the option
