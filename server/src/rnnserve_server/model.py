@@ -452,7 +452,8 @@ class Trainer:
             )
         clip = self._dtype.type(self.config.clip)
         np.clip(g, -clip, clip, out=g)
-        self._optimizer.propose(self._theta, g, self._proposed)
+        with np.errstate(all="ignore"):
+            self._optimizer.propose(self._theta, g, self._proposed)
         if not np.isfinite(self._proposed).all():
             raise DivergedError(
                 "the update would make weights non-finite; it was not applied "
@@ -496,9 +497,10 @@ class Trainer:
         if int(cursors.max()) + T >= L:
             idx %= L  # only the very last target can wrap: cyclic corpus
         window = self._corpus[idx]  # (B, T+1)
-        loss, _, h_last = loss_and_grads(
-            self.params, window[:, :-1], window[:, 1:], hidden, grads=self._grads, ws=self._ws
-        )
+        with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
+            loss, _, h_last = loss_and_grads(
+                self.params, window[:, :-1], window[:, 1:], hidden, grads=self._grads, ws=self._ws
+            )
         grad_norm = self._apply(loss)
         self.hidden = h_last
         self.cursors = cursors + T
@@ -514,9 +516,10 @@ class Trainer:
         if seq.shape[0] < 2:
             raise EngineError("text must have at least 2 characters to train on")
         h0 = np.zeros((1, self.config.hidden_size), dtype=self._dtype)
-        loss, _, _ = loss_and_grads(
-            self.params, seq[None, :-1], seq[None, 1:], h0, grads=self._grads
-        )
+        with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
+            loss, _, _ = loss_and_grads(
+                self.params, seq[None, :-1], seq[None, 1:], h0, grads=self._grads
+            )
         T = seq.shape[0] - 1
         grad_norm = self._apply(loss)
         return StepResult(self.step_count, loss / T, grad_norm, T)

@@ -1,0 +1,62 @@
+"""Vocabulary: ordering, round trips, and errors that name the offending characters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rnnserve_server.vocab import UnknownCharactersError, Vocab
+
+
+def test_from_text_is_sorted_set() -> None:
+    v = Vocab.from_text("Hallo")
+    assert v.alphabet == "Halo" and v.size == 4 and len(v) == 4
+    assert Vocab.from_text("Hallo") == Vocab.from_text("oallH")
+
+
+def test_explicit_alphabet_keeps_order() -> None:
+    v = Vocab("zyx")
+    assert v.encode("xyz").tolist() == [2, 1, 0]
+
+
+def test_round_trip_including_non_bmp() -> None:
+    text = "Grüße, 世界! 🙂\n\t"
+    v = Vocab.from_text(text)
+    ids = v.encode(text)
+    assert ids.dtype == np.int32 and ids.shape == (len(text),)
+    assert v.decode(ids) == text
+    assert v.decode(ids.tolist()) == text
+    assert v.encode("").shape == (0,) and v.decode([]) == ""
+
+
+def test_unknown_characters_are_named() -> None:
+    v = Vocab.from_text("abc")
+    with pytest.raises(UnknownCharactersError) as info:
+        v.encode("abxcy\U0001f642")
+    assert info.value.characters == ["x", "y", "\U0001f642"]
+    assert "'x'" in str(info.value) and "'y'" in str(info.value)
+    assert "alphabet" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("alphabet", ["", "abca"])
+def test_bad_alphabets(alphabet: str) -> None:
+    with pytest.raises(ValueError):
+        Vocab(alphabet)
+
+
+def test_duplicate_is_named() -> None:
+    with pytest.raises(ValueError, match="'a'"):
+        Vocab("abca")
+
+
+def test_empty_text_has_no_vocabulary() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        Vocab.from_text("")
+
+
+def test_decode_rejects_out_of_range() -> None:
+    v = Vocab("ab")
+    with pytest.raises(ValueError):
+        v.decode([0, 2])
+    with pytest.raises(ValueError):
+        v.decode([-1])
