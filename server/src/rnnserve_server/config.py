@@ -1,0 +1,210 @@
+"""Server settings from command-line flags and ``RNNSERVE_*`` environment variables.
+
+Precedence: a flag beats its environment variable, which beats the default. Every setting's
+flag is ``--name-with-dashes`` and its variable ``RNNSERVE_NAME_IN_CAPS``; ``--help`` lists
+them all with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "RNNSERVE_"
+
+
+def _default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/rnnserve``, else ``~/.local/share/rnnserve`` (``make run`` uses ./data)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "rnnserve"
+
+
+def _opt(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told. Limits are enforced by the registry and service."""
+
+    address: str = field(
+        default="localhost:50051",
+        metadata=_opt("host:port to listen on; port 0 picks a free port (logged as event=serving)"),
+    )
+    data_dir: Path = field(
+        default_factory=_default_data_dir,
+        metadata=_opt("directory holding session checkpoints (created if missing)"),
+    )
+    port_file: Path | None = field(
+        default=None, metadata=_opt("write the bound port to this file once serving")
+    )
+    grace: float = field(
+        default=10.0, metadata=_opt("seconds in-flight RPCs get to finish at shutdown")
+    )
+    checkpoint_interval: float = field(
+        default=5.0, metadata=_opt("seconds between checkpoints during a long Train")
+    )
+    max_sessions: int = field(default=1000, metadata=_opt("most sessions on the server"))
+    max_corpus_chars: int = field(
+        default=20_000_000, metadata=_opt("most corpus characters in one session")
+    )
+    max_total_corpus_chars: int = field(
+        default=200_000_000, metadata=_opt("most corpus characters over all sessions")
+    )
+    max_alphabet_size: int = field(
+        default=4096, metadata=_opt("most distinct characters in a session's alphabet")
+    )
+    max_hidden_size: int = field(default=1024, metadata=_opt("largest hidden_size"))
+    max_batch_size: int = field(default=256, metadata=_opt("largest batch_size"))
+    max_seq_length: int = field(default=1000, metadata=_opt("largest seq_length"))
+    max_train_steps: int = field(default=1_000_000, metadata=_opt("most steps in one Train call"))
+    max_generate_length: int = field(
+        default=100_000, metadata=_opt("most characters in one Generate call or Train sample")
+    )
+    max_text_chars: int = field(
+        default=1_000_000, metadata=_opt("most characters in a Step or Predict text")
+    )
+    max_message_bytes: int = field(
+        default=4 * 1024 * 1024, metadata=_opt("largest gRPC message received or sent")
+    )
+    max_resident_sessions: int = field(
+        default=100, metadata=_opt("most sessions kept in memory; the rest stay on disk")
+    )
+    idle_evict_seconds: float = field(
+        default=600.0,
+        metadata=_opt("evict a session from memory after this many idle seconds (0 = never)"),
+    )
+    log_format: str = field(
+        default="auto",
+        metadata=_opt(
+            "auto (JSON unless stderr is a terminal), json or console",
+            choices=["auto", "json", "console"],
+        ),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_opt(
+            "debug, info, warning or error", choices=["debug", "info", "warning", "error"]
+        ),
+    )
+    metrics_port: int = field(
+        default=0, metadata=_opt("serve Prometheus metrics on this port (0 = off)")
+    )
+    auth_token: tuple[str, ...] = field(
+        default=(),
+        metadata=_opt(
+            "require 'authorization: Bearer <token>' on every RPC but health; repeatable; "
+            "the variable takes a comma-separated list"
+        ),
+    )
+    auth_token_file: Path | None = field(
+        default=None, metadata=_opt("file of accepted tokens, one a line ('#' comments)")
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=_opt("PEM certificate chain: serve TLS (needs --tls-key)")
+    )
+    tls_key: Path | None = field(default=None, metadata=_opt("PEM private key for --tls-cert"))
+
+    def tokens(self) -> frozenset[str]:
+        """Accepted bearer tokens: --auth-token values plus the lines of --auth-token-file."""
+        tokens = {t for t in self.auth_token if t}
+        if self.auth_token_file is not None:
+            for line in self.auth_token_file.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    tokens.add(line)
+        return frozenset(tokens)
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _field_type(f: dataclasses.Field[Any]) -> str:
+    return str(f.type)
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _field_type(f)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind in ("Path", "Path | None"):
+        return Path(raw).expanduser() if raw else None
+    if kind == "tuple[str, ...]":
+        return tuple(t.strip() for t in raw.split(",") if t.strip())
+    return raw
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        return str(f.default_factory())
+    if f.default is None or f.default == ():
+        return "unset"
+    return str(f.default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rnnserve-server`` argument parser, one flag per Settings field."""
+    parser = argparse.ArgumentParser(
+        prog="rnnserve-server",
+        description="Serve character-level RNN sessions over gRPC (rnnserve.v1.RnnService).",
+        epilog="Each flag can also be set by the environment variable shown; the flag wins.",
+    )
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = f"{meta.pop('help')} [env {_env_name(f.name)}; default {_default_text(f)}]"
+        kind = _field_type(f)
+        if kind == "tuple[str, ...]":
+            parser.add_argument(flag, action="append", default=None, help=help_text, **meta)
+        else:
+            parser.add_argument(
+                flag,
+                default=None,
+                type=functools.partial(_convert, f),
+                help=help_text,
+                metavar=f.name.upper(),
+                **meta,
+            )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from flags (argv, default sys.argv) over environment (default os.environ)."""
+    env = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        flag_value = args.get(f.name)
+        if flag_value is not None:
+            values[f.name] = tuple(flag_value) if isinstance(flag_value, list) else flag_value
+        elif _env_name(f.name) in env:
+            try:
+                values[f.name] = _convert(f, env[_env_name(f.name)])
+            except ValueError as exc:
+                raise SystemExit(f"rnnserve-server: bad {_env_name(f.name)}: {exc}") from None
+    settings = Settings(**values)
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings: Settings) -> None:
+    """Exit with a one-line message when settings contradict each other."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SystemExit("rnnserve-server: --tls-cert and --tls-key must be given together")
+    for name in ("grace", "checkpoint_interval", "idle_evict_seconds"):
+        if getattr(settings, name) < 0:
+            raise SystemExit(f"rnnserve-server: --{name.replace('_', '-')} must be >= 0")
+    for f in dataclasses.fields(Settings):
+        if f.name.startswith("max_") and getattr(settings, f.name) < 1:
+            raise SystemExit(f"rnnserve-server: --{f.name.replace('_', '-')} must be >= 1")

@@ -1,0 +1,326 @@
+"""One session: a Trainer, its loss history, its busy flag and the watchers of its loss.
+
+Threading model: the event loop owns the session object; the Trainer and the loss history are
+mutated only in worker threads while ``lock`` is held (training chunks, single steps, appends),
+and read under the same lock for predictions, samples and checkpoint snapshots. The busy flag,
+watcher count and change notifications are touched on the event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rnnserve_server.errors import SessionBrokenError, SessionBusyError
+from rnnserve_server.model import DivergedError, ModelConfig, StepResult, Trainer
+from rnnserve_server.store import Checkpoint
+
+# Weight of the newest loss in the exponential moving average reported as smoothed_loss.
+SMOOTHING = 0.02
+
+
+class StopCause(enum.Enum):
+    """Why a running Train should stop before its step count."""
+
+    NONE = "none"
+    CANCELLED = "cancelled"  # the client went away
+    DELETED = "deleted"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class ChunkResult:
+    """What one executor call of training did."""
+
+    steps: int
+    chars: int
+    last: StepResult | None
+    error: DivergedError | None = None
+
+
+@dataclass
+class Summary:
+    """What GetSession/ListSessions report, kept while the Trainer is evicted."""
+
+    config: ModelConfig | None
+    alphabet: str
+    corpus_chars: int
+    parameter_count: int
+
+
+class Session:
+    """A named model with its training state. See the module docstring for threading rules."""
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        create_time: float,
+        update_time: float | None = None,
+    ) -> None:
+        self.id = session_id
+        self.lock = threading.Lock()  # guards trainer and history against worker threads
+        self.io_lock = threading.Lock()  # serialises checkpoint writes and the delete of the file
+        self.trainer: Trainer | None = None
+        self._hist = np.zeros(0, dtype=np.float64)
+        self._n = 0  # steps recorded; history is _hist[:_n]
+        self.loss = 0.0
+        self.smoothed_loss = 0.0
+        self.create_time = create_time
+        self.update_time = update_time if update_time is not None else create_time
+        self.last_used = time.monotonic()
+        self.summary = Summary(None, "", 0, 0)
+        self.broken_error: str | None = None
+        self.checkpointed_step = -1  # -1: never written
+        self.dirty = True
+        self.deleted = False
+        self.busy: str | None = None  # "Train", "Step" or "AppendText" while one runs
+        self.cancel = threading.Event()
+        self.stop_cause = StopCause.NONE
+        self.users = 0  # in-flight RPCs using the trainer: no eviction meanwhile
+        self.watchers = 0
+        self.closing = False  # watch streams end (delete, shutdown)
+        self.load_lock = asyncio.Lock()
+        self.checkpoint_task: asyncio.Task[None] | None = None
+        self._changed: asyncio.Event | None = None
+
+    # ----- construction and checkpoints -------------------------------------------------
+
+    @classmethod
+    def new(cls, session_id: str, trainer: Trainer) -> Session:
+        """A fresh session around a new Trainer (step 0, empty history)."""
+        now = time.time()
+        session = cls(session_id, create_time=now)
+        session.trainer = trainer
+        session._refresh_summary()
+        return session
+
+    @classmethod
+    def broken(cls, session_id: str, error: str, mtime: float) -> Session:
+        """A placeholder for a checkpoint that could not be read."""
+        session = cls(session_id, create_time=mtime)
+        session.broken_error = error
+        session.dirty = False
+        return session
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint) -> Session:
+        """A resident session restored from disk."""
+        meta = ckpt.meta
+        session = cls(
+            ckpt.session_id,
+            create_time=float(meta.get("create_time", 0.0)),
+            update_time=float(meta.get("update_time", 0.0)),
+        )
+        session.attach(ckpt)
+        return session
+
+    def attach(self, ckpt: Checkpoint) -> None:
+        """Load a checkpoint's trainer and history into this (evicted) session."""
+        trainer = Trainer.from_state(ckpt.trainer_arrays, ckpt.trainer_meta)
+        with self.lock:
+            self.trainer = trainer
+            self._hist = np.array(ckpt.loss_history, dtype=np.float64)
+            self._n = len(self._hist)
+            self.loss = float(ckpt.meta.get("loss", 0.0))
+            self.smoothed_loss = float(ckpt.meta.get("smoothed_loss", 0.0))
+            self.checkpointed_step = self._n
+            self.dirty = False
+            self.broken_error = None
+            self._refresh_summary()
+        self.last_used = time.monotonic()
+
+    def snapshot(self) -> Checkpoint | None:
+        """A consistent copy of the state to write (worker thread); None when evicted."""
+        with self.lock:
+            if self.trainer is None:
+                return None
+            arrays, trainer_meta = self.trainer.state_dict()
+            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+            meta = {
+                "create_time": self.create_time,
+                "update_time": self.update_time,
+                "step": self._n,
+                "loss": self.loss,
+                "smoothed_loss": self.smoothed_loss,
+            }
+            history = self._hist[: self._n].copy()
+        return Checkpoint(self.id, meta, arrays, trainer_meta, history)
+
+    def evict(self) -> bool:
+        """Drop the Trainer and history from memory if nothing needs them; True if dropped."""
+        if (
+            self.trainer is None
+            or self.busy
+            or self.users
+            or self.watchers
+            or self.dirty
+            or self.checkpointed_step != self._n
+        ):
+            return False
+        with self.lock:
+            self.trainer = None
+            self._hist = np.zeros(0, dtype=np.float64)
+        return True
+
+    # ----- state ------------------------------------------------------------------------
+
+    @property
+    def resident(self) -> bool:
+        """True when the Trainer is in memory."""
+        return self.trainer is not None
+
+    @property
+    def step(self) -> int:
+        """Updates applied so far (also the length of the loss history)."""
+        return self._n
+
+    def require_trainer(self) -> Trainer:
+        """The Trainer, or SessionBrokenError if the session could not be loaded."""
+        if self.broken_error is not None:
+            raise SessionBrokenError(
+                f"session {self.id!r} could not be loaded: {self.broken_error}; "
+                "fix or remove the file, or delete the session"
+            )
+        if self.trainer is None:  # pragma: no cover - the registry loads before use
+            raise SessionBrokenError(f"session {self.id!r} is not loaded")
+        return self.trainer
+
+    def history(self, start: int, stop: int) -> np.ndarray:
+        """Losses of steps start+1 .. stop (0-based slice of the history), a copy."""
+        return self._hist[start : min(stop, self._n)].copy()
+
+    def _refresh_summary(self) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            return
+        self.summary = Summary(
+            config=trainer.config,
+            alphabet=trainer.vocab.alphabet,
+            corpus_chars=int(trainer.corpus_length),
+            parameter_count=int(trainer.parameter_count),
+        )
+
+    def _record(self, result: StepResult) -> None:
+        """Append one update's loss (caller holds ``lock``)."""
+        if self._n == len(self._hist):
+            grown = np.zeros(max(64, 2 * len(self._hist)), dtype=np.float64)
+            grown[: self._n] = self._hist[: self._n]
+            self._hist = grown  # assigned before _n grows, so readers never see a short array
+        self._hist[self._n] = result.loss
+        self.smoothed_loss = (
+            result.loss
+            if self._n == 0
+            else (1 - SMOOTHING) * self.smoothed_loss + SMOOTHING * result.loss
+        )
+        self.loss = result.loss
+        self._n += 1
+
+    # ----- busy flag (event loop only) --------------------------------------------------
+
+    def begin(self, kind: str) -> None:
+        """Mark the session busy with ``kind``; SessionBusyError if something already runs."""
+        self.require_trainer()
+        if self.busy is not None:
+            what = "training" if self.busy in ("Train", "Step") else f"running {self.busy}"
+            raise SessionBusyError(
+                f"session {self.id!r} is {what}; wait for it to finish or cancel it, then retry"
+            )
+        self.busy = kind
+        self.cancel.clear()
+        self.stop_cause = StopCause.NONE
+
+    def end(self) -> None:
+        """Clear the busy flag."""
+        self.busy = None
+        self.last_used = time.monotonic()
+
+    def request_stop(self, cause: StopCause) -> None:
+        """Ask a running Train to stop between two updates."""
+        if self.stop_cause is StopCause.NONE:
+            self.stop_cause = cause
+        self.cancel.set()
+
+    # ----- work done in worker threads --------------------------------------------------
+
+    def train_chunk(self, max_steps: int, budget_s: float) -> ChunkResult:
+        """Run up to max_steps corpus updates for about budget_s seconds (worker thread).
+
+        Checks the cancel flag before every update; a diverged update is not applied and
+        ends the chunk with ``error`` set.
+        """
+        steps = chars = 0
+        last: StepResult | None = None
+        deadline = time.perf_counter() + budget_s
+        with self.lock:
+            trainer = self.require_trainer()
+            while steps < max_steps and not self.cancel.is_set():
+                try:
+                    last = trainer.step()
+                except DivergedError as exc:
+                    self._touch()
+                    return ChunkResult(steps, chars, last, exc)
+                self._record(last)
+                steps += 1
+                chars += last.chars
+                if time.perf_counter() >= deadline:
+                    break
+            if steps:
+                self._touch()
+        return ChunkResult(steps, chars, last)
+
+    def step_once(self, ids: np.ndarray | None) -> StepResult:
+        """One update on the corpus (ids None) or on ids from a zero state (worker thread)."""
+        with self.lock:
+            trainer = self.require_trainer()
+            result = trainer.step() if ids is None else trainer.step_on(ids)
+            self._record(result)
+            self._touch()
+        return result
+
+    def append(self, ids: np.ndarray) -> None:
+        """Add encoded text to the corpus (worker thread)."""
+        with self.lock:
+            self.require_trainer().append(ids)
+            self._touch()
+
+    def with_trainer(self, fn: Callable[[Trainer], Any]) -> Any:
+        """Call fn(trainer) under the lock (worker thread), for predictions and samples."""
+        with self.lock:
+            return fn(self.require_trainer())
+
+    def next_chunk(self, it: Iterator[np.ndarray]) -> np.ndarray | None:
+        """Advance a sampling iterator by one chunk under the lock (worker thread)."""
+        with self.lock:
+            return next(it, None)
+
+    def _touch(self) -> None:
+        self.dirty = True
+        self.update_time = time.time()
+        self._refresh_summary()
+
+    # ----- change notification (event loop only) ----------------------------------------
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next notify(); grab it before reading the state it guards."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def notify(self) -> None:
+        """Wake every waiter on the current changed() event."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def close_watchers(self) -> None:
+        """End every WatchLoss stream on this session."""
+        self.closing = True
+        self.notify()
