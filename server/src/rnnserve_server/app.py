@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -39,6 +39,11 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RnnService"].full_name
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 Behavior = Callable[..., Any]
+
+if TYPE_CHECKING:  # the stubs make these generic; the runtime classes are not subscriptable
+    Interceptor = aio.ServerInterceptor[Any, Any]
+else:
+    Interceptor = aio.ServerInterceptor
 
 
 def _rebuild(
@@ -83,7 +88,7 @@ def _code_name(context: aio.ServicerContext[Any, Any], exc: BaseException | None
 _INT_CODES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
-class LoggingInterceptor(aio.ServerInterceptor[Any, Any]):
+class LoggingInterceptor(Interceptor):
     """One canonical ``rpc`` line per call: method, session_id, code, duration_ms.
 
     Health checks log at debug level so probes don't flood the log.
@@ -158,7 +163,7 @@ class LoggingInterceptor(aio.ServerInterceptor[Any, Any]):
         return _rebuild(handler, streaming)
 
 
-class AuthInterceptor(aio.ServerInterceptor[Any, Any]):
+class AuthInterceptor(Interceptor):
     """Every RPC but grpc.health.v1 needs ``authorization: Bearer <token>`` with a known token."""
 
     def __init__(self, tokens: frozenset[str]) -> None:
