@@ -218,6 +218,7 @@ class Workspace:
         self.shape = (T, B, H, V)
         N = T * B
         self.E = np.empty((V, H), dtype=dtype)  # Wxh.T + bh: input rows with the bias folded in
+        self.WhhT = np.empty((H, H), dtype=dtype)  # Whh.T, contiguous
         self.hs = np.empty((T + 1, B, H), dtype=dtype)  # hs[0] = h0, hs[t+1] = h_t
         self.tmp = np.empty((B, H), dtype=dtype)  # h_{t-1} @ Whh.T, then the carried dh
         self.logits = np.empty((N, V), dtype=dtype)  # y, then p, then dL/dy
@@ -238,13 +239,15 @@ def _gather_inputs(params: dict[str, np.ndarray], xs: np.ndarray, ws: Workspace)
 
 def _recur(Whh: np.ndarray, ws: Workspace, T: int) -> None:
     """h_t = tanh(hs[t+1] + h_{t-1} @ Whh.T) in place, for t = 1..T (the only loop over t)."""
-    WhhT = Whh.T
+    np.copyto(ws.WhhT, Whh.T)  # a contiguous Whh.T: the GEMM is faster than on a view
+    WhhT = ws.WhhT
     hsteps, tmp = ws.h_steps, ws.tmp
+    dot, add, tanh = np.dot, np.add, np.tanh  # np.dot has less call overhead than matmul
     for t in range(T):
         h = hsteps[t + 1]
-        np.matmul(hsteps[t], WhhT, out=tmp)
-        h += tmp
-        np.tanh(h, out=h)
+        dot(hsteps[t], WhhT, out=tmp)
+        add(h, tmp, out=h)
+        tanh(h, out=h)
 
 
 def loss_and_grads(
@@ -307,12 +310,14 @@ def loss_and_grads(
     np.multiply(ws.hs[1:], ws.hs[1:], out=ws.dtanh)
     np.subtract(1.0, ws.dtanh, out=ws.dtanh)
     dsteps, tsteps, carry = ws.dh_steps, ws.dt_steps, ws.tmp
-    for t in range(T - 1, -1, -1):
+    dot, add, mul = np.dot, np.add, np.multiply
+    for t in range(T - 1, 0, -1):
         d = dsteps[t]
-        d *= tsteps[t]  # now dL/d(pre-activation at t)
-        if bptt and t > 0:
-            np.matmul(d, Whh, out=carry)  # dL/dh_{t-1} through the recurrence
-            dsteps[t - 1] += carry
+        mul(d, tsteps[t], out=d)  # now dL/d(pre-activation at t)
+        if bptt:
+            dot(d, Whh, out=carry)  # dL/dh_{t-1} through the recurrence
+            add(dsteps[t - 1], carry, out=dsteps[t - 1])
+    mul(dsteps[0], tsteps[0], out=dsteps[0])
     dpre = dhs.reshape(N, H)  # (N, H)
     np.matmul(dpre.T, ws.hs[:-1].reshape(N, H), out=grads["Whh"])
     np.sum(dpre, axis=0, out=grads["bh"])
