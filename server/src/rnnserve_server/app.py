@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
-from rnnserve_server import logs
+from rnnserve_server import logs, metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import CheckpointError
 from rnnserve_server.registry import Registry
@@ -210,8 +210,8 @@ class AuthInterceptor(Interceptor):
 def build_interceptors(settings: Settings) -> list[aio.ServerInterceptor[Any, Any]]:
     """Interceptors, outermost first: logging sees every call, auth refusals included."""
     interceptors: list[aio.ServerInterceptor[Any, Any]] = [LoggingInterceptor()]
-    # Metrics (metrics.py) go here when settings.metrics_port is set: an interceptor that times
-    # each RPC by method and code, added after LoggingInterceptor.
+    if settings.metrics_port:
+        interceptors.append(metrics.MetricsInterceptor())
     tokens = settings.tokens()
     if tokens:
         interceptors.append(AuthInterceptor(tokens))
@@ -271,6 +271,16 @@ async def serve(settings: Settings) -> int:
         await registry.close()
         return 2
 
+    metrics_server = None
+    if settings.metrics_port:
+        try:
+            metrics_server = metrics.start(settings.address, settings.metrics_port, registry)
+        except OSError as exc:
+            log.error("cannot_bind_metrics", port=settings.metrics_port, error=str(exc))
+            await registry.close()
+            return 2
+        log.info("metrics_serving", port=metrics_server.port, path="/metrics")
+
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -306,5 +316,7 @@ async def serve(settings: Settings) -> int:
     registry.begin_shutdown()
     await server.stop(settings.grace)
     await registry.close()
+    if metrics_server is not None:
+        metrics_server.close()
     log.info("stopped")
     return 0

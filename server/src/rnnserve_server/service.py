@@ -23,6 +23,7 @@ from grpc import aio
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
+from rnnserve_server import metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
     CheckpointError,
@@ -376,6 +377,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
             session.begin("Step")
             try:
                 result = await self.registry.run(session.step_once, ids)
+                metrics.record_training(1, result.chars)
             finally:
                 session.end()
                 session.notify()
@@ -459,6 +461,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
                     chunk = await self._train_chunk(session, limit)
                     done += chunk.steps
                     chars += chunk.chars
+                    metrics.record_training(chunk.steps, chunk.chars)
                     session.notify()
                     if chunk.error is not None:
                         bound.warning("train_diverged", step=session.step, error=str(chunk.error))

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import IO, Any, cast
 
 import numpy as np
 
+from rnnserve_server import metrics
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
 
 FORMAT = "rnnserve.checkpoint"
@@ -132,6 +134,7 @@ class Store:
         for name, value in ckpt.trainer_arrays.items():
             arrays["trainer." + name] = np.asarray(value)
         final = self.path(ckpt.session_id)
+        started = time.perf_counter()
         fd, tmp_name = tempfile.mkstemp(
             prefix=_TMP_PREFIX + ckpt.session_id + ".", dir=self.sessions_dir
         )
@@ -145,8 +148,10 @@ class Store:
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
+            metrics.record_checkpoint(time.perf_counter() - started, ok=False)
             raise
         self._fsync_dir()
+        metrics.record_checkpoint(time.perf_counter() - started)
         return size
 
     def load(self, session_id: str) -> Checkpoint:
