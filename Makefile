@@ -52,9 +52,11 @@ run: $(STAMP) ## serve on $(ADDRESS) with sessions kept in ./$(DATA_DIR)
 demo: $(STAMP) ## start a server, train a session on Python's own source, generate, stop
 	$(BIN)/python scripts/demo.py
 
-bench: $(STAMP) ## run the benchmarks in bench/ (prints tables)
+bench: $(STAMP) ## run the benchmarks in bench/ (prints tables); installs the bench extra (torch)
+	$(BIN)/pip install -q -e 'server[bench]'
 	$(BIN)/python bench/engine.py
-	$(BIN)/python bench/service.py
+	@if test -f bench/service.py; then $(BIN)/python bench/service.py; \
+	else echo "bench/service.py not present: skipped"; fi
 
 image: ## build the container image (docker if an engine answers, else buildah)
 	bash scripts/image.sh build

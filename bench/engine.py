@@ -1,0 +1,222 @@
+"""Training throughput of the numpy engine, next to the references a user would otherwise pick.
+
+For each shape (hidden, seq_length, batch), float32, Adagrad lr 0.1, clip 5, one run prints:
+
+- rnnserve: ``Trainer.step`` on tiny Shakespeare (random text if the file is missing);
+- PyTorch CPU: ``nn.RNN(tanh)`` + ``nn.Linear`` + ``Adagrad`` on the same shapes, one-hot
+  inputs, hidden state carried, same loss and clipping (skipped with a note without torch);
+- per-char loop: min-char-rnn's ``lossFun`` with BPTT fixed (dhnext carried), one character at a
+  time in plain numpy, strands one after another;
+- roofline: the step's matrix-product FLOPs per character (6 H^2 + 8 H V) at the FLOP/s this
+  machine reaches on one GEMM of the same size ((seq*batch x H) @ (H x H)): an upper bound.
+
+Each cell is the best of several short timed repeats (the machine is shared). Torch runs with as
+many threads as numpy's BLAS (``--threads`` to override). Run: ``python bench/engine.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rnnserve_server.model import ModelConfig, Trainer
+from rnnserve_server.vocab import Vocab
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAPES = [(100, 25, 1), (512, 100, 32)]
+
+
+def blas_threads() -> int:
+    """Threads numpy's BLAS uses: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else the usable CPUs."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0))
+
+
+def rate(step: Callable[[], Any], chars_per_step: int, seconds: float, repeats: int = 5) -> float:
+    """Best chars/s over ``repeats`` timed slices of about ``seconds / repeats`` each."""
+    step()  # warm up (allocations, caches)
+    t0 = time.perf_counter()
+    step()
+    once = max(time.perf_counter() - t0, 1e-6)
+    n = max(1, int(seconds / repeats / once))
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        best = max(best, n * chars_per_step / (time.perf_counter() - t0))
+    return best
+
+
+def load_ids(vocab_size: int = 65) -> tuple[Vocab, np.ndarray]:
+    """Tiny Shakespeare as ids, or random text over ``vocab_size`` characters."""
+    if CORPUS.exists():
+        text = CORPUS.read_text(encoding="utf-8")
+    else:
+        rng = np.random.default_rng(0)
+        alphabet = "".join(chr(33 + i) for i in range(vocab_size))
+        text = "".join(rng.choice(list(alphabet), size=200_000))
+    vocab = Vocab.from_text(text)
+    return vocab, vocab.encode(text)
+
+
+def bench_rnnserve(H: int, T: int, B: int, vocab: Vocab, ids: np.ndarray, seconds: float) -> float:
+    config = ModelConfig(
+        hidden_size=H, seq_length=T, batch_size=B, learning_rate=0.1, optimizer="adagrad"
+    )
+    trainer = Trainer(config, vocab, ids)
+    return rate(trainer.step, T * B, seconds)
+
+
+def bench_torch(H: int, T: int, B: int, V: int, seconds: float, threads: int) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(V, H, nonlinearity="tanh")
+    head = torch.nn.Linear(H, V)
+    params = [*rnn.parameters(), *head.parameters()]
+    opt = torch.optim.Adagrad(params, lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (T + 1, B), generator=gen)
+    x = torch.nn.functional.one_hot(ids[:-1], V).float()  # (T, B, V)
+    y = ids[1:].reshape(T * B)
+    state = {"h": torch.zeros(1, B, H)}
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out, h = rnn(x, state["h"])
+        # summed over time, averaged over strands: the engine's (and min-char-rnn's) loss
+        loss = torch.nn.functional.cross_entropy(head(out.reshape(T * B, H)), y) * T
+        torch.autograd.backward(loss)
+        torch.nn.utils.clip_grad_value_(params, 5.0)
+        opt.step()
+        state["h"] = h.detach()
+
+    return rate(step, T * B, seconds)
+
+
+def bench_loop(H: int, T: int, B: int, V: int, seconds: float) -> float:
+    """min-char-rnn's per-character loop with the BPTT fix, float32, Adagrad, strands in turn."""
+    rng = np.random.default_rng(0)
+    f32 = np.float32
+    Wxh = (rng.standard_normal((H, V)) * 0.01).astype(f32)
+    Whh = (rng.standard_normal((H, H)) * 0.01).astype(f32)
+    Why = (rng.standard_normal((V, H)) * 0.01).astype(f32)
+    bh, by = np.zeros((H, 1), f32), np.zeros((V, 1), f32)
+    params = [Wxh, Whh, Why, bh, by]
+    mems = [np.zeros_like(p) for p in params]
+    data = rng.integers(0, V, size=(B, T + 1))
+    hprevs = [np.zeros((H, 1), f32) for _ in range(B)]
+
+    def loss_fun(inputs: np.ndarray, targets: np.ndarray, hprev: np.ndarray) -> tuple[Any, ...]:
+        xs, hs, ps = {}, {-1: hprev}, {}
+        loss = 0.0
+        for t in range(len(inputs)):
+            xs[t] = np.zeros((V, 1), f32)
+            xs[t][inputs[t]] = 1
+            hs[t] = np.tanh(np.dot(Wxh, xs[t]) + np.dot(Whh, hs[t - 1]) + bh)
+            ys = np.dot(Why, hs[t]) + by
+            ps[t] = np.exp(ys - ys.max()) / np.sum(np.exp(ys - ys.max()))
+            loss += -math.log(ps[t][targets[t], 0])
+        dWxh, dWhh, dWhy = np.zeros_like(Wxh), np.zeros_like(Whh), np.zeros_like(Why)
+        dbh, dby = np.zeros_like(bh), np.zeros_like(by)
+        dhnext = np.zeros_like(hs[0])
+        for t in reversed(range(len(inputs))):
+            dy = np.copy(ps[t])
+            dy[targets[t]] -= 1
+            dWhy += np.dot(dy, hs[t].T)
+            dby += dy
+            dh = np.dot(Why.T, dy) + dhnext  # the fix: the gradient flows back through time
+            dhraw = (1 - hs[t] * hs[t]) * dh
+            dbh += dhraw
+            dWxh += np.dot(dhraw, xs[t].T)
+            dWhh += np.dot(dhraw, hs[t - 1].T)
+            dhnext = np.dot(Whh.T, dhraw)
+        return loss, dWxh, dWhh, dWhy, dbh, dby, hs[len(inputs) - 1]
+
+    def step() -> None:
+        for b in range(B):
+            _, *grads, hprevs[b] = loss_fun(data[b, :-1], data[b, 1:], hprevs[b])
+            for p, g, m in zip(params, grads, mems, strict=True):
+                np.clip(g, -5, 5, out=g)
+                m += g * g
+                p += -0.1 * g / np.sqrt(m + 1e-8)
+
+    return rate(step, T * B, seconds, repeats=3)
+
+
+def gemm_flops(m: int, k: int, n: int, seconds: float) -> float:
+    """Best FLOP/s of an (m x k) @ (k x n) float32 GEMM."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    c = np.empty((m, n), dtype=np.float32)
+    return rate(lambda: np.matmul(a, b, out=c), 2 * m * k * n, seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per cell (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = numpy's)")
+    parser.add_argument("--no-loop", action="store_true", help="skip the per-char loop column")
+    args = parser.parse_args(argv)
+    threads = args.threads or blas_threads()
+    vocab, ids = load_ids()
+    V = vocab.size
+
+    rows = []
+    for H, T, B in SHAPES:
+        ours = bench_rnnserve(H, T, B, vocab, ids, args.seconds)
+        torch_rate = bench_torch(H, T, B, V, args.seconds, threads)
+        loop = None if args.no_loop else bench_loop(H, T, B, V, args.seconds)
+        flops_per_char = 6 * H * H + 8 * H * V
+        roof = gemm_flops(T * B, H, H, args.seconds) / flops_per_char
+        rows.append((H, T, B, ours, torch_rate, loop, roof))
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:,.0f}"
+
+    def ratio(a: float, b: float | None) -> str:
+        return "n/a" if not b else f"{a / b:.2f}x"
+
+    print(f"chars/s of training, float32, Adagrad; {V}-char vocabulary; best of short repeats")
+    print(f"numpy {np.__version__}, BLAS threads {threads}; torch threads set to {threads}")
+    header = (
+        f"{'hidden':>6} {'seq':>4} {'batch':>5} | {'rnnserve':>10} {'torch':>10} "
+        f"{'loop':>9} {'roofline':>10} | {'vs torch':>8} {'vs loop':>8} {'of roof':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for H, T, B, ours, torch_rate, loop, roof in rows:
+        print(
+            f"{H:>6} {T:>4} {B:>5} | {fmt(ours):>10} {fmt(torch_rate):>10} {fmt(loop):>9} "
+            f"{fmt(roof):>10} | {ratio(ours, torch_rate):>8} {ratio(ours, loop):>8} "
+            f"{100 * ours / roof:>6.0f}%"
+        )
+    if rows[0][4] is None:
+        print(
+            "torch column skipped: torch is not importable (pip install 'rnnserve-server[bench]')"
+        )
+    print(
+        "roofline: (6 H^2 + 8 H V) FLOPs per character at the FLOP/s of one "
+        "(seq*batch x H) @ (H x H) float32 GEMM on this machine"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
