@@ -80,6 +80,14 @@ class Settings:
         default=600.0,
         metadata=_opt("evict a session from memory after this many idle seconds (0 = never)"),
     )
+    blas_threads: int = field(
+        default=1,
+        metadata=_opt(
+            "threads per BLAS call (sets OPENBLAS/OMP/MKL_NUM_THREADS unless already set; "
+            "0 = the library's default). One is fastest for a server: sessions train in "
+            "parallel, and multi-threaded BLAS spins badly on a busy machine"
+        ),
+    )
     log_format: str = field(
         default="auto",
         metadata=_opt(
@@ -198,11 +206,21 @@ def load_settings(
     return settings
 
 
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def apply_blas_threads(settings: Settings) -> None:
+    """Set the BLAS thread-count variables; must run before numpy is first imported."""
+    if settings.blas_threads > 0:
+        for name in BLAS_THREAD_VARIABLES:
+            os.environ.setdefault(name, str(settings.blas_threads))
+
+
 def check_settings(settings: Settings) -> None:
     """Exit with a one-line message when settings contradict each other."""
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise SystemExit("rnnserve-server: --tls-cert and --tls-key must be given together")
-    for name in ("grace", "checkpoint_interval", "idle_evict_seconds"):
+    for name in ("grace", "checkpoint_interval", "idle_evict_seconds", "blas_threads"):
         if getattr(settings, name) < 0:
             raise SystemExit(f"rnnserve-server: --{name.replace('_', '-')} must be >= 0")
     for f in dataclasses.fields(Settings):
