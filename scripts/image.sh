@@ -215,8 +215,6 @@ buildah_build() {
         -t "$tag" -f "$ROOT/Dockerfile" "$ROOT" || status=$?
     rm -rf "$tmp"
     ((status == 0)) || die "buildah build failed ($status)"
-    # Intermediate (builder) images are not needed once the final image exists.
-    "${BUILDAH[@]}" rmi --prune > /dev/null 2>&1 || true
 }
 
 image_size_mb() {
@@ -236,6 +234,203 @@ cmd_build() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Test: run the image as configured, on the host network (buildah run --isolation chroot)
+
+WORK=""
+CONTAINERS=()
+TEST_IMAGE=""
+RUN_PID=""
+
+# Every process below $1 (children first-level first); only ever applied to processes we started.
+descendants() {
+    local child
+    for child in $(pgrep -P "$1" || true); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+
+# The server process a `buildah run` started: the deepest descendant running rnnserve-server
+# (chroot isolation has no PID namespace, so it is an ordinary host process under buildah).
+server_pid() {
+    local pid found=""
+    for pid in $(descendants "$RUN_PID"); do
+        [[ -r /proc/$pid/comm && $(< "/proc/$pid/comm") == rnnserve-server ]] && found=$pid
+    done
+    echo "$found"
+}
+
+alive() { [[ -n $1 ]] && kill -0 "$1" 2> /dev/null; }
+
+# stop_run SIGNAL: signal the server, wait up to 30 s for `buildah run` to return, set RUN_RC.
+stop_run() {
+    local pid deadline=$((SECONDS + 30))
+    pid=$(server_pid)
+    [[ -n $pid ]] || die "no rnnserve-server process under buildah run $RUN_PID"
+    kill "-$1" "$pid"
+    while alive "$RUN_PID" && ((SECONDS < deadline)); do sleep 0.2; done
+    alive "$RUN_PID" && die "the server did not exit within 30 s of SIG$1"
+    RUN_RC=0
+    wait "$RUN_PID" || RUN_RC=$?
+    RUN_PID=""
+}
+
+cleanup() {
+    local status=$? pid
+    if alive "$RUN_PID"; then
+        pid=$(server_pid)
+        [[ -n $pid ]] && kill -TERM "$pid" 2> /dev/null
+        sleep 2
+        for pid in $(descendants "$RUN_PID") "$RUN_PID"; do kill -KILL "$pid" 2> /dev/null || true; done
+        wait "$RUN_PID" 2> /dev/null || true
+    fi
+    for ctr in "${CONTAINERS[@]}"; do "${BUILDAH[@]}" rm "$ctr" > /dev/null 2>&1 || true; done
+    [[ -n $TEST_IMAGE ]] && "${BUILDAH[@]}" rmi -f "$TEST_IMAGE" > /dev/null 2>&1
+    [[ -n $WORK ]] && rm -rf "$WORK"
+    if ((status != 0)); then log "image-test FAILED"; fi
+    exit "$status"
+}
+
+# Sets IMG_CMD, IMG_USER, IMG_VOLUME, IMG_HEALTH, IMG_ADDRESS, IMG_METRICS_PORT from the image.
+read_image_config() {
+    eval "$("${BUILDAH[@]}" inspect --type image "$1" | "$HOST_PY" -c '
+import json, shlex, sys
+d = json.load(sys.stdin)
+c = (d.get("Docker") or {}).get("config") or d["OCIv1"]["config"]
+def arr(name, xs):
+    print(name + "=(" + " ".join(shlex.quote(x) for x in xs) + ")")
+def val(name, x):
+    print(name + "=" + shlex.quote(x))
+arr("IMG_CMD", (c.get("Entrypoint") or []) + (c.get("Cmd") or []))
+val("IMG_USER", c.get("User") or "")
+val("IMG_VOLUME", next(iter(c.get("Volumes") or {}), ""))
+test = (c.get("Healthcheck") or {}).get("Test") or []
+if test[:1] == ["CMD-SHELL"]:
+    test = ["/bin/sh", "-c"] + test[1:]
+elif test[:1] == ["CMD"]:
+    test = test[1:]
+else:
+    test = []
+arr("IMG_HEALTH", test)
+env = dict(e.split("=", 1) for e in c.get("Env") or [])
+val("IMG_ADDRESS", env.get("RNNSERVE_ADDRESS", ""))
+val("IMG_METRICS_PORT", env.get("RNNSERVE_METRICS_PORT", ""))
+')"
+}
+
+free_port() {
+    "$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_server CONTAINER LOG: the image's own entrypoint + cmd as its own user, the host data dir
+# on its volume, only the ports changed through the environment.
+start_server() {
+    # buildah run would mount a fresh anonymous volume over our bind mount at the VOLUME path;
+    # drop the declaration from this working container (not the image) so the host directory
+    # takes its place, as with `docker run -v DIR:/data`.
+    "${BUILDAH[@]}" config --volume "$IMG_VOLUME-" "$1"
+    "${BUILDAH[@]}" run --isolation chroot --user "$IMG_USER" \
+        --env "RNNSERVE_ADDRESS=$ADDRESS" --env "RNNSERVE_METRICS_PORT=$METRICS_PORT" \
+        -v "$DATA:$IMG_VOLUME" \
+        "$1" -- "${IMG_CMD[@]}" < /dev/null > "$2" 2>&1 &
+    RUN_PID=$!
+    local deadline=$((SECONDS + 90))
+    until "$HOST_PY" "$ROOT/scripts/image_check.py" wait "127.0.0.1:$PORT" --timeout 2 2> /dev/null; do
+        if ! alive "$RUN_PID"; then
+            tail -n 30 "$2" >&2
+            die "the server exited before it was SERVING (log above)"
+        fi
+        ((SECONDS < deadline)) || die "not SERVING within 90 s"
+    done
+    local pid uid
+    pid=$(server_pid)
+    uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
+    log "SERVING on 127.0.0.1:$PORT: rnnserve-server pid $pid, uid $uid, as configured: ${IMG_CMD[*]}"
+    [[ $uid != 0 ]] || die "the server runs as root"
+}
+
+cmd_test() {
+    local t0=$SECONDS build_s size_mb session=image-test step ctr1 ctr2 uid gid rootfs
+    trap cleanup EXIT
+    [[ -x $HOST_PY ]] || die "$HOST_PY not found: run 'make install' first"
+    ensure_tools
+    WORK=$(mktemp -d /var/tmp/rnnserve-image-test.XXXXXX)
+    TEST_IMAGE=localhost/rnnserve:image-test-$$
+
+    log "1. build $TEST_IMAGE"
+    buildah_build "$TEST_IMAGE"
+    build_s=$((SECONDS - t0))
+    log "built in ${build_s} s"
+
+    read_image_config "$TEST_IMAGE"
+    log "image config: entrypoint+cmd [${IMG_CMD[*]}], user $IMG_USER, volume $IMG_VOLUME," \
+        "RNNSERVE_ADDRESS=$IMG_ADDRESS RNNSERVE_METRICS_PORT=$IMG_METRICS_PORT," \
+        "HEALTHCHECK [${IMG_HEALTH[*]}]"
+    ((${#IMG_CMD[@]} > 0)) || die "the image has no ENTRYPOINT/CMD"
+    [[ -n $IMG_USER && $IMG_USER != root && $IMG_USER != 0 ]] || die "the image runs as root"
+    [[ -n $IMG_VOLUME ]] || die "the image declares no VOLUME"
+    ((${#IMG_HEALTH[@]} > 0)) || die "the image has no HEALTHCHECK"
+    [[ -n $IMG_METRICS_PORT && $IMG_METRICS_PORT != 0 ]] || die "metrics are off in the image"
+
+    ctr1=$("${BUILDAH[@]}" from --pull-never --name "rnnserve-image-test-1-$$" "$TEST_IMAGE")
+    CONTAINERS+=("$ctr1")
+    # The volume's host directory must be writable by the image's user: look its ids up in the
+    # image's own /etc/passwd (the name may not exist on the host).
+    rootfs=$("${BUILDAH[@]}" mount "$ctr1")
+    read -r uid gid < <(awk -F: -v u="${IMG_USER%%:*}" '$1 == u || $3 == u { print $3, $4; exit }' \
+        "$rootfs/etc/passwd") || true
+    "${BUILDAH[@]}" umount "$ctr1" > /dev/null
+    [[ -n $uid ]] || die "user $IMG_USER not in the image's /etc/passwd"
+    DATA=$WORK/data
+    mkdir -m 0700 "$DATA"
+    chown "$uid:$gid" "$DATA"
+
+    PORT=$(free_port)
+    METRICS_PORT=$(free_port)
+    ADDRESS="${IMG_ADDRESS%:*}:$PORT"
+    log "2. run it: RNNSERVE_ADDRESS=$ADDRESS RNNSERVE_METRICS_PORT=$METRICS_PORT, $DATA on $IMG_VOLUME"
+    start_server "$ctr1" "$WORK/server1.log"
+
+    log "3. create a session, Train stream, Generate; scrape metrics"
+    step=$("$HOST_PY" "$ROOT/scripts/image_check.py" exercise "127.0.0.1:$PORT" \
+        "http://127.0.0.1:$METRICS_PORT/metrics" "$session") || die "client checks failed"
+
+    log "4. SIGTERM, expect exit 0, then restart on the same data dir"
+    stop_run TERM
+    ((RUN_RC == 0)) || {
+        tail -n 20 "$WORK/server1.log" >&2
+        die "exit status $RUN_RC after SIGTERM"
+    }
+    grep -q '"stopped"' "$WORK/server1.log" || die "no 'stopped' log line after SIGTERM"
+    [[ -f $DATA/sessions/$session.npz ]] || die "no checkpoint $DATA/sessions/$session.npz"
+    log "exited 0 after SIGTERM; checkpoint $(stat -c %s "$DATA/sessions/$session.npz") bytes," \
+        "owned by uid $(stat -c %u "$DATA/sessions/$session.npz")"
+    ctr2=$("${BUILDAH[@]}" from --pull-never --name "rnnserve-image-test-2-$$" "$TEST_IMAGE")
+    CONTAINERS+=("$ctr2")
+    start_server "$ctr2" "$WORK/server2.log"
+    "$HOST_PY" "$ROOT/scripts/image_check.py" verify "127.0.0.1:$PORT" "$session" "$step" ||
+        die "the session did not survive the restart"
+
+    log "5. the image's HEALTHCHECK command, in the container (its port swapped for the test's)"
+    local health=() arg image_port=${IMG_ADDRESS##*:}
+    for arg in "${IMG_HEALTH[@]}"; do health+=("${arg//:$image_port/:$PORT}"); done
+    "${BUILDAH[@]}" run --isolation chroot --user "$IMG_USER" "$ctr2" -- "${health[@]}" ||
+        die "HEALTHCHECK [${health[*]}] failed"
+    log "HEALTHCHECK [${health[*]}] passed"
+    stop_run TERM
+    ((RUN_RC == 0)) || die "exit status $RUN_RC after SIGTERM (second container)"
+    if "${BUILDAH[@]}" run --isolation chroot --user "$IMG_USER" "$ctr2" -- "${health[@]}" \
+        > /dev/null 2>&1; then
+        die "HEALTHCHECK passed with no server running"
+    fi
+    log "HEALTHCHECK fails once the server is gone, as it should"
+
+    log "6. image size"
+    size_mb=$(image_size_mb "$TEST_IMAGE")
+    log "image size ${size_mb} MB (limit ${SIZE_LIMIT_MB} MB); build ${build_s} s; whole test $((SECONDS - t0)) s"
+    ((size_mb <= SIZE_LIMIT_MB)) || die "image is ${size_mb} MB, over ${SIZE_LIMIT_MB} MB"
+    log "image-test passed"
+}
 
 main() {
     case ${1:-} in
