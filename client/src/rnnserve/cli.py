@@ -300,6 +300,18 @@ def cmd_step(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _bar_width() -> dict[str, Any]:
+    """tqdm size options: follow the terminal, or 80x24 if it reports 0x0 (some ptys do, and
+    tqdm then draws nothing)."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        if size.columns > 0 and size.lines > 0:
+            return {"dynamic_ncols": True}
+    except (OSError, ValueError):
+        pass
+    return {"ncols": 80, "nrows": 24}
+
+
 def _progress_line(p: pb.TrainResponse) -> str:
     return (
         f"step {p.step}  loss {p.loss:.4f}  smoothed {p.smoothed_loss:.4f}  "
@@ -313,9 +325,11 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     bar = tqdm(
         total=args.steps,
         unit="step",
+        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+        "[{elapsed}<{remaining}{postfix}]",
         desc=args.id,
         file=sys.stderr,
-        dynamic_ncols=True,
+        **_bar_width(),
         # None: tqdm shows the bar only on a terminal.
         disable=True if (out.json or args.no_progress) else None,
     )
@@ -336,10 +350,9 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
             out.obj(progress)
             bar.update(progress.steps_done - done)
             done = progress.steps_done
-            bar.set_postfix(
-                loss=f"{progress.loss:.3f}",
-                smoothed=f"{progress.smoothed_loss:.3f}",
-                cps=f"{progress.chars_per_second:,.0f}",
+            bar.set_postfix_str(
+                f"loss {progress.loss:.3f} (avg {progress.smoothed_loss:.3f}) "
+                f"{progress.chars_per_second / 1000:,.1f}k char/s",
                 refresh=False,
             )
             if progress.sample and not out.json:
@@ -398,9 +411,10 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
         unit="step",
         desc=args.id,
         file=sys.stderr,
-        dynamic_ncols=True,
+        **_bar_width(),
         disable=True if (out.json or args.no_progress) else None,
     )
+    show_bar = not bar.disable  # (close() sets disable)
     last: pb.LossPoint | None = None
     seen = 0
     try:
@@ -408,11 +422,11 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
             last = point
             seen += 1
             out.obj(point)
-            if bar.disable:
-                out.line(f"{point.step} {point.loss:.6f}")
-            else:
+            if show_bar:
                 bar.update(1)
-                bar.set_postfix(step=point.step, loss=f"{point.loss:.4f}", refresh=False)
+                bar.set_postfix_str(f"step {point.step}, loss {point.loss:.4f}", refresh=False)
+            else:
+                out.line(f"{point.step} {point.loss:.6f}")
             if args.count is not None and seen >= args.count:
                 stream.cancel()
                 break
@@ -421,7 +435,7 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
         return EXIT_INTERRUPTED
     finally:
         bar.close()
-    if not bar.disable and last is not None:
+    if show_bar and last is not None:
         out.line(f"last: step {last.step} loss {last.loss:.6f}")
     return EXIT_OK
 
