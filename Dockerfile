@@ -21,11 +21,13 @@ COPY server/ server/
 RUN python3 -m venv /opt/build \
  && /opt/build/bin/pip wheel --wheel-dir /wheels ./client ./server
 # --no-index: the runtime venv gets exactly the wheels built above, nothing fetched afterwards.
-# pip and setuptools are not needed at run time; removing them saves ~15 MB.
+# pip and setuptools are not needed at run time; removing them saves ~15 MB. The --help calls
+# fail the build if an entry point cannot start.
 RUN python3 -m venv /opt/rnnserve \
  && /opt/rnnserve/bin/pip install --no-index --find-links /wheels rnnserve-server \
  && /opt/rnnserve/bin/pip uninstall -y pip setuptools \
- && /opt/rnnserve/bin/python3 -c 'import rnnserve, rnnserve_server'
+ && /opt/rnnserve/bin/rnnserve-server --help > /dev/null \
+ && /opt/rnnserve/bin/rnnserve --help > /dev/null
 
 FROM ${BASE_IMAGE}
 # A fixed uid/gid so a host directory can be prepared for the volume: chown 10001:10001 DIR.
