@@ -166,7 +166,7 @@ class Registry:
         finally:
             session.users -= 1
             session.last_used = time.monotonic()
-        self._evict_over_limit()
+        self._evict_over_limit(keep=session)
 
     async def _ensure_loaded(self, session: Session) -> None:
         if session.resident:
@@ -366,6 +366,8 @@ class Registry:
                 session.dirty = True
                 log.error("checkpoint_failed", session_id=session.id, error=repr(exc))
                 return
+        if not self.shutting_down:
+            self._evict_over_limit()
 
     def _write(self, session: Session) -> None:
         ckpt = session.snapshot()
@@ -390,16 +392,25 @@ class Registry:
     def _resident_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.resident)
 
-    def _evict_over_limit(self) -> None:
+    def _evict_over_limit(self, keep: Session | None = None) -> None:
+        """Evict least recently used sessions beyond max_resident_sessions (never ``keep``).
+
+        A session with unsaved changes is checkpointed first; the checkpoint calls this again.
+        """
         excess = self._resident_count() - self.settings.max_resident_sessions
         if excess <= 0:
             return
-        lru = sorted((s for s in self.sessions.values() if s.resident), key=lambda s: s.last_used)
+        lru = sorted(
+            (s for s in self.sessions.values() if s.resident and s is not keep),
+            key=lambda s: s.last_used,
+        )
         for session in lru:
             if excess <= 0:
                 break
             if session.dirty or session.checkpointed_step != session.step:
-                self.request_checkpoint(session)  # evictable once written
+                task = session.checkpoint_task
+                if task is None or task.done():
+                    self.request_checkpoint(session)  # evictable once written
                 continue
             if session.evict():
                 excess -= 1

@@ -493,6 +493,10 @@ class Servicer(pb_grpc.RnnServiceServicer):
                         if cause is StopCause.DELETED
                         else pb.STOP_REASON_SHUTDOWN
                     )
+            except (asyncio.CancelledError, GeneratorExit):
+                # The client went away, maybe while a progress message was being sent.
+                session.request_stop(StopCause.CANCELLED)
+                raise
             finally:
                 session.end()
                 if not session.deleted:
