@@ -451,6 +451,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
                     chars_per_second=chars / elapsed if elapsed > 0 else 0.0,
                     elapsed_seconds=elapsed,
                     stop_reason=cast(Any, reason),
+                    checkpointed_step=max(session.checkpointed_step, 0),
                 )
 
             try:

@@ -228,7 +228,7 @@ class TrainRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., report_every: _Optional[int] = ..., sample_length: _Optional[int] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
-    __slots__ = ("step", "steps_done", "loss", "smoothed_loss", "chars_per_second", "sample", "elapsed_seconds", "stop_reason")
+    __slots__ = ("step", "steps_done", "loss", "smoothed_loss", "chars_per_second", "sample", "elapsed_seconds", "stop_reason", "checkpointed_step")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class TrainResponse(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTED_STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_done: int
     loss: float
@@ -245,7 +246,8 @@ class TrainResponse(_message.Message):
     sample: str
     elapsed_seconds: float
     stop_reason: StopReason
-    def __init__(self, step: _Optional[int] = ..., steps_done: _Optional[int] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., chars_per_second: _Optional[float] = ..., sample: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ...) -> None: ...
+    checkpointed_step: int
+    def __init__(self, step: _Optional[int] = ..., steps_done: _Optional[int] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., chars_per_second: _Optional[float] = ..., sample: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
 
 class WatchLossRequest(_message.Message):
     __slots__ = ("session_id", "from_step")
