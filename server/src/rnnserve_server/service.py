@@ -381,7 +381,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
             finally:
                 session.end()
                 session.notify()
-            self.registry.request_checkpoint(session)
+            self.registry.request_checkpoint(session, paced=True)
         return pb.StepResponse(
             step=result.step,
             loss=result.loss,

@@ -89,6 +89,9 @@ class Session:
         self.closing = False  # watch streams end (delete, shutdown)
         self.load_lock = asyncio.Lock()
         self.checkpoint_task: asyncio.Task[None] | None = None
+        self.last_write = 0.0  # monotonic time the last checkpoint write began
+        self.checkpoint_urgent = False  # the next write skips pacing (see Registry)
+        self.checkpoint_wake: asyncio.Event | None = None  # set to end a paced wait early
         self._changed: asyncio.Event | None = None
 
     # ----- construction and checkpoints -------------------------------------------------
