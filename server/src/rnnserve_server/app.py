@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -47,9 +48,12 @@ else:
 
 
 def _rebuild(
-    handler: grpc.RpcMethodHandler[Any, Any], behavior: Behavior
+    handler: grpc.RpcMethodHandler[Any, Any],
+    behavior: Behavior,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same kind and (de)serializers as ``handler`` calling ``behavior``."""
+    """A handler of the same kind and (de)serializers as ``handler`` calling ``behavior``
+    (with ``request_deserializer`` instead of the handler's when given)."""
     kind: Callable[..., grpc.RpcMethodHandler[Any, Any]]
     if handler.request_streaming and handler.response_streaming:
         kind = grpc.stream_stream_rpc_method_handler
@@ -61,7 +65,7 @@ def _rebuild(
         kind = grpc.unary_unary_rpc_method_handler
     return kind(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -207,14 +211,127 @@ class AuthInterceptor(Interceptor):
         return _rebuild(handler, deny)
 
 
+# gRPC itself refuses messages over this many times --max-message-bytes (with its own wording);
+# between 1x and this, RequestGuardInterceptor refuses them with a message naming the setting.
+HARD_MESSAGE_FACTOR = 4
+
+
+class _Refused:
+    """Stands in for a request that could not be accepted: the status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+
+
+class RequestGuardInterceptor(Interceptor):
+    """Malformed or oversized request messages get a clear status, not UNKNOWN or INTERNAL.
+
+    gRPC deserializes a request before any handler runs, and answers UNKNOWN when that fails
+    (invalid UTF-8 in a string field, e.g. a lone surrogate, or corrupt wire format). This
+    wraps the deserializer so such a message becomes INVALID_ARGUMENT, and a message over
+    ``--max-message-bytes`` RESOURCE_EXHAUSTED naming the setting. Innermost interceptor:
+    the outer ones copy its deserializer.
+    """
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_bytes = max_message_bytes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        behavior = _behavior_of(handler)
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        limit = self.max_bytes
+
+        def guarded(data: bytes) -> Any:
+            if len(data) > limit:
+                return _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the {method} request message ({len(data)} bytes) exceeds the server limit "
+                    f"of {limit} bytes; send long text in AppendText chunks, or the operator can "
+                    "raise it with --max-message-bytes or RNNSERVE_MAX_MESSAGE_BYTES",
+                )
+            try:
+                return deserialize(data)
+            except DecodeError as exc:
+                return _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the {method} request is not a valid message ({exc}); string fields must "
+                    "be valid UTF-8 (no lone surrogates)",
+                )
+
+        async def check(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Refused):
+                await context.abort(request.code, request.details)
+            return request
+
+        if handler.request_streaming:
+
+            async def requests(
+                iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                async for request in iterator:
+                    yield await check(request, context)
+
+            if handler.response_streaming:
+
+                async def stream_stream(
+                    iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
+                ) -> AsyncIterator[Any]:
+                    async for item in behavior(requests(iterator, context), context):
+                        yield item
+
+                wrapped: Behavior = stream_stream
+            else:
+
+                async def stream_unary(
+                    iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
+                ) -> Any:
+                    return await behavior(requests(iterator, context), context)
+
+                wrapped = stream_unary
+        elif handler.response_streaming:
+
+            async def unary_stream(
+                request: Any, context: aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                request = await check(request, context)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a coroutine that writes with context.write (health Watch)
+                    await result
+
+            wrapped = unary_stream
+        else:
+
+            async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                return await behavior(await check(request, context), context)
+
+            wrapped = unary_unary
+        return _rebuild(handler, wrapped, guarded)
+
+
 def build_interceptors(settings: Settings) -> list[aio.ServerInterceptor[Any, Any]]:
-    """Interceptors, outermost first: logging sees every call, auth refusals included."""
+    """Interceptors, outermost first: logging sees every call, auth refusals included; the
+    request guard is innermost so every handler gets its deserializer."""
     interceptors: list[aio.ServerInterceptor[Any, Any]] = [LoggingInterceptor()]
     if settings.metrics_port:
         interceptors.append(metrics.MetricsInterceptor())
     tokens = settings.tokens()
     if tokens:
         interceptors.append(AuthInterceptor(tokens))
+    interceptors.append(RequestGuardInterceptor(settings.max_message_bytes))
     return interceptors
 
 
@@ -235,7 +352,7 @@ async def serve(settings: Settings) -> int:
         return 2
 
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", HARD_MESSAGE_FACTOR * settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
     ]
