@@ -213,8 +213,12 @@ def server(server_factory: ServerFactory) -> ServerHandle:
 
 
 @pytest.fixture(scope="module")
-def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    """A server with default settings shared by a test module; don't stop it."""
-    handle = start_server(tmp_path_factory.mktemp("module-data"))
+def module_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerHandle]:
+    """A server shared by a test module; don't stop it. Default settings, or the module's
+    ``MODULE_SERVER_SETTINGS`` dict (e.g. low limits)."""
+    settings = dict(getattr(request.module, "MODULE_SERVER_SETTINGS", {}))
+    handle = start_server(tmp_path_factory.mktemp("module-data"), **settings)
     yield handle
     handle.kill()
