@@ -1,9 +1,11 @@
 """One session: a Trainer, its loss history, its busy flag and the watchers of its loss.
 
 Threading model: the event loop owns the session object; the Trainer and the loss history are
-mutated only in worker threads while ``lock`` is held (training chunks, single steps, appends),
-and read under the same lock for predictions, samples and checkpoint snapshots. The busy flag,
-watcher count and change notifications are touched on the event loop only.
+mutated only while ``lock`` is held: in worker threads (training chunks, single steps, appends),
+or on the event loop for a single step known to take under ``QUICK_STEP_SECONDS`` when the lock
+is free (``try_step_now``). They are read under the same lock for predictions, samples and
+checkpoint snapshots. The busy flag, watcher count and change notifications are touched on the
+event loop only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from rnnserve_server.store import Checkpoint
 
 # Weight of the newest loss in the exponential moving average reported as smoothed_loss.
 SMOOTHING = 0.02
+# A corpus step that took less than this last time runs on the event loop: the hop to a worker
+# thread and back cost ~0.05-0.2 ms, a large share of a small model's Step (bench/service.py),
+# and blocking the loop this long is no worse than the per-RPC work it already does.
+QUICK_STEP_SECONDS = 0.002
 
 
 class StopCause(enum.Enum):
@@ -82,6 +88,7 @@ class Session:
         self.dirty = True
         self.deleted = False
         self.busy: str | None = None  # "Train", "Step" or "AppendText" while one runs
+        self.step_seconds = float("inf")  # how long the last single corpus step took
         self.cancel = threading.Event()
         self.stop_cause = StopCause.NONE
         self.users = 0  # in-flight RPCs using the trainer: no eviction meanwhile
@@ -282,10 +289,29 @@ class Session:
     def step_once(self, ids: np.ndarray | None) -> StepResult:
         """One update on the corpus (ids None) or on ids from a zero state (worker thread)."""
         with self.lock:
-            trainer = self.require_trainer()
-            result = trainer.step() if ids is None else trainer.step_on(ids)
-            self._record(result)
-            self._touch()
+            return self._step(ids)
+
+    def try_step_now(self) -> StepResult | None:
+        """One corpus update on the calling thread (the event loop) if the last one took under
+        QUICK_STEP_SECONDS and the lock is free; None otherwise (use step_once in a worker)."""
+        if self.step_seconds >= QUICK_STEP_SECONDS or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return self._step(None)
+        finally:
+            self.lock.release()
+
+    def _step(self, ids: np.ndarray | None) -> StepResult:
+        """step_once's body; the caller holds ``lock``."""
+        trainer = self.require_trainer()
+        if ids is None:
+            started = time.perf_counter()
+            result = trainer.step()
+            self.step_seconds = time.perf_counter() - started
+        else:
+            result = trainer.step_on(ids)
+        self._record(result)
+        self._touch()
         return result
 
     def append(self, ids: np.ndarray) -> None:
