@@ -1,0 +1,713 @@
+"""What the service costs on top of the engine: every row a ratio measured in this one run.
+
+A real ``rnnserve-server`` subprocess on a loopback port (started like the tests do: port 0,
+the port read from its ``serving`` log event) and this process as the client, next to the same
+engine called in-process here. Rows:
+
+- floor: a no-op unary call (grpc.health.v1 Check) and a no-op server stream (health Watch:
+  time to its first message) between the two processes. Every latency row is read against it.
+- step: Step round-trip p50/p99 minus ``Trainer.step`` in-process, hidden 32 and the default
+  preset; what rnnserve adds beyond the floor, as a share of the floor (target <= 25 % p50).
+- train: chars/s through the Train stream vs a ``Trainer.step`` loop (target >= 95 %).
+- generate: chars/s received by the client vs ``Trainer.sample`` in-process (target >= 90 %).
+- sessions: server RSS with 1,000 and 10,000 resident sessions at hidden 100 (target: 10,000
+  in <= 2 GiB), CreateSession / GetSession latency at that scale, ListSessions over all.
+- parallel: aggregate chars/s of 2 and 4 sessions training at once vs 1 (target >= 1.6x for 2).
+- watch: 100 WatchLoss streams on one training session: points/s delivered, what they cost the
+  training, and the delay from a Step's response to each watcher having its point.
+
+Both sides use the same number of BLAS threads (``--blas-threads``, default 1 as the server).
+Run: ``python bench/service.py`` (a few minutes), ``--quick`` for a smoke run, ``--only ROWS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _blas_threads_from_argv(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--blas-threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--blas-threads="):
+            return arg.split("=", 1)[1]
+    return "1"
+
+
+# Same BLAS threads as the server, set before numpy is imported (it reads them once).
+BLAS_THREADS = _blas_threads_from_argv(sys.argv[1:])
+if BLAS_THREADS != "0":
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = BLAS_THREADS
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from rnnserve import Client  # noqa: E402
+from rnnserve.client import decode_health_response, encode_health_request  # noqa: E402
+from rnnserve.v1 import rnn_service_pb2 as pb  # noqa: E402
+from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc  # noqa: E402
+from rnnserve_server.model import PRESETS, ModelConfig, Trainer  # noqa: E402
+from rnnserve_server.vocab import Vocab  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+ROWS = ("floor", "step", "train", "generate", "sessions", "parallel", "watch")
+
+
+def load_text(chars: int = 200_000) -> str:
+    """The start of tiny Shakespeare, or seeded random words if the file is missing."""
+    if CORPUS.exists():
+        return CORPUS.read_text(encoding="utf-8")[:chars]
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "and", "queen", "of", "a", "to", "my", "lord", "thou", "art"]
+    return " ".join(rng.choice(words, size=chars // 4))[:chars]
+
+
+# ---------------------------------------------------------------------------------------------
+# The server subprocess
+
+
+class Server:
+    """``python -m rnnserve_server`` on 127.0.0.1:0; its port comes from the serving event.
+
+    The server's JSON log goes to a file in its data directory, as in production, so reading
+    it costs this (client) process nothing while measuring.
+    """
+
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        args = [sys.executable, "-m", "rnnserve_server", "--data-dir", str(data_dir / "data")]
+        settings = {"address": "127.0.0.1:0", "log_format": "json", **settings}
+        for name, value in settings.items():
+            args += ["--" + name.replace("_", "-"), str(value)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
+        self.log_path = data_dir / "server.log"
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file, env=env
+            )
+        port = 0
+        deadline = time.monotonic() + 60
+        while not port and time.monotonic() < deadline and self.process.poll() is None:
+            time.sleep(0.02)
+            for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and entry.get("event") == "serving":
+                    port = int(entry["port"])
+        if not port:
+            self.process.kill()
+            tail = self.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise RuntimeError("the server did not start:\n" + tail)
+        self.address = f"127.0.0.1:{port}"
+
+    def rss_bytes(self) -> int:
+        """The server's resident set size."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        """SIGTERM and wait (SIGKILL if it takes too long)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@contextmanager
+def server(**settings: Any) -> Iterator[Server]:
+    """A server on a fresh temporary data directory, stopped at the end."""
+    with tempfile.TemporaryDirectory(prefix="rnnserve-bench-") as tmp:
+        srv = Server(Path(tmp), blas_threads=BLAS_THREADS, **settings)
+        try:
+            yield srv
+        finally:
+            srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of values, by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def timed(fn: Callable[[], Any], n: int, warmup: int = 20) -> list[float]:
+    """Seconds of each of n calls of fn, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def interleaved(fns: list[Callable[[], Any]], n: int, warmup: int = 20) -> list[list[float]]:
+    """Like timed, for several functions called in turn, so load changes hit them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(n):
+        for fn, times in zip(fns, out, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return out
+
+
+@dataclass
+class Row:
+    """One line of the table: what, ours, the reference, the ratio and the target verdict."""
+
+    section: str
+    what: str
+    value: str
+    reference: str = ""
+    ratio: str = ""
+    target: str = ""
+    ok: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+ROWS_OUT: list[Row] = []
+
+
+def row(*args: Any, **kwargs: Any) -> Row:
+    r = Row(*args, **kwargs)
+    ROWS_OUT.append(r)
+    verdict = "" if r.ok is None else ("  [met]" if r.ok else "  [MISSED]")
+    print(
+        f"  {r.what}: {r.value}"
+        + (f" vs {r.reference}" if r.reference else "")
+        + (f" -> {r.ratio}" if r.ratio else "")
+        + verdict,
+        flush=True,
+    )
+    return r
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f} ms"
+
+
+def config_kwargs(config: ModelConfig) -> dict[str, Any]:
+    """Client.create_session keyword arguments that pin every field of config."""
+    return {
+        "hidden_size": config.hidden_size,
+        "seq_length": config.seq_length,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "optimizer": config.optimizer,
+        "clip": config.clip,
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "reset_every": config.reset_every,
+    }
+
+
+def drain(stream: Iterator[Any]) -> None:
+    """Read a stream to its end (a cancel ends it quietly)."""
+    for _ in stream:
+        pass
+
+
+def wait_idle(session: Any, timeout: float = 60.0) -> None:
+    """Wait until a cancelled Train has stopped on the server (it stops between updates)."""
+    deadline = time.monotonic() + timeout
+    while session.info().state == pb.SESSION_STATE_TRAINING and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def trainer_for(config: ModelConfig, text: str) -> Trainer:
+    vocab = Vocab.from_text(text)
+    return Trainer(config, vocab, vocab.encode(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass
+class Floor:
+    unary_p50: float = 0.0
+    unary_p99: float = 0.0
+    stream_p50: float = 0.0
+
+
+def bench_floor(srv: Server, n: int) -> Floor:
+    print("floor: no-op calls between two processes on loopback", flush=True)
+    channel = grpc.insecure_channel(srv.address)
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=encode_health_request,
+        response_deserializer=decode_health_response,
+    )
+    watch = channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=encode_health_request,
+        response_deserializer=decode_health_response,
+    )
+
+    def first_of_stream() -> None:
+        call: Any = watch("")
+        next(call)
+        call.cancel()
+
+    unary, streams = interleaved([lambda: check(""), first_of_stream], n)
+    channel.close()
+    f = Floor(pct(unary, 50), pct(unary, 99), pct(streams, 50))
+    row("floor", "unary no-op (health Check) p50 / p99", f"{ms(f.unary_p50)} / {ms(f.unary_p99)}")
+    row(
+        "floor",
+        "stream no-op (health Watch, first message) p50 / p99",
+        f"{ms(f.stream_p50)} / {ms(pct(streams, 99))}",
+    )
+    return f
+
+
+def bench_step(srv: Server, floor: Floor, text: str, n: int) -> None:
+    print("step: Step RPC round trip vs Trainer.step in-process", flush=True)
+    tiny = PRESETS["default"].replace(hidden_size=32, seed=1)
+    default = PRESETS["default"].replace(seed=1)
+    with Client(srv.address) as client:
+        for name, config in (("hidden 32", tiny), ("default", default)):
+            session = client.create_session(
+                text, session_id=f"step-{config.hidden_size}", **config_kwargs(config)
+            )
+            trainer = trainer_for(config, text)
+            rpc, local = interleaved([session.step, trainer.step], n)
+            added50 = pct(rpc, 50) - pct(local, 50)
+            added99 = pct(rpc, 99) - pct(local, 99)
+            beyond = added50 - floor.unary_p50
+            row(
+                "step",
+                f"Step {name} p50 / p99 (RPC vs in-process)",
+                f"{ms(pct(rpc, 50))} / {ms(pct(rpc, 99))}",
+                f"{ms(pct(local, 50))} / {ms(pct(local, 99))}",
+                f"added {ms(added50)} / {ms(added99)}",
+            )
+            row(
+                "step",
+                f"Step {name}: added beyond the unary floor, p50",
+                ms(beyond),
+                f"floor {ms(floor.unary_p50)}",
+                f"{100 * beyond / floor.unary_p50:.0f} % of floor",
+                "<= 25 % of floor",
+                beyond <= 0.25 * floor.unary_p50,
+            )
+            session.delete()
+
+
+def bench_train(srv: Server, text: str, seconds: float) -> None:
+    print("train: Train stream chars/s vs a Trainer.step loop in-process", flush=True)
+    big = PRESETS["default"].replace(hidden_size=512, batch_size=32, seq_length=100, seed=1)
+    default = PRESETS["default"].replace(seed=1)
+    with Client(srv.address) as client:
+        for name, config in (("hidden 512 batch 32 seq 100", big), ("default", default)):
+            chars_per_step = config.batch_size * config.seq_length
+            trainer = trainer_for(config, text)
+            trainer.step()
+            t0 = time.perf_counter()
+            trainer.step()
+            once = time.perf_counter() - t0
+            steps = max(5, int(seconds / 2 / once))
+            session = client.create_session(
+                text, session_id=f"train-{config.hidden_size}", **config_kwargs(config)
+            )
+            session.train(2).wait()  # warm up the server side
+            best_rpc = best_local = 0.0
+            for _ in range(2):  # alternate, best of two each: the machine is shared
+                t0 = time.perf_counter()
+                final = session.train(steps).wait()
+                elapsed = time.perf_counter() - t0
+                assert final.steps_done == steps, final
+                best_rpc = max(best_rpc, steps * chars_per_step / elapsed)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    trainer.step()
+                best_local = max(best_local, steps * chars_per_step / (time.perf_counter() - t0))
+            ratio = best_rpc / best_local
+            row(
+                "train",
+                f"Train {name} chars/s ({steps} steps per call, client wall time)",
+                f"{best_rpc:,.0f}",
+                f"{best_local:,.0f}",
+                f"{100 * ratio:.1f} %",
+                ">= 95 %",
+                ratio >= 0.95,
+            )
+            session.delete()
+
+
+def bench_generate(srv: Server, text: str, length: int) -> None:
+    print("generate: chars/s received by the client vs Trainer.sample in-process", flush=True)
+    config = PRESETS["min-char-rnn"].replace(seed=1)
+    trainer = trainer_for(config, text)
+    for _ in range(20):
+        trainer.step()
+    with Client(srv.address) as client:
+        session = client.create_session(text, session_id="gen", **config_kwargs(config))
+        session.train(20).wait()
+        prime = text[:20]
+        prime_ids = trainer.vocab.encode(prime)
+        session.generate(200, prime=prime, seed=1)  # warm up
+        best_rpc = best_local = 0.0
+        for rep in range(3):
+            t0 = time.perf_counter()
+            received = sum(len(c) for c in session.generate_stream(length, prime=prime, seed=rep))
+            best_rpc = max(best_rpc, received / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            made = sum(len(c) for c in trainer.sample(prime_ids, length, seed=rep))
+            best_local = max(best_local, made / (time.perf_counter() - t0))
+        ratio = best_rpc / best_local
+        row(
+            "generate",
+            f"Generate hidden 100, {length:,} chars: chars/s received",
+            f"{best_rpc:,.0f}",
+            f"{best_local:,.0f} in-process",
+            f"{100 * ratio:.1f} %",
+            ">= 90 %",
+            ratio >= 0.90,
+        )
+        session.delete()
+
+
+def bench_sessions(srv: Server, counts: list[int], text: str) -> None:
+    print(
+        f"sessions: {', '.join(f'{c:,}' for c in counts)} resident sessions, hidden 100", flush=True
+    )
+    config = PRESETS["min-char-rnn"].replace(seed=1)
+    kwargs = config_kwargs(config)
+    with Client(srv.address) as client:
+        base = srv.rss_bytes()
+        row("sessions", "server RSS with no session", f"{base / 2**20:,.0f} MiB")
+        made = 0
+        create: list[float] = []
+        for count in counts:
+            while made < count:
+                t0 = time.perf_counter()
+                client.create_session(text, session_id=f"many-{made:06d}", **kwargs)
+                create.append(time.perf_counter() - t0)
+                made += 1
+            rss = srv.rss_bytes()
+            per = (rss - base) / count
+            ok = rss <= 2 * 2**30 if count >= 10_000 else None
+            row(
+                "sessions",
+                f"server RSS with {count:,} resident sessions",
+                f"{rss / 2**20:,.0f} MiB",
+                ratio=f"{per / 1024:,.0f} KiB per session",
+                target="<= 2 GiB" if count >= 10_000 else "",
+                ok=ok,
+            )
+        recent = create[-min(1000, len(create)) :]
+        row(
+            "sessions",
+            f"CreateSession p50 / p99 (last {len(recent):,}, at {made:,} sessions)",
+            f"{ms(pct(recent, 50))} / {ms(pct(recent, 99))}",
+        )
+        rng = np.random.default_rng(0)
+        ids = [f"many-{i:06d}" for i in rng.integers(0, made, size=1000)]
+        it = iter(ids)
+        get = timed(lambda: client.session(next(it)).info(), len(ids) - 20, warmup=20)
+        row(
+            "sessions",
+            f"GetSession p50 / p99 (at {made:,} sessions)",
+            f"{ms(pct(get, 50))} / {ms(pct(get, 99))}",
+        )
+        for page in (100, 1000):
+            t0 = time.perf_counter()
+            listed = sum(1 for _ in client.list_sessions(page_size=page))
+            elapsed = time.perf_counter() - t0
+            row(
+                "sessions",
+                f"ListSessions over all {listed:,} (page_size {page})",
+                f"{elapsed * 1000:,.0f} ms",
+                ratio=f"{ms(elapsed / max(1, -(-listed // page)))} per page",
+            )
+
+
+def local_parallel(trainers: list[Trainer], seconds: float) -> float:
+    """Aggregate chars/s of the trainers stepping at once, one thread each, in this process."""
+    stop = time.perf_counter() + seconds
+    steps = [0] * len(trainers)
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop:
+            trainers[i].step()
+            steps[i] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(trainers))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    config = trainers[0].config
+    return sum(steps) * config.batch_size * config.seq_length / (time.perf_counter() - t0)
+
+
+def bench_parallel(srv: Server, text: str, seconds: float, counts: list[int]) -> None:
+    print("parallel: aggregate chars/s with N sessions training at once", flush=True)
+    config = PRESETS["default"].replace(hidden_size=512, batch_size=32, seq_length=100, seed=1)
+    chars_per_step = config.batch_size * config.seq_length
+    trainers = [trainer_for(config, text) for _ in range(max(counts))]
+    for trainer in trainers:
+        trainer.step()
+    with Client(srv.address) as client:
+        sessions = [
+            client.create_session(text, session_id=f"par-{i}", **config_kwargs(config))
+            for i in range(max(counts))
+        ]
+        rates: dict[int, float] = {}
+        local: dict[int, float] = {}
+        for n in counts:
+            streams = [s.train(1_000_000) for s in sessions[:n]]
+            threads = [threading.Thread(target=drain, args=(st,), daemon=True) for st in streams]
+            for t in threads:
+                t.start()
+            time.sleep(min(2.0, seconds / 3))  # warm up: every session is training
+            before = [s.info().step for s in sessions[:n]]
+            t0 = time.perf_counter()
+            time.sleep(seconds)
+            after = [s.info().step for s in sessions[:n]]
+            elapsed = time.perf_counter() - t0
+            for st in streams:
+                st.cancel()
+            for t in threads:
+                t.join(30)
+            for s in sessions[:n]:
+                wait_idle(s)
+            rates[n] = sum(a - b for a, b in zip(after, before, strict=True)) * chars_per_step
+            rates[n] /= elapsed
+            # The same in this process with plain threads: what the machine allows right now.
+            local[n] = local_parallel(trainers[:n], seconds)
+            ratio = rates[n] / rates[counts[0]]
+            local_ratio = local[n] / local[counts[0]]
+            row(
+                "parallel",
+                f"{n} session(s) training, hidden 512 batch 32 seq 100: aggregate chars/s",
+                f"{rates[n]:,.0f}" + (f" ({ratio:.2f}x)" if n != counts[0] else ""),
+                f"{local[n]:,.0f} in-process threads"
+                + (f" ({local_ratio:.2f}x)" if n != counts[0] else ""),
+                f"{100 * rates[n] / local[n]:.0f} % of in-process",
+                ">= 1.6x" if n == 2 else "",
+                ratio >= 1.6 if n == 2 else None,
+            )
+
+
+def bench_watch(srv: Server, text: str, watchers: int, seconds: float) -> None:
+    print(f"watch: {watchers} WatchLoss streams on one training session", flush=True)
+    import asyncio
+
+    from grpc import aio
+
+    config = PRESETS["default"].replace(hidden_size=32, seed=1)
+    chars_per_step = config.batch_size * config.seq_length
+    with Client(srv.address) as client:
+        session = client.create_session(text, session_id="watched", **config_kwargs(config))
+        session.train(20).wait()
+
+        def train_rate() -> float:
+            before = session.info().step
+            t0 = time.perf_counter()
+            stream = session.train(1_000_000)
+            thread = threading.Thread(target=drain, args=(stream,), daemon=True)
+            thread.start()
+            time.sleep(seconds)
+            stream.cancel()
+            thread.join(30)
+            wait_idle(session)
+            return (session.info().step - before) / (time.perf_counter() - t0)
+
+        alone = train_rate()
+
+        # Watchers: one asyncio loop in a thread of this process, one stream each.
+        received: list[dict[int, float]] = [{} for _ in range(watchers)]
+        counts = [0] * watchers
+        ready = threading.Event()
+        stop_flag: dict[str, Any] = {}
+
+        async def watch_all() -> None:
+            async with aio.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.RnnServiceStub(channel)
+                calls = [
+                    stub.WatchLoss(pb.WatchLossRequest(session_id="watched", from_step=0))
+                    for _ in range(watchers)
+                ]
+                stop_flag["calls"] = calls
+
+                async def follow(i: int, call: Any) -> None:
+                    try:
+                        async for msg in call:
+                            now = time.perf_counter()
+                            for p in msg.points:
+                                received[i][p.step] = now
+                            counts[i] += len(msg.points)
+                    except (asyncio.CancelledError, grpc.RpcError):
+                        pass
+
+                tasks = [asyncio.create_task(follow(i, c)) for i, c in enumerate(calls)]
+                ready.set()
+                while not stop_flag.get("stop"):
+                    await asyncio.sleep(0.05)
+                for c in calls:
+                    c.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        loop_thread = threading.Thread(target=lambda: asyncio.run(watch_all()), daemon=True)
+        loop_thread.start()
+        ready.wait(30)
+        start_step = session.info().step
+        deadline = time.monotonic() + 30
+        while min(counts) < start_step and time.monotonic() < deadline:
+            time.sleep(0.01)  # every watcher has the history
+        base_counts = list(counts)
+        t0 = time.perf_counter()
+        watched = train_rate()
+        delivered = (sum(counts) - sum(base_counts)) / (time.perf_counter() - t0)
+        row(
+            "watch",
+            f"training steps/s with {watchers} watchers (hidden 32)",
+            f"{watched:,.0f}",
+            f"{alone:,.0f} with none",
+            f"{100 * watched / alone:.0f} %",
+        )
+        row(
+            "watch",
+            f"loss points/s delivered to {watchers} watchers",
+            f"{delivered:,.0f}",
+            f"{watchers} x {watched:,.0f} steps/s = {watchers * watched:,.0f}",
+            f"{100 * delivered / max(1.0, watchers * watched):.0f} %",
+        )
+        # Latency: Step at ~20 Hz; from each Step's response to each watcher having the point.
+        sent: dict[int, float] = {}
+        for _ in range(int(seconds * 20)):
+            response = session.step()
+            sent[response.step] = time.perf_counter()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        delays = [
+            received[i][step] - t
+            for step, t in sent.items()
+            for i in range(watchers)
+            if step in received[i]
+        ]
+        missing = len(sent) * watchers - len(delays)
+        stop_flag["stop"] = True
+        loop_thread.join(30)
+        row(
+            "watch",
+            f"delay Step response -> watcher has the point, {watchers} watchers, p50 / p99",
+            f"{ms(pct(delays, 50))} / {ms(pct(delays, 99))}",
+            ratio=f"{missing} missing" if missing else "",
+        )
+        _ = chars_per_step
+        session.delete()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def print_table(meta: dict[str, str]) -> None:
+    print()
+    print(f"rnnserve service benchmark  {meta['date']}  CPU: {meta['cpu']} x{meta['cores']}")
+    print(f"BLAS threads {BLAS_THREADS} (client and server); load average at start {meta['load']}")
+    header = ("row", "what", "rnnserve", "reference", "ratio", "target")
+    widths = [8, 66, 22, 30, 26, 20]
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("-+-".join("-" * w for w in widths))
+    for r in ROWS_OUT:
+        target = r.target + ("" if r.ok is None else (" met" if r.ok else " MISSED"))
+        cells = (r.section, r.what, r.value, r.reference, r.ratio, target)
+        print(" | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run (~1 min)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="time per throughput cell")
+    parser.add_argument("--calls", type=int, default=1000, help="calls per latency cell")
+    parser.add_argument("--sessions", type=int, default=10_000, help="most resident sessions")
+    parser.add_argument("--watchers", type=int, default=100, help="WatchLoss streams")
+    parser.add_argument("--only", default=",".join(ROWS), help=f"rows: {','.join(ROWS)}")
+    parser.add_argument(
+        "--blas-threads", default="1", help="BLAS threads, client and server (0 = library's)"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.calls = 1.0, 200
+        args.sessions = min(args.sessions, 1000)
+    only = set(args.only.split(","))
+    unknown = only - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROWS)}")
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_name(),
+        "cores": str(len(os.sched_getaffinity(0))),
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+    text = load_text()
+    started = time.perf_counter()
+    with server() as srv:
+        floor = bench_floor(srv, args.calls)
+        if "step" in only:
+            bench_step(srv, floor, text, args.calls)
+        if "train" in only:
+            bench_train(srv, text, args.seconds)
+        if "generate" in only:
+            bench_generate(srv, text, 20_000 if args.quick else 100_000)
+        if "parallel" in only:
+            bench_parallel(srv, text, args.seconds, [1, 2, 4])
+        if "watch" in only:
+            bench_watch(srv, text, args.watchers, args.seconds)
+    if "sessions" in only:
+        counts = sorted({min(1000, args.sessions), args.sessions})
+        with server(
+            max_sessions=args.sessions + 10,
+            max_resident_sessions=args.sessions + 10,
+            idle_evict_seconds=0,
+        ) as srv:
+            bench_sessions(srv, counts, text[:1000])
+    print_table(meta)
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
