@@ -63,6 +63,13 @@ class Settings:
     max_hidden_size: int = field(default=1024, metadata=_opt("largest hidden_size"))
     max_batch_size: int = field(default=256, metadata=_opt("largest batch_size"))
     max_seq_length: int = field(default=1000, metadata=_opt("largest seq_length"))
+    max_window_chars: int = field(
+        default=16_384,
+        metadata=_opt(
+            "most characters in one training step (batch_size x seq_length): a step holds "
+            "batch x seq x (hidden + alphabet) floats, so this bounds its memory"
+        ),
+    )
     max_train_steps: int = field(default=1_000_000, metadata=_opt("most steps in one Train call"))
     max_generate_length: int = field(
         default=100_000, metadata=_opt("most characters in one Generate call or Train sample")

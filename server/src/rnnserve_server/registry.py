@@ -225,6 +225,13 @@ class Registry:
             value, limit = getattr(config, field), getattr(s, limit_name)
             if value > limit:
                 raise LimitExceededError(limit_message(field, value, limit, limit_name))
+        window = config.batch_size * config.seq_length
+        if window > s.max_window_chars:
+            raise LimitExceededError(
+                limit_message(
+                    "batch_size x seq_length", window, s.max_window_chars, "max_window_chars"
+                )
+            )
 
     def check_corpus_limits(self, session_chars: int, added: int) -> None:
         """LimitExceededError when the corpus would outgrow the per-session or total limit."""
