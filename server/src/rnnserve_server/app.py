@@ -79,7 +79,9 @@ def _behavior_of(handler: grpc.RpcMethodHandler[Any, Any]) -> Behavior:
 
 
 def _code_name(context: aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
-    if isinstance(exc, asyncio.CancelledError):
+    # A stream the client cancelled is closed with GeneratorExit (the aio server calls
+    # aclose() on the handler's generator), not CancelledError: that is CANCELLED, not UNKNOWN.
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     code = context.code()
     if isinstance(code, grpc.StatusCode):
