@@ -430,6 +430,8 @@ class Registry:
 
         A session with unsaved changes is checkpointed first; the checkpoint calls this again.
         """
+        if len(self.sessions) <= self.settings.max_resident_sessions:
+            return  # nothing to evict; skips an O(sessions) count on every call
         excess = self._resident_count() - self.settings.max_resident_sessions
         if excess <= 0:
             return
