@@ -405,6 +405,8 @@ def bench_sessions(srv: Server, counts: list[int], text: str) -> None:
     with Client(srv.address) as client:
         base = srv.rss_bytes()
         row("sessions", "server RSS with no session", f"{base / 2**20:,.0f} MiB")
+        probe = client.create_session(text, session_id="probe", **kwargs)
+        step_alone = pct(timed(probe.step, 300), 50)
         made = 0
         create: list[float] = []
         for count in counts:
@@ -438,6 +440,14 @@ def bench_sessions(srv: Server, counts: list[int], text: str) -> None:
             "sessions",
             f"GetSession p50 / p99 (at {made:,} sessions)",
             f"{ms(pct(get, 50))} / {ms(pct(get, 99))}",
+        )
+        step_at_scale = pct(timed(probe.step, 300), 50)
+        row(
+            "sessions",
+            f"Step p50 on one session, with {made:,} others vs alone",
+            ms(step_at_scale),
+            ms(step_alone),
+            f"{100 * step_at_scale / step_alone:.0f} %",
         )
         for page in (100, 1000):
             t0 = time.perf_counter()
