@@ -70,6 +70,7 @@ def test_counters_move_with_rpcs(metrics_server: tuple[ServerHandle, int]) -> No
         assert client.health() == "SERVING"
         session = client.create_session(TEXT, session_id="m1", hidden_size=16, seq_length=8)
         session.step()
+        session.append_text(iter(["the lazy fox ", "jumps over the dog"]))
         progress = list(session.train(20, report_every=5))
         assert progress[-1].steps_done == 20
         text = session.generate(50, prime="t", seed=1)
@@ -82,6 +83,7 @@ def test_counters_move_with_rpcs(metrics_server: tuple[ServerHandle, int]) -> No
     assert rpcs(after, "Step") == 1
     assert rpcs(after, "Train") == 1
     assert rpcs(after, "Generate") == 1
+    assert rpcs(after, "AppendText") == 1
     assert rpcs(after, "GetSession", "NOT_FOUND") == 1
     health = value(
         after, "rnnserve_rpcs_total", service="grpc.health.v1.Health", method="Check", code="OK"

@@ -200,21 +200,33 @@ class MetricsInterceptor(Interceptor):
             RPCS.labels(service=service, method=method, code=_code_name(context, exc)).inc()
             duration.observe(time.perf_counter() - start)
 
+        # Client-streaming calls (AppendText) are streams in flight too.
+        active = (
+            ACTIVE_STREAMS.labels(service=service, method=method)
+            if handler.request_streaming or handler.response_streaming
+            else None
+        )
+
         if not handler.response_streaming:
 
             async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 start = time.perf_counter()
+                if active is not None:
+                    active.inc()
                 try:
                     response = await behavior(request, context)
                 except BaseException as exc:
                     done(context, start, exc)
                     raise
+                finally:
+                    if active is not None:
+                        active.dec()
                 done(context, start, None)
                 return response
 
             return _rebuild(handler, unary)
 
-        active = ACTIVE_STREAMS.labels(service=service, method=method)
+        assert active is not None
 
         async def streaming(
             request: Any, context: aio.ServicerContext[Any, Any]
