@@ -502,6 +502,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 raise
             finally:
                 session.end()
+                session.notify()  # watchers waiting for the Train to end
                 if not session.deleted:
                     self.registry.request_checkpoint(session)
                 elapsed = time.monotonic() - start
@@ -550,7 +551,10 @@ class Servicer(pb_grpc.RnnServiceServicer):
                             ]
                         )
                         index += len(losses)
-                    if session.closing or session.deleted or self.registry.shutting_down:
+                    stopping = session.closing or self.registry.shutting_down
+                    # At shutdown a running Train still records its last updates before it
+                    # stops: keep following until it ends (it notifies), then end the stream.
+                    if session.deleted or (stopping and session.busy != "Train"):
                         return
                     await changed.wait()
             finally:
