@@ -45,7 +45,11 @@ log = get_logger("rnnserve.service")
 
 LN2 = math.log(2.0)
 WATCH_BATCH = 1000  # most loss points in one WatchLoss message
-GENERATE_CHUNK = 512  # characters per Generate message
+# Generate sends its first GENERATE_CHUNK characters as soon as they exist, then doubles the
+# message size up to GENERATE_MAX_CHUNK: each message costs a thread hop and GIL hand-offs
+# that slowed sampling by >10 % at 512 characters a message (bench/service.py, BENCHMARKS.md).
+GENERATE_CHUNK = 256
+GENERATE_MAX_CHUNK = 8192
 CHUNK_SECONDS = 0.05  # training time per executor call: cancel/RPC latency vs overhead
 PROGRESS_LOG_SECONDS = 10.0  # training progress is logged at most this often per Train
 
@@ -378,7 +382,9 @@ class Servicer(pb_grpc.RnnServiceServicer):
             try:
                 # A small model's step runs right here: the thread hop would cost more.
                 quick = session.try_step_now() if ids is None else None
-                result = quick or await self.registry.run(session.step_once, ids)
+                result = (
+                    quick if quick is not None else await self.registry.run(session.step_once, ids)
+                )
                 metrics.record_training(1, result.chars)
             finally:
                 session.end()
@@ -606,11 +612,13 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 chunk_size=GENERATE_CHUNK,
             )
             vocab = trainer.vocab
+            count = 1  # sampler chunks per message
             while True:
-                ids = await self.registry.run(session.next_chunk, it)
+                ids = await self.registry.run(session.next_chunk, it, count)
                 if ids is None:
                     return
                 yield pb.GenerateResponse(text=vocab.decode(ids))
+                count = min(2 * count, GENERATE_MAX_CHUNK // GENERATE_CHUNK)
 
     @unary
     async def Predict(  # noqa: N802

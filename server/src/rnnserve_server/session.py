@@ -325,10 +325,18 @@ class Session:
         with self.lock:
             return fn(self.require_trainer())
 
-    def next_chunk(self, it: Iterator[np.ndarray]) -> np.ndarray | None:
-        """Advance a sampling iterator by one chunk under the lock (worker thread)."""
+    def next_chunk(self, it: Iterator[np.ndarray], count: int = 1) -> np.ndarray | None:
+        """Up to ``count`` chunks of a sampling iterator, joined, under the lock (worker
+        thread); None once it is exhausted."""
         with self.lock:
-            return next(it, None)
+            chunks = []
+            for chunk in it:
+                chunks.append(chunk)
+                if len(chunks) == count:
+                    break
+        if not chunks:
+            return None
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def _touch(self) -> None:
         self.dirty = True
