@@ -116,6 +116,20 @@ class Server:
             raise RuntimeError("the server did not start:\n" + tail)
         self.address = f"127.0.0.1:{port}"
 
+    def logged_durations(self, method: str, session_id: str) -> list[float]:
+        """Seconds of each ``method`` call on the session, from the server's rpc log lines."""
+        out = []
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if '"rpc"' not in line or session_id not in line:
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("method", "").endswith("/" + method):
+                out.append(float(entry["duration_ms"]) / 1000)
+        return out
+
     def rss_bytes(self) -> int:
         """The server's resident set size."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -345,6 +359,16 @@ def bench_step(srv: Server, floor: Floor, text: str, n: int) -> None:
                 f"{ms(pct(local, 50))} / {ms(pct(local, 99))}",
                 f"added {ms(added50)} / {ms(added99)}",
             )
+            handler = srv.logged_durations("Step", session.id)[-n:]
+            if handler:
+                row(
+                    "step",
+                    f"Step {name}: server-side handler p50 (its rpc log line) vs in-process",
+                    ms(pct(handler, 50)),
+                    ms(pct(local, 50)),
+                    f"handler adds {ms(pct(handler, 50) - pct(local, 50))}; "
+                    f"transport {ms(pct(rpc, 50) - pct(handler, 50))}",
+                )
             naive = added50 - floor.unary_p50
             row(
                 "step",
