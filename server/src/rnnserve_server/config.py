@@ -48,7 +48,8 @@ class Settings:
         default=10.0, metadata=_opt("seconds in-flight RPCs get to finish at shutdown")
     )
     checkpoint_interval: float = field(
-        default=5.0, metadata=_opt("seconds between checkpoints during a long Train")
+        default=5.0,
+        metadata=_opt("seconds between checkpoints while a session trains (Train, or Steps)"),
     )
     max_sessions: int = field(default=1000, metadata=_opt("most sessions on the server"))
     max_corpus_chars: int = field(
