@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 MODULE_SERVER_SETTINGS: dict[str, Any] = dict(
     max_sessions=5_000,
-    max_corpus_chars=5_000,
+    max_corpus_bytes=5_000,
     max_hidden_size=32,
     max_batch_size=4,
     max_seq_length=32,

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 LIMITS: dict[str, int] = dict(
     max_sessions=300,
-    max_corpus_chars=20_000,
-    max_total_corpus_chars=2_000_000,
+    max_corpus_bytes=20_000,
+    max_total_corpus_bytes=2_000_000,
     max_alphabet_size=64,
     max_hidden_size=64,
     max_batch_size=8,
@@ -471,7 +471,7 @@ CASES: list[Case] = [
         "append over corpus limit",
         lambda h: h.append([(h.fresh(), "the " * 2000)] * 3),
         RE,
-        "max-corpus-chars",
+        "max-corpus-bytes",
     ),
     Case(
         "append lone surrogate (raw)",

@@ -252,15 +252,18 @@ def test_status_codes(client: Client) -> None:
 
 @pytest.mark.timeout(60)
 def test_resource_exhausted_by_low_limits(server_factory: ServerFactory) -> None:
-    server = server_factory(max_sessions=2, max_corpus_chars=50)
+    server = server_factory(max_sessions=2, max_corpus_bytes=50)
     with server.client() as client:
         client.create_session("hello world", session_id="one", seq_length=4)
         client.create_session("hello world", session_id="two", seq_length=4)
         with pytest.raises(LimitExceeded, match="--max-sessions"):
             client.create_session("hello world", session_id="three", seq_length=4)
-        with pytest.raises(LimitExceeded, match="--max-corpus-chars"):
+        with pytest.raises(LimitExceeded, match="--max-corpus-bytes"):
             client.session("one").append_text("hello " * 20)
         client.session("two").delete()
+        # The limit counts UTF-8 bytes: 30 two-byte characters are 60 bytes, over 50.
+        with pytest.raises(LimitExceeded, match="RNNSERVE_MAX_CORPUS_BYTES"):
+            client.create_session("éà" * 15, session_id="wide", seq_length=4)
         client.create_session("hello world", session_id="three", seq_length=4)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rnnserve_server.vocab import UnknownCharactersError, Vocab
+from rnnserve_server.vocab import UnknownCharactersError, Vocab, utf8_size
 
 
 def test_from_text_is_sorted_set() -> None:
@@ -60,3 +60,10 @@ def test_decode_rejects_out_of_range() -> None:
         v.decode([0, 2])
     with pytest.raises(ValueError):
         v.decode([-1])
+
+
+def test_utf8_size_counts_bytes_from_text_and_from_ids() -> None:
+    text = "aé€😀"  # 1 + 2 + 3 + 4 bytes
+    assert utf8_size(text) == 10
+    vocab = Vocab.from_text(text)
+    assert vocab.utf8_size(vocab.encode(text * 3)) == 30

@@ -52,11 +52,11 @@ class Settings:
         metadata=_opt("seconds between checkpoints while a session trains (Train, or Steps)"),
     )
     max_sessions: int = field(default=1000, metadata=_opt("most sessions on the server"))
-    max_corpus_chars: int = field(
-        default=20_000_000, metadata=_opt("most corpus characters in one session")
+    max_corpus_bytes: int = field(
+        default=20_000_000, metadata=_opt("most corpus bytes (UTF-8) in one session")
     )
-    max_total_corpus_chars: int = field(
-        default=200_000_000, metadata=_opt("most corpus characters over all sessions")
+    max_total_corpus_bytes: int = field(
+        default=200_000_000, metadata=_opt("most corpus bytes (UTF-8) over all sessions")
     )
     max_alphabet_size: int = field(
         default=4096, metadata=_opt("most distinct characters in a session's alphabet")

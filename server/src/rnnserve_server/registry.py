@@ -31,7 +31,7 @@ from rnnserve_server.logs import get_logger
 from rnnserve_server.model import ModelConfig, Trainer
 from rnnserve_server.session import Session, StopCause
 from rnnserve_server.store import Store, validate_session_id
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.vocab import Vocab, utf8_size
 
 log = get_logger("rnnserve.registry")
 
@@ -233,26 +233,26 @@ class Registry:
                 )
             )
 
-    def check_corpus_limits(self, session_chars: int, added: int) -> None:
-        """LimitExceededError when the corpus would outgrow the per-session or total limit."""
+    def check_corpus_limits(self, session_bytes: int, added: int) -> None:
+        """LimitExceededError when the corpus (UTF-8 bytes) would outgrow a limit."""
         s = self.settings
-        if session_chars + added > s.max_corpus_chars:
+        if session_bytes + added > s.max_corpus_bytes:
             raise LimitExceededError(
                 limit_message(
-                    "the session's corpus in characters",
-                    session_chars + added,
-                    s.max_corpus_chars,
-                    "max_corpus_chars",
+                    "the session's corpus in UTF-8 bytes",
+                    session_bytes + added,
+                    s.max_corpus_bytes,
+                    "max_corpus_bytes",
                 )
             )
-        total = sum(x.summary.corpus_chars for x in self.sessions.values()) + added
-        if total > s.max_total_corpus_chars:
+        total = sum(x.summary.corpus_bytes for x in self.sessions.values()) + added
+        if total > s.max_total_corpus_bytes:
             raise LimitExceededError(
                 limit_message(
-                    "the corpus characters of all sessions",
+                    "the corpus bytes of all sessions",
                     total,
-                    s.max_total_corpus_chars,
-                    "max_total_corpus_chars",
+                    s.max_total_corpus_bytes,
+                    "max_total_corpus_bytes",
                 )
             )
 
@@ -281,7 +281,7 @@ class Registry:
                 )
             )
         self.check_config_limits(config)
-        self.check_corpus_limits(0, len(text))
+        self.check_corpus_limits(0, utf8_size(text))
         self._reserved.add(session_id)
         try:
             trainer = await self.run(self._build_trainer, config, text, alphabet)
@@ -335,7 +335,9 @@ class Registry:
 
     async def append(self, session: Session, ids: np.ndarray) -> None:
         """Append encoded text to a loaded session's corpus (marks it busy meanwhile)."""
-        self.check_corpus_limits(session.summary.corpus_chars, len(ids))
+        self.check_corpus_limits(
+            session.summary.corpus_bytes, session.require_trainer().vocab.utf8_size(ids)
+        )
         session.begin("AppendText")
         try:
             await self.run(session.append, ids)

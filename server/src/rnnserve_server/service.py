@@ -39,7 +39,7 @@ from rnnserve_server.logs import get_logger
 from rnnserve_server.model import PRESETS, DivergedError, EngineError, ModelConfig
 from rnnserve_server.registry import Registry, limit_message
 from rnnserve_server.session import ChunkResult, Session, StopCause
-from rnnserve_server.vocab import UnknownCharactersError
+from rnnserve_server.vocab import UnknownCharactersError, utf8_size
 
 log = get_logger("rnnserve.service")
 
@@ -323,7 +323,8 @@ class Servicer(pb_grpc.RnnServiceServicer):
         self.registry.check_serving()
         session_id = ""
         parts: list[np.ndarray] = []
-        received = 0
+        received = 0  # characters
+        received_bytes = 0  # UTF-8, what the corpus limits count
         first = True
         async for chunk in request_iterator:
             if first:
@@ -341,8 +342,9 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 )
             parts.append(self._encode_for_append(session_id, chunk.text, received))
             received += len(chunk.text)
+            received_bytes += utf8_size(chunk.text)
             session = self.registry.get(session_id)
-            self.registry.check_corpus_limits(session.summary.corpus_chars, received)
+            self.registry.check_corpus_limits(session.summary.corpus_bytes, received_bytes)
         if first:
             raise InvalidArgumentError("AppendText received no chunks; send at least one")
         ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)

@@ -59,6 +59,7 @@ class Summary:
     alphabet: str
     corpus_chars: int
     parameter_count: int
+    corpus_bytes: int = 0  # UTF-8 size of the corpus, for the corpus limits
 
 
 class Session:
@@ -211,11 +212,16 @@ class Session:
         trainer = self.trainer
         if trainer is None:
             return
+        chars = int(trainer.corpus_length)
+        corpus_bytes = self.summary.corpus_bytes
+        if chars != self.summary.corpus_chars or self.summary.config is None:
+            corpus_bytes = trainer.vocab.utf8_size(trainer.corpus)  # O(corpus): only on change
         self.summary = Summary(
             config=trainer.config,
             alphabet=trainer.vocab.alphabet,
-            corpus_chars=int(trainer.corpus_length),
+            corpus_chars=chars,
             parameter_count=int(trainer.parameter_count),
+            corpus_bytes=corpus_bytes,
         )
 
     def _record(self, result: StepResult) -> None:

@@ -12,7 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["UnknownCharactersError", "Vocab"]
+__all__ = ["UnknownCharactersError", "Vocab", "utf8_size"]
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8: what corpus limits count."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 class UnknownCharactersError(ValueError):
@@ -80,6 +85,11 @@ class Vocab:
             raise ValueError(f"id outside the vocabulary [0, {self.size})")
         a = self.alphabet
         return "".join([a[i] for i in arr.tolist()])
+
+    def utf8_size(self, ids: np.ndarray) -> int:
+        """Bytes in UTF-8 of the text whose ids are ``ids``, without decoding it."""
+        widths = np.array([utf8_size(c) for c in self.alphabet], dtype=np.int64)  # (size,)
+        return int(widths[ids].sum())
 
     def __len__(self) -> int:
         return self.size
