@@ -14,24 +14,19 @@ prometheus-client default, so nothing a library registers globally leaks in:
 - ``rnnserve_checkpoints_total{result}`` (ok / error) and ``rnnserve_checkpoint_duration_seconds``;
 - ``process_*`` and ``python_info``: the standard process and platform collectors.
 
-The RPC metrics come from :class:`MetricsInterceptor` (added by app.py only when metrics are
-on); training and checkpoint counters are bumped by service.py and store.py whether or not they
-are served (an increment costs well under a microsecond).
+The RPC metrics (and ``ACTIVE_STREAMS``) are recorded by interceptors.ObservingInterceptor,
+only when metrics are on; training and checkpoint counters are bumped by service.py and store.py
+whether or not they are served (an increment costs well under a microsecond).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import grpc
 import prometheus_client
-from grpc import aio
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -47,11 +42,6 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from rnnserve_server.registry import Registry
-
-    # The stubs make it generic; the runtime class is not subscriptable.
-    Interceptor = aio.ServerInterceptor[Any, Any]
-else:
-    Interceptor = aio.ServerInterceptor
 
 # The *_created series double every counter's output and nobody graphs them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -129,8 +119,6 @@ def record_checkpoint(seconds: float, ok: bool = True) -> None:
 
 # ----- RPCs ------------------------------------------------------------------------------------
 
-_INT_CODES = {c.value[0]: c.name for c in grpc.StatusCode}
-
 
 def split_method(full_method: str) -> tuple[str, str]:
     """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
@@ -138,116 +126,10 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _code_name(context: aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "CANCELLED"
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name)
-    if isinstance(code, int):
-        return _INT_CODES.get(code, str(code))
-    return "OK" if exc is None else "UNKNOWN"
-
-
-def _behavior_of(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[..., Any]:
-    for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-        fn = getattr(handler, name)
-        if fn is not None:
-            return fn  # type: ignore[no-any-return]
-    raise ValueError("handler without behavior")
-
-
-def _rebuild(
-    handler: grpc.RpcMethodHandler[Any, Any], behavior: Callable[..., Any]
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same kind and (de)serializers as ``handler`` calling ``behavior``."""
-    kind: Callable[..., grpc.RpcMethodHandler[Any, Any]]
-    if handler.request_streaming and handler.response_streaming:
-        kind = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        kind = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        kind = grpc.unary_stream_rpc_method_handler
-    else:
-        kind = grpc.unary_unary_rpc_method_handler
-    return kind(
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-class MetricsInterceptor(Interceptor):
-    """Counts and times every RPC by method and status code; tracks streams in flight."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
-            return handler
-        service, method = split_method(handler_call_details.method)
-        behavior = _behavior_of(handler)
-        duration = RPC_DURATION.labels(service=service, method=method)
-
-        def done(
-            context: aio.ServicerContext[Any, Any], start: float, exc: BaseException | None
-        ) -> None:
-            RPCS.labels(service=service, method=method, code=_code_name(context, exc)).inc()
-            duration.observe(time.perf_counter() - start)
-
-        # Client-streaming calls (AppendText) are streams in flight too.
-        active = (
-            ACTIVE_STREAMS.labels(service=service, method=method)
-            if handler.request_streaming or handler.response_streaming
-            else None
-        )
-
-        if not handler.response_streaming:
-
-            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                start = time.perf_counter()
-                if active is not None:
-                    active.inc()
-                try:
-                    response = await behavior(request, context)
-                except BaseException as exc:
-                    done(context, start, exc)
-                    raise
-                finally:
-                    if active is not None:
-                        active.dec()
-                done(context, start, None)
-                return response
-
-            return _rebuild(handler, unary)
-
-        assert active is not None
-
-        async def streaming(
-            request: Any, context: aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            active.inc()
-            try:
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:  # a coroutine that writes with context.write (health Watch, reflection)
-                    await result
-            except BaseException as exc:
-                done(context, start, exc)
-                raise
-            finally:
-                active.dec()
-            done(context, start, None)
-
-        return _rebuild(handler, streaming)
+def record_rpc(service: str, method: str, code: str, seconds: float) -> None:
+    """Count one finished RPC under its status code name and time it."""
+    RPCS.labels(service=service, method=method, code=code).inc()
+    RPC_DURATION.labels(service=service, method=method).observe(seconds)
 
 
 # ----- sessions --------------------------------------------------------------------------------
