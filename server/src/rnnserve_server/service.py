@@ -261,6 +261,15 @@ class Servicer(pb_grpc.RnnServiceServicer):
             )
 
     @staticmethod
+    def _check_count(field: str, value: int, minimum: int, limit: int, setting: str) -> None:
+        """INVALID_ARGUMENT below ``minimum``; RESOURCE_EXHAUSTED above ``limit``, naming the
+        ``setting`` that raises it."""
+        if value < minimum:
+            raise InvalidArgumentError(f"{field} must be >= {minimum}, not {value}")
+        if value > limit:
+            raise LimitExceededError(limit_message(field, value, limit, setting))
+
+    @staticmethod
     def _encode(session: Session, text: str, field: str) -> np.ndarray:
         try:
             ids: np.ndarray = session.require_trainer().vocab.encode(text)
@@ -423,25 +432,12 @@ class Servicer(pb_grpc.RnnServiceServicer):
     ) -> AsyncIterator[pb.TrainResponse]:
         """Run request.steps updates in chunks off the event loop, streaming progress."""
         s = self.settings
-        if request.steps < 1:
-            raise InvalidArgumentError(f"steps must be >= 1, not {request.steps}")
-        if request.steps > s.max_train_steps:
-            raise LimitExceededError(
-                limit_message("steps", request.steps, s.max_train_steps, "max_train_steps")
-            )
+        self._check_count("steps", request.steps, 1, s.max_train_steps, "max_train_steps")
         if request.report_every < 0:
             raise InvalidArgumentError(f"report_every must be >= 0, not {request.report_every}")
-        if request.sample_length < 0:
-            raise InvalidArgumentError(f"sample_length must be >= 0, not {request.sample_length}")
-        if request.sample_length > s.max_generate_length:
-            raise LimitExceededError(
-                limit_message(
-                    "sample_length",
-                    request.sample_length,
-                    s.max_generate_length,
-                    "max_generate_length",
-                )
-            )
+        self._check_count(
+            "sample_length", request.sample_length, 0, s.max_generate_length, "max_generate_length"
+        )
         steps, every = int(request.steps), int(request.report_every)
         async with self.registry.use(request.session_id) as session:
             session.begin("Train")
@@ -576,14 +572,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Sample request.length characters after the prime, in chunks."""
         s = self.settings
-        if request.length < 1:
-            raise InvalidArgumentError(f"length must be >= 1, not {request.length}")
-        if request.length > s.max_generate_length:
-            raise LimitExceededError(
-                limit_message(
-                    "length", request.length, s.max_generate_length, "max_generate_length"
-                )
-            )
+        self._check_count("length", request.length, 1, s.max_generate_length, "max_generate_length")
         temperature = request.temperature if request.HasField("temperature") else 1.0
         if not math.isfinite(temperature) or temperature < 0:
             raise InvalidArgumentError(
