@@ -96,6 +96,37 @@ def test_save_resume_is_bit_exact(optimizer: str, dtype: str) -> None:
     _state_equal(straight, resumed)
 
 
+_STATE = {"_theta", "hidden", "cursors", "_corpus", "_offsets", "mem", "m", "v"}
+
+
+def _scratch_bytes(t: Trainer) -> int:
+    """Bytes of the arrays a trainer, its optimizer and its workspace hold beyond its state."""
+    owners = [t, t.optimizer] + ([t._ws] if t._ws is not None else [])
+    return sum(
+        a.nbytes
+        for owner in owners
+        for name, a in vars(owner).items()
+        if isinstance(a, np.ndarray) and name not in _STATE
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam"])
+def test_release_scratch_frees_update_buffers_and_changes_nothing(optimizer: str) -> None:
+    cfg: dict[str, Any] = {"optimizer": optimizer, "reset_every": 4, "learning_rate": 0.05}
+    kept, released = _trainer(**cfg), _trainer(**cfg)
+    assert _scratch_bytes(released) == 0  # nothing allocated before the first update
+    for i in range(12):
+        kept.step()
+        released.step()
+        assert _scratch_bytes(released) > 0
+        if i % 3 == 0:
+            kept.step_on(kept.vocab.encode("the lazy fox"))
+            released.step_on(released.vocab.encode("the lazy fox"))
+        released.release_scratch()
+        assert _scratch_bytes(released) == 0
+    _state_equal(kept, released)
+
+
 def test_same_seed_same_weights_other_seed_differs() -> None:
     a, b, c = _trainer(seed=7), _trainer(seed=7), _trainer(seed=8)
     for t in (a, b, c):

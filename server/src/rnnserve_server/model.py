@@ -412,16 +412,18 @@ class Trainer:
         rng = np.random.default_rng(config.seed)
         self._theta, self.params = init_params(V, H, rng, config.dtype)  # (P,), named views
         self.parameter_count = int(self._theta.shape[0])
-        self._grad = np.zeros_like(self._theta)  # (P,)
-        self._grads = _views(self._grad, param_shapes(V, H))
-        self._proposed = np.empty_like(self._theta)  # (P,) parameters after a proposed update
         self._optimizer: Optimizer = make_optimizer(
             config.optimizer, self.parameter_count, config.learning_rate, self._dtype
         )
         self.hidden = np.zeros((B, H), dtype=self._dtype)  # carried state of each strand
         self.cursors = (np.arange(B, dtype=np.int64) * self.corpus_length) // B  # (B,)
-        self._ws = Workspace(config.seq_length, B, H, V, self._dtype)
         self._offsets = np.arange(config.seq_length + 1, dtype=np.int64)  # (T+1,)
+        # Scratch used only during an update, allocated by the first one and freed by
+        # release_scratch(): with it an idle trainer would be ~2.5x its weights + state.
+        self._grad: np.ndarray | None = None  # (P,) gradients
+        self._grads: dict[str, np.ndarray] = {}  # named views into _grad
+        self._proposed: np.ndarray | None = None  # (P,) parameters after a proposed update
+        self._ws: Workspace | None = None  # buffers of a corpus window (T, B, H, V)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -446,6 +448,21 @@ class Trainer:
         """The update rule and its state."""
         return self._optimizer
 
+    def release_scratch(self) -> None:
+        """Free what only an update uses (gradients, the proposed weights, the optimizer's
+        staging and scratch, the window workspace); the next step allocates it again, with
+        bit-identical results. The session layer calls this when the trainer goes idle."""
+        self._grad = self._proposed = self._ws = None
+        self._grads = {}
+        self._optimizer.release_scratch()
+
+    def _gradient_buffers(self) -> dict[str, np.ndarray]:
+        """Named views of the flat gradient buffer (allocated if released)."""
+        if self._grad is None:
+            self._grad = np.empty_like(self._theta)  # every entry is written by a backward pass
+            self._grads = _views(self._grad, param_shapes(self.vocab.size, self.config.hidden_size))
+        return self._grads
+
     def _apply(self, loss: float) -> float:
         """Clip and apply the gradient in ``self._grad``; return its pre-clip norm.
 
@@ -453,6 +470,9 @@ class Trainer:
         finite.
         """
         g = self._grad
+        assert g is not None, "_apply runs after a backward pass filled the gradients"
+        if self._proposed is None:
+            self._proposed = np.empty_like(self._theta)
         grad_norm = math.sqrt(float(np.dot(g, g)))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise DivergedError(
@@ -493,6 +513,7 @@ class Trainer:
         DivergedError leaves weights, optimizer state, cursors and hidden states untouched.
         """
         T, L = self.config.seq_length, self.corpus_length
+        B, H, V = self.config.batch_size, self.config.hidden_size, self.vocab.size
         hidden = self.hidden
         reset = self.config.reset_every
         if reset and self.windows % reset == 0:
@@ -506,15 +527,17 @@ class Trainer:
         if int(cursors.max()) + T >= L:
             idx %= L  # only the very last target can wrap: cyclic corpus
         window = self._corpus[idx]  # (B, T+1)
+        grads = self._gradient_buffers()
+        if self._ws is None:
+            self._ws = Workspace(T, B, H, V, self._dtype)
         with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
             loss, _, h_last = loss_and_grads(
-                self.params, window[:, :-1], window[:, 1:], hidden, grads=self._grads, ws=self._ws
+                self.params, window[:, :-1], window[:, 1:], hidden, grads=grads, ws=self._ws
             )
         grad_norm = self._apply(loss)
         self.hidden = h_last
         self.cursors = cursors + T
         self.windows += 1
-        B = self.config.batch_size
         return StepResult(self.step_count, loss / T, grad_norm, B * T)
 
     def step_on(self, ids: np.ndarray) -> StepResult:
@@ -527,7 +550,7 @@ class Trainer:
         h0 = np.zeros((1, self.config.hidden_size), dtype=self._dtype)
         with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
             loss, _, _ = loss_and_grads(
-                self.params, seq[None, :-1], seq[None, 1:], h0, grads=self._grads
+                self.params, seq[None, :-1], seq[None, 1:], h0, grads=self._gradient_buffers()
             )
         T = seq.shape[0] - 1
         grad_norm = self._apply(loss)

@@ -6,6 +6,10 @@ it), so an update is a handful of whole-vector operations however many tensors t
 An update is two-phase so that a non-finite result can be refused without touching anything:
 ``propose(theta, grad, out)`` writes the new parameters to ``out`` and stages the new optimizer
 state; ``commit()`` makes the staged state current. Skipping ``commit`` discards the update.
+
+The staged state and the scratch of ``propose`` exist only between a ``propose`` and the next
+``release_scratch()``: an idle optimizer holds just its state (none for SGD, ``mem`` for Adagrad,
+``m`` and ``v`` for Adam), which matters with thousands of resident sessions.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class Optimizer(Protocol):
         """Make the state staged by the last ``propose`` current."""
         ...
 
+    def release_scratch(self) -> None:
+        """Free the staging and scratch buffers; the next ``propose`` allocates them again."""
+        ...
+
     def state_arrays(self) -> dict[str, np.ndarray]:
         """The optimizer's state as named arrays (copies), for checkpoints."""
         ...
@@ -66,6 +74,9 @@ class SGD:
     def commit(self) -> None:
         pass
 
+    def release_scratch(self) -> None:
+        pass
+
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {}
 
@@ -87,21 +98,27 @@ class Adagrad:
         self._lr = dtype.type(learning_rate)
         self._eps = dtype.type(self.eps)
         self.mem = np.zeros(size, dtype=dtype)  # (P,) running sum of squared gradients
-        self._staged = np.zeros(size, dtype=dtype)  # (P,) next ``mem``
-        self._tmp = np.empty(size, dtype=dtype)  # (P,) scratch
+        self._staged: np.ndarray | None = None  # (P,) next ``mem``, from propose to commit
+        self._tmp: np.ndarray | None = None  # (P,) scratch of propose
 
     def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
-        tmp = self._tmp
+        if self._staged is None or self._tmp is None:
+            self._staged, self._tmp = np.empty_like(self.mem), np.empty_like(self.mem)
+        staged, tmp = self._staged, self._tmp
         np.multiply(grad, grad, out=tmp)
-        np.add(self.mem, tmp, out=self._staged)
-        np.add(self._staged, self._eps, out=tmp)
+        np.add(self.mem, tmp, out=staged)
+        np.add(staged, self._eps, out=tmp)
         np.sqrt(tmp, out=tmp)
         np.divide(grad, tmp, out=tmp)
         tmp *= self._lr
         np.subtract(theta, tmp, out=out)
 
     def commit(self) -> None:
-        self.mem, self._staged = self._staged, self.mem
+        if self._staged is not None:  # the old ``mem`` becomes the next staging buffer
+            self.mem, self._staged = self._staged, self.mem
+
+    def release_scratch(self) -> None:
+        self._staged = self._tmp = None
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {"mem": self.mem.copy()}
@@ -127,36 +144,45 @@ class Adam:
         self.t = 0  # updates committed
         self.m = np.zeros(size, dtype=dtype)  # (P,) first moment
         self.v = np.zeros(size, dtype=dtype)  # (P,) second moment
-        self._m_next = np.zeros(size, dtype=dtype)  # (P,) staged m
-        self._v_next = np.zeros(size, dtype=dtype)  # (P,) staged v
-        self._tmp = np.empty(size, dtype=dtype)  # (P,) scratch
+        # Staged m and v (from propose to commit) and propose's scratch; see release_scratch.
+        self._m_next: np.ndarray | None = None  # (P,)
+        self._v_next: np.ndarray | None = None  # (P,)
+        self._tmp: np.ndarray | None = None  # (P,)
 
     def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
+        if self._m_next is None or self._v_next is None or self._tmp is None:
+            self._m_next, self._v_next = np.empty_like(self.m), np.empty_like(self.v)
+            self._tmp = np.empty_like(self.m)
+        m_next, v_next, tmp = self._m_next, self._v_next, self._tmp
         f = self._dtype.type
         t = self.t + 1
         b1, b2 = self.beta1, self.beta2
-        tmp = self._tmp
         # m' = b1 m + (1-b1) g ; v' = b2 v + (1-b2) g^2
-        np.multiply(self.m, f(b1), out=self._m_next)
+        np.multiply(self.m, f(b1), out=m_next)
         np.multiply(grad, f(1.0 - b1), out=tmp)
-        self._m_next += tmp
+        m_next += tmp
         np.multiply(grad, grad, out=tmp)
         tmp *= f(1.0 - b2)
-        np.multiply(self.v, f(b2), out=self._v_next)
-        self._v_next += tmp
+        np.multiply(self.v, f(b2), out=v_next)
+        v_next += tmp
         # theta' = theta - lr_t * m' / (sqrt(v') + eps_t), the paper's efficient form
         lr_t = self.learning_rate * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
         eps_t = self.eps * math.sqrt(1.0 - b2**t)
-        np.sqrt(self._v_next, out=tmp)
+        np.sqrt(v_next, out=tmp)
         tmp += f(eps_t)
-        np.divide(self._m_next, tmp, out=tmp)
+        np.divide(m_next, tmp, out=tmp)
         tmp *= f(lr_t)
         np.subtract(theta, tmp, out=out)
 
     def commit(self) -> None:
-        self.m, self._m_next = self._m_next, self.m
+        if self._m_next is None or self._v_next is None:
+            return  # nothing staged
+        self.m, self._m_next = self._m_next, self.m  # the old state becomes the next staging
         self.v, self._v_next = self._v_next, self.v
         self.t += 1
+
+    def release_scratch(self) -> None:
+        self._m_next = self._v_next = self._tmp = None
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {"m": self.m.copy(), "v": self.v.copy()}
