@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -395,3 +396,30 @@ def test_sample_argument_errors(trained: Trainer) -> None:
 def test_predict_errors(trained: Trainer) -> None:
     with pytest.raises(EngineError, match="empty"):
         trained.predict(np.zeros(0, dtype=np.int32))
+
+
+def test_huge_finite_weights_give_a_finite_loss() -> None:
+    # float32 weights near float32's largest value: the logits (and pre-activations) overflow
+    # float32, and inf - inf used to make the loss NaN.
+    t = _trainer(hidden_size=16)
+    rng = np.random.default_rng(0)
+    big = np.float32(3e38)
+    for p in t.params.values():
+        p[...] = np.where(rng.random(p.shape) < 0.5, -big, big)
+    ids = t.vocab.encode(TEXT[:60])
+    # Reference in float64, where nothing overflows: h_t = tanh(...), log-softmax with the max.
+    p64 = {k: v.astype(np.float64) for k, v in t.params.items()}
+    hs, _ = forward_hidden(p64, ids, np.zeros(16))
+    logits = hs @ p64["Why"].T + p64["by"]  # (T, V)
+    top = logits.max(axis=1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    targets = np.roll(ids, -1)
+    expected = float(-logp[np.arange(len(ids)), targets].mean())
+    assert math.isfinite(expected) and expected > 1e30
+
+    argmax, nats = t.predict(ids)
+    assert math.isfinite(nats) and nats == pytest.approx(expected, rel=1e-9)
+    assert np.array_equal(argmax, logits.argmax(axis=1))
+    evaluated = t.evaluate(ids)
+    want = float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+    assert math.isfinite(evaluated) and evaluated == pytest.approx(want, rel=1e-9)

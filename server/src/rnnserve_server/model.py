@@ -352,28 +352,47 @@ def forward_hidden(
     return ws.hs[1:, 0], ws
 
 
+def _shifted_logits(hs: np.ndarray, Why: np.ndarray, by: np.ndarray) -> np.ndarray:
+    """Logits (t, V) of hidden states ``hs`` (t, H), minus each row's max (log-softmax's shift)."""
+    logits: np.ndarray = hs @ Why.T + by  # (t, V)
+    logits -= logits.max(axis=1, keepdims=True)
+    return logits
+
+
 def _score(
     params: dict[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray
 ) -> tuple[np.ndarray, float]:
     """From a zero state: argmax next id at each position of ``inputs`` (T,) and the summed
-    nats of ``targets`` (T,). Runs in chunks so memory stays bounded for long texts."""
+    nats of ``targets`` (T,). Runs in chunks so memory stays bounded for long texts.
+
+    Finite weights give a finite loss, however large: a chunk whose pre-activations, logits or
+    logit spread overflow the model's dtype (``inf - inf`` would be NaN) is recomputed in
+    float64, where float32 weights cannot overflow (|logit| <= (H + 1) * 3.4e38).
+    """
     H = params["Whh"].shape[0]
     T = inputs.shape[0]
-    h = np.zeros(H, dtype=params["Whh"].dtype)  # (H,)
+    dtype = params["Whh"].dtype
+    h = np.zeros(H, dtype=dtype)  # (H,)
     argmax = np.empty(T, dtype=np.int32)  # (T,)
     nats = 0.0
     ws: Workspace | None = None
+    wide: dict[str, np.ndarray] | None = None  # float64 weights, made at the first overflow
     for start in range(0, T, _EVAL_CHUNK):
         stop = min(start + _EVAL_CHUNK, T)
-        hs, ws = forward_hidden(params, inputs[start:stop], h, ws)  # reuses ws if same length
-        logits = hs @ params["Why"].T + params["by"]  # (t, V)
-        logits -= logits.max(axis=1, keepdims=True)
-        argmax[start:stop] = logits.argmax(axis=1)
-        lse = np.log(np.exp(logits).sum(axis=1, dtype=np.float64))  # (t,)
-        nats += float(
-            lse.sum() - logits[np.arange(stop - start), targets[start:stop]].sum(dtype=np.float64)
-        )
-        h = hs[-1].copy()
+        x, y = inputs[start:stop], targets[start:stop]
+        with np.errstate(all="ignore"):  # overflow is detected below and handled
+            hs, ws = forward_hidden(params, x, h, ws)  # reuses ws if same length
+            logits = _shifted_logits(hs, params["Why"], params["by"])  # (t, V)
+            if not np.isfinite(logits).all():
+                if wide is None:
+                    wide = {name: p.astype(np.float64) for name, p in params.items()}
+                hs, _ = forward_hidden(wide, x, h.astype(np.float64))
+                logits = _shifted_logits(hs, wide["Why"], wide["by"])
+            argmax[start:stop] = logits.argmax(axis=1)
+            lse = np.log(np.exp(logits).sum(axis=1, dtype=np.float64))  # (t,)
+            target = logits[np.arange(stop - start), y].sum(dtype=np.float64)
+            nats += float(lse.sum() - target)
+        h = hs[-1].astype(dtype)
     return argmax, nats
 
 
