@@ -46,7 +46,7 @@ lint: $(STAMP) node_modules/.bin/buf ## buf lint (STANDARD), ruff, mypy --strict
 test: $(STAMP) ## run the test suite (unit, integration against a real server, persistence)
 	$(BIN)/pytest
 
-run: $(STAMP) ## serve on $(ADDRESS) with sessions kept in ./$(DATA_DIR)
+run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
 	$(BIN)/rnnserve-server --address $(ADDRESS) --data-dir $(DATA_DIR)
 
 demo: $(STAMP) ## start a server, train a session on Python's own source, generate, stop
