@@ -30,6 +30,11 @@ SMOOTHING = 0.02
 # thread and back cost ~0.05-0.2 ms, a large share of a small model's Step (bench/service.py),
 # and blocking the loop this long is no worse than the per-RPC work it already does.
 QUICK_STEP_SECONDS = 0.002
+# A session idle this long after its last Step/Train/AppendText frees its trainer's update
+# scratch (Trainer.release_scratch: ~60 % of an idle hidden-100 trainer) and the unused tail of
+# its loss history. Not after every call: re-allocating cost 4 % of a hidden-32 step and 33 % of
+# a default-preset step (page faults on fresh buffers), too much for a Step loop.
+SCRATCH_IDLE_SECONDS = 1.0
 
 
 class StopCause(enum.Enum):
@@ -101,6 +106,8 @@ class Session:
         self.checkpoint_urgent = False  # the next write skips pacing (see Registry)
         self.checkpoint_wake: asyncio.Event | None = None  # set to end a paced wait early
         self._changed: asyncio.Event | None = None
+        self._idle_since = 0.0  # monotonic time of the last end()
+        self._scratch_timer: asyncio.TimerHandle | None = None  # pending _release_when_idle
 
     # ----- construction and checkpoints -------------------------------------------------
 
@@ -254,9 +261,37 @@ class Session:
         self.stop_cause = StopCause.NONE
 
     def end(self) -> None:
-        """Clear the busy flag."""
+        """Clear the busy flag; the trainer's scratch is freed SCRATCH_IDLE_SECONDS later
+        unless the session is used again meanwhile."""
         self.busy = None
-        self.last_used = time.monotonic()
+        self.last_used = self._idle_since = time.monotonic()
+        if self._scratch_timer is None:  # one timer per session, re-armed while in use
+            self._arm_scratch_timer(SCRATCH_IDLE_SECONDS)
+
+    def _arm_scratch_timer(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a Session driven directly): nothing to schedule
+            return
+        self._scratch_timer = loop.call_later(delay, self._release_when_idle)
+
+    def _release_when_idle(self) -> None:
+        """Timer callback (event loop): free the trainer's update scratch and the history's
+        unused capacity if the session has been idle SCRATCH_IDLE_SECONDS; else look again."""
+        self._scratch_timer = None
+        if self.trainer is None or self.deleted:
+            return  # evicted or gone: nothing left to free
+        wait = self._idle_since + SCRATCH_IDLE_SECONDS - time.monotonic()
+        # Never block the event loop: a worker holding the lock means the session is in use.
+        if wait > 0 or self.busy is not None or not self.lock.acquire(blocking=False):
+            self._arm_scratch_timer(wait if wait > 0 else SCRATCH_IDLE_SECONDS)
+            return
+        try:
+            self.trainer.release_scratch()
+            if len(self._hist) > self._n:  # doubling left up to half of it unused
+                self._hist = self._hist[: self._n].copy()
+        finally:
+            self.lock.release()
 
     def request_stop(self, cause: StopCause) -> None:
         """Ask a running Train to stop between two updates."""
