@@ -163,6 +163,18 @@ def test_batch_mean_over_strands() -> None:
 # -- the corpus feed ----------------------------------------------------------------------------
 
 
+def test_corpus_is_kept_in_the_smallest_id_dtype_and_saved_as_int32() -> None:
+    t = _trainer()
+    assert t.corpus.dtype == np.uint8
+    t.append(t.vocab.encode("lazy fox"))
+    assert t.vocab.decode(t.corpus[-8:]) == "lazy fox" and t.corpus.dtype == np.uint8
+    arrays, _ = t.state_dict()
+    assert arrays["corpus"].dtype == np.int32  # the checkpoint format is unchanged
+    assert np.array_equal(arrays["corpus"], t.corpus)
+    wide = "".join(chr(0x4E00 + i) for i in range(300)) * 2  # 300 characters: uint16
+    assert _trainer(wide).corpus.dtype == np.uint16
+
+
 def test_strands_walk_the_cyclic_corpus_and_restart() -> None:
     text = "abcdefghij" * 3  # L = 30
     t = _trainer(text, seq_length=7, batch_size=3, optimizer="sgd")

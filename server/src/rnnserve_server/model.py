@@ -400,6 +400,15 @@ def _score(
 # The trainer: model + optimizer + corpus feed
 
 
+def _id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest integer dtype that holds ids 0 .. vocab_size - 1."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
 class Trainer:
     """Model + optimizer + corpus feed (strands, cursors, carried hidden states).
 
@@ -422,7 +431,9 @@ class Trainer:
                 f"the text has {ids.shape[0]} character(s); training needs at least "
                 f"max(2, seq_length={config.seq_length}): give more text or a smaller seq_length"
             )
-        self._corpus = ids.copy()  # (capacity,) int32; the first corpus_length entries are used
+        # (capacity,) the first corpus_length entries are used; in the smallest unsigned dtype
+        # that holds every id (uint8 up to 256 characters): 4x less memory than int32.
+        self._corpus = ids.astype(_id_dtype(vocab.size))
         self.corpus_length = int(ids.shape[0])
         self.step_count = 0  # updates applied
         self.windows = 0  # corpus steps applied (drives reset_every)
@@ -457,7 +468,7 @@ class Trainer:
 
     @property
     def corpus(self) -> np.ndarray:
-        """The corpus ids (a read-only view)."""
+        """The corpus ids (a read-only view; uint8, uint16 or int32 by vocabulary size)."""
         view = self._corpus[: self.corpus_length]
         view.flags.writeable = False
         return view
@@ -520,7 +531,7 @@ class Trainer:
         n = new.shape[0]
         need = self.corpus_length + n
         if need > self._corpus.shape[0]:
-            grown = np.empty(max(need, 2 * self._corpus.shape[0]), dtype=np.int32)
+            grown = np.empty(max(need, 2 * self._corpus.shape[0]), dtype=self._corpus.dtype)
             grown[: self.corpus_length] = self._corpus[: self.corpus_length]
             self._corpus = grown
         self._corpus[self.corpus_length : need] = new
@@ -624,7 +635,7 @@ class Trainer:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise EngineError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if seq.shape[0] == 0:
-            seq = self._corpus[:1].copy()
+            seq = self._corpus[:1].astype(np.int32)
         params = {name: p.copy() for name, p in self.params.items()}  # snapshot
         rng = np.random.default_rng(seed)
         return _sample(params, seq, length, float(temperature), top_k, rng, chunk_size)
@@ -638,7 +649,7 @@ class Trainer:
             arrays[f"optim.{name}"] = arr
         arrays["hidden"] = self.hidden.copy()
         arrays["cursors"] = self.cursors.copy()
-        arrays["corpus"] = self._corpus[: self.corpus_length].copy()
+        arrays["corpus"] = self._corpus[: self.corpus_length].astype(np.int32)  # as saved before
         meta: dict[str, Any] = {
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
