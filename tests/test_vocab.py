@@ -28,6 +28,23 @@ def test_round_trip_including_non_bmp() -> None:
     assert v.encode("").shape == (0,) and v.decode([]) == ""
 
 
+def test_rare_code_points_encode_without_a_huge_table() -> None:
+    alphabet = "🙂z世\x00aé\U0010ffffЖ"  # explicit order, low and high code points mixed
+    v = Vocab(alphabet)
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(list(alphabet), 5000))
+    ids = v.encode(text)
+    assert ids.tolist() == [alphabet.index(c) for c in text] and v.decode(ids) == text
+    assert sum(a.nbytes for a in vars(v).values() if isinstance(a, np.ndarray)) < 16 * 1024
+    with pytest.raises(UnknownCharactersError) as info:
+        v.encode("a🙃世\U0010fffe")  # neighbours of known high code points
+    assert info.value.characters == ["🙃", "\U0010fffe"]
+    only_high = Vocab("世界")
+    assert only_high.encode("界世界").tolist() == [1, 0, 1]
+    with pytest.raises(UnknownCharactersError):
+        only_high.encode("\x00")
+
+
 def test_unknown_characters_are_named() -> None:
     v = Vocab.from_text("abc")
     with pytest.raises(UnknownCharactersError) as info:

@@ -14,6 +14,11 @@ import numpy as np
 
 __all__ = ["UnknownCharactersError", "Vocab", "utf8_size"]
 
+# Code points below this are looked up in a dense table (at most 16 KiB per vocabulary, covering
+# Latin, Greek and Cyrillic); rarer ones by binary search, so that an emoji in the text does not
+# cost every resident session a 512 KiB table (4 bytes per code point up to U+1F600).
+_DENSE_CODES = 1 << 12
+
 
 def utf8_size(text: str) -> int:
     """Bytes of ``text`` in UTF-8: what corpus limits count."""
@@ -48,12 +53,16 @@ class Vocab:
             )
         self.alphabet: str = alphabet
         self.size: int = len(alphabet)
-        self._index: dict[str, int] = {c: i for i, c in enumerate(alphabet)}
-        # Code point -> id lookup table for fast vectorised encoding (-1 = unknown).
-        top = max(ord(c) for c in alphabet) + 1
-        self._table = np.full(top, -1, dtype=np.int32)  # (max code point + 1,)
-        for i, c in enumerate(alphabet):
-            self._table[ord(c)] = i
+        codes = np.array([ord(c) for c in alphabet], dtype=np.uint32)  # (size,)
+        ids = np.arange(self.size, dtype=np.int32)  # (size,)
+        dense = codes < _DENSE_CODES
+        # Code point -> id for fast vectorised encoding (-1 = unknown): a table for the low
+        # code points, the others sorted for np.searchsorted.
+        self._table = np.full(int(codes[dense].max(initial=0)) + 1, -1, dtype=np.int32)
+        self._table[codes[dense]] = ids[dense]
+        order = np.argsort(codes[~dense])
+        self._high_codes = codes[~dense][order]  # (k,) sorted
+        self._high_ids = ids[~dense][order]  # (k,)
 
     @classmethod
     def from_text(cls, text: str) -> Vocab:
@@ -73,6 +82,12 @@ class Vocab:
         inside = codes < self._table.shape[0]
         ids = np.full(codes.shape[0], -1, dtype=np.int32)  # (n,)
         ids[inside] = self._table[codes[inside]]
+        if self._high_codes.size and not inside.all():
+            high = codes[~inside]  # (m,)
+            pos = np.searchsorted(self._high_codes, high)
+            np.minimum(pos, self._high_codes.size - 1, out=pos)
+            found = self._high_codes[pos] == high
+            ids[~inside] = np.where(found, self._high_ids[pos], -1)
         if (ids < 0).any():
             bad = sorted({chr(int(c)) for c in np.unique(codes[ids < 0])})
             raise UnknownCharactersError(bad, self.size)
