@@ -642,14 +642,19 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Everything needed to resume exactly: named arrays (copies) and a JSON-able dict."""
+    def state_dict(self, *, corpus: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything needed to resume exactly: named arrays (copies) and a JSON-able dict.
+
+        ``corpus=False`` leaves out the corpus (checkpoints keep it in its own file, copied
+        only when it changed); ``from_state`` needs it back as ``arrays["corpus"]``.
+        """
         arrays: dict[str, np.ndarray] = {name: p.copy() for name, p in self.params.items()}
         for name, arr in self._optimizer.state_arrays().items():
             arrays[f"optim.{name}"] = arr
         arrays["hidden"] = self.hidden.copy()
         arrays["cursors"] = self.cursors.copy()
-        arrays["corpus"] = self._corpus[: self.corpus_length].astype(np.int32)  # as saved before
+        if corpus:
+            arrays["corpus"] = self._corpus[: self.corpus_length].astype(np.int32)
         meta: dict[str, Any] = {
             "format": STATE_FORMAT,
             "config": self.config.to_dict(),
