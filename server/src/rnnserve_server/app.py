@@ -24,12 +24,7 @@ from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 from rnnserve_server import logs, metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import CheckpointError
-from rnnserve_server.interceptors import (
-    HARD_MESSAGE_FACTOR,
-    AuthInterceptor,
-    ObservingInterceptor,
-    RequestGuardInterceptor,
-)
+from rnnserve_server.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
 from rnnserve_server.registry import Registry
 from rnnserve_server.service import Servicer
 from rnnserve_server.store import Store
@@ -40,17 +35,15 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["RnnService"].full_name
 
 
 def build_interceptors(settings: Settings) -> list[aio.ServerInterceptor[Any, Any]]:
-    """Interceptors, outermost first: observation (log line, metrics when served) sees every
-    call, auth refusals included; the request guard is innermost so every handler gets its
-    deserializer."""
-    interceptors: list[aio.ServerInterceptor[Any, Any]] = [
-        ObservingInterceptor(record_metrics=bool(settings.metrics_port))
+    """The one interceptor: request guard, auth when tokens are set, the rpc log line and the
+    RPC metrics when they are served (one layer: each layer costs every call a coroutine)."""
+    return [
+        ObservingInterceptor(
+            settings.max_message_bytes,
+            tokens=settings.tokens(),
+            record_metrics=bool(settings.metrics_port),
+        )
     ]
-    tokens = settings.tokens()
-    if tokens:
-        interceptors.append(AuthInterceptor(tokens))
-    interceptors.append(RequestGuardInterceptor(settings.max_message_bytes))
-    return interceptors
 
 
 def _write_port_file(path: Path, port: int) -> None:

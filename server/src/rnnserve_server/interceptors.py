@@ -1,9 +1,11 @@
-"""The grpc.aio interceptors: per-RPC observation (log line + metrics), auth, request guard.
+"""The grpc.aio interceptor: per-RPC observation (log line + metrics), auth, request guard.
 
-Each one re-wraps the handler grpc found for a call (:func:`rebuild`) around its behaviour.
-app.py installs them outermost first: :class:`ObservingInterceptor` (sees every call, auth
-refusals included), :class:`AuthInterceptor` when tokens are set, :class:`RequestGuardInterceptor`
-innermost (the outer ones copy the deserializer it installs).
+One interceptor does all three, so a call pays for one ``intercept_service`` and one wrapping
+coroutine, not three. :class:`ObservingInterceptor` wraps the handler grpc found for a method
+(:func:`rebuild`) on the method's first call and reuses the wrapped handler for every later
+call; auth, which depends on each call's metadata, picks between the wrapped handler and a
+wrapped refusal. A call sees what three nested interceptors gave it before: observation
+outermost (it sees every call, auth refusals included), then auth, then the request guard.
 """
 
 from __future__ import annotations
@@ -86,15 +88,43 @@ def code_name(context: aio.ServicerContext[Any, Any], exc: BaseException | None)
 
 
 class ObservingInterceptor(Interceptor):
-    """Times every call, works out its status code, then writes the canonical ``rpc`` line
-    (method, session_id, code, duration_ms; streams add messages) and, with ``record_metrics``,
-    the RPC metrics, counting streaming calls in flight.
+    """Every call: the request guard (:func:`guard_deserializer`), auth when ``tokens`` are set
+    (every RPC but grpc.health.v1 needs ``authorization: Bearer <token>`` with a known token),
+    and timing and the status code for the canonical ``rpc`` line (method, session_id, code,
+    duration_ms; streams add messages) and, with ``record_metrics``, the RPC metrics, counting
+    streaming calls in flight.
 
     Health checks log at debug level so probes don't flood the log.
     """
 
-    def __init__(self, record_metrics: bool = False) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        tokens: frozenset[str] = frozenset(),
+        record_metrics: bool = False,
+    ) -> None:
+        self.max_bytes = max_message_bytes
+        self._tokens = [t.encode("utf-8") for t in sorted(tokens)]
         self.record_metrics = record_metrics
+        # method -> (grpc's handler, the wrapped handler, the wrapped refusal or None). grpc
+        # returns the same handler object for a method on every call; if it ever did not, the
+        # identity check below re-wraps.
+        self._wrapped: dict[str, tuple[Any, Any, Any]] = {}
+
+    def _allowed(self, metadata: Any) -> bool:
+        header = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        given = token.strip().encode("utf-8")
+        ok = False
+        for known in self._tokens:  # no early exit: the time doesn't say which token matched
+            ok |= hmac.compare_digest(given, known)
+        return ok
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -103,8 +133,53 @@ class ObservingInterceptor(Interceptor):
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler
         full_method = handler_call_details.method
+        entry = self._wrapped.get(full_method)
+        if entry is None or entry[0] is not handler:
+            entry = (handler, *self._wrap(full_method, handler))
+            self._wrapped[full_method] = entry
+        denied = entry[2]
+        if denied is not None and not self._allowed(handler_call_details.invocation_metadata):
+            return denied
+        return entry[1]
+
+    def _wrap(
+        self, full_method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any] | None]:
+        """The handler every call of ``full_method`` gets, and the one a call without a valid
+        token gets (None when auth is off or the method is a health check)."""
+        deserializer = handler.request_deserializer
+        guarded = (
+            None
+            if deserializer is None
+            else guard_deserializer(deserializer, full_method, self.max_bytes)
+        )
+        allowed = rebuild(
+            handler, self._observe(full_method, handler, behavior_of(handler)), guarded
+        )
+        if not self._tokens or full_method.startswith(HEALTH_PREFIX):
+            return allowed, None
+
+        async def deny(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token: send metadata 'authorization: Bearer <token>' "
+                "with a token the server accepts (client: token= or RNNSERVE_TOKEN)",
+            )
+
+        # Observed as the method's kind, like any call; the refusal reads no request.
+        denied = rebuild(handler, self._observe(full_method, handler, deny, refusal=True), guarded)
+        return allowed, denied
+
+    def _observe(
+        self,
+        full_method: str,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        behavior: Behavior,
+        refusal: bool = False,
+    ) -> Behavior:
+        """``behavior`` with the guard's check (unless ``refusal``: an auth refusal answers
+        UNAUTHENTICATED whatever the request), timing, the rpc line and the metrics."""
         service, method = metrics.split_method(full_method)
-        behavior = behavior_of(handler)
         quiet = full_method.startswith(HEALTH_PREFIX)
         record_metrics = self.record_metrics
         # Client-streaming calls (AppendText) are streams in flight too.
@@ -143,19 +218,26 @@ class ObservingInterceptor(Interceptor):
             if record_metrics:
                 metrics.record_rpc(service, method, code, seconds)
 
+        if refusal:
+            inner: Behavior = behavior
+        elif handler.request_streaming:
+            inner = _checking_requests(behavior)
+        else:
+            inner = _checking_request(behavior, handler.response_streaming)
+
         if not handler.response_streaming:
 
             async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 start = begin()
                 try:
-                    response = await behavior(request, context)
+                    response = await inner(request, context)
                 except BaseException as exc:
                     finish(context, start, exc)
                     raise
                 finish(context, start, None)
                 return response
 
-            return rebuild(handler, unary)
+            return unary
 
         async def streaming(
             request: Any, context: aio.ServicerContext[Any, Any]
@@ -163,7 +245,7 @@ class ObservingInterceptor(Interceptor):
             start = begin()
             sent = 0
             try:
-                result = behavior(request, context)
+                result = inner(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
                         sent += 1
@@ -175,51 +257,52 @@ class ObservingInterceptor(Interceptor):
                 raise
             finish(context, start, None, messages=sent)
 
-        return rebuild(handler, streaming)
+        return streaming
 
 
-class AuthInterceptor(Interceptor):
-    """Every RPC but grpc.health.v1 needs ``authorization: Bearer <token>`` with a known token."""
+def _checking_request(behavior: Behavior, response_streaming: bool) -> Behavior:
+    """A unary-request behaviour that first aborts a call whose request the guard refused.
+    Unary responses: one coroutine (the observer awaits it). Streamed responses: the handler's
+    own result (async generator or coroutine), so the observer can count the messages."""
+    if not response_streaming:
 
-    def __init__(self, tokens: frozenset[str]) -> None:
-        self._tokens = [t.encode("utf-8") for t in sorted(tokens)]
+        async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Refused):
+                await context.abort(request.code, request.details)
+            return await behavior(request, context)
 
-    def _allowed(self, metadata: Any) -> bool:
-        header = ""
-        for key, value in metadata or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        given = token.strip().encode("utf-8")
-        ok = False
-        for known in self._tokens:  # no early exit: the time doesn't say which token matched
-            ok |= hmac.compare_digest(given, known)
-        return ok
+        return unary_unary
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
-            return handler
-        if self._allowed(handler_call_details.invocation_metadata):
-            return handler
+    def unary_stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Refused):
+            return _abort(request, context)
+        return behavior(request, context)
 
-        async def deny(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid bearer token: send metadata 'authorization: Bearer <token>' "
-                "with a token the server accepts (client: token= or RNNSERVE_TOKEN)",
-            )
+    return unary_stream
 
-        return rebuild(handler, deny)
+
+async def _abort(refused: _Refused, context: aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(refused.code, refused.details)
+
+
+def _checking_requests(behavior: Behavior) -> Behavior:
+    """A streaming-request behaviour whose request iterator aborts the call at the first
+    message the guard refused."""
+
+    def wrapped(iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
+        async def requests() -> AsyncIterator[Any]:
+            async for request in iterator:
+                if isinstance(request, _Refused):
+                    await context.abort(request.code, request.details)
+                yield request
+
+        return behavior(requests(), context)
+
+    return wrapped
 
 
 # gRPC itself refuses messages over this many times --max-message-bytes (with its own wording);
-# between 1x and this, RequestGuardInterceptor refuses them with a message naming the setting.
+# between 1x and this, the request guard refuses them with a message naming the setting.
 HARD_MESSAGE_FACTOR = 4
 
 
@@ -231,95 +314,35 @@ class _Refused:
         self.details = details
 
 
-class RequestGuardInterceptor(Interceptor):
-    """Malformed or oversized request messages get a clear status, not UNKNOWN or INTERNAL.
+def guard_deserializer(
+    deserialize: Callable[[bytes], Any], full_method: str, limit: int
+) -> Callable[[bytes], Any]:
+    """The request guard: malformed or oversized request messages get a clear status, not
+    UNKNOWN or INTERNAL.
 
     gRPC deserializes a request before any handler runs, and answers UNKNOWN when that fails
-    (invalid UTF-8 in a string field, e.g. a lone surrogate, or corrupt wire format). This
-    wraps the deserializer so such a message becomes INVALID_ARGUMENT, and a message over
-    ``--max-message-bytes`` RESOURCE_EXHAUSTED naming the setting. Innermost interceptor:
-    the outer ones copy its deserializer.
+    (invalid UTF-8 in a string field, e.g. a lone surrogate, or corrupt wire format). The
+    returned deserializer turns such a message into a refusal with INVALID_ARGUMENT, and a
+    message over ``limit`` (``--max-message-bytes``) into one with RESOURCE_EXHAUSTED naming
+    the setting; the observed behaviour aborts the call with it before the handler runs.
     """
+    method = full_method.rsplit("/", 1)[-1]
 
-    def __init__(self, max_message_bytes: int) -> None:
-        self.max_bytes = max_message_bytes
+    def guarded(data: bytes) -> Any:
+        if len(data) > limit:
+            return _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the {method} request message ({len(data)} bytes) exceeds the server limit "
+                f"of {limit} bytes; send long text in AppendText chunks, or the operator can "
+                "raise it with --max-message-bytes or RNNSERVE_MAX_MESSAGE_BYTES",
+            )
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the {method} request is not a valid message ({exc}); string fields must "
+                "be valid UTF-8 (no lone surrogates)",
+            )
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        deserialize = handler.request_deserializer
-        behavior = behavior_of(handler)
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        limit = self.max_bytes
-
-        def guarded(data: bytes) -> Any:
-            if len(data) > limit:
-                return _Refused(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the {method} request message ({len(data)} bytes) exceeds the server limit "
-                    f"of {limit} bytes; send long text in AppendText chunks, or the operator can "
-                    "raise it with --max-message-bytes or RNNSERVE_MAX_MESSAGE_BYTES",
-                )
-            try:
-                return deserialize(data)
-            except DecodeError as exc:
-                return _Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the {method} request is not a valid message ({exc}); string fields must "
-                    "be valid UTF-8 (no lone surrogates)",
-                )
-
-        async def check(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, _Refused):
-                await context.abort(request.code, request.details)
-            return request
-
-        if handler.request_streaming:
-
-            async def requests(
-                iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                async for request in iterator:
-                    yield await check(request, context)
-
-            if handler.response_streaming:
-
-                async def stream_stream(
-                    iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
-                ) -> AsyncIterator[Any]:
-                    async for item in behavior(requests(iterator, context), context):
-                        yield item
-
-                wrapped: Behavior = stream_stream
-            else:
-
-                async def stream_unary(
-                    iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]
-                ) -> Any:
-                    return await behavior(requests(iterator, context), context)
-
-                wrapped = stream_unary
-        elif handler.response_streaming:
-
-            async def unary_stream(
-                request: Any, context: aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                request = await check(request, context)
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:  # a coroutine that writes with context.write (health Watch)
-                    await result
-
-            wrapped = unary_stream
-        else:
-
-            async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                return await behavior(await check(request, context), context)
-
-            wrapped = unary_unary
-        return rebuild(handler, wrapped, guarded)
+    return guarded
