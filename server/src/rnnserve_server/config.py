@@ -49,7 +49,7 @@ class Settings:
     )
     checkpoint_interval: float = field(
         default=5.0,
-        metadata=_opt("seconds between checkpoints while a session trains (Train, or Steps)"),
+        metadata=_opt("most seconds between checkpoints during a long Train"),
     )
     max_sessions: int = field(default=1000, metadata=_opt("most sessions on the server"))
     max_corpus_bytes: int = field(

@@ -325,7 +325,6 @@ class Registry:
         session.deleted = True
         session.request_stop(StopCause.DELETED)
         session.close_watchers()
-        self._hurry(session)  # a paced checkpoint waiting to be written ends now
         await self.run_io(self._delete_file, session)
         log.info("session_deleted", session_id=session_id)
 
@@ -347,17 +346,15 @@ class Registry:
 
     # ----- checkpoints ------------------------------------------------------------------
 
-    def request_checkpoint(self, session: Session, *, paced: bool = False) -> asyncio.Task[None]:
-        """Write the session soon (coalescing requests); the task finishes when it is saved.
+    def request_checkpoint(self, session: Session) -> asyncio.Task[None]:
+        """Write the session soon; the task finishes once every change so far is saved.
 
-        ``paced`` (Step) writes at most once per checkpoint_interval: every write copies the
-        weights and the corpus and fsyncs, which took longer than a small model's step, so a
-        loop of single steps spent most of its time checkpointing. An unpaced request (flush,
-        Train, AppendText, eviction, shutdown) makes a waiting write go at once.
+        Write-behind: at most one write per session is in flight; requests made meanwhile
+        (a run of Steps) coalesce into one more write when it finishes. Train calls this
+        every checkpoint_interval and at its end; Step, AppendText, create, eviction and
+        shutdown after each change.
         """
         session.dirty = True
-        if not paced:
-            self._hurry(session)
         task = session.checkpoint_task
         if task is None or task.done():
             task = asyncio.create_task(self._checkpoint_loop(session))
@@ -371,30 +368,13 @@ class Registry:
         if not session.dirty and session.checkpointed_step == session.step:
             task = session.checkpoint_task
             if task is not None and not task.done():
-                self._hurry(session)
                 await asyncio.shield(task)
             return
         await asyncio.shield(self.request_checkpoint(session))
 
-    @staticmethod
-    def _hurry(session: Session) -> None:
-        """Make the session's next checkpoint write skip pacing (and wake a waiting one)."""
-        session.checkpoint_urgent = True
-        if session.checkpoint_wake is not None:
-            session.checkpoint_wake.set()
-
     async def _checkpoint_loop(self, session: Session) -> None:
         while session.dirty and not session.deleted:
-            wait = session.last_write + self.settings.checkpoint_interval - time.monotonic()
-            if wait > 0 and not session.checkpoint_urgent:
-                wake = session.checkpoint_wake = asyncio.Event()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)
-                session.checkpoint_wake = None
-                continue
             session.dirty = False
-            session.checkpoint_urgent = False
-            session.last_write = time.monotonic()
             try:
                 await self.run_io(self._write, session)
             except Exception as exc:
@@ -413,11 +393,13 @@ class Registry:
                 return
             started = time.perf_counter()
             size = self.store.save(ckpt)
+            session.corpus_on_disk = ckpt.corpus
         session.checkpointed_step = int(ckpt.meta["step"])
         log.debug(
             "checkpoint_written",
             session_id=session.id,
             step=session.checkpointed_step,
+            corpus_chars=ckpt.corpus.length if ckpt.corpus is not None else None,
             bytes=size,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )

@@ -400,7 +400,8 @@ class Servicer(pb_grpc.RnnServiceServicer):
             finally:
                 session.end()
                 session.notify()
-            self.registry.request_checkpoint(session, paced=True)
+            # Write-behind: the reply doesn't wait; checkpointed_step says what is durable.
+            self.registry.request_checkpoint(session)
         return pb.StepResponse(
             step=result.step,
             loss=result.loss,

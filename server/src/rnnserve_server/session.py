@@ -22,7 +22,7 @@ import numpy as np
 
 from rnnserve_server.errors import SessionBrokenError, SessionBusyError
 from rnnserve_server.model import DivergedError, ModelConfig, StepResult, Trainer
-from rnnserve_server.store import Checkpoint
+from rnnserve_server.store import Checkpoint, CorpusRef
 
 # Weight of the newest loss in the exponential moving average reported as smoothed_loss.
 SMOOTHING = 0.02
@@ -102,9 +102,9 @@ class Session:
         self.closing = False  # watch streams end (delete, shutdown)
         self.load_lock = asyncio.Lock()
         self.checkpoint_task: asyncio.Task[None] | None = None
-        self.last_write = 0.0  # monotonic time the last checkpoint write began
-        self.checkpoint_urgent = False  # the next write skips pacing (see Registry)
-        self.checkpoint_wake: asyncio.Event | None = None  # set to end a paced wait early
+        # The corpus file on disk (None: not written yet). A snapshot copies the corpus only
+        # when the trainer's differs from it (created, AppendText, a version-1 checkpoint).
+        self.corpus_on_disk: CorpusRef | None = None
         self._changed: asyncio.Event | None = None
         self._idle_since = 0.0  # monotonic time of the last end()
         self._scratch_timer: asyncio.TimerHandle | None = None  # pending _release_when_idle
@@ -150,18 +150,27 @@ class Session:
             self.loss = float(ckpt.meta.get("loss", 0.0))
             self.smoothed_loss = float(ckpt.meta.get("smoothed_loss", 0.0))
             self.checkpointed_step = self._n
+            self.corpus_on_disk = ckpt.corpus
             self.dirty = False
             self.broken_error = None
             self._refresh_summary()
         self.last_used = time.monotonic()
 
     def snapshot(self) -> Checkpoint | None:
-        """A consistent copy of the state to write (worker thread); None when evicted."""
+        """A consistent copy of the state to write (worker thread); None when evicted.
+
+        The corpus is copied only when it differs from ``corpus_on_disk`` (it only grows, so
+        its length tells); otherwise the checkpoint refers to the corpus file on disk.
+        """
         with self.lock:
-            if self.trainer is None:
+            trainer = self.trainer
+            if trainer is None:
                 return None
-            arrays, trainer_meta = self.trainer.state_dict()
-            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+            arrays, trainer_meta = trainer.state_dict(corpus=False)  # copies
+            on_disk = self.corpus_on_disk
+            if on_disk is None or on_disk.length != trainer.corpus_length:
+                arrays["corpus"] = trainer.corpus.copy()
+                on_disk = None
             meta = {
                 "create_time": self.create_time,
                 "update_time": self.update_time,
@@ -170,7 +179,7 @@ class Session:
                 "smoothed_loss": self.smoothed_loss,
             }
             history = self._hist[: self._n].copy()
-        return Checkpoint(self.id, meta, arrays, trainer_meta, history)
+        return Checkpoint(self.id, meta, arrays, trainer_meta, history, on_disk)
 
     def evict(self) -> bool:
         """Drop the Trainer and history from memory if nothing needs them; True if dropped."""

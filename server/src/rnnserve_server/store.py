@@ -1,17 +1,29 @@
-"""Checkpoints on disk: one ``<data_dir>/sessions/<id>.npz`` per session, written atomically.
+"""Checkpoints on disk: per session, ``<data_dir>/sessions/<id>.npz`` (the state) and
+``<id>.corpus.npy`` (the training text), each written atomically.
 
-Format (version 1): an uncompressed numpy ``.npz`` (a zip; ``allow_pickle`` is never used) with
+Format (version 2). The state file is an uncompressed numpy ``.npz`` (a zip; ``allow_pickle``
+is never used) with
 
 - ``meta``: uint8 bytes of a UTF-8 JSON object ``{"format": "rnnserve.checkpoint",
-  "version": 1, "session_id", "create_time", "update_time" (unix seconds), "step", "loss",
-  "smoothed_loss", "trainer": <Trainer.state_dict() meta>}``;
+  "version": 2, "session_id", "create_time", "update_time" (unix seconds), "step", "loss",
+  "smoothed_loss", "corpus": {"length", "crc32"}, "trainer": <Trainer.state_dict() meta>}``;
 - ``loss_history``: float64, the loss of every update, ``loss_history[i]`` is step ``i + 1``;
-- ``trainer.<name>``: each array of ``Trainer.state_dict()`` (weights, optimizer state,
-  hidden states, corpus, cursors, RNG state).
+- ``trainer.<name>``: each array of ``Trainer.state_dict()`` but the corpus (weights,
+  optimizer state, hidden states, cursors, RNG state).
 
-A write goes to a temporary file in the same directory, is fsynced, renamed over the old file
-with ``os.replace`` and the directory is fsynced, so a crash leaves the old or the new file,
-never a torn one. A file that can't be read raises ``CheckpointError`` and is left in place.
+The corpus file is a ``.npy`` 1-D array of character ids (little-endian uint8, uint16 or int32:
+the trainer's in-memory dtype). The state file belongs to its first ``corpus.length`` ids, whose
+zlib CRC-32 (of the ids as little-endian int32) is ``corpus.crc32``. The corpus only grows (AppendText), so it is
+rewritten only when it changed, always before the state file that refers to it: a crash between
+the two leaves a corpus longer than the state's, and loading takes the recorded prefix (the
+append was never acknowledged). A corpus file shorter than recorded, or whose prefix has another
+checksum, makes the checkpoint unreadable. Version 1 (the corpus inside the state file as
+``trainer.corpus``, no ``corpus`` meta) is still read; the next write makes it version 2.
+
+A write goes to a temporary file (``.tmp-*``) in the same directory, is fsynced, renamed over
+the old file with ``os.replace`` and the directory is fsynced, so a crash leaves the old or the
+new file, never a torn one. A checkpoint that can't be read raises ``CheckpointError`` and its
+files are left in place.
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ import re
 import tempfile
 import time
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -35,8 +49,10 @@ from rnnserve_server import metrics
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
 
 FORMAT = "rnnserve.checkpoint"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)
 SUFFIX = ".npz"
+CORPUS_SUFFIX = ".corpus.npy"
 _TMP_PREFIX = ".tmp-"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 
@@ -55,15 +71,40 @@ def validate_session_id(session_id: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class CorpusRef:
+    """Which corpus a state file belongs to: the first ``length`` ids of the corpus file,
+    whose CRC-32 (of the ids as little-endian int32) is ``crc32``."""
+
+    length: int
+    crc32: int
+
+
+def _little_endian(ids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(ids, dtype=ids.dtype.newbyteorder("<"))
+
+
+def corpus_crc32(ids: np.ndarray) -> int:
+    """CRC-32 of the ids as little-endian int32, whatever dtype they are stored in."""
+    return zlib.crc32(np.ascontiguousarray(ids, dtype="<i4").view(np.uint8).data)
+
+
 @dataclass
 class Checkpoint:
-    """One session's saved state, as read from or written to disk."""
+    """One session's saved state, as read from or written to disk.
+
+    ``trainer_arrays`` holds the corpus as ``"corpus"`` when it must be written (and always
+    after a load); without it, ``corpus`` names the corpus file already on disk that the state
+    belongs to. ``Store.save`` and ``Store.load`` set ``corpus`` to what the files hold (None
+    after loading a version-1 file: its corpus has no file yet).
+    """
 
     session_id: str
     meta: dict[str, Any]  # session fields: create_time, update_time, step, loss, smoothed_loss
     trainer_arrays: dict[str, np.ndarray]
     trainer_meta: dict[str, Any]
     loss_history: np.ndarray  # float64, [step]
+    corpus: CorpusRef | None = None
 
 
 class Store:
@@ -90,7 +131,7 @@ class Store:
             ) from None
         self._lock_file = lock
         removed = []
-        # Temp files are half-written checkpoints of a crashed process; never a committed one.
+        # Temp files are half-written files of a crashed process; never a committed one.
         for path in self.sessions_dir.glob(_TMP_PREFIX + "*"):
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -104,15 +145,27 @@ class Store:
             self._lock_file = None
 
     def path(self, session_id: str) -> Path:
-        """The checkpoint path of a (validated) session id."""
+        """The state checkpoint path of a (validated) session id."""
         validate_session_id(session_id)
         return self.sessions_dir / (session_id + SUFFIX)
 
+    def corpus_path(self, session_id: str) -> Path:
+        """The corpus file path of a (validated) session id."""
+        validate_session_id(session_id)
+        return self.sessions_dir / (session_id + CORPUS_SUFFIX)
+
     def scan(self) -> tuple[list[str], list[str]]:
-        """(session ids with a checkpoint file, names of other files ignored), both sorted."""
+        """(session ids with a state file, names of other files ignored), both sorted.
+
+        Temp files and corpus files (``<id>.corpus.npy``) are neither: a corpus file without
+        a state file is what a crash during CreateSession leaves, and is overwritten if the
+        id is created again.
+        """
         ids, ignored = [], []
         for entry in sorted(os.listdir(self.sessions_dir)):
             if entry.startswith(_TMP_PREFIX):
+                continue
+            if entry.endswith(CORPUS_SUFFIX) and _ID_RE.fullmatch(entry[: -len(CORPUS_SUFFIX)]):
                 continue
             stem = entry[: -len(SUFFIX)] if entry.endswith(SUFFIX) else ""
             if stem and _ID_RE.fullmatch(stem):
@@ -122,25 +175,54 @@ class Store:
         return ids, ignored
 
     def save(self, ckpt: Checkpoint) -> int:
-        """Write a checkpoint atomically; return its size in bytes."""
-        meta = dict(ckpt.meta)
-        meta.update(
-            format=FORMAT, version=VERSION, session_id=ckpt.session_id, trainer=ckpt.trainer_meta
-        )
-        arrays: dict[str, np.ndarray] = {
-            "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
-            "loss_history": np.asarray(ckpt.loss_history, dtype=np.float64),
-        }
-        for name, value in ckpt.trainer_arrays.items():
-            arrays["trainer." + name] = np.asarray(value)
-        final = self.path(ckpt.session_id)
+        """Write a checkpoint atomically: the corpus file first if ``trainer_arrays`` has the
+        corpus, then the state file. Sets ``ckpt.corpus``; returns the bytes written."""
         started = time.perf_counter()
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=_TMP_PREFIX + ckpt.session_id + ".", dir=self.sessions_dir
-        )
+        try:
+            size = 0
+            corpus = ckpt.trainer_arrays.get("corpus")
+            if corpus is not None:
+                ids = _little_endian(np.asarray(corpus))
+                # The CRC is computed here, off the session lock, only when the corpus changed.
+                ref = CorpusRef(int(ids.shape[0]), corpus_crc32(ids))
+                size += self._write_atomic(
+                    self.corpus_path(ckpt.session_id),
+                    lambda f: np.save(f, ids, allow_pickle=False),
+                )
+                ckpt.corpus = ref
+            elif ckpt.corpus is None:
+                raise ValueError("no corpus and no CorpusRef of a corpus file on disk")
+            ref = ckpt.corpus
+            meta = dict(ckpt.meta)
+            meta.update(
+                format=FORMAT,
+                version=VERSION,
+                session_id=ckpt.session_id,
+                corpus={"length": ref.length, "crc32": ref.crc32},
+                trainer=ckpt.trainer_meta,
+            )
+            arrays: dict[str, np.ndarray] = {
+                "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+                "loss_history": np.asarray(ckpt.loss_history, dtype=np.float64),
+            }
+            for name, value in ckpt.trainer_arrays.items():
+                if name != "corpus":
+                    arrays["trainer." + name] = np.asarray(value)
+            size += self._write_atomic(
+                self.path(ckpt.session_id), lambda f: cast(Any, np.savez)(f, **arrays)
+            )
+        except BaseException:
+            metrics.record_checkpoint(time.perf_counter() - started, ok=False)
+            raise
+        metrics.record_checkpoint(time.perf_counter() - started)
+        return size
+
+    def _write_atomic(self, final: Path, write: Callable[[IO[bytes]], object]) -> int:
+        """Write a file by temp file, fsync, rename and directory fsync; its size in bytes."""
+        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX + final.name + ".", dir=final.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                cast(Any, np.savez)(f, **arrays)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
                 size = f.tell()
@@ -148,14 +230,13 @@ class Store:
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
-            metrics.record_checkpoint(time.perf_counter() - started, ok=False)
             raise
-        self._fsync_dir()
-        metrics.record_checkpoint(time.perf_counter() - started)
+        self._fsync_dir()  # the rename is durable before anything that depends on it
         return size
 
     def load(self, session_id: str) -> Checkpoint:
-        """Read a checkpoint; CheckpointError naming the file and the reason if it can't be."""
+        """Read a checkpoint (state, then corpus); CheckpointError naming the file and the
+        reason if it can't be."""
         path = self.path(session_id)
         try:
             data = path.read_bytes()
@@ -166,10 +247,11 @@ class Store:
                 meta = json.loads(npz["meta"].tobytes().decode("utf-8"))
                 if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                     raise CheckpointError(f"{path}: not an rnnserve checkpoint (bad format tag)")
-                if meta.get("version") != VERSION:
+                if meta.get("version") not in READ_VERSIONS:
                     raise CheckpointError(
                         f"{path}: checkpoint format version {meta.get('version')!r} is not "
-                        f"supported (this server reads version {VERSION})"
+                        f"supported (this server reads versions "
+                        f"{', '.join(map(str, READ_VERSIONS))})"
                     )
                 if meta.get("session_id") != session_id:
                     raise CheckpointError(
@@ -195,16 +277,63 @@ class Store:
         trainer_meta = meta.pop("trainer", None)
         if not isinstance(trainer_meta, dict):
             raise CheckpointError(f"{path}: trainer metadata is missing")
-        return Checkpoint(session_id, meta, trainer_arrays, trainer_meta, history)
+        ref = None
+        if meta["version"] >= 2:
+            ref = self._corpus_ref(path, meta.pop("corpus", None))
+            trainer_arrays["corpus"] = self._load_corpus(session_id, path, ref)
+        elif "corpus" not in trainer_arrays:
+            raise CheckpointError(f"{path}: the corpus is missing")
+        return Checkpoint(session_id, meta, trainer_arrays, trainer_meta, history, ref)
+
+    @staticmethod
+    def _corpus_ref(path: Path, value: object) -> CorpusRef:
+        if isinstance(value, dict):
+            length, crc = value.get("length"), value.get("crc32")
+            if isinstance(length, int) and isinstance(crc, int) and length >= 0 and crc >= 0:
+                return CorpusRef(length, crc)
+        raise CheckpointError(f"{path}: the corpus reference (length, crc32) is missing or bad")
+
+    def _load_corpus(self, session_id: str, state: Path, ref: CorpusRef) -> np.ndarray:
+        """The first ``ref.length`` ids of the corpus file, checked against ``ref``."""
+        path = self.corpus_path(session_id)
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{path}: corpus file is missing (the checkpoint {state.name} needs its first "
+                f"{ref.length} characters)"
+            ) from None
+        except (OSError, ValueError, EOFError) as exc:
+            raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+        if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise CheckpointError(f"{path}: not a 1-D array of character ids")
+        if ids.shape[0] < ref.length:
+            raise CheckpointError(
+                f"{path}: holds {ids.shape[0]} characters, but the checkpoint {state.name} "
+                f"needs {ref.length}; the corpus file and the checkpoint do not belong together"
+            )
+        # Longer than recorded: an AppendText written before a crash, never acknowledged.
+        ids = ids[: ref.length]
+        if corpus_crc32(ids) != ref.crc32:
+            raise CheckpointError(
+                f"{path}: the checksum of its first {ref.length} characters does not match the "
+                f"checkpoint {state.name}; the corpus file and the checkpoint do not belong "
+                "together"
+            )
+        return ids
 
     def delete(self, session_id: str) -> bool:
-        """Remove a session's checkpoint; False if there was none."""
+        """Remove a session's files (the state first); False if there was no state file."""
         try:
             self.path(session_id).unlink()
         except FileNotFoundError:
-            return False
+            found = False
+        else:
+            found = True
+        with contextlib.suppress(FileNotFoundError):
+            self.corpus_path(session_id).unlink()
         self._fsync_dir()
-        return True
+        return found
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.sessions_dir, os.O_RDONLY | os.O_DIRECTORY)
