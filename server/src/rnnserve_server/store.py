@@ -13,12 +13,13 @@ is never used) with
 
 The corpus file is a ``.npy`` 1-D array of character ids (little-endian uint8, uint16 or int32:
 the trainer's in-memory dtype). The state file belongs to its first ``corpus.length`` ids, whose
-zlib CRC-32 (of the ids as little-endian int32) is ``corpus.crc32``. The corpus only grows (AppendText), so it is
-rewritten only when it changed, always before the state file that refers to it: a crash between
-the two leaves a corpus longer than the state's, and loading takes the recorded prefix (the
-append was never acknowledged). A corpus file shorter than recorded, or whose prefix has another
-checksum, makes the checkpoint unreadable. Version 1 (the corpus inside the state file as
-``trainer.corpus``, no ``corpus`` meta) is still read; the next write makes it version 2.
+zlib CRC-32 (of the ids as little-endian int32) is ``corpus.crc32``. The corpus only grows
+(AppendText), so it is rewritten only when it changed, always before the state file that refers
+to it: a crash between the two leaves a corpus longer than the state's, and loading takes the
+recorded prefix (the append was never acknowledged). A corpus file shorter than recorded, or
+whose prefix has another checksum, makes the checkpoint unreadable. Version 1 (the corpus inside
+the state file as ``trainer.corpus``, no ``corpus`` meta) is still read; the next write makes it
+version 2.
 
 A write goes to a temporary file (``.tmp-*``) in the same directory, is fsynced, renamed over
 the old file with ``os.replace`` and the directory is fsynced, so a crash leaves the old or the
