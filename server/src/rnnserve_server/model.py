@@ -235,20 +235,19 @@ class Workspace:
         self.dt_steps = list(self.dtanh)
 
 
-def _gather_inputs(params: dict[str, np.ndarray], xs: np.ndarray, ws: Workspace) -> None:
-    """hs[1:][t, b] = Wxh[:, xs[t, b]] + bh: the input projection as an index gather."""
-    np.add(params["Wxh"].T, params["bh"], out=ws.E)
-    np.take(ws.E, xs, axis=0, out=ws.hs[1:])
-
-
-def _recur(Whh: np.ndarray, ws: Workspace, T: int) -> None:
-    """h_t = tanh(hs[t+1] + h_{t-1} @ Whh.T) in place, for t = 1..T (the only loop over t)."""
-    np.copyto(ws.WhhT, Whh.T)  # a contiguous Whh.T: the GEMM is faster than on a view
-    WhhT = ws.WhhT
+def _recur(params: dict[str, np.ndarray], xs: np.ndarray, ws: Workspace, T: int) -> None:
+    """h_t = tanh(Wxh[:, x_t] + bh + h_{t-1} @ Whh.T) into hs[t], for t = 1..T (the only loop
+    over t of the forward pass); ``xs`` (T, B) are intp ids, ``hs[0]`` holds h0."""
+    np.add(params["Wxh"].T, params["bh"], out=ws.E)  # (V, H) input rows with the bias
+    np.copyto(ws.WhhT, params["Whh"].T)  # a contiguous Whh.T: the GEMM is faster than on a view
+    E, WhhT = ws.E, ws.WhhT
     hsteps, tmp = ws.h_steps, ws.tmp
-    dot, add, tanh = np.dot, np.add, np.tanh  # np.dot has less call overhead than matmul
+    take, dot, add, tanh = np.take, np.dot, np.add, np.tanh  # np.dot: less overhead than matmul
     for t in range(T):
         h = hsteps[t + 1]
+        # The input projection as a gather of B rows, step by step: the rows are still in
+        # cache for the add (one gather of all T*B rows up front cost ~0.8 ms more at B = 32).
+        take(E, xs[t], axis=0, out=h, mode="wrap")  # ids are checked on the way in
         dot(hsteps[t], WhhT, out=tmp)
         add(h, tmp, out=h)
         tanh(h, out=h)
@@ -284,13 +283,12 @@ def loss_and_grads(
         ws = Workspace(T, B, H, V, Wxh.dtype)
     if grads is None:
         grads = {name: np.empty_like(p) for name, p in params.items()}
-    xs = inputs.T  # (T, B) time-major
+    xs = np.ascontiguousarray(inputs.T, dtype=np.intp)  # (T, B) time-major
     ys = targets.T.reshape(N)  # (N,) time-major, row n = t * B + b
 
     # Forward.
     ws.hs[0] = h0
-    _gather_inputs(params, xs, ws)
-    _recur(Whh, ws, T)
+    _recur(params, xs, ws, T)
     hs_flat = ws.hs[1:].reshape(N, H)  # (N, H) h_1..h_T
     logits = ws.logits  # (N, V)
     np.matmul(hs_flat, Why.T, out=logits)
@@ -347,8 +345,7 @@ def forward_hidden(
         ws = Workspace(T, 1, H, 0, Wxh.dtype)
         ws.E = np.empty((V, H), dtype=Wxh.dtype)
     ws.hs[0, 0] = h0
-    _gather_inputs(params, ids.reshape(T, 1), ws)
-    _recur(params["Whh"], ws, T)
+    _recur(params, ids.astype(np.intp).reshape(T, 1), ws, T)
     return ws.hs[1:, 0], ws
 
 
