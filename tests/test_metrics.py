@@ -78,6 +78,10 @@ def test_counters_move_with_rpcs(metrics_server: tuple[ServerHandle, int]) -> No
         with pytest.raises(SessionNotFound):
             client.session("nope").info()
 
+    # The client can see a call end before the server has recorded it; the server records the
+    # metric before it logs the call's line, so wait for the lines of the calls that end last.
+    for method, code in (("Train", "OK"), ("Generate", "OK"), ("GetSession", "NOT_FOUND")):
+        server.wait_for_log("rpc", method=f"/rnnserve.v1.RnnService/{method}", code=code)
     _, after = scrape(port)
     assert rpcs(after, "CreateSession") == 1
     assert rpcs(after, "Step") == 1

@@ -206,6 +206,8 @@ class ObservingInterceptor(Interceptor):
                 active.dec()
             code = code_name(context, exc)
             level = "debug" if quiet else ("info" if code in ("OK", "CANCELLED") else "warning")
+            if record_metrics:  # before the log line: a reader of the line sees the metric
+                metrics.record_rpc(service, method, code, seconds)
             fields = structlog.contextvars.get_contextvars()
             getattr(log, level)(
                 "rpc",
@@ -215,8 +217,6 @@ class ObservingInterceptor(Interceptor):
                 duration_ms=round(seconds * 1000, 3),
                 **extra,
             )
-            if record_metrics:
-                metrics.record_rpc(service, method, code, seconds)
 
         if refusal:
             inner: Behavior = behavior
