@@ -14,6 +14,7 @@ import asyncio
 import enum
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,7 +95,9 @@ class Session:
         self.dirty = True
         self.deleted = False
         self.busy: str | None = None  # "Train", "Step" or "AppendText" while one runs
-        self.step_seconds = float("inf")  # how long the last single corpus step took
+        # How long the last few single corpus steps took: their minimum is the step's cost
+        # without the noise of a busy machine (one slow step must not leave the inline path).
+        self.step_seconds: deque[float] = deque(maxlen=4)
         self.cancel = threading.Event()
         self.stop_cause = StopCause.NONE
         self.users = 0  # in-flight RPCs using the trainer: no eviction meanwhile
@@ -342,9 +345,11 @@ class Session:
             return self._step(ids)
 
     def try_step_now(self) -> StepResult | None:
-        """One corpus update on the calling thread (the event loop) if the last one took under
+        """One corpus update on the calling thread (the event loop) if recent ones took under
         QUICK_STEP_SECONDS and the lock is free; None otherwise (use step_once in a worker)."""
-        if self.step_seconds >= QUICK_STEP_SECONDS or not self.lock.acquire(blocking=False):
+        if not self.step_seconds or min(self.step_seconds) >= QUICK_STEP_SECONDS:
+            return None
+        if not self.lock.acquire(blocking=False):
             return None
         try:
             return self._step(None)
@@ -357,7 +362,7 @@ class Session:
         if ids is None:
             started = time.perf_counter()
             result = trainer.step()
-            self.step_seconds = time.perf_counter() - started
+            self.step_seconds.append(time.perf_counter() - started)
         else:
             result = trainer.step_on(ids)
         self._record(result)
