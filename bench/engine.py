@@ -7,8 +7,12 @@ For each shape (hidden, seq_length, batch), float32, Adagrad lr 0.1, clip 5, one
   inputs, hidden state carried, same loss and clipping (skipped with a note without torch);
 - per-char loop: min-char-rnn's ``lossFun`` with BPTT fixed (dhnext carried), one character at a
   time in plain numpy, strands one after another;
-- roofline: the step's matrix-product FLOPs per character (6 H^2 + 8 H V) at the FLOP/s this
-  machine reaches on one GEMM of the same size ((seq*batch x H) @ (H x H)): an upper bound.
+- roofline: the matrix-product FLOPs a step needs per character (6 H^2 + 6 H V: forward
+  h W_hh and h W_hy; backward dh W_hh, dy W_hy, dW_hh, dW_hy) at the FLOP/s this machine
+  reaches on one GEMM of the same size ((seq*batch x H) @ (H x H)): an upper bound. The
+  one-hot input products (W_xh x forward, dW_xh backward) are not counted: with one-hot inputs
+  they are a gather and a scatter-add, not multiplications (rnnserve still does dW_xh as a
+  one-hot GEMM, 2 H V more FLOPs, because that is faster in numpy than np.add.at).
 
 Each cell is the best of several short timed repeats (the machine is shared). Torch runs with as
 many threads as numpy's BLAS (``--threads`` to override). Run: ``python bench/engine.py``.
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = bench_rnnserve(H, T, B, vocab, ids, args.seconds)
         torch_rate = bench_torch(H, T, B, V, args.seconds, threads)
         loop = None if args.no_loop else bench_loop(H, T, B, V, args.seconds)
-        flops_per_char = 6 * H * H + 8 * H * V
+        flops_per_char = 6 * H * H + 6 * H * V  # see the module docstring
         roof = gemm_flops(T * B, H, H, args.seconds) / flops_per_char
         rows.append((H, T, B, ours, torch_rate, loop, roof))
 
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch column skipped: torch is not importable (pip install 'rnnserve-server[bench]')"
         )
     print(
-        "roofline: (6 H^2 + 8 H V) FLOPs per character at the FLOP/s of one "
+        "roofline: (6 H^2 + 6 H V) FLOPs per character at the FLOP/s of one "
         "(seq*batch x H) @ (H x H) float32 GEMM on this machine"
     )
     return 0
