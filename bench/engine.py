@@ -182,14 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     vocab, ids = load_ids()
     V = vocab.size
 
-    rows = []
+    # Every numpy cell first, torch last: once torch has run, its OpenMP threads keep spinning
+    # for a while and slowed the next multi-threaded numpy cell by ~25 % on 2 cores.
+    measured = []
     for H, T, B in SHAPES:
         ours = bench_rnnserve(H, T, B, vocab, ids, args.seconds)
-        torch_rate = bench_torch(H, T, B, V, args.seconds, threads)
         loop = None if args.no_loop else bench_loop(H, T, B, V, args.seconds)
         flops_per_char = 6 * H * H + 6 * H * V  # see the module docstring
         roof = gemm_flops(T * B, H, H, args.seconds) / flops_per_char
-        rows.append((H, T, B, ours, torch_rate, loop, roof))
+        measured.append((H, T, B, ours, loop, roof))
+    rows = [
+        (H, T, B, ours, bench_torch(H, T, B, V, args.seconds, threads), loop, roof)
+        for H, T, B, ours, loop, roof in measured
+    ]
 
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:,.0f}"
