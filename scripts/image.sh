@@ -6,7 +6,9 @@
 #   bash scripts/image.sh test    build with buildah and prove the image end to end: run its own
 #                                 entrypoint as its own user on a host data dir, health, create,
 #                                 train, generate, metrics, SIGTERM -> exit 0, restart keeps the
-#                                 session, the HEALTHCHECK command passes, size < SIZE_LIMIT_MB
+#                                 session, the HEALTHCHECK command passes, the server as PID 1 of
+#                                 its own PID namespace drains and checkpoints on SIGTERM, size <
+#                                 SIZE_LIMIT_MB
 #
 # Every workaround for machines without a Docker engine or an image registry lives here, never in
 # the Dockerfile: the base made with debootstrap from the Debian mirror apt is configured with
@@ -37,9 +39,12 @@ die() {
 # Tools and base image
 
 ensure_tools() {
-    local missing=() tool
-    for tool in buildah podman debootstrap; do
-        command -v "$tool" > /dev/null || missing+=("$tool")
+    local missing=() tool_pkg
+    # TOOL:PACKAGE; unshare and mountpoint (util-linux) run the server as PID 1 of a namespace.
+    for tool_pkg in buildah:buildah podman:podman debootstrap:debootstrap unshare:util-linux \
+        mountpoint:util-linux; do
+        command -v "${tool_pkg%%:*}" > /dev/null ||
+            [[ " ${missing[*]} " == *" ${tool_pkg#*:} "* ]] || missing+=("${tool_pkg#*:}")
     done
     ((${#missing[@]} == 0)) && return 0
     [[ $(id -u) == 0 ]] || die "missing ${missing[*]}: install them (apt-get install ${missing[*]})"
@@ -251,13 +256,17 @@ cmd_build() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Test: run the image as configured, on the host network (buildah run --isolation chroot)
+# Test: run the image as configured, on the host network (buildah run --isolation chroot; then
+# unshare for PID 1 of a PID namespace, which chroot isolation does not give)
 
 WORK=""
 CONTAINERS=()
 TEST_IMAGE=""
 RUN_PID=""
 BUILD_SECONDS=0
+NS_PID=""      # the `unshare --pid --fork` of the PID 1 step; its one child is the server
+TRAIN_PID=""   # the client Train stream running while that server gets SIGTERM
+BIND_MOUNT=""  # the host data dir bind-mounted into a container's root file system
 
 # Every process below $1 (children first-level first); only ever applied to processes we started.
 descendants() {
@@ -304,6 +313,26 @@ cleanup() {
         for pid in $(descendants "$RUN_PID") "$RUN_PID"; do kill -KILL "$pid" 2> /dev/null || true; done
         wait "$RUN_PID" 2> /dev/null || true
     fi
+    if alive "$TRAIN_PID"; then
+        kill -TERM "$TRAIN_PID" 2> /dev/null || true
+        wait "$TRAIN_PID" 2> /dev/null || true
+    fi
+    if alive "$NS_PID"; then
+        # unshare runs with --kill-child: SIGKILL to it takes the whole namespace down with it.
+        pid=$(pgrep -P "$NS_PID" | head -n 1 || true)
+        [[ -n $pid ]] && kill -TERM "$pid" 2> /dev/null
+        sleep 2
+        kill -KILL "$NS_PID" 2> /dev/null || true
+        wait "$NS_PID" 2> /dev/null || true
+    fi
+    # Unmount the host data dir before `buildah rm` deletes the container's files; if it will not
+    # go, keep every container rather than risk deleting through the mount.
+    if [[ -n $BIND_MOUNT ]] && mountpoint -q "$BIND_MOUNT"; then
+        umount "$BIND_MOUNT" 2> /dev/null || umount -l "$BIND_MOUNT" || {
+            log "cannot unmount $BIND_MOUNT: leaving containers ${CONTAINERS[*]}"
+            CONTAINERS=()
+        }
+    fi
     for ctr in "${CONTAINERS[@]}"; do "${BUILDAH[@]}" rm "$ctr" > /dev/null 2>&1 || true; done
     [[ -n $TEST_IMAGE ]] && "${BUILDAH[@]}" rmi -f "$TEST_IMAGE" > /dev/null 2>&1
     [[ -n $WORK ]] && rm -rf "$WORK"
@@ -311,7 +340,8 @@ cleanup() {
     exit "$status"
 }
 
-# Sets IMG_CMD, IMG_USER, IMG_VOLUME, IMG_HEALTH, IMG_ADDRESS, IMG_METRICS_PORT from the image.
+# Sets IMG_CMD, IMG_USER, IMG_VOLUME, IMG_HEALTH, IMG_ADDRESS, IMG_METRICS_PORT, IMG_ENV (every
+# NAME=VALUE) and IMG_WORKDIR from the image.
 read_image_config() {
     eval "$("${BUILDAH[@]}" inspect --type image "$1" | "$HOST_PY" -c '
 import json, shlex, sys
@@ -335,11 +365,26 @@ arr("IMG_HEALTH", test)
 env = dict(e.split("=", 1) for e in c.get("Env") or [])
 val("IMG_ADDRESS", env.get("RNNSERVE_ADDRESS", ""))
 val("IMG_METRICS_PORT", env.get("RNNSERVE_METRICS_PORT", ""))
+arr("IMG_ENV", c.get("Env") or [])
+val("IMG_WORKDIR", c.get("WorkingDir") or "/")
 ')"
 }
 
 free_port() {
     "$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_serving PID LOG: wait until the test's port answers SERVING through the client library,
+# failing as soon as PID (what started the server) exits.
+wait_serving() {
+    local deadline=$((SECONDS + 90))
+    until "$HOST_PY" "$ROOT/scripts/image_check.py" wait "127.0.0.1:$PORT" --timeout 2 2> /dev/null; do
+        if ! alive "$1"; then
+            tail -n 30 "$2" >&2
+            die "the server exited before it was SERVING (log above)"
+        fi
+        ((SECONDS < deadline)) || die "not SERVING within 90 s"
+    done
 }
 
 # start_server CONTAINER LOG: the image's own entrypoint + cmd as its own user, the host data dir
@@ -354,14 +399,7 @@ start_server() {
         -v "$DATA:$IMG_VOLUME" \
         "$1" -- "${IMG_CMD[@]}" < /dev/null > "$2" 2>&1 &
     RUN_PID=$!
-    local deadline=$((SECONDS + 90))
-    until "$HOST_PY" "$ROOT/scripts/image_check.py" wait "127.0.0.1:$PORT" --timeout 2 2> /dev/null; do
-        if ! alive "$RUN_PID"; then
-            tail -n 30 "$2" >&2
-            die "the server exited before it was SERVING (log above)"
-        fi
-        ((SECONDS < deadline)) || die "not SERVING within 90 s"
-    done
+    wait_serving "$RUN_PID" "$2"
     local pid uid
     pid=$(server_pid)
     uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
@@ -370,8 +408,103 @@ start_server() {
     [[ $uid != 0 ]] || die "the server runs as root"
 }
 
+# pid1_step CONTAINER UID GID SESSION STEP: what `docker run` does and `buildah run --isolation
+# chroot` cannot: the image's entrypoint + cmd as PID 1 of a new PID namespace (unshare --pid
+# --fork --mount-proc), in the container's root file system with the image's working directory,
+# user (uid/gid from its /etc/passwd, no supplementary groups) and environment (only the ports
+# overridden), the host data dir bind-mounted on the VOLUME path. PID 1 gets no default signal
+# actions, so SIGTERM from outside does anything only if the server handles it. A Train stream is
+# running when SIGTERM arrives: the server must drain it, checkpoint, log "stopped" and exit 0.
+pid1_step() {
+    local ctr=$1 uid=$2 gid=$3 session=$4 step=$5 root env=() entry pid ns_pid status uid_now
+    local log=$WORK/server-pid1.log train_out=$WORK/train-pid1.jsonl train_err=$WORK/train-pid1.err
+    local deadline train_rc=0 reason final_step t0=$SECONDS
+    root=$("${BUILDAH[@]}" mount "$ctr")
+    mkdir -p "$root$IMG_VOLUME"
+    BIND_MOUNT=$root$IMG_VOLUME
+    mount --bind "$DATA" "$BIND_MOUNT"
+    for entry in "${IMG_ENV[@]}"; do
+        case ${entry%%=*} in
+            RNNSERVE_ADDRESS | RNNSERVE_METRICS_PORT) ;;
+            *) env+=("$entry") ;;
+        esac
+    done
+    env+=("RNNSERVE_ADDRESS=$ADDRESS" "RNNSERVE_METRICS_PORT=$METRICS_PORT")
+    # env -i: the server sees the image's environment only, not this script's. --mount-proc and
+    # --wd apply inside --root; --kill-child takes the namespace down if unshare itself is killed.
+    env -i "${env[@]}" "$(command -v unshare)" --pid --fork --kill-child --mount-proc=/proc \
+        --root="$root" --wd="$IMG_WORKDIR" --setgid "$gid" --setuid "$uid" -- "${IMG_CMD[@]}" \
+        < /dev/null > "$log" 2>&1 &
+    NS_PID=$!
+    wait_serving "$NS_PID" "$log"
+    pid=$(pgrep -P "$NS_PID" | head -n 1 || true)
+    [[ -n $pid ]] || die "no server process under unshare $NS_PID"
+    ns_pid=$(awk '/^NSpid:/ { print $NF }' "/proc/$pid/status")
+    uid_now=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
+    grep '"serving"' "$log" | grep -Eq '"pid": ?1[,}]' || {
+        tail -n 5 "$log" >&2
+        die "the server's serving log line does not say pid 1"
+    }
+    ((ns_pid == 1)) || die "host pid $pid is pid $ns_pid in its namespace, not 1"
+    ((uid_now == uid)) || die "the PID 1 server runs as uid $uid_now, not $uid"
+    log "SERVING as PID 1 (host pid $pid, $(cat "/proc/$pid/comm"), uid $uid_now, cwd" \
+        "$(readlink "/proc/$pid/cwd" | sed "s|^$root||")), its log says \"pid\": 1"
+    "$HOST_PY" "$ROOT/scripts/image_check.py" verify "127.0.0.1:$PORT" "$session" "$step" ||
+        die "the session is not there for the PID 1 server"
+
+    # A Train stream that would run for minutes; SIGTERM lands once it has reported progress.
+    "$HOST_PY" -m rnnserve --address "127.0.0.1:$PORT" --json train "$session" \
+        --steps 1000000 --report-every 20 --max-seconds 60 > "$train_out" 2> "$train_err" &
+    TRAIN_PID=$!
+    deadline=$((SECONDS + 20))
+    until [[ -s $train_out ]]; do
+        alive "$TRAIN_PID" || die "the Train stream ended before reporting: $(cat "$train_err")"
+        ((SECONDS < deadline)) || die "no Train progress within 20 s"
+        sleep 0.1
+    done
+    touch "$WORK/before-sigterm"
+    sleep 0.01
+    # Only the process this step started: still the child of our unshare.
+    [[ $(ps -o ppid= -p "$pid" | tr -d ' ') == "$NS_PID" ]] || die "pid $pid is not unshare's child"
+    kill -TERM "$pid"
+    deadline=$((SECONDS + 30))
+    while alive "$NS_PID" && ((SECONDS < deadline)); do sleep 0.1; done
+    alive "$NS_PID" && die "the PID 1 server did not exit within 30 s of SIGTERM"
+    status=0
+    wait "$NS_PID" || status=$?
+    NS_PID=""
+    deadline=$((SECONDS + 10))
+    while alive "$TRAIN_PID" && ((SECONDS < deadline)); do sleep 0.1; done
+    alive "$TRAIN_PID" && die "the Train stream did not end within 10 s of the server stopping"
+    wait "$TRAIN_PID" || train_rc=$?
+    TRAIN_PID=""
+    ((status == 0)) || {
+        tail -n 20 "$log" >&2
+        die "the PID 1 server exited $status after SIGTERM"
+    }
+    grep '"shutting_down"' "$log" | grep -q '"SIGTERM"' ||
+        die "no shutting_down on SIGTERM in the PID 1 log"
+    grep -q '"stopped"' "$log" || die "no 'stopped' log line from the PID 1 server"
+    [[ $DATA/sessions/$session.npz -nt $WORK/before-sigterm ]] ||
+        die "$DATA/sessions/$session.npz was not checkpointed after SIGTERM"
+    # The stream's last message is the server's final one: stopped for shutdown, at some step.
+    read -r reason final_step < <(tail -n 1 "$train_out" | "$HOST_PY" -c '
+import json, sys
+d = json.load(sys.stdin)
+print(d.get("stop_reason", "?"), d.get("step", "?"))' 2> /dev/null) || true
+    [[ ${reason:-} == STOP_REASON_SHUTDOWN ]] || {
+        tail -n 2 "$train_out" "$train_err" >&2
+        die "the Train stream did not end with a shutdown message (client exit $train_rc)"
+    }
+    log "SIGTERM to PID 1 mid-Train: exit 0; the Train stream ended with $reason at step" \
+        "$final_step (was $step); checkpoint rewritten; \"stopped\" logged ($((SECONDS - t0)) s)"
+    umount "$BIND_MOUNT"
+    BIND_MOUNT=""
+    "${BUILDAH[@]}" umount "$ctr" > /dev/null
+}
+
 cmd_test() {
-    local t0=$SECONDS build_s size_mb session=image-test step ctr1 ctr2 uid gid rootfs
+    local t0=$SECONDS build_s size_mb session=image-test step ctr1 ctr2 ctr3 uid gid rootfs
     trap cleanup EXIT
     [[ -x $HOST_PY ]] || die "$HOST_PY not found: run 'make install' first"
     ensure_tools
@@ -445,7 +578,12 @@ cmd_test() {
     fi
     log "HEALTHCHECK fails once the server is gone, as it should"
 
-    log "6. image size"
+    log "6. the image's command as PID 1 of its own PID namespace: SIGTERM mid-Train"
+    ctr3=$("${BUILDAH[@]}" from --pull-never --name "rnnserve-image-test-3-$$" "$TEST_IMAGE")
+    CONTAINERS+=("$ctr3")
+    pid1_step "$ctr3" "$uid" "$gid" "$session" "$step"
+
+    log "7. image size"
     size_mb=$(image_size_mb "$TEST_IMAGE")
     log "image size ${size_mb} MB (limit ${SIZE_LIMIT_MB} MB); buildah build ${build_s} s;" \
         "whole test $((SECONDS - t0)) s"
