@@ -143,6 +143,8 @@ def run_kill_trials(
                 ]
                 for stream in streams:
                     next(stream)  # training is running (sync on a progress message)
+                for sid in TRAINED:  # a trial means something only once a step is on disk
+                    _wait_until(lambda: client.session(sid).info().checkpointed_step > 0)  # noqa: B023
                 created = threading.Event()
                 if trial % 3 == 0:  # a CreateSession racing the kill
                     result.created = f"n{trial}"
@@ -176,6 +178,14 @@ def run_kill_trials(
         if on_trial is not None:
             on_trial(result)
     return results
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; a loaded machine can take a while to checkpoint."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def _create(client: Client, session_id: str, done: threading.Event) -> None:
