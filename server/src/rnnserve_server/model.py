@@ -55,6 +55,10 @@ __all__ = [
 PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
 DTYPES = ("float32", "float64")
 STATE_FORMAT = 1
+MAX_VALIDATION_FRACTION = 0.5
+# Settings that can change on a live trainer (Trainer.reconfigure); the rest fix the weights'
+# shapes or the corpus feed.
+MUTABLE_FIELDS = ("learning_rate", "clip", "reset_every", "optimizer")
 _EVAL_CHUNK = 2048  # time steps per forward chunk when scoring long texts (bounds memory)
 
 
@@ -88,6 +92,7 @@ class ModelConfig:
     seed: int = 0  # seeds the weight initialisation
     dtype: str = "float32"  # "float32" | "float64"
     reset_every: int = 0  # zero the carried hidden states every N corpus windows; 0 = never
+    validation_fraction: float = 0.0  # share of the corpus, at its end, never trained on
 
     def validate(self) -> None:
         """Raise EngineError naming the first invalid field and the values it accepts."""
@@ -110,6 +115,17 @@ class ModelConfig:
                 or value <= 0
             ):
                 raise EngineError(f"{name} must be a finite number > 0, got {value!r}")
+        frac = self.validation_fraction
+        if (
+            isinstance(frac, bool)
+            or not isinstance(frac, int | float)
+            or not math.isfinite(frac)
+            or not 0.0 <= frac <= MAX_VALIDATION_FRACTION
+        ):
+            raise EngineError(
+                f"validation_fraction must be a number from 0 to {MAX_VALIDATION_FRACTION}, "
+                f"got {frac!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise EngineError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
@@ -397,6 +413,14 @@ def _score(
 # The trainer: model + optimizer + corpus feed
 
 
+def validation_split(length: int, fraction: float) -> int:
+    """How many characters at the end of a corpus of ``length`` are held out: the tail of
+    ``fraction`` of it, at least 2 (one prediction) when ``fraction`` is positive."""
+    if fraction <= 0 or length <= 0:
+        return 0
+    return max(2, int(length * fraction))
+
+
 def _id_dtype(vocab_size: int) -> np.dtype:
     """The smallest integer dtype that holds ids 0 .. vocab_size - 1."""
     if vocab_size <= 1 << 8:
@@ -423,9 +447,17 @@ class Trainer:
         self.config = config
         self.vocab = vocab
         ids = self._check_ids(corpus, "corpus")
-        if ids.shape[0] < 2 or ids.shape[0] < config.seq_length:
+        held = validation_split(ids.shape[0], config.validation_fraction)
+        train = ids.shape[0] - held
+        if train < 2 or train < config.seq_length:
+            extra = (
+                f" after holding out {held} for validation (validation_fraction="
+                f"{config.validation_fraction:g})"
+                if held
+                else ""
+            )
             raise EngineError(
-                f"the text has {ids.shape[0]} character(s); training needs at least "
+                f"the text has {ids.shape[0]} character(s){extra}; training needs at least "
                 f"max(2, seq_length={config.seq_length}): give more text or a smaller seq_length"
             )
         # (capacity,) the first corpus_length entries are used; in the smallest unsigned dtype
@@ -443,7 +475,7 @@ class Trainer:
             config.optimizer, self.parameter_count, config.learning_rate, self._dtype
         )
         self.hidden = np.zeros((B, H), dtype=self._dtype)  # carried state of each strand
-        self.cursors = (np.arange(B, dtype=np.int64) * self.corpus_length) // B  # (B,)
+        self.cursors = (np.arange(B, dtype=np.int64) * self.train_length) // B  # (B,)
         self._offsets = np.arange(config.seq_length + 1, dtype=np.int64)  # (T+1,)
         # Scratch used only during an update, allocated by the first one and freed by
         # release_scratch(): with it an idle trainer would be ~2.5x its weights + state.
@@ -469,6 +501,16 @@ class Trainer:
         view = self._corpus[: self.corpus_length]
         view.flags.writeable = False
         return view
+
+    @property
+    def validation_length(self) -> int:
+        """Characters held out at the end of the corpus (0 without a validation split)."""
+        return validation_split(self.corpus_length, self.config.validation_fraction)
+
+    @property
+    def train_length(self) -> int:
+        """Characters trained on: the corpus without its held-out tail."""
+        return self.corpus_length - self.validation_length
 
     @property
     def optimizer(self) -> Optimizer:
@@ -539,7 +581,7 @@ class Trainer:
 
         DivergedError leaves weights, optimizer state, cursors and hidden states untouched.
         """
-        T, L = self.config.seq_length, self.corpus_length
+        T, L = self.config.seq_length, self.train_length
         B, H, V = self.config.batch_size, self.config.hidden_size, self.vocab.size
         hidden = self.hidden
         reset = self.config.reset_every
@@ -603,6 +645,37 @@ class Trainer:
             raise EngineError("text must have at least 2 characters to evaluate")
         _, nats = _score(self.params, seq[:-1], seq[1:])
         return float(nats / (seq.shape[0] - 1))
+
+    def validation_loss(self) -> float | None:
+        """Mean nats per character over the held-out tail, from a zero state (chunked, so
+        memory stays bounded); None without a validation split."""
+        held = self.validation_length
+        if held < 2:
+            return None
+        tail = self._corpus[self.corpus_length - held : self.corpus_length].astype(np.int32)
+        _, nats = _score(self.params, tail[:-1], tail[1:])
+        return float(nats / (held - 1))
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change the settings named in MUTABLE_FIELDS (EngineError for others or bad values).
+
+        A new optimizer starts with fresh state; a new learning rate keeps the optimizer's
+        state (Adagrad's sums, Adam's moments).
+        """
+        fixed = sorted(set(changes) - set(MUTABLE_FIELDS))
+        if fixed:
+            raise EngineError(f"{', '.join(fixed)} can't change on an existing trainer")
+        config = self.config.replace(**changes)
+        config.validate()
+        old = self._optimizer
+        optimizer = make_optimizer(
+            config.optimizer, self.parameter_count, config.learning_rate, self._dtype
+        )
+        if config.optimizer == old.name:
+            optimizer.load_state(old.state_arrays(), old.state_meta())
+        self._optimizer = optimizer
+        self.config = config
+        self.release_scratch()  # the old optimizer's staging buffers go with it
 
     def sample(
         self,
