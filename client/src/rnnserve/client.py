@@ -306,6 +306,7 @@ def _config_changes(
     clip: float | None,
     reset_every: int | None,
     optimizer: str | int | None,
+    required: bool = True,
 ) -> tuple[pb.SessionConfig, list[str]]:
     """A SessionConfig with the given values set, and the update_mask paths naming them."""
     config = pb.SessionConfig()
@@ -321,7 +322,7 @@ def _config_changes(
     if optimizer is not None:
         config.optimizer = _enum("optimizer", optimizer, OPTIMIZERS)  # type: ignore[assignment]
         paths.append("config.optimizer")
-    if not paths:
+    if required and not paths:
         raise InvalidArgument("give at least one setting to change")
     return config, paths
 
@@ -722,7 +723,7 @@ class Session:
     ) -> Session:
         """A copy of this session (weights, optimizer state, corpus, history) under a new id,
         with the given settings changed."""
-        config, _ = _config_changes(learning_rate, clip, reset_every, optimizer)
+        config, _ = _config_changes(learning_rate, clip, reset_every, optimizer, required=False)
         request = pb.ForkSessionRequest(
             session_id=self.id, new_session_id=new_session_id, config=config
         )
