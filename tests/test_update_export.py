@@ -158,6 +158,30 @@ def numpy_predict_loss(meta: dict[str, Any], arrays: dict[str, np.ndarray], text
     return nats / len(ids)
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_numpy_block() -> str:
+    """The README's Python block that loads an archive with plain numpy."""
+    blocks = README.read_text(encoding="utf-8").split("```python\n")[1:]
+    found = [b.split("```")[0] for b in blocks if 'np.load("model.rnn"' in b]
+    assert len(found) == 1, "the README shows one plain-numpy loading block"
+    return found[0]
+
+
+def test_the_readme_numpy_recipe_reproduces_predict(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = client.create_session(TEXT, **SMALL)
+    session.train(40, report_every=40).wait()
+    session.export(tmp_path / "model.rnn")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(readme_numpy_block(), namespace)  # exactly what the README shows
+    text = TEXT[:150]
+    assert namespace["loss"](text) == pytest.approx(session.predict(text).loss, rel=1e-4)
+
+
 def test_exported_weights_reproduce_predict_with_plain_numpy(
     client: Client, tmp_path: Path
 ) -> None:
