@@ -717,6 +717,13 @@ CASES: list[Case] = [
         "NaN",
     ),
     Case(
+        "import negative cursors",
+        _tampered(_replace("trainer.cursors.npy", np.array([-(10**12), 5], dtype=np.int64))),
+        IA,
+        "cursors",
+    ),
+    Case("import NaN loss", _tampered(_set_meta(loss=NAN)), IA, "finite"),
+    Case(
         "import corpus id out of range",
         _tampered(_replace("corpus.npy", np.full(450, 999, "<i4"))),
         IA,

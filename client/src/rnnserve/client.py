@@ -42,8 +42,9 @@ __all__ = [
 DEFAULT_ADDRESS = "localhost:50051"
 # 64 Ki characters are at most 256 KiB of UTF-8: far under gRPC's 4 MiB default message limit.
 DEFAULT_CHUNK_CHARS = 65536
-# Archive chunks of ExportSession/ImportSession: 1 MiB, far under the 4 MiB message limit.
-DEFAULT_CHUNK_BYTES = 1 << 20
+# Archive chunks sent by ImportSession: 256 KiB, like AppendText's largest, far under the
+# 4 MiB message limit.
+DEFAULT_CHUNK_BYTES = 256 * 1024
 # create_session sends at most this many characters inline and appends the rest in chunks.
 INLINE_TEXT_CHARS = 262144
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import zipfile
 from collections.abc import Callable
@@ -195,8 +196,12 @@ def read(data: bytes, check: Check) -> Checkpoint:
     session_meta: dict[str, Any] = {}
     for key in ("create_time", "update_time", "loss", "smoothed_loss"):
         value = meta.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _bad(f"'meta'.{key} is not a number")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise _bad(f"'meta'.{key} is not a finite number")
         session_meta[key] = float(value)
     session_meta["step"] = step
     session_meta["validation"] = meta.get("validation", [])

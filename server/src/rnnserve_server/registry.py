@@ -358,6 +358,14 @@ class Registry:
                 session.reconfigure(changes)
         except (EngineError, ValueError, TypeError) as exc:
             raise InvalidArgumentError(f"the session state is invalid: {exc}") from None
+        trainer = session.require_trainer()
+        if trainer.cursors.size and (
+            int(trainer.cursors.min()) < 0 or int(trainer.cursors.max()) > trainer.train_length
+        ):
+            raise InvalidArgumentError(
+                f"the session state is invalid: its strand cursors lie outside the "
+                f"{trainer.train_length} characters trained on"
+            )
         session.create_time = session.update_time = time.time()
         session.corpus_on_disk = None  # nothing on disk yet: the first write has it all
         session.checkpointed_step = -1

@@ -489,14 +489,15 @@ class Servicer(pb_grpc.RnnServiceServicer):
             session.begin("UpdateSession")
             try:
                 await self.registry.run(session.reconfigure, changes)
+                # Still busy while it is written, so no other change can mark it dirty.
+                await self.registry.flush(session)
+                if session.dirty:  # the write failed: never acknowledge what is not kept
+                    raise CheckpointError(
+                        f"session {session.id!r} was updated in memory but could not be "
+                        "checkpointed; the server log has the reason"
+                    )
             finally:
                 session.end()
-            await self.registry.flush(session)
-            if session.dirty:  # the write failed: never acknowledge what is not kept
-                raise CheckpointError(
-                    f"session {session.id!r} was updated in memory but could not be "
-                    "checkpointed; the server log has the reason"
-                )
             log.info("session_updated", session_id=session.id, **changes)
             return pb.UpdateSessionResponse(session=session_to_pb(session))
 
