@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from rnnserve import Client, InvalidArgument
+from rnnserve import Client, InvalidArgument, TrainingDiverged
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve_server.model import ModelConfig, Trainer
 from rnnserve_server.vocab import Vocab
@@ -212,3 +212,16 @@ def test_cli_train_stop_flags_and_samples(module_server: ServerHandle, client: C
     plain = rnnserve(module_server, "train", "cli-hallo", "--steps", "5", "--patience", "2")
     assert plain.returncode == 6
     assert "validation_fraction" in plain.stderr
+
+
+def test_a_non_finite_update_points_at_rnnserve_set(client: Client) -> None:
+    session = client.create_session(
+        "Hallo", session_id="abort-msg", preset="notebook", learning_rate=1e38, seed=1
+    )
+    with pytest.raises(TrainingDiverged) as error:
+        for _ in range(100):
+            session.step()
+    assert "rnnserve set abort-msg --learning-rate" in error.value.details
+    assert "rnnserve fork abort-msg" in error.value.details
+    # The command it names is accepted as is.
+    assert session.update(learning_rate=1e-3).config.learning_rate == pytest.approx(1e-3)
