@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 from rnnserve import Client, InvalidArgument, TrainingDiverged
 from rnnserve.v1 import rnn_service_pb2 as pb
@@ -69,6 +70,52 @@ def test_trainer_never_trains_on_the_held_out_tail() -> None:
     assert measured is not None
     assert measured == pytest.approx(trainer.evaluate(tail), rel=1e-6)
     assert measured > math.log(vocab.size)  # worse than uniform: never seen
+
+
+def test_long_tails_are_scored_as_strands_from_zero_states(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long tail is read as parallel strands, each from a zero state, in bounded chunks:
+    the same sum as scoring each strand alone, and close to one strand over all of it."""
+    from rnnserve_server import model
+
+    text = TEXT * 3
+    vocab = Vocab.from_text(text)
+    config = ModelConfig(
+        hidden_size=16,
+        seq_length=10,
+        batch_size=4,
+        learning_rate=3e-3,
+        optimizer="adam",
+        seed=2,
+        dtype="float64",
+        validation_fraction=0.5,
+    )
+    trainer = Trainer(config, vocab, vocab.encode(text))
+    for _ in range(150):
+        trainer.step()
+    tail = trainer.corpus[-trainer.validation_length :].astype(np.int32)
+    whole = trainer.evaluate(tail)
+    measured = trainer.validation_loss()
+    assert measured is not None and measured == pytest.approx(whole, rel=0.02)
+    # Small strands and chunks: the batched sum equals each strand scored on its own.
+    monkeypatch.setattr(model, "_VALIDATION_STRAND_CHARS", 100)
+    monkeypatch.setattr(model, "_VALIDATION_CHUNK_FLOATS", 500)
+    inputs, targets = tail[:-1], tail[1:]
+    strands = min(64, len(inputs) // 100)
+    length = len(inputs) // strands
+    expected = (
+        sum(
+            model._score(
+                trainer.params,
+                inputs[i * length : (i + 1) * length],
+                targets[i * length : (i + 1) * length],
+            )[1]
+            for i in range(strands)
+        )
+        + model._score(trainer.params, inputs[strands * length :], targets[strands * length :])[1]
+    )
+    assert model._score_strands(trainer.params, tail) == pytest.approx(expected, rel=1e-12)
 
 
 def test_validation_loss_in_train_watch_and_get(
