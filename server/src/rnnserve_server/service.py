@@ -684,7 +684,8 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 field = "patience" if request.patience else "eval_every"
                 raise InvalidArgumentError(
                     f"{field} needs a validation split, and session {session.id!r} has none; "
-                    "create the session with validation_fraction (e.g. 0.1), or fork it"
+                    "create a session with validation_fraction (e.g. 0.1); an existing "
+                    "session's split can't change"
                 )
             vocab_size = trainer.vocab.size
             runaway = RUNAWAY_FACTOR * math.log(vocab_size) if vocab_size >= 2 else math.inf
