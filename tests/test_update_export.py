@@ -274,3 +274,29 @@ def test_cli_export_import_fork(
     bad.write_bytes(b"not an archive")
     result = rnnserve(module_server, "import", str(bad), "--id", "cli-bad")
     assert result.returncode == 6 and "not a valid rnnserve session archive" in result.stderr
+
+
+def test_sigkill_right_after_update_import_and_fork_keeps_them(
+    server_factory: ServerFactory,
+) -> None:
+    """Update, Import and Fork reply only once the result is on disk: a SIGKILL right after
+    the replies loses none of them."""
+    server = server_factory(checkpoint_interval=3600)
+    with server.client(timeout=20) as c:
+        original = c.create_session(TEXT, session_id="k", **SMALL)
+        original.train(10, report_every=10).wait()
+        data = original.export()
+        c.import_session(data, "k-imported")
+        original.fork("k-forked", clip=1.5)
+        original.update(learning_rate=2e-4)
+    server.kill()
+    again = server_factory(data_dir=server.data_dir)
+    with again.client(timeout=20) as c:
+        assert c.session("k").info().config.learning_rate == pytest.approx(2e-4)
+        imported = c.session("k-imported").info()
+        assert imported.step == 10 and imported.checkpointed_step == 10
+        forked = c.session("k-forked").info()
+        assert forked.step == 10 and forked.config.clip == pytest.approx(1.5)
+        assert (
+            c.session("k-forked").predict(TEXT[:50]).loss == c.session("k").predict(TEXT[:50]).loss
+        )

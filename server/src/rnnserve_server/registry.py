@@ -342,6 +342,14 @@ class Registry:
         finally:
             self._reserved.discard(session_id)
         await self.flush(session)
+        if session.dirty or session.checkpointed_step != session.step:
+            # Never acknowledge a session that is not on disk: take it back.
+            self.sessions.pop(session_id, None)
+            session.deleted = True
+            raise CheckpointError(
+                f"session {session_id!r} could not be written to disk, so it was not created; "
+                "the server log has the reason"
+            )
         log.info(
             "session_adopted",
             session_id=session_id,
