@@ -29,6 +29,7 @@ import json
 import math
 import re
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -44,6 +45,7 @@ MAX_ENTRIES = 256  # far more arrays than any engine state has
 MAX_META_BYTES = 64 * 1024 * 1024  # the JSON (mostly the validation history)
 _NAME_RE = re.compile(r"(meta|loss_history|corpus|trainer\.[A-Za-z0-9_.]{1,100})\.npy", re.ASCII)
 _NUMERIC_KINDS = "iuf"
+_INT32, _INT64 = 2**31 - 1, 2**63 - 1
 
 # check(config, alphabet, corpus_length): raise for a config, alphabet or corpus over a limit.
 Check = Callable[[ModelConfig, str, int], None]
@@ -115,12 +117,37 @@ def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
             raise _bad(f"{info.filename}: unreadable ({exc})") from None
 
 
+# What zipfile, zlib and numpy raise on corrupt input (found by fuzzing: bad CRCs, headers
+# that disagree with the directory, "encrypted" flags, unknown zip versions, bad offsets).
+_CORRUPT = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    OverflowError,
+    KeyError,
+    IndexError,
+)
+
+
 def read(data: bytes, check: Check) -> Checkpoint:
     """Parse and check an archive; the Checkpoint has the corpus in ``trainer_arrays``.
 
     ``data`` is already bounded by the caller (max_import_bytes). The arrays' shapes are
-    checked against the config by the engine when the session is built from it.
+    checked against the config by the engine when the session is built from it. Any
+    corruption is an InvalidArgumentError.
     """
+    try:
+        return _read_archive(data, check)
+    except _CORRUPT as exc:
+        raise _bad(f"it is corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _read_archive(data: bytes, check: Check) -> Checkpoint:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -173,6 +200,19 @@ def read(data: bytes, check: Check) -> Checkpoint:
             config = ModelConfig.from_dict(dict(trainer_meta["config"]))
         except EngineError as exc:
             raise _bad(f"its config is invalid ({exc})") from None
+        if not isinstance(trainer_meta.get("optim"), dict):
+            raise _bad("'meta' trainer.optim is not an object")
+        # Counters must fit the wire's integer fields (int32 settings, int64 steps and seed)
+        # and be >= 0: an optimizer's step count of -1 would divide by zero in Adam.
+        for name, value, bound in (
+            ("config.reset_every", config.reset_every, _INT32),
+            ("config.seed", config.seed, _INT64),
+            ("step_count", trainer_meta.get("step_count"), _INT64),
+            ("windows", trainer_meta.get("windows"), _INT64),
+            *((f"optim.{k}", v, _INT64) for k, v in trainer_meta["optim"].items()),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
+                raise _bad(f"'meta' trainer.{name} must be an integer from 0 to {bound}")
 
         dtype, shape = headers["corpus.npy"]
         if dtype.kind not in "iu" or len(shape) != 1:
