@@ -9,13 +9,17 @@ them cheaply; every RESOURCE_EXHAUSTED must name the flag and the environment va
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import math
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.v1 import rnn_service_pb2 as pb
@@ -37,6 +41,7 @@ LIMITS: dict[str, int] = dict(
     max_generate_length=2_000,
     max_text_chars=2_000,
     max_message_bytes=65_536,
+    max_import_bytes=200_000,
 )
 MODULE_SERVER_SETTINGS: dict[str, Any] = dict(LIMITS)
 
@@ -177,6 +182,129 @@ def _create_with_id(session_id: str) -> Callable[[H], None]:
 
 def _get_with_id(session_id: str) -> Callable[[H], Any]:
     return lambda h: h.stub.GetSession(pb.GetSessionRequest(session_id=session_id))
+
+
+# ----- archives for ImportSession: a real export of BASE, then tampered with ------------
+
+
+def _export(h: H, session_id: str = BASE) -> bytes:
+    request = pb.ExportSessionRequest(session_id=session_id)
+    return b"".join(r.data for r in h.stub.ExportSession(request, timeout=DEADLINE))
+
+
+def _import(h: H, data: bytes, session_id: str | None = None, chunk: int = 60_000) -> None:
+    new_id = f"i{next(_ids)}" if session_id is None else session_id
+    requests = [
+        pb.ImportSessionRequest(session_id=new_id if i == 0 else "", data=data[i : i + chunk])
+        for i in range(0, max(len(data), 1), chunk)
+    ]
+    h.stub.ImportSession(iter(requests), timeout=DEADLINE)
+
+
+def _npy(array: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _entries(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def _zip(entries: dict[str, bytes], compression: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as zf:
+        for name, value in entries.items():
+            zf.writestr(name, value)
+    return buffer.getvalue()
+
+
+def _meta(entries: dict[str, bytes]) -> dict[str, Any]:
+    loaded: Any = json.loads(np.load(io.BytesIO(entries["meta.npy"])).tobytes())
+    return dict(loaded)
+
+
+def _with_meta(entries: dict[str, bytes], meta: dict[str, Any]) -> dict[str, bytes]:
+    raw = json.dumps(meta).encode()
+    return {**entries, "meta.npy": _npy(np.frombuffer(raw, dtype=np.uint8))}
+
+
+def _tampered(change: Callable[[dict[str, bytes]], dict[str, bytes]]) -> Callable[[H], None]:
+    return lambda h: _import(h, _zip(change(_entries(_export(h)))))
+
+
+def _set_config(**fields: Any) -> Callable[[dict[str, bytes]], dict[str, bytes]]:
+    def change(entries: dict[str, bytes]) -> dict[str, bytes]:
+        meta = _meta(entries)
+        meta["trainer"]["config"].update(fields)
+        return _with_meta(entries, meta)
+
+    return change
+
+
+def _set_meta(**fields: Any) -> Callable[[dict[str, bytes]], dict[str, bytes]]:
+    def change(entries: dict[str, bytes]) -> dict[str, bytes]:
+        return _with_meta(entries, {**_meta(entries), **fields})
+
+    return change
+
+
+def _replace(name: str, array: Any) -> Callable[[dict[str, bytes]], dict[str, bytes]]:
+    return lambda entries: {**entries, name: _npy(array)}
+
+
+def _huge_header(entries: dict[str, bytes]) -> dict[str, bytes]:
+    """corpus.npy whose header claims 10^12 ids but carries a few bytes: must be refused
+    from the header, before anything that size is allocated."""
+    header = b"{'descr': '<i4', 'fortran_order': False, 'shape': (1000000000000,), }"
+    header += b" " * (63 - len(header) % 64) + b"\n"
+    return {
+        **entries,
+        "corpus.npy": b"\x93NUMPY\x01\x00"
+        + len(header).to_bytes(2, "little")
+        + header
+        + b"\x00" * 16,
+    }
+
+
+def _object_array(entries: dict[str, bytes]) -> dict[str, bytes]:
+    return {**entries, "trainer.Wxh.npy": _npy(np.array([{"x": 1}], dtype=object))}
+
+
+def _bomb(h: H) -> None:
+    """A deflated entry of 50 MB of zeros: a small archive that declares far more."""
+    entries = _entries(_export(h))
+    entries["trainer.extra.npy"] = b"\x00" * 50_000_000
+    _import(h, _zip(entries, compression=zipfile.ZIP_DEFLATED))
+
+
+def _update(session_id: str, paths: list[str], **config: Any) -> Callable[[H], None]:
+    def run(h: H) -> None:
+        request = pb.UpdateSessionRequest(
+            session=pb.Session(
+                session_id=h.fresh() if session_id == "fresh" else session_id,
+                config=pb.SessionConfig(**config),
+            )
+        )
+        request.update_mask.paths.extend(paths)
+        h.stub.UpdateSession(request, timeout=DEADLINE)
+
+    return run
+
+
+def _update_while_training(h: H, session_id: str) -> None:
+    _update(session_id, ["config.learning_rate"], learning_rate=0.01)(h)
+
+
+def _fork(new_id: str, **config: Any) -> Callable[[H], None]:
+    def run(h: H) -> None:
+        request = pb.ForkSessionRequest(
+            session_id=BASE, new_session_id=new_id, config=pb.SessionConfig(**config)
+        )
+        h.stub.ForkSession(request, timeout=DEADLINE)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -487,6 +615,125 @@ CASES: list[Case] = [
     ),
     Case("append while training", lambda h: _train_then(h, _append_while_training), FP),
     Case("append empty chunk", lambda h: h.append([(h.fresh(), "")]), OK),
+    # --- UpdateSession ---
+    Case("update empty mask", _update("fresh", []), IA, "update_mask"),
+    Case("update hidden_size", _update("fresh", ["config.hidden_size"], hidden_size=9), IA, "fork"),
+    Case("update seq_length", _update("fresh", ["config.seq_length"], seq_length=4), IA, "fork"),
+    Case("update alphabet", _update("fresh", ["alphabet"]), IA, "changeable"),
+    Case("update bad path", _update("fresh", ["config.nope"]), IA, "changeable"),
+    Case("update lr NaN", _update("fresh", ["config.learning_rate"], learning_rate=NAN), IA),
+    Case("update lr 0", _update("fresh", ["config.learning_rate"]), IA, "learning_rate"),
+    Case("update clip inf", _update("fresh", ["config.clip"], clip=INF), IA, "clip"),
+    Case("update reset_every <0", _update("fresh", ["config.reset_every"], reset_every=-1), IA),
+    Case("update optimizer 99", _update("fresh", ["config.optimizer"], optimizer=99), IA),
+    Case("update unknown session", _update("nope", ["config.clip"], clip=1.0), NF),
+    Case("update bad id", _update("../x", ["config.clip"], clip=1.0), IA, "session_id"),
+    Case("update while training", lambda h: _train_then(h, _update_while_training), FP),
+    # --- ForkSession ---
+    Case("fork onto existing id", _fork(BASE), AE),
+    Case("fork empty new id", _fork(""), IA, "new_session_id"),
+    Case("fork bad new id", _fork("../../x"), IA, "session_id"),
+    Case("fork hidden_size", _fork("fk1", hidden_size=16), IA, "fork"),
+    Case("fork lr -1", _fork("fk2", learning_rate=-1.0), IA, "learning_rate"),
+    Case("fork ok", _fork("fk3", learning_rate=0.01), OK),
+    # --- ExportSession ---
+    Case(
+        "export unknown session",
+        lambda h: h.raw_stream("ExportSession", _field(1, b"nope")),
+        NF,
+    ),
+    # --- ImportSession: hostile archives ---
+    Case("import round trip", lambda h: _import(h, _export(h)), OK),
+    Case("import not a zip", lambda h: _import(h, b"hello, this is not an archive"), IA, "zip"),
+    Case("import no bytes", lambda h: _import(h, b""), IA, "no archive bytes"),
+    Case("import over max_import_bytes", lambda h: _import(h, b"x" * 250_000), RE, "import"),
+    Case("import taken id", lambda h: _import(h, _export(h), BASE), AE),
+    Case("import bad id", lambda h: _import(h, _export(h), "../evil"), IA, "session_id"),
+    Case("import truncated", lambda h: _import(h, _export(h)[:3000]), IA),
+    Case(
+        "import path entry name",
+        _tampered(lambda e: {**e, "../evil.npy": e["corpus.npy"]}),
+        IA,
+        "unexpected entry",
+    ),
+    Case("import pickled object array", _tampered(_object_array), IA, "dtype"),
+    Case("import header claims 10^12 ids", _tampered(_huge_header), IA, "does not match"),
+    Case("import deflate bomb", _bomb, IA, "declare"),
+    Case("import hidden_size over limit", _tampered(_set_config(hidden_size=1024)), RE, "hidden"),
+    Case("import hidden_size 0", _tampered(_set_config(hidden_size=0)), IA, "hidden_size"),
+    Case("import unknown config field", _tampered(_set_config(evil=1)), IA, "evil"),
+    Case(
+        "import alphabet over limit",
+        _tampered(
+            lambda e: _with_meta(
+                e,
+                {
+                    **_meta(e),
+                    "trainer": {
+                        **_meta(e)["trainer"],
+                        "alphabet": "".join(map(chr, range(65, 165))),
+                    },
+                },
+            )
+        ),
+        RE,
+        "max-alphabet-size",
+    ),
+    Case("import version 99", _tampered(_set_meta(version=99)), IA, "version"),
+    Case("import wrong format tag", _tampered(_set_meta(format="pickle")), IA, "format"),
+    Case("import step mismatch", _tampered(_set_meta(step=5)), IA, "loss_history"),
+    Case(
+        "import meta not JSON",
+        _tampered(lambda e: {**e, "meta.npy": _npy(np.frombuffer(b"{[", "u1"))}),
+        IA,
+        "JSON",
+    ),
+    Case(
+        "import deep JSON",
+        _tampered(
+            lambda e: {
+                **e,
+                "meta.npy": _npy(np.frombuffer(b"[" * 100_000, "u1")),
+            }
+        ),
+        IA,
+        "JSON",
+    ),
+    Case(
+        "import weights wrong shape",
+        _tampered(_replace("trainer.Whh.npy", np.zeros((3, 3), "f4"))),
+        IA,
+        "Whh",
+    ),
+    Case(
+        "import weights NaN",
+        _tampered(
+            lambda e: {
+                **e,
+                "trainer.bh.npy": _npy(np.full(8, math.nan, "f4")),
+            }
+        ),
+        IA,
+        "NaN",
+    ),
+    Case(
+        "import negative cursors",
+        _tampered(_replace("trainer.cursors.npy", np.array([-(10**12), 5], dtype=np.int64))),
+        IA,
+        "cursors",
+    ),
+    Case("import NaN loss", _tampered(_set_meta(loss=NAN)), IA, "finite"),
+    Case(
+        "import corpus id out of range",
+        _tampered(_replace("corpus.npy", np.full(450, 999, "<i4"))),
+        IA,
+    ),
+    Case(
+        "import missing corpus",
+        _tampered(lambda e: {k: v for k, v in e.items() if k != "corpus.npy"}),
+        IA,
+        "corpus",
+    ),
 ]
 
 

@@ -76,7 +76,8 @@ exit codes:
   5    server unavailable, not SERVING, or shutting down
   6    invalid argument (the message names the field)
   7    a server limit would be exceeded (the message names the setting)
-  8    training diverged: loss not finite, update not applied (lower the learning rate)
+  8    training diverged: loss not finite (update not applied) or above 2 ln V for a
+       whole report window (lower it: rnnserve set ID --learning-rate 1e-3)
   9    timed out (raise --timeout)
   10   unauthenticated or permission denied (--token / RNNSERVE_TOKEN)
   130  interrupted with Ctrl-C (a running train is cancelled cleanly first)
@@ -155,6 +156,7 @@ def _format_config(config: pb.SessionConfig) -> str:
             f"seed={config.seed}",
             f"dtype={_enum_name(pb.DataType, config.dtype, 'DATA_TYPE_')}",
             f"reset_every={config.reset_every}",
+            f"validation_fraction={config.validation_fraction:g}",
         ]
     )
 
@@ -181,6 +183,17 @@ def _show_session(out: Output, session: pb.Session) -> None:
         ("corpus", f"{session.corpus_chars:,} chars"),
         ("alphabet", f"{len(session.alphabet)} chars: {session.alphabet!r}"),
         ("parameters", f"{session.parameter_count:,}"),
+        (
+            "validation",
+            f"{session.validation_loss:.4f} nats/char at step {session.validation_step} "
+            f"({session.validation_chars:,} chars held out)"
+            if session.HasField("validation_loss")
+            else (
+                f"not measured yet ({session.validation_chars:,} chars held out)"
+                if session.validation_chars
+                else "none (no validation split)"
+            ),
+        ),
         ("config", _format_config(session.config)),
         ("created", _timestamp(session, "create_time")),
         ("updated", _timestamp(session, "update_time")),
@@ -233,6 +246,7 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
         seed=args.seed,
         dtype=args.dtype,
         reset_every=args.reset_every,
+        validation_fraction=args.validation_fraction,
     )
     info = session.last_info if session.last_info is not None else session.info()
     out.obj(info)
@@ -313,15 +327,25 @@ def _bar_width() -> dict[str, Any]:
 
 
 def _progress_line(p: pb.TrainResponse) -> str:
+    validation = f"  validation {p.validation_loss:.4f}" if p.HasField("validation_loss") else ""
     return (
-        f"step {p.step}  loss {p.loss:.4f}  smoothed {p.smoothed_loss:.4f}  "
+        f"step {p.step}  loss {p.loss:.4f}  smoothed {p.smoothed_loss:.4f}{validation}  "
         f"{p.chars_per_second:,.0f} chars/s  {p.elapsed_seconds:.1f} s"
     )
 
 
 def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     session = client.session(args.id)
-    stream = session.train(args.steps, args.report_every, args.sample_length)
+    stream = session.train(
+        args.steps,
+        args.report_every,
+        args.sample_length,
+        until_loss=args.until_loss,
+        patience=args.patience,
+        eval_every=args.eval_every,
+        sample_temperature=args.sample_temperature,
+        sample_prime=args.sample_prime,
+    )
     bar = tqdm(
         total=args.steps,
         unit="step",
@@ -350,8 +374,13 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
             out.obj(progress)
             bar.update(progress.steps_done - done)
             done = progress.steps_done
+            validation = (
+                f" val {progress.validation_loss:.3f}"
+                if progress.HasField("validation_loss")
+                else ""
+            )
             bar.set_postfix_str(
-                f"loss {progress.loss:.3f} (avg {progress.smoothed_loss:.3f}) "
+                f"loss {progress.loss:.3f} (avg {progress.smoothed_loss:.3f}){validation} "
                 f"{progress.chars_per_second / 1000:,.1f}k char/s",
                 refresh=False,
             )
@@ -385,6 +414,15 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     if final.stop_reason == pb.STOP_REASON_DELETED:
         print(f"{PROG}: not found: session {args.id!r} was deleted while training", file=sys.stderr)
         return EXIT_NOT_FOUND
+    if final.stop_reason == pb.STOP_REASON_DIVERGED:
+        print(
+            f"{PROG}: training diverged: the loss stayed above twice the uniform baseline "
+            f"(2 ln V) for a whole report window, so training stopped at step {final.step}; "
+            f"lower the learning rate with `{PROG} set {args.id} --learning-rate 1e-3`, or "
+            f"try one on a copy with `{PROG} fork {args.id} NEW_ID --learning-rate 1e-3`",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
     return EXIT_OK
 
 
@@ -437,6 +475,51 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
         bar.close()
     if show_bar and last is not None:
         out.line(f"last: step {last.step} loss {last.loss:.6f}")
+    return EXIT_OK
+
+
+def cmd_set(client: Client, args: argparse.Namespace, out: Output) -> int:
+    changes = _setting_changes(args)
+    if not changes:
+        raise UsageError(
+            "give at least one setting to change: --learning-rate, --clip, --reset-every "
+            "or --optimizer"
+        )
+    info = client.session(args.id).update(**changes)
+    out.obj(info)
+    out.line(f"{args.id}: {_format_config(info.config)}")
+    return EXIT_OK
+
+
+def _setting_changes(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("learning_rate", "clip", "reset_every", "optimizer")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def cmd_fork(client: Client, args: argparse.Namespace, out: Output) -> int:
+    copy = client.session(args.id).fork(args.new_id, **_setting_changes(args))
+    info = copy.last_info if copy.last_info is not None else copy.info()
+    out.obj(info)
+    out.line(copy.id)
+    return EXIT_OK
+
+
+def cmd_export(client: Client, args: argparse.Namespace, out: Output) -> int:
+    path = args.output if args.output is not None else f"{args.id}.rnn"
+    data = client.session(args.id).export(path)
+    out.obj({"session_id": args.id, "path": path, "bytes": len(data)})
+    out.line(f"exported {args.id} to {path} ({len(data):,} bytes)")
+    return EXIT_OK
+
+
+def cmd_import(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.file == "-":
+        session = client.import_session(sys.stdin.buffer, args.id)
+    else:
+        session = client.import_session(args.file, args.id)
+    info = session.last_info if session.last_info is not None else session.info()
+    out.obj(info)
+    out.line(session.id)
     return EXIT_OK
 
 
@@ -579,6 +662,29 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="zero the carried hidden state every N windows (0 never)",
     )
+    group.add_argument(
+        "--validation-fraction",
+        type=float,
+        metavar="F",
+        help="hold out this share of the corpus's tail (0 to 0.5) to measure validation loss",
+    )
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings to change (unset: unchanged)")
+    group.add_argument("--learning-rate", type=float, metavar="LR")
+    group.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        help="a new optimizer starts with fresh state",
+    )
+    group.add_argument("--clip", type=float, metavar="C", help="clip gradients to [-C, C]")
+    group.add_argument(
+        "--reset-every",
+        type=_nonnegative_int,
+        metavar="N",
+        help="zero the carried hidden state every N windows (0 never)",
+    )
 
 
 Command = Callable[[Client, argparse.Namespace, Output], int]
@@ -691,7 +797,74 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="stop (cancel cleanly) after S seconds even if steps remain",
     )
+    p.add_argument(
+        "--until-loss",
+        type=float,
+        metavar="NATS",
+        help="stop once the loss reaches NATS per char (the validation loss with a "
+        "validation split, else the smoothed loss)",
+    )
+    p.add_argument(
+        "--patience",
+        type=_nonnegative_int,
+        default=0,
+        metavar="N",
+        help="early stopping: stop after N validation measurements without a new best "
+        "(needs a validation split)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_nonnegative_int,
+        default=0,
+        metavar="N",
+        help="measure the validation loss every N updates (default: at each report)",
+    )
+    p.add_argument(
+        "--sample-temperature",
+        type=float,
+        metavar="T",
+        help="temperature of the samples (default 1; 0 greedy)",
+    )
+    p.add_argument("--sample-prime", default="", metavar="TEXT", help="start each sample with TEXT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = command(
+        "set",
+        cmd_set,
+        "change a session's settings (not while it trains)",
+        "  rnnserve set shakespeare --learning-rate 1e-3\n"
+        "  rnnserve set shakespeare --optimizer adagrad --learning-rate 0.05\n",
+    )
+    p.add_argument("id", metavar="ID")
+    _add_setting_flags(p)
+
+    p = command(
+        "fork",
+        cmd_fork,
+        "copy a session under a new id, optionally with changed settings; prints the new id",
+        "  rnnserve fork shakespeare shakespeare-lr1e-4 --learning-rate 1e-4\n",
+    )
+    p.add_argument("id", metavar="ID")
+    p.add_argument("new_id", metavar="NEWID")
+    _add_setting_flags(p)
+
+    p = command(
+        "export",
+        cmd_export,
+        "save a whole session (weights, optimizer, corpus, history) to an archive file",
+        "  rnnserve export shakespeare -o model.rnn\n",
+    )
+    p.add_argument("id", metavar="ID")
+    p.add_argument("-o", "--output", metavar="FILE", help="archive path (default: ID.rnn)")
+
+    p = command(
+        "import",
+        cmd_import,
+        "make a session from an archive made by export; prints its id",
+        "  rnnserve import model.rnn --id shakespeare-copy\n",
+    )
+    p.add_argument("file", metavar="FILE", help="archive path ('-' is stdin)")
+    p.add_argument("--id", default="", help="the new session's id (default: the archive's)")
 
     p = command(
         "watch",

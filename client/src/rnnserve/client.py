@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import IO, Any, Generic, TypeVar
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from rnnserve.errors import (
     InvalidArgument,
@@ -41,6 +42,9 @@ __all__ = [
 DEFAULT_ADDRESS = "localhost:50051"
 # 64 Ki characters are at most 256 KiB of UTF-8: far under gRPC's 4 MiB default message limit.
 DEFAULT_CHUNK_CHARS = 65536
+# Archive chunks sent by ImportSession: 256 KiB, like AppendText's largest, far under the
+# 4 MiB message limit.
+DEFAULT_CHUNK_BYTES = 256 * 1024
 # create_session sends at most this many characters inline and appends the rest in chunks.
 INLINE_TEXT_CHARS = 262144
 
@@ -298,6 +302,32 @@ def _enum(kind: str, value: str | int | None, names: dict[str, int]) -> int:
     return names[key]
 
 
+def _config_changes(
+    learning_rate: float | None,
+    clip: float | None,
+    reset_every: int | None,
+    optimizer: str | int | None,
+    required: bool = True,
+) -> tuple[pb.SessionConfig, list[str]]:
+    """A SessionConfig with the given values set, and the update_mask paths naming them."""
+    config = pb.SessionConfig()
+    paths = []
+    for name, value in (
+        ("learning_rate", learning_rate),
+        ("clip", clip),
+        ("reset_every", reset_every),
+    ):
+        if value is not None:
+            setattr(config, name, value)
+            paths.append(f"config.{name}")
+    if optimizer is not None:
+        config.optimizer = _enum("optimizer", optimizer, OPTIMIZERS)  # type: ignore[assignment]
+        paths.append("config.optimizer")
+    if required and not paths:
+        raise InvalidArgument("give at least one setting to change")
+    return config, paths
+
+
 class Client:
     """A connection to an rnnserve server.
 
@@ -420,12 +450,15 @@ class Client:
         seed: int | None = None,
         dtype: str | int | None = None,
         reset_every: int | None = None,
+        validation_fraction: float | None = None,
         timeout: float | None = None,
     ) -> Session:
         """Create a session from ``text``; unset hyperparameters take the preset's values.
 
         ``preset`` is "default", "notebook" or "min-char-rnn"; ``optimizer`` "sgd", "adagrad"
-        or "adam"; ``dtype`` "float32" or "float64" (or the proto enum values). An empty
+        or "adam"; ``dtype`` "float32" or "float64" (or the proto enum values);
+        ``validation_fraction`` holds that share of the corpus's tail out of training to
+        measure the validation loss. An empty
         ``session_id`` lets the server make one. A text longer than a few hundred thousand
         characters is sent in chunks after the call that creates the session (with the
         alphabet fixed up front to ``sorted(set(text))``, what the server would pick).
@@ -442,6 +475,7 @@ class Client:
             ("clip", clip),
             ("seed", seed),
             ("reset_every", reset_every),
+            ("validation_fraction", validation_fraction),
         ):
             if value is not None:
                 setattr(config, name, value)
@@ -461,6 +495,42 @@ class Client:
         if rest:
             session.append_text(rest)
         return session
+
+    def import_session(
+        self,
+        source: str | os.PathLike[str] | bytes | IO[bytes],
+        session_id: str = "",
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> Session:
+        """A new session from an archive made by :meth:`Session.export` (a path, the bytes,
+        or a binary file), streamed in chunks. An empty ``session_id`` takes the archive's."""
+        failure: list[Exception] = []
+
+        def requests() -> Iterator[pb.ImportSessionRequest]:
+            first = True
+            try:
+                for chunk in _iter_bytes(source, chunk_bytes):
+                    yield pb.ImportSessionRequest(
+                        session_id=session_id if first else "", data=chunk
+                    )
+                    first = False
+            except Exception as e:  # raised in gRPC's thread: hand it back to the caller
+                failure.append(e)
+                raise
+            if first:
+                yield pb.ImportSessionRequest(session_id=session_id)
+
+        try:
+            response: pb.ImportSessionResponse = self._stub.ImportSession(
+                requests(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as e:
+            if failure:
+                raise failure[0] from None
+            raise error_from_rpc(e) from None
+        return Session(self, response.session.session_id, response.session)
 
     def session(self, session_id: str) -> Session:
         """A handle on an existing session; makes no call (errors surface on first use)."""
@@ -526,6 +596,23 @@ class Client:
             time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
 
 
+def _iter_bytes(
+    source: str | os.PathLike[str] | bytes | IO[bytes], chunk_bytes: int
+) -> Iterator[bytes]:
+    """Chunks of at most ``chunk_bytes`` from bytes, a binary file or a file path."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        for i in range(0, len(data), chunk_bytes):
+            yield data[i : i + chunk_bytes]
+        return
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:
+            yield from _iter_bytes(f, chunk_bytes)
+        return
+    while chunk := source.read(chunk_bytes):
+        yield chunk
+
+
 class Session:
     """A handle on one session of a :class:`Client`; every method is one RPC.
 
@@ -570,6 +657,11 @@ class Session:
         report_every: int = 0,
         sample_length: int = 0,
         *,
+        until_loss: float | None = None,
+        patience: int = 0,
+        eval_every: int = 0,
+        sample_temperature: float | None = None,
+        sample_prime: str = "",
         timeout: float | None = None,
     ) -> TrainStream:
         """Apply ``steps`` updates, streaming progress every ``report_every`` (0: ~1/s).
@@ -577,11 +669,88 @@ class Session:
         Iterate the returned stream for the progress messages; the last one has
         ``stop_reason`` set. Stopping early (``break``, :meth:`TrainStream.cancel`) cancels
         the call and the server stops between two updates. ``stream.wait()`` runs to the end.
+
+        ``until_loss`` stops once the loss (the validation loss if the session has a
+        validation split, else the smoothed loss) reaches it; ``patience`` stops after that
+        many validation measurements without a new best (early stopping); ``eval_every``
+        measures the validation loss every that many updates (0: at each report). A loss
+        above 2 ln V for a whole report window stops with ``STOP_REASON_DIVERGED``.
         """
         request = pb.TrainRequest(
-            session_id=self.id, steps=steps, report_every=report_every, sample_length=sample_length
+            session_id=self.id,
+            steps=steps,
+            report_every=report_every,
+            sample_length=sample_length,
+            patience=patience,
+            eval_every=eval_every,
+            sample_prime=sample_prime,
         )
+        if until_loss is not None:
+            request.until_loss = until_loss
+        if sample_temperature is not None:
+            request.sample_temperature = sample_temperature
         return TrainStream(self._client._server_stream(self._client._stub.Train, request, timeout))
+
+    def update(
+        self,
+        *,
+        learning_rate: float | None = None,
+        clip: float | None = None,
+        reset_every: int | None = None,
+        optimizer: str | int | None = None,
+        timeout: float | None = None,
+    ) -> pb.Session:
+        """Change the given settings (UpdateSession with a field mask of just those). A new
+        optimizer starts with fresh state. Refused (SessionBusy) while the session trains."""
+        config, paths = _config_changes(learning_rate, clip, reset_every, optimizer)
+        request = pb.UpdateSessionRequest(
+            session=pb.Session(session_id=self.id, config=config),
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+        )
+        self.last_info = self._client._unary(
+            self._client._stub.UpdateSession, request, timeout
+        ).session
+        return self.last_info
+
+    def fork(
+        self,
+        new_session_id: str,
+        *,
+        learning_rate: float | None = None,
+        clip: float | None = None,
+        reset_every: int | None = None,
+        optimizer: str | int | None = None,
+        timeout: float | None = None,
+    ) -> Session:
+        """A copy of this session (weights, optimizer state, corpus, history) under a new id,
+        with the given settings changed."""
+        config, _ = _config_changes(learning_rate, clip, reset_every, optimizer, required=False)
+        request = pb.ForkSessionRequest(
+            session_id=self.id, new_session_id=new_session_id, config=config
+        )
+        response = self._client._unary(self._client._stub.ForkSession, request, timeout)
+        return Session(self._client, response.session.session_id, response.session)
+
+    def export_stream(
+        self, *, timeout: float | None = None
+    ) -> Stream[pb.ExportSessionResponse, bytes]:
+        """The session's archive (see the README's "Export, import, fork"), in chunks."""
+        request = pb.ExportSessionRequest(session_id=self.id)
+        call = self._client._server_stream(self._client._stub.ExportSession, request, timeout)
+        return Stream(call, lambda response: (response.data,) if response.data else ())
+
+    def export(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+    ) -> bytes:
+        """The session's archive as bytes; also written to ``path`` if given (atomically:
+        a temporary file renamed into place once complete)."""
+        data = b"".join(self.export_stream(timeout=timeout))
+        if path is not None:
+            tmp = f"{os.fspath(path)}.part"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        return data
 
     def watch_loss(
         self, from_step: int = 1, *, timeout: float | None = None

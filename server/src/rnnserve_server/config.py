@@ -78,6 +78,13 @@ class Settings:
     max_text_chars: int = field(
         default=1_000_000, metadata=_opt("most characters in a Step or Predict text")
     )
+    max_import_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_opt(
+            "largest session archive ImportSession accepts (it is held in memory while "
+            "checked); also bounds the arrays it may declare"
+        ),
+    )
     max_message_bytes: int = field(
         default=4 * 1024 * 1024, metadata=_opt("largest gRPC message received or sent")
     )

@@ -55,6 +55,10 @@ __all__ = [
 PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
 DTYPES = ("float32", "float64")
 STATE_FORMAT = 1
+MAX_VALIDATION_FRACTION = 0.5
+# Settings that can change on a live trainer (Trainer.reconfigure); the rest fix the weights'
+# shapes or the corpus feed.
+MUTABLE_FIELDS = ("learning_rate", "clip", "reset_every", "optimizer")
 _EVAL_CHUNK = 2048  # time steps per forward chunk when scoring long texts (bounds memory)
 
 
@@ -88,6 +92,7 @@ class ModelConfig:
     seed: int = 0  # seeds the weight initialisation
     dtype: str = "float32"  # "float32" | "float64"
     reset_every: int = 0  # zero the carried hidden states every N corpus windows; 0 = never
+    validation_fraction: float = 0.0  # share of the corpus, at its end, never trained on
 
     def validate(self) -> None:
         """Raise EngineError naming the first invalid field and the values it accepts."""
@@ -110,6 +115,17 @@ class ModelConfig:
                 or value <= 0
             ):
                 raise EngineError(f"{name} must be a finite number > 0, got {value!r}")
+        frac = self.validation_fraction
+        if (
+            isinstance(frac, bool)
+            or not isinstance(frac, int | float)
+            or not math.isfinite(frac)
+            or not 0.0 <= frac <= MAX_VALIDATION_FRACTION
+        ):
+            raise EngineError(
+                f"validation_fraction must be a number from 0 to {MAX_VALIDATION_FRACTION}, "
+                f"got {frac!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise EngineError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
@@ -393,8 +409,70 @@ def _score(
     return argmax, nats
 
 
+# Validation scoring: a long held-out tail is read as parallel strands (one matrix product per
+# time step for all of them instead of one tiny one per character: a 100k-character tail took
+# 5.4 s as one strand on a busy 2-core machine), each at least this long so that losing the
+# context at a strand's start changes the mean loss little.
+_VALIDATION_STRAND_CHARS = 1024
+_VALIDATION_MAX_STRANDS = 64
+_VALIDATION_CHUNK_FLOATS = 1 << 20  # bounds (time steps x strands x (H + V)) per chunk
+
+
+def _score_strands(params: dict[str, np.ndarray], ids: np.ndarray) -> float:
+    """Summed nats of ``ids[1:]`` given the preceding ids, read as up to
+    _VALIDATION_MAX_STRANDS contiguous strands of at least _VALIDATION_STRAND_CHARS, each from
+    a zero state; a tail shorter than two strands is one strand (exactly ``_score``).
+    Memory is bounded by scoring _VALIDATION_CHUNK_FLOATS at a time."""
+    inputs, targets = ids[:-1], ids[1:]
+    P = inputs.shape[0]
+    S = min(_VALIDATION_MAX_STRANDS, P // _VALIDATION_STRAND_CHARS)
+    if S < 2:
+        return _score(params, inputs, targets)[1]
+    L = P // S  # predictions per strand; the remainder is scored as one more strand
+    nats = 0.0
+    if P > S * L:
+        nats += _score(params, inputs[S * L :], targets[S * L :])[1]
+    X = inputs[: S * L].reshape(S, L)  # (S, L)
+    Y = targets[: S * L].reshape(S, L)  # (S, L)
+    Wxh = params["Wxh"]
+    H, V = Wxh.shape
+    dtype = Wxh.dtype
+    C = max(1, min(L, _VALIDATION_CHUNK_FLOATS // (S * (H + V))))  # time steps per chunk
+    h = np.zeros((S, H), dtype=dtype)  # (S, H)
+    wide: dict[str, np.ndarray] | None = None  # float64 weights, made at the first overflow
+    for start in range(0, L, C):
+        stop = min(start + C, L)
+        T = stop - start
+        xs = np.ascontiguousarray(X[:, start:stop].T, dtype=np.intp)  # (T, S)
+        ys = Y[:, start:stop].T.reshape(T * S)  # (T*S,) time-major like the rows below
+        with np.errstate(all="ignore"):  # overflow is detected below and handled
+            for p in (params, wide):
+                if p is None:
+                    wide = {name: q.astype(np.float64) for name, q in params.items()}
+                    p = wide
+                ws = Workspace(T, S, H, 0, p["Whh"].dtype)
+                ws.E = np.empty((V, H), dtype=p["Whh"].dtype)
+                ws.hs[0] = h
+                _recur(p, xs, ws, T)
+                logits = _shifted_logits(ws.hs[1:].reshape(T * S, H), p["Why"], p["by"])
+                if np.isfinite(logits).all():
+                    break
+            lse = np.log(np.exp(logits).sum(axis=1, dtype=np.float64))  # (T*S,)
+            nats += float(lse.sum() - logits[np.arange(T * S), ys].sum(dtype=np.float64))
+        h = ws.hs[T].astype(dtype)
+    return nats
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer: model + optimizer + corpus feed
+
+
+def validation_split(length: int, fraction: float) -> int:
+    """How many characters at the end of a corpus of ``length`` are held out: the tail of
+    ``fraction`` of it, at least 2 (one prediction) when ``fraction`` is positive."""
+    if fraction <= 0 or length <= 0:
+        return 0
+    return max(2, int(length * fraction))
 
 
 def _id_dtype(vocab_size: int) -> np.dtype:
@@ -423,9 +501,17 @@ class Trainer:
         self.config = config
         self.vocab = vocab
         ids = self._check_ids(corpus, "corpus")
-        if ids.shape[0] < 2 or ids.shape[0] < config.seq_length:
+        held = validation_split(ids.shape[0], config.validation_fraction)
+        train = ids.shape[0] - held
+        if train < 2 or train < config.seq_length:
+            extra = (
+                f" after holding out {held} for validation (validation_fraction="
+                f"{config.validation_fraction:g})"
+                if held
+                else ""
+            )
             raise EngineError(
-                f"the text has {ids.shape[0]} character(s); training needs at least "
+                f"the text has {ids.shape[0]} character(s){extra}; training needs at least "
                 f"max(2, seq_length={config.seq_length}): give more text or a smaller seq_length"
             )
         # (capacity,) the first corpus_length entries are used; in the smallest unsigned dtype
@@ -443,7 +529,7 @@ class Trainer:
             config.optimizer, self.parameter_count, config.learning_rate, self._dtype
         )
         self.hidden = np.zeros((B, H), dtype=self._dtype)  # carried state of each strand
-        self.cursors = (np.arange(B, dtype=np.int64) * self.corpus_length) // B  # (B,)
+        self.cursors = (np.arange(B, dtype=np.int64) * self.train_length) // B  # (B,)
         self._offsets = np.arange(config.seq_length + 1, dtype=np.int64)  # (T+1,)
         # Scratch used only during an update, allocated by the first one and freed by
         # release_scratch(): with it an idle trainer would be ~2.5x its weights + state.
@@ -469,6 +555,16 @@ class Trainer:
         view = self._corpus[: self.corpus_length]
         view.flags.writeable = False
         return view
+
+    @property
+    def validation_length(self) -> int:
+        """Characters held out at the end of the corpus (0 without a validation split)."""
+        return validation_split(self.corpus_length, self.config.validation_fraction)
+
+    @property
+    def train_length(self) -> int:
+        """Characters trained on: the corpus without its held-out tail."""
+        return self.corpus_length - self.validation_length
 
     @property
     def optimizer(self) -> Optimizer:
@@ -539,7 +635,7 @@ class Trainer:
 
         DivergedError leaves weights, optimizer state, cursors and hidden states untouched.
         """
-        T, L = self.config.seq_length, self.corpus_length
+        T, L = self.config.seq_length, self.train_length
         B, H, V = self.config.batch_size, self.config.hidden_size, self.vocab.size
         hidden = self.hidden
         reset = self.config.reset_every
@@ -603,6 +699,38 @@ class Trainer:
             raise EngineError("text must have at least 2 characters to evaluate")
         _, nats = _score(self.params, seq[:-1], seq[1:])
         return float(nats / (seq.shape[0] - 1))
+
+    def validation_loss(self) -> float | None:
+        """Mean nats per character over the held-out tail, from a zero state: a tail under
+        2 * 1024 characters as one strand (exactly ``evaluate``), a longer one as up to 64
+        strands of >= 1024 characters scored side by side, each from a zero state (see
+        _score_strands). Memory stays bounded. None without a validation split."""
+        held = self.validation_length
+        if held < 2:
+            return None
+        tail = self._corpus[self.corpus_length - held : self.corpus_length].astype(np.int32)
+        return float(_score_strands(self.params, tail) / (held - 1))
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change the settings named in MUTABLE_FIELDS (EngineError for others or bad values).
+
+        A new optimizer starts with fresh state; a new learning rate keeps the optimizer's
+        state (Adagrad's sums, Adam's moments).
+        """
+        fixed = sorted(set(changes) - set(MUTABLE_FIELDS))
+        if fixed:
+            raise EngineError(f"{', '.join(fixed)} can't change on an existing trainer")
+        config = self.config.replace(**changes)
+        config.validate()
+        old = self._optimizer
+        optimizer = make_optimizer(
+            config.optimizer, self.parameter_count, config.learning_rate, self._dtype
+        )
+        if config.optimizer == old.name:
+            optimizer.load_state(old.state_arrays(), old.state_meta())
+        self._optimizer = optimizer
+        self.config = config
+        self.release_scratch()  # the old optimizer's staging buffers go with it
 
     def sample(
         self,

@@ -28,9 +28,9 @@ from rnnserve_server.errors import (
     ShuttingDownError,
 )
 from rnnserve_server.logs import get_logger
-from rnnserve_server.model import ModelConfig, Trainer
+from rnnserve_server.model import EngineError, ModelConfig, Trainer
 from rnnserve_server.session import Session, StopCause
-from rnnserve_server.store import Store, validate_session_id
+from rnnserve_server.store import Checkpoint, Store, validate_session_id
 from rnnserve_server.vocab import Vocab, utf8_size
 
 log = get_logger("rnnserve.registry")
@@ -298,6 +298,86 @@ class Registry:
             parameters=session.summary.parameter_count,
         )
         self._evict_over_limit()
+        return session
+
+    def check_import(self, config: ModelConfig, alphabet: str, corpus_length: int) -> None:
+        """The limits an archive or copy must meet, checked before its arrays are read:
+        config limits, alphabet size, and the corpus length (a character is >= 1 byte)."""
+        self.check_config_limits(config)
+        if len(alphabet) > self.settings.max_alphabet_size:
+            raise LimitExceededError(
+                limit_message(
+                    "the alphabet size",
+                    len(alphabet),
+                    self.settings.max_alphabet_size,
+                    "max_alphabet_size",
+                )
+            )
+        self.check_corpus_limits(0, corpus_length)
+
+    async def adopt(self, ckpt: Checkpoint, changes: dict[str, Any] | None = None) -> Session:
+        """Register a new session made from a checkpoint held in memory (ImportSession,
+        ForkSession) with ``changes`` to its settings, and persist it before returning."""
+        self.check_serving()
+        session_id = ckpt.session_id
+        validate_session_id(session_id)
+        if session_id in self.sessions or session_id in self._reserved:
+            raise SessionExistsError(
+                f"session {session_id!r} already exists; pick another id or delete it first"
+            )
+        if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
+            raise LimitExceededError(
+                limit_message(
+                    "the number of sessions",
+                    len(self.sessions) + 1,
+                    self.settings.max_sessions,
+                    "max_sessions",
+                )
+            )
+        self._reserved.add(session_id)
+        try:
+            session = await self.run(self._session_from, ckpt, changes or {})
+            self.check_corpus_limits(0, session.summary.corpus_bytes)
+            self.sessions[session_id] = session
+        finally:
+            self._reserved.discard(session_id)
+        await self.flush(session)
+        if session.dirty or session.checkpointed_step != session.step:
+            # Never acknowledge a session that is not on disk: take it back.
+            self.sessions.pop(session_id, None)
+            session.deleted = True
+            raise CheckpointError(
+                f"session {session_id!r} could not be written to disk, so it was not created; "
+                "the server log has the reason"
+            )
+        log.info(
+            "session_adopted",
+            session_id=session_id,
+            step=session.step,
+            corpus_chars=session.summary.corpus_chars,
+        )
+        self._evict_over_limit()
+        return session
+
+    def _session_from(self, ckpt: Checkpoint, changes: dict[str, Any]) -> Session:
+        try:
+            session = Session.from_checkpoint(ckpt)
+            if changes:
+                session.reconfigure(changes)
+        except (EngineError, ValueError, TypeError) as exc:
+            raise InvalidArgumentError(f"the session state is invalid: {exc}") from None
+        trainer = session.require_trainer()
+        if trainer.cursors.size and (
+            int(trainer.cursors.min()) < 0 or int(trainer.cursors.max()) > trainer.train_length
+        ):
+            raise InvalidArgumentError(
+                f"the session state is invalid: its strand cursors lie outside the "
+                f"{trainer.train_length} characters trained on"
+            )
+        session.create_time = session.update_time = time.time()
+        session.corpus_on_disk = None  # nothing on disk yet: the first write has it all
+        session.checkpointed_step = -1
+        session.dirty = True
         return session
 
     def _build_trainer(self, config: ModelConfig, text: str, alphabet: str) -> Trainer:

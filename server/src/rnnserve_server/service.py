@@ -23,7 +23,7 @@ from grpc import aio
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
-from rnnserve_server import metrics
+from rnnserve_server import archive, metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
     CheckpointError,
@@ -36,9 +36,17 @@ from rnnserve_server.errors import (
     ShuttingDownError,
 )
 from rnnserve_server.logs import get_logger
-from rnnserve_server.model import PRESETS, DivergedError, EngineError, ModelConfig
+from rnnserve_server.model import (
+    MAX_VALIDATION_FRACTION,
+    MUTABLE_FIELDS,
+    PRESETS,
+    DivergedError,
+    EngineError,
+    ModelConfig,
+)
 from rnnserve_server.registry import Registry, limit_message
-from rnnserve_server.session import ChunkResult, Session, StopCause
+from rnnserve_server.session import ChunkResult, Session, StopCause, TrainPlan
+from rnnserve_server.store import validate_session_id
 from rnnserve_server.vocab import UnknownCharactersError, utf8_size
 
 log = get_logger("rnnserve.service")
@@ -52,6 +60,10 @@ GENERATE_CHUNK = 256
 GENERATE_MAX_CHUNK = 8192
 CHUNK_SECONDS = 0.05  # training time per executor call: cancel/RPC latency vs overhead
 PROGRESS_LOG_SECONDS = 10.0  # training progress is logged at most this often per Train
+DEFAULT_EVAL_EVERY = 100  # validation every this many updates when neither interval is given
+# The runaway guard: a loss above this many times the uniform baseline (ln V nats, what an
+# untrained model scores) for a whole report window ends a Train as diverged.
+RUNAWAY_FACTOR = 2.0
 
 _PRESETS = {
     pb.PRESET_UNSPECIFIED: "default",
@@ -85,9 +97,12 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         if isinstance(exc, kind):
             return code, str(exc)
     if isinstance(exc, DivergedError):
+        session_id = structlog.contextvars.get_contextvars().get("session_id") or "SESSION"
         return grpc.StatusCode.ABORTED, (
             f"training diverged: {exc}; the update was not applied and the session keeps its "
-            "last good weights; the learning rate is probably too high"
+            "last good weights; the learning rate is probably too high: lower it with "
+            f"`rnnserve set {session_id} --learning-rate 1e-3` (UpdateSession), or try one on a "
+            f"copy with `rnnserve fork {session_id} NEW_ID --learning-rate 1e-3`"
         )
     return None
 
@@ -167,6 +182,9 @@ def session_to_pb(session: Session) -> pb.Session:
         resident=session.resident,
         checkpointed_step=max(session.checkpointed_step, 0),
     )
+    if session.validation_step:
+        msg.validation_loss = session.validation_loss
+        msg.validation_step = session.validation_step
     if session.broken_error is not None:
         msg.state = pb.SESSION_STATE_BROKEN
         msg.error = session.broken_error
@@ -178,6 +196,7 @@ def session_to_pb(session: Session) -> pb.Session:
     msg.corpus_chars = summary.corpus_chars
     msg.alphabet = summary.alphabet
     msg.parameter_count = summary.parameter_count
+    msg.validation_chars = summary.validation_chars
     if summary.config is not None:
         c = summary.config
         msg.config.CopyFrom(
@@ -191,9 +210,62 @@ def session_to_pb(session: Session) -> pb.Session:
                 seed=c.seed,
                 dtype=_DTYPE_ENUM.get(c.dtype, pb.DATA_TYPE_UNSPECIFIED),
                 reset_every=c.reset_every,
+                validation_fraction=c.validation_fraction,
             )
         )
     return msg
+
+
+def _loss_point(session: Session, step: int, loss: float) -> pb.LossPoint:
+    """One WatchLoss point, with the validation loss measured at that step if any."""
+    point = pb.LossPoint(step=step, loss=loss)
+    validation = session.validation.get(step)
+    if validation is not None:
+        point.validation_loss = validation
+    return point
+
+
+# Settings that shape the weights or the data: neither UpdateSession nor ForkSession changes
+# them (fork copies the weights, so it keeps them too).
+_FIXED_FIELDS = ("hidden_size", "seq_length", "batch_size", "dtype", "seed", "validation_fraction")
+EXPORT_CHUNK_BYTES = 1 << 20  # archive bytes per ExportSession message
+
+
+def _setting_changes(config: pb.SessionConfig, names: list[str]) -> dict[str, Any]:
+    """The validated values of the mutable settings ``names`` in ``config``."""
+    changes: dict[str, Any] = {}
+    for name in names:
+        if name in ("learning_rate", "clip"):
+            value = float(getattr(config, name))
+            if not math.isfinite(value) or value <= 0:
+                raise InvalidArgumentError(
+                    f"config.{name} must be a positive finite number, not {value}"
+                )
+            changes[name] = value
+        elif name == "reset_every":
+            if config.reset_every < 0:
+                raise InvalidArgumentError(
+                    f"config.reset_every must be >= 0 (0 never), not {config.reset_every}"
+                )
+            changes[name] = int(config.reset_every)
+        elif name == "optimizer":
+            if config.optimizer not in _OPTIMIZERS:
+                raise InvalidArgumentError(
+                    f"config.optimizer {config.optimizer} is not a known Optimizer value "
+                    "(SGD, ADAGRAD or ADAM)"
+                )
+            changes[name] = _OPTIMIZERS[config.optimizer]
+    return changes
+
+
+def _fixed_field_error(name: str, verb: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"config.{name} can't be changed by {verb}: the session's weights, corpus split or "
+        f"feed depend on it; only {', '.join('config.' + f for f in MUTABLE_FIELDS)} can. "
+        "To try another value without losing this session, fork it (rnnserve fork ID NEWID) "
+        f"and change the mutable settings there, or create a new session with the {name} "
+        "you want"
+    )
 
 
 def _config_from_request(request: pb.CreateSessionRequest) -> ModelConfig:
@@ -224,6 +296,14 @@ def _config_from_request(request: pb.CreateSessionRequest) -> ModelConfig:
         if c.dtype not in _DTYPES:
             raise InvalidArgumentError(f"config.dtype {c.dtype} is not a known DataType value")
         changes["dtype"] = _DTYPES[c.dtype]
+    if c.HasField("validation_fraction"):
+        frac = float(c.validation_fraction)
+        if not math.isfinite(frac) or not 0.0 <= frac <= MAX_VALIDATION_FRACTION:
+            raise InvalidArgumentError(
+                f"config.validation_fraction must be a number from 0 to "
+                f"{MAX_VALIDATION_FRACTION} (the share of the corpus's tail held out), not {frac}"
+            )
+        changes["validation_fraction"] = frac
     if c.HasField("seed"):
         if c.seed < 0:
             raise InvalidArgumentError(f"config.seed must be >= 0, not {c.seed}")
@@ -377,6 +457,133 @@ class Servicer(pb_grpc.RnnServiceServicer):
         lookup = {ch: i for i, ch in enumerate(alphabet)}
         return np.fromiter((lookup[ch] for ch in text), dtype=np.int32, count=len(text))
 
+    # ----- settings, export, import, fork -------------------------------------------------
+
+    @unary
+    async def UpdateSession(  # noqa: N802
+        self, request: pb.UpdateSessionRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.UpdateSessionResponse:
+        """AIP-134: change the masked settings; persisted before the reply."""
+        paths = list(request.update_mask.paths)
+        if not paths:
+            raise InvalidArgumentError(
+                "update_mask is empty: name the fields to change, e.g. config.learning_rate"
+            )
+        names = []
+        for path in paths:
+            name = path.removeprefix("config.")
+            if name in MUTABLE_FIELDS and path.startswith("config."):
+                names.append(name)
+            elif path.startswith("config.") and name in _FIXED_FIELDS:
+                raise _fixed_field_error(name, "UpdateSession")
+            else:
+                raise InvalidArgumentError(
+                    f"update_mask path {path!r} can't be changed; changeable: "
+                    f"{', '.join('config.' + f for f in MUTABLE_FIELDS)} (fork the session "
+                    "or create a new one for anything else)"
+                )
+        changes = _setting_changes(request.session.config, names)
+        async with self.registry.use(request.session.session_id) as session:
+            # Refused while a Train or Step runs: a setting changing mid-call would make its
+            # progress reports and the loss history describe two configurations at once.
+            session.begin("UpdateSession")
+            try:
+                await self.registry.run(session.reconfigure, changes)
+                # Still busy while it is written, so no other change can mark it dirty.
+                await self.registry.flush(session)
+                if session.dirty:  # the write failed: never acknowledge what is not kept
+                    raise CheckpointError(
+                        f"session {session.id!r} was updated in memory but could not be "
+                        "checkpointed; the server log has the reason"
+                    )
+            finally:
+                session.end()
+            log.info("session_updated", session_id=session.id, **changes)
+            return pb.UpdateSessionResponse(session=session_to_pb(session))
+
+    @unary
+    async def ForkSession(  # noqa: N802
+        self, request: pb.ForkSessionRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ForkSessionResponse:
+        """Copy a session (a consistent snapshot, even while it trains) under a new id."""
+        self.registry.check_serving()
+        if not request.new_session_id:
+            raise InvalidArgumentError("new_session_id is required: the copy's id")
+        validate_session_id(request.new_session_id)
+        c = request.config
+        for name in _FIXED_FIELDS:
+            if name in ("dtype",) and c.dtype != pb.DATA_TYPE_UNSPECIFIED:
+                raise _fixed_field_error(name, "ForkSession")
+            if name != "dtype" and c.HasField(name):
+                raise _fixed_field_error(name, "ForkSession")
+        names = [n for n in ("learning_rate", "clip", "reset_every") if c.HasField(n)]
+        if c.optimizer != pb.OPTIMIZER_UNSPECIFIED:
+            names.append("optimizer")
+        changes = _setting_changes(c, names)
+        async with self.registry.use(request.session_id) as session:
+            ckpt = await self.registry.run(session.export_state)
+        ckpt.session_id = request.new_session_id
+        copy = await self.registry.adopt(ckpt, changes)
+        return pb.ForkSessionResponse(session=session_to_pb(copy))
+
+    @stream
+    async def ExportSession(  # noqa: N802
+        self, request: pb.ExportSessionRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ExportSessionResponse]:
+        """The session's archive (archive.py documents the format), in chunks."""
+        async with self.registry.use(request.session_id) as session:
+            ckpt = await self.registry.run(session.export_state)
+        data = await self.registry.run(archive.write, ckpt)
+        size = min(EXPORT_CHUNK_BYTES, max(self.settings.max_message_bytes // 2, 1024))
+        for start in range(0, len(data), size):
+            message = pb.ExportSessionResponse(data=data[start : start + size])
+            if start == 0:
+                message.total_bytes = len(data)
+            yield message
+
+    @unary
+    async def ImportSession(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.ImportSessionRequest],
+        context: aio.ServicerContext[Any, Any],
+    ) -> pb.ImportSessionResponse:
+        """Collect the archive (bounded by max_import_bytes), check it, adopt it."""
+        self.registry.check_serving()
+        limit = self.settings.max_import_bytes
+        parts: list[bytes] = []
+        received = 0
+        session_id = ""
+        first = True
+        async for chunk in request_iterator:
+            if first:
+                session_id = chunk.session_id
+                if session_id:
+                    validate_session_id(session_id)
+                    structlog.contextvars.bind_contextvars(session_id=session_id)
+                first = False
+            elif chunk.session_id and chunk.session_id != session_id:
+                raise InvalidArgumentError(
+                    "session_id goes in the first ImportSession chunk only (or repeats it)"
+                )
+            received += len(chunk.data)
+            if received > limit:
+                raise LimitExceededError(
+                    limit_message("the archive size in bytes", received, limit, "max_import_bytes")
+                )
+            parts.append(chunk.data)
+        if received == 0:
+            raise InvalidArgumentError("ImportSession received no archive bytes")
+        data = b"".join(parts)
+        parts.clear()
+        ckpt = await self.registry.run(archive.read, data, self.registry.check_import)
+        del data
+        if session_id:
+            ckpt.session_id = session_id
+        elif not ckpt.session_id:
+            raise InvalidArgumentError("the archive names no session id: give one (--id)")
+        session = await self.registry.adopt(ckpt)
+        return pb.ImportSessionResponse(session=session_to_pb(session))
+
     # ----- training ---------------------------------------------------------------------
 
     @unary
@@ -410,14 +617,16 @@ class Servicer(pb_grpc.RnnServiceServicer):
             chars=result.chars,
         )
 
-    async def _train_chunk(self, session: Session, max_steps: int) -> ChunkResult:
+    async def _train_chunk(
+        self, session: Session, max_steps: int, plan: TrainPlan | None = None
+    ) -> ChunkResult:
         """One executor call of training that survives the handler being cancelled.
 
         On cancellation the running chunk is told to stop, awaited (so the session is
         consistent before the busy flag clears), and the cancellation re-raised.
         """
         future = asyncio.get_running_loop().run_in_executor(
-            self.registry.compute, session.train_chunk, max_steps, CHUNK_SECONDS
+            self.registry.compute, session.train_chunk, max_steps, CHUNK_SECONDS, plan
         )
         try:
             return await asyncio.shield(future)
@@ -440,7 +649,68 @@ class Servicer(pb_grpc.RnnServiceServicer):
             "sample_length", request.sample_length, 0, s.max_generate_length, "max_generate_length"
         )
         steps, every = int(request.steps), int(request.report_every)
+        if request.HasField("until_loss") and (
+            not math.isfinite(request.until_loss) or request.until_loss < 0
+        ):
+            raise InvalidArgumentError(
+                f"until_loss must be a finite number >= 0 (nats per character), not "
+                f"{request.until_loss}"
+            )
+        if request.patience < 0:
+            raise InvalidArgumentError(f"patience must be >= 0 (0 is off), not {request.patience}")
+        if request.eval_every < 0:
+            raise InvalidArgumentError(
+                f"eval_every must be >= 0 (0 follows report_every), not {request.eval_every}"
+            )
+        sample_temperature = (
+            request.sample_temperature if request.HasField("sample_temperature") else 1.0
+        )
+        if not math.isfinite(sample_temperature) or sample_temperature < 0:
+            raise InvalidArgumentError(
+                f"sample_temperature must be a finite number >= 0 (0 is greedy), not "
+                f"{sample_temperature}"
+            )
+        if request.sample_prime:
+            self._check_text(request.sample_prime, "sample_prime", min_chars=1)
         async with self.registry.use(request.session_id) as session:
+            trainer = session.require_trainer()
+            sample_prime = (
+                self._encode(session, request.sample_prime, "sample_prime")
+                if request.sample_prime
+                else np.zeros(0, dtype=np.int32)
+            )
+            has_validation = trainer.validation_length >= 2
+            if not has_validation and (request.patience or request.eval_every):
+                field = "patience" if request.patience else "eval_every"
+                raise InvalidArgumentError(
+                    f"{field} needs a validation split, and session {session.id!r} has none; "
+                    "create a session with validation_fraction (e.g. 0.1); an existing "
+                    "session's split can't change"
+                )
+            vocab_size = trainer.vocab.size
+            runaway = RUNAWAY_FACTOR * math.log(vocab_size) if vocab_size >= 2 else math.inf
+            plan = TrainPlan(
+                steps=steps,
+                eval_every=(
+                    int(request.eval_every or every or DEFAULT_EVAL_EVERY) if has_validation else 0
+                ),
+                until_loss=request.until_loss if request.HasField("until_loss") else None,
+                patience=int(request.patience),
+            )
+            diverged = False
+
+            async def sample() -> str:
+                text = await self._sample_text(
+                    session, request.sample_length, sample_prime, sample_temperature
+                )
+                return request.sample_prime + text
+
+            def runaway_window() -> bool:
+                """The guard: every loss since the last report above the runaway line."""
+                high = plan.window_min > runaway
+                plan.window_min = math.inf
+                return high
+
             session.begin("Train")
             start = last_report = last_log = last_ckpt = time.monotonic()
             done = chars = 0
@@ -450,7 +720,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
 
             def progress(reason: int = pb.STOP_REASON_UNSPECIFIED) -> pb.TrainResponse:
                 elapsed = time.monotonic() - start
-                return pb.TrainResponse(
+                message = pb.TrainResponse(
                     step=session.step,
                     steps_done=done,
                     loss=session.loss,
@@ -460,13 +730,17 @@ class Servicer(pb_grpc.RnnServiceServicer):
                     stop_reason=cast(Any, reason),
                     checkpointed_step=max(session.checkpointed_step, 0),
                 )
+                if session.validation_step:
+                    message.validation_loss = session.validation_loss
+                    message.validation_step = session.validation_step
+                return message
 
             try:
-                while done < steps and not session.cancel.is_set():
+                while done < steps and not session.cancel.is_set() and plan.stop is None:
                     limit = steps - done
                     if every:
                         limit = min(limit, every - done % every)
-                    chunk = await self._train_chunk(session, limit)
+                    chunk = await self._train_chunk(session, limit, plan)
                     done += chunk.steps
                     chars += chunk.chars
                     metrics.record_training(chunk.steps, chunk.chars)
@@ -487,15 +761,27 @@ class Servicer(pb_grpc.RnnServiceServicer):
                         )
                         last_log = now
                     due = (done % every == 0) if every else (now - last_report >= 1.0)
-                    if due and done < steps and chunk.steps:
+                    if (due or done == steps) and chunk.steps and runaway_window():
+                        diverged = True
+                        bound.warning(
+                            "train_runaway", step=session.step, loss=session.loss, limit=runaway
+                        )
+                        break
+                    if due and done < steps and chunk.steps and plan.stop is None:
                         message = progress()
                         if request.sample_length:
-                            message.sample = await self._sample_text(session, request.sample_length)
+                            message.sample = await sample()
                         last_report = now
                         yield message
                 cause = session.stop_cause
                 reason = pb.STOP_REASON_COMPLETED
-                if done < steps:
+                if diverged:
+                    reason = pb.STOP_REASON_DIVERGED
+                elif plan.stop == "target":
+                    reason = pb.STOP_REASON_TARGET_LOSS
+                elif plan.stop == "early":
+                    reason = pb.STOP_REASON_EARLY_STOPPED
+                elif done < steps:
                     reason = (
                         pb.STOP_REASON_DELETED
                         if cause is StopCause.DELETED
@@ -522,12 +808,20 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 await self.registry.flush(session)
             final = progress(reason)
             if request.sample_length and not session.deleted:
-                final.sample = await self._sample_text(session, request.sample_length)
+                final.sample = await sample()
             yield final
 
-    async def _sample_text(self, session: Session, length: int) -> str:
+    async def _sample_text(
+        self,
+        session: Session,
+        length: int,
+        prime: np.ndarray | None = None,
+        temperature: float = 1.0,
+    ) -> str:
+        start = prime if prime is not None else np.zeros(0, np.int32)
+
         def sample(trainer: Any) -> str:
-            ids = np.concatenate(list(trainer.sample(np.zeros(0, np.int32), length)))
+            ids = np.concatenate(list(trainer.sample(start, length, temperature=temperature)))
             return str(trainer.vocab.decode(ids))
 
         return cast(str, await self.registry.run(session.with_trainer, sample))
@@ -551,7 +845,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
                         losses = session.history(index, index + WATCH_BATCH)
                         yield pb.WatchLossResponse(
                             points=[
-                                pb.LossPoint(step=index + 1 + i, loss=float(v))
+                                _loss_point(session, index + 1 + i, float(v))
                                 for i, v in enumerate(losses)
                             ]
                         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import threading
 import time
 from collections import deque
@@ -48,6 +49,25 @@ class StopCause(enum.Enum):
 
 
 @dataclass
+class TrainPlan:
+    """One Train call's evaluation schedule and stop conditions, and its running state.
+
+    Owned by the Train handler; mutated only by ``train_chunk`` (one worker thread at a time)
+    and read by the handler between chunks.
+    """
+
+    steps: int  # updates the call asks for
+    eval_every: int = 0  # measure the validation loss every this many updates; 0 never
+    until_loss: float | None = None  # stop once the (validation or smoothed) loss is <= this
+    patience: int = 0  # stop after this many evaluations in a row without a new best; 0 never
+    done: int = 0  # updates applied by this call
+    best: float | None = None  # best validation loss of this call
+    stale: int = 0  # evaluations since ``best`` improved
+    window_min: float = math.inf  # lowest loss since the last report (the runaway guard)
+    stop: str | None = None  # "target" or "early" once a condition is met
+
+
+@dataclass
 class ChunkResult:
     """What one executor call of training did."""
 
@@ -66,6 +86,7 @@ class Summary:
     corpus_chars: int
     parameter_count: int
     corpus_bytes: int = 0  # UTF-8 size of the corpus, for the corpus limits
+    validation_chars: int = 0  # the held-out tail's length
 
 
 class Session:
@@ -86,6 +107,11 @@ class Session:
         self._n = 0  # steps recorded; history is _hist[:_n]
         self.loss = 0.0
         self.smoothed_loss = 0.0
+        # Validation losses by step (dropped on eviction, restored from the checkpoint), and
+        # the newest one, kept while evicted for GetSession.
+        self.validation: dict[int, float] = {}
+        self.validation_step = 0
+        self.validation_loss = 0.0
         self.create_time = create_time
         self.update_time = update_time if update_time is not None else create_time
         self.last_used = time.monotonic()
@@ -152,6 +178,7 @@ class Session:
             self._n = len(self._hist)
             self.loss = float(ckpt.meta.get("loss", 0.0))
             self.smoothed_loss = float(ckpt.meta.get("smoothed_loss", 0.0))
+            self._load_validation(ckpt.meta.get("validation"))
             self.checkpointed_step = self._n
             self.corpus_on_disk = ckpt.corpus
             self.dirty = False
@@ -180,9 +207,34 @@ class Session:
                 "step": self._n,
                 "loss": self.loss,
                 "smoothed_loss": self.smoothed_loss,
+                # [[step, loss], ...] in step order: the validation losses measured so far.
+                "validation": [[k, v] for k, v in sorted(self.validation.items())],
             }
             history = self._hist[: self._n].copy()
         return Checkpoint(self.id, meta, arrays, trainer_meta, history, on_disk)
+
+    def export_state(self) -> Checkpoint:
+        """A consistent copy of everything, the corpus included (worker thread): what an
+        archive or a fork holds."""
+        with self.lock:
+            trainer = self.require_trainer()
+            arrays, trainer_meta = trainer.state_dict(corpus=True)  # copies
+            meta = {
+                "create_time": self.create_time,
+                "update_time": self.update_time,
+                "step": self._n,
+                "loss": self.loss,
+                "smoothed_loss": self.smoothed_loss,
+                "validation": [[k, v] for k, v in sorted(self.validation.items())],
+            }
+            history = self._hist[: self._n].copy()
+        return Checkpoint(self.id, meta, arrays, trainer_meta, history)
+
+    def reconfigure(self, changes: dict[str, Any]) -> None:
+        """Apply setting changes to the trainer (worker thread); see Trainer.reconfigure."""
+        with self.lock:
+            self.require_trainer().reconfigure(**changes)
+            self._touch()
 
     def evict(self) -> bool:
         """Drop the Trainer and history from memory if nothing needs them; True if dropped."""
@@ -198,7 +250,30 @@ class Session:
         with self.lock:
             self.trainer = None
             self._hist = np.zeros(0, dtype=np.float64)
+            self.validation = {}
         return True
+
+    def _load_validation(self, value: Any) -> None:
+        """Restore the validation losses from a checkpoint's ``[[step, loss], ...]``; entries
+        that are not a (step within the history, finite loss) pair are dropped."""
+        points: dict[int, float] = {}
+        if isinstance(value, list):
+            for item in value:
+                if (
+                    isinstance(item, list)
+                    and len(item) == 2
+                    and isinstance(item[0], int)
+                    and 0 < item[0] <= self._n
+                    and isinstance(item[1], int | float)
+                    and math.isfinite(item[1])
+                ):
+                    points[item[0]] = float(item[1])
+        self.validation = points
+        if points:
+            self.validation_step = max(points)
+            self.validation_loss = points[self.validation_step]
+        else:
+            self.validation_step, self.validation_loss = 0, 0.0
 
     # ----- state ------------------------------------------------------------------------
 
@@ -241,10 +316,17 @@ class Session:
             corpus_chars=chars,
             parameter_count=int(trainer.parameter_count),
             corpus_bytes=corpus_bytes,
+            validation_chars=int(trainer.validation_length),
         )
 
-    def _record(self, result: StepResult) -> None:
-        """Append one update's loss (caller holds ``lock``)."""
+    def _record(self, result: StepResult, validation: float | None = None) -> None:
+        """Append one update's loss, and its validation loss if one was measured (caller
+        holds ``lock``). The validation loss is stored before the step count grows, so a
+        reader that sees the step sees its validation loss too."""
+        if validation is not None:
+            step = self._n + 1
+            self.validation[step] = validation
+            self.validation_step, self.validation_loss = step, validation
         if self._n == len(self._hist):
             grown = np.zeros(max(64, 2 * len(self._hist)), dtype=np.float64)
             grown[: self._n] = self._hist[: self._n]
@@ -313,11 +395,15 @@ class Session:
 
     # ----- work done in worker threads --------------------------------------------------
 
-    def train_chunk(self, max_steps: int, budget_s: float) -> ChunkResult:
+    def train_chunk(
+        self, max_steps: int, budget_s: float, plan: TrainPlan | None = None
+    ) -> ChunkResult:
         """Run up to max_steps corpus updates for about budget_s seconds (worker thread).
 
         Checks the cancel flag before every update; a diverged update is not applied and
-        ends the chunk with ``error`` set.
+        ends the chunk with ``error`` set. With a ``plan``, measures the validation loss on
+        its schedule (and after the call's last update) and ends the chunk as soon as one of
+        its stop conditions is met (``plan.stop``).
         """
         steps = chars = 0
         last: StepResult | None = None
@@ -330,14 +416,40 @@ class Session:
                 except DivergedError as exc:
                     self._touch()
                     return ChunkResult(steps, chars, last, exc)
-                self._record(last)
+                validation = None
+                if plan is not None:
+                    plan.done += 1
+                    every = plan.eval_every
+                    if every and (plan.done % every == 0 or plan.done == plan.steps):
+                        validation = trainer.validation_loss()
+                self._record(last, validation)
                 steps += 1
                 chars += last.chars
+                if plan is not None and self._plan_says_stop(plan, last.loss, validation):
+                    break
                 if time.perf_counter() >= deadline:
                     break
             if steps:
                 self._touch()
         return ChunkResult(steps, chars, last)
+
+    def _plan_says_stop(self, plan: TrainPlan, loss: float, validation: float | None) -> bool:
+        """Update the plan's guard and early-stopping state; True once a stop condition holds."""
+        plan.window_min = min(plan.window_min, loss)
+        if validation is not None:
+            if plan.best is None or validation < plan.best:
+                plan.best, plan.stale = validation, 0
+            else:
+                plan.stale += 1
+                if plan.patience and plan.stale >= plan.patience:
+                    plan.stop = "early"
+        if plan.until_loss is not None:
+            if plan.eval_every:  # with a validation split the target is the validation loss
+                if validation is not None and validation <= plan.until_loss:
+                    plan.stop = "target"
+            elif self.smoothed_loss <= plan.until_loss:
+                plan.stop = "target"
+        return plan.stop is not None
 
     def step_once(self, ids: np.ndarray | None) -> StepResult:
         """One update on the corpus (ids None) or on ids from a zero state (worker thread)."""

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -43,6 +44,9 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_COMPLETED: _ClassVar[StopReason]
     STOP_REASON_SHUTDOWN: _ClassVar[StopReason]
     STOP_REASON_DELETED: _ClassVar[StopReason]
+    STOP_REASON_DIVERGED: _ClassVar[StopReason]
+    STOP_REASON_TARGET_LOSS: _ClassVar[StopReason]
+    STOP_REASON_EARLY_STOPPED: _ClassVar[StopReason]
 OPTIMIZER_UNSPECIFIED: Optimizer
 OPTIMIZER_SGD: Optimizer
 OPTIMIZER_ADAGRAD: Optimizer
@@ -62,9 +66,12 @@ STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_COMPLETED: StopReason
 STOP_REASON_SHUTDOWN: StopReason
 STOP_REASON_DELETED: StopReason
+STOP_REASON_DIVERGED: StopReason
+STOP_REASON_TARGET_LOSS: StopReason
+STOP_REASON_EARLY_STOPPED: StopReason
 
 class SessionConfig(_message.Message):
-    __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every")
+    __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every", "validation_fraction")
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +81,7 @@ class SessionConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     RESET_EVERY_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
     hidden_size: int
     seq_length: int
     batch_size: int
@@ -83,10 +91,11 @@ class SessionConfig(_message.Message):
     seed: int
     dtype: DataType
     reset_every: int
-    def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ...) -> None: ...
+    validation_fraction: float
+    def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ..., validation_fraction: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step")
+    __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step", "validation_loss", "validation_step", "validation_chars")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +110,9 @@ class Session(_message.Message):
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_STEP_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_CHARS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config: SessionConfig
     state: SessionState
@@ -115,7 +127,10 @@ class Session(_message.Message):
     resident: bool
     error: str
     checkpointed_step: int
-    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., step: _Optional[int] = ..., corpus_chars: _Optional[int] = ..., alphabet: _Optional[str] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., parameter_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resident: _Optional[bool] = ..., error: _Optional[str] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
+    validation_loss: float
+    validation_step: int
+    validation_chars: int
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., step: _Optional[int] = ..., corpus_chars: _Optional[int] = ..., alphabet: _Optional[str] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., parameter_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resident: _Optional[bool] = ..., error: _Optional[str] = ..., checkpointed_step: _Optional[int] = ..., validation_loss: _Optional[float] = ..., validation_step: _Optional[int] = ..., validation_chars: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "preset", "config", "text", "alphabet")
@@ -216,19 +231,29 @@ class StepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., grad_norm: _Optional[float] = ..., chars: _Optional[int] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("session_id", "steps", "report_every", "sample_length")
+    __slots__ = ("session_id", "steps", "report_every", "sample_length", "until_loss", "patience", "eval_every", "sample_temperature", "sample_prime")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_PRIME_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     steps: int
     report_every: int
     sample_length: int
-    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., report_every: _Optional[int] = ..., sample_length: _Optional[int] = ...) -> None: ...
+    until_loss: float
+    patience: int
+    eval_every: int
+    sample_temperature: float
+    sample_prime: str
+    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., report_every: _Optional[int] = ..., sample_length: _Optional[int] = ..., until_loss: _Optional[float] = ..., patience: _Optional[int] = ..., eval_every: _Optional[int] = ..., sample_temperature: _Optional[float] = ..., sample_prime: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
-    __slots__ = ("step", "steps_done", "loss", "smoothed_loss", "chars_per_second", "sample", "elapsed_seconds", "stop_reason", "checkpointed_step")
+    __slots__ = ("step", "steps_done", "loss", "smoothed_loss", "chars_per_second", "sample", "elapsed_seconds", "stop_reason", "checkpointed_step", "validation_loss", "validation_step")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +263,8 @@ class TrainResponse(_message.Message):
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_done: int
     loss: float
@@ -247,7 +274,9 @@ class TrainResponse(_message.Message):
     elapsed_seconds: float
     stop_reason: StopReason
     checkpointed_step: int
-    def __init__(self, step: _Optional[int] = ..., steps_done: _Optional[int] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., chars_per_second: _Optional[float] = ..., sample: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
+    validation_loss: float
+    validation_step: int
+    def __init__(self, step: _Optional[int] = ..., steps_done: _Optional[int] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., chars_per_second: _Optional[float] = ..., sample: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., checkpointed_step: _Optional[int] = ..., validation_loss: _Optional[float] = ..., validation_step: _Optional[int] = ...) -> None: ...
 
 class WatchLossRequest(_message.Message):
     __slots__ = ("session_id", "from_step")
@@ -258,12 +287,14 @@ class WatchLossRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., from_step: _Optional[int] = ...) -> None: ...
 
 class LossPoint(_message.Message):
-    __slots__ = ("step", "loss")
+    __slots__ = ("step", "loss", "validation_loss")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+    validation_loss: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., validation_loss: _Optional[float] = ...) -> None: ...
 
 class WatchLossResponse(_message.Message):
     __slots__ = ("points",)
@@ -310,3 +341,61 @@ class PredictResponse(_message.Message):
     loss: float
     bits_per_char: float
     def __init__(self, predicted: _Optional[str] = ..., loss: _Optional[float] = ..., bits_per_char: _Optional[float] = ...) -> None: ...
+
+class UpdateSessionRequest(_message.Message):
+    __slots__ = ("session", "update_mask")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class UpdateSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ExportSessionResponse(_message.Message):
+    __slots__ = ("data", "total_bytes")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    total_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("session_id", "data")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    data: bytes
+    def __init__(self, session_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ImportSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id", "new_session_id", "config")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    new_session_id: str
+    config: SessionConfig
+    def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ...) -> None: ...
+
+class ForkSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...

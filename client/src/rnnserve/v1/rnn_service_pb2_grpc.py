@@ -88,6 +88,26 @@ class RnnServiceStub:
                 request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.PredictRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.UpdateSession = channel.unary_unary(
+                '/rnnserve.v1.RnnService/UpdateSession',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.UpdateSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.UpdateSessionResponse.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_stream(
+                '/rnnserve.v1.RnnService/ExportSession',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.stream_unary(
+                '/rnnserve.v1.RnnService/ImportSession',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/rnnserve.v1.RnnService/ForkSession',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
 
 
 class RnnServiceServicer:
@@ -174,6 +194,40 @@ class RnnServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateSession(self, request, context):
+        """UpdateSession changes settings of an existing session (AIP-134): the fields named in
+        update_mask, among config.learning_rate, config.clip, config.reset_every and
+        config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
+        that can't change in place; FAILED_PRECONDITION while the session is training.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """ExportSession streams one archive holding the whole session (config, weights,
+        optimizer state, corpus, loss history): a numpy .npz without pickles; see the README.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request_iterator, context):
+        """ImportSession makes a new session from an archive that ExportSession produced,
+        sent in chunks. The archive is checked against the server's limits before use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """ForkSession copies a session under a new id, optionally with changed settings,
+        so a new learning rate can be tried without losing the original.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RnnServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +280,26 @@ def add_RnnServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.PredictRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.PredictResponse.SerializeToString,
+            ),
+            'UpdateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.UpdateSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.UpdateSessionResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ExportSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ImportSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ImportSessionResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -502,6 +576,114 @@ class RnnService:
             '/rnnserve.v1.RnnService/Predict',
             rnnserve_dot_v1_dot_rnn__service__pb2.PredictRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnn__service__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnService/UpdateSession',
+            rnnserve_dot_v1_dot_rnn__service__pb2.UpdateSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.UpdateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rnnserve.v1.RnnService/ExportSession',
+            rnnserve_dot_v1_dot_rnn__service__pb2.ExportSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/rnnserve.v1.RnnService/ImportSession',
+            rnnserve_dot_v1_dot_rnn__service__pb2.ImportSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.ImportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnService/ForkSession',
+            rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

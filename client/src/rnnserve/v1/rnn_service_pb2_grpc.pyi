@@ -70,6 +70,24 @@ class RnnServiceStub:
     """Predict returns the most likely next character at each position of a text,
     and the model's loss on that text.
     """
+    UpdateSession: _grpc.UnaryUnaryMultiCallable[_rnn_service_pb2.UpdateSessionRequest, _rnn_service_pb2.UpdateSessionResponse]
+    """UpdateSession changes settings of an existing session (AIP-134): the fields named in
+    update_mask, among config.learning_rate, config.clip, config.reset_every and
+    config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
+    that can't change in place; FAILED_PRECONDITION while the session is training.
+    """
+    ExportSession: _grpc.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]
+    """ExportSession streams one archive holding the whole session (config, weights,
+    optimizer state, corpus, loss history): a numpy .npz without pickles; see the README.
+    """
+    ImportSession: _grpc.StreamUnaryMultiCallable[_rnn_service_pb2.ImportSessionRequest, _rnn_service_pb2.ImportSessionResponse]
+    """ImportSession makes a new session from an archive that ExportSession produced,
+    sent in chunks. The archive is checked against the server's limits before use.
+    """
+    ForkSession: _grpc.UnaryUnaryMultiCallable[_rnn_service_pb2.ForkSessionRequest, _rnn_service_pb2.ForkSessionResponse]
+    """ForkSession copies a session under a new id, optionally with changed settings,
+    so a new learning rate can be tried without losing the original.
+    """
 
 @_typing.type_check_only
 class RnnServiceAsyncStub(RnnServiceStub):
@@ -112,6 +130,24 @@ class RnnServiceAsyncStub(RnnServiceStub):
     Predict: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.PredictRequest, _rnn_service_pb2.PredictResponse]  # type: ignore[assignment]
     """Predict returns the most likely next character at each position of a text,
     and the model's loss on that text.
+    """
+    UpdateSession: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.UpdateSessionRequest, _rnn_service_pb2.UpdateSessionResponse]  # type: ignore[assignment]
+    """UpdateSession changes settings of an existing session (AIP-134): the fields named in
+    update_mask, among config.learning_rate, config.clip, config.reset_every and
+    config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
+    that can't change in place; FAILED_PRECONDITION while the session is training.
+    """
+    ExportSession: _aio.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]  # type: ignore[assignment]
+    """ExportSession streams one archive holding the whole session (config, weights,
+    optimizer state, corpus, loss history): a numpy .npz without pickles; see the README.
+    """
+    ImportSession: _aio.StreamUnaryMultiCallable[_rnn_service_pb2.ImportSessionRequest, _rnn_service_pb2.ImportSessionResponse]  # type: ignore[assignment]
+    """ImportSession makes a new session from an archive that ExportSession produced,
+    sent in chunks. The archive is checked against the server's limits before use.
+    """
+    ForkSession: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.ForkSessionRequest, _rnn_service_pb2.ForkSessionResponse]  # type: ignore[assignment]
+    """ForkSession copies a session under a new id, optionally with changed settings,
+    so a new learning rate can be tried without losing the original.
     """
 
 class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -212,6 +248,48 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rnn_service_pb2.PredictResponse, _abc.Awaitable[_rnn_service_pb2.PredictResponse]]:
         """Predict returns the most likely next character at each position of a text,
         and the model's loss on that text.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateSession(
+        self,
+        request: _rnn_service_pb2.UpdateSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnn_service_pb2.UpdateSessionResponse, _abc.Awaitable[_rnn_service_pb2.UpdateSessionResponse]]:
+        """UpdateSession changes settings of an existing session (AIP-134): the fields named in
+        update_mask, among config.learning_rate, config.clip, config.reset_every and
+        config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
+        that can't change in place; FAILED_PRECONDITION while the session is training.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportSession(
+        self,
+        request: _rnn_service_pb2.ExportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rnn_service_pb2.ExportSessionResponse], _abc.AsyncIterator[_rnn_service_pb2.ExportSessionResponse]]:
+        """ExportSession streams one archive holding the whole session (config, weights,
+        optimizer state, corpus, loss history): a numpy .npz without pickles; see the README.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportSession(
+        self,
+        request_iterator: _MaybeAsyncIterator[_rnn_service_pb2.ImportSessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnn_service_pb2.ImportSessionResponse, _abc.Awaitable[_rnn_service_pb2.ImportSessionResponse]]:
+        """ImportSession makes a new session from an archive that ExportSession produced,
+        sent in chunks. The archive is checked against the server's limits before use.
+        """
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _rnn_service_pb2.ForkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnn_service_pb2.ForkSessionResponse, _abc.Awaitable[_rnn_service_pb2.ForkSessionResponse]]:
+        """ForkSession copies a session under a new id, optionally with changed settings,
+        so a new learning rate can be tried without losing the original.
         """
 
 def add_RnnServiceServicer_to_server(servicer: RnnServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
