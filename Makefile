@@ -17,7 +17,7 @@ help: ## list the targets
 $(STAMP): client/pyproject.toml server/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e client -e 'server[dev]'
+	$(BIN)/pip install -q -e 'client[plot]' -e 'server[dev]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools

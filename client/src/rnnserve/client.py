@@ -595,6 +595,25 @@ class Session:
         call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
         return Stream(call, lambda response: response.points)
 
+    def loss_history(
+        self, from_step: int = 1, *, timeout: float | None = None
+    ) -> list[pb.LossPoint]:
+        """Every update's loss from ``from_step`` up to the session's current step.
+
+        A finite :meth:`watch_loss`: reads the history, stops when it reaches the step that
+        GetSession reported at the start (later updates are left out).
+        """
+        until = self.info(timeout=timeout).step
+        points: list[pb.LossPoint] = []
+        if until < max(from_step, 1):
+            return points
+        with self.watch_loss(from_step, timeout=timeout) as stream:
+            for point in stream:
+                points.append(point)
+                if point.step >= until:
+                    break
+        return points
+
     def generate_stream(
         self,
         length: int,
