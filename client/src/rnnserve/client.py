@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 DEFAULT_ADDRESS = "localhost:50051"
+ADDRESS_ENV = "RNNSERVE_ADDRESS"
 # 64 Ki characters are at most 256 KiB of UTF-8: far under gRPC's 4 MiB default message limit.
 DEFAULT_CHUNK_CHARS = 65536
 # create_session sends at most this many characters inline and appends the rest in chunks.
@@ -305,7 +306,8 @@ class Client:
     (default: the ``RNNSERVE_TOKEN`` environment variable) is sent as ``authorization: Bearer
     <token>``. ``ca_file`` connects over TLS trusting that CA certificate (PEM); ``tls=True``
     connects over TLS with gRPC's default roots; ``tls_server_name`` overrides the name the
-    server's certificate must carry. ``options`` are extra gRPC channel options.
+    server's certificate must carry. ``options`` are extra gRPC channel options. ``address``
+    defaults to the ``RNNSERVE_ADDRESS`` environment variable, then ``localhost:50051``.
 
     Example::
 
@@ -323,7 +325,7 @@ class Client:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         *,
         timeout: float | None = 30.0,
         token: str | None = None,
@@ -332,6 +334,9 @@ class Client:
         tls_server_name: str | None = None,
         options: Iterable[tuple[str, Any]] = (),
     ) -> None:
+        if address is None:
+            # Like the CLI's --address: the environment, then localhost.
+            address = os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
         self.address = address
         self.timeout = timeout
         if token is None:
