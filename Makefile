@@ -49,7 +49,7 @@ test: $(STAMP) ## run the test suite (unit, integration against a real server, p
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
 	$(BIN)/rnnserve-server --address $(ADDRESS) --data-dir $(DATA_DIR)
 
-demo: $(STAMP) ## start a server, train a session on Python's own source, generate, stop
+demo: $(STAMP) ## start a server, train a session on Python's own source, plot (docs/loss.png), generate, stop
 	$(BIN)/python scripts/demo.py
 
 bench: $(STAMP) ## run the benchmarks in bench/ (prints tables); installs the bench extra (torch)
