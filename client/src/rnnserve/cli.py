@@ -94,6 +94,8 @@ examples:
   rnnserve create input.txt --id shakespeare      # prints the session id
   rnnserve train shakespeare --steps 5000 --sample-length 80
   rnnserve generate shakespeare --length 500 --prime "ROMEO:" --seed 1
+  rnnserve plot shakespeare --output loss.png     # or in the terminal; watch --plot: live
+  eval "$(rnnserve completion bash)"              # tab-completes commands, flags and ids
   rnnserve --json list | jq .session_id
   rnnserve --address server:50051 --token "$TOKEN" --ca-file ca.pem health
 
