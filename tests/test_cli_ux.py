@@ -518,3 +518,11 @@ def test_ctrl_c_reports_the_step_list_shows(module_server: ServerHandle) -> None
 
     steps = {s["session_id"]: s["step"] for s in map(json.loads, listed.stdout.splitlines())}
     assert steps["sigint-step"] == said
+
+
+def test_watch_plot_piped_draws_once(module_server: ServerHandle) -> None:
+    trained(module_server, "plot-piped", 8)
+    result = rnnserve(module_server, "watch", "plot-piped", "--plot", "--count", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("plot-piped: step 8,") == 1
+    assert "\x1b" not in result.stdout  # no screen clearing or colours into a pipe

@@ -274,8 +274,10 @@ def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
                 _state(session),
                 str(session.step),
                 f"{session.loss:.4f}" if session.step else "-",
-                str(session.config.hidden_size),
-                _enum_name(pb.Optimizer, session.config.optimizer, "OPTIMIZER_"),
+                str(session.config.hidden_size or "-"),  # a BROKEN session has no config
+                _enum_name(pb.Optimizer, session.config.optimizer, "OPTIMIZER_")
+                if session.config.optimizer
+                else "-",
                 _created(session),
                 str(session.checkpointed_step),
             ]
@@ -592,8 +594,8 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
                 redraw_at = now + args.interval
                 if status is not None:
                     status.draw()
-                if args.plot and not out.json:
-                    _draw_live_chart(history, args)
+                if args.plot and not out.json and sys.stdout.isatty():
+                    _draw_live_chart(history, args)  # piped: drawn once, at the end
             if done:
                 break
     except KeyboardInterrupt:
