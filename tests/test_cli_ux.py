@@ -526,3 +526,16 @@ def test_watch_plot_piped_draws_once(module_server: ServerHandle) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("plot-piped: step 8,") == 1
     assert "\x1b" not in result.stdout  # no screen clearing or colours into a pipe
+
+
+def test_client_address_from_the_environment(
+    module_server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's Library snippet says Client(): it must reach the server the CLI reaches.
+    monkeypatch.setenv("RNNSERVE_ADDRESS", module_server.address)
+    with Client() as client:
+        assert client.address == module_server.address
+        assert client.health() == "SERVING"
+    monkeypatch.delenv("RNNSERVE_ADDRESS")
+    with Client() as client:
+        assert client.address == "localhost:50051"
