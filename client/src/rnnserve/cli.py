@@ -77,7 +77,7 @@ EXIT_CODES_HELP = """\
 exit codes:
   0    success (health: the server is SERVING)
   1    any other error
-  2    usage error (bad flags, no input text)
+  2    usage error (bad flags, no input text, an input file that does not exist)
   3    session not found
   4    conflict: the session id is taken, or the session is busy training
   5    server unavailable, not SERVING, or shutting down
