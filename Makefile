@@ -17,7 +17,7 @@ help: ## list the targets
 $(STAMP): client/pyproject.toml server/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e client -e 'server[dev]'
+	$(BIN)/pip install -q -e 'client[plot]' -e 'server[dev]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
@@ -49,7 +49,7 @@ test: $(STAMP) ## run the test suite (unit, integration against a real server, p
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
 	$(BIN)/rnnserve-server --address $(ADDRESS) --data-dir $(DATA_DIR)
 
-demo: $(STAMP) ## start a server, train a session on Python's own source, generate, stop
+demo: $(STAMP) ## start a server, train a session on Python's own source, plot (docs/loss.png), generate, stop
 	$(BIN)/python scripts/demo.py
 
 bench: $(STAMP) ## run the benchmarks in bench/ (prints tables); installs the bench extra (torch)

@@ -5,7 +5,9 @@ from the source code of a few Python standard-library modules (text every Python
 has), trains it with a progress bar, samples from it, and stops the server with SIGTERM.
 Every step after the server start is an `rnnserve` CLI command, printed before it runs.
 
-    python scripts/demo.py [--seconds 45] [--steps 5000] [--keep]
+    python scripts/demo.py [--seconds 45] [--steps 5000] [--keep] [--plot-output docs/loss.png]
+
+It also draws the loss curve in the terminal and writes it as an image (the one in the README).
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5000, help="most training steps")
     parser.add_argument("--chars", type=int, default=400_000, help="corpus size in characters")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--plot-output",
+        default=str(Path(__file__).resolve().parent.parent / "docs" / "loss.png"),
+        help="where to write the loss chart (default: docs/loss.png, shown in the README)",
+    )
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="rnnserve-demo-")
@@ -115,6 +122,9 @@ def main() -> None:
                 "--max-seconds",
                 f"{args.seconds:g}",
             )
+            rnnserve(address, "plot", "stdlib", "--width", "100", "--height", "25")
+            Path(args.plot_output).parent.mkdir(parents=True, exist_ok=True)
+            rnnserve(address, "plot", "stdlib", "--output", args.plot_output)
             rnnserve(address, "predict", "stdlib", "def __init__(self):")
             rnnserve(
                 address,

@@ -156,7 +156,7 @@ def test_errors_are_one_line_on_stderr_with_an_exit_code(module_server: ServerHa
     assert result.returncode == 2  # argparse: invalid choice
 
     result = rnnserve(server, "create", "/no/such/file.txt")
-    assert result.returncode == 1 and "/no/such/file.txt" in result.stderr
+    assert result.returncode == 2 and "/no/such/file.txt: no such file" in result.stderr
 
     result = rnnserve(None, "--address", "127.0.0.1:1", "--timeout", "5", "list")
     assert result.returncode == 5

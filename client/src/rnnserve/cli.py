@@ -8,18 +8,25 @@ one-line message on stderr and an exit code (see ``EXIT_CODES``).
 from __future__ import annotations
 
 import argparse
+import datetime
+import difflib
+import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from tqdm import tqdm
 
+from rnnserve import completion, plot
 from rnnserve.client import DEFAULT_ADDRESS, DTYPES, OPTIMIZERS, PRESETS, Client, TrainStream
 from rnnserve.errors import (
     InvalidArgument,
@@ -70,7 +77,7 @@ EXIT_CODES_HELP = """\
 exit codes:
   0    success (health: the server is SERVING)
   1    any other error
-  2    usage error (bad flags, no input text)
+  2    usage error (bad flags, no input text, an input file that does not exist)
   3    session not found
   4    conflict: the session id is taken, or the session is busy training
   5    server unavailable, not SERVING, or shutting down
@@ -88,6 +95,8 @@ examples:
   rnnserve create input.txt --id shakespeare      # prints the session id
   rnnserve train shakespeare --steps 5000 --sample-length 80
   rnnserve generate shakespeare --length 500 --prime "ROMEO:" --seed 1
+  rnnserve plot shakespeare --output loss.png     # or in the terminal; watch --plot: live
+  eval "$(rnnserve completion bash)"              # tab-completes commands, flags and ids
   rnnserve --json list | jq .session_id
   rnnserve --address server:50051 --token "$TOKEN" --ca-file ca.pem health
 
@@ -222,8 +231,16 @@ def _read_text(path: str | None, text: str | None, what: str) -> str:
         path = "-"
     if path == "-":
         return sys.stdin.read()
-    with open(path, encoding="utf-8") as f:
+    with _open_input(path) as f:
         return f.read()
+
+
+def _open_input(path: str) -> TextIO:
+    """Open a text file given on the command line; a missing one is a usage error (exit 2)."""
+    try:
+        return open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,19 +271,43 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _created(session: pb.Session) -> str:
+    if not session.HasField("create_time"):
+        return "-"
+    when = session.create_time.ToDatetime(tzinfo=datetime.UTC).astimezone()
+    return when.strftime("%Y-%m-%d %H:%M")
+
+
 def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
-    header = f"{'ID':<24} {'STATE':<9} {'STEP':>9} {'LOSS':>8} {'CHARS':>12}  RESIDENT"
-    printed_header = False
+    rows: list[list[str]] = []
     for session in client.list_sessions(page_size=args.page_size):
         out.obj(session)
-        if not printed_header:
-            out.line(header)
-            printed_header = True
-        out.line(
-            f"{session.session_id:<24} {_state(session):<9} {session.step:>9} "
-            f"{session.loss:>8.4f} {session.corpus_chars:>12,}  "
-            f"{'yes' if session.resident else 'no'}"
+        rows.append(
+            [
+                session.session_id,
+                _state(session),
+                str(session.step),
+                f"{session.loss:.4f}" if session.step else "-",
+                str(session.config.hidden_size or "-"),  # a BROKEN session has no config
+                _enum_name(pb.Optimizer, session.config.optimizer, "OPTIMIZER_")
+                if session.config.optimizer
+                else "-",
+                _created(session),
+                str(session.checkpointed_step),
+            ]
         )
+    if not rows:
+        out.line("no sessions (make one: rnnserve create FILE --id NAME)")
+        return EXIT_OK
+    header = ["ID", "STATE", "STEP", "LOSS", "HIDDEN", "OPTIMIZER", "CREATED", "CHECKPOINTED"]
+    right = {2, 3, 4, 7}  # numbers line up on the right
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        out.line("  ".join(cells).rstrip())
     return EXIT_OK
 
 
@@ -275,12 +316,37 @@ def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _confirm_delete(client: Client, session_id: str, yes: bool) -> bool:
+    """True to go ahead: the session is not training, --yes, or the user said yes."""
+    if yes:
+        return True
+    info = client.session(session_id).info()
+    if info.state != pb.SESSION_STATE_TRAINING:
+        return True
+    if not sys.stdin.isatty():
+        raise SessionBusy(
+            f"session {session_id!r} is training (step {info.step}); not deleted. "
+            "Pass --yes to delete it anyway (the training stops)",
+        )
+    sys.stderr.write(
+        f"session {session_id!r} is training (step {info.step}). Delete it anyway? [y/N] "
+    )
+    sys.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
+
+
 def cmd_delete(client: Client, args: argparse.Namespace, out: Output) -> int:
+    code = EXIT_OK
     for session_id in args.ids:
+        if not _confirm_delete(client, session_id, args.yes):
+            print(f"{PROG}: kept {session_id}", file=sys.stderr)
+            code = EXIT_CONFLICT
+            continue
         client.session(session_id).delete()
         out.obj({"session_id": session_id, "deleted": True})
         out.line(f"deleted {session_id}")
-    return EXIT_OK
+    return code
 
 
 def cmd_append(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -294,7 +360,7 @@ def cmd_append(client: Client, args: argparse.Namespace, out: Output) -> int:
     elif args.file in (None, "-"):
         response = session.append_text(sys.stdin)
     else:
-        with open(args.file, encoding="utf-8") as f:
+        with _open_input(args.file) as f:
             response = session.append_text(f)
     out.obj(response)
     out.line(
@@ -432,48 +498,158 @@ def _stop_reason(progress: pb.TrainResponse) -> str:
 
 def _report_cancelled(session: Any, stream: TrainStream, why: str) -> None:
     """After a cancel: say where training stopped (asking the server, if it answers)."""
+    step: int | None = stream.last.step if stream.last is not None else None
     try:
-        step: int | None = session.info(timeout=5.0).step
+        # The server applies the update in progress before it sees the cancel: wait (up to
+        # 10 s) until it is no longer training, so the step said is the one `list` shows.
+        deadline = time.monotonic() + 10.0
+        info = session.info(timeout=5.0)
+        while info.state == pb.SESSION_STATE_TRAINING and time.monotonic() < deadline:
+            time.sleep(0.05)
+            info = session.info(timeout=5.0)
+        step = info.step
     except RnnServeError:
-        step = stream.last.step if stream.last is not None else None
+        pass
     where = f"; the session is at step {step}" if step is not None else ""
     print(f"{PROG}: {why}{where}", file=sys.stderr)
 
 
+class _Follower:
+    """Reads a WatchLoss stream on a thread, so the caller can redraw on a timer."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.points: list[pb.LossPoint] = []
+        self.error: RnnServeError | None = None
+        self.ended = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for point in self.stream:
+                with self.cond:
+                    self.points.append(point)
+                    self.cond.notify_all()
+        except RnnServeError as e:
+            with self.cond:
+                self.error = e
+        finally:
+            with self.cond:
+                self.ended = True
+                self.cond.notify_all()
+
+    def wait(self, have: int, timeout: float) -> tuple[list[pb.LossPoint], bool]:
+        """Points after the first ``have`` (waiting up to ``timeout`` for one) and whether
+        the stream has ended."""
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.points) > have or self.ended, timeout)
+            return self.points[have:], self.ended
+
+
+class _StatusLine:
+    """The session's step, loss and state from GetSession, redrawn in place on stderr."""
+
+    def __init__(self, session: Any, session_id: str) -> None:
+        self.session = session
+        self.id = session_id
+        self.shown = False
+        self._rate: tuple[float, int] | None = None  # (time, step) of the last poll
+        self.steps_per_second = 0.0
+
+    def text(self) -> str:
+        try:
+            info: pb.Session = self.session.info(timeout=5.0)
+        except RnnServeError as e:
+            return f"{self.id}: no answer from the server ({e.details})"
+        now = time.monotonic()
+        if self._rate is not None and now > self._rate[0]:
+            self.steps_per_second = (info.step - self._rate[1]) / (now - self._rate[0])
+        self._rate = (now, info.step)
+        where = f"step {info.step}  loss {info.loss:.4f}  smoothed {info.smoothed_loss:.4f}"
+        if info.state == pb.SESSION_STATE_TRAINING:
+            return f"{self.id}: training  {where}  {self.steps_per_second:,.1f} steps/s"
+        if info.step == 0:
+            return f"{self.id}: idle, not trained yet; waiting for updates (Ctrl-C stops)"
+        return f"{self.id}: idle at {where}; waiting for updates (Ctrl-C stops)"
+
+    def draw(self) -> None:
+        text = self.text()
+        width = shutil.get_terminal_size((80, 24)).columns
+        sys.stderr.write("\r\x1b[K" + text[: max(width - 1, 10)])
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _chart_size(args: argparse.Namespace, reserve: int = 0) -> tuple[int, int]:
+    size = shutil.get_terminal_size((100, 30))
+    width = args.width if args.width else size.columns
+    height = args.height if args.height else max(size.lines - 2 - reserve, 10)
+    return width, height
+
+
 def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     session = client.session(args.id)
-    # Without --from-step, follow from the next update: ask where the session is now.
-    from_step = args.from_step if args.from_step is not None else session.info().step + 1
+    # Without --from-step, follow from the next update (--plot: the whole history).
+    if args.from_step is not None:
+        from_step = args.from_step
+    else:
+        from_step = 1 if args.plot else session.info().step + 1
     stream = session.watch_loss(from_step)
-    bar = tqdm(
-        unit="step",
-        desc=args.id,
-        file=sys.stderr,
-        **_bar_width(),
-        disable=True if (out.json or args.no_progress) else None,
+    follower = _Follower(stream)
+    # The live status line: on a terminal, not with --json / --no-progress / --plot.
+    status = (
+        _StatusLine(session, args.id)
+        if not (out.json or args.no_progress or args.plot) and sys.stderr.isatty()
+        else None
     )
-    show_bar = not bar.disable  # (close() sets disable)
-    last: pb.LossPoint | None = None
+    history = plot.LossHistory()
     seen = 0
+    last: pb.LossPoint | None = None
+    redraw_at = 0.0
     try:
-        for point in stream:
-            last = point
-            seen += 1
-            out.obj(point)
-            if show_bar:
-                bar.update(1)
-                bar.set_postfix_str(f"step {point.step}, loss {point.loss:.4f}", refresh=False)
-            else:
-                out.line(f"{point.step} {point.loss:.6f}")
-            if args.count is not None and seen >= args.count:
-                stream.cancel()
+        while True:
+            points, ended = follower.wait(seen, args.interval)
+            if args.count is not None:
+                points = points[: args.count - seen]
+            for point in points:
+                last = point
+                out.obj(point)
+                if status is None and not args.plot:
+                    out.line(f"{point.step} {point.loss:.6f}")
+            seen += len(points)
+            history.extend(points)
+            done = ended or (args.count is not None and seen >= args.count)
+            now = time.monotonic()
+            if not done and now >= redraw_at:
+                redraw_at = now + args.interval
+                if status is not None:
+                    status.draw()
+                if args.plot and not out.json and sys.stdout.isatty():
+                    _draw_live_chart(history, args)  # piped: drawn once, at the end
+            if done:
                 break
     except KeyboardInterrupt:
         stream.cancel()
+        if status is not None:
+            status.clear()
         return EXIT_INTERRUPTED
     finally:
-        bar.close()
-    if show_bar and last is not None:
+        stream.cancel()
+    if status is not None:
+        status.clear()
+    if args.plot and not out.json:
+        _draw_live_chart(history, args)
+    if follower.error is not None:
+        raise follower.error
+    if status is not None and last is not None:
         out.line(f"last: step {last.step} loss {last.loss:.6f}")
     return EXIT_OK
 
@@ -523,11 +699,65 @@ def cmd_import(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _draw_live_chart(history: plot.LossHistory, args: argparse.Namespace) -> None:
+    """Clear the terminal and draw the chart (plain redraw when stdout is not a terminal)."""
+    tty = sys.stdout.isatty()
+    width, height = _chart_size(args)
+    chart = plot.terminal_chart(history, _chart_title(args.id, history), width, height, color=tty)
+    sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + chart + "\n")
+    sys.stdout.flush()
+
+
+def _chart_title(session_id: str, history: plot.LossHistory) -> str:
+    if not len(history):
+        return f"{session_id}: no updates yet"
+    smoothed = history.columns["smoothed"][-1]
+    return (
+        f"{session_id}: step {history.steps[-1]}, loss {history.columns['loss'][-1]:.4f}"
+        f" (smoothed {smoothed:.4f})"
+    )
+
+
+def cmd_plot(client: Client, args: argparse.Namespace, out: Output) -> int:
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() not in plot.IMAGE_SUFFIXES:
+        raise UsageError(f"--output must end in .png or .svg, not {output.name!r}")
+    history = plot.LossHistory()
+    history.extend(client.session(args.id).loss_history(args.from_step))
+    title = _chart_title(args.id, history)
+    if args.format == "csv":
+        plot.write_csv(history, out.stream)
+        out.stream.flush()
+    elif output is None:
+        if out.json:
+            for i, step in enumerate(history.steps):
+                out.obj({"step": step, **{k: v[i] for k, v in history.columns.items()}})
+        else:
+            tty = out.stream.isatty()
+            width, height = _chart_size(args)
+            out.line(plot.terminal_chart(history, title, width, height, color=tty))
+    if output is not None:
+        try:
+            plot.save_image(history, title, output)
+        except ImportError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        if args.format != "csv":
+            out.obj({"session_id": args.id, "output": str(output), "points": len(history)})
+            out.line(f"wrote {output} ({len(history)} steps)")
+    return EXIT_OK
+
+
 def cmd_generate(client: Client, args: argparse.Namespace, out: Output) -> int:
     stream = client.session(args.id).generate_stream(
         args.length, args.prime, args.temperature, args.top_k, args.seed
     )
     ends_with_newline = True
+    if args.prime and not out.json:
+        # The sample continues the prime: print it first so the text reads as a whole.
+        out.stream.write(args.prime)
+        out.stream.flush()
+        ends_with_newline = args.prime.endswith("\n")
     with stream:
         for chunk in stream:
             if out.json:
@@ -687,6 +917,18 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_chart_size_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--width", type=_positive_int, metavar="COLS", help="chart width (default: the terminal's)"
+    )
+    parser.add_argument(
+        "--height",
+        type=_positive_int,
+        metavar="ROWS",
+        help="chart height (default: the terminal's)",
+    )
+
+
 Command = Callable[[Client, argparse.Namespace, Output], int]
 
 
@@ -743,10 +985,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "delete",
         cmd_delete,
-        "delete sessions",
-        "  rnnserve delete hallo\n  rnnserve delete a b c\n",
+        "delete sessions (asks first if one is training; --yes skips the question)",
+        "  rnnserve delete hallo\n  rnnserve delete a b c\n  rnnserve delete shakespeare --yes\n",
     )
     p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="don't ask before deleting a session that is training",
+    )
 
     p = command(
         "append",
@@ -886,8 +1134,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-progress",
         action="store_true",
-        help="print 'step loss' lines instead of a progress bar",
+        help="print 'step loss' lines instead of the status line",
     )
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="redraw the loss chart live (default --from-step 1: the whole history)",
+    )
+    p.add_argument(
+        "--interval",
+        type=_seconds,
+        default=1.0,
+        metavar="S",
+        help="redraw every S seconds (default 1)",
+    )
+    _add_chart_size_flags(p)
+
+    p = command(
+        "plot",
+        cmd_plot,
+        "the session's loss history as a chart, an image or CSV",
+        "  rnnserve plot shakespeare                       # a chart in the terminal\n"
+        "  rnnserve plot shakespeare -o loss.png      # or .svg: pip install 'rnnserve[plot]'\n"
+        "  rnnserve plot shakespeare --format csv > loss.csv   # step,loss,smoothed[,validation]\n",
+    )
+    p.add_argument("id", metavar="ID")
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="write a .png or .svg image with matplotlib instead of drawing in the terminal",
+    )
+    p.add_argument(
+        "--format",
+        choices=["chart", "csv"],
+        default="chart",
+        help="chart (default) or csv: step,loss,smoothed[,validation] on stdout",
+    )
+    p.add_argument(
+        "--from-step",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="start at step N (default 1)",
+    )
+    _add_chart_size_flags(p)
 
     p = command(
         "generate",
@@ -931,6 +1222,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service", default="", help="a service name (default: the whole server)")
     p.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait until SERVING")
+
+    p = command(
+        "completion",
+        cmd_completion,
+        "print the shell completion script (commands, flags, session ids)",
+        '  eval "$(rnnserve completion bash)"     # add to ~/.bashrc\n'
+        "  # zsh: autoload -U bashcompinit && bashcompinit, then the same\n",
+    )
+    p.add_argument("shell", choices=["bash"], help="only bash for now (zsh via bashcompinit)")
     return parser
 
 
@@ -944,9 +1244,44 @@ def _error_line(error: RnnServeError, address: str) -> tuple[int, str]:
     return EXIT_ERROR, f"{PROG}: error: {error}"  # pragma: no cover - RnnServeError matches
 
 
+def _complete(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    if not argv or not argv[0].isdigit():
+        return EXIT_USAGE
+    for word in completion.complete(parser, argv[1:], int(argv[0])):
+        print(word)
+    return EXIT_OK
+
+
+def cmd_completion(client: Client, args: argparse.Namespace, out: Output) -> int:
+    out.stream.write(completion.BASH_SCRIPT)
+    return EXIT_OK
+
+
+def _did_you_mean(args: argparse.Namespace) -> str:
+    """ " (did you mean 'x'?)" when a session id on the command line is missing and a
+    close one exists on the server; "" otherwise (or if the server doesn't answer)."""
+    wanted = [args.id] if isinstance(getattr(args, "id", None), str) else getattr(args, "ids", [])
+    try:
+        with Client(
+            args.address, timeout=5.0, token=args.token, ca_file=args.ca_file, tls=args.tls
+        ) as client:
+            known = [s.session_id for s in itertools.islice(client.list_sessions(), 10_000)]
+    except RnnServeError:
+        return ""
+    for session_id in wanted:
+        if session_id and session_id not in known:
+            close = difflib.get_close_matches(session_id, known, n=1, cutoff=0.6)
+            if close:
+                return f" (did you mean {close[0]!r}?)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the console script exits with it)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["__complete"]:  # the shell completion function asks (see completion.py)
+        return _complete(parser, argv[1:])
     args = parser.parse_args(argv)
     out = Output(args.json)
     try:
@@ -965,6 +1300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except RnnServeError as e:
         code, line = _error_line(e, args.address)
+        if isinstance(e, SessionNotFound):
+            line += _did_you_mean(args)
         print(line, file=sys.stderr)
         return code
     except OSError as e:

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 DEFAULT_ADDRESS = "localhost:50051"
+ADDRESS_ENV = "RNNSERVE_ADDRESS"
 # 64 Ki characters are at most 256 KiB of UTF-8: far under gRPC's 4 MiB default message limit.
 DEFAULT_CHUNK_CHARS = 65536
 # Archive chunks sent by ImportSession: 256 KiB, like AppendText's largest, far under the
@@ -335,7 +336,8 @@ class Client:
     (default: the ``RNNSERVE_TOKEN`` environment variable) is sent as ``authorization: Bearer
     <token>``. ``ca_file`` connects over TLS trusting that CA certificate (PEM); ``tls=True``
     connects over TLS with gRPC's default roots; ``tls_server_name`` overrides the name the
-    server's certificate must carry. ``options`` are extra gRPC channel options.
+    server's certificate must carry. ``options`` are extra gRPC channel options. ``address``
+    defaults to the ``RNNSERVE_ADDRESS`` environment variable, then ``localhost:50051``.
 
     Example::
 
@@ -353,7 +355,7 @@ class Client:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         *,
         timeout: float | None = 30.0,
         token: str | None = None,
@@ -362,6 +364,9 @@ class Client:
         tls_server_name: str | None = None,
         options: Iterable[tuple[str, Any]] = (),
     ) -> None:
+        if address is None:
+            # Like the CLI's --address: the environment, then localhost.
+            address = os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
         self.address = address
         self.timeout = timeout
         if token is None:
@@ -763,6 +768,25 @@ class Session:
         request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
         call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
         return Stream(call, lambda response: response.points)
+
+    def loss_history(
+        self, from_step: int = 1, *, timeout: float | None = None
+    ) -> list[pb.LossPoint]:
+        """Every update's loss from ``from_step`` up to the session's current step.
+
+        A finite :meth:`watch_loss`: reads the history, stops when it reaches the step that
+        GetSession reported at the start (later updates are left out).
+        """
+        until = self.info(timeout=timeout).step
+        points: list[pb.LossPoint] = []
+        if until < max(from_step, 1):
+            return points
+        with self.watch_loss(from_step, timeout=timeout) as stream:
+            for point in stream:
+                points.append(point)
+                if point.step >= until:
+                    break
+        return points
 
     def generate_stream(
         self,
