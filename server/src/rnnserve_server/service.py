@@ -34,6 +34,8 @@ from rnnserve_server.errors import (
     SessionExistsError,
     SessionNotFoundError,
     ShuttingDownError,
+    StorageError,
+    StorageFullError,
 )
 from rnnserve_server.logs import get_logger
 from rnnserve_server.model import PRESETS, DivergedError, EngineError, ModelConfig
@@ -77,6 +79,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         (SessionBusyError, grpc.StatusCode.FAILED_PRECONDITION),
         (SessionBrokenError, grpc.StatusCode.FAILED_PRECONDITION),
         (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+        (StorageFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (StorageError, grpc.StatusCode.UNAVAILABLE),
         (UnknownCharactersError, grpc.StatusCode.INVALID_ARGUMENT),
         (EngineError, grpc.StatusCode.INVALID_ARGUMENT),
         (CheckpointError, grpc.StatusCode.INTERNAL),
@@ -174,6 +178,9 @@ def session_to_pb(session: Session) -> pb.Session:
     msg.state = (
         pb.SESSION_STATE_TRAINING if session.busy in ("Train", "Step") else pb.SESSION_STATE_READY
     )
+    if session.checkpoint_error is not None:
+        msg.state = pb.SESSION_STATE_UNSAVED
+        msg.error = session.checkpoint_error
     summary = session.summary
     msg.corpus_chars = summary.corpus_chars
     msg.alphabet = summary.alphabet
@@ -385,6 +392,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
     ) -> pb.StepResponse:
         """One update on the corpus or on the request's text."""
         async with self.registry.use(request.session_id) as session:
+            await self.registry.check_writable(session)
             ids = None
             if request.text:
                 self._check_text(request.text, "text")
@@ -408,6 +416,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
             bits_per_char=result.loss / LN2,
             grad_norm=result.grad_norm,
             chars=result.chars,
+            checkpointed_step=max(session.checkpointed_step, 0),
         )
 
     async def _train_chunk(self, session: Session, max_steps: int) -> ChunkResult:
@@ -441,6 +450,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         )
         steps, every = int(request.steps), int(request.report_every)
         async with self.registry.use(request.session_id) as session:
+            await self.registry.check_writable(session)
             session.begin("Train")
             start = last_report = last_log = last_ckpt = time.monotonic()
             done = chars = 0
