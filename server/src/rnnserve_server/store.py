@@ -338,15 +338,16 @@ class Store:
                         shapes[name] = _npy_shape(member)[0]
                 if check is not None:
                     trainer_meta = meta.get("trainer")
+                    declared = {
+                        n[len("trainer.") :]: v
+                        for n, v in shapes.items()
+                        if n.startswith("trainer.")
+                    }
                     if isinstance(trainer_meta, dict):
-                        check(
-                            trainer_meta,
-                            {
-                                n[len("trainer.") :]: v
-                                for n, v in shapes.items()
-                                if n.startswith("trainer.")
-                            },
-                        )
+                        try:
+                            check(trainer_meta, declared)
+                        except CheckpointError as exc:
+                            raise CheckpointError(f"{path}: {exc}", exc.public) from None
                 if shapes.get("loss_history") != (meta.get("step"),):
                     raise CheckpointError(
                         f"{path}: step {meta.get('step')!r} does not match the loss history's "

@@ -1,0 +1,314 @@
+"""What can be lost, row by row (README "What can be lost"): full disk, unwritable or deleted
+data directory, damaged, oversized or non-regular checkpoint files, orphans, crashes right
+after an acknowledged AppendText or Step.
+
+A full disk is a real one: a small tmpfs mounted on the data directory (tests run as root, in
+CI too); a read-only data directory is a read-only bind mount (chmod does not stop root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+import pytest
+from rnnserve import LimitExceeded, ServerUnavailable, SessionBusy, SessionNotFound
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerFactory
+
+TEXT = "It was the best of times, it was the worst of times. " * 8
+SMALL = dict(hidden_size=8, seq_length=8, batch_size=2, seed=3)
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)  # polling interval, not synchronisation: the condition decides
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[None]:
+    _mount("--bind", str(path), str(path))
+    try:
+        _mount("-o", "remount,bind,ro", str(path))
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` until ENOSPC; the filler file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (1 << 16, 1 << 12, 1 << 9, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _metric(port: int, name: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_refuses_unsaved_writes_and_recovers(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Full disk: create refused (RESOURCE_EXHAUSTED) and not kept; a session that can't be
+    checkpointed is UNSAVED, health NOT_SERVING, the metric counts it, Step/AppendText are
+    refused; with room again everything recovers; SIGTERM that can't save exits 1 and the
+    restart has the last checkpointed step."""
+    metrics_port = _free_port()
+    with _tmpfs(tmp_path / "disk", "2m") as disk:
+        server = server_factory(data_dir=disk, metrics_port=metrics_port, idle_evict_seconds=0)
+        with server.client() as client:
+            s = client.create_session(TEXT, session_id="kept", **SMALL)  # type: ignore[arg-type]
+            s.step()
+            _wait(lambda: s.info().checkpointed_step == 1, "the first step on disk")
+            filler = _fill(disk)
+
+            with pytest.raises(LimitExceeded, match="disk is full") as refused:
+                client.create_session(TEXT, session_id="new", **SMALL)  # type: ignore[arg-type]
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(SessionNotFound):
+                client.session("new").info()
+            assert not (disk / "sessions" / "new.corpus.npy").exists()
+
+            s.step()  # acknowledged with checkpointed_step 1: its write fails behind the reply
+            _wait(lambda: s.info().state == pb.SESSION_STATE_UNSAVED, "state UNSAVED")
+            info = s.info()
+            assert "disk is full" in info.error and info.checkpointed_step == 1
+            assert client.health() == "NOT_SERVING"
+            assert _metric(metrics_port, "rnnserve_sessions_unsaved") == 1
+            with pytest.raises(LimitExceeded, match="disk is full"):
+                s.step()
+            with pytest.raises(LimitExceeded, match="disk is full"):
+                s.append_text("it was the worst. " * 20)
+            assert s.info().corpus_chars == len(TEXT) and s.info().step == 2
+
+            filler.unlink()  # room again: the next write retries and succeeds
+            assert s.step().step == 3
+            _wait(lambda: s.info().checkpointed_step == 3, "recovered checkpoints")
+            assert s.info().state == pb.SESSION_STATE_READY
+            _wait(lambda: client.health() == "SERVING", "health SERVING again")
+            assert _metric(metrics_port, "rnnserve_sessions_unsaved") == 0
+            created = client.create_session(TEXT, session_id="new", **SMALL)  # type: ignore[arg-type]
+            assert created.info().checkpointed_step == 0
+
+            _fill(disk)
+            s.step()  # step 4: in memory only
+            _wait(lambda: s.info().state == pb.SESSION_STATE_UNSAVED, "UNSAVED again")
+        assert server.stop() == 1  # shutdown could not checkpoint "kept"
+        assert "shutdown_unsaved" in server.text_log()
+        (disk / "filler").unlink()
+
+        again = server_factory(data_dir=disk)
+        with again.client() as client:
+            info = client.session("kept").info()
+            assert info.state == pb.SESSION_STATE_READY and info.step == 3
+            assert client.session("new").info().state == pb.SESSION_STATE_READY
+        assert again.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_delete_on_a_read_only_data_dir_keeps_the_session(
+    server_factory: ServerFactory,
+) -> None:
+    """DeleteSession that can't remove the file: UNAVAILABLE with a sentence, the session
+    stays (in memory and after a restart); deleting works once the directory is writable."""
+    server = server_factory()
+    sessions = server.data_dir / "sessions"
+    with server.client() as client:
+        s = client.create_session(TEXT, session_id="stays", **SMALL)  # type: ignore[arg-type]
+        with _read_only(sessions):
+            with pytest.raises(ServerUnavailable, match="not writable") as refused:
+                s.delete()
+            assert "Error" not in refused.value.details and "/" not in refused.value.details
+            assert s.info().state == pb.SESSION_STATE_READY
+        assert (sessions / "stays.npz").exists()
+    assert server.stop() == 0
+
+    again = server_factory(data_dir=server.data_dir)
+    with again.client() as client:
+        s = client.session("stays")
+        assert s.info().state == pb.SESSION_STATE_READY
+        s.delete()
+        with pytest.raises(SessionNotFound):
+            s.info()
+    assert again.stop() == 0
+    assert not any(sessions.iterdir())
+
+
+@pytest.mark.timeout(90)
+def test_a_deleted_data_dir_is_recreated_and_rewritten(server_factory: ServerFactory) -> None:
+    server = server_factory(idle_evict_seconds=0)
+    with server.client() as client:
+        s = client.create_session(TEXT, session_id="lives", **SMALL)  # type: ignore[arg-type]
+        s.step()
+        _wait(lambda: s.info().checkpointed_step == 1, "the first step on disk")
+        mark = server.mark()
+        subprocess.run(["rm", "-rf", str(server.data_dir)], check=True)
+        s.step()
+        server.wait_for_log("data_dir_recreated", start=mark)
+        _wait(lambda: s.info().checkpointed_step == 2, "step 2 on disk")
+        assert (server.data_dir / "sessions" / "lives.corpus.npy").exists()
+    assert server.stop() == 0
+    again = server_factory(data_dir=server.data_dir)
+    with again.client() as client:
+        info = client.session("lives").info()
+        assert info.state == pb.SESSION_STATE_READY and info.step == 2
+        assert info.corpus_chars == len(TEXT)
+    assert again.stop() == 0
+
+
+def _rewrite(path: Path, change: Callable[[dict[str, np.ndarray]], None]) -> None:
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    change(arrays)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _set_config(arrays: dict[str, np.ndarray], **changes: object) -> None:
+    meta = json.loads(arrays["meta"].tobytes())
+    meta["trainer"]["config"].update(changes)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+
+@pytest.mark.timeout(120)
+def test_damaged_oversized_and_non_regular_checkpoints_are_broken(
+    server_factory: ServerFactory,
+) -> None:
+    """Config over the server's limits, arrays of the wrong shape, non-finite weights, a FIFO
+    named like a checkpoint or corpus: BROKEN (listed, never loaded or deleted), start-up does
+    not hang, clients get a sentence without paths, the log has the details."""
+    first = server_factory()
+    names = ("good", "huge", "shapes", "nan", "fifo_corpus")
+    with first.client() as client:
+        for name in names:
+            client.create_session(TEXT, session_id=name, **SMALL).step()  # type: ignore[arg-type]
+    assert first.stop() == 0
+    sessions = first.data_dir / "sessions"
+    _rewrite(sessions / "huge.npz", lambda a: _set_config(a, hidden_size=2000))
+    _rewrite(sessions / "shapes.npz", lambda a: a.update({"trainer.Whh": np.zeros((8, 9))}))
+    _rewrite(sessions / "nan.npz", lambda a: a["trainer.Why"].__setitem__((0, 0), np.nan))
+    (sessions / "fifo_corpus.corpus.npy").unlink()
+    os.mkfifo(sessions / "fifo_corpus.corpus.npy")
+    os.mkfifo(sessions / "pipe.npz")
+    os.mkfifo(sessions / "other.fifo")
+    before = {p.name: p.stat().st_size for p in sessions.iterdir()}
+
+    second = server_factory(data_dir=first.data_dir, max_hidden_size=1024)
+    with second.client() as client:
+        listed = {s.session_id: s for s in client.list_sessions()}
+        assert set(listed) == {*names, "pipe"}
+        assert listed["good"].state == pb.SESSION_STATE_READY
+        reasons = {
+            "huge": "max-hidden-size",
+            "shapes": "array shapes do not match",
+            "nan": "not finite",
+            "fifo_corpus": "not a regular file",
+            "pipe": "not a regular file",
+        }
+        for name, reason in reasons.items():
+            info = listed[name]
+            assert info.state == pb.SESSION_STATE_BROKEN, name
+            assert reason in info.error, (name, info.error)
+            assert "/" not in info.error and "Error" not in info.error, info.error
+            with pytest.raises(SessionBusy, match="could not be loaded") as refused:
+                client.session(name).step()
+            assert str(sessions) not in refused.value.details
+        assert client.session("good").step().step == 2
+    assert second.stop() == 0
+    log = second.text_log()
+    assert str(sessions / "huge.npz") in log and "hidden_size (2000)" in log
+    after = {p.name: p.stat().st_size for p in sessions.iterdir()}
+    assert {k: v for k, v in after.items() if not k.startswith("good.")} == {
+        k: v for k, v in before.items() if not k.startswith("good.")
+    }
+
+
+@pytest.mark.timeout(90)
+def test_orphan_corpus_files_are_removed_at_start(server_factory: ServerFactory) -> None:
+    first = server_factory()
+    with first.client() as client:
+        client.create_session(TEXT, session_id="keep", **SMALL)  # type: ignore[arg-type]
+    assert first.stop() == 0
+    sessions = first.data_dir / "sessions"
+    np.save(sessions / "gone.corpus.npy", np.arange(50, dtype=np.uint8))  # kill during Create
+    second = server_factory(data_dir=first.data_dir)
+    assert second.wait_for_log("removed_orphan_corpus", file="gone.corpus.npy")
+    assert sorted(p.name for p in sessions.iterdir()) == ["keep.corpus.npy", "keep.npz"]
+    with second.client() as client:
+        assert client.session("keep").info().state == pb.SESSION_STATE_READY
+    assert second.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_acknowledged_append_text_survives_an_immediate_sigkill(
+    server_factory: ServerFactory,
+) -> None:
+    """AppendText is on disk when acknowledged; a Step reply says what is on disk already
+    (checkpointed_step), and a SIGKILL right after any reply keeps at least that."""
+    for trial in range(3):
+        server = server_factory(idle_evict_seconds=0)
+        with server.client() as client:
+            s = client.create_session(TEXT, session_id="a", **SMALL)  # type: ignore[arg-type]
+            reply = s.step()
+            assert 0 <= reply.checkpointed_step <= reply.step
+            added = s.append_text("it was the best of times. " * (50 + trial))
+            assert added.session.checkpointed_step == 1
+            server.stop(signal.SIGKILL)
+        again = server_factory(data_dir=server.data_dir)
+        with again.client() as client:
+            info = client.session("a").info()
+            assert info.corpus_chars == added.session.corpus_chars
+            assert info.step >= reply.checkpointed_step
+        again.kill()
