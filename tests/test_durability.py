@@ -312,3 +312,33 @@ def test_acknowledged_append_text_survives_an_immediate_sigkill(
             assert info.corpus_chars == added.session.corpus_chars
             assert info.step >= reply.checkpointed_step
         again.kill()
+
+
+@pytest.mark.timeout(120)
+def test_resident_memory_budget_evicts_and_refuses(server_factory: ServerFactory) -> None:
+    """--max-resident-bytes: sessions beyond it go to disk (least recently used first); a
+    session that alone exceeds it is refused with RESOURCE_EXHAUSTED naming the setting."""
+    from rnnserve_server.config import load_settings
+    from rnnserve_server.model import PRESETS
+    from rnnserve_server.registry import resident_bytes
+
+    settings = load_settings([], environ={})
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < settings.max_resident_bytes <= machine // 2
+
+    config = PRESETS["default"].replace(hidden_size=64, seq_length=8, batch_size=2)
+    one = resident_bytes(config, len(set(TEXT)), len(TEXT))
+    server = server_factory(max_resident_bytes=one * 3 // 2, idle_evict_seconds=0)
+    shape = dict(hidden_size=64, seq_length=8, batch_size=2)
+    with server.client() as client:
+        a = client.create_session(TEXT, session_id="a", **shape)  # type: ignore[arg-type]
+        a.step()
+        b = client.create_session(TEXT, session_id="b", **shape)  # type: ignore[arg-type]
+        assert not a.info().resident and b.info().resident
+        assert a.step().step == 2  # reloaded; b makes room
+        assert a.info().resident and not b.info().resident
+        with pytest.raises(LimitExceeded, match="--max-resident-bytes") as refused:
+            client.create_session(TEXT, session_id="big", hidden_size=1000)
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert a.info().resident  # the refused create evicted nothing it did not need
+    assert server.stop() == 0

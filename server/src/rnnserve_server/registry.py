@@ -73,6 +73,31 @@ def storage_error(exc: BaseException) -> StorageError:
     )
 
 
+_OPTIMIZER_SLOTS = {"sgd": 0, "adagrad": 1, "adam": 2}  # state arrays the size of the weights
+
+
+def resident_bytes(config: ModelConfig, vocab_size: int, corpus_chars: int) -> int:
+    """What a session's trainer holds in memory at most, for --max-resident-bytes: weights,
+    optimizer state, gradient and proposed weights (update scratch), one window's workspace
+    (inputs, hidden states and probabilities of every strand and step, forward and backward),
+    the carried hidden states and the corpus ids."""
+    V, H = vocab_size, config.hidden_size
+    B, T = config.batch_size, config.seq_length
+    item = np.dtype(config.dtype).itemsize
+    parameters = 2 * H * V + H * H + H + V
+    weights = parameters * item * (3 + _OPTIMIZER_SLOTS.get(config.optimizer, 2))
+    window = 3 * B * (T + 1) * (H + V) * item
+    id_bytes = 1 if V <= 256 else 2 if V <= 65536 else 4
+    return weights + window + B * H * item + corpus_chars * id_bytes
+
+
+def _session_bytes(session: Session) -> int:
+    summary = session.summary
+    if summary.config is None:
+        return 0
+    return resident_bytes(summary.config, len(summary.alphabet), summary.corpus_chars)
+
+
 def _public_reason(exc: BaseException) -> str:
     """Why a checkpoint can't be loaded, as clients see it: a sentence without paths or
     exception text (those go to the server log)."""
@@ -273,6 +298,7 @@ class Registry:
         async with session.load_lock:
             if session.resident:
                 return
+            await self.make_room(_session_bytes(session), keep=session)
             try:
                 ckpt = await self.run_io(self.store.load, session.id, self._check_checkpoint)
                 await self.run(session.attach, ckpt)
@@ -380,6 +406,8 @@ class Registry:
             )
         self.check_config_limits(config)
         self.check_corpus_limits(0, utf8_size(text))
+        alphabet_size = len(alphabet) if alphabet else len(set(text))
+        await self.make_room(resident_bytes(config, alphabet_size, len(text)))
         self._reserved.add(session_id)
         try:
             trainer = await self.run(self._build_trainer, config, text, alphabet)
@@ -565,6 +593,39 @@ class Registry:
         )
 
     # ----- eviction ---------------------------------------------------------------------
+
+    async def make_room(self, needed: int, keep: Session | None = None) -> None:
+        """Evict least recently used idle sessions until ``needed`` more bytes fit within
+        max_resident_bytes; LimitExceededError naming the setting if they can't."""
+        budget = self.settings.max_resident_bytes
+
+        def used() -> int:
+            return sum(_session_bytes(s) for s in self.sessions.values() if s.resident)
+
+        if needed <= budget and used() + needed > budget:  # too big alone: evict nothing
+            lru = sorted(
+                (s for s in self.sessions.values() if s.resident and s is not keep),
+                key=lambda s: s.last_used,
+            )
+            for session in lru:
+                if used() + needed <= budget:
+                    break
+                if session.busy or session.users or session.watchers:
+                    continue
+                await self.flush(session)  # evictable once its changes are on disk
+                if session.evict():
+                    log.info("session_evicted", session_id=session.id, reason="max_resident_bytes")
+        total = used() + needed
+        if total > budget:
+            raise LimitExceededError(
+                limit_message(
+                    "the memory of the sessions in memory, in bytes",
+                    total,
+                    budget,
+                    "max_resident_bytes",
+                )
+                + " (or wait for busy sessions to finish)"
+            )
 
     def _resident_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.resident)
