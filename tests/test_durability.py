@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 import pytest
-from rnnserve import LimitExceeded, ServerUnavailable, SessionBusy, SessionNotFound
+from rnnserve import Client, LimitExceeded, ServerUnavailable, SessionBusy, SessionNotFound
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -131,6 +131,8 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
                 s.step()
             with pytest.raises(LimitExceeded, match="disk is full"):
                 s.append_text("it was the worst. " * 20)
+            with pytest.raises(LimitExceeded, match="disk is full"):
+                s.train(5).wait()
             assert s.info().corpus_chars == len(TEXT) and s.info().step == 2
 
             filler.unlink()  # room again: the next write retries and succeeds
@@ -199,6 +201,8 @@ def test_a_deleted_data_dir_is_recreated_and_rewritten(server_factory: ServerFac
         server.wait_for_log("data_dir_recreated", start=mark)
         _wait(lambda: s.info().checkpointed_step == 2, "step 2 on disk")
         assert (server.data_dir / "sessions" / "lives.corpus.npy").exists()
+        with pytest.raises(AssertionError, match="in use by another"):
+            server_factory(data_dir=server.data_dir)  # the recreated directory is locked
     assert server.stop() == 0
     again = server_factory(data_dir=server.data_dir)
     with again.client() as client:
@@ -222,15 +226,29 @@ def _set_config(arrays: dict[str, np.ndarray], **changes: object) -> None:
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
 
 
+def _check_broken(client: Client, sessions: Path, reasons: dict[str, str]) -> None:
+    """Each named session is BROKEN with its reason, in a sentence without paths or
+    exception text, and refuses use the same way."""
+    listed = {s.session_id: s for s in client.list_sessions()}
+    for name, reason in reasons.items():
+        info = listed[name]
+        assert info.state == pb.SESSION_STATE_BROKEN, name
+        assert reason in info.error, (name, info.error)
+        assert "/" not in info.error and "Error" not in info.error, info.error
+        with pytest.raises(SessionBusy, match="could not be loaded") as refused:
+            client.session(name).step()
+        assert str(sessions) not in refused.value.details and reason in refused.value.details
+
+
 @pytest.mark.timeout(120)
-def test_damaged_oversized_and_non_regular_checkpoints_are_broken(
+def test_oversized_misshapen_and_non_finite_checkpoints_are_broken(
     server_factory: ServerFactory,
 ) -> None:
-    """Config over the server's limits, arrays of the wrong shape, non-finite weights, a FIFO
-    named like a checkpoint or corpus: BROKEN (listed, never loaded or deleted), start-up does
-    not hang, clients get a sentence without paths, the log has the details."""
+    """A config over the server's limits (checked before anything is allocated), arrays of the
+    wrong shape, NaN weights: BROKEN (listed, never loaded or deleted); the log has the path
+    and the details."""
     first = server_factory()
-    names = ("good", "huge", "shapes", "nan", "fifo_corpus")
+    names = ("good", "huge", "shapes", "nan")
     with first.client() as client:
         for name in names:
             client.create_session(TEXT, session_id=name, **SMALL).step()  # type: ignore[arg-type]
@@ -239,40 +257,55 @@ def test_damaged_oversized_and_non_regular_checkpoints_are_broken(
     _rewrite(sessions / "huge.npz", lambda a: _set_config(a, hidden_size=2000))
     _rewrite(sessions / "shapes.npz", lambda a: a.update({"trainer.Whh": np.zeros((8, 9))}))
     _rewrite(sessions / "nan.npz", lambda a: a["trainer.Why"].__setitem__((0, 0), np.nan))
-    (sessions / "fifo_corpus.corpus.npy").unlink()
-    os.mkfifo(sessions / "fifo_corpus.corpus.npy")
-    os.mkfifo(sessions / "pipe.npz")
-    os.mkfifo(sessions / "other.fifo")
-    before = {p.name: p.stat().st_size for p in sessions.iterdir()}
+    before = {p.name: p.read_bytes() for p in sessions.iterdir()}
 
     second = server_factory(data_dir=first.data_dir, max_hidden_size=1024)
     with second.client() as client:
-        listed = {s.session_id: s for s in client.list_sessions()}
-        assert set(listed) == {*names, "pipe"}
-        assert listed["good"].state == pb.SESSION_STATE_READY
-        reasons = {
-            "huge": "max-hidden-size",
-            "shapes": "array shapes do not match",
-            "nan": "not finite",
-            "fifo_corpus": "not a regular file",
-            "pipe": "not a regular file",
-        }
-        for name, reason in reasons.items():
-            info = listed[name]
-            assert info.state == pb.SESSION_STATE_BROKEN, name
-            assert reason in info.error, (name, info.error)
-            assert "/" not in info.error and "Error" not in info.error, info.error
-            with pytest.raises(SessionBusy, match="could not be loaded") as refused:
-                client.session(name).step()
-            assert str(sessions) not in refused.value.details
+        assert {s.session_id for s in client.list_sessions()} == set(names)
+        assert client.session("good").info().state == pb.SESSION_STATE_READY
+        _check_broken(
+            client,
+            sessions,
+            {
+                "huge": "max-hidden-size",
+                "shapes": "array shapes do not match",
+                "nan": "not finite",
+            },
+        )
         assert client.session("good").step().step == 2
     assert second.stop() == 0
     log = second.text_log()
     assert str(sessions / "huge.npz") in log and "hidden_size (2000)" in log
-    after = {p.name: p.stat().st_size for p in sessions.iterdir()}
+    after = {p.name: p.read_bytes() for p in sessions.iterdir()}
     assert {k: v for k, v in after.items() if not k.startswith("good.")} == {
         k: v for k, v in before.items() if not k.startswith("good.")
     }
+
+
+@pytest.mark.timeout(120)
+def test_a_fifo_named_like_a_checkpoint_does_not_hang_start(
+    server_factory: ServerFactory,
+) -> None:
+    """FIFOs named like a state or corpus file: start-up goes on, the sessions are BROKEN
+    "not a regular file", any other FIFO is ignored (logged); nothing is removed."""
+    first = server_factory()
+    with first.client() as client:
+        client.create_session(TEXT, session_id="fifo_corpus", **SMALL)  # type: ignore[arg-type]
+    assert first.stop() == 0
+    sessions = first.data_dir / "sessions"
+    (sessions / "fifo_corpus.corpus.npy").unlink()
+    os.mkfifo(sessions / "fifo_corpus.corpus.npy")
+    os.mkfifo(sessions / "pipe.npz")
+    os.mkfifo(sessions / "other.fifo")
+    before = sorted(p.name for p in sessions.iterdir())
+
+    second = server_factory(data_dir=first.data_dir)
+    assert "other.fifo" in second.wait_for_log("ignored_files")["files"]
+    with second.client() as client:
+        reason = "not a regular file"
+        _check_broken(client, sessions, {"fifo_corpus": reason, "pipe": reason})
+    assert second.stop() == 0
+    assert sorted(p.name for p in sessions.iterdir()) == before
 
 
 @pytest.mark.timeout(90)

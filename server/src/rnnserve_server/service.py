@@ -83,8 +83,10 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         (StorageError, grpc.StatusCode.UNAVAILABLE),
         (UnknownCharactersError, grpc.StatusCode.INVALID_ARGUMENT),
         (EngineError, grpc.StatusCode.INVALID_ARGUMENT),
-        (CheckpointError, grpc.StatusCode.INTERNAL),
     ]
+    if isinstance(exc, CheckpointError):  # the message has paths: the log gets it, not clients
+        log.error("checkpoint_error", error=str(exc))
+        return grpc.StatusCode.INTERNAL, f"{exc.public} (the server log has the details)"
     for kind, code in table:
         if isinstance(exc, kind):
             return code, str(exc)
@@ -484,6 +486,10 @@ class Servicer(pb_grpc.RnnServiceServicer):
                     if chunk.error is not None:
                         bound.warning("train_diverged", step=session.step, error=str(chunk.error))
                         raise chunk.error
+                    unsaved = self.registry.unsaved.get(session.id)
+                    if unsaved is not None:  # don't train on what can't be kept
+                        bound.warning("train_unsaved", step=session.step, error=str(unsaved))
+                        raise unsaved
                     now = time.monotonic()
                     if now - last_ckpt >= s.checkpoint_interval:
                         self.registry.request_checkpoint(session)

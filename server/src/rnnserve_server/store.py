@@ -37,6 +37,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -147,6 +148,7 @@ class Store:
         self.data_dir = data_dir
         self.sessions_dir = data_dir / "sessions"
         self._lock_file: IO[bytes] | None = None
+        self._dirs_lock = threading.Lock()  # two I/O threads may find the directory gone
 
     def open(self) -> list[str]:
         """Create the directories and take the data-dir lock; return stale temp files removed.
@@ -192,8 +194,11 @@ class Store:
         if it had to. CheckpointError if another server took the recreated directory."""
         if self.sessions_dir.is_dir():
             return False
-        self.sessions_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.data_dir / ".lock").exists():
+        with self._dirs_lock:
+            if self.sessions_dir.is_dir():
+                return False
+            self.sessions_dir.mkdir(parents=True, exist_ok=True)
+            # Our lock went with the old directory: take the new one's, or stop writing.
             self.close()
             lock = open(self.data_dir / ".lock", "ab")  # noqa: SIM115 - held until close()
             try:
