@@ -114,6 +114,7 @@ class Registry:
         self.store = store
         self.sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()  # ids being created
+        self._pending_bytes = 0  # resident_bytes of the sessions being created
         self.shutting_down = False
         # Training and sampling run here; disk I/O has its own pool so checkpoints never queue
         # behind long training chunks.
@@ -152,7 +153,10 @@ class Registry:
             self.sessions[session_id] = session
             if session.broken_error is not None:
                 broken += 1
-            elif self._resident_count() > self.settings.max_resident_sessions:
+            elif (
+                self._resident_count() > self.settings.max_resident_sessions
+                or self._resident_bytes() > self.settings.max_resident_bytes
+            ):
                 session.evict()
         log.info(
             "sessions_loaded",
@@ -407,19 +411,25 @@ class Registry:
         self.check_config_limits(config)
         self.check_corpus_limits(0, utf8_size(text))
         alphabet_size = len(alphabet) if alphabet else len(set(text))
-        await self.make_room(resident_bytes(config, alphabet_size, len(text)))
+        needed = resident_bytes(config, alphabet_size, len(text))
         self._reserved.add(session_id)
         try:
-            trainer = await self.run(self._build_trainer, config, text, alphabet)
-            session = Session.new(session_id, trainer)
-            self.sessions[session_id] = session
+            await self.make_room(needed)
+            self._pending_bytes += needed  # counted until the session itself is
+            try:
+                trainer = await self.run(self._build_trainer, config, text, alphabet)
+                session = Session.new(session_id, trainer)
+                self.sessions[session_id] = session
+            finally:
+                self._pending_bytes -= needed
         finally:
             self._reserved.discard(session_id)
         await self.flush(session)
         failed = self.unsaved.get(session_id)
         if failed is not None:
             # Never acknowledge a session that is not on disk: forget it and its files.
-            del self.sessions[session_id]
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
             session.deleted = True
             self._mark_saved(session)
             with contextlib.suppress(Exception):
@@ -599,9 +609,7 @@ class Registry:
         max_resident_bytes; LimitExceededError naming the setting if they can't."""
         budget = self.settings.max_resident_bytes
 
-        def used() -> int:
-            return sum(_session_bytes(s) for s in self.sessions.values() if s.resident)
-
+        used = self._resident_bytes
         if needed <= budget and used() + needed > budget:  # too big alone: evict nothing
             lru = sorted(
                 (s for s in self.sessions.values() if s.resident and s is not keep),
@@ -626,6 +634,11 @@ class Registry:
                 )
                 + " (or wait for busy sessions to finish)"
             )
+
+    def _resident_bytes(self) -> int:
+        """Bytes the resident sessions hold, plus those of sessions being created."""
+        resident = sum(_session_bytes(s) for s in self.sessions.values() if s.resident)
+        return resident + self._pending_bytes
 
     def _resident_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.resident)
