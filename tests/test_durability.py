@@ -375,3 +375,38 @@ def test_resident_memory_budget_evicts_and_refuses(server_factory: ServerFactory
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert a.info().resident  # the refused create evicted nothing it did not need
     assert server.stop() == 0
+
+
+def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None:
+    """A file whose config claims hidden 3000 (within the limit) but holds hidden-8 arrays is
+    BROKEN without the ~150 MB its config implies ever being allocated."""
+    import tracemalloc
+
+    from rnnserve_server.config import Settings
+    from rnnserve_server.model import PRESETS, Trainer
+    from rnnserve_server.registry import Registry
+    from rnnserve_server.session import Session
+    from rnnserve_server.store import Store
+    from rnnserve_server.vocab import Vocab
+
+    store = Store(tmp_path)
+    store.open()
+    try:
+        vocab = Vocab.from_text(TEXT)
+        config = PRESETS["default"].replace(hidden_size=8, seq_length=8, batch_size=2)
+        session = Session.new("claims", Trainer(config, vocab, vocab.encode(TEXT)))
+        ckpt = session.snapshot()
+        assert ckpt is not None
+        ckpt.trainer_meta["config"]["hidden_size"] = 3000
+        store.save(ckpt)
+        registry = Registry(Settings(data_dir=tmp_path, max_hidden_size=4096), store)
+        tracemalloc.start()
+        try:
+            loaded = registry._load_new("claims")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 20_000_000, peak  # the hidden-3000 model was never allocated
+        assert loaded.broken_error is not None and "array shapes" in loaded.broken_error
+    finally:
+        store.close()
