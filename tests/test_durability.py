@@ -159,6 +159,25 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
         assert again.stop() == 0
 
 
+@pytest.mark.timeout(120)
+def test_a_train_ends_when_the_disk_fills_up(server_factory: ServerFactory, tmp_path: Path) -> None:
+    """A long Train whose periodic checkpoint fails stops with RESOURCE_EXHAUSTED instead of
+    training on what it can't keep; with room again it trains and saves."""
+    with _tmpfs(tmp_path / "disk", "2m") as disk:
+        server = server_factory(data_dir=disk, checkpoint_interval=0.05)
+        with server.client() as client:
+            s = client.create_session(TEXT, session_id="t", **SMALL)  # type: ignore[arg-type]
+            filler = _fill(disk)
+            with pytest.raises(LimitExceeded, match="disk is full"):
+                s.train(1_000_000, report_every=100).wait()
+            info = s.info()
+            assert info.state == pb.SESSION_STATE_UNSAVED and info.checkpointed_step == 0
+            filler.unlink()
+            final = s.train(10).wait()
+            assert final.checkpointed_step == final.step == info.step + 10
+        assert server.stop() == 0
+
+
 @pytest.mark.timeout(90)
 def test_delete_on_a_read_only_data_dir_keeps_the_session(
     server_factory: ServerFactory,
@@ -174,6 +193,13 @@ def test_delete_on_a_read_only_data_dir_keeps_the_session(
                 s.delete()
             assert "Error" not in refused.value.details and "/" not in refused.value.details
             assert s.info().state == pb.SESSION_STATE_READY
+            s.step()  # its checkpoint can't be written either
+            _wait(lambda: s.info().state == pb.SESSION_STATE_UNSAVED, "state UNSAVED")
+            assert "not writable" in s.info().error
+            with pytest.raises(ServerUnavailable, match="not writable"):
+                s.step()
+        assert s.step().step == 2  # writable again: saved, then stepped
+        _wait(lambda: s.info().checkpointed_step == 2, "step 2 on disk")
         assert (sessions / "stays.npz").exists()
     assert server.stop() == 0
 
