@@ -183,7 +183,9 @@ def test_delete_on_a_read_only_data_dir_keeps_the_session(
     server_factory: ServerFactory,
 ) -> None:
     """DeleteSession that can't remove the file: UNAVAILABLE with a sentence, the session
-    stays (in memory and after a restart); deleting works once the directory is writable."""
+    stays (in memory and after a restart); deleting works once the directory is writable.
+    Meanwhile Step's checkpoint fails (UNSAVED, next Step refused) and CreateSession is
+    refused."""
     server = server_factory()
     sessions = server.data_dir / "sessions"
     with server.client() as client:
@@ -198,6 +200,8 @@ def test_delete_on_a_read_only_data_dir_keeps_the_session(
             assert "not writable" in s.info().error
             with pytest.raises(ServerUnavailable, match="not writable"):
                 s.step()
+            with pytest.raises(ServerUnavailable, match="not writable"):
+                client.create_session(TEXT, session_id="never", **SMALL)  # type: ignore[arg-type]
         assert s.step().step == 2  # writable again: saved, then stepped
         _wait(lambda: s.info().checkpointed_step == 2, "step 2 on disk")
         assert (sessions / "stays.npz").exists()

@@ -394,7 +394,8 @@ class Servicer(pb_grpc.RnnServiceServicer):
     ) -> pb.StepResponse:
         """One update on the corpus or on the request's text."""
         async with self.registry.use(request.session_id) as session:
-            await self.registry.check_writable(session)
+            if session.checkpoint_error is not None:  # a change that can't be kept: refused
+                await self.registry.check_writable(session)
             ids = None
             if request.text:
                 self._check_text(request.text, "text")
