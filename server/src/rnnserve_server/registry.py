@@ -435,7 +435,7 @@ class Registry:
             with contextlib.suppress(Exception):
                 await self.run_io(self._delete_file, session)
             log.error("create_not_saved", session_id=session_id, error=str(failed))
-            raise failed
+            raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
         log.info(
             "session_created",
             session_id=session_id,
@@ -500,7 +500,7 @@ class Registry:
             failed = self.unsaved.get(session.id)
             if failed is not None:
                 await self.run(session.undo_append, before)
-                raise failed
+                raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
         finally:
             session.end()
 
@@ -570,7 +570,7 @@ class Registry:
         await self.flush(session)
         failed = self.unsaved.get(session.id)
         if failed is not None:
-            raise failed
+            raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
 
     def _write(self, session: Session) -> None:
         if self.store.ensure_dirs():

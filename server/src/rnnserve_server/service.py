@@ -490,7 +490,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
                     unsaved = self.registry.unsaved.get(session.id)
                     if unsaved is not None:  # don't train on what can't be kept
                         bound.warning("train_unsaved", step=session.step, error=str(unsaved))
-                        raise unsaved
+                        raise type(unsaved)(str(unsaved))
                     now = time.monotonic()
                     if now - last_ckpt >= s.checkpoint_interval:
                         self.registry.request_checkpoint(session)
