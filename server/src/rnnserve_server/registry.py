@@ -210,10 +210,15 @@ class Registry:
             ) from None
         V, H, B = len(alphabet), config.hidden_size, config.batch_size
         expected = dict(param_shapes(V, H))
+        tanh_rnn = set(expected) <= set(shapes)  # the seed's cell: every shape is known
         expected.update(hidden=(B, H), cursors=(B,))
         parameters = sum(int(np.prod(shape)) for shape in expected.values())
+        if not tanh_rnn:  # other cells and layers: at most 4 gates of (H + V + 1) x (H + V)
+            raw = trainer_meta["config"]
+            layers = max(int(raw.get("layers", 1) or 1), int(raw.get("num_layers", 1) or 1))
+            parameters = 4 * layers * (H + V + 1) * (H + V) + 2 * layers * B * H
         for name, shape in shapes.items():
-            want = expected.get(name)
+            want = expected.get(name) if tanh_rnn else None
             if name == "corpus":
                 continue  # version 1: its length is bounded by the file's size
             # Optimizer state (unnamed here): at most one value per parameter.
