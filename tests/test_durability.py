@@ -440,3 +440,23 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
         assert loaded.broken_error is not None and "array shapes" in loaded.broken_error
     finally:
         store.close()
+
+
+def test_readme_what_can_be_lost_names_tests_that_exist() -> None:
+    """Every row of README "What can be lost" names at least one test, and each named test is
+    defined in the file it names (``::name`` alone means the previous file)."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What can be lost", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 5  # header + crash, SIGTERM, full disk, delete, damaged file, orphans
+    for row in rows[1:]:
+        named = re.findall(r"`(tests/[\w/]+\.py)?::(\w+)`", row)
+        assert named, row
+        current = ""
+        for path, name in named:
+            current = path or current
+            source = (root / current).read_text(encoding="utf-8")
+            assert re.search(rf"^def {name}\(", source, re.MULTILINE), (current, name)
