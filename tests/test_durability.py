@@ -112,6 +112,7 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
             s = client.create_session(TEXT, session_id="kept", **SMALL)  # type: ignore[arg-type]
             s.step()
             _wait(lambda: s.info().checkpointed_step == 1, "the first step on disk")
+            a = client.create_session(TEXT, session_id="appended", **SMALL)  # type: ignore[arg-type]
             filler = _fill(disk)
 
             with pytest.raises(LimitExceeded, match="disk is full") as refused:
@@ -121,12 +122,18 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
                 client.session("new").info()
             assert not (disk / "sessions" / "new.corpus.npy").exists()
 
+            # AppendText waits for its checkpoint: refused, and the text taken back.
+            with pytest.raises(LimitExceeded, match="disk is full"):
+                a.append_text("it was the worst. " * 20)
+            assert a.info().corpus_chars == len(TEXT)
+            assert a.info().state == pb.SESSION_STATE_UNSAVED
+
             s.step()  # acknowledged with checkpointed_step 1: its write fails behind the reply
             _wait(lambda: s.info().state == pb.SESSION_STATE_UNSAVED, "state UNSAVED")
             info = s.info()
             assert "disk is full" in info.error and info.checkpointed_step == 1
             assert client.health() == "NOT_SERVING"
-            assert _metric(metrics_port, "rnnserve_sessions_unsaved") == 1
+            assert _metric(metrics_port, "rnnserve_sessions_unsaved") == 2
             with pytest.raises(LimitExceeded, match="disk is full"):
                 s.step()
             with pytest.raises(LimitExceeded, match="disk is full"):
@@ -139,6 +146,9 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
             assert s.step().step == 3
             _wait(lambda: s.info().checkpointed_step == 3, "recovered checkpoints")
             assert s.info().state == pb.SESSION_STATE_READY
+            added = a.append_text("it was the worst. " * 20)
+            assert added.session.corpus_chars == len(TEXT) + 360
+            assert added.session.state == pb.SESSION_STATE_READY
             _wait(lambda: client.health() == "SERVING", "health SERVING again")
             assert _metric(metrics_port, "rnnserve_sessions_unsaved") == 0
             created = client.create_session(TEXT, session_id="new", **SMALL)  # type: ignore[arg-type]
@@ -156,6 +166,7 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
             info = client.session("kept").info()
             assert info.state == pb.SESSION_STATE_READY and info.step == 3
             assert client.session("new").info().state == pb.SESSION_STATE_READY
+            assert client.session("appended").info().corpus_chars == len(TEXT) + 360
         assert again.stop() == 0
 
 
