@@ -471,3 +471,26 @@ def test_readme_what_can_be_lost_names_tests_that_exist() -> None:
             current = path or current
             source = (root / current).read_text(encoding="utf-8")
             assert re.search(rf"^def {name}\(", source, re.MULTILINE), (current, name)
+
+
+@pytest.mark.timeout(90)
+def test_a_file_damaged_while_evicted_is_broken_on_reload(server_factory: ServerFactory) -> None:
+    """A session evicted to disk whose checkpoint is then damaged: its next use is
+    FAILED_PRECONDITION with a sentence (no path, no exception text); the log has both."""
+    server = server_factory(max_resident_sessions=1, idle_evict_seconds=0)
+    sessions = server.data_dir / "sessions"
+    with server.client() as client:
+        s = client.create_session(TEXT, session_id="later", **SMALL)  # type: ignore[arg-type]
+        s.step()
+        client.create_session(TEXT, session_id="other", **SMALL)  # type: ignore[arg-type]
+        _wait(lambda: not s.info().resident, "eviction")
+        _rewrite(sessions / "later.npz", lambda a: a["trainer.Whh"].__setitem__((0, 0), np.inf))
+        with pytest.raises(SessionBusy, match="not finite") as refused:
+            s.step()
+        assert str(sessions) not in refused.value.details
+        assert "Error" not in refused.value.details
+        info = s.info()
+        assert info.state == pb.SESSION_STATE_BROKEN and "/" not in info.error
+    assert server.stop() == 0
+    assert str(sessions / "later.npz") in server.text_log()
+    assert (sessions / "later.npz").exists()
