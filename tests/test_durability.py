@@ -482,6 +482,8 @@ def test_a_file_damaged_while_evicted_is_broken_on_reload(server_factory: Server
     with server.client() as client:
         s = client.create_session(TEXT, session_id="later", **SMALL)  # type: ignore[arg-type]
         s.step()
+        # Clean before "other" arrives, so "later" (least recently used) is the one evicted.
+        _wait(lambda: s.info().checkpointed_step == 1, "step 1 on disk")
         client.create_session(TEXT, session_id="other", **SMALL)  # type: ignore[arg-type]
         _wait(lambda: not s.info().resident, "eviction")
         _rewrite(sessions / "later.npz", lambda a: a["trainer.Whh"].__setitem__((0, 0), np.inf))
