@@ -3,7 +3,9 @@
 Start-up logs ``event=serving port=N`` once the port is bound (port 0 picks a free one) and
 writes the port to ``--port-file`` if given. SIGTERM/SIGINT: health goes NOT_SERVING, running
 Train streams stop and send a final message, watch streams end, the server stops within the
-grace period, every session is checkpointed, and ``serve`` returns 0.
+grace period, every session is checkpointed, and ``serve`` returns 0 (1 if some session's
+changes could not be checkpointed). While checkpoints fail (full disk, unwritable or deleted
+data directory) health is NOT_SERVING; it turns SERVING again once they succeed.
 """
 
 from __future__ import annotations
@@ -112,6 +114,27 @@ async def serve(settings: Settings) -> int:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    health_tasks: set[asyncio.Task[None]] = set()
+
+    def on_storage_change(ok: bool) -> None:
+        if registry.shutting_down:
+            return  # shutdown owns health from here on
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+        async def apply() -> None:
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+
+        task = asyncio.create_task(apply())
+        health_tasks.add(task)
+        task.add_done_callback(health_tasks.discard)
+
+    registry.on_storage_change = on_storage_change
     log.info(
         "serving",
         port=port,
@@ -143,8 +166,8 @@ async def serve(settings: Settings) -> int:
     await health_servicer.enter_graceful_shutdown()
     registry.begin_shutdown()
     await server.stop(settings.grace)
-    await registry.close()
+    saved = await registry.close()
     if metrics_server is not None:
         metrics_server.close()
-    log.info("stopped")
-    return 0
+    log.info("stopped", saved=saved)
+    return 0 if saved else 1

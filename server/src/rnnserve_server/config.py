@@ -25,6 +25,19 @@ def _default_data_dir() -> Path:
     return Path(base) / "rnnserve"
 
 
+def _default_resident_bytes() -> int:
+    """Half the memory this process may use: the machine's, or its cgroup's limit if lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            total = min(total, int(raw))
+    return max(total // 2, 1)
+
+
 def _opt(help: str, **extra: Any) -> dict[str, Any]:
     return {"help": help, **extra}
 
@@ -90,6 +103,15 @@ class Settings:
     )
     max_resident_sessions: int = field(
         default=100, metadata=_opt("most sessions kept in memory; the rest stay on disk")
+    )
+    max_resident_bytes: int = field(
+        default_factory=_default_resident_bytes,
+        metadata=_opt(
+            "most bytes the resident sessions' models may hold (weights, optimizer state, update "
+            "scratch, corpus); least recently used sessions are evicted to disk beyond it, and a "
+            "session larger than it on its own is refused. Default: half the machine's memory "
+            "(or of its cgroup limit)"
+        ),
     )
     idle_evict_seconds: float = field(
         default=600.0,

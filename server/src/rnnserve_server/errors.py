@@ -39,5 +39,22 @@ class ShuttingDownError(DomainError):
     """The server is stopping and takes no new work (UNAVAILABLE)."""
 
 
+class StorageError(DomainError):
+    """A change could not be saved to the data directory, so it was not made or not
+    acknowledged (UNAVAILABLE; the message says what the operator must fix)."""
+
+
+class StorageFullError(StorageError):
+    """As StorageError, because the data directory's disk is full (RESOURCE_EXHAUSTED)."""
+
+
 class CheckpointError(Exception):
-    """A checkpoint file could not be read or written; the message says which file and why."""
+    """A checkpoint file could not be read or written; the message says which file and why.
+
+    ``public`` is the sentence a client may see (no paths, no exception text): the message
+    itself goes only to the server log.
+    """
+
+    def __init__(self, message: str, public: str = "its checkpoint could not be read") -> None:
+        super().__init__(message)
+        self.public = public

@@ -12,6 +12,7 @@ prometheus-client default, so nothing a library registers globally leaks in:
 - ``rnnserve_training_updates_total``, ``rnnserve_training_chars_total``: optimizer updates
   applied and characters trained on (``rate(...[1m])`` is updates/s and chars/s);
 - ``rnnserve_checkpoints_total{result}`` (ok / error) and ``rnnserve_checkpoint_duration_seconds``;
+- ``rnnserve_sessions_unsaved``: sessions whose last checkpoint failed (alert on > 0);
 - ``process_*`` and ``python_info``: the standard process and platform collectors.
 
 The RPC metrics (and ``ACTIVE_STREAMS``) are recorded by interceptors.ObservingInterceptor,
@@ -155,13 +156,14 @@ class SessionCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         """Runs in the HTTP server's thread: only reads, copying containers before iterating."""
-        known = resident = on_disk = 0
+        known = resident = on_disk = unsaved = 0
         with self._lock:
             registries = list(self._registries)
         for registry in registries:
             sessions = list(registry.sessions.values())
             known += len(sessions)
             resident += sum(1 for s in sessions if s.resident)
+            unsaved += len(registry.unsaved)
             with contextlib.suppress(OSError):  # data dir gone: report what can be seen
                 on_disk += len(registry.store.scan()[0])
         yield GaugeMetricFamily("rnnserve_sessions", "Sessions known to the server.", value=known)
@@ -172,6 +174,11 @@ class SessionCollector(Collector):
             "rnnserve_sessions_on_disk",
             "Sessions with a checkpoint file in the data directory.",
             value=on_disk,
+        )
+        yield GaugeMetricFamily(
+            "rnnserve_sessions_unsaved",
+            "Sessions whose last checkpoint failed: their changes are in memory only.",
+            value=unsaved,
         )
 
 

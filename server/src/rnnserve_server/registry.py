@@ -9,6 +9,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,9 +27,11 @@ from rnnserve_server.errors import (
     SessionExistsError,
     SessionNotFoundError,
     ShuttingDownError,
+    StorageError,
+    StorageFullError,
 )
 from rnnserve_server.logs import get_logger
-from rnnserve_server.model import EngineError, ModelConfig, Trainer
+from rnnserve_server.model import EngineError, ModelConfig, Trainer, param_shapes
 from rnnserve_server.session import Session, StopCause
 from rnnserve_server.store import Checkpoint, Store, validate_session_id
 from rnnserve_server.vocab import Vocab, utf8_size
@@ -50,6 +53,59 @@ def limit_message(what: str, value: int, limit: int, setting: str) -> str:
     )
 
 
+def storage_error(exc: BaseException) -> StorageError:
+    """The client's sentence for a failed checkpoint write or delete (no paths: the server log
+    has those); StorageFullError when the disk is full."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFullError(
+            "the server's disk is full, so the change could not be saved; retry once the "
+            "operator has freed space in its data directory"
+        )
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StorageError(
+            "the server's data directory is not writable, so the change could not be saved; "
+            "the operator must make it writable, then retry"
+        )
+    return StorageError(
+        "the server could not save to its data directory; retry later (the server log has "
+        "the details)"
+    )
+
+
+_OPTIMIZER_SLOTS = {"sgd": 0, "adagrad": 1, "adam": 2}  # state arrays the size of the weights
+
+
+def resident_bytes(config: ModelConfig, vocab_size: int, corpus_chars: int) -> int:
+    """What a session's trainer holds in memory at most, for --max-resident-bytes: weights,
+    optimizer state, gradient and proposed weights (update scratch), one window's workspace
+    (inputs, hidden states and probabilities of every strand and step, forward and backward),
+    the carried hidden states and the corpus ids."""
+    V, H = vocab_size, config.hidden_size
+    B, T = config.batch_size, config.seq_length
+    item = np.dtype(config.dtype).itemsize
+    parameters = 2 * H * V + H * H + H + V
+    weights = parameters * item * (3 + _OPTIMIZER_SLOTS.get(config.optimizer, 2))
+    window = 3 * B * (T + 1) * (H + V) * item
+    id_bytes = 1 if V <= 256 else 2 if V <= 65536 else 4
+    return weights + window + B * H * item + corpus_chars * id_bytes
+
+
+def _session_bytes(session: Session) -> int:
+    summary = session.summary
+    if summary.config is None:
+        return 0
+    return resident_bytes(summary.config, len(summary.alphabet), summary.corpus_chars)
+
+
+def _public_reason(exc: BaseException) -> str:
+    """Why a checkpoint can't be loaded, as clients see it: a sentence without paths or
+    exception text (those go to the server log)."""
+    if isinstance(exc, CheckpointError):
+        return exc.public
+    return "its checkpoint could not be loaded (the server log has the details)"
+
+
 class Registry:
     """The sessions of one server and the data directory behind them."""
 
@@ -58,12 +114,16 @@ class Registry:
         self.store = store
         self.sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()  # ids being created
+        self._pending_bytes = 0  # resident_bytes of the sessions being created
         self.shutting_down = False
         # Training and sampling run here; disk I/O has its own pool so checkpoints never queue
         # behind long training chunks.
         self.compute = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rnnserve-compute")
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rnnserve-io")
         self._evictor: asyncio.Task[None] | None = None
+        # Sessions whose last checkpoint failed; while any is, health is NOT_SERVING.
+        self.unsaved: dict[str, StorageError] = {}
+        self.on_storage_change: Callable[[bool], None] | None = None  # called with ok
 
     # ----- executors --------------------------------------------------------------------
 
@@ -82,6 +142,8 @@ class Registry:
         removed = await self.run_io(self.store.open)
         if removed:
             log.warning("removed_temp_files", count=len(removed), files=removed[:10])
+        for name in await self.run_io(self.store.remove_orphans):
+            log.warning("removed_orphan_corpus", file=name)
         ids, ignored = await self.run_io(self.store.scan)
         if ignored:
             log.warning("ignored_files", directory=str(self.store.sessions_dir), files=ignored[:20])
@@ -91,7 +153,10 @@ class Registry:
             self.sessions[session_id] = session
             if session.broken_error is not None:
                 broken += 1
-            elif self._resident_count() > self.settings.max_resident_sessions:
+            elif (
+                self._resident_count() > self.settings.max_resident_sessions
+                or self._resident_bytes() > self.settings.max_resident_bytes
+            ):
                 session.evict()
         log.info(
             "sessions_loaded",
@@ -104,7 +169,7 @@ class Registry:
 
     def _load_new(self, session_id: str) -> Session:
         try:
-            return Session.from_checkpoint(self.store.load(session_id))
+            return Session.from_checkpoint(self.store.load(session_id, self._check_checkpoint))
         except Exception as exc:  # a bad file must never stop the server
             error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             log.error("checkpoint_broken", session_id=session_id, error=error)
@@ -112,7 +177,58 @@ class Registry:
                 mtime = self.store.path(session_id).stat().st_mtime
             except OSError:
                 mtime = time.time()
-            return Session.broken(session_id, error, mtime)
+            return Session.broken(session_id, _public_reason(exc), mtime)
+
+    def _check_checkpoint(
+        self, trainer_meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]
+    ) -> None:
+        """Refuse a checkpoint whose model is over this server's limits, or whose arrays are
+        not the shapes its config implies, before anything is allocated (CheckpointError)."""
+        try:
+            config = ModelConfig.from_dict(dict(trainer_meta["config"]))
+            alphabet = str(trainer_meta["alphabet"])
+        except (EngineError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"bad model config in the checkpoint ({exc})",
+                public="its checkpoint's model config is invalid",
+            ) from None
+        try:
+            self.check_config_limits(config)
+            if len(alphabet) > self.settings.max_alphabet_size:
+                raise LimitExceededError(
+                    limit_message(
+                        "the alphabet size",
+                        len(alphabet),
+                        self.settings.max_alphabet_size,
+                        "max_alphabet_size",
+                    )
+                )
+        except LimitExceededError as exc:
+            raise CheckpointError(
+                f"checkpoint over this server's limits: {exc}",
+                public=f"its model is larger than this server allows: {exc}",
+            ) from None
+        V, H, B = len(alphabet), config.hidden_size, config.batch_size
+        expected = dict(param_shapes(V, H))
+        tanh_rnn = set(expected) <= set(shapes)  # the seed's cell: every shape is known
+        expected.update(hidden=(B, H), cursors=(B,))
+        parameters = sum(int(np.prod(shape)) for shape in expected.values())
+        if not tanh_rnn:  # other cells and layers: at most 4 gates of (H + V + 1) x (H + V)
+            raw = trainer_meta["config"]
+            layers = max(int(raw.get("layers", 1) or 1), int(raw.get("num_layers", 1) or 1))
+            parameters = 4 * layers * (H + V + 1) * (H + V) + 2 * layers * B * H
+        for name, shape in shapes.items():
+            want = expected.get(name) if tanh_rnn else None
+            if name == "corpus":
+                continue  # version 1: its length is bounded by the file's size
+            # Optimizer state (unnamed here): at most one value per parameter.
+            ok = int(np.prod(shape)) <= parameters if want is None else shape == want
+            if not ok:
+                raise CheckpointError(
+                    f"checkpoint array {name!r} has shape {shape}, which its config "
+                    f"(alphabet {V}, hidden {H}, batch {B}) does not allow",
+                    public="its checkpoint is damaged (array shapes do not match its config)",
+                )
 
     def begin_shutdown(self) -> None:
         """Refuse new work, stop running Trains and end watch streams."""
@@ -122,8 +238,10 @@ class Registry:
                 session.request_stop(StopCause.SHUTDOWN)
             session.close_watchers()
 
-    async def close(self) -> None:
-        """Checkpoint every session with unsaved changes, then release the data directory."""
+    async def close(self) -> bool:
+        """Checkpoint every session with unsaved changes, then release the data directory.
+
+        False (and the ids logged) if some session's changes could not be saved."""
         if self._evictor is not None:
             self._evictor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -132,9 +250,22 @@ class Registry:
             *(self.flush(s) for s in list(self.sessions.values()) if s.resident),
             return_exceptions=True,
         )
+        unsaved = sorted(
+            s.id
+            for s in self.sessions.values()
+            if s.resident and (s.dirty or s.checkpointed_step != s.step)
+        )
+        if unsaved:
+            log.error(
+                "shutdown_unsaved",
+                sessions=unsaved[:20],
+                count=len(unsaved),
+                error="their last changes could not be checkpointed and are lost",
+            )
         self.compute.shutdown(wait=True, cancel_futures=True)
         self.io.shutdown(wait=True)
         self.store.close()
+        return not unsaved
 
     def check_serving(self) -> None:
         """ShuttingDownError once shutdown began."""
@@ -176,15 +307,17 @@ class Registry:
         async with session.load_lock:
             if session.resident:
                 return
+            await self.make_room(_session_bytes(session), keep=session)
             try:
-                ckpt = await self.run_io(self.store.load, session.id)
+                ckpt = await self.run_io(self.store.load, session.id, self._check_checkpoint)
                 await self.run(session.attach, ckpt)
             except Exception as exc:
                 error = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
                 log.error("reload_failed", session_id=session.id, error=error)
-                session.broken_error = error
+                session.broken_error = _public_reason(exc)
                 raise SessionBrokenError(
-                    f"session {session.id!r} could not be reloaded from disk: {error}"
+                    f"session {session.id!r} could not be reloaded from disk: "
+                    f"{session.broken_error}"
                 ) from None
             log.info("session_reloaded", session_id=session.id, step=session.step)
 
@@ -282,14 +415,32 @@ class Registry:
             )
         self.check_config_limits(config)
         self.check_corpus_limits(0, utf8_size(text))
+        alphabet_size = len(alphabet) if alphabet else len(set(text))
+        needed = resident_bytes(config, alphabet_size, len(text))
         self._reserved.add(session_id)
         try:
-            trainer = await self.run(self._build_trainer, config, text, alphabet)
-            session = Session.new(session_id, trainer)
-            self.sessions[session_id] = session
+            await self.make_room(needed)
+            self._pending_bytes += needed  # counted until the session itself is
+            try:
+                trainer = await self.run(self._build_trainer, config, text, alphabet)
+                session = Session.new(session_id, trainer)
+                self.sessions[session_id] = session
+            finally:
+                self._pending_bytes -= needed
         finally:
             self._reserved.discard(session_id)
         await self.flush(session)
+        failed = self.unsaved.get(session_id)
+        if failed is not None:
+            # Never acknowledge a session that is not on disk: forget it and its files.
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
+            session.deleted = True
+            self._mark_saved(session)
+            with contextlib.suppress(Exception):
+                await self.run_io(self._delete_file, session)
+            log.error("create_not_saved", session_id=session_id, error=str(failed))
+            raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
         log.info(
             "session_created",
             session_id=session_id,
@@ -401,28 +552,42 @@ class Registry:
         """Remove a session from memory and disk; a running Train stops, watch streams end."""
         self.check_serving()
         session = self.get(session_id)
-        del self.sessions[session_id]
-        session.deleted = True
+        # All or nothing: the files go first; if they can't, the session stays as it was.
+        try:
+            await self.run_io(self._delete_file, session)
+        except OSError as exc:
+            log.error("delete_failed", session_id=session_id, error=repr(exc))
+            raise storage_error(exc) from None
+        if self.sessions.get(session_id) is session:
+            del self.sessions[session_id]
+        self._mark_saved(session)
         session.request_stop(StopCause.DELETED)
         session.close_watchers()
-        await self.run_io(self._delete_file, session)
         log.info("session_deleted", session_id=session_id)
 
     def _delete_file(self, session: Session) -> None:
         with session.io_lock:
             self.store.delete(session.id)
+            session.deleted = True  # under io_lock: no checkpoint write can follow
 
     async def append(self, session: Session, ids: np.ndarray) -> None:
         """Append encoded text to a loaded session's corpus (marks it busy meanwhile)."""
         self.check_corpus_limits(
             session.summary.corpus_bytes, session.require_trainer().vocab.utf8_size(ids)
         )
+        await self.check_writable(session)
         session.begin("AppendText")
         try:
-            await self.run(session.append, ids)
+            before = await self.run(session.append, ids)
+            # Durable before acknowledged (a big, rare call): it waits for its checkpoint,
+            # still busy so no update reads the text before it is kept or taken back.
+            await self.flush(session)
+            failed = self.unsaved.get(session.id)
+            if failed is not None:
+                await self.run(session.undo_append, before)
+                raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
         finally:
             session.end()
-        self.request_checkpoint(session)
 
     # ----- checkpoints ------------------------------------------------------------------
 
@@ -460,11 +625,49 @@ class Registry:
             except Exception as exc:
                 session.dirty = True
                 log.error("checkpoint_failed", session_id=session.id, error=repr(exc))
+                self._mark_unsaved(session, storage_error(exc))
                 return
+            self._mark_saved(session)
         if not self.shutting_down:
             self._evict_over_limit()
 
+    def _mark_unsaved(self, session: Session, error: StorageError) -> None:
+        first = not self.unsaved
+        self.unsaved[session.id] = error
+        session.checkpoint_error = str(error)
+        if first:
+            log.error("storage_failing", error=str(error))
+            if self.on_storage_change is not None:
+                self.on_storage_change(False)
+
+    def _mark_saved(self, session: Session) -> None:
+        session.checkpoint_error = None
+        if self.unsaved.pop(session.id, None) is not None and not self.unsaved:
+            log.info("storage_recovered")
+            if self.on_storage_change is not None:
+                self.on_storage_change(True)
+
+    async def check_writable(self, session: Session) -> None:
+        """Before a change: if the session's last checkpoint failed, try again now, and raise
+        its StorageError if it still fails (a change that can't be kept is refused)."""
+        if session.id not in self.unsaved:
+            return
+        await self.flush(session)
+        failed = self.unsaved.get(session.id)
+        if failed is not None:
+            raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
+
     def _write(self, session: Session) -> None:
+        if self.store.ensure_dirs():
+            log.error(
+                "data_dir_recreated",
+                data_dir=str(self.store.data_dir),
+                error="the data directory was deleted while the server ran; sessions not in "
+                "memory were lost with it",
+            )
+        # The corpus file may have gone with a deleted directory: write it again.
+        if session.corpus_on_disk is not None and not self.store.corpus_path(session.id).exists():
+            session.corpus_on_disk = None
         ckpt = session.snapshot()
         if ckpt is None:
             return
@@ -485,6 +688,42 @@ class Registry:
         )
 
     # ----- eviction ---------------------------------------------------------------------
+
+    async def make_room(self, needed: int, keep: Session | None = None) -> None:
+        """Evict least recently used idle sessions until ``needed`` more bytes fit within
+        max_resident_bytes; LimitExceededError naming the setting if they can't."""
+        budget = self.settings.max_resident_bytes
+
+        used = self._resident_bytes
+        if needed <= budget and used() + needed > budget:  # too big alone: evict nothing
+            lru = sorted(
+                (s for s in self.sessions.values() if s.resident and s is not keep),
+                key=lambda s: s.last_used,
+            )
+            for session in lru:
+                if used() + needed <= budget:
+                    break
+                if session.busy or session.users or session.watchers:
+                    continue
+                await self.flush(session)  # evictable once its changes are on disk
+                if session.evict():
+                    log.info("session_evicted", session_id=session.id, reason="max_resident_bytes")
+        total = used() + needed
+        if total > budget:
+            raise LimitExceededError(
+                limit_message(
+                    "the memory of the sessions in memory, in bytes",
+                    total,
+                    budget,
+                    "max_resident_bytes",
+                )
+                + " (or wait for busy sessions to finish)"
+            )
+
+    def _resident_bytes(self) -> int:
+        """Bytes the resident sessions hold, plus those of sessions being created."""
+        resident = sum(_session_bytes(s) for s in self.sessions.values() if s.resident)
+        return resident + self._pending_bytes
 
     def _resident_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.resident)
@@ -528,4 +767,9 @@ class Registry:
                             self.request_checkpoint(session)
                         elif session.evict():
                             log.info("session_evicted", session_id=session.id, reason="idle")
+            # Sessions whose checkpoint failed: try again, so they recover once there is room.
+            for session_id in list(self.unsaved):
+                failing = self.sessions.get(session_id)
+                if failing is not None and failing.resident:
+                    self.request_checkpoint(failing)
             self._evict_over_limit()

@@ -34,6 +34,8 @@ from rnnserve_server.errors import (
     SessionExistsError,
     SessionNotFoundError,
     ShuttingDownError,
+    StorageError,
+    StorageFullError,
 )
 from rnnserve_server.logs import get_logger
 from rnnserve_server.model import (
@@ -89,10 +91,14 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         (SessionBusyError, grpc.StatusCode.FAILED_PRECONDITION),
         (SessionBrokenError, grpc.StatusCode.FAILED_PRECONDITION),
         (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+        (StorageFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (StorageError, grpc.StatusCode.UNAVAILABLE),
         (UnknownCharactersError, grpc.StatusCode.INVALID_ARGUMENT),
         (EngineError, grpc.StatusCode.INVALID_ARGUMENT),
-        (CheckpointError, grpc.StatusCode.INTERNAL),
     ]
+    if isinstance(exc, CheckpointError):  # the message has paths: the log gets it, not clients
+        log.error("checkpoint_error", error=str(exc))
+        return grpc.StatusCode.INTERNAL, f"{exc.public} (the server log has the details)"
     for kind, code in table:
         if isinstance(exc, kind):
             return code, str(exc)
@@ -192,6 +198,9 @@ def session_to_pb(session: Session) -> pb.Session:
     msg.state = (
         pb.SESSION_STATE_TRAINING if session.busy in ("Train", "Step") else pb.SESSION_STATE_READY
     )
+    if session.checkpoint_error is not None:
+        msg.state = pb.SESSION_STATE_UNSAVED
+        msg.error = session.checkpoint_error
     summary = session.summary
     msg.corpus_chars = summary.corpus_chars
     msg.alphabet = summary.alphabet
@@ -592,6 +601,8 @@ class Servicer(pb_grpc.RnnServiceServicer):
     ) -> pb.StepResponse:
         """One update on the corpus or on the request's text."""
         async with self.registry.use(request.session_id) as session:
+            if session.checkpoint_error is not None:  # a change that can't be kept: refused
+                await self.registry.check_writable(session)
             ids = None
             if request.text:
                 self._check_text(request.text, "text")
@@ -615,6 +626,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
             bits_per_char=result.loss / LN2,
             grad_norm=result.grad_norm,
             chars=result.chars,
+            checkpointed_step=max(session.checkpointed_step, 0),
         )
 
     async def _train_chunk(
@@ -711,6 +723,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 plan.window_min = math.inf
                 return high
 
+            await self.registry.check_writable(session)
             session.begin("Train")
             start = last_report = last_log = last_ckpt = time.monotonic()
             done = chars = 0
@@ -748,6 +761,10 @@ class Servicer(pb_grpc.RnnServiceServicer):
                     if chunk.error is not None:
                         bound.warning("train_diverged", step=session.step, error=str(chunk.error))
                         raise chunk.error
+                    unsaved = self.registry.unsaved.get(session.id)
+                    if unsaved is not None:  # don't train on what can't be kept
+                        bound.warning("train_unsaved", step=session.step, error=str(unsaved))
+                        raise type(unsaved)(str(unsaved))
                     now = time.monotonic()
                     if now - last_ckpt >= s.checkpoint_interval:
                         self.registry.request_checkpoint(session)

@@ -118,6 +118,7 @@ class Session:
         self.summary = Summary(None, "", 0, 0)
         self.broken_error: str | None = None
         self.checkpointed_step = -1  # -1: never written
+        self.checkpoint_error: str | None = None  # why the last checkpoint failed (for clients)
         self.dirty = True
         self.deleted = False
         self.busy: str | None = None  # "Train", "Step" or "AppendText" while one runs
@@ -481,10 +482,21 @@ class Session:
         self._touch()
         return result
 
-    def append(self, ids: np.ndarray) -> None:
-        """Add encoded text to the corpus (worker thread)."""
+    def append(self, ids: np.ndarray) -> int:
+        """Add encoded text to the corpus (worker thread); the corpus length before it."""
         with self.lock:
-            self.require_trainer().append(ids)
+            trainer = self.require_trainer()
+            before = int(trainer.corpus_length)
+            trainer.append(ids)
+            self._touch()
+        return before
+
+    def undo_append(self, length: int) -> None:
+        """Cut the corpus back to ``length`` characters (worker thread): an AppendText that
+        could not be saved. Only valid while the session stayed busy since the append, so no
+        update has read the new text."""
+        with self.lock:
+            self.require_trainer().corpus_length = length
             self._touch()
 
     def with_trainer(self, fn: Callable[[Trainer], Any]) -> Any:

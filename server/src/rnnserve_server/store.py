@@ -35,7 +35,9 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -56,6 +58,37 @@ SUFFIX = ".npz"
 CORPUS_SUFFIX = ".corpus.npy"
 _TMP_PREFIX = ".tmp-"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+
+# Checks a checkpoint's trainer meta and the shapes its arrays declare (name -> shape, read from
+# the .npy headers) before any array is read or any trainer allocated: raises CheckpointError.
+MetaCheck = Callable[[dict[str, Any], dict[str, tuple[int, ...]]], None]
+
+
+def _read_regular(path: Path) -> bytes:
+    """A regular file's bytes; CheckpointError for a FIFO, device or directory (reading a FIFO
+    would block start-up forever). O_NONBLOCK makes opening a FIFO return at once."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(
+                f"{path}: not a regular file", public="its checkpoint is not a regular file"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _npy_shape(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype an .npy stream declares (reads only its header)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return tuple(int(n) for n in shape), np.dtype(dtype)
 
 
 def validate_session_id(session_id: str) -> None:
@@ -115,6 +148,7 @@ class Store:
         self.data_dir = data_dir
         self.sessions_dir = data_dir / "sessions"
         self._lock_file: IO[bytes] | None = None
+        self._dirs_lock = threading.Lock()  # two I/O threads may find the directory gone
 
     def open(self) -> list[str]:
         """Create the directories and take the data-dir lock; return stale temp files removed.
@@ -138,6 +172,44 @@ class Store:
                 path.unlink()
                 removed.append(path.name)
         return removed
+
+    def remove_orphans(self) -> list[str]:
+        """Remove corpus files no state file refers to (a kill during CreateSession or
+        DeleteSession leaves one); return their names. Call at start, before any write."""
+        removed = []
+        for entry in sorted(os.listdir(self.sessions_dir)):
+            stem = entry[: -len(CORPUS_SUFFIX)]
+            if (
+                entry.endswith(CORPUS_SUFFIX)
+                and _ID_RE.fullmatch(stem)
+                and not os.path.lexists(self.sessions_dir / (stem + SUFFIX))
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.sessions_dir / entry).unlink()
+                    removed.append(entry)
+        return removed
+
+    def ensure_dirs(self) -> bool:
+        """Recreate the data directory (and its lock) if it was deleted while running; True
+        if it had to. CheckpointError if another server took the recreated directory."""
+        if self.sessions_dir.is_dir():
+            return False
+        with self._dirs_lock:
+            if self.sessions_dir.is_dir():
+                return False
+            self.sessions_dir.mkdir(parents=True, exist_ok=True)
+            # Our lock went with the old directory: take the new one's, or stop writing.
+            self.close()
+            lock = open(self.data_dir / ".lock", "ab")  # noqa: SIM115 - held until close()
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                raise CheckpointError(
+                    f"data directory {self.data_dir} is in use by another rnnserve-server"
+                ) from None
+            self._lock_file = lock
+        return True
 
     def close(self) -> None:
         """Release the data-dir lock."""
@@ -235,12 +307,17 @@ class Store:
         self._fsync_dir()  # the rename is durable before anything that depends on it
         return size
 
-    def load(self, session_id: str) -> Checkpoint:
+    def load(self, session_id: str, check: MetaCheck | None = None) -> Checkpoint:
         """Read a checkpoint (state, then corpus); CheckpointError naming the file and the
-        reason if it can't be."""
+        reason if it can't be.
+
+        ``check`` sees the trainer meta and the array shapes the file declares before any
+        array is read, so a file claiming a huge model is refused without allocating it.
+        Weights or optimizer state that are not finite numbers are refused too.
+        """
         path = self.path(session_id)
         try:
-            data = path.read_bytes()
+            data = _read_regular(path)
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 files = set(npz.files)
                 if "meta" not in files:
@@ -252,11 +329,35 @@ class Store:
                     raise CheckpointError(
                         f"{path}: checkpoint format version {meta.get('version')!r} is not "
                         f"supported (this server reads versions "
-                        f"{', '.join(map(str, READ_VERSIONS))})"
+                        f"{', '.join(map(str, READ_VERSIONS))})",
+                        public=f"its checkpoint format version {meta.get('version')!r} is not "
+                        "supported by this server",
                     )
                 if meta.get("session_id") != session_id:
                     raise CheckpointError(
                         f"{path}: holds session {meta.get('session_id')!r}, not {session_id!r}"
+                    )
+                shapes = {}
+                for name in npz.files:
+                    with npz.zip.open(name + ".npy") as member:
+                        shapes[name] = _npy_shape(member)[0]
+                if check is not None:
+                    trainer_meta = meta.get("trainer")
+                    declared = {
+                        n[len("trainer.") :]: v
+                        for n, v in shapes.items()
+                        if n.startswith("trainer.")
+                    }
+                    if isinstance(trainer_meta, dict):
+                        try:
+                            check(trainer_meta, declared)
+                        except CheckpointError as exc:
+                            raise CheckpointError(f"{path}: {exc}", exc.public) from None
+                if shapes.get("loss_history") != (meta.get("step"),):
+                    raise CheckpointError(
+                        f"{path}: step {meta.get('step')!r} does not match the loss history's "
+                        f"shape {shapes.get('loss_history')}",
+                        public="its checkpoint is damaged (step and loss history disagree)",
                     )
                 history = np.array(npz["loss_history"], dtype=np.float64)
                 trainer_arrays = {
@@ -267,9 +368,20 @@ class Store:
         except CheckpointError:
             raise
         except FileNotFoundError:
-            raise CheckpointError(f"{path}: file is missing") from None
+            raise CheckpointError(
+                f"{path}: file is missing", public="its checkpoint file is missing"
+            ) from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{path}: unreadable ({type(exc).__name__}: {exc})",
+                public="its checkpoint is damaged (unreadable)",
+            ) from None
+        for name, value in trainer_arrays.items():
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise CheckpointError(
+                    f"{path}: array {name!r} holds values that are not finite (NaN or inf)",
+                    public="its checkpoint holds weights that are not finite numbers",
+                )
         step = meta.get("step")
         if not isinstance(step, int) or step != len(history):
             raise CheckpointError(
@@ -298,20 +410,36 @@ class Store:
         """The first ``ref.length`` ids of the corpus file, checked against ``ref``."""
         path = self.corpus_path(session_id)
         try:
-            ids = np.load(path, allow_pickle=False)
+            data = _read_regular(path)
+            shape, _ = _npy_shape(io.BytesIO(data))
+            if len(shape) != 1 or shape[0] > len(data):
+                raise ValueError(f"declares shape {shape} in a file of {len(data)} bytes")
+            ids = np.load(io.BytesIO(data), allow_pickle=False)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                str(exc), public="its corpus file is not a regular file"
+            ) from None
         except FileNotFoundError:
             raise CheckpointError(
                 f"{path}: corpus file is missing (the checkpoint {state.name} needs its first "
-                f"{ref.length} characters)"
+                f"{ref.length} characters)",
+                public="its corpus file is missing",
             ) from None
         except (OSError, ValueError, EOFError) as exc:
-            raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{path}: unreadable ({type(exc).__name__}: {exc})",
+                public="its corpus file is damaged (unreadable)",
+            ) from None
         if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise CheckpointError(f"{path}: not a 1-D array of character ids")
+            raise CheckpointError(
+                f"{path}: not a 1-D array of character ids",
+                public="its corpus file is damaged (not character ids)",
+            )
         if ids.shape[0] < ref.length:
             raise CheckpointError(
                 f"{path}: holds {ids.shape[0]} characters, but the checkpoint {state.name} "
-                f"needs {ref.length}; the corpus file and the checkpoint do not belong together"
+                f"needs {ref.length}; the corpus file and the checkpoint do not belong together",
+                public="its corpus file is shorter than its checkpoint needs",
             )
         # Longer than recorded: an AppendText written before a crash, never acknowledged.
         ids = ids[: ref.length]
@@ -319,21 +447,28 @@ class Store:
             raise CheckpointError(
                 f"{path}: the checksum of its first {ref.length} characters does not match the "
                 f"checkpoint {state.name}; the corpus file and the checkpoint do not belong "
-                "together"
+                "together",
+                public="its corpus file does not match its checkpoint (checksum)",
             )
         return ids
 
     def delete(self, session_id: str) -> bool:
-        """Remove a session's files (the state first); False if there was no state file."""
+        """Remove a session's files (the state first); False if there was no state file.
+
+        OSError if the state file can't be removed (the session stays as it was); once it is
+        gone the session is deleted, and a corpus file that can't be removed is an orphan that
+        the next start removes.
+        """
         try:
             self.path(session_id).unlink()
         except FileNotFoundError:
             found = False
         else:
             found = True
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             self.corpus_path(session_id).unlink()
-        self._fsync_dir()
+        with contextlib.suppress(OSError):
+            self._fsync_dir()
         return found
 
     def _fsync_dir(self) -> None:

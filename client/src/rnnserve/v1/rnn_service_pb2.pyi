@@ -37,6 +37,7 @@ class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATE_READY: _ClassVar[SessionState]
     SESSION_STATE_TRAINING: _ClassVar[SessionState]
     SESSION_STATE_BROKEN: _ClassVar[SessionState]
+    SESSION_STATE_UNSAVED: _ClassVar[SessionState]
 
 class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +63,7 @@ SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_READY: SessionState
 SESSION_STATE_TRAINING: SessionState
 SESSION_STATE_BROKEN: SessionState
+SESSION_STATE_UNSAVED: SessionState
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_COMPLETED: StopReason
 STOP_REASON_SHUTDOWN: StopReason
@@ -217,18 +219,20 @@ class StepRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "loss", "bits_per_char", "grad_norm", "chars")
+    __slots__ = ("step", "loss", "bits_per_char", "grad_norm", "chars", "checkpointed_step")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_CHAR_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     CHARS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTED_STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     bits_per_char: float
     grad_norm: float
     chars: int
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., grad_norm: _Optional[float] = ..., chars: _Optional[int] = ...) -> None: ...
+    checkpointed_step: int
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., grad_norm: _Optional[float] = ..., chars: _Optional[int] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("session_id", "steps", "report_every", "sample_length", "until_loss", "patience", "eval_every", "sample_temperature", "sample_prime")
