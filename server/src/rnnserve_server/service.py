@@ -37,7 +37,7 @@ from rnnserve_server.errors import (
 )
 from rnnserve_server.logs import get_logger
 from rnnserve_server.model import PRESETS, DivergedError, EngineError, ModelConfig
-from rnnserve_server.registry import Registry, limit_message
+from rnnserve_server.registry import Registry, limit_message, page_token_after
 from rnnserve_server.session import ChunkResult, Session, StopCause
 from rnnserve_server.vocab import UnknownCharactersError, utf8_size
 
@@ -52,6 +52,8 @@ GENERATE_CHUNK = 256
 GENERATE_MAX_CHUNK = 8192
 CHUNK_SECONDS = 0.05  # training time per executor call: cancel/RPC latency vs overhead
 PROGRESS_LOG_SECONDS = 10.0  # training progress is logged at most this often per Train
+# Room left in a ListSessions response for its token, total and framing.
+PAGE_HEADROOM_BYTES = 1024
 
 _PRESETS = {
     pb.PRESET_UNSPECIFIED: "default",
@@ -310,9 +312,33 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """One page of sessions ordered by id."""
         self.registry.check_serving()
         sessions, token, total = self.registry.page(request.page_size, request.page_token)
-        return pb.ListSessionsResponse(
-            sessions=[session_to_pb(s) for s in sessions], next_page_token=token, total_size=total
-        )
+        items, token = self._fit_page(sessions, token)
+        return pb.ListSessionsResponse(sessions=items, next_page_token=token, total_size=total)
+
+    def _fit_page(self, sessions: list[Session], token: str) -> tuple[list[pb.Session], str]:
+        """The page's sessions that fit in one response message (large alphabets and error
+        strings make sessions big): AIP-158 lets a page be smaller than page_size, and the
+        next page starts after the last session sent."""
+        budget = self.settings.max_message_bytes - PAGE_HEADROOM_BYTES
+        items: list[pb.Session] = []
+        size = 0
+        for session in sessions:
+            msg = session_to_pb(session)
+            n = msg.ByteSize() + 6  # field tag and length prefix
+            if size + n > budget:
+                if not items:
+                    raise LimitExceededError(
+                        limit_message(
+                            f"session {session.id!r} in bytes",
+                            n,
+                            budget,
+                            "max_message_bytes",
+                        )
+                    )
+                return items, page_token_after(items[-1].session_id)
+            items.append(msg)
+            size += n
+        return items, token
 
     @unary
     async def DeleteSession(  # noqa: N802
