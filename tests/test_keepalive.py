@@ -54,7 +54,7 @@ def test_idle_watch_survives_frequent_client_pings(server_factory: ServerFactory
         session.step()
     with grpc.insecure_channel(server.address, options=CLIENT_OPTIONS) as channel:
         stub = pb_grpc.RnnServiceStub(channel)
-        call = stub.WatchLoss(pb.WatchLossRequest(session_id="ka", from_step=1), timeout=60)
+        call: Any = stub.WatchLoss(pb.WatchLossRequest(session_id="ka", from_step=1), timeout=60)
         points: queue.Queue[Any] = queue.Queue()
         follower = threading.Thread(target=_follow, args=(call, points), daemon=True)
         follower.start()
