@@ -9,10 +9,16 @@ refuses to send.
 
 from __future__ import annotations
 
+import gc
+import re
+import tracemalloc
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 import pytest
+from rnnserve import LimitExceeded, RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
@@ -43,3 +49,117 @@ def test_list_sessions_pages_are_capped_by_size(server_factory: ServerFactory) -
         assert got[: len(first.sessions) + len(rest.sessions)] == [
             f"big-{i:02d}" for i in range(len(got))
         ]
+
+
+# ----- per-request working memory (issue 9 item 2) ------------------------------------------
+
+LIMIT = 32 * 2**20
+SMALL_TEXT = "".join(chr(0x41 + i % 58) for i in range(4000))  # 58 distinct characters
+
+
+def _resource_exhausted(exc: pytest.ExceptionInfo[Exception]) -> str:
+    assert isinstance(exc.value, RnnServeError)
+    message = str(exc.value)
+    assert "--max-request-bytes" in message and "RNNSERVE_MAX_REQUEST_BYTES" in message, message
+    assert "working memory" in message, message
+    return message
+
+
+@pytest.mark.timeout(120)
+def test_requests_over_the_memory_budget_are_refused_naming_the_setting(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(max_request_bytes=LIMIT)
+    with server.client(timeout=60) as client:
+        small = client.create_session(SMALL_TEXT, session_id="small", hidden_size=64)
+        long_text = (SMALL_TEXT * 25)[:100_000]
+        with pytest.raises(LimitExceeded) as exc:
+            small.step(text=long_text)
+        message = _resource_exhausted(exc)
+        assert "Step on a text of 100000 characters" in message
+        match = re.search(r"send at most (\d+) characters", message)
+        assert match, message
+        most = int(match.group(1))
+        assert 1000 < most < 100_000
+        assert small.step(text=long_text[:most]).chars == most - 1  # what it says fits, runs
+
+        huge = (SMALL_TEXT * 250)[:900_000]
+        with pytest.raises(LimitExceeded) as exc:
+            small.predict(huge)
+        match = re.search(r"send at most (\d+) characters", _resource_exhausted(exc))
+        assert match
+        assert len(small.predict(huge[: int(match.group(1))]).predicted) == int(match.group(1))
+        assert small.generate(50, prime=long_text)  # a long prime is warmed up in chunks
+
+        # A model whose weights alone are over the budget: no update, no sample.
+        big = client.create_session(
+            SMALL_TEXT, session_id="big", hidden_size=1024, dtype="float64", seq_length=10
+        )
+        for call in (
+            lambda: big.step(),
+            lambda: list(big.train(5)),
+            lambda: big.generate(10),
+            lambda: big.step(text="ABCD"),
+        ):
+            with pytest.raises(LimitExceeded) as exc:
+                call()
+            _resource_exhausted(exc)
+        assert big.info().step == 0
+        assert small.info().step == 1
+    assert server.stop() == 0
+
+
+def _peak(fn: Callable[[], object]) -> int:
+    """Bytes allocated at the peak of fn() beyond what was allocated before (numpy reports
+    its buffers to tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("hidden", "vocab", "chars", "dtype", "seq", "batch"),
+    [
+        (64, 50, 3000, "float32", 25, 4),
+        (128, 500, 5000, "float32", 50, 32),
+        (256, 1500, 3000, "float64", 100, 16),
+        (32, 3000, 9000, "float32", 10, 2),
+    ],
+)
+def test_estimates_bound_what_the_engine_allocates(
+    hidden: int, vocab: int, chars: int, dtype: str, seq: int, batch: int
+) -> None:
+    """Each estimate is at least the measured peak (a bound), and within 3x of it (useful)."""
+    from rnnserve_server import budget
+    from rnnserve_server.model import ModelConfig, Trainer
+    from rnnserve_server.vocab import Vocab
+
+    rng = np.random.default_rng(0)
+    vocabulary = Vocab("".join(chr(0x4E00 + i) for i in range(vocab)))
+    config = ModelConfig(
+        hidden_size=hidden, seq_length=seq, batch_size=batch, learning_rate=0.01,
+        optimizer="adam", dtype=dtype, seed=1,
+    )  # fmt: skip
+    itemsize = np.dtype(dtype).itemsize
+    ids = rng.integers(0, vocab, chars).astype(np.int32)
+    h, v, i = hidden, vocab, itemsize
+    cases: list[tuple[str, Callable[[Trainer], object], int]] = [
+        ("step text", lambda t: t.step_on(ids), budget.step_text_bytes(chars, h, v, i)),
+        ("predict", lambda t: t.predict(ids), budget.predict_bytes(chars, h, v, i)),
+        (
+            "generate",
+            lambda t: list(t.sample(ids, 3000, seed=1)),
+            budget.generate_bytes(chars, 3000, h, v, i),
+        ),
+        ("train step", lambda t: t.step(), budget.train_bytes(seq, batch, h, v, i, 0)),
+    ]
+    for name, call, estimate in cases:
+        trainer = Trainer(config, vocabulary, rng.integers(0, vocab, 20_000).astype(np.int32))
+        measured = _peak(lambda: call(trainer))  # noqa: B023 - called right here
+        assert measured <= estimate <= 3 * measured, (name, measured, estimate)

@@ -728,8 +728,12 @@ def _sample(
     H, V = Wxh.shape
     dtype = Wxh.dtype
     h = np.zeros(H, dtype=dtype)  # (H,)
-    if prime.shape[0] > 1:
-        hs, _ = forward_hidden(params, prime[:-1], h)
+    ws: Workspace | None = None
+    # Warm up in chunks: a workspace over a whole long prime held 3 x len x H floats.
+    for start in range(0, prime.shape[0] - 1, _EVAL_CHUNK):
+        hs, ws = forward_hidden(
+            params, prime[start : min(start + _EVAL_CHUNK, prime.shape[0] - 1)], h, ws
+        )
         h = hs[-1].copy()
     x = int(prime[-1])
     E = np.ascontiguousarray(Wxh.T + params["bh"])  # (V, H) input row + bias for each id

@@ -23,7 +23,7 @@ from grpc import aio
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
-from rnnserve_server import metrics
+from rnnserve_server import budget, metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
     CheckpointError,
@@ -67,6 +67,10 @@ _DTYPES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT64: "float64"}
 _DTYPE_ENUM = {v: k for k, v in _DTYPES.items()}
 
 R = TypeVar("R")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -271,6 +275,55 @@ class Servicer(pb_grpc.RnnServiceServicer):
         if value > limit:
             raise LimitExceededError(limit_message(field, value, limit, setting))
 
+    def _check_memory(
+        self,
+        session: Session,
+        what: str,
+        estimate: Callable[[int, int, int, int], int],
+        chars: int = 0,
+        fix: str = "",
+    ) -> None:
+        """RESOURCE_EXHAUSTED when the call's working memory, ``estimate(chars, hidden,
+        alphabet, itemsize)`` on this session's model (budget.py), is over
+        --max-request-bytes. With ``chars`` the message says how many characters would fit;
+        else ``fix`` says what smaller request would."""
+        config = session.require_trainer().config
+        hidden, vocab = config.hidden_size, len(session.summary.alphabet)
+        itemsize = np.dtype(config.dtype).itemsize
+        limit = self.settings.max_request_bytes
+        need = estimate(chars, hidden, vocab, itemsize)
+        if need <= limit:
+            return
+        if chars:
+            most = budget.most_chars(lambda c: estimate(c, hidden, vocab, itemsize), limit, chars)
+            fix = (
+                f"send at most {most} characters, or "
+                if most >= 2
+                else "use a session with a smaller hidden_size or alphabet, or "
+            )
+        raise LimitExceededError(
+            f"{what} needs about {_mib(need)} of working memory on this session's model "
+            f"(hidden {hidden}, alphabet {vocab}, {config.dtype}), over the server limit of "
+            f"{_mib(limit)}; {fix}the operator can raise the limit with --max-request-bytes "
+            "or RNNSERVE_MAX_REQUEST_BYTES"
+        )
+
+    def _check_update_memory(self, session: Session, what: str, sample_length: int) -> None:
+        """_check_memory for training updates on the corpus (Step, Train)."""
+        config = session.require_trainer().config
+        seq, batch = config.seq_length, config.batch_size
+        itemsize = np.dtype(config.dtype).itemsize
+        size = (config.hidden_size, len(session.summary.alphabet), itemsize)
+        if budget.train_bytes(seq, batch, *size, sample_length) <= self.settings.max_request_bytes:
+            return  # the common case, cheap: Step's hot path
+        self._check_memory(
+            session,
+            f"{what} (batch_size {batch} x seq_length {seq}"
+            + (f", sample_length {sample_length})" if sample_length else ")"),
+            lambda _, h, v, i: budget.train_bytes(seq, batch, h, v, i, sample_length),
+            fix="use a session with a smaller batch_size, seq_length or hidden_size, or ",
+        )
+
     @staticmethod
     def _encode(session: Session, text: str, field: str) -> np.ndarray:
         try:
@@ -414,7 +467,15 @@ class Servicer(pb_grpc.RnnServiceServicer):
             ids = None
             if request.text:
                 self._check_text(request.text, "text")
+                self._check_memory(
+                    session,
+                    f"Step on a text of {len(request.text)} characters (one window over all of it)",
+                    budget.step_text_bytes,
+                    len(request.text),
+                )
                 ids = self._encode(session, request.text, "text")
+            else:
+                self._check_update_memory(session, "Step", 0)
             session.begin("Step")
             try:
                 # A small model's step runs right here: the thread hop would cost more.
@@ -467,6 +528,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         )
         steps, every = int(request.steps), int(request.report_every)
         async with self.registry.use(request.session_id) as session:
+            self._check_update_memory(session, "Train", int(request.sample_length))
             session.begin("Train")
             start = last_report = last_log = last_ckpt = time.monotonic()
             done = chars = 0
@@ -615,6 +677,13 @@ class Servicer(pb_grpc.RnnServiceServicer):
         if request.prime:
             self._check_text(request.prime, "prime", min_chars=1)
         async with self.registry.use(request.session_id) as session:
+            prime_chars, length = len(request.prime), int(request.length)
+            self._check_memory(
+                session,
+                f"Generate of {length} characters after a prime of {prime_chars}",
+                lambda _, h, v, i: budget.generate_bytes(prime_chars, length, h, v, i),
+                fix="use a session with a smaller hidden_size or alphabet, or ",
+            )
             prime = (
                 self._encode(session, request.prime, "prime")
                 if request.prime
@@ -645,6 +714,12 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """Argmax next characters from a zero state, and the loss against wrap-around targets."""
         self._check_text(request.text, "text")
         async with self.registry.use(request.session_id) as session:
+            self._check_memory(
+                session,
+                f"Predict on a text of {len(request.text)} characters",
+                budget.predict_bytes,
+                len(request.text),
+            )
             ids = self._encode(session, request.text, "text")
             predicted, loss = await self.registry.run(
                 session.with_trainer, lambda trainer: trainer.predict(ids)
