@@ -163,3 +163,17 @@ def test_estimates_bound_what_the_engine_allocates(
         trainer = Trainer(config, vocabulary, rng.integers(0, vocab, 20_000).astype(np.int32))
         measured = _peak(lambda: call(trainer))  # noqa: B023 - called right here
         assert measured <= estimate <= 3 * measured, (name, measured, estimate)
+
+
+@pytest.mark.timeout(120)
+def test_default_budget_refuses_the_reported_step(server_factory: ServerFactory) -> None:
+    """The issue's case: Step with 32k characters on the largest allowed model (hidden 1024,
+    4096-character alphabet) took +1.28 GB; with the defaults it is refused up front."""
+    server = server_factory()
+    alphabet = "".join(chr(0x4E00 + i) for i in range(4096))
+    with server.client(timeout=60) as client:
+        s = client.create_session(alphabet, session_id="largest", hidden_size=1024)
+        with pytest.raises(LimitExceeded) as exc:
+            s.step(text=(alphabet * 8)[:32_000])
+        assert "Step on a text of 32000 characters" in _resource_exhausted(exc)
+        assert s.step(text=alphabet[:2000]).chars == 1999  # a shorter text still trains
