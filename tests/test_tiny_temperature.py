@@ -76,7 +76,7 @@ def test_ordinary_temperatures_draw_the_same_stream_as_before(trained: Trainer) 
 def test_generate_rpc_with_tiny_temperature_is_greedy(module_server: ServerHandle) -> None:
     with module_server.client() as client:
         s = client.create_session(TEXT, session_id="tiny-temp", seq_length=20)
-        s.train(150)
+        s.train(150).wait()  # to the end: sampling must see the final weights
         greedy = s.generate(60, prime="the ", temperature=0.0)
         assert len(set(greedy)) > 1
         for temperature in (1e-45, 1e-40, 1e-39, 1e-38):
