@@ -80,6 +80,27 @@ def test_idle_watch_survives_frequent_client_pings(server_factory: ServerFactory
     assert "too_many_pings" not in server.text_log()
 
 
+@pytest.mark.timeout(90)
+def test_idle_connection_without_calls_survives_frequent_client_pings(
+    server_factory: ServerFactory,
+) -> None:
+    """Pings with no call in flight are accepted too: the connection stays READY (a GOAWAY
+    too_many_pings would drop it to IDLE and make the client reconnect)."""
+    server = server_factory(keepalive_min_ping_interval=0.25)
+    states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+    with grpc.insecure_channel(server.address, options=CLIENT_OPTIONS) as channel:
+        stub = pb_grpc.RnnServiceStub(channel)
+        stub.ListSessions(pb.ListSessionsRequest(), timeout=30)  # connected, then no calls
+        channel.subscribe(states.put, try_to_connect=False)
+        seen = [states.get(timeout=10)]  # the current state is reported first
+        assert seen[0] is grpc.ChannelConnectivity.READY
+        with contextlib.suppress(queue.Empty):
+            seen.append(states.get(timeout=HOLD_SECONDS))  # any change is the failure
+        assert seen == [grpc.ChannelConnectivity.READY], seen
+        channel.unsubscribe(states.put)
+        stub.ListSessions(pb.ListSessionsRequest(), timeout=30)
+
+
 @pytest.mark.timeout(60)
 def test_keepalive_defaults_accept_pings_every_ten_seconds() -> None:
     from rnnserve_server.app import keepalive_options
