@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -99,6 +101,45 @@ def test_idle_connection_without_calls_survives_frequent_client_pings(
         assert seen == [grpc.ChannelConnectivity.READY], seen
         channel.unsubscribe(states.put)
         stub.ListSessions(pb.ListSessionsRequest(), timeout=30)
+
+
+def _frames(sock: socket.socket) -> Iterator[tuple[int, int, bytes]]:
+    """HTTP/2 frames read from ``sock``: (type, flags, payload)."""
+    buffer = b""
+    while True:
+        while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+            length = int.from_bytes(buffer[:3], "big")
+            yield buffer[3], buffer[4], buffer[9 : 9 + length]
+            buffer = buffer[9 + length :]
+        data = sock.recv(65536)
+        if not data:
+            return
+        buffer += data
+
+
+def _frame(kind: int, flags: int, payload: bytes = b"") -> bytes:
+    """One HTTP/2 frame on stream 0."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + bytes(4) + payload
+
+
+@pytest.mark.timeout(60)
+def test_server_pings_a_quiet_connection(server_factory: ServerFactory) -> None:
+    """The server's own keepalive: a bare HTTP/2 connection that sends nothing gets a PING
+    after --keepalive-time (gRPC's server default waits 2 hours)."""
+    settings, ping, goaway, ack = 0x4, 0x6, 0x7, 0x1
+    server = server_factory(keepalive_time=0.5, keepalive_timeout=20)
+    with socket.create_connection((server.host, server.port), timeout=20) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(settings, 0))
+        for kind, flags, payload in _frames(sock):
+            if kind == settings and not flags & ack:
+                sock.sendall(_frame(settings, ack))
+            elif kind == ping and not flags & ack:
+                sock.sendall(_frame(ping, ack, payload))
+                break
+            elif kind == goaway:
+                raise AssertionError(f"GOAWAY before any PING: {payload!r}")
+        else:
+            raise AssertionError("the connection closed before the server sent a PING")
 
 
 @pytest.mark.timeout(60)
