@@ -91,10 +91,24 @@ def test_requests_over_the_memory_budget_are_refused_naming_the_setting(
         assert len(small.predict(huge[: int(match.group(1))]).predicted) == int(match.group(1))
         assert small.generate(50, prime=long_text)  # a long prime is warmed up in chunks
 
-        # A model whose weights alone are over the budget: no update, no sample.
-        big = client.create_session(
+    assert server.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_model_over_the_budget_is_refused_at_create_and_in_every_call(
+    server_factory: ServerFactory,
+) -> None:
+    """A session made under a larger limit: after a restart with a smaller one, no update and
+    no sample runs; creating another like it is refused up front."""
+    first = server_factory()
+    with first.client(timeout=60) as client:
+        client.create_session(
             SMALL_TEXT, session_id="big", hidden_size=1024, dtype="float64", seq_length=10
         )
+    assert first.stop() == 0
+    server = server_factory(data_dir=first.data_dir, max_request_bytes=LIMIT)
+    with server.client(timeout=60) as client:
+        big = client.session("big")
         for call in (
             lambda: big.step(),
             lambda: list(big.train(5)),
@@ -105,7 +119,14 @@ def test_requests_over_the_memory_budget_are_refused_naming_the_setting(
                 call()
             _resource_exhausted(exc)
         assert big.info().step == 0
-        assert small.info().step == 1
+        with pytest.raises(LimitExceeded) as exc:
+            client.create_session(
+                SMALL_TEXT, session_id="big2", hidden_size=1024, dtype="float64", seq_length=10
+            )
+        assert "training this session" in _resource_exhausted(exc)
+        assert [s.session_id for s in client.list_sessions()] == ["big"]
+        small = client.create_session(SMALL_TEXT, session_id="small", hidden_size=64)
+        assert small.step().step == 1
     assert server.stop() == 0
 
 

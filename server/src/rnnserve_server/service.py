@@ -324,6 +324,30 @@ class Servicer(pb_grpc.RnnServiceServicer):
             fix="use a session with a smaller batch_size, seq_length or hidden_size, or ",
         )
 
+    def _check_create_memory(self, config: ModelConfig, text: str, alphabet: str) -> None:
+        """Refuse a session that could never train under --max-request-bytes (one update of
+        batch_size x seq_length on its model), rather than create one every Step refuses."""
+        limit, itemsize = self.settings.max_request_bytes, np.dtype(config.dtype).itemsize
+
+        def need(vocab: int) -> int:
+            return budget.update_bytes(
+                config.seq_length, config.batch_size, config.hidden_size, vocab, itemsize
+            )
+
+        # The alphabet size is at most the text's length: count it only when that matters.
+        if need(min(len(alphabet or text), self.settings.max_alphabet_size)) <= limit:
+            return
+        vocab = len(set(alphabet or text))
+        if need(vocab) > limit:
+            raise LimitExceededError(
+                f"training this session (batch_size {config.batch_size} x seq_length "
+                f"{config.seq_length}, hidden {config.hidden_size}, alphabet {vocab}, "
+                f"{config.dtype}) needs about {_mib(need(vocab))} of working memory per update, "
+                f"over the server limit of {_mib(limit)}; use a smaller batch_size, seq_length "
+                "or hidden_size, or the operator can raise the limit with --max-request-bytes "
+                "or RNNSERVE_MAX_REQUEST_BYTES"
+            )
+
     @staticmethod
     def _encode(session: Session, text: str, field: str) -> np.ndarray:
         try:
@@ -341,6 +365,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """Validate the config, then create and persist the session."""
         self.registry.check_serving()
         config = _config_from_request(request)
+        self._check_create_memory(config, request.text, request.alphabet)
         try:
             session = await self.registry.create(
                 request.session_id, config, request.text, request.alphabet
