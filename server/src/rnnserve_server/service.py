@@ -73,6 +73,15 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
+@functools.lru_cache(maxsize=1024)
+def _train_need(
+    seq: int, batch: int, hidden: int, vocab: int, dtype: str, sample_length: int
+) -> int:
+    """budget.train_bytes for a model, memoised (a few sizes per server, asked every Step)."""
+    itemsize = np.dtype(dtype).itemsize
+    return budget.train_bytes(seq, batch, hidden, vocab, itemsize, sample_length)
+
+
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code and message for a known exception; None for an unexpected one."""
     table: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -312,10 +321,16 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """_check_memory for training updates on the corpus (Step, Train)."""
         config = session.require_trainer().config
         seq, batch = config.seq_length, config.batch_size
-        itemsize = np.dtype(config.dtype).itemsize
-        size = (config.hidden_size, len(session.summary.alphabet), itemsize)
-        if budget.train_bytes(seq, batch, *size, sample_length) <= self.settings.max_request_bytes:
-            return  # the common case, cheap: Step's hot path
+        need = _train_need(
+            seq,
+            batch,
+            config.hidden_size,
+            len(session.summary.alphabet),
+            config.dtype,
+            sample_length,
+        )
+        if need <= self.settings.max_request_bytes:
+            return  # the common case, cached: this is on Step's hot path
         self._check_memory(
             session,
             f"{what} (batch_size {batch} x seq_length {seq}"
