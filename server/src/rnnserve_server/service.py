@@ -380,6 +380,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """Validate the config, then create and persist the session."""
         self.registry.check_serving()
         config = _config_from_request(request)
+        self.registry.check_config_limits(config)  # the size limits first: they say more
         self._check_create_memory(config, request.text, request.alphabet)
         try:
             session = await self.registry.create(
