@@ -11,6 +11,7 @@ data directory) health is NOT_SERVING; it turns SERVING again once they succeed.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import signal
 from pathlib import Path
@@ -29,6 +30,7 @@ from rnnserve_server.errors import CheckpointError
 from rnnserve_server.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
 from rnnserve_server.registry import Registry
 from rnnserve_server.service import Servicer
+from rnnserve_server.startup import StartupError, TlsFiles, check_data_dir, load_tls
 from rnnserve_server.store import Store
 
 log = logs.get_logger("rnnserve.app")
@@ -48,6 +50,46 @@ def build_interceptors(settings: Settings) -> list[aio.ServerInterceptor[Any, An
     ]
 
 
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC keepalive channel arguments (grpc core doc/keepalive.md).
+
+    gRPC's server defaults accept one client ping per 5 minutes and none without a call in
+    flight: a client pinging every 10 s (grpc-js, Envoy, Go clients) earned ping strikes and
+    GOAWAY too_many_pings, ending even an idle WatchLoss with "Bandwidth exhausted". Pings at
+    --keepalive-min-ping-interval or slower are accepted, with or without calls; the server
+    itself pings after --keepalive-time of quiet, also on idle streams (max_pings_without_data
+    0), and closes a connection whose ping goes unanswered for --keepalive-timeout.
+    """
+    return [
+        ("grpc.keepalive_time_ms", max(1, round(settings.keepalive_time * 1000))),
+        ("grpc.keepalive_timeout_ms", max(1, round(settings.keepalive_timeout * 1000))),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            round(settings.keepalive_min_ping_interval * 1000),
+        ),
+    ]
+
+
+def preflight(settings: Settings) -> TlsFiles | None:
+    """Checks before anything binds: a writable data directory, TLS files that belong
+    together (an expired certificate is served, with a warning); StartupError otherwise."""
+    check_data_dir(settings.data_dir)
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    files = load_tls(settings.tls_cert, settings.tls_key)
+    now = datetime.datetime.now(datetime.UTC)
+    if files.not_after is not None and files.not_after < now:
+        log.warning(
+            "tls_certificate_expired",
+            cert=str(settings.tls_cert),
+            not_after=files.not_after.isoformat(),
+            fix="clients that check expiry will refuse to connect; renew the certificate",
+        )
+    return files
+
+
 def _write_port_file(path: Path, port: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"{port}\n", encoding="ascii")
@@ -56,6 +98,11 @@ def _write_port_file(path: Path, port: int) -> None:
 
 async def serve(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
+    try:
+        tls_files = preflight(settings)
+    except StartupError as exc:
+        log.error("cannot_start", error=str(exc))
+        return 2
     store = Store(settings.data_dir)
     registry = Registry(settings, store)
     try:
@@ -63,11 +110,20 @@ async def serve(settings: Settings) -> int:
     except CheckpointError as exc:
         log.error("cannot_start", error=str(exc))
         return 2
+    except OSError as exc:
+        log.error(
+            "cannot_start",
+            error=f"data directory {settings.data_dir} can't be used "
+            f"({exc.strerror or type(exc).__name__}); fix its permissions or choose another "
+            "with --data-dir",
+        )
+        return 2
 
     options = [
         ("grpc.max_receive_message_length", HARD_MESSAGE_FACTOR * settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        *keepalive_options(settings),
     ]
     server = aio.server(interceptors=build_interceptors(settings), options=options)
     servicer = Servicer(settings, registry)
@@ -83,12 +139,10 @@ async def serve(settings: Settings) -> int:
         server,
     )
 
-    tls = settings.tls_cert is not None and settings.tls_key is not None
+    tls = tls_files is not None
     try:
-        if settings.tls_cert is not None and settings.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
-            )
+        if tls_files is not None:
+            credentials = grpc.ssl_server_credentials([(tls_files.key, tls_files.cert)])
             port = server.add_secure_port(settings.address, credentials)
         else:
             port = server.add_insecure_port(settings.address)
@@ -110,6 +164,21 @@ async def serve(settings: Settings) -> int:
             await registry.close()
             return 2
         log.info("metrics_serving", port=metrics_server.port, path="/metrics")
+
+    # Handlers before the serving line: a SIGTERM sent as soon as it appears shuts down cleanly.
+    stop = asyncio.Event()
+    received: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        if stop.is_set():
+            log.warning("second_signal", signal=sig.name, action="exiting now")
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
 
     await server.start()
     for name in ("", SERVICE_NAME):
@@ -146,20 +215,6 @@ async def serve(settings: Settings) -> int:
     )
     if settings.port_file is not None:
         _write_port_file(settings.port_file, port)
-
-    stop = asyncio.Event()
-    received: list[str] = []
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        if stop.is_set():
-            log.warning("second_signal", signal=sig.name, action="exiting now")
-            os._exit(1)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
 
     await stop.wait()
     log.info("shutting_down", signal=received[0] if received else "", grace=settings.grace)

@@ -11,10 +11,11 @@ import argparse
 import dataclasses
 import functools
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ENV_PREFIX = "RNNSERVE_"
 
@@ -155,10 +156,41 @@ class Settings:
         default=None, metadata=_opt("PEM certificate chain: serve TLS (needs --tls-key)")
     )
     tls_key: Path | None = field(default=None, metadata=_opt("PEM private key for --tls-cert"))
+    max_request_bytes: int = field(
+        default=1024**3,
+        metadata=_opt(
+            "most working memory one Step (text), Predict, Generate or Train call may take, "
+            "estimated from its text length and the session's model before allocating"
+        ),
+    )
+    keepalive_time: float = field(
+        default=60.0,
+        metadata=_opt(
+            "seconds of quiet on a connection before the server sends a keepalive ping "
+            "(also on long idle streams such as WatchLoss)"
+        ),
+    )
+    keepalive_timeout: float = field(
+        default=20.0,
+        metadata=_opt("seconds to wait for a keepalive ping's answer before closing a connection"),
+    )
+    keepalive_min_ping_interval: float = field(
+        default=5.0,
+        metadata=_opt(
+            "shortest interval between client keepalive pings the server accepts, with or "
+            "without calls in flight; faster pings get the connection closed (too_many_pings)"
+        ),
+    )
+
+    def auth_configured(self) -> bool:
+        """True when an auth option was given at all, even one that yields no token (an
+        empty --auth-token or RNNSERVE_AUTH_TOKEN, an empty token file): such a server must
+        refuse to start, never run open (check_auth)."""
+        return bool(self.auth_token) or self.auth_token_file is not None
 
     def tokens(self) -> frozenset[str]:
         """Accepted bearer tokens: --auth-token values plus the lines of --auth-token-file."""
-        tokens = {t for t in self.auth_token if t}
+        tokens = {t.strip() for t in self.auth_token if t.strip()}
         if self.auth_token_file is not None:
             for line in self.auth_token_file.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
@@ -184,7 +216,9 @@ def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
     if kind in ("Path", "Path | None"):
         return Path(raw).expanduser() if raw else None
     if kind == "tuple[str, ...]":
-        return tuple(t.strip() for t in raw.split(",") if t.strip())
+        # Empty items are kept: RNNSERVE_AUTH_TOKEN="" or "," is a configured, empty auth
+        # source (refused by check_auth), not "auth off".
+        return tuple(t.strip() for t in raw.split(","))
     return raw
 
 
@@ -237,7 +271,7 @@ def load_settings(
             try:
                 values[f.name] = _convert(f, env[_env_name(f.name)])
             except ValueError as exc:
-                raise SystemExit(f"rnnserve-server: bad {_env_name(f.name)}: {exc}") from None
+                fail(f"bad {_env_name(f.name)}: {exc}")
     settings = Settings(**values)
     check_settings(settings)
     return settings
@@ -253,13 +287,54 @@ def apply_blas_threads(settings: Settings) -> None:
             os.environ.setdefault(name, str(settings.blas_threads))
 
 
+def fail(message: str) -> NoReturn:
+    """Print ``rnnserve-server: <message>`` (one line, no traceback) and exit with code 2,
+    the code for bad settings (argparse uses it too)."""
+    print(f"rnnserve-server: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def check_settings(settings: Settings) -> None:
-    """Exit with a one-line message when settings contradict each other."""
+    """Exit (code 2) with a one-line message when settings contradict each other."""
     if (settings.tls_cert is None) != (settings.tls_key is None):
-        raise SystemExit("rnnserve-server: --tls-cert and --tls-key must be given together")
-    for name in ("grace", "checkpoint_interval", "idle_evict_seconds", "blas_threads"):
+        fail("--tls-cert and --tls-key must be given together")
+    for name in (
+        "grace",
+        "checkpoint_interval",
+        "idle_evict_seconds",
+        "blas_threads",
+        "keepalive_min_ping_interval",
+    ):
         if getattr(settings, name) < 0:
-            raise SystemExit(f"rnnserve-server: --{name.replace('_', '-')} must be >= 0")
+            fail(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("keepalive_time", "keepalive_timeout"):
+        if not getattr(settings, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be > 0")
     for f in dataclasses.fields(Settings):
         if f.name.startswith("max_") and getattr(settings, f.name) < 1:
-            raise SystemExit(f"rnnserve-server: --{f.name.replace('_', '-')} must be >= 1")
+            fail(f"--{f.name.replace('_', '-')} must be >= 1")
+    check_auth(settings)
+
+
+def check_auth(settings: Settings) -> None:
+    """Fail closed: an auth option that yields no token, or a token file that can't be read,
+    stops the server (exit 2) instead of running without auth."""
+    path = settings.auth_token_file
+    try:
+        tokens = settings.tokens()
+    except FileNotFoundError:
+        fail(f"--auth-token-file {path} does not exist; create it (a token a line) or fix the path")
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        fail(f"--auth-token-file {path} can't be read ({reason}); make it a readable UTF-8 file")
+    if settings.auth_configured() and not tokens:
+        where = []
+        if settings.auth_token:
+            where.append("--auth-token / RNNSERVE_AUTH_TOKEN is empty")
+        if path is not None:
+            where.append(f"--auth-token-file {path} holds no token (only blank or '#' lines)")
+        fail(
+            "auth is configured but gives no token ("
+            + "; ".join(where)
+            + "): give at least one non-empty token, or unset the auth options to run without auth"
+        )

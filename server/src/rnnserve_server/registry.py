@@ -106,6 +106,11 @@ def _public_reason(exc: BaseException) -> str:
     return "its checkpoint could not be loaded (the server log has the details)"
 
 
+def page_token_after(session_id: str) -> str:
+    """The ListSessions page token of the page that starts after ``session_id``."""
+    return base64.urlsafe_b64encode(("a:" + session_id).encode("ascii")).decode("ascii")
+
+
 class Registry:
     """The sessions of one server and the data directory behind them."""
 
@@ -340,9 +345,7 @@ class Registry:
                 ) from None
         ids = sorted(i for i in self.sessions if i > after)
         chosen = ids[:size]
-        token = ""
-        if len(ids) > size:
-            token = base64.urlsafe_b64encode(("a:" + chosen[-1]).encode("ascii")).decode("ascii")
+        token = page_token_after(chosen[-1]) if len(ids) > size else ""
         return [self.sessions[i] for i in chosen], token, len(self.sessions)
 
     # ----- create / delete / append -----------------------------------------------------

@@ -23,7 +23,7 @@ from grpc import aio
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
-from rnnserve_server import archive, metrics
+from rnnserve_server import archive, budget, metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
     CheckpointError,
@@ -46,7 +46,7 @@ from rnnserve_server.model import (
     EngineError,
     ModelConfig,
 )
-from rnnserve_server.registry import Registry, limit_message
+from rnnserve_server.registry import Registry, limit_message, page_token_after
 from rnnserve_server.session import ChunkResult, Session, StopCause, TrainPlan
 from rnnserve_server.store import validate_session_id
 from rnnserve_server.vocab import UnknownCharactersError, utf8_size
@@ -67,6 +67,9 @@ DEFAULT_EVAL_EVERY = 100  # validation every this many updates when neither inte
 # untrained model scores) for a whole report window ends a Train as diverged.
 RUNAWAY_FACTOR = 2.0
 
+# Room left in a ListSessions response for its token, total and framing.
+PAGE_HEADROOM_BYTES = 1024
+
 _PRESETS = {
     pb.PRESET_UNSPECIFIED: "default",
     pb.PRESET_DEFAULT: "default",
@@ -79,6 +82,19 @@ _DTYPES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT64: "float64"}
 _DTYPE_ENUM = {v: k for k, v in _DTYPES.items()}
 
 R = TypeVar("R")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+@functools.lru_cache(maxsize=1024)
+def _train_need(
+    seq: int, batch: int, hidden: int, vocab: int, dtype: str, sample_length: int
+) -> int:
+    """budget.train_bytes for a model, memoised (a few sizes per server, asked every Step)."""
+    itemsize = np.dtype(dtype).itemsize
+    return budget.train_bytes(seq, batch, hidden, vocab, itemsize, sample_length)
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -358,6 +374,85 @@ class Servicer(pb_grpc.RnnServiceServicer):
         if value > limit:
             raise LimitExceededError(limit_message(field, value, limit, setting))
 
+    def _check_memory(
+        self,
+        session: Session,
+        what: str,
+        estimate: Callable[[int, int, int, int], int],
+        chars: int = 0,
+        fix: str = "",
+    ) -> None:
+        """RESOURCE_EXHAUSTED when the call's working memory, ``estimate(chars, hidden,
+        alphabet, itemsize)`` on this session's model (budget.py), is over
+        --max-request-bytes. With ``chars`` the message says how many characters would fit;
+        else ``fix`` says what smaller request would."""
+        config = session.require_trainer().config
+        hidden, vocab = config.hidden_size, len(session.summary.alphabet)
+        itemsize = np.dtype(config.dtype).itemsize
+        limit = self.settings.max_request_bytes
+        need = estimate(chars, hidden, vocab, itemsize)
+        if need <= limit:
+            return
+        if chars:
+            most = budget.most_chars(lambda c: estimate(c, hidden, vocab, itemsize), limit, chars)
+            fix = (
+                f"send at most {most} characters, or "
+                if most >= 2
+                else "use a session with a smaller hidden_size or alphabet, or "
+            )
+        raise LimitExceededError(
+            f"{what} needs about {_mib(need)} of working memory on this session's model "
+            f"(hidden {hidden}, alphabet {vocab}, {config.dtype}), over the server limit of "
+            f"{_mib(limit)}; {fix}the operator can raise the limit with --max-request-bytes "
+            "or RNNSERVE_MAX_REQUEST_BYTES"
+        )
+
+    def _check_update_memory(self, session: Session, what: str, sample_length: int) -> None:
+        """_check_memory for training updates on the corpus (Step, Train)."""
+        config = session.require_trainer().config
+        seq, batch = config.seq_length, config.batch_size
+        need = _train_need(
+            seq,
+            batch,
+            config.hidden_size,
+            len(session.summary.alphabet),
+            config.dtype,
+            sample_length,
+        )
+        if need <= self.settings.max_request_bytes:
+            return  # the common case, cached: this is on Step's hot path
+        self._check_memory(
+            session,
+            f"{what} (batch_size {batch} x seq_length {seq}"
+            + (f", sample_length {sample_length})" if sample_length else ")"),
+            lambda _, h, v, i: budget.train_bytes(seq, batch, h, v, i, sample_length),
+            fix="use a session with a smaller batch_size, seq_length or hidden_size, or ",
+        )
+
+    def _check_create_memory(self, config: ModelConfig, text: str, alphabet: str) -> None:
+        """Refuse a session that could never train under --max-request-bytes (one update of
+        batch_size x seq_length on its model), rather than create one every Step refuses."""
+        limit, itemsize = self.settings.max_request_bytes, np.dtype(config.dtype).itemsize
+
+        def need(vocab: int) -> int:
+            return budget.update_bytes(
+                config.seq_length, config.batch_size, config.hidden_size, vocab, itemsize
+            )
+
+        # The alphabet size is at most the text's length: count it only when that matters.
+        if need(min(len(alphabet or text), self.settings.max_alphabet_size)) <= limit:
+            return
+        vocab = len(set(alphabet or text))
+        if need(vocab) > limit:
+            raise LimitExceededError(
+                f"training this session (batch_size {config.batch_size} x seq_length "
+                f"{config.seq_length}, hidden {config.hidden_size}, alphabet {vocab}, "
+                f"{config.dtype}) needs about {_mib(need(vocab))} of working memory per update, "
+                f"over the server limit of {_mib(limit)}; use a smaller batch_size, seq_length "
+                "or hidden_size, or the operator can raise the limit with --max-request-bytes "
+                "or RNNSERVE_MAX_REQUEST_BYTES"
+            )
+
     @staticmethod
     def _encode(session: Session, text: str, field: str) -> np.ndarray:
         try:
@@ -375,6 +470,8 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """Validate the config, then create and persist the session."""
         self.registry.check_serving()
         config = _config_from_request(request)
+        self.registry.check_config_limits(config)  # the size limits first: they say more
+        self._check_create_memory(config, request.text, request.alphabet)
         try:
             session = await self.registry.create(
                 request.session_id, config, request.text, request.alphabet
@@ -399,9 +496,33 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """One page of sessions ordered by id."""
         self.registry.check_serving()
         sessions, token, total = self.registry.page(request.page_size, request.page_token)
-        return pb.ListSessionsResponse(
-            sessions=[session_to_pb(s) for s in sessions], next_page_token=token, total_size=total
-        )
+        items, token = self._fit_page(sessions, token)
+        return pb.ListSessionsResponse(sessions=items, next_page_token=token, total_size=total)
+
+    def _fit_page(self, sessions: list[Session], token: str) -> tuple[list[pb.Session], str]:
+        """The page's sessions that fit in one response message (large alphabets and error
+        strings make sessions big): AIP-158 lets a page be smaller than page_size, and the
+        next page starts after the last session sent."""
+        budget = self.settings.max_message_bytes - PAGE_HEADROOM_BYTES
+        items: list[pb.Session] = []
+        size = 0
+        for session in sessions:
+            msg = session_to_pb(session)
+            n = msg.ByteSize() + 6  # field tag and length prefix
+            if size + n > budget:
+                if not items:
+                    raise LimitExceededError(
+                        limit_message(
+                            f"session {session.id!r} in bytes",
+                            n,
+                            budget,
+                            "max_message_bytes",
+                        )
+                    )
+                return items, page_token_after(items[-1].session_id)
+            items.append(msg)
+            size += n
+        return items, token
 
     @unary
     async def DeleteSession(  # noqa: N802
@@ -606,7 +727,15 @@ class Servicer(pb_grpc.RnnServiceServicer):
             ids = None
             if request.text:
                 self._check_text(request.text, "text")
+                self._check_memory(
+                    session,
+                    f"Step on a text of {len(request.text)} characters (one window over all of it)",
+                    budget.step_text_bytes,
+                    len(request.text),
+                )
                 ids = self._encode(session, request.text, "text")
+            else:
+                self._check_update_memory(session, "Step", 0)
             session.begin("Step")
             try:
                 # A small model's step runs right here: the thread hop would cost more.
@@ -724,6 +853,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 return high
 
             await self.registry.check_writable(session)
+            self._check_update_memory(session, "Train", int(request.sample_length))
             session.begin("Train")
             start = last_report = last_log = last_ckpt = time.monotonic()
             done = chars = 0
@@ -900,6 +1030,13 @@ class Servicer(pb_grpc.RnnServiceServicer):
         if request.prime:
             self._check_text(request.prime, "prime", min_chars=1)
         async with self.registry.use(request.session_id) as session:
+            prime_chars, length = len(request.prime), int(request.length)
+            self._check_memory(
+                session,
+                f"Generate of {length} characters after a prime of {prime_chars}",
+                lambda _, h, v, i: budget.generate_bytes(prime_chars, length, h, v, i),
+                fix="use a session with a smaller hidden_size or alphabet, or ",
+            )
             prime = (
                 self._encode(session, request.prime, "prime")
                 if request.prime
@@ -930,6 +1067,12 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """Argmax next characters from a zero state, and the loss against wrap-around targets."""
         self._check_text(request.text, "text")
         async with self.registry.use(request.session_id) as session:
+            self._check_memory(
+                session,
+                f"Predict on a text of {len(request.text)} characters",
+                budget.predict_bytes,
+                len(request.text),
+            )
             ids = self._encode(session, request.text, "text")
             predicted, loss = await self.registry.run(
                 session.with_trainer, lambda trainer: trainer.predict(ids)
