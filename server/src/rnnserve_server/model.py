@@ -523,16 +523,37 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------
 
     def append(self, ids: np.ndarray) -> None:
-        """Add ``ids`` (1-D) to the end of the corpus; cursors and states are kept."""
+        """Add ``ids`` (1-D) to the end of the corpus and re-spread the strands over it.
+
+        Each strand keeps how far it has come since its start ``b * L // B`` and moves to the
+        same distance from its start in the longer corpus, so the strands cover the whole
+        corpus however it arrived (left where they were, they would all sit in the first
+        chunk and move through it as a bunch). A strand that moves has its carried state
+        zeroed (the state belonged to other text). Before any corpus step every strand is at
+        its start, so create + appends is exactly the same trainer as one create.
+        """
         new = self._check_ids(ids, "text")
         n = new.shape[0]
-        need = self.corpus_length + n
+        old_length = self.corpus_length
+        need = old_length + n
         if need > self._corpus.shape[0]:
             grown = np.empty(max(need, 2 * self._corpus.shape[0]), dtype=self._corpus.dtype)
-            grown[: self.corpus_length] = self._corpus[: self.corpus_length]
+            grown[:old_length] = self._corpus[:old_length]
             self._corpus = grown
-        self._corpus[self.corpus_length : need] = new
+        self._corpus[old_length:need] = new
         self.corpus_length = need
+        self._respread(old_length)
+
+    def _respread(self, old_length: int) -> None:
+        """Move each strand to its place in the corpus of length ``corpus_length``."""
+        B, L = self.config.batch_size, self.corpus_length
+        strands = np.arange(B, dtype=np.int64)
+        progress = (self.cursors - strands * old_length // B) % old_length  # (B,)
+        cursors = (strands * L // B + progress) % L  # (B,)
+        moved = cursors != self.cursors
+        if moved.any():
+            self.hidden = np.where(moved[:, None], self._dtype.type(0), self.hidden)
+            self.cursors = cursors
 
     def step(self) -> StepResult:
         """One update on the next window of every strand.
