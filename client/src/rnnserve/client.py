@@ -52,7 +52,9 @@ PRESETS: dict[str, int] = {
     "default": pb.PRESET_DEFAULT,
     "notebook": pb.PRESET_NOTEBOOK,
     "min-char-rnn": pb.PRESET_MIN_CHAR_RNN,
+    "quality": pb.PRESET_QUALITY,
 }
+CELLS: dict[str, int] = {"rnn": pb.CELL_RNN, "lstm": pb.CELL_LSTM, "gru": pb.CELL_GRU}
 OPTIMIZERS: dict[str, int] = {
     "sgd": pb.OPTIMIZER_SGD,
     "adagrad": pb.OPTIMIZER_ADAGRAD,
@@ -420,12 +422,17 @@ class Client:
         seed: int | None = None,
         dtype: str | int | None = None,
         reset_every: int | None = None,
+        cell: str | int | None = None,
+        num_layers: int | None = None,
+        dropout: float | None = None,
         timeout: float | None = None,
     ) -> Session:
         """Create a session from ``text``; unset hyperparameters take the preset's values.
 
-        ``preset`` is "default", "notebook" or "min-char-rnn"; ``optimizer`` "sgd", "adagrad"
-        or "adam"; ``dtype`` "float32" or "float64" (or the proto enum values). An empty
+        ``preset`` is "default", "notebook", "min-char-rnn" or "quality"; ``optimizer``
+        "sgd", "adagrad" or "adam"; ``dtype`` "float32" or "float64"; ``cell`` "rnn", "lstm"
+        or "gru" (or the proto enum values); ``dropout`` (between layers, training only) needs
+        ``num_layers`` >= 2. An empty
         ``session_id`` lets the server make one. A text longer than a few hundred thousand
         characters is sent in chunks after the call that creates the session (with the
         alphabet fixed up front to ``sorted(set(text))``, what the server would pick).
@@ -433,6 +440,7 @@ class Client:
         config = pb.SessionConfig(
             optimizer=_enum("optimizer", optimizer, OPTIMIZERS),  # type: ignore[arg-type]
             dtype=_enum("dtype", dtype, DTYPES),  # type: ignore[arg-type]
+            cell=_enum("cell", cell, CELLS),  # type: ignore[arg-type]
         )
         for name, value in (
             ("hidden_size", hidden_size),
@@ -442,6 +450,8 @@ class Client:
             ("clip", clip),
             ("seed", seed),
             ("reset_every", reset_every),
+            ("num_layers", num_layers),
+            ("dropout", dropout),
         ):
             if value is not None:
                 setattr(config, name, value)

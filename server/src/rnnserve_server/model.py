@@ -182,6 +182,16 @@ PRESETS: dict[str, ModelConfig] = {
     "min-char-rnn": ModelConfig(
         hidden_size=100, seq_length=25, batch_size=1, learning_rate=0.1, optimizer="adagrad"
     ),
+    # Best held-out loss on tiny Shakespeare in 300-1,200 s here (bench/quality.py, BENCHMARKS.md).
+    "quality": ModelConfig(
+        hidden_size=256,
+        seq_length=100,
+        batch_size=32,
+        learning_rate=2e-3,
+        optimizer="adam",
+        reset_every=10,
+        cell="lstm",
+    ),
 }
 
 

@@ -221,6 +221,7 @@ class Registry:
             ("hidden_size", "max_hidden_size"),
             ("batch_size", "max_batch_size"),
             ("seq_length", "max_seq_length"),
+            ("num_layers", "max_num_layers"),
         ):
             value, limit = getattr(config, field), getattr(s, limit_name)
             if value > limit:

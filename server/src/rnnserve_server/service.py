@@ -58,7 +58,10 @@ _PRESETS = {
     pb.PRESET_DEFAULT: "default",
     pb.PRESET_NOTEBOOK: "notebook",
     pb.PRESET_MIN_CHAR_RNN: "min-char-rnn",
+    pb.PRESET_QUALITY: "quality",
 }
+_CELLS = {pb.CELL_RNN: "rnn", pb.CELL_LSTM: "lstm", pb.CELL_GRU: "gru"}
+_CELL_ENUM = {v: k for k, v in _CELLS.items()}
 _OPTIMIZERS = {pb.OPTIMIZER_SGD: "sgd", pb.OPTIMIZER_ADAGRAD: "adagrad", pb.OPTIMIZER_ADAM: "adam"}
 _OPTIMIZER_ENUM = {v: k for k, v in _OPTIMIZERS.items()}
 _DTYPES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT64: "float64"}
@@ -191,6 +194,9 @@ def session_to_pb(session: Session) -> pb.Session:
                 seed=c.seed,
                 dtype=_DTYPE_ENUM.get(c.dtype, pb.DATA_TYPE_UNSPECIFIED),
                 reset_every=c.reset_every,
+                cell=_CELL_ENUM.get(c.cell, pb.CELL_UNSPECIFIED),
+                num_layers=c.num_layers,
+                dropout=c.dropout,
             )
         )
     return msg
@@ -224,6 +230,18 @@ def _config_from_request(request: pb.CreateSessionRequest) -> ModelConfig:
         if c.dtype not in _DTYPES:
             raise InvalidArgumentError(f"config.dtype {c.dtype} is not a known DataType value")
         changes["dtype"] = _DTYPES[c.dtype]
+    if c.cell != pb.CELL_UNSPECIFIED:
+        if c.cell not in _CELLS:
+            raise InvalidArgumentError(f"config.cell {c.cell} is not a known Cell value")
+        changes["cell"] = _CELLS[c.cell]
+    if c.HasField("num_layers"):
+        if c.num_layers < 1:
+            raise InvalidArgumentError(f"config.num_layers must be >= 1, not {c.num_layers}")
+        changes["num_layers"] = int(c.num_layers)
+    if c.HasField("dropout"):
+        if not 0 <= c.dropout < 1:  # also refuses NaN
+            raise InvalidArgumentError(f"config.dropout must be in [0, 1), not {c.dropout}")
+        changes["dropout"] = float(c.dropout)
     if c.HasField("seed"):
         if c.seed < 0:
             raise InvalidArgumentError(f"config.seed must be >= 0, not {c.seed}")

@@ -29,6 +29,14 @@ class Preset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRESET_DEFAULT: _ClassVar[Preset]
     PRESET_NOTEBOOK: _ClassVar[Preset]
     PRESET_MIN_CHAR_RNN: _ClassVar[Preset]
+    PRESET_QUALITY: _ClassVar[Preset]
+
+class Cell(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CELL_UNSPECIFIED: _ClassVar[Cell]
+    CELL_RNN: _ClassVar[Cell]
+    CELL_LSTM: _ClassVar[Cell]
+    CELL_GRU: _ClassVar[Cell]
 
 class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -54,6 +62,11 @@ PRESET_UNSPECIFIED: Preset
 PRESET_DEFAULT: Preset
 PRESET_NOTEBOOK: Preset
 PRESET_MIN_CHAR_RNN: Preset
+PRESET_QUALITY: Preset
+CELL_UNSPECIFIED: Cell
+CELL_RNN: Cell
+CELL_LSTM: Cell
+CELL_GRU: Cell
 SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_READY: SessionState
 SESSION_STATE_TRAINING: SessionState
@@ -64,7 +77,7 @@ STOP_REASON_SHUTDOWN: StopReason
 STOP_REASON_DELETED: StopReason
 
 class SessionConfig(_message.Message):
-    __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every")
+    __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every", "cell", "num_layers", "dropout")
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +87,9 @@ class SessionConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     RESET_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
     hidden_size: int
     seq_length: int
     batch_size: int
@@ -83,7 +99,10 @@ class SessionConfig(_message.Message):
     seed: int
     dtype: DataType
     reset_every: int
-    def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ...) -> None: ...
+    cell: Cell
+    num_layers: int
+    dropout: float
+    def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ..., cell: _Optional[_Union[Cell, str]] = ..., num_layers: _Optional[int] = ..., dropout: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step")
