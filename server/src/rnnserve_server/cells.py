@@ -174,6 +174,50 @@ class StackWorkspace:
         self.logits = np.empty((N, V), dtype)  # y, then p, then dL/dy
         self.onehot = np.zeros((N, V), dtype)  # layer 0's inputs, for dWx0 as one product
         self.rows = np.arange(N)
+        # Per-step views, made once: slicing in the hot loops cost ~20 % of a batch-1 step.
+        self.fwd_views = [self._forward_views(spec, li, T) for li in range(L)]
+        self.bwd_views = [self._backward_views(spec, li, T, B) for li in range(L)]
+
+    def _backward_views(self, spec: Spec, li: int, T: int, B: int) -> list[tuple[np.ndarray, ...]]:
+        H, dH, dA, K = spec.hidden_size, self.dH, self.dA, self.K
+        if spec.cell == "lstm":
+            M4, dA4 = self.M.reshape(T, B, 4, H), dA.reshape(T, B, 4, H)
+            f = self.A[li][..., 2 * H : 3 * H]
+            return [
+                (dH[t], K[t], M4[t, :, :3], dA4[t, :, :3], M4[t, :, 3], dA4[t, :, 3], f[t], dA[t])
+                for t in range(T)
+            ]
+        if spec.cell == "gru":
+            r, z = self.A[li][..., :H], self.A[li][..., H : 2 * H]
+            Q, R, G = self.Q, self.M[..., :H], self.dGh
+            views = []
+            for t in range(T):
+                gates = (Q[t], K[t], R[t], r[t], z[t])
+                grads = (*_blocks(dA[t], H, 3), dA[t][:, : 2 * H])
+                views.append((dH[t], *gates, *grads, G[t][:, : 2 * H], G[t][:, 2 * H :], G[t]))
+            return views
+        return [(dH[t], K[t], dA[t]) for t in range(T)]
+
+    def _forward_views(self, spec: Spec, li: int, T: int) -> list[tuple[np.ndarray, ...]]:
+        H, A, hs = spec.hidden_size, self.A[li], self.hs[li]
+        if spec.cell == "lstm":
+            cs, tcs = self.cs[li], self.tcs[li]
+            return [
+                (a, a[:, H:], *_blocks(a, H, 4), cs[t], cs[t + 1], tcs[t], hs[t], hs[t + 1])
+                for t, a in enumerate(A)
+            ]
+        if spec.cell == "gru":
+            ghn = self.ghn[li]
+            return [
+                (a[:, : 2 * H], *_blocks(a, H, 3), ghn[t], hs[t], hs[t + 1])
+                for t, a in enumerate(A)
+            ]
+        return [(A[t], hs[t], hs[t + 1]) for t in range(T)]
+
+
+def _blocks(a: np.ndarray, H: int, n: int) -> list[np.ndarray]:
+    """The n column blocks of width H of a (B, n*H) array, as views."""
+    return [a[:, k * H : (k + 1) * H] for k in range(n)]
 
 
 def _sigmoid_(x: np.ndarray) -> None:
@@ -191,46 +235,45 @@ def _forward_layer(
     ``ws.hs[li][0]`` (and ``ws.cs[li][0]``) the incoming state."""
     H = spec.hidden_size
     Wh = p[f"Wh{li}"]
-    A, hs, tmp, tmpH = ws.A[li], ws.hs[li], ws.tmp, ws.tmpH
+    tmp, tmpH, steps = ws.tmp, ws.tmpH, ws.fwd_views[li][:T]
     dot, add, mul, tanh = np.dot, np.add, np.multiply, np.tanh
     if spec.cell == "rnn":
-        for t in range(T):
-            dot(hs[t], Wh, out=tmp)
-            add(A[t], tmp, out=hs[t + 1])
-            tanh(hs[t + 1], out=hs[t + 1])
+        for a, h_prev, h in steps:
+            dot(h_prev, Wh, out=tmp)
+            add(a, tmp, out=h)
+            tanh(h, out=h)
     elif spec.cell == "lstm":
-        cs, tcs = ws.cs[li], ws.tcs[li]
-        for t in range(T):
-            a = A[t]
-            dot(hs[t], Wh, out=tmp)
+        # sigmoid(x) = 0.5 tanh(x/2) + 0.5: the i, f, o columns of a are halved (in the
+        # bulk input part here, in a copy of Wh) so one tanh covers all four gates.
+        A = ws.A[li][:T]
+        A[..., H:] *= 0.5
+        Wh = Wh.copy()
+        Wh[:, H:] *= 0.5
+        for a, s, g, i, f, o, c_prev, c, tc, h_prev, h in steps:
+            dot(h_prev, Wh, out=tmp)
             add(a, tmp, out=a)
-            s = a[:, H:]
-            mul(s, 0.5, out=s)  # sigmoid(x) = 0.5 tanh(x/2) + 0.5: one tanh for all 4 gates
             tanh(a, out=a)
             mul(s, 0.5, out=s)
             add(s, 0.5, out=s)
-            c = cs[t + 1]
-            mul(a[:, 2 * H : 3 * H], cs[t], out=c)  # f * c_{t-1}
-            mul(a[:, H : 2 * H], a[:, :H], out=tmpH)  # i * g
+            mul(f, c_prev, out=c)
+            mul(i, g, out=tmpH)
             add(c, tmpH, out=c)
-            tanh(c, out=tcs[t])
-            mul(a[:, 3 * H :], tcs[t], out=hs[t + 1])
+            tanh(c, out=tc)
+            mul(o, tc, out=h)
     else:  # gru
-        bn, ghn = p[f"bn{li}"], ws.ghn[li]
-        for t in range(T):
-            a = A[t]
-            dot(hs[t], Wh, out=tmp)
-            rz = a[:, : 2 * H]
-            add(rz, tmp[:, : 2 * H], out=rz)
+        bn = p[f"bn{li}"]
+        tmp_rz, tmp_n = tmp[:, : 2 * H], tmp[:, 2 * H :]
+        for rz, r, z, n, ghn, h_prev, h in steps:
+            dot(h_prev, Wh, out=tmp)
+            add(rz, tmp_rz, out=rz)
             _sigmoid_(rz)
-            add(tmp[:, 2 * H :], bn, out=ghn[t])
-            n = a[:, 2 * H :]
-            mul(a[:, :H], ghn[t], out=tmpH)
+            add(tmp_n, bn, out=ghn)
+            mul(r, ghn, out=tmpH)
             add(n, tmpH, out=n)
             tanh(n, out=n)
-            np.subtract(hs[t], n, out=tmpH)
-            mul(a[:, H : 2 * H], tmpH, out=tmpH)
-            add(n, tmpH, out=hs[t + 1])
+            np.subtract(h_prev, n, out=tmpH)
+            mul(z, tmpH, out=tmpH)
+            add(n, tmpH, out=h)
 
 
 def forward(
@@ -304,59 +347,51 @@ def _backward_layer(
 ) -> None:
     """BPTT through layer li: ``ws.dH`` holds dL/dh_t from above on entry; fills ``ws.dA``
     (and ``ws.dGh`` for GRU). Nothing flows into the incoming state (truncated BPTT)."""
-    H = spec.hidden_size
     WhT = p[f"Wh{li}"].T
-    dH, dA, carry, tmpH = ws.dH, ws.dA, ws.carry, ws.tmpH
+    carry, tmpH, steps = ws.carry, ws.tmpH, ws.bwd_views[li][:T]
     dot, add, mul = np.dot, np.add, np.multiply
     if spec.cell == "rnn":
         hs = ws.hs[li][1:]
-        D = ws.K
+        D = ws.K  # 1 - h_t^2
         mul(hs, hs, out=D)
         np.subtract(1.0, D, out=D)
         for t in range(T - 1, -1, -1):
-            d = dH[t]
+            d, D_t, da = steps[t]
             if t < T - 1:
                 add(d, carry, out=d)
-            mul(d, D[t], out=dA[t])
+            mul(d, D_t, out=da)
             if t > 0:
-                dot(dA[t], WhT, out=carry)
+                dot(da, WhT, out=carry)
     elif spec.cell == "lstm":
         _lstm_partials(spec, ws, li)
-        B = dH.shape[1]
-        M4 = ws.M.reshape(T, B, 4, H)
-        dA4 = dA.reshape(T, B, 4, H)
-        f = ws.A[li][..., 2 * H : 3 * H]
-        K, dc = ws.K, ws.dc
+        dc = ws.dc
         dc.fill(0.0)
+        dc3 = dc[:, None, :]
         for t in range(T - 1, -1, -1):
-            d = dH[t]
+            d, K_t, M_gif, dA_gif, M_o, dA_o, f, da = steps[t]
             if t < T - 1:
                 add(d, carry, out=d)
-            mul(d, K[t], out=tmpH)
+            mul(d, K_t, out=tmpH)
             add(dc, tmpH, out=dc)  # dL/dc_t: through h_t, and from c_{t+1}
-            mul(M4[t, :, :3], dc[:, None, :], out=dA4[t, :, :3])  # g, i, f
-            mul(M4[t, :, 3], d, out=dA4[t, :, 3])  # o
+            mul(M_gif, dc3, out=dA_gif)  # g, i, f
+            mul(M_o, d, out=dA_o)  # o
             if t > 0:
-                mul(dc, f[t], out=dc)
-                dot(dA[t], WhT, out=carry)
+                mul(dc, f, out=dc)
+                dot(da, WhT, out=carry)
     else:  # gru
         _gru_partials(spec, ws, li)
-        r, z = ws.A[li][..., :H], ws.A[li][..., H : 2 * H]
-        dGh, Q, K, R = ws.dGh, ws.Q, ws.K, ws.M[..., :H]
         for t in range(T - 1, -1, -1):
-            d = dH[t]
+            d, Q_t, K_t, R_t, r, z, dr, dz, dn, d_rz, dgh_rz, dgh_n, dgh = steps[t]
             if t < T - 1:
                 add(d, carry, out=d)
-            a, gh = dA[t], dGh[t]
-            dn = a[:, 2 * H :]
-            mul(d, Q[t], out=dn)
-            mul(d, K[t], out=a[:, H : 2 * H])  # dz
-            mul(dn, R[t], out=a[:, : 2 * H][:, :H])  # dr
-            mul(dn, r[t], out=gh[:, 2 * H :])  # d(h Wh_n + bn)
-            gh[:, : 2 * H] = a[:, : 2 * H]
+            mul(d, Q_t, out=dn)
+            mul(d, K_t, out=dz)
+            mul(dn, R_t, out=dr)
+            mul(dn, r, out=dgh_n)  # d(h Wh_n + bn)
+            np.copyto(dgh_rz, d_rz)
             if t > 0:
-                dot(gh, WhT, out=carry)
-                mul(d, z[t], out=tmpH)
+                dot(dgh, WhT, out=carry)
+                mul(d, z, out=tmpH)
                 add(carry, tmpH, out=carry)
 
 
