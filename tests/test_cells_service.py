@@ -136,3 +136,12 @@ def test_cli_creates_a_gru_with_layers(module_server: ServerHandle) -> None:
     assert config["dropout"] == pytest.approx(0.1)
     helped = rnnserve(None, "create", "--help")
     assert "--cell {rnn,lstm,gru}" in helped.stdout and "--num-layers" in helped.stdout
+
+
+def test_deep_wide_models_are_refused_by_the_weight_limit(module_server: ServerHandle) -> None:
+    with (
+        module_server.client(timeout=30) as client,
+        pytest.raises(LimitExceeded, match=r"recurrent weights .*--max-recurrent-weights"),
+    ):
+        # 8 LSTM layers of 1024: 8 x 4 x 1024^2 + 7 x 4 x 1024^2 = 62.9 M weights (>16.8 M)
+        client.create_session(TEXT, cell="lstm", num_layers=8, hidden_size=1024)

@@ -132,6 +132,14 @@ class ModelConfig:
             )
 
     @property
+    def recurrent_weights(self) -> int:
+        """Weights that do not depend on the alphabet: every layer's Wh, and the input
+        weights of the layers above the first (what num_layers and hidden_size multiply)."""
+        H = self.hidden_size
+        gates = {"rnn": 1, "lstm": 4, "gru": 3}.get(self.cell, 1) * H
+        return self.num_layers * H * gates + (self.num_layers - 1) * H * gates
+
+    @property
     def stacked(self) -> bool:
         """True when the model is cells.py's (gated cell or several layers), not the seed's."""
         return self.cell != "rnn" or self.num_layers > 1

@@ -226,6 +226,15 @@ class Registry:
             value, limit = getattr(config, field), getattr(s, limit_name)
             if value > limit:
                 raise LimitExceededError(limit_message(field, value, limit, limit_name))
+        if config.recurrent_weights > s.max_recurrent_weights:
+            raise LimitExceededError(
+                limit_message(
+                    "recurrent weights (num_layers x gates x hidden_size^2, x2 above layer 1)",
+                    config.recurrent_weights,
+                    s.max_recurrent_weights,
+                    "max_recurrent_weights",
+                )
+            )
         window = config.batch_size * config.seq_length
         if window > s.max_window_chars:
             raise LimitExceededError(
