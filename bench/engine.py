@@ -14,6 +14,13 @@ For each shape (hidden, seq_length, batch), float32, Adagrad lr 0.1, clip 5, one
   they are a gather and a scatter-add, not multiplications (rnnserve still does dW_xh as a
   one-hot GEMM, 2 H V more FLOPs, because that is faster in numpy than np.add.at).
 
+A second table does the same for the gated cells (``--cells``, default lstm,gru) at the
+shapes of issue 13 (hidden 128, seq 50, batch 1 and hidden 256, seq 100, batch 32): rnnserve's
+``Trainer.step`` with ``cell=lstm|gru`` next to ``torch.nn.LSTM`` / ``torch.nn.GRU`` + Linear +
+Adagrad, one-hot inputs, (h, c) carried. Their roofline counts 6 G H^2 + 6 H V FLOPs per
+character (G gates: LSTM 4, GRU 3; the products of the first paragraph with W_hh now H x GH)
+at the FLOP/s of one (seq*batch x H) @ (H x GH) GEMM.
+
 Each cell is the best of several short timed repeats (the machine is shared). Torch runs with as
 many threads as numpy's BLAS (``--threads`` to override). Run: ``python bench/engine.py``.
 """
@@ -36,6 +43,8 @@ from rnnserve_server.vocab import Vocab
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 SHAPES = [(100, 25, 1), (512, 100, 32)]
+CELL_SHAPES = [(128, 50, 1), (256, 100, 32)]
+GATES = {"lstm": 4, "gru": 3}
 
 
 def blas_threads() -> int:
@@ -75,22 +84,32 @@ def load_ids(vocab_size: int = 65) -> tuple[Vocab, np.ndarray]:
     return vocab, vocab.encode(text)
 
 
-def bench_rnnserve(H: int, T: int, B: int, vocab: Vocab, ids: np.ndarray, seconds: float) -> float:
+def bench_rnnserve(
+    H: int, T: int, B: int, vocab: Vocab, ids: np.ndarray, seconds: float, cell: str = "rnn"
+) -> float:
     config = ModelConfig(
-        hidden_size=H, seq_length=T, batch_size=B, learning_rate=0.1, optimizer="adagrad"
+        hidden_size=H, seq_length=T, batch_size=B, learning_rate=0.1, optimizer="adagrad", cell=cell
     )
     trainer = Trainer(config, vocab, ids)
     return rate(trainer.step, T * B, seconds)
 
 
-def bench_torch(H: int, T: int, B: int, V: int, seconds: float, threads: int) -> float | None:
+def bench_torch(
+    H: int, T: int, B: int, V: int, seconds: float, threads: int, cell: str = "rnn"
+) -> float | None:
     try:
         import torch
     except ImportError:
         return None
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    rnn = torch.nn.RNN(V, H, nonlinearity="tanh")
+    rnn: Any
+    if cell == "lstm":
+        rnn = torch.nn.LSTM(V, H)
+    elif cell == "gru":
+        rnn = torch.nn.GRU(V, H)
+    else:
+        rnn = torch.nn.RNN(V, H, nonlinearity="tanh")
     head = torch.nn.Linear(H, V)
     params = [*rnn.parameters(), *head.parameters()]
     opt = torch.optim.Adagrad(params, lr=0.1)
@@ -98,7 +117,8 @@ def bench_torch(H: int, T: int, B: int, V: int, seconds: float, threads: int) ->
     ids = torch.randint(0, V, (T + 1, B), generator=gen)
     x = torch.nn.functional.one_hot(ids[:-1], V).float()  # (T, B, V)
     y = ids[1:].reshape(T * B)
-    state = {"h": torch.zeros(1, B, H)}
+    zero = torch.zeros(1, B, H)
+    state: dict[str, Any] = {"h": (zero, zero.clone()) if cell == "lstm" else zero}
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -108,7 +128,7 @@ def bench_torch(H: int, T: int, B: int, V: int, seconds: float, threads: int) ->
         torch.autograd.backward(loss)
         torch.nn.utils.clip_grad_value_(params, 5.0)
         opt.step()
-        state["h"] = h.detach()
+        state["h"] = tuple(t.detach() for t in h) if cell == "lstm" else h.detach()
 
     return rate(step, T * B, seconds)
 
@@ -163,6 +183,17 @@ def bench_loop(H: int, T: int, B: int, V: int, seconds: float) -> float:
     return rate(step, T * B, seconds, repeats=3)
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as lscpu prints it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def gemm_flops(m: int, k: int, n: int, seconds: float) -> float:
     """Best FLOP/s of an (m x k) @ (k x n) float32 GEMM."""
     rng = np.random.default_rng(0)
@@ -177,15 +208,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="time per cell (default 2)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = numpy's)")
     parser.add_argument("--no-loop", action="store_true", help="skip the per-char loop column")
+    parser.add_argument("--cells", default="lstm,gru", help="gated cells to compare ('' none)")
+    parser.add_argument("--no-rnn", action="store_true", help="skip the tanh RNN table")
     args = parser.parse_args(argv)
     threads = args.threads or blas_threads()
     vocab, ids = load_ids()
     V = vocab.size
 
+    print(f"CPU: {cpu_model()}; numpy {np.__version__}, BLAS threads {threads}")
+    cells = [c for c in args.cells.split(",") if c]
     # Every numpy cell first, torch last: once torch has run, its OpenMP threads keep spinning
     # for a while and slowed the next multi-threaded numpy cell by ~25 % on 2 cores.
+    gated = []
+    for cell in cells:
+        for H, T, B in CELL_SHAPES:
+            ours = bench_rnnserve(H, T, B, vocab, ids, args.seconds, cell)
+            G = GATES[cell]
+            roof = gemm_flops(T * B, H, G * H, args.seconds) / (6 * G * H * H + 6 * H * V)
+            gated.append((cell, H, T, B, ours, roof))
     measured = []
-    for H, T, B in SHAPES:
+    for H, T, B in [] if args.no_rnn else SHAPES:
         ours = bench_rnnserve(H, T, B, vocab, ids, args.seconds)
         loop = None if args.no_loop else bench_loop(H, T, B, V, args.seconds)
         flops_per_char = 6 * H * H + 6 * H * V  # see the module docstring
@@ -196,12 +238,37 @@ def main(argv: list[str] | None = None) -> int:
         for H, T, B, ours, loop, roof in measured
     ]
 
+    gated_rows = [
+        (cell, H, T, B, ours, bench_torch(H, T, B, V, args.seconds, threads, cell), roof)
+        for cell, H, T, B, ours, roof in gated
+    ]
+
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:,.0f}"
 
     def ratio(a: float, b: float | None) -> str:
         return "n/a" if not b else f"{a / b:.2f}x"
 
+    if gated_rows:
+        print(f"gated cells: chars/s of training, float32, Adagrad; {V}-char vocabulary")
+        header = (
+            f"{'cell':>4} {'hidden':>6} {'seq':>4} {'batch':>5} | {'rnnserve':>10} "
+            f"{'torch':>10} {'roofline':>10} | {'vs torch':>8} {'of roof':>7}"
+        )
+        print(header)
+        print("-" * len(header))
+        for cell, H, T, B, ours, torch_rate, roof in gated_rows:
+            print(
+                f"{cell:>4} {H:>6} {T:>4} {B:>5} | {fmt(ours):>10} {fmt(torch_rate):>10} "
+                f"{fmt(roof):>10} | {ratio(ours, torch_rate):>8} {100 * ours / roof:>6.0f}%"
+            )
+        print(
+            "roofline: (6 G H^2 + 6 H V) FLOPs per character (G = 4 LSTM, 3 GRU) at the FLOP/s "
+            "of one (seq*batch x H) @ (H x G*H) float32 GEMM"
+        )
+        print()
+    if not rows:
+        return 0
     print(f"chars/s of training, float32, Adagrad; {V}-char vocabulary; best of short repeats")
     print(f"numpy {np.__version__}, BLAS threads {threads}; torch threads set to {threads}")
     header = (

@@ -1,114 +1,211 @@
-"""Held-out quality for a fixed wall-clock budget: the default preset next to min-char-rnn.
+"""Held-out quality after fixed training times, through the service as a user gets it.
 
-Trains each configuration on the first 90 % of a corpus (tiny Shakespeare by default) for the
-same number of seconds, then reports bits per character on the last 10 %, evaluated from a zero
-hidden state (as the service samples). Run: ``python bench/quality.py --seconds 60``.
-Override the challenger with --hidden/--seq/--batch/--lr/--optimizer/--reset-every.
+Starts a real ``rnnserve-server`` (or uses ``--address``), creates one session per
+configuration with the client library (``create_session``: the text over 256 Ki characters
+goes through AppendText, as for every user) on the first 90 % of a corpus (tiny Shakespeare by
+default), trains it with the Train stream, and at each checkpoint time (``--at 300,1200``
+seconds of training) scores the last 10 % with Predict (from a zero state, in nats per
+character; Predict's one wrap-around target is 1 of ~110,000) and samples text at temperature
+0.8. Evaluation time is not training time: Train is stopped, Predict runs, Train restarts.
+
+    python bench/quality.py --at 300 --run quality --run "lstm-512:preset=quality,hidden_size=512"
+
+A run is ``NAME[:preset=P,field=value,...]``; NAME alone is a preset. ``--json PATH`` appends
+one JSON object per measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from rnnserve_server.model import PRESETS, ModelConfig, Trainer
-from rnnserve_server.vocab import Vocab
+from rnnserve import Client, Session, SessionBusy
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+INT_FIELDS = {"hidden_size", "seq_length", "batch_size", "reset_every", "num_layers", "seed"}
+FLOAT_FIELDS = {"learning_rate", "clip", "dropout"}
 
 
-def run(
-    name: str, config: ModelConfig, vocab: Vocab, text: str, seconds: float
-) -> dict[str, float]:
-    """Train ``config`` for ``seconds`` on the first 90 % of ``text``; score the last 10 %."""
-    split = int(len(text) * 0.9)
-    train, held_out = vocab.encode(text[:split]), vocab.encode(text[split:])
-    trainer = Trainer(config, vocab, train)
-    smooth = math.log(vocab.size)
-    start = time.perf_counter()
-    chars = 0
-    while time.perf_counter() - start < seconds:
-        result = trainer.step()
-        chars += result.chars
-        smooth = 0.99 * smooth + 0.01 * result.loss
-    elapsed = time.perf_counter() - start
-    nats = trainer.evaluate(held_out)
-    return {
-        "steps": trainer.step_count,
-        "chars": chars,
-        "chars_per_s": chars / elapsed,
-        "epochs": chars / len(train),
-        "train_bits": smooth / math.log(2),
-        "held_out_bits": nats / math.log(2),
-    }
+@contextmanager
+def local_server(blas_threads: int) -> Iterator[str]:
+    """``python -m rnnserve_server`` on 127.0.0.1:0 in a temporary data directory."""
+    with tempfile.TemporaryDirectory(prefix="rnnserve-quality-") as tmp:
+        log_path = Path(tmp) / "server.log"
+        args = [sys.executable, "-m", "rnnserve_server", "--data-dir", str(Path(tmp) / "data")]
+        args += ["--address", "127.0.0.1:0", "--log-format", "json"]
+        args += ["--blas-threads", str(blas_threads), "--idle-evict-seconds", "0"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=log, env=env)
+        try:
+            port = 0
+            deadline = time.monotonic() + 60
+            while not port and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.05)
+                for line in log_path.read_text(errors="replace").splitlines():
+                    if '"serving"' in line:
+                        port = int(json.loads(line)["port"])
+            if not port:
+                raise RuntimeError("the server did not start:\n" + log_path.read_text()[-2000:])
+            yield f"127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[:preset=P,field=value,...]`` -> (name, create_session keyword arguments)."""
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {"preset": name if not rest else "default"}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key in INT_FIELDS:
+            kwargs[key] = int(value)
+        elif key in FLOAT_FIELDS:
+            kwargs[key] = float(value)
+        else:
+            kwargs[key] = value
+    return name, kwargs
+
+
+def train_for(session: Session, seconds: float) -> tuple[float, int]:
+    """Train until ``seconds`` of Train time have passed; (seconds trained, chars/s)."""
+    deadline = time.monotonic() + 60
+    while True:  # the Train cancelled before an evaluation may still be winding down
+        try:
+            stream = session.train(10**6)
+            first = next(stream)
+            break
+        except SessionBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    last = first
+    if first.elapsed_seconds >= seconds:
+        stream.cancel()
+        stream.close()
+        return first.elapsed_seconds, int(first.chars_per_second)
+    for message in stream:
+        last = message
+        if message.elapsed_seconds >= seconds:
+            stream.cancel()
+            break
+    stream.close()
+    return last.elapsed_seconds, int(last.chars_per_second)
+
+
+def measure(
+    client: Client,
+    name: str,
+    kwargs: dict[str, Any],
+    train: str,
+    held_out: str,
+    at: list[float],
+    sample_length: int,
+) -> Iterator[dict[str, Any]]:
+    """Create, train to each time in ``at``, score and sample; yield one row per time."""
+    session = client.create_session(train, session_id=f"q-{name}-{os.getpid()}", **kwargs)
+    info = session.info()
+    trained = 0.0
+    for target in at:
+        elapsed, speed = train_for(session, target - trained)
+        trained += elapsed
+        result = session.predict(held_out, timeout=600)
+        sample = session.generate(sample_length, prime="\n", temperature=0.8, seed=1)
+        c = session.info().config
+        yield {
+            "name": name,
+            "seconds": round(trained),
+            "cell": ["?", "rnn", "lstm", "gru"][c.cell] if c.cell else "rnn",
+            "layers": c.num_layers or 1,
+            "hidden": c.hidden_size,
+            "seq": c.seq_length,
+            "batch": c.batch_size,
+            "optimizer": ["?", "sgd", "adagrad", "adam"][c.optimizer],
+            "lr": c.learning_rate,
+            "dropout": c.dropout,
+            "params": info.parameter_count,
+            "steps": session.info().step,
+            "chars_per_s": speed,
+            "epochs": session.info().step * c.seq_length * c.batch_size / len(train),
+            "held_out_nats": result.loss,
+            "held_out_bits": result.loss / math.log(2),
+            "sample": sample,
+        }
+    session.delete()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    parser.add_argument("--seconds", type=float, default=60.0, help="training budget per model")
-    parser.add_argument("--preset", default="default", help="challenger preset (default)")
-    parser.add_argument("--hidden", type=int)
-    parser.add_argument("--seq", type=int)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--optimizer", choices=["sgd", "adagrad", "adam"])
-    parser.add_argument("--reset-every", type=int)
-    parser.add_argument("--skip-baseline", action="store_true", help="only run the challenger")
+    parser.add_argument("--at", default="300", help="seconds of training to score at (a,b,..)")
+    parser.add_argument("--run", action="append", help="NAME[:field=value,...] (repeatable)")
+    parser.add_argument("--address", help="use this server instead of starting one")
+    parser.add_argument("--blas-threads", type=int, default=1)
+    parser.add_argument("--sample-length", type=int, default=400)
+    parser.add_argument("--json", type=Path, help="append one JSON object per row to PATH")
     args = parser.parse_args(argv)
     if not args.corpus.is_file():
         print(
-            f"corpus not found: {args.corpus}; give one with --corpus PATH "
-            "(tiny Shakespeare: https://raw.githubusercontent.com/karpathy/char-rnn/master/"
-            "data/tinyshakespeare/input.txt)",
+            f"corpus not found: {args.corpus}; give one with --corpus PATH (tiny Shakespeare: "
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+            "input.txt)",
             file=sys.stderr,
         )
         return 2
     text = args.corpus.read_text(encoding="utf-8")
-    vocab = Vocab.from_text(text)
-    changes = {
-        key: value
-        for key, value in {
-            "hidden_size": args.hidden,
-            "seq_length": args.seq,
-            "batch_size": args.batch,
-            "learning_rate": args.lr,
-            "optimizer": args.optimizer,
-            "reset_every": args.reset_every,
-        }.items()
-        if value is not None
-    }
-    challenger = PRESETS[args.preset].replace(**changes)
-    challenger.validate()
-    runs = [(args.preset if not changes else "custom", challenger)]
-    if not args.skip_baseline:
-        runs.insert(0, ("min-char-rnn", PRESETS["min-char-rnn"]))
-
+    split = int(len(text) * 0.9)
+    train, held_out = text[:split], text[split:]
+    at = sorted(float(x) for x in args.at.split(","))
+    runs = [parse_run(r) for r in (args.run or ["min-char-rnn", "default", "quality"])]
     print(
-        f"corpus {args.corpus.name}: {len(text):,} chars, train 90 %, held out 10 %; "
-        f"{args.seconds:g} s of training each; held-out loss from a zero hidden state"
+        f"corpus {args.corpus.name}: {len(text):,} chars; train on the first 90 %, Predict on "
+        f"the last {len(held_out):,} from a zero state; scored after {args.at} s of training",
+        flush=True,
     )
     header = (
-        f"{'config':<13} {'hidden':>6} {'seq':>4} {'batch':>5} {'optim':>7} {'lr':>7} "
-        f"{'reset':>5} | {'steps':>6} {'chars/s':>8} {'epochs':>6} {'train':>6} "
-        f"{'held-out bpc':>12}"
+        f"{'run':<14} {'cell':>4} {'L':>1} {'hidden':>6} {'seq':>4} {'batch':>5} "
+        f"{'lr':>7} {'drop':>4} {'params':>8} | {'s':>5} {'chars/s':>7} {'epochs':>6} "
+        f"{'nats':>6} {'bpc':>6}"
     )
     print(header)
-    print("-" * len(header))
-    for name, config in runs:
-        r = run(name, config, vocab, text, args.seconds)
-        c = config
-        print(
-            f"{name:<13} {c.hidden_size:>6} {c.seq_length:>4} {c.batch_size:>5} "
-            f"{c.optimizer:>7} {c.learning_rate:>7g} {c.reset_every:>5} | "
-            f"{r['steps']:>6,.0f} {r['chars_per_s']:>8,.0f} {r['epochs']:>6.2f} "
-            f"{r['train_bits']:>6.3f} {r['held_out_bits']:>12.3f}",
-            flush=True,
-        )
+    print("-" * len(header), flush=True)
+    server = local_server(args.blas_threads) if args.address is None else None
+    address = server.__enter__() if server is not None else args.address
+    try:
+        with Client(address, timeout=120) as client:
+            for name, kwargs in runs:
+                for row in measure(client, name, kwargs, train, held_out, at, args.sample_length):
+                    print(
+                        f"{name:<14} {row['cell']:>4} {row['layers']:>1} {row['hidden']:>6} "
+                        f"{row['seq']:>4} {row['batch']:>5} {row['lr']:>7g} "
+                        f"{row['dropout']:>4g} {row['params']:>8,} | {row['seconds']:>5} "
+                        f"{row['chars_per_s']:>7,} {row['epochs']:>6.2f} "
+                        f"{row['held_out_nats']:>6.3f} {row['held_out_bits']:>6.3f}",
+                        flush=True,
+                    )
+                    print("    sample: " + repr(row["sample"][:160]), flush=True)
+                    if args.json is not None:
+                        with open(args.json, "a", encoding="utf-8") as out:
+                            out.write(json.dumps(row) + "\n")
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
     return 0
 
 

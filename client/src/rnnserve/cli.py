@@ -27,7 +27,15 @@ from google.protobuf.message import Message
 from tqdm import tqdm
 
 from rnnserve import completion, plot
-from rnnserve.client import DEFAULT_ADDRESS, DTYPES, OPTIMIZERS, PRESETS, Client, TrainStream
+from rnnserve.client import (
+    CELLS,
+    DEFAULT_ADDRESS,
+    DTYPES,
+    OPTIMIZERS,
+    PRESETS,
+    Client,
+    TrainStream,
+)
 from rnnserve.errors import (
     InvalidArgument,
     LimitExceeded,
@@ -166,6 +174,9 @@ def _format_config(config: pb.SessionConfig) -> str:
             f"dtype={_enum_name(pb.DataType, config.dtype, 'DATA_TYPE_')}",
             f"reset_every={config.reset_every}",
             f"validation_fraction={config.validation_fraction:g}",
+            f"cell={_enum_name(pb.Cell, config.cell, 'CELL_')}",
+            f"num_layers={config.num_layers}",
+            f"dropout={config.dropout:g}",
         ]
     )
 
@@ -264,6 +275,9 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
         dtype=args.dtype,
         reset_every=args.reset_every,
         validation_fraction=args.validation_fraction,
+        cell=args.cell,
+        num_layers=args.num_layers,
+        dropout=args.dropout,
     )
     info = session.last_info if session.last_info is not None else session.info()
     out.obj(info)
@@ -891,6 +905,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         type=_nonnegative_int,
         metavar="N",
         help="zero the carried hidden state every N windows (0 never)",
+    )
+    group.add_argument("--cell", choices=list(CELLS), help="recurrent unit of every layer")
+    group.add_argument("--num-layers", type=_positive_int, metavar="N", help="stacked layers")
+    group.add_argument(
+        "--dropout",
+        type=float,
+        metavar="P",
+        help="share of a layer's outputs zeroed before the next, training only (num-layers >= 2)",
     )
     group.add_argument(
         "--validation-fraction",

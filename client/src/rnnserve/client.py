@@ -57,7 +57,9 @@ PRESETS: dict[str, int] = {
     "default": pb.PRESET_DEFAULT,
     "notebook": pb.PRESET_NOTEBOOK,
     "min-char-rnn": pb.PRESET_MIN_CHAR_RNN,
+    "quality": pb.PRESET_QUALITY,
 }
+CELLS: dict[str, int] = {"rnn": pb.CELL_RNN, "lstm": pb.CELL_LSTM, "gru": pb.CELL_GRU}
 OPTIMIZERS: dict[str, int] = {
     "sgd": pb.OPTIMIZER_SGD,
     "adagrad": pb.OPTIMIZER_ADAGRAD,
@@ -456,14 +458,18 @@ class Client:
         dtype: str | int | None = None,
         reset_every: int | None = None,
         validation_fraction: float | None = None,
+        cell: str | int | None = None,
+        num_layers: int | None = None,
+        dropout: float | None = None,
         timeout: float | None = None,
     ) -> Session:
         """Create a session from ``text``; unset hyperparameters take the preset's values.
 
-        ``preset`` is "default", "notebook" or "min-char-rnn"; ``optimizer`` "sgd", "adagrad"
-        or "adam"; ``dtype`` "float32" or "float64" (or the proto enum values);
-        ``validation_fraction`` holds that share of the corpus's tail out of training to
-        measure the validation loss. An empty
+        ``preset`` is "default", "notebook", "min-char-rnn" or "quality"; ``optimizer``
+        "sgd", "adagrad" or "adam"; ``dtype`` "float32" or "float64"; ``cell`` "rnn", "lstm"
+        or "gru" (or the proto enum values); ``dropout`` (between layers, training only) needs
+        ``num_layers`` >= 2; ``validation_fraction`` holds that share of the corpus's tail out
+        of training to measure the validation loss. An empty
         ``session_id`` lets the server make one. A text longer than a few hundred thousand
         characters is sent in chunks after the call that creates the session (with the
         alphabet fixed up front to ``sorted(set(text))``, what the server would pick).
@@ -471,6 +477,7 @@ class Client:
         config = pb.SessionConfig(
             optimizer=_enum("optimizer", optimizer, OPTIMIZERS),  # type: ignore[arg-type]
             dtype=_enum("dtype", dtype, DTYPES),  # type: ignore[arg-type]
+            cell=_enum("cell", cell, CELLS),  # type: ignore[arg-type]
         )
         for name, value in (
             ("hidden_size", hidden_size),
@@ -481,6 +488,8 @@ class Client:
             ("seed", seed),
             ("reset_every", reset_every),
             ("validation_fraction", validation_fraction),
+            ("num_layers", num_layers),
+            ("dropout", dropout),
         ):
             if value is not None:
                 setattr(config, name, value)

@@ -77,6 +77,14 @@ class Settings:
     )
     max_hidden_size: int = field(default=1024, metadata=_opt("largest hidden_size"))
     max_batch_size: int = field(default=256, metadata=_opt("largest batch_size"))
+    max_num_layers: int = field(default=8, metadata=_opt("most stacked layers (num_layers)"))
+    max_recurrent_weights: int = field(
+        default=16_777_216,
+        metadata=_opt(
+            "most weights in a session's recurrent layers (hidden_size^2 x gates x layers, "
+            "input weights of upper layers included): bounds a session's memory"
+        ),
+    )
     max_seq_length: int = field(default=1000, metadata=_opt("largest seq_length"))
     max_window_chars: int = field(
         default=16_384,

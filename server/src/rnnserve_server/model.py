@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from . import cells
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
 from .vocab import Vocab
 
@@ -92,6 +93,9 @@ class ModelConfig:
     seed: int = 0  # seeds the weight initialisation
     dtype: str = "float32"  # "float32" | "float64"
     reset_every: int = 0  # zero the carried hidden states every N corpus windows; 0 = never
+    cell: str = "rnn"  # "rnn" | "lstm" | "gru" (cells.py); one-layer "rnn" is the seed's model
+    num_layers: int = 1  # stacked recurrent layers
+    dropout: float = 0.0  # between layers, training only: share of a layer's outputs zeroed
     validation_fraction: float = 0.0  # share of the corpus, at its end, never trained on
 
     def validate(self) -> None:
@@ -132,6 +136,29 @@ class ModelConfig:
             )
         if self.dtype not in DTYPES:
             raise EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.cell not in cells.CELLS:
+            raise EngineError(f"cell must be one of {', '.join(cells.CELLS)}, got {self.cell!r}")
+        positive_int("num_layers", self.num_layers)
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1:
+            raise EngineError(f"dropout must be a number in [0, 1), got {d!r}")
+        if d > 0 and self.num_layers < 2:
+            raise EngineError(
+                "dropout applies between layers: set num_layers >= 2, or dropout to 0"
+            )
+
+    @property
+    def recurrent_weights(self) -> int:
+        """Weights that do not depend on the alphabet: every layer's Wh, and the input
+        weights of the layers above the first (what num_layers and hidden_size multiply)."""
+        H = self.hidden_size
+        gates = {"rnn": 1, "lstm": 4, "gru": 3}.get(self.cell, 1) * H
+        return self.num_layers * H * gates + (self.num_layers - 1) * H * gates
+
+    @property
+    def stacked(self) -> bool:
+        """True when the model is cells.py's (gated cell or several layers), not the seed's."""
+        return self.cell != "rnn" or self.num_layers > 1
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-able dict."""
@@ -179,6 +206,17 @@ PRESETS: dict[str, ModelConfig] = {
     "min-char-rnn": ModelConfig(
         hidden_size=100, seq_length=25, batch_size=1, learning_rate=0.1, optimizer="adagrad"
     ),
+    # Best held-out loss on tiny Shakespeare in 300 s here (bench/quality.py, BENCHMARKS.md):
+    # GRU 128 1.737 nats, tanh default 1.762, GRU 256 1.947, LSTM 128 2.010, LSTM 256 2.43.
+    "quality": ModelConfig(
+        hidden_size=128,
+        seq_length=50,
+        batch_size=32,
+        learning_rate=3e-3,
+        optimizer="adam",
+        reset_every=10,
+        cell="gru",
+    ),
 }
 
 
@@ -205,6 +243,16 @@ def param_shapes(vocab_size: int, hidden_size: int) -> dict[str, tuple[int, ...]
     """Shape of each parameter tensor, in PARAM_NAMES order."""
     V, H = vocab_size, hidden_size
     return {"Wxh": (H, V), "Whh": (H, H), "Why": (V, H), "bh": (H,), "by": (V,)}
+
+
+def parameter_total(config: ModelConfig, vocab_size: int) -> int:
+    """Number of weights of ``config``'s model over an alphabet of ``vocab_size``."""
+    if config.stacked:
+        spec = cells.Spec(config.cell, vocab_size, config.hidden_size, config.num_layers)
+        shapes = spec.shapes()
+    else:
+        shapes = param_shapes(vocab_size, config.hidden_size)
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def _views(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -523,12 +571,23 @@ class Trainer:
         self._dtype = np.dtype(config.dtype)
         V, H, B = vocab.size, config.hidden_size, config.batch_size
         rng = np.random.default_rng(config.seed)
-        self._theta, self.params = init_params(V, H, rng, config.dtype)  # (P,), named views
+        # None: the seed's one-layer tanh RNN (this module); else a cells.py model.
+        self._spec = cells.Spec(config.cell, V, H, config.num_layers) if config.stacked else None
+        state_size = H
+        if self._spec is None:
+            self._shapes = param_shapes(V, H)
+            self._theta, self.params = init_params(V, H, rng, config.dtype)  # (P,), named views
+        else:
+            self._shapes = self._spec.shapes()
+            self._theta, self.params = cells.init_stack(self._spec, rng, config.dtype)
+            state_size = self._spec.state_size
+        # Draws the dropout masks; its state is checkpointed so a resumed trainer draws the same.
+        self._dropout_rng = np.random.default_rng([config.seed, 1])
         self.parameter_count = int(self._theta.shape[0])
         self._optimizer: Optimizer = make_optimizer(
             config.optimizer, self.parameter_count, config.learning_rate, self._dtype
         )
-        self.hidden = np.zeros((B, H), dtype=self._dtype)  # carried state of each strand
+        self.hidden = np.zeros((B, state_size), dtype=self._dtype)  # carried state per strand
         self.cursors = (np.arange(B, dtype=np.int64) * self.train_length) // B  # (B,)
         self._offsets = np.arange(config.seq_length + 1, dtype=np.int64)  # (T+1,)
         # Scratch used only during an update, allocated by the first one and freed by
@@ -536,7 +595,7 @@ class Trainer:
         self._grad: np.ndarray | None = None  # (P,) gradients
         self._grads: dict[str, np.ndarray] = {}  # named views into _grad
         self._proposed: np.ndarray | None = None  # (P,) parameters after a proposed update
-        self._ws: Workspace | None = None  # buffers of a corpus window (T, B, H, V)
+        self._ws: Workspace | cells.StackWorkspace | None = None  # buffers of a corpus window
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -583,8 +642,45 @@ class Trainer:
         """Named views of the flat gradient buffer (allocated if released)."""
         if self._grad is None:
             self._grad = np.empty_like(self._theta)  # every entry is written by a backward pass
-            self._grads = _views(self._grad, param_shapes(self.vocab.size, self.config.hidden_size))
+            self._grads = _views(self._grad, self._shapes)
         return self._grads
+
+    def _forward_backward(
+        self, inputs: np.ndarray, targets: np.ndarray, state: np.ndarray, *, corpus: bool
+    ) -> tuple[float, np.ndarray]:
+        """Loss and gradients (into the gradient buffer) of one window of (B, T) ids from
+        ``state``; returns (loss, final state). Corpus windows reuse one workspace; dropout
+        masks come from the trainer's own generator (restored if the update fails)."""
+        grads = self._gradient_buffers()
+        B, T = inputs.shape
+        if self._spec is None:
+            ws = None
+            if corpus:
+                if self._ws is None:
+                    H, V = self.config.hidden_size, self.vocab.size
+                    self._ws = Workspace(T, B, H, V, self._dtype)
+                ws = self._ws
+            assert ws is None or isinstance(ws, Workspace)
+            loss, _, last = loss_and_grads(self.params, inputs, targets, state, grads=grads, ws=ws)
+            return loss, last
+        stack_ws = None
+        if corpus:
+            if self._ws is None:
+                self._ws = cells.StackWorkspace(self._spec, T, B, self._dtype)
+            stack_ws = self._ws
+        assert stack_ws is None or isinstance(stack_ws, cells.StackWorkspace)
+        masks = cells.dropout_masks(
+            self._spec, self.config.dropout, T, B, self._dropout_rng, self._dtype
+        )
+        return cells.loss_and_grads(
+            self._spec, self.params, inputs, targets, state, grads, stack_ws, masks
+        )
+
+    def _score(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, float]:
+        """From a zero state: argmax after each input and the summed nats of the targets."""
+        if self._spec is None:
+            return _score(self.params, inputs, targets)
+        return cells.score(self._spec, self.params, inputs, targets)
 
     def _apply(self, loss: float) -> float:
         """Clip and apply the gradient in ``self._grad``; return its pre-clip norm.
@@ -619,16 +715,38 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------
 
     def append(self, ids: np.ndarray) -> None:
-        """Add ``ids`` (1-D) to the end of the corpus; cursors and states are kept."""
+        """Add ``ids`` (1-D) to the end of the corpus and re-spread the strands over it.
+
+        Each strand keeps how far it has come since its start ``b * L // B`` and moves to the
+        same distance from its start in the longer corpus, so the strands cover the whole
+        corpus however it arrived (left where they were, they would all sit in the first
+        chunk and move through it as a bunch). A strand that moves has its carried state
+        zeroed (the state belonged to other text). Before any corpus step every strand is at
+        its start, so create + appends is exactly the same trainer as one create.
+        """
         new = self._check_ids(ids, "text")
         n = new.shape[0]
-        need = self.corpus_length + n
+        old_length, old_train = self.corpus_length, self.train_length
+        need = old_length + n
         if need > self._corpus.shape[0]:
             grown = np.empty(max(need, 2 * self._corpus.shape[0]), dtype=self._corpus.dtype)
-            grown[: self.corpus_length] = self._corpus[: self.corpus_length]
+            grown[:old_length] = self._corpus[:old_length]
             self._corpus = grown
-        self._corpus[self.corpus_length : need] = new
+        self._corpus[old_length:need] = new
         self.corpus_length = need
+        self._respread(old_train)
+
+    def _respread(self, old_length: int) -> None:
+        """Move each strand to its place in the trained part (``train_length``) of the corpus,
+        which was ``old_length`` long."""
+        B, L = self.config.batch_size, self.train_length
+        strands = np.arange(B, dtype=np.int64)
+        progress = (self.cursors - strands * old_length // B) % max(old_length, 1)  # (B,)
+        cursors = (strands * L // B + progress) % L  # (B,)
+        moved = cursors != self.cursors
+        if moved.any():
+            self.hidden = np.where(moved[:, None], self._dtype.type(0), self.hidden)
+            self.cursors = cursors
 
     def step(self) -> StepResult:
         """One update on the next window of every strand.
@@ -636,7 +754,7 @@ class Trainer:
         DivergedError leaves weights, optimizer state, cursors and hidden states untouched.
         """
         T, L = self.config.seq_length, self.train_length
-        B, H, V = self.config.batch_size, self.config.hidden_size, self.vocab.size
+        B = self.config.batch_size
         hidden = self.hidden
         reset = self.config.reset_every
         if reset and self.windows % reset == 0:
@@ -650,14 +768,16 @@ class Trainer:
         if int(cursors.max()) + T >= L:
             idx %= L  # only the very last target can wrap: cyclic corpus
         window = self._corpus[idx]  # (B, T+1)
-        grads = self._gradient_buffers()
-        if self._ws is None:
-            self._ws = Workspace(T, B, H, V, self._dtype)
-        with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
-            loss, _, h_last = loss_and_grads(
-                self.params, window[:, :-1], window[:, 1:], hidden, grads=grads, ws=self._ws
-            )
-        grad_norm = self._apply(loss)
+        rng_state = self._dropout_rng.bit_generator.state
+        try:
+            with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
+                loss, h_last = self._forward_backward(
+                    window[:, :-1], window[:, 1:], hidden, corpus=True
+                )
+            grad_norm = self._apply(loss)
+        except DivergedError:
+            self._dropout_rng.bit_generator.state = rng_state
+            raise
         self.hidden = h_last
         self.cursors = cursors + T
         self.windows += 1
@@ -670,13 +790,16 @@ class Trainer:
         seq = self._check_ids(ids, "text")
         if seq.shape[0] < 2:
             raise EngineError("text must have at least 2 characters to train on")
-        h0 = np.zeros((1, self.config.hidden_size), dtype=self._dtype)
-        with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
-            loss, _, _ = loss_and_grads(
-                self.params, seq[None, :-1], seq[None, 1:], h0, grads=self._gradient_buffers()
-            )
+        h0 = np.zeros((1, self.hidden.shape[1]), dtype=self._dtype)
+        rng_state = self._dropout_rng.bit_generator.state
+        try:
+            with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
+                loss, _ = self._forward_backward(seq[None, :-1], seq[None, 1:], h0, corpus=False)
+            grad_norm = self._apply(loss)
+        except DivergedError:
+            self._dropout_rng.bit_generator.state = rng_state
+            raise
         T = seq.shape[0] - 1
-        grad_norm = self._apply(loss)
         return StepResult(self.step_count, loss / T, grad_norm, T)
 
     # -- inference ---------------------------------------------------------------------------
@@ -688,7 +811,7 @@ class Trainer:
         seq = self._check_ids(ids, "text")
         if seq.shape[0] < 1:
             raise EngineError("text is empty: give at least 1 character to predict from")
-        argmax, nats = _score(self.params, seq, np.roll(seq, -1))
+        argmax, nats = self._score(seq, np.roll(seq, -1))
         return argmax, nats / seq.shape[0]
 
     def evaluate(self, ids: np.ndarray) -> float:
@@ -697,7 +820,7 @@ class Trainer:
         seq = self._check_ids(ids, "text")
         if seq.shape[0] < 2:
             raise EngineError("text must have at least 2 characters to evaluate")
-        _, nats = _score(self.params, seq[:-1], seq[1:])
+        _, nats = self._score(seq[:-1], seq[1:])
         return float(nats / (seq.shape[0] - 1))
 
     def validation_loss(self) -> float | None:
@@ -709,6 +832,8 @@ class Trainer:
         if held < 2:
             return None
         tail = self._corpus[self.corpus_length - held : self.corpus_length].astype(np.int32)
+        if self._spec is not None:  # gated or stacked cells: one strand, in chunks
+            return float(self._score(tail[:-1], tail[1:])[1] / (held - 1))
         return float(_score_strands(self.params, tail) / (held - 1))
 
     def reconfigure(self, **changes: Any) -> None:
@@ -763,6 +888,10 @@ class Trainer:
             seq = self._corpus[:1].astype(np.int32)
         params = {name: p.copy() for name, p in self.params.items()}  # snapshot
         rng = np.random.default_rng(seed)
+        if self._spec is not None:
+            return cells.sample(
+                self._spec, params, seq, length, float(temperature), top_k, rng, chunk_size
+            )
         return _sample(params, seq, length, float(temperature), top_k, rng, chunk_size)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -787,6 +916,7 @@ class Trainer:
             "step_count": self.step_count,
             "windows": self.windows,
             "optim": self._optimizer.state_meta(),
+            "dropout_rng": self._dropout_rng.bit_generator.state,
         }
         return arrays, meta
 
@@ -814,8 +944,10 @@ class Trainer:
                         f"engine state array {name!r} is {got.dtype}{got.shape}, "
                         f"expected {ref.dtype}{ref.shape}"
                     )
-            for name in PARAM_NAMES:
+            for name in trainer.params:
                 np.copyto(trainer.params[name], arrays[name])
+            if "dropout_rng" in meta:  # absent from checkpoints written before cells.py
+                trainer._dropout_rng.bit_generator.state = dict(meta["dropout_rng"])
             trainer._optimizer.load_state(
                 {
                     k[len("optim.") :]: np.asarray(v)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from rnnserve_server import budget
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
     CheckpointError,
@@ -31,7 +32,13 @@ from rnnserve_server.errors import (
     StorageFullError,
 )
 from rnnserve_server.logs import get_logger
-from rnnserve_server.model import EngineError, ModelConfig, Trainer, param_shapes
+from rnnserve_server.model import (
+    EngineError,
+    ModelConfig,
+    Trainer,
+    param_shapes,
+    parameter_total,
+)
 from rnnserve_server.session import Session, StopCause
 from rnnserve_server.store import Checkpoint, Store, validate_session_id
 from rnnserve_server.vocab import Vocab, utf8_size
@@ -84,7 +91,8 @@ def resident_bytes(config: ModelConfig, vocab_size: int, corpus_chars: int) -> i
     V, H = vocab_size, config.hidden_size
     B, T = config.batch_size, config.seq_length
     item = np.dtype(config.dtype).itemsize
-    parameters = 2 * H * V + H * H + H + V
+    parameters = parameter_total(config, V)
+    H = budget.width(config)  # a gated or stacked model's per-step state: gates x layers x H
     weights = parameters * item * (3 + _OPTIMIZER_SLOTS.get(config.optimizer, 2))
     window = 3 * B * (T + 1) * (H + V) * item
     id_bytes = 1 if V <= 256 else 2 if V <= 65536 else 4
@@ -357,10 +365,20 @@ class Registry:
             ("hidden_size", "max_hidden_size"),
             ("batch_size", "max_batch_size"),
             ("seq_length", "max_seq_length"),
+            ("num_layers", "max_num_layers"),
         ):
             value, limit = getattr(config, field), getattr(s, limit_name)
             if value > limit:
                 raise LimitExceededError(limit_message(field, value, limit, limit_name))
+        if config.recurrent_weights > s.max_recurrent_weights:
+            raise LimitExceededError(
+                limit_message(
+                    "recurrent weights (num_layers x gates x hidden_size^2, x2 above layer 1)",
+                    config.recurrent_weights,
+                    s.max_recurrent_weights,
+                    "max_recurrent_weights",
+                )
+            )
         window = config.batch_size * config.seq_length
         if window > s.max_window_chars:
             raise LimitExceededError(

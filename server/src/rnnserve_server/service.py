@@ -75,7 +75,10 @@ _PRESETS = {
     pb.PRESET_DEFAULT: "default",
     pb.PRESET_NOTEBOOK: "notebook",
     pb.PRESET_MIN_CHAR_RNN: "min-char-rnn",
+    pb.PRESET_QUALITY: "quality",
 }
+_CELLS = {pb.CELL_RNN: "rnn", pb.CELL_LSTM: "lstm", pb.CELL_GRU: "gru"}
+_CELL_ENUM = {v: k for k, v in _CELLS.items()}
 _OPTIMIZERS = {pb.OPTIMIZER_SGD: "sgd", pb.OPTIMIZER_ADAGRAD: "adagrad", pb.OPTIMIZER_ADAM: "adam"}
 _OPTIMIZER_ENUM = {v: k for k, v in _OPTIMIZERS.items()}
 _DTYPES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT64: "float64"}
@@ -236,6 +239,9 @@ def session_to_pb(session: Session) -> pb.Session:
                 dtype=_DTYPE_ENUM.get(c.dtype, pb.DATA_TYPE_UNSPECIFIED),
                 reset_every=c.reset_every,
                 validation_fraction=c.validation_fraction,
+                cell=_CELL_ENUM.get(c.cell, pb.CELL_UNSPECIFIED),
+                num_layers=c.num_layers,
+                dropout=c.dropout,
             )
         )
     return msg
@@ -321,6 +327,18 @@ def _config_from_request(request: pb.CreateSessionRequest) -> ModelConfig:
         if c.dtype not in _DTYPES:
             raise InvalidArgumentError(f"config.dtype {c.dtype} is not a known DataType value")
         changes["dtype"] = _DTYPES[c.dtype]
+    if c.cell != pb.CELL_UNSPECIFIED:
+        if c.cell not in _CELLS:
+            raise InvalidArgumentError(f"config.cell {c.cell} is not a known Cell value")
+        changes["cell"] = _CELLS[c.cell]
+    if c.HasField("num_layers"):
+        if c.num_layers < 1:
+            raise InvalidArgumentError(f"config.num_layers must be >= 1, not {c.num_layers}")
+        changes["num_layers"] = int(c.num_layers)
+    if c.HasField("dropout"):
+        if not 0 <= c.dropout < 1:  # also refuses NaN
+            raise InvalidArgumentError(f"config.dropout must be in [0, 1), not {c.dropout}")
+        changes["dropout"] = float(c.dropout)
     if c.HasField("validation_fraction"):
         frac = float(c.validation_fraction)
         if not math.isfinite(frac) or not 0.0 <= frac <= MAX_VALIDATION_FRACTION:
@@ -387,7 +405,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         --max-request-bytes. With ``chars`` the message says how many characters would fit;
         else ``fix`` says what smaller request would."""
         config = session.require_trainer().config
-        hidden, vocab = config.hidden_size, len(session.summary.alphabet)
+        hidden, vocab = budget.width(config), len(session.summary.alphabet)
         itemsize = np.dtype(config.dtype).itemsize
         limit = self.settings.max_request_bytes
         need = estimate(chars, hidden, vocab, itemsize)
@@ -402,9 +420,9 @@ class Servicer(pb_grpc.RnnServiceServicer):
             )
         raise LimitExceededError(
             f"{what} needs about {_mib(need)} of working memory on this session's model "
-            f"(hidden {hidden}, alphabet {vocab}, {config.dtype}), over the server limit of "
-            f"{_mib(limit)}; {fix}the operator can raise the limit with --max-request-bytes "
-            "or RNNSERVE_MAX_REQUEST_BYTES"
+            f"(hidden {config.hidden_size}, alphabet {vocab}, {config.dtype}), over the server "
+            f"limit of {_mib(limit)}; {fix}the operator can raise the limit with "
+            "--max-request-bytes or RNNSERVE_MAX_REQUEST_BYTES"
         )
 
     def _check_update_memory(self, session: Session, what: str, sample_length: int) -> None:
@@ -414,7 +432,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         need = _train_need(
             seq,
             batch,
-            config.hidden_size,
+            budget.width(config),
             len(session.summary.alphabet),
             config.dtype,
             sample_length,
@@ -436,7 +454,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
 
         def need(vocab: int) -> int:
             return budget.update_bytes(
-                config.seq_length, config.batch_size, config.hidden_size, vocab, itemsize
+                config.seq_length, config.batch_size, budget.width(config), vocab, itemsize
             )
 
         # The alphabet size is at most the text's length: count it only when that matters.

@@ -30,6 +30,14 @@ class Preset(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRESET_DEFAULT: _ClassVar[Preset]
     PRESET_NOTEBOOK: _ClassVar[Preset]
     PRESET_MIN_CHAR_RNN: _ClassVar[Preset]
+    PRESET_QUALITY: _ClassVar[Preset]
+
+class Cell(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CELL_UNSPECIFIED: _ClassVar[Cell]
+    CELL_RNN: _ClassVar[Cell]
+    CELL_LSTM: _ClassVar[Cell]
+    CELL_GRU: _ClassVar[Cell]
 
 class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,6 +67,11 @@ PRESET_UNSPECIFIED: Preset
 PRESET_DEFAULT: Preset
 PRESET_NOTEBOOK: Preset
 PRESET_MIN_CHAR_RNN: Preset
+PRESET_QUALITY: Preset
+CELL_UNSPECIFIED: Cell
+CELL_RNN: Cell
+CELL_LSTM: Cell
+CELL_GRU: Cell
 SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_READY: SessionState
 SESSION_STATE_TRAINING: SessionState
@@ -73,7 +86,7 @@ STOP_REASON_TARGET_LOSS: StopReason
 STOP_REASON_EARLY_STOPPED: StopReason
 
 class SessionConfig(_message.Message):
-    __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every", "validation_fraction")
+    __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every", "cell", "num_layers", "dropout", "validation_fraction")
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +96,9 @@ class SessionConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     RESET_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
     hidden_size: int
     seq_length: int
@@ -93,8 +109,11 @@ class SessionConfig(_message.Message):
     seed: int
     dtype: DataType
     reset_every: int
+    cell: Cell
+    num_layers: int
+    dropout: float
     validation_fraction: float
-    def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ..., validation_fraction: _Optional[float] = ...) -> None: ...
+    def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ..., cell: _Optional[_Union[Cell, str]] = ..., num_layers: _Optional[int] = ..., dropout: _Optional[float] = ..., validation_fraction: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step", "validation_loss", "validation_step", "validation_chars")
