@@ -167,7 +167,10 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log info;
 events {{ worker_connections 1024; }}
 http {{
-  access_log {dir}/access.log;
+  # key=value fields: tests read which upstream served which session id.
+  log_format rnnserve 'status=$status upstream=$upstream_addr sid=$http_x_session_id '
+                      'uri=$uri time=$request_time';
+  access_log {dir}/access.log rnnserve;
   client_body_temp_path {dir}/tmp/body;
   proxy_temp_path {dir}/tmp/proxy;
   fastcgi_temp_path {dir}/tmp/fastcgi;
