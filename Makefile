@@ -64,6 +64,9 @@ test: $(STAMP) ## run the test suite (unit, integration against a real server, p
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
 	$(BIN)/rnnserve-server --address $(ADDRESS) --data-dir $(DATA_DIR)
 
+cluster: $(STAMP) deps ## redis-server + 3 replicas + nginx on loopback (scripts/cluster.sh; PORT=50051)
+	bash scripts/cluster.sh
+
 demo: $(STAMP) ## start a server, train a session on Python's own source, generate, stop
 	$(BIN)/python scripts/demo.py
 
