@@ -224,3 +224,51 @@ async def test_redis_restart_reconnects_and_keeps_tokens(
     assert await coordinator.list_sessions(10) == (["s"], "")
     again = await coordinator.acquire("s", "b:1")
     assert again is not None and again.token > lease.token
+
+
+async def test_follow_yields_history_then_live_events(redis_server: RedisProcess) -> None:
+    writer = Coordinator(redis_server.url)
+    watcher = Coordinator(redis_server.url)
+    try:
+        await writer.publish_loss("s", 1, 2.0)
+        got: list[tuple[str, int]] = []
+
+        async def watch() -> None:
+            async for event in watcher.follow("s", "0", block=0.2):
+                got.append((event.kind, event.step))
+                if len(got) == 4:
+                    return
+
+        task = asyncio.create_task(watch())
+        await wait_until(lambda: _len_at_least(got, 1), what="history delivered")
+        await writer.publish_loss("s", 2, 1.9)
+        await writer.publish_restored("s", 1)
+        await writer.publish_loss("s", 2, 1.95)
+        await asyncio.wait_for(task, 10)
+        assert got == [("loss", 1), ("loss", 2), ("restored", 1), ("loss", 2)]
+    finally:
+        await writer.close()
+        await watcher.close()
+
+
+async def _len_at_least(items: list[tuple[str, int]], n: int) -> bool:
+    return len(items) >= n
+
+
+async def test_keeper_counts_failures_and_gives_up_when_redis_is_gone(
+    redis_server: RedisProcess,
+) -> None:
+    coord = Coordinator(redis_server.url, lease_ttl=1.0, op_timeout=0.5)
+    try:
+        lease = await coord.acquire("s", "a:1")
+        assert lease is not None
+        keeper = LeaseKeeper(coord, lease, interval=0.05).start()
+        await wait_until(lambda: _at_least(keeper, 2), what="renewals")
+        redis_server.kill()
+        # Renewals fail; once the TTL has run out unrenewed the replica must stop owning.
+        await asyncio.wait_for(keeper.lost.wait(), 20)
+        assert keeper.failures >= 1 and keeper.consecutive_failures >= 1
+        assert not keeper.valid
+        await keeper.stop()  # releasing against a dead Redis does not raise
+    finally:
+        await coord.close()

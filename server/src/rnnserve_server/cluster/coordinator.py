@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -309,6 +309,18 @@ class Coordinator:
             for entry_id, fields in cast(list[tuple[str, dict[str, str]]], entries):
                 events.append(_event(str(entry_id), fields))
         return events
+
+    async def follow(
+        self, session_id: str, from_id: str = "0", *, block: float = 1.0
+    ) -> AsyncIterator[StreamEvent]:
+        """Every event after ``from_id``, then live ones as they are added, until the consumer
+        stops iterating (a WatchLoss on any replica). Raises RedisError while Redis is down;
+        the caller resumes from the last event's id."""
+        cursor = from_id
+        while True:
+            for event in await self.read_loss(session_id, cursor, block=block):
+                cursor = event.id
+                yield event
 
     async def last_stream_id(self, session_id: str) -> str:
         """The id of the newest stream entry ("0" if the stream is empty): a watcher that
