@@ -11,6 +11,7 @@ from rnnserve_server.cluster.coordinator import (
     LeaseKeeper,
     StreamEvent,
 )
+from rnnserve_server.cluster.ownership import Ownership
 from rnnserve_server.cluster.shared_store import (
     CheckpointMissingError,
     SharedStore,
@@ -22,6 +23,7 @@ __all__ = [
     "Coordinator",
     "Lease",
     "LeaseKeeper",
+    "Ownership",
     "SharedStore",
     "StaleTokenError",
     "StreamEvent",
