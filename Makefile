@@ -31,6 +31,8 @@ deps: ## apt-get install redis-server and nginx if missing (the cluster tests ru
 	    || missing="$$missing $$p"; \
 	done; \
 	if test -n "$$missing"; then \
+	  command -v apt-get >/dev/null \
+	    || { echo "no apt-get: install$$missing with this system's package manager"; exit 1; }; \
 	  echo "apt-get install$$missing"; \
 	  $(SUDO) apt-get update -qq \
 	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
