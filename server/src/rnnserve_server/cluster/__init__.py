@@ -5,6 +5,7 @@ directory every replica shares.
 Nothing here is wired into the server yet: the single-process mode does not import it.
 """
 
+from rnnserve_server.cluster.activation import Activation, activate
 from rnnserve_server.cluster.coordinator import (
     Coordinator,
     Lease,
@@ -19,6 +20,7 @@ from rnnserve_server.cluster.shared_store import (
 )
 
 __all__ = [
+    "Activation",
     "CheckpointMissingError",
     "Coordinator",
     "Lease",
@@ -27,4 +29,5 @@ __all__ = [
     "SharedStore",
     "StaleTokenError",
     "StreamEvent",
+    "activate",
 ]

@@ -322,6 +322,14 @@ class Coordinator:
                 cursor = event.id
                 yield event
 
+    async def last_event(self, session_id: str) -> StreamEvent | None:
+        """The newest event of the session's stream, or None if it is empty."""
+        entries: Any = await self.redis.xrevrange(self._key(session_id, "loss"), count=1)
+        if not entries:
+            return None
+        entry_id, fields = entries[0]
+        return _event(str(entry_id), fields)
+
     async def last_stream_id(self, session_id: str) -> str:
         """The id of the newest stream entry ("0" if the stream is empty): a watcher that
         wants only live points starts from here."""
