@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from rnnserve_server.cluster import Coordinator, Lease, LeaseKeeper
+from rnnserve_server.cluster.health import RedisHealth
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import RedisProcess
@@ -272,3 +273,26 @@ async def test_keeper_counts_failures_and_gives_up_when_redis_is_gone(
         await keeper.stop()  # releasing against a dead Redis does not raise
     finally:
         await coord.close()
+
+
+async def test_health_goes_not_serving_while_redis_restarts(redis_server: RedisProcess) -> None:
+    coord = Coordinator(redis_server.url, op_timeout=0.5)
+    changes: list[bool] = []
+    health = RedisHealth(coord, changes.append, interval=0.05).start()
+    try:
+        assert await health.check() and changes == []
+        redis_server.stop()
+        await wait_until(lambda: _serving_is(health, False), what="NOT_SERVING")
+        redis_server.start()
+        await wait_until(lambda: _serving_is(health, True), what="SERVING again")
+        assert changes == [False, True]
+        assert len(health.outages) == 1 and health.outages[0] > 0
+        # Measured, not asserted: how long a Redis restart makes a replica unavailable.
+        print(f"redis restart: replica NOT_SERVING for {health.outages[0]:.3f} s")
+    finally:
+        await health.stop()
+        await coord.close()
+
+
+async def _serving_is(health: RedisHealth, value: bool) -> bool:
+    return health.serving is value
