@@ -7,9 +7,12 @@ ADDRESS ?= localhost:50051
 DATA_DIR ?= data
 PROTO := proto/rnnserve/v1/rnn_service.proto
 GEN_DIR := client/src/rnnserve/v1
+# Debian packages the cluster tests and `make cluster` run as real processes.
+DEB_DEPS := redis-server nginx
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint test run demo bench image image-test clean
+.PHONY: help install deps proto proto-check lint test run cluster demo bench image image-test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,6 +24,20 @@ $(STAMP): client/pyproject.toml server/pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
+
+deps: ## apt-get install redis-server and nginx if missing (the cluster tests run them)
+	@missing=""; for p in $(DEB_DEPS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' \
+	    || missing="$$missing $$p"; \
+	done; \
+	if test -n "$$missing"; then \
+	  command -v apt-get >/dev/null \
+	    || { echo "no apt-get: install$$missing with this system's package manager"; exit 1; }; \
+	  echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -qq \
+	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 proto: $(STAMP) ## regenerate the Python code in client/src/rnnserve/v1 from proto/
 	$(BIN)/python -m grpc_tools.protoc -Iproto \
@@ -48,6 +65,9 @@ test: $(STAMP) ## run the test suite (unit, integration against a real server, p
 
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
 	$(BIN)/rnnserve-server --address $(ADDRESS) --data-dir $(DATA_DIR)
+
+cluster: $(STAMP) deps ## redis-server + 3 replicas + nginx on loopback (scripts/cluster.sh; PORT=50051)
+	bash scripts/cluster.sh
 
 demo: $(STAMP) ## start a server, train a session on Python's own source, plot (docs/loss.png), generate, stop
 	$(BIN)/python scripts/demo.py
