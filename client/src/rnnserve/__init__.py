@@ -12,6 +12,8 @@ Results are the generated messages of ``rnnserve.v1.rnn_service_pb2``; errors ar
 subclasses of :class:`RnnServeError` in :mod:`rnnserve.errors`.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from rnnserve.client import DEFAULT_ADDRESS, Client, Session, Stream, TrainStream
 from rnnserve.errors import (
     InvalidArgument,
@@ -28,7 +30,10 @@ from rnnserve.errors import (
 )
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("rnnserve")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEFAULT_ADDRESS",
