@@ -182,15 +182,26 @@ class ObservingInterceptor(Interceptor):
         service, method = metrics.split_method(full_method)
         quiet = full_method.startswith(HEALTH_PREFIX)
         record_metrics = self.record_metrics
+        rpc_metrics = (
+            metrics.RpcMetrics(
+                metrics.grpc_type(handler.request_streaming, handler.response_streaming),
+                service,
+                method,
+            )
+            if record_metrics
+            else None
+        )
         # Client-streaming calls (AppendText) are streams in flight too.
         active = (
-            metrics.ACTIVE_STREAMS.labels(service=service, method=method)
+            metrics.ACTIVE_STREAMS.labels(grpc_service=service, grpc_method=method)
             if record_metrics and (handler.request_streaming or handler.response_streaming)
             else None
         )
 
         def begin() -> float:
             structlog.contextvars.clear_contextvars()
+            if rpc_metrics is not None:
+                rpc_metrics.started.inc()
             if active is not None:
                 active.inc()
             return time.perf_counter()
@@ -206,8 +217,9 @@ class ObservingInterceptor(Interceptor):
                 active.dec()
             code = code_name(context, exc)
             level = "debug" if quiet else ("info" if code in ("OK", "CANCELLED") else "warning")
-            if record_metrics:  # before the log line: a reader of the line sees the metric
-                metrics.record_rpc(service, method, code, seconds)
+            if rpc_metrics is not None:  # before the log line: a reader of it sees the metric
+                sent = extra.get("messages", 1 if code == "OK" else 0)
+                rpc_metrics.finished(code, seconds, sent)
             fields = structlog.contextvars.get_contextvars()
             getattr(log, level)(
                 "rpc",
