@@ -434,7 +434,7 @@ class Client:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise Timeout(
-                f"the server at {self.address} was not reachable within {timeout:g} s"
+                f"the server at {self.address} was not ready within {timeout:g} s (unreachable)"
             ) from None
         status = "UNKNOWN"
         while (remaining := deadline - time.monotonic()) > 0:
