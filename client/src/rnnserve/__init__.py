@@ -9,7 +9,8 @@
         print(session.generate(200, seed=1))
 
 Results are the generated messages of ``rnnserve.v1.rnn_service_pb2``; errors are the
-subclasses of :class:`RnnServeError` in :mod:`rnnserve.errors`.
+subclasses of :class:`RnnServeError` in :mod:`rnnserve.errors`. :mod:`rnnserve.aio` has the
+same client for asyncio.
 """
 
 from importlib.metadata import PackageNotFoundError, version

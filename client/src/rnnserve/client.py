@@ -430,9 +430,11 @@ class Client:
         ``wait_for_ready``) until the server says SERVING.
         """
         deadline = time.monotonic() + timeout
+        ready = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            ready.result(timeout=timeout)
         except grpc.FutureTimeoutError:
+            ready.cancel()  # stops watching the channel's connectivity
             raise Timeout(
                 f"the server at {self.address} was not ready within {timeout:g} s (unreachable)"
             ) from None
