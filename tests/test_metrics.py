@@ -112,6 +112,9 @@ def test_counters_move_with_rpcs(metrics_server: tuple[ServerHandle, int]) -> No
     # Train sent one message per report (steps 5, 10, 15, 20): the final one is the last report.
     assert rpcs(after, "Train", name="msg_sent") == len(progress)
     assert rpcs(after, "Step", name="msg_sent") == 1
+    assert rpcs(after, "Step", name="msg_received") == 1
+    # AppendText streamed two chunks (the iterable's two pieces) in two messages.
+    assert rpcs(after, "AppendText", name="msg_received") == 2
     health = value(
         after,
         "grpc_server_handled_total",

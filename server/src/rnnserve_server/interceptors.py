@@ -198,10 +198,16 @@ class ObservingInterceptor(Interceptor):
             else None
         )
 
+        # One request message per call, counted at its start, unless the requests stream in
+        # (then _checking_requests counts each).
+        received_at_start = rpc_metrics is not None and not handler.request_streaming
+
         def begin() -> float:
             structlog.contextvars.clear_contextvars()
             if rpc_metrics is not None:
                 rpc_metrics.started.inc()
+                if received_at_start:
+                    rpc_metrics.received.inc()
             if active is not None:
                 active.inc()
             return time.perf_counter()
@@ -233,7 +239,9 @@ class ObservingInterceptor(Interceptor):
         if refusal:
             inner: Behavior = behavior
         elif handler.request_streaming:
-            inner = _checking_requests(behavior)
+            inner = _checking_requests(
+                behavior, rpc_metrics.received if rpc_metrics is not None else None
+            )
         else:
             inner = _checking_request(behavior, handler.response_streaming)
 
@@ -297,13 +305,15 @@ async def _abort(refused: _Refused, context: aio.ServicerContext[Any, Any]) -> N
     await context.abort(refused.code, refused.details)
 
 
-def _checking_requests(behavior: Behavior) -> Behavior:
+def _checking_requests(behavior: Behavior, received: Any = None) -> Behavior:
     """A streaming-request behaviour whose request iterator aborts the call at the first
-    message the guard refused."""
+    message the guard refused, counting each message on ``received`` (a metric) if given."""
 
     def wrapped(iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
         async def requests() -> AsyncIterator[Any]:
             async for request in iterator:
+                if received is not None:
+                    received.inc()
                 if isinstance(request, _Refused):
                     await context.abort(request.code, request.details)
                 yield request

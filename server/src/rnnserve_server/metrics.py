@@ -8,7 +8,7 @@ prometheus-client default, so nothing a library registers globally leaks in:
   ``grpc_service``, ``grpc_method``: ``grpc_server_started_total``,
   ``grpc_server_handled_total{...,grpc_code}`` (finished RPCs by status code name),
   ``grpc_server_handling_seconds`` (histogram; for a stream, from the call to its last message)
-  and ``grpc_server_msg_sent_total`` (response messages);
+  and ``grpc_server_msg_sent_total`` / ``grpc_server_msg_received_total`` (messages);
 - ``rnnserve_active_streams{grpc_service,grpc_method}``: streaming RPCs in flight;
 - ``rnnserve_build_info{version,python,grpcio,numpy}``: always 1, the versions running;
 - ``rnnserve_sessions``, ``rnnserve_sessions_resident``, ``rnnserve_sessions_on_disk``: sessions
@@ -87,6 +87,12 @@ HANDLING_SECONDS = Histogram(
 MSG_SENT = Counter(
     "grpc_server_msg_sent",
     "Response messages sent by the server.",
+    RPC_LABELS,
+    registry=REGISTRY,
+)
+MSG_RECEIVED = Counter(
+    "grpc_server_msg_received",
+    "Request messages received by the server.",
     RPC_LABELS,
     registry=REGISTRY,
 )
@@ -184,6 +190,7 @@ class RpcMetrics:
         self.started = STARTED.labels(**labels)
         self.seconds = HANDLING_SECONDS.labels(**labels)
         self.sent = MSG_SENT.labels(**labels)
+        self.received = MSG_RECEIVED.labels(**labels)
         self._handled: dict[str, Any] = {}
 
     def finished(self, code: str, seconds: float, messages_sent: int) -> None:
