@@ -12,7 +12,7 @@ GEN_DIR := client/src/rnnserve/v1
 .PHONY: help install proto proto-check proto-breaking lint test run demo bench image image-test clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ proto-check: proto ## fail if the committed generated code differs from proto/
 # git archive so buf compares two directories and needs none of the history itself. A shallow
 # clone is deepened by one commit first; a revision without proto/ (the first commit) passes.
 BREAKING_AGAINST ?= HEAD~1
-proto-breaking: node_modules/.bin/buf ## buf breaking: fail if proto/ breaks wire or source compatibility with BREAKING_AGAINST (default HEAD~1)
+proto-breaking: node_modules/.bin/buf ## buf breaking: proto/ against BREAKING_AGAINST (default HEAD~1)
 	@set -e; \
 	if ! git rev-parse -q --verify '$(BREAKING_AGAINST)^{commit}' > /dev/null \
 	    && test "$$(git rev-parse --is-shallow-repository)" = true; then \
