@@ -21,7 +21,7 @@ from rnnserve import (
     TrainingDiverged,
     Unauthenticated,
 )
-from rnnserve._common import health_status_name, service_config
+from rnnserve._common import channel_options, health_status_name, service_config
 from rnnserve.cli import build_parser, message_to_dict
 from rnnserve.client import Client, iter_text_chunks
 from rnnserve.errors import error_from_code, error_from_rpc
@@ -96,6 +96,12 @@ def test_retry_policy_covers_only_calls_that_change_nothing() -> None:
     assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     seeded = json.loads(service_config(generate=True))["methodConfig"][0]["name"]
     assert {"service": "rnnserve.v1.RnnService", "method": "Generate"} in seeded
+    # A caller's own choices win.
+    options = dict(channel_options([("grpc.enable_retries", 0)], None, generate=False))
+    assert options["grpc.enable_retries"] == 0 and "grpc.service_config" in options
+    mine = dict(channel_options([("grpc.service_config", "{}")], "name", generate=True))
+    assert mine["grpc.service_config"] == "{}"
+    assert mine["grpc.ssl_target_name_override"] == "name"
 
 
 def test_chunks_of_a_string_are_bounded_and_complete() -> None:

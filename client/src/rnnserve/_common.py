@@ -62,13 +62,15 @@ def channel_options(
     options: Iterable[tuple[str, Any]], tls_server_name: str | None, *, generate: bool
 ) -> list[tuple[str, Any]]:
     """gRPC channel options: the caller's, the TLS name override and the retry policy (a
-    caller's own ``grpc.service_config`` wins)."""
+    caller's own ``grpc.service_config`` or ``grpc.enable_retries`` wins)."""
     result = list(options)
     if tls_server_name:
         result.append(("grpc.ssl_target_name_override", tls_server_name))
-    if not any(name == "grpc.service_config" for name, _ in result):
+    names = {name for name, _ in result}
+    if "grpc.service_config" not in names:
         result.append(("grpc.service_config", service_config(generate=generate)))
-    result.append(("grpc.enable_retries", 1))
+    if "grpc.enable_retries" not in names:  # on by default; a caller may turn retries off
+        result.append(("grpc.enable_retries", 1))
     return result
 
 
