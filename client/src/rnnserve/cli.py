@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from tqdm import tqdm
 
-from rnnserve import completion, plot
+from rnnserve import __version__, completion, plot
 from rnnserve.client import (
     CELLS,
     DEFAULT_ADDRESS,
@@ -964,6 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_connection_options(with_defaults=True)],
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _connection_options(with_defaults=False)
 

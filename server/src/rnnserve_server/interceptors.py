@@ -182,15 +182,32 @@ class ObservingInterceptor(Interceptor):
         service, method = metrics.split_method(full_method)
         quiet = full_method.startswith(HEALTH_PREFIX)
         record_metrics = self.record_metrics
+        rpc_metrics = (
+            metrics.RpcMetrics(
+                metrics.grpc_type(handler.request_streaming, handler.response_streaming),
+                service,
+                method,
+            )
+            if record_metrics
+            else None
+        )
         # Client-streaming calls (AppendText) are streams in flight too.
         active = (
-            metrics.ACTIVE_STREAMS.labels(service=service, method=method)
+            metrics.ACTIVE_STREAMS.labels(grpc_service=service, grpc_method=method)
             if record_metrics and (handler.request_streaming or handler.response_streaming)
             else None
         )
 
+        # One request message per call, counted at its start, unless the requests stream in
+        # (then _checking_requests counts each).
+        received_at_start = rpc_metrics is not None and not handler.request_streaming
+
         def begin() -> float:
             structlog.contextvars.clear_contextvars()
+            if rpc_metrics is not None:
+                rpc_metrics.started.inc()
+                if received_at_start:
+                    rpc_metrics.received.inc()
             if active is not None:
                 active.inc()
             return time.perf_counter()
@@ -206,8 +223,9 @@ class ObservingInterceptor(Interceptor):
                 active.dec()
             code = code_name(context, exc)
             level = "debug" if quiet else ("info" if code in ("OK", "CANCELLED") else "warning")
-            if record_metrics:  # before the log line: a reader of the line sees the metric
-                metrics.record_rpc(service, method, code, seconds)
+            if rpc_metrics is not None:  # before the log line: a reader of it sees the metric
+                sent = extra.get("messages", 1 if code == "OK" else 0)
+                rpc_metrics.finished(code, seconds, sent)
             fields = structlog.contextvars.get_contextvars()
             getattr(log, level)(
                 "rpc",
@@ -221,7 +239,9 @@ class ObservingInterceptor(Interceptor):
         if refusal:
             inner: Behavior = behavior
         elif handler.request_streaming:
-            inner = _checking_requests(behavior)
+            inner = _checking_requests(
+                behavior, rpc_metrics.received if rpc_metrics is not None else None
+            )
         else:
             inner = _checking_request(behavior, handler.response_streaming)
 
@@ -285,13 +305,15 @@ async def _abort(refused: _Refused, context: aio.ServicerContext[Any, Any]) -> N
     await context.abort(refused.code, refused.details)
 
 
-def _checking_requests(behavior: Behavior) -> Behavior:
+def _checking_requests(behavior: Behavior, received: Any = None) -> Behavior:
     """A streaming-request behaviour whose request iterator aborts the call at the first
-    message the guard refused."""
+    message the guard refused, counting each message on ``received`` (a metric) if given."""
 
     def wrapped(iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
         async def requests() -> AsyncIterator[Any]:
             async for request in iterator:
+                if received is not None:
+                    received.inc()
                 if isinstance(request, _Refused):
                     await context.abort(request.code, request.details)
                 yield request
