@@ -19,8 +19,9 @@ The loss that is differentiated is min-char-rnn's: cross-entropy summed over the
 steps, averaged over the strands (so batch 1 is exactly min-char-rnn, and the batch size does
 not change the effective step size). Losses are *reported* as mean nats per character.
 
-Pure numpy: no grpc, no I/O. The ``Trainer`` is not thread-safe; the session layer serialises
-the calls that mutate it.
+Gated cells (LSTM, GRU), stacked layers and dropout are in cells.py; the Trainer below drives
+either model. Pure numpy: no grpc, no I/O. The ``Trainer`` is not thread-safe; the session
+layer serialises the calls that mutate it.
 """
 
 from __future__ import annotations
@@ -206,10 +207,11 @@ PRESETS: dict[str, ModelConfig] = {
     "min-char-rnn": ModelConfig(
         hidden_size=100, seq_length=25, batch_size=1, learning_rate=0.1, optimizer="adagrad"
     ),
-    # Best held-out loss on tiny Shakespeare in 300 s here (bench/quality.py, BENCHMARKS.md):
-    # GRU 128 1.737 nats, tanh default 1.762, GRU 256 1.947, LSTM 128 2.010, LSTM 256 2.43.
+    # Best held-out loss on tiny Shakespeare after 1,200 s here (bench/quality.py through the
+    # service, BENCHMARKS.md "Gated cells"): GRU 256 1.580 nats (1.692 at 300 s), GRU 128 1.618
+    # (1.663 at 300 s, saturating at 16 epochs); LSTMs and the tanh default did worse at 300 s.
     "quality": ModelConfig(
-        hidden_size=128,
+        hidden_size=256,
         seq_length=50,
         batch_size=32,
         learning_rate=3e-3,
@@ -540,7 +542,10 @@ class Trainer:
     window of ``seq_length`` characters, carrying its hidden state from window to window. A
     strand whose next window would run past the end restarts at 0 with a zero state, and every
     ``reset_every`` windows all carried states are zeroed, so the model also works from a zero
-    state (which is how it is evaluated and sampled). Not thread-safe.
+    state (which is how it is evaluated and sampled). AppendText re-spreads the strands over
+    the grown corpus (``append``). ``config.cell`` / ``num_layers`` other than the seed's
+    one-layer ``rnn`` use cells.py's model; the carried state is then h (and c) of every layer,
+    and dropout masks come from the trainer's own checkpointed generator. Not thread-safe.
     """
 
     def __init__(self, config: ModelConfig, vocab: Vocab, corpus: np.ndarray) -> None:
