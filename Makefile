@@ -33,17 +33,20 @@ proto-check: proto ## fail if the committed generated code differs from proto/
 	git diff --exit-code -- $(GEN_DIR)
 	@test -z "$$(git status --porcelain -- $(GEN_DIR))" || { echo "untracked generated files in $(GEN_DIR)"; exit 1; }
 
-node_modules/.bin/buf: package.json
+# npm devDependencies: buf (make lint) and @grpc/grpc-js + @grpc/proto-loader (the Node
+# interop test in make test).
+NODE_STAMP := node_modules/.installed
+$(NODE_STAMP): package.json package-lock.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-lint: $(STAMP) node_modules/.bin/buf ## buf lint (STANDARD), ruff, mypy --strict
+lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client/src server/src tests bench
 
-test: $(STAMP) ## run the test suite (unit, integration against a real server, persistence)
+test: $(STAMP) $(NODE_STAMP) ## run the test suite (unit, integration against a real server, persistence, a Node client)
 	$(BIN)/pytest
 
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
