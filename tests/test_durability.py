@@ -124,6 +124,7 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
             with pytest.raises(LimitExceeded, match="disk is full") as refused:
                 client.create_session(TEXT, session_id="new", **SMALL)  # type: ignore[arg-type]
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.reason == "STORAGE_FULL" and refused.value.retry_delay
             with pytest.raises(SessionNotFound):
                 client.session("new").info()
             assert not (disk / "sessions" / "new.corpus.npy").exists()
@@ -211,6 +212,8 @@ def test_delete_on_a_read_only_data_dir_keeps_the_session(
             with pytest.raises(ServerUnavailable, match="not writable") as refused:
                 s.delete()
             assert "Error" not in refused.value.details and "/" not in refused.value.details
+            assert refused.value.reason == "STORAGE_UNAVAILABLE" and refused.value.retry_delay
+            assert refused.value.metadata["session_id"] == "stays"
             assert s.info().state == pb.SESSION_STATE_READY
             s.step()  # its checkpoint can't be written either
             _wait(lambda: s.info().state == pb.SESSION_STATE_UNSAVED, "state UNSAVED")

@@ -4,8 +4,11 @@ apply, decoded here with grpcio-status from a plain stub on a real server, and b
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,6 +176,37 @@ def test_unauthenticated_has_a_reason(server_factory: ServerFactory) -> None:
     with channel:
         d = _fail(stub.ListSessions, pb.ListSessionsRequest())
         assert (d.code, d.reason) == (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+
+
+def test_shutting_down_is_unavailable_with_retry_info(server: ServerHandle) -> None:
+    """An AppendText still streaming when SIGTERM arrives is refused: SHUTTING_DOWN, with the
+    RetryInfo a client uses to wait before trying again (elsewhere)."""
+    channel, stub = _stub(server)
+    with channel:
+        stub.CreateSession(pb.CreateSessionRequest(session_id="s", text=TEXT), timeout=30)
+        first_sent, go_on = threading.Event(), threading.Event()
+
+        def chunks() -> Iterator[pb.AppendTextRequest]:
+            yield pb.AppendTextRequest(session_id="s", text="more ")
+            first_sent.set()
+            go_on.wait(30)  # the call stays open until the server is shutting down
+            yield pb.AppendTextRequest(text="text")
+
+        call = stub.AppendText.future(chunks(), timeout=60)
+        assert first_sent.wait(30)
+        # A round trip on the same connection, opened after the AppendText stream: the server
+        # has taken that call before it answers this one, so SIGTERM finds it in flight.
+        stub.GetSession(pb.GetSessionRequest(session_id="s"), timeout=30)
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for_log("shutting_down")
+        go_on.set()
+        error = call.exception()
+        assert isinstance(error, grpc.RpcError)
+        d = Details(error)
+        assert (d.code, d.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+        retry = d._one(error_details_pb2.RetryInfo)
+        assert retry is not None and retry.retry_delay.seconds >= 1
+    assert server.wait() == 0
 
 
 def _broken_server(server_factory: ServerFactory, tmp_path: Path) -> ServerHandle:
