@@ -50,11 +50,15 @@ proto-check: proto ## fail if the committed generated code differs from proto/
 	git diff --exit-code -- $(GEN_DIR)
 	@test -z "$$(git status --porcelain -- $(GEN_DIR))" || { echo "untracked generated files in $(GEN_DIR)"; exit 1; }
 
+# npm devDependencies: buf (make lint) and @grpc/grpc-js + @grpc/proto-loader (the Node
+# interop test in make test).
+NODE_STAMP := node_modules/.installed
+
 # The proto as of BREAKING_AGAINST (a git revision; default the previous commit), taken with
 # git archive so buf compares two directories and needs none of the history itself. A shallow
 # clone is deepened by one commit first; a revision without proto/ (the first commit) passes.
 BREAKING_AGAINST ?= HEAD~1
-proto-breaking: node_modules/.bin/buf ## buf breaking: proto/ against BREAKING_AGAINST (default HEAD~1)
+proto-breaking: $(NODE_STAMP) ## buf breaking: proto/ against BREAKING_AGAINST (default HEAD~1)
 	@set -e; \
 	if ! git rev-parse -q --verify '$(BREAKING_AGAINST)^{commit}' > /dev/null \
 	    && test "$$(git rev-parse --is-shallow-repository)" = true; then \
@@ -68,17 +72,17 @@ proto-breaking: node_modules/.bin/buf ## buf breaking: proto/ against BREAKING_A
 	echo "buf breaking against $$rev"; \
 	node_modules/.bin/buf breaking --against "$$tmp"
 
-node_modules/.bin/buf: package.json
+$(NODE_STAMP): package.json package-lock.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-lint: $(STAMP) node_modules/.bin/buf ## buf lint (STANDARD), ruff, mypy --strict
+lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client/src server/src tests bench
 
-test: $(STAMP) ## run the test suite (unit, integration against a real server, persistence)
+test: $(STAMP) $(NODE_STAMP) ## run the test suite (unit, integration against a real server, persistence, a Node client)
 	$(BIN)/pytest
 
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)

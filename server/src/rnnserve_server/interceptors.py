@@ -22,7 +22,13 @@ import structlog
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from rnnserve_server import logs, metrics
+from rnnserve_server import logs, metrics, status
+from rnnserve_server.errors import (
+    DomainError,
+    InvalidArgumentError,
+    LimitExceededError,
+    UnauthenticatedError,
+)
 
 # The rpc line keeps the logger name it had when app.py wrote it: log queries filter on it.
 log = logs.get_logger("rnnserve.app")
@@ -160,10 +166,12 @@ class ObservingInterceptor(Interceptor):
             return allowed, None
 
         async def deny(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid bearer token: send metadata 'authorization: Bearer <token>' "
-                "with a token the server accepts (client: token= or RNNSERVE_TOKEN)",
+            await status.abort(
+                context,
+                UnauthenticatedError(
+                    "missing or invalid bearer token: send metadata 'authorization: Bearer "
+                    "<token>' with a token the server accepts (client: token= or RNNSERVE_TOKEN)"
+                ),
             )
 
         # Observed as the method's kind, like any call; the refusal reads no request.
@@ -288,7 +296,7 @@ def _checking_request(behavior: Behavior, response_streaming: bool) -> Behavior:
 
         async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             if isinstance(request, _Refused):
-                await context.abort(request.code, request.details)
+                await status.abort(context, request.error)
             return await behavior(request, context)
 
         return unary_unary
@@ -302,7 +310,7 @@ def _checking_request(behavior: Behavior, response_streaming: bool) -> Behavior:
 
 
 async def _abort(refused: _Refused, context: aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(refused.code, refused.details)
+    await status.abort(context, refused.error)
 
 
 def _checking_requests(behavior: Behavior, received: Any = None) -> Behavior:
@@ -315,7 +323,7 @@ def _checking_requests(behavior: Behavior, received: Any = None) -> Behavior:
                 if received is not None:
                     received.inc()
                 if isinstance(request, _Refused):
-                    await context.abort(request.code, request.details)
+                    await status.abort(context, request.error)
                 yield request
 
         return behavior(requests(), context)
@@ -331,9 +339,8 @@ HARD_MESSAGE_FACTOR = 4
 class _Refused:
     """Stands in for a request that could not be accepted: the status to answer with."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self.code = code
-        self.details = details
+    def __init__(self, error: DomainError) -> None:
+        self.error = error
 
 
 def guard_deserializer(
@@ -353,18 +360,23 @@ def guard_deserializer(
     def guarded(data: bytes) -> Any:
         if len(data) > limit:
             return _Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the {method} request message ({len(data)} bytes) exceeds the server limit "
-                f"of {limit} bytes; send long text in AppendText chunks, or the operator can "
-                "raise it with --max-message-bytes or RNNSERVE_MAX_MESSAGE_BYTES",
+                LimitExceededError(
+                    f"the {method} request message ({len(data)} bytes) exceeds the server "
+                    f"limit of {limit} bytes; send long text in AppendText chunks, or the "
+                    "operator can raise it with --max-message-bytes or RNNSERVE_MAX_MESSAGE_BYTES",
+                    setting="max_message_bytes",
+                    limit=limit,
+                    value=len(data),
+                )
             )
         try:
             return deserialize(data)
         except DecodeError as exc:
             return _Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the {method} request is not a valid message ({exc}); string fields must "
-                "be valid UTF-8 (no lone surrogates)",
+                InvalidArgumentError(
+                    f"the {method} request is not a valid message ({exc}); string fields must "
+                    "be valid UTF-8 (no lone surrogates)"
+                )
             )
 
     return guarded

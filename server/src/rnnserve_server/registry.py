@@ -106,6 +106,19 @@ def _session_bytes(session: Session) -> int:
     return resident_bytes(summary.config, len(summary.alphabet), summary.corpus_chars)
 
 
+def _damaged(exc: BaseException) -> bool:
+    """Whether a load failure means the file is unreadable or damaged (DATA_LOSS), not only
+    refused by this server's limits (a CheckpointError with ``damaged=False``)."""
+    return not isinstance(exc, CheckpointError) or exc.damaged
+
+
+def limit_error(what: str, value: int, limit: int, setting: str) -> LimitExceededError:
+    """LimitExceededError with ``limit_message``'s sentence and the details' fields."""
+    return LimitExceededError(
+        limit_message(what, value, limit, setting), setting=setting, limit=limit, value=value
+    )
+
+
 def _public_reason(exc: BaseException) -> str:
     """Why a checkpoint can't be loaded, as clients see it: a sentence without paths or
     exception text (those go to the server log)."""
@@ -190,7 +203,7 @@ class Registry:
                 mtime = self.store.path(session_id).stat().st_mtime
             except OSError:
                 mtime = time.time()
-            return Session.broken(session_id, _public_reason(exc), mtime)
+            return Session.broken(session_id, _public_reason(exc), mtime, _damaged(exc))
 
     def _check_checkpoint(
         self, trainer_meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]
@@ -208,18 +221,17 @@ class Registry:
         try:
             self.check_config_limits(config)
             if len(alphabet) > self.settings.max_alphabet_size:
-                raise LimitExceededError(
-                    limit_message(
-                        "the alphabet size",
-                        len(alphabet),
-                        self.settings.max_alphabet_size,
-                        "max_alphabet_size",
-                    )
+                raise limit_error(
+                    "the alphabet size",
+                    len(alphabet),
+                    self.settings.max_alphabet_size,
+                    "max_alphabet_size",
                 )
         except LimitExceededError as exc:
             raise CheckpointError(
                 f"checkpoint over this server's limits: {exc}",
                 public=f"its model is larger than this server allows: {exc}",
+                damaged=False,
             ) from None
         V, H, B = len(alphabet), config.hidden_size, config.batch_size
         expected = dict(param_shapes(V, H))
@@ -293,7 +305,8 @@ class Registry:
         session = self.sessions.get(session_id)
         if session is None:
             raise SessionNotFoundError(
-                f"session {session_id!r} does not exist; ListSessions shows the existing ones"
+                f"session {session_id!r} does not exist; ListSessions shows the existing ones",
+                session_id=session_id,
             )
         return session
 
@@ -328,9 +341,12 @@ class Registry:
                 error = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
                 log.error("reload_failed", session_id=session.id, error=error)
                 session.broken_error = _public_reason(exc)
+                session.broken_damaged = _damaged(exc)
                 raise SessionBrokenError(
                     f"session {session.id!r} could not be reloaded from disk: "
-                    f"{session.broken_error}"
+                    f"{session.broken_error}",
+                    session_id=session.id,
+                    damaged=session.broken_damaged,
                 ) from None
             log.info("session_reloaded", session_id=session.id, step=session.step)
 
@@ -369,45 +385,37 @@ class Registry:
         ):
             value, limit = getattr(config, field), getattr(s, limit_name)
             if value > limit:
-                raise LimitExceededError(limit_message(field, value, limit, limit_name))
+                raise limit_error(field, value, limit, limit_name)
         if config.recurrent_weights > s.max_recurrent_weights:
-            raise LimitExceededError(
-                limit_message(
-                    "recurrent weights (num_layers x gates x hidden_size^2, x2 above layer 1)",
-                    config.recurrent_weights,
-                    s.max_recurrent_weights,
-                    "max_recurrent_weights",
-                )
+            raise limit_error(
+                "recurrent weights (num_layers x gates x hidden_size^2, x2 above layer 1)",
+                config.recurrent_weights,
+                s.max_recurrent_weights,
+                "max_recurrent_weights",
             )
         window = config.batch_size * config.seq_length
         if window > s.max_window_chars:
-            raise LimitExceededError(
-                limit_message(
-                    "batch_size x seq_length", window, s.max_window_chars, "max_window_chars"
-                )
+            raise limit_error(
+                "batch_size x seq_length", window, s.max_window_chars, "max_window_chars"
             )
 
     def check_corpus_limits(self, session_bytes: int, added: int) -> None:
         """LimitExceededError when the corpus (UTF-8 bytes) would outgrow a limit."""
         s = self.settings
         if session_bytes + added > s.max_corpus_bytes:
-            raise LimitExceededError(
-                limit_message(
-                    "the session's corpus in UTF-8 bytes",
-                    session_bytes + added,
-                    s.max_corpus_bytes,
-                    "max_corpus_bytes",
-                )
+            raise limit_error(
+                "the session's corpus in UTF-8 bytes",
+                session_bytes + added,
+                s.max_corpus_bytes,
+                "max_corpus_bytes",
             )
         total = sum(x.summary.corpus_bytes for x in self.sessions.values()) + added
         if total > s.max_total_corpus_bytes:
-            raise LimitExceededError(
-                limit_message(
-                    "the corpus bytes of all sessions",
-                    total,
-                    s.max_total_corpus_bytes,
-                    "max_total_corpus_bytes",
-                )
+            raise limit_error(
+                "the corpus bytes of all sessions",
+                total,
+                s.max_total_corpus_bytes,
+                "max_total_corpus_bytes",
             )
 
     async def create(
@@ -423,16 +431,15 @@ class Registry:
                 session_id = "s-" + secrets.token_hex(6)
         if session_id in self.sessions or session_id in self._reserved:
             raise SessionExistsError(
-                f"session {session_id!r} already exists; pick another id or delete it first"
+                f"session {session_id!r} already exists; pick another id or delete it first",
+                session_id=session_id,
             )
         if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
-            raise LimitExceededError(
-                limit_message(
-                    "the number of sessions",
-                    len(self.sessions) + 1,
-                    self.settings.max_sessions,
-                    "max_sessions",
-                )
+            raise limit_error(
+                "the number of sessions",
+                len(self.sessions) + 1,
+                self.settings.max_sessions,
+                "max_sessions",
             )
         self.check_config_limits(config)
         self.check_corpus_limits(0, utf8_size(text))
@@ -477,13 +484,11 @@ class Registry:
         config limits, alphabet size, and the corpus length (a character is >= 1 byte)."""
         self.check_config_limits(config)
         if len(alphabet) > self.settings.max_alphabet_size:
-            raise LimitExceededError(
-                limit_message(
-                    "the alphabet size",
-                    len(alphabet),
-                    self.settings.max_alphabet_size,
-                    "max_alphabet_size",
-                )
+            raise limit_error(
+                "the alphabet size",
+                len(alphabet),
+                self.settings.max_alphabet_size,
+                "max_alphabet_size",
             )
         self.check_corpus_limits(0, corpus_length)
 
@@ -495,16 +500,15 @@ class Registry:
         validate_session_id(session_id)
         if session_id in self.sessions or session_id in self._reserved:
             raise SessionExistsError(
-                f"session {session_id!r} already exists; pick another id or delete it first"
+                f"session {session_id!r} already exists; pick another id or delete it first",
+                session_id=session_id,
             )
         if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
-            raise LimitExceededError(
-                limit_message(
-                    "the number of sessions",
-                    len(self.sessions) + 1,
-                    self.settings.max_sessions,
-                    "max_sessions",
-                )
+            raise limit_error(
+                "the number of sessions",
+                len(self.sessions) + 1,
+                self.settings.max_sessions,
+                "max_sessions",
             )
         self._reserved.add(session_id)
         try:
@@ -558,13 +562,11 @@ class Registry:
         except ValueError as exc:
             raise InvalidArgumentError(f"alphabet is invalid: {exc}") from None
         if vocab.size > self.settings.max_alphabet_size:
-            raise LimitExceededError(
-                limit_message(
-                    "the alphabet size",
-                    vocab.size,
-                    self.settings.max_alphabet_size,
-                    "max_alphabet_size",
-                )
+            raise limit_error(
+                "the alphabet size",
+                vocab.size,
+                self.settings.max_alphabet_size,
+                "max_alphabet_size",
             )
         ids = vocab.encode(text)
         return Trainer(config, vocab, ids)
@@ -738,7 +740,10 @@ class Registry:
                     budget,
                     "max_resident_bytes",
                 )
-                + " (or wait for busy sessions to finish)"
+                + " (or wait for busy sessions to finish)",
+                setting="max_resident_bytes",
+                limit=budget,
+                value=total,
             )
 
     def _resident_bytes(self) -> int:

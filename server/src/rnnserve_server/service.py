@@ -1,8 +1,8 @@
 """The RnnService servicer: protobuf <-> domain objects, and the one place errors become codes.
 
 Handlers stay thin: validate the request, call the registry/session, build the response. Every
-domain exception is mapped in ``_status_for``; anything unexpected is logged and becomes
-INTERNAL, never UNKNOWN.
+domain exception is mapped to a code and a google.rpc.Status with details in ``status.py``;
+anything unexpected is logged and becomes INTERNAL, never UNKNOWN.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-import grpc
 import numpy as np
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -23,30 +22,21 @@ from grpc import aio
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
-from rnnserve_server import archive, budget, metrics
+from rnnserve_server import archive, budget, metrics, status
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
     CheckpointError,
     InvalidArgumentError,
     LimitExceededError,
-    SessionBrokenError,
-    SessionBusyError,
-    SessionExistsError,
-    SessionNotFoundError,
-    ShuttingDownError,
-    StorageError,
-    StorageFullError,
 )
 from rnnserve_server.logs import get_logger
 from rnnserve_server.model import (
     MAX_VALIDATION_FRACTION,
     MUTABLE_FIELDS,
     PRESETS,
-    DivergedError,
-    EngineError,
     ModelConfig,
 )
-from rnnserve_server.registry import Registry, limit_message, page_token_after
+from rnnserve_server.registry import Registry, limit_error, page_token_after
 from rnnserve_server.session import ChunkResult, Session, StopCause, TrainPlan
 from rnnserve_server.store import validate_session_id
 from rnnserve_server.vocab import UnknownCharactersError, utf8_size
@@ -100,47 +90,9 @@ def _train_need(
     return budget.train_bytes(seq, batch, hidden, vocab, itemsize, sample_length)
 
 
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status code and message for a known exception; None for an unexpected one."""
-    table: list[tuple[type[BaseException], grpc.StatusCode]] = [
-        (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
-        (SessionExistsError, grpc.StatusCode.ALREADY_EXISTS),
-        (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-        (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (SessionBusyError, grpc.StatusCode.FAILED_PRECONDITION),
-        (SessionBrokenError, grpc.StatusCode.FAILED_PRECONDITION),
-        (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
-        (StorageFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (StorageError, grpc.StatusCode.UNAVAILABLE),
-        (UnknownCharactersError, grpc.StatusCode.INVALID_ARGUMENT),
-        (EngineError, grpc.StatusCode.INVALID_ARGUMENT),
-    ]
-    if isinstance(exc, CheckpointError):  # the message has paths: the log gets it, not clients
-        log.error("checkpoint_error", error=str(exc))
-        return grpc.StatusCode.INTERNAL, f"{exc.public} (the server log has the details)"
-    for kind, code in table:
-        if isinstance(exc, kind):
-            return code, str(exc)
-    if isinstance(exc, DivergedError):
-        session_id = structlog.contextvars.get_contextvars().get("session_id") or "SESSION"
-        return grpc.StatusCode.ABORTED, (
-            f"training diverged: {exc}; the update was not applied and the session keeps its "
-            "last good weights; the learning rate is probably too high: lower it with "
-            f"`rnnserve set {session_id} --learning-rate 1e-3` (UpdateSession), or try one on a "
-            f"copy with `rnnserve fork {session_id} NEW_ID --learning-rate 1e-3`"
-        )
-    return None
-
-
 async def _abort_for(exc: Exception, context: aio.ServicerContext[Any, Any]) -> None:
-    mapped = _status_for(exc)
-    if mapped is None:
-        log.exception("internal_error", error=repr(exc))
-        mapped = (
-            grpc.StatusCode.INTERNAL,
-            f"internal server error ({type(exc).__name__}); the server log has the details",
-        )
-    await context.abort(*mapped)
+    """End the call with the status and details status.py maps ``exc`` to."""
+    await status.abort(context, exc)
 
 
 def unary(
@@ -379,9 +331,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
             )
         limit = self.settings.max_text_chars
         if len(text) > limit:
-            raise LimitExceededError(
-                limit_message(f"{field} length", len(text), limit, "max_text_chars")
-            )
+            raise limit_error(f"{field} length", len(text), limit, "max_text_chars")
 
     @staticmethod
     def _check_count(field: str, value: int, minimum: int, limit: int, setting: str) -> None:
@@ -390,7 +340,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         if value < minimum:
             raise InvalidArgumentError(f"{field} must be >= {minimum}, not {value}")
         if value > limit:
-            raise LimitExceededError(limit_message(field, value, limit, setting))
+            raise limit_error(field, value, limit, setting)
 
     def _check_memory(
         self,
@@ -422,7 +372,10 @@ class Servicer(pb_grpc.RnnServiceServicer):
             f"{what} needs about {_mib(need)} of working memory on this session's model "
             f"(hidden {config.hidden_size}, alphabet {vocab}, {config.dtype}), over the server "
             f"limit of {_mib(limit)}; {fix}the operator can raise the limit with "
-            "--max-request-bytes or RNNSERVE_MAX_REQUEST_BYTES"
+            "--max-request-bytes or RNNSERVE_MAX_REQUEST_BYTES",
+            setting="max_request_bytes",
+            limit=limit,
+            value=need,
         )
 
     def _check_update_memory(self, session: Session, what: str, sample_length: int) -> None:
@@ -468,7 +421,10 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 f"{config.dtype}) needs about {_mib(need(vocab))} of working memory per update, "
                 f"over the server limit of {_mib(limit)}; use a smaller batch_size, seq_length "
                 "or hidden_size, or the operator can raise the limit with --max-request-bytes "
-                "or RNNSERVE_MAX_REQUEST_BYTES"
+                "or RNNSERVE_MAX_REQUEST_BYTES",
+                setting="max_request_bytes",
+                limit=limit,
+                value=need(vocab),
             )
 
     @staticmethod
@@ -529,13 +485,11 @@ class Servicer(pb_grpc.RnnServiceServicer):
             n = msg.ByteSize() + 6  # field tag and length prefix
             if size + n > budget:
                 if not items:
-                    raise LimitExceededError(
-                        limit_message(
-                            f"session {session.id!r} in bytes",
-                            n,
-                            budget,
-                            "max_message_bytes",
-                        )
+                    raise limit_error(
+                        f"session {session.id!r} in bytes",
+                        n,
+                        budget,
+                        "max_message_bytes",
                     )
                 return items, page_token_after(items[-1].session_id)
             items.append(msg)
@@ -715,9 +669,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 )
             received += len(chunk.data)
             if received > limit:
-                raise LimitExceededError(
-                    limit_message("the archive size in bytes", received, limit, "max_import_bytes")
-                )
+                raise limit_error("the archive size in bytes", received, limit, "max_import_bytes")
             parts.append(chunk.data)
         if received == 0:
             raise InvalidArgumentError("ImportSession received no archive bytes")
@@ -906,9 +858,10 @@ class Servicer(pb_grpc.RnnServiceServicer):
                     chars += chunk.chars
                     metrics.record_training(chunk.steps, chunk.chars)
                     session.notify()
-                    if chunk.error is not None:
+                    if chunk.error is not None:  # not applied: ends as STOP_REASON_DIVERGED
                         bound.warning("train_diverged", step=session.step, error=str(chunk.error))
-                        raise chunk.error
+                        diverged = True
+                        break
                     unsaved = self.registry.unsaved.get(session.id)
                     if unsaved is not None:  # don't train on what can't be kept
                         bound.warning("train_unsaved", step=session.step, error=str(unsaved))
