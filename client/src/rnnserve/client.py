@@ -397,6 +397,14 @@ class Client:
 
     # -- plumbing -----------------------------------------------------------------------------
 
+    def _metadata_for(self, request: Any) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: auth, and the session id as ``x-session-id`` so a hashing load
+        balancer in front of a cluster sends the call to the session's owner first."""
+        session_id = getattr(request, "session_id", "")
+        if not session_id:
+            return self._metadata
+        return (*self._metadata, ("x-session-id", session_id))
+
     def _unary(
         self,
         method: grpc.UnaryUnaryMultiCallable[Req, Resp],
@@ -407,7 +415,7 @@ class Client:
             return method(
                 request,
                 timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                metadata=self._metadata_for(request),
             )
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
@@ -419,7 +427,7 @@ class Client:
         timeout: float | None,
     ) -> grpc.CallIterator[Resp]:
         # The call starts lazily; errors surface when the stream is iterated.
-        return method(request, timeout=timeout, metadata=self._metadata)
+        return method(request, timeout=timeout, metadata=self._metadata_for(request))
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -864,7 +872,9 @@ class Session:
 
         try:
             response: pb.AppendTextResponse = self._client._stub.AppendText(
-                requests(), timeout=timeout, metadata=self._client._metadata
+                requests(),
+                timeout=timeout,
+                metadata=self._client._metadata_for(pb.AppendTextRequest(session_id=self.id)),
             )
         except grpc.RpcError as e:
             if failure:

@@ -1,0 +1,274 @@
+"""Cluster mode assembled from settings: one :class:`ClusterNode` per replica.
+
+The node owns the Redis coordinator, the lease table, the shared checkpoint store, the
+forwarder and the router, and keeps the registry's view of sessions in step with the leases:
+
+- a session is in this replica's registry only while this replica holds its lease (and was
+  loaded under that lease's token, so a session that trained elsewhere meanwhile is reloaded);
+- a lost lease (expired while paused, taken) drops the session here at once: its writes would
+  be refused by the fenced pointer anyway;
+- an idle session (evicted from memory by the registry, which checkpoints it first) gives its
+  lease back, so any replica can activate it next;
+- drain (SIGTERM): the registry checkpoints everything, then every lease is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import time
+from typing import Any
+
+import grpc
+import grpc.aio
+from redis.exceptions import RedisError
+
+from rnnserve_server import logs
+from rnnserve_server.cluster.coordinator import Coordinator
+from rnnserve_server.cluster.forward import Forwarder
+from rnnserve_server.cluster.health import RedisHealth
+from rnnserve_server.cluster.ownership import Ownership
+from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
+from rnnserve_server.cluster.shared_store import SharedStore
+from rnnserve_server.cluster.store import ClusterStore
+from rnnserve_server.config import Settings
+from rnnserve_server.session import StopCause
+
+log = logs.get_logger("rnnserve.cluster")
+
+
+def advertise_address(settings: Settings, port: int) -> str:
+    """The address other replicas forward to: --advertise-address, else loopback:port."""
+    return settings.advertise_address or f"127.0.0.1:{port}"
+
+
+class ClusterNode:
+    """This replica's part of the cluster."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.shared_dir is not None  # checked with the settings
+        self.settings = settings
+        self.coordinator = Coordinator(settings.redis_url, lease_ttl=settings.lease_ttl)
+        # The address is known once the port is bound (bind()); claims wait for it.
+        self.ownership = Ownership(self.coordinator, "", on_lost=self._on_lost)
+        self.shared = SharedStore(settings.shared_dir, self.coordinator)
+        self.forwarder = Forwarder()
+        self.registry: Any = None  # the Registry, set by attach()
+        self.store: ClusterStore | None = None
+        self.health: RedisHealth | None = None
+        self.failovers = 0  # sessions activated here from a checkpoint behind their last step
+        self.activations = 0
+        self._active: dict[str, int] = {}  # session id -> token it was loaded under
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._releaser: asyncio.Task[None] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    # -- assembly -------------------------------------------------------------------------
+
+    def make_store(self) -> ClusterStore:
+        """The registry's store (call on the running loop)."""
+        self.store = ClusterStore(
+            self.settings.data_dir, self.shared, self.ownership, asyncio.get_running_loop()
+        )
+        self.store.on_claimed = self._active.__setitem__
+        return self.store
+
+    def router(self) -> Router:
+        """The routing interceptor (innermost: after auth and the request guard)."""
+        return Router(
+            self.route,
+            self.done,
+            self.forwarder,
+            self.settings.max_message_bytes,
+            self.list_sessions,
+        )
+
+    def attach(self, registry: Any, port: int) -> None:
+        """Start serving: the registry to keep in step, the bound port (for the address)."""
+        self.registry = registry
+        self.ownership.address = advertise_address(self.settings, port)
+        self._releaser = asyncio.create_task(self._release_loop(), name="cluster-release")
+        log.info("cluster_joined", advertise=self.ownership.address)
+
+    # -- routing --------------------------------------------------------------------------
+
+    async def route(self, session_id: str, forwarded: bool) -> str | None:
+        """None: serve the call here (the session is active here, or does not exist yet and
+        is ours to create); else the owner's address to forward to."""
+        registry = self.registry
+        registry.check_serving()
+        async with lock_for(self._locks, session_id):
+            lease = self.ownership.lease(session_id)
+            if lease is not None and self._active.get(session_id) == lease.token:
+                return None
+            claim = await self.ownership.claim(session_id)
+            if isinstance(claim, str):
+                if forwarded:
+                    raise OwnerMovedError(
+                        f"session {session_id!r} moved to another replica; retry the call"
+                    )
+                return claim
+            if self._active.get(session_id) != claim.token:
+                await self._activate(session_id, claim.token)
+            return None
+
+    async def _activate(self, session_id: str, token: int) -> None:
+        registry = self.registry
+        old = registry.sessions.pop(session_id, None)
+        if old is not None:  # loaded under an older lease: another replica may have moved on
+            old.deleted = True
+        self._active[session_id] = token
+        if await self.coordinator.pointer(session_id) is None:
+            return  # not created yet (or deleted): the call answers for itself
+        session = await registry.run_io(registry._load_new, session_id)
+        registry.sessions[session_id] = session
+        session.deleted = False
+        self.activations += 1
+        last = await self.coordinator.last_event(session_id)
+        if last is not None and last.step > session.step:
+            self.failovers += 1
+            await self.coordinator.publish_restored(session_id, session.step, token=token)
+        log.info("session_activated", session_id=session_id, step=session.step, token=token)
+
+    def done(self, session_id: str) -> None:
+        """A call served here ended: a session that no longer exists gives its lease back."""
+        if session_id in self.registry.sessions or self.registry.shutting_down:
+            return
+        if session_id in self._active:
+            self._spawn(self._release(session_id))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, session_id: str) -> None:
+        async with lock_for(self._locks, session_id):
+            session = self.registry.sessions.get(session_id)
+            if session is not None and (session.resident or session.users or session.watchers):
+                return  # in use again
+            self.registry.sessions.pop(session_id, None)
+            self._active.pop(session_id, None)
+            if self.store is not None:
+                await self.registry.run_io(self.store.forget, session_id)
+            with contextlib.suppress(RedisError, OSError):
+                await self.ownership.release(session_id)
+            log.info("session_released", session_id=session_id)
+
+    async def _on_lost(self, session_id: str) -> None:
+        self._active.pop(session_id, None)
+        registry = self.registry
+        if registry is None:
+            return
+        session = registry.sessions.pop(session_id, None)
+        log.warning("lease_lost", session_id=session_id)
+        if session is not None:
+            session.deleted = True  # no more checkpoints from here
+            session.request_stop(StopCause.SHUTDOWN)
+            session.close_watchers()
+            registry._mark_saved(session)
+
+    async def _release_loop(self) -> None:
+        """Give back leases of sessions the registry evicted (idle, or over the resident
+        cap: checkpointed first) and of sessions idle past --idle-release-seconds."""
+        period = min(1.0, self.settings.lease_ttl / 2)
+        while True:
+            await asyncio.sleep(period)
+            idle = self.settings.idle_release_seconds
+            cutoff = time.monotonic() - idle if idle > 0 else None
+            for session_id in self.ownership.owned():
+                session = self.registry.sessions.get(session_id)
+                if session is None:
+                    if session_id not in self._locks or not self._locks[session_id].locked():
+                        self._spawn(self._release(session_id))
+                    continue
+                if session.busy or session.users or session.watchers:
+                    continue
+                if session.resident and cutoff is not None and session.last_used < cutoff:
+                    await self.registry.flush(session)
+                    if not (session.dirty or session.checkpointed_step != session.step):
+                        session.evict()
+                if not session.resident:
+                    self._spawn(self._release(session_id))
+
+    # -- listing --------------------------------------------------------------------------
+
+    async def list_sessions(self, request: Any, context: Any) -> Any:
+        """ListSessions over the whole cluster: ids from the Redis directory, each session's
+        state from its owner (GetSession through this replica's own router)."""
+        from rnnserve.v1 import rnn_service_pb2 as pb
+
+        from rnnserve_server.errors import InvalidArgumentError
+        from rnnserve_server.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_token_after
+
+        if request.page_size < 0:
+            raise InvalidArgumentError(f"page_size must be >= 0 (0 means {DEFAULT_PAGE_SIZE})")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = ""
+        if request.page_token:
+            try:
+                after = base64.urlsafe_b64decode(request.page_token.encode("ascii")).decode()
+                if not after.startswith("a:"):
+                    raise ValueError(after)
+                after = after[2:]
+            except (ValueError, UnicodeError, binascii.Error):
+                raise InvalidArgumentError(
+                    "page_token is not one this server issued; pass the previous response's "
+                    "next_page_token, or empty for the first page"
+                ) from None
+        ids, next_after = await self.coordinator.list_sessions(size, after)
+        total = await self.coordinator.count()
+        metadata = [
+            (k, v)
+            for k, v in context.invocation_metadata() or ()
+            if not k.startswith(":")
+            and k not in {"user-agent", "te", "content-type"}
+            and k not in {"grpc-accept-encoding", "grpc-timeout", "x-session-id"}
+        ]
+        get = self.forwarder.channel(self.ownership.address).unary_unary(
+            "/rnnserve.v1.RnnService/GetSession",
+            request_serializer=pb.GetSessionRequest.SerializeToString,
+            response_deserializer=pb.GetSessionResponse.FromString,
+        )
+
+        async def one(session_id: str) -> Any:
+            try:
+                reply = await get(
+                    pb.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=30
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None  # deleted meanwhile
+                raise
+            return reply.session
+
+        found = await asyncio.gather(*(one(i) for i in ids))
+        sessions = [s for s in found if s is not None]
+        token = page_token_after(next_after) if next_after else ""
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=token, total_size=total)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start_health(self, on_change: Any) -> RedisHealth:
+        """Watch Redis: on_change(False) while it is unreachable, (True) once it is back."""
+        self.health = RedisHealth(self.coordinator, on_change).start()
+        return self.health
+
+    async def drain(self) -> None:
+        """After the registry checkpointed every session: give every lease back."""
+        if self._releaser is not None:
+            self._releaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._releaser
+        await self.ownership.release_all()
+        log.info("cluster_drained")
+
+    async def close(self) -> None:
+        """Stop watching Redis, close the channels and the Redis pool."""
+        if self.health is not None:
+            await self.health.stop()
+        await self.forwarder.close()
+        with contextlib.suppress(RedisError, OSError):
+            await self.coordinator.close()
