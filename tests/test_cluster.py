@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from rnnserve import Client, RnnServeError
+from rnnserve.v1 import rnn_service_pb2 as pb
 
 if TYPE_CHECKING:
-    from tests.cluster_fixtures import RedisProcess
+    from tests.cluster_fixtures import NginxFactory, RedisProcess
     from tests.conftest import ServerFactory, ServerHandle
 
 pytestmark = pytest.mark.timeout(180)
@@ -84,3 +86,122 @@ def test_sigterm_drains_without_losing_steps(
     with replicas[1].client() as other:
         for i in range(3):
             assert other.session(f"d{i}").step().step == 2  # 0 steps lost
+
+
+def test_unique_ownership_under_concurrent_steps(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    replicas = start_replicas(server_factory, redis_server, tmp_path / "shared")
+    ids = [f"u{i:02d}" for i in range(30)]
+    with replicas[0].client() as client:
+        for i, session_id in enumerate(ids):
+            # Created through every replica in turn: owners spread over the three.
+            with replicas[i % 3].client() as creator:
+                creator.create_session(TEXT, session_id=session_id, hidden_size=8, seed=i)
+    done: dict[str, int] = dict.fromkeys(ids, 0)
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def stepper(replica: ServerHandle, order: list[str]) -> None:
+        try:
+            with replica.client() as client:
+                for _ in range(2):
+                    for session_id in order:
+                        try:
+                            client.session(session_id).step()
+                        except RnnServeError as exc:
+                            if "busy" not in str(exc) and "training" not in str(exc):
+                                raise
+                            continue  # a concurrent Step on the same session: refused, not lost
+                        with lock:
+                            done[session_id] += 1
+        except BaseException as exc:  # handed to the test thread
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=stepper, args=(replica, ids[k * 10 :] + ids[: k * 10]))
+        for k, replica in enumerate(replicas)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    with replicas[1].client() as client:
+        steps = {s.session_id: s.step for s in client.list_sessions(page_size=100)}
+    assert steps == done  # every acknowledged Step counted exactly once
+    assert sum(done.values()) >= 30
+    # Each session was activated by one replica only: its lease holder served every call.
+    activated: dict[str, int] = {}
+    for replica in replicas:
+        for entry in replica.logs:
+            if entry.get("event") == "session_activated":
+                sid = str(entry["session_id"])
+                activated[sid] = activated.get(sid, 0) + 1
+    assert all(count == 1 for count in activated.values()), activated
+
+
+def test_sigterm_during_trains_loses_no_step(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    replicas = start_replicas(server_factory, redis_server, tmp_path / "shared")
+    ids = ["t0", "t1"]
+    with replicas[0].client(timeout=None) as owner:
+        streams = []
+        for i, session_id in enumerate(ids):
+            owner.create_session(TEXT, session_id=session_id, hidden_size=16, seed=i)
+            streams.append(owner.session(session_id).train(1_000_000, report_every=1))
+        for stream in streams:
+            assert next(stream).step >= 1
+        replicas[0].process.send_signal(signal.SIGTERM)
+        finals = [stream.wait() for stream in streams]
+        assert [f.stop_reason for f in finals] == [pb.STOP_REASON_SHUTDOWN] * 2
+        assert replicas[0].wait() == 0
+    with replicas[2].client() as other:
+        for session_id, final in zip(ids, finals, strict=True):
+            session = other.session(session_id)
+            assert session.info().step == final.step  # 0 steps lost
+            assert session.train(3).wait().step == final.step + 3  # continues elsewhere
+
+
+def test_capacity_beyond_one_replicas_resident_cap(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    replicas = start_replicas(
+        server_factory, redis_server, tmp_path / "shared", max_resident_sessions=2
+    )
+    ids = [f"c{i}" for i in range(6)]
+    with replicas[0].client() as client:
+        for i, session_id in enumerate(ids):
+            client.create_session(TEXT, session_id=session_id, hidden_size=16, seed=i)
+    for round_ in range(2):
+        for k, session_id in enumerate(ids):
+            with replicas[(k + round_) % 3].client() as client:
+                assert client.session(session_id).step().step == round_ + 1
+    with replicas[2].client() as client:
+        assert sorted(s.session_id for s in client.list_sessions()) == ids
+
+
+def test_session_flow_through_nginx(
+    server_factory: ServerFactory,
+    redis_server: RedisProcess,
+    nginx_factory: NginxFactory,
+    tmp_path: Path,
+) -> None:
+    replicas = start_replicas(server_factory, redis_server, tmp_path / "shared")
+    nginx = nginx_factory([r.address for r in replicas])
+    with Client(nginx.address, timeout=30) as client:
+        session = client.create_session(TEXT, session_id="via-nginx", hidden_size=16, seed=1)
+        assert session.train(30, report_every=10).wait().step == 30
+        watch = session.watch_loss(from_step=1)
+        steps = []
+        for point in watch:
+            steps.append(point.step)
+            if point.step >= 30:
+                break
+        watch.cancel()
+        assert steps == list(range(1, 31))
+        assert len(session.generate(50, prime="the", seed=3)) == 50
+        session.append_text("the lazy fox. " * 100)
+        assert session.info().step == 30
+        assert [s.session_id for s in client.list_sessions()] == ["via-nginx"]
