@@ -205,3 +205,56 @@ def test_session_flow_through_nginx(
         session.append_text("the lazy fox. " * 100)
         assert session.info().step == 30
         assert [s.session_id for s in client.list_sessions()] == ["via-nginx"]
+
+
+def stream_events(redis: RedisProcess, session_id: str) -> list[dict[str, str]]:
+    """Every entry of the session's loss stream in Redis, oldest first."""
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis.url, decode_responses=True)
+    try:
+        entries = client.xrange(f"rnnserve:s:{{{session_id}}}:loss")
+    finally:
+        client.close()
+    return [dict(fields) for _, fields in entries]
+
+
+def test_kill9_owner_mid_train_fails_over_from_last_checkpoint(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    replicas = start_replicas(
+        server_factory, redis_server, tmp_path / "shared", checkpoint_interval=0.3
+    )
+    with replicas[0].client() as owner:
+        owner.create_session(TEXT, session_id="f", hidden_size=32, seed=1)
+        owner.session("f").step()  # replica 0 owns it
+    killed = threading.Event()
+    seen: list[int] = []
+
+    def kill_when_checkpointed(message: pb.TrainResponse) -> None:
+        seen.append(message.step)
+        if not killed.is_set() and message.step >= 200 and len(seen) > 3:
+            # Past a checkpoint (every 0.3 s); kill -9 with steps beyond it in flight.
+            checkpoints = list((tmp_path / "shared" / "f").glob("*.npz"))
+            if checkpoints:
+                killed.set()
+                replicas[0].kill()
+
+    target = 2000
+    with replicas[1].client() as client:  # replica 1 forwards to the owner until it dies
+        session = client.session("f")
+        result = session.train_to(target, report_every=20, on_progress=kill_when_checkpointed)
+        assert killed.is_set()
+        assert session.info().step == target  # completed on another replica
+        assert result.retries >= 1
+        events = stream_events(redis_server, "f")
+        restored = [e for e in events if e["kind"] == "restored"]
+        assert len(restored) == 1  # one announced rollback
+        restored_at = int(restored[0]["step"])
+        assert restored_at >= 1
+        if result.rollbacks:
+            assert result.rollbacks[0][1] == restored_at
+        # After the announcement, the stream carries every step from restored_at + 1 again.
+        index = events.index(restored[0])
+        after = [int(e["step"]) for e in events[index + 1 :] if e["kind"] == "loss"]
+        assert after == list(range(restored_at + 1, target + 1))

@@ -23,6 +23,7 @@ from rnnserve.errors import (
     InvalidArgument,
     RnnServeError,
     ServerUnavailable,
+    SessionBusy,
     Timeout,
     error_from_rpc,
 )
@@ -635,6 +636,16 @@ def _iter_bytes(
         yield chunk
 
 
+class TrainToResult:
+    """What :meth:`Session.train_to` did: the last Train message, the retries it needed and
+    the rollbacks it saw (``(step seen, step restored at)``: steps trained again)."""
+
+    def __init__(self) -> None:
+        self.final: pb.TrainResponse | None = None
+        self.retries = 0
+        self.rollbacks: list[tuple[int, int]] = []
+
+
 class Session:
     """A handle on one session of a :class:`Client`; every method is one RPC.
 
@@ -712,6 +723,52 @@ class Session:
         if sample_temperature is not None:
             request.sample_temperature = sample_temperature
         return TrainStream(self._client._server_stream(self._client._stub.Train, request, timeout))
+
+    def train_to(
+        self,
+        target_step: int,
+        *,
+        report_every: int = 0,
+        retry_for: float = 60.0,
+        on_progress: Callable[[pb.TrainResponse], None] | None = None,
+    ) -> TrainToResult:
+        """Train until the session's step is ``target_step``, surviving a replica's death.
+
+        Idempotent: each attempt asks for the steps still missing (the target minus the
+        session's current step), so retrying never overshoots. A call cut by UNAVAILABLE (the
+        replica died, or is draining) is retried for up to ``retry_for`` seconds; in a cluster
+        the session is activated elsewhere from its last checkpoint. If that checkpoint is
+        behind a step this call already saw, the steps in between were lost and are trained
+        again: reported in ``rollbacks`` as ``(seen, restored)``.
+        """
+        result = TrainToResult()
+        seen = 0
+        deadline: float | None = None
+        while True:
+            try:
+                step = self.info().step
+                if seen > step:
+                    result.rollbacks.append((seen, step))
+                seen = max(seen, step)
+                if step >= target_step:
+                    return result
+                stream = self.train(target_step - step, report_every=report_every)
+                for message in stream:
+                    seen = max(seen, message.step)
+                    result.final = message
+                    if on_progress is not None:
+                        on_progress(message)
+                deadline = None
+                if result.final is not None and result.final.step >= target_step:
+                    return result
+            except (ServerUnavailable, SessionBusy):
+                # SessionBusy: the old owner's Train may still be stopping; wait it out too.
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + retry_for
+                if now > deadline:
+                    raise
+                result.retries += 1
+                time.sleep(0.1)
 
     def update(
         self,

@@ -64,6 +64,9 @@ class ClusterNode:
         self._locks: dict[str, asyncio.Lock] = {}
         self._releaser: asyncio.Task[None] | None = None
         self._releasing: set[asyncio.Task[None]] = set()
+        self._publishers: dict[str, asyncio.Task[None]] = {}
+        self.publish_failures = 0
+        self._published: dict[str, int] = {}  # session id -> last step on its stream
 
     # -- assembly -------------------------------------------------------------------------
 
@@ -128,13 +131,62 @@ class ClusterNode:
         self.activations += 1
         last = await self.coordinator.last_event(session_id)
         if last is not None and last.step > session.step:
+            # The old owner died after its last checkpoint: announce the rollback.
             self.failovers += 1
             await self.coordinator.publish_restored(session_id, session.step, token=token)
+            log.warning(
+                "session_restored",
+                session_id=session_id,
+                step=session.step,
+                lost=last.step - session.step,
+            )
+        self._start_publisher(session_id, session, token)
         log.info("session_activated", session_id=session_id, step=session.step, token=token)
 
+    def _start_publisher(self, session_id: str, session: Any, token: int) -> None:
+        old = self._publishers.pop(session_id, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.create_task(self._publish_loop(session_id, session, token))
+        self._publishers[session_id] = task
+
+    def _stop_publisher(self, session_id: str) -> None:
+        task = self._publishers.pop(session_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def _publish_loop(self, session_id: str, session: Any, token: int) -> None:
+        """Every loss point the session records here goes to its Redis stream, so watchers on
+        any replica see it and a later owner knows the last step watchers saw."""
+        published = session.step  # earlier points were published by whoever trained them
+        self._published[session_id] = published
+        while self.registry.sessions.get(session_id) is session and not session.deleted:
+            changed = session.changed()
+            if session.step > published:
+                losses = [float(v) for v in session.history(published, session.step)]
+                try:
+                    await self.coordinator.publish_losses(
+                        session_id, published + 1, losses, token=token
+                    )
+                    published += len(losses)
+                    self._published[session_id] = published
+                    continue
+                except (RedisError, OSError):
+                    self.publish_failures += 1  # retried at the next change
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await changed.wait()
+
     def done(self, session_id: str) -> None:
-        """A call served here ended: a session that no longer exists gives its lease back."""
-        if session_id in self.registry.sessions or self.registry.shutting_down:
+        """A call served here ended: a session that no longer exists gives its lease back; a
+        new one (just created) starts publishing its loss points."""
+        if self.registry.shutting_down:
+            return
+        session = self.registry.sessions.get(session_id)
+        if session is not None:
+            lease = self.ownership.lease(session_id)
+            if session_id not in self._publishers and lease is not None:
+                self._start_publisher(session_id, session, lease.token)
             return
         if session_id in self._active:
             self._spawn(self._release(session_id))
@@ -151,6 +203,7 @@ class ClusterNode:
                 return  # in use again
             self.registry.sessions.pop(session_id, None)
             self._active.pop(session_id, None)
+            self._stop_publisher(session_id)
             if self.store is not None:
                 await self.registry.run_io(self.store.forget, session_id)
             with contextlib.suppress(RedisError, OSError):
@@ -159,6 +212,7 @@ class ClusterNode:
 
     async def _on_lost(self, session_id: str) -> None:
         self._active.pop(session_id, None)
+        self._stop_publisher(session_id)
         registry = self.registry
         if registry is None:
             return
@@ -262,6 +316,24 @@ class ClusterNode:
             self._releaser.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._releaser
+        # Let every publisher put the last points of stopped Trains on the streams first.
+        deadline = time.monotonic() + 5.0
+        for session_id in list(self._publishers):
+            session = self.registry.sessions.get(session_id)
+            while (
+                session is not None
+                and session.resident
+                and self._published.get(session_id, session.step) < session.step
+                and not self._publishers[session_id].done()
+                and time.monotonic() < deadline
+            ):
+                session.notify()
+                await asyncio.sleep(0.01)
+        for session_id in list(self._publishers):
+            task = self._publishers.pop(session_id)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await task
         await self.ownership.release_all()
         log.info("cluster_drained")
 
