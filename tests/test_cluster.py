@@ -213,10 +213,10 @@ def stream_events(redis: RedisProcess, session_id: str) -> list[dict[str, str]]:
 
     client = redis_lib.Redis.from_url(redis.url, decode_responses=True)
     try:
-        entries = client.xrange(f"rnnserve:s:{{{session_id}}}:loss")
+        entries: Any = client.xrange(f"rnnserve:s:{{{session_id}}}:loss")
     finally:
         client.close()
-    return [dict(fields) for _, fields in entries]
+    return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries]
 
 
 def test_kill9_owner_mid_train_fails_over_from_last_checkpoint(
