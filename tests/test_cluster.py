@@ -258,3 +258,68 @@ def test_kill9_owner_mid_train_fails_over_from_last_checkpoint(
         index = events.index(restored[0])
         after = [int(e["step"]) for e in events[index + 1 :] if e["kind"] == "loss"]
         assert after == list(range(restored_at + 1, target + 1))
+
+
+def redis_get(redis: RedisProcess, key: str) -> str | None:
+    """One key's value from the test's Redis."""
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis.url, decode_responses=True)
+    try:
+        value: Any = client.get(key)
+    finally:
+        client.close()
+    return None if value is None else str(value)
+
+
+def test_paused_owner_cannot_write_after_its_lease_moved(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    replicas = start_replicas(
+        server_factory, redis_server, tmp_path / "shared", count=2, checkpoint_interval=0.2
+    )
+    old, new = replicas
+    key = "rnnserve:s:{p}:"
+    with old.client(timeout=None) as client:
+        client.create_session(TEXT, session_id="p", hidden_size=32, seed=1)
+        stream = client.session("p").train(10**6, report_every=10)
+        assert next(stream).step >= 1
+        wait_until(lambda: (redis_get(redis_server, key + "ckpt") or "").startswith("1-"))
+        old_token = int(redis_get(redis_server, key + "token") or 0)
+        old.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: redis_get(redis_server, key + "lease") is None, what="lease expiry")
+            with new.client() as other:
+                stepped = other.session("p").step().step  # activated on `new`, new token
+            new_token = int(redis_get(redis_server, key + "token") or 0)
+            assert new_token > old_token  # tokens only increase
+        finally:
+            old.process.send_signal(signal.SIGCONT)
+        # The resumed owner finds its lease gone: it drops the session and its Train stops.
+        old.wait_for_log("lease_lost", session_id="p")
+        final = stream.wait()
+        assert final.stop_reason != pb.STOP_REASON_UNSPECIFIED
+    # No write of the old owner became the latest: the pointer carries the new token.
+    pointer = redis_get(redis_server, key + "ckpt") or ""
+    assert pointer.startswith(f"{new_token}-"), pointer
+    with new.client() as other:
+        assert other.session("p").info().step == stepped
+    with old.client() as again:  # the old owner now forwards to the new one
+        assert again.session("p").step().step == stepped + 1
+        # A refused stale write is not a storage failure: the old replica keeps serving.
+        wait_until(lambda: again.health() == "SERVING", what="old replica SERVING")
+    assert new.process.poll() is None and old.process.poll() is None
+
+
+def test_health_follows_redis_and_service_recovers(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    (replica,) = start_replicas(server_factory, redis_server, tmp_path / "shared", count=1)
+    with replica.client(timeout=5) as client:
+        session = client.create_session(TEXT, session_id="r", hidden_size=16, seed=1)
+        assert session.step().step == 1
+        redis_server.stop()
+        wait_until(lambda: client.health() == "NOT_SERVING", what="NOT_SERVING without Redis")
+        redis_server.start()
+        wait_until(lambda: client.health() == "SERVING", what="SERVING with Redis back")
+        assert session.step().step == 2  # the lease survived (or was taken again)

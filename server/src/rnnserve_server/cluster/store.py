@@ -66,6 +66,8 @@ class ClusterStore(Store):
         self.stale_writes = 0  # checkpoints refused because another replica owns the session
         # Told (id, token) when a new session's first checkpoint claims its lease.
         self.on_claimed: Callable[[str, int], None] | None = None
+        # Told the id when a write was refused as stale (called on the event loop).
+        self.on_stale: Callable[[str], None] | None = None
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(_BRIDGE_TIMEOUT)
@@ -116,6 +118,8 @@ class ClusterStore(Store):
             self._wait(self._put(ckpt.session_id, int(ckpt.meta["step"]), blob))
         except StaleTokenError as exc:
             self.stale_writes += 1
+            if self.on_stale is not None:
+                self.loop.call_soon_threadsafe(self.on_stale, ckpt.session_id)
             raise CheckpointError(str(exc), public="another replica owns the session now") from None
         return size
 

@@ -76,6 +76,7 @@ class ClusterNode:
             self.settings.data_dir, self.shared, self.ownership, asyncio.get_running_loop()
         )
         self.store.on_claimed = self._active.__setitem__
+        self.store.on_stale = lambda session_id: self._spawn(self._drop_stale(session_id))
         return self.store
 
     def router(self) -> Router:
@@ -223,6 +224,21 @@ class ClusterNode:
             session.request_stop(StopCause.SHUTDOWN)
             session.close_watchers()
             registry._mark_saved(session)
+
+    async def _drop_stale(self, session_id: str) -> None:
+        """A checkpoint was refused: another replica owns the session now. Drop it here, and
+        do not count the refusal as a storage failure (health stays SERVING)."""
+        registry = self.registry
+        if session_id in registry.sessions and self.ownership.lease(session_id) is None:
+            await self._on_lost(session_id)
+        for _ in range(100):  # the registry records the failure once the write returns
+            if session_id in registry.unsaved:
+                break
+            await asyncio.sleep(0.02)
+        if registry.unsaved.pop(session_id, None) is not None and not registry.unsaved:
+            log.info("storage_recovered", reason="stale write refused, not a storage failure")
+            if registry.on_storage_change is not None:
+                registry.on_storage_change(True)
 
     async def _release_loop(self) -> None:
         """Give back leases of sessions the registry evicted (idle, or over the resident
