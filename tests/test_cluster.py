@@ -7,13 +7,16 @@ owned by no one is activated from its latest shared checkpoint."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from rnnserve import Client, RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -323,3 +326,47 @@ def test_health_follows_redis_and_service_recovers(
         redis_server.start()
         wait_until(lambda: client.health() == "SERVING", what="SERVING with Redis back")
         assert session.step().step == 2  # the lease survived (or was taken again)
+
+
+def free_loopback_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """GET /metrics: {sample name: value} of the unlabelled samples."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body = response.read().decode("utf-8")
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
+def test_cluster_metrics(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    ports = [free_loopback_port(), free_loopback_port()]
+    owner, other = (
+        server_factory(
+            redis_url=redis_server.url, shared_dir=tmp_path / "shared", lease_ttl=2, metrics_port=p
+        )
+        for p in ports
+    )
+    with owner.client() as client:
+        client.create_session(TEXT, session_id="m", hidden_size=16, seed=1)
+    with other.client() as client:
+        for _ in range(3):
+            client.session("m").step()  # forwarded to the owner
+    mine, theirs = scrape(ports[0]), scrape(ports[1])
+    assert mine.get("rnnserve_cluster_owned_sessions") == 1
+    assert theirs.get("rnnserve_cluster_owned_sessions") == 0
+    assert theirs.get("rnnserve_cluster_forwards_total") == 3
+    assert mine.get("rnnserve_cluster_forwards_total") == 0
+    assert mine.get("rnnserve_cluster_redis_up") == 1
+    assert mine.get("rnnserve_cluster_failovers_total") == 0
+    assert mine.get("rnnserve_cluster_lease_renew_failures_total") == 0

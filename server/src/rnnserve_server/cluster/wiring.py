@@ -94,6 +94,10 @@ class ClusterNode:
         self.registry = registry
         self.ownership.address = advertise_address(self.settings, port)
         self._releaser = asyncio.create_task(self._release_loop(), name="cluster-release")
+        from rnnserve_server import metrics
+        from rnnserve_server.cluster.metrics import ClusterCollector
+
+        metrics.REGISTRY.register(ClusterCollector(self))
         log.info("cluster_joined", advertise=self.ownership.address)
 
     # -- routing --------------------------------------------------------------------------
