@@ -67,6 +67,8 @@ class ClusterNode:
         self._publishers: dict[str, asyncio.Task[None]] = {}
         self.publish_failures = 0
         self._published: dict[str, int] = {}  # session id -> last step on its stream
+        self._owners: dict[str, tuple[str, float]] = {}  # id -> (owner, cache expiry)
+        self._owner_cache_ttl = min(1.0, settings.lease_ttl / 4)
 
     # -- assembly -------------------------------------------------------------------------
 
@@ -107,6 +109,12 @@ class ClusterNode:
         is ours to create); else the owner's address to forward to."""
         registry = self.registry
         registry.check_serving()
+        if not forwarded:
+            # A recently seen owner is forwarded to without asking Redis (two round trips);
+            # if it gave the session up meanwhile, it routes the call itself.
+            cached = self._owners.get(session_id)
+            if cached is not None and cached[1] > time.monotonic():
+                return cached[0]
         async with lock_for(self._locks, session_id):
             lease = self.ownership.lease(session_id)
             if lease is not None and self._active.get(session_id) == lease.token:
@@ -117,7 +125,9 @@ class ClusterNode:
                     raise OwnerMovedError(
                         f"session {session_id!r} moved to another replica; retry the call"
                     )
+                self._owners[session_id] = (claim, time.monotonic() + self._owner_cache_ttl)
                 return claim
+            self._owners.pop(session_id, None)
             if self._active.get(session_id) != claim.token:
                 await self._activate(session_id, claim.token)
             return None
