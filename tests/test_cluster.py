@@ -370,3 +370,54 @@ def test_cluster_metrics(
     assert mine.get("rnnserve_cluster_redis_up") == 1
     assert mine.get("rnnserve_cluster_failovers_total") == 0
     assert mine.get("rnnserve_cluster_lease_renew_failures_total") == 0
+
+
+def test_watcher_on_another_replica_sees_failover_as_one_announced_rollback(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    replicas = start_replicas(
+        server_factory, redis_server, tmp_path / "shared", checkpoint_interval=0.3
+    )
+    with replicas[0].client() as owner:
+        owner.create_session(TEXT, session_id="w", hidden_size=32, seed=1)
+        owner.session("w").step()  # replica 0 owns it; step 1 is on the stream
+    wait_until(lambda: bool(stream_events(redis_server, "w")), what="step 1 on the stream")
+    target = 1500
+    received: list[pb.WatchLossResponse] = []
+    watcher_done = threading.Event()
+
+    def watch() -> None:
+        with replicas[2].client(timeout=None) as client:
+            # The raw messages: points, and the rollback announcement (no points).
+            request = pb.WatchLossRequest(session_id="w", from_step=1)
+            stream: Any = client._stub.WatchLoss(request)
+            for message in stream:
+                received.append(message)
+                if message.points and message.points[-1].step >= target:
+                    break
+            stream.cancel()
+        watcher_done.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    killed = threading.Event()
+
+    def kill_after_checkpoint(message: pb.TrainResponse) -> None:
+        checkpointed = bool(list((tmp_path / "shared" / "w").glob("*.npz")))
+        if not killed.is_set() and message.step >= 200 and checkpointed:
+            killed.set()
+            replicas[0].kill()
+
+    with replicas[1].client() as client:
+        client.session("w").train_to(target, report_every=20, on_progress=kill_after_checkpoint)
+    assert killed.is_set()
+    assert watcher_done.wait(60), "the watcher on replica 2 did not reach the target"
+    rollbacks = [m.restored_at_step for m in received if m.HasField("restored_at_step")]
+    assert len(rollbacks) == 1  # the failover, announced once
+    steps: list[int] = []
+    for message in received:
+        if message.HasField("restored_at_step"):
+            assert steps and steps[-1] > message.restored_at_step
+            steps = steps[: message.restored_at_step]  # what stays true after the rollback
+        steps += [p.step for p in message.points]
+    assert steps == list(range(1, target + 1))  # no gap apart from the announced rollback

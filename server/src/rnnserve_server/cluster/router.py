@@ -28,6 +28,7 @@ from rnnserve_server.interceptors import _Refused, guard_deserializer, rebuild
 SESSION_KEY = "x-session-id"
 SERVICE = pb.DESCRIPTOR.services_by_name["RnnService"]
 LIST_METHOD = f"/{SERVICE.full_name}/ListSessions"
+WATCH_METHOD = f"/{SERVICE.full_name}/WatchLoss"
 # Methods whose request carries no session id: served by whichever replica gets them.
 _UNROUTED = {LIST_METHOD}
 
@@ -65,8 +66,12 @@ class Router(Interceptor):
         forwarder: Forwarder,
         max_bytes: int,
         list_sessions: Callable[[Any, Any], Awaitable[Any]],
+        serves_locally: Callable[[str], bool] | None = None,
+        watch_stream: Callable[[str, int], Awaitable[AsyncIterator[Any] | None]] | None = None,
     ) -> None:
         self.list_sessions = list_sessions
+        self.serves_locally = serves_locally
+        self.watch_stream = watch_stream
         self.route = route
         self.done = done
         self.forwarder = forwarder
@@ -187,7 +192,25 @@ class Router(Interceptor):
         elif kind == "unary_stream":
             inner = handler.unary_stream
 
+            watching = method == WATCH_METHOD and self.watch_stream is not None
+            watch_stream = self.watch_stream
+            serves_locally = self.serves_locally
+
             async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
+                if watching and watch_stream is not None and serves_locally is not None:
+                    # WatchLoss on a non-owner follows the session's Redis stream: it sees
+                    # every point whoever trains it, and survives the owner's death.
+                    request = await decode(raw, context)
+                    sid = sid_of(request)
+                    if sid and request.from_step >= 0 and not serves_locally(sid):
+                        try:
+                            source = await watch_stream(sid, int(request.from_step))
+                        except (RedisError, OSError):
+                            source = None
+                        if source is not None:
+                            async for message in source:
+                                yield message
+                            return
                 owner = await self._hint(context)
                 request = None
                 sid = ""

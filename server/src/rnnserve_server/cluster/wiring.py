@@ -19,6 +19,7 @@ import base64
 import binascii
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -26,7 +27,7 @@ import grpc.aio
 from redis.exceptions import RedisError
 
 from rnnserve_server import logs
-from rnnserve_server.cluster.coordinator import Coordinator
+from rnnserve_server.cluster.coordinator import Coordinator, StreamEvent, _event
 from rnnserve_server.cluster.forward import Forwarder
 from rnnserve_server.cluster.health import RedisHealth
 from rnnserve_server.cluster.ownership import Ownership
@@ -37,6 +38,12 @@ from rnnserve_server.config import Settings
 from rnnserve_server.session import StopCause
 
 log = logs.get_logger("rnnserve.cluster")
+
+
+def _first_event(entries: Any) -> StreamEvent | None:
+    for entry_id, fields in entries:
+        return _event(str(entry_id), fields)
+    return None
 
 
 def advertise_address(settings: Settings, port: int) -> str:
@@ -89,6 +96,8 @@ class ClusterNode:
             self.forwarder,
             self.settings.max_message_bytes,
             self.list_sessions,
+            self.serves_locally,
+            self.watch_stream,
         )
 
     def attach(self, registry: Any, port: int) -> None:
@@ -276,6 +285,64 @@ class ClusterNode:
                         session.evict()
                 if not session.resident:
                     self._spawn(self._release(session_id))
+
+    # -- WatchLoss from the Redis stream ------------------------------------------------------
+
+    def serves_locally(self, session_id: str) -> bool:
+        """True if the session is active here under our live lease."""
+        lease = self.ownership.lease(session_id)
+        return (
+            lease is not None
+            and self._active.get(session_id) == lease.token
+            and session_id in self.registry.sessions
+        )
+
+    async def watch_stream(self, session_id: str, from_step: int) -> AsyncIterator[Any] | None:
+        """WatchLoss on a replica that does not own the session: its loss points from the
+        session's Redis stream (whoever trains it, across failovers, with ``restored`` events
+        as ``restored_at_step``). None when the stream cannot serve it (no such session, or
+        history from ``from_step`` no longer on the stream): route the call as usual."""
+        want = max(from_step, 1)
+        if not await self.coordinator.exists(session_id):
+            return None
+        first = await self.coordinator.redis.xrange(
+            self.coordinator._key(session_id, "loss"), count=1
+        )
+        if not first:
+            return None  # never trained, or trained before streams: the owner has the history
+        first_event = _first_event(first)
+        if first_event is not None and first_event.kind == "loss" and first_event.step > want:
+            return None  # trimmed past from_step: the owner (or an activation) replays it
+        return self._follow(session_id, want)
+
+    async def _follow(self, session_id: str, want: int) -> AsyncIterator[Any]:
+        from rnnserve.v1 import rnn_service_pb2 as pb
+
+        last = want - 1
+        cursor = "0"
+        while not self.registry.shutting_down:
+            events = await self.coordinator.read_loss(session_id, cursor, count=1000, block=1.0)
+            if not events:
+                if not await self.coordinator.exists(session_id):
+                    return  # deleted
+                continue
+            points: list[Any] = []
+            for event in events:
+                cursor = event.id
+                if event.kind == "restored":
+                    if event.step < last:  # the watcher saw steps that were lost: say so
+                        if points:
+                            yield pb.WatchLossResponse(points=points)
+                            points = []
+                        yield pb.WatchLossResponse(restored_at_step=event.step)
+                        last = event.step
+                    continue
+                if event.step <= last or event.loss is None:
+                    continue  # already sent
+                points.append(pb.LossPoint(step=event.step, loss=event.loss))
+                last = event.step
+            if points:
+                yield pb.WatchLossResponse(points=points)
 
     # -- listing --------------------------------------------------------------------------
 
