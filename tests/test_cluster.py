@@ -383,19 +383,18 @@ def test_watcher_on_another_replica_sees_failover_as_one_announced_rollback(
         owner.session("w").step()  # replica 0 owns it; step 1 is on the stream
     wait_until(lambda: bool(stream_events(redis_server, "w")), what="step 1 on the stream")
     target = 1500
-    received: list[pb.WatchLossResponse] = []
+    points: list[int] = []
+    rollbacks: list[int] = []
     watcher_done = threading.Event()
 
     def watch() -> None:
         with replicas[2].client(timeout=None) as client:
-            # The raw messages: points, and the rollback announcement (no points).
-            request = pb.WatchLossRequest(session_id="w", from_step=1)
-            stream: Any = client._stub.WatchLoss(request)
-            for message in stream:
-                received.append(message)
-                if message.points and message.points[-1].step >= target:
+            stream = client.session("w").watch_loss(from_step=1)
+            for point in stream:
+                points.append(point.step)
+                if point.step >= target:
                     break
-            stream.cancel()
+            rollbacks.extend(stream.rollbacks)
         watcher_done.set()
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -412,12 +411,10 @@ def test_watcher_on_another_replica_sees_failover_as_one_announced_rollback(
         client.session("w").train_to(target, report_every=20, on_progress=kill_after_checkpoint)
     assert killed.is_set()
     assert watcher_done.wait(60), "the watcher on replica 2 did not reach the target"
-    rollbacks = [m.restored_at_step for m in received if m.HasField("restored_at_step")]
     assert len(rollbacks) == 1  # the failover, announced once
-    steps: list[int] = []
-    for message in received:
-        if message.HasField("restored_at_step"):
-            assert steps and steps[-1] > message.restored_at_step
-            steps = steps[: message.restored_at_step]  # what stays true after the rollback
-        steps += [p.step for p in message.points]
+    restored = rollbacks[0]
+    back = [i for i in range(1, len(points)) if points[i] <= points[i - 1]]
+    assert len(back) == 1 and points[back[0]] == restored + 1  # the only step back
+    assert points[: back[0]] == list(range(1, points[back[0] - 1] + 1))
+    steps = points[:restored] + points[back[0] :]
     assert steps == list(range(1, target + 1))  # no gap apart from the announced rollback

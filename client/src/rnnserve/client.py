@@ -292,6 +292,20 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
         return result
 
 
+class WatchStream(Stream[pb.WatchLossResponse, pb.LossPoint]):
+    """The loss points of a WatchLoss call. ``rollbacks`` lists the steps a cluster restored
+    the session at after a replica failed (``restored_at_step``): the points that follow such
+    a rollback repeat the steps after it."""
+
+    def __init__(self, call: grpc.CallIterator[pb.WatchLossResponse]) -> None:
+        super().__init__(call, lambda response: response.points)
+        self.rollbacks: list[int] = []
+
+    def _observe(self, message: pb.WatchLossResponse) -> None:
+        if message.HasField("restored_at_step"):
+            self.rollbacks.append(message.restored_at_step)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -831,17 +845,16 @@ class Session:
             os.replace(tmp, path)
         return data
 
-    def watch_loss(
-        self, from_step: int = 1, *, timeout: float | None = None
-    ) -> Stream[pb.WatchLossResponse, pb.LossPoint]:
+    def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
         """Every update's loss from ``from_step`` on, then live as anyone trains the session.
 
         The stream ends when the session is deleted or the server stops; cancel it to stop
-        watching earlier.
+        watching earlier. In a cluster, ``stream.rollbacks`` lists the steps the session was
+        restored at after a replica failed (later points repeat the steps after it).
         """
         request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
         call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
-        return Stream(call, lambda response: response.points)
+        return WatchStream(call)
 
     def loss_history(
         self, from_step: int = 1, *, timeout: float | None = None
