@@ -418,3 +418,32 @@ def test_watcher_on_another_replica_sees_failover_as_one_announced_rollback(
     assert points[: back[0]] == list(range(1, points[back[0] - 1] + 1))
     steps = points[:restored] + points[back[0] :]
     assert steps == list(range(1, target + 1))  # no gap apart from the announced rollback
+
+
+CLUSTER_ARGV = ["--redis-url", "redis://h/0", "--shared-dir", "/tmp/x"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--redis-url", "redis://127.0.0.1:1/0"], "--redis-url needs --shared-dir"),
+        (["--shared-dir", "/tmp/x"], "give --redis-url too"),
+        (
+            ["--redis-url", "redis://h/0", "--shared-dir", "/tmp/x", "--lease-ttl", "0"],
+            "--lease-ttl must be > 0",
+        ),
+        (
+            [*CLUSTER_ARGV, "--tls-cert", "c.pem", "--tls-key", "k.pem"],
+            "over TLS",
+        ),
+    ],
+)
+def test_cluster_settings_that_cannot_work_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rnnserve_server.config import load_settings
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(argv, environ={})
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

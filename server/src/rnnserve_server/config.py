@@ -356,6 +356,12 @@ def check_settings(settings: Settings) -> None:
             fail(f"--{f.name.replace('_', '-')} must be >= 1")
     if settings.redis_url and settings.shared_dir is None:
         fail("--redis-url needs --shared-dir (the checkpoint directory every replica mounts)")
+    if settings.redis_url and settings.tls_cert is not None:
+        fail(
+            "cluster mode (--redis-url) does not forward calls between replicas over TLS yet: "
+            "run the replicas without --tls-cert on a private network, with TLS at the load "
+            "balancer"
+        )
     if settings.shared_dir is not None and not settings.redis_url:
         fail("--shared-dir is for cluster mode: give --redis-url too")
     if not settings.lease_ttl > 0:
