@@ -416,7 +416,8 @@ class Client:
         """The call's metadata: auth, and the session id as ``x-session-id`` so a hashing load
         balancer in front of a cluster sends the call to the session's owner first."""
         session_id = getattr(request, "session_id", "")
-        if not session_id:
+        # Only a legal header value: a bad id must reach the server, which says what is wrong.
+        if not session_id or not (session_id.isascii() and session_id.isprintable()):
             return self._metadata
         return (*self._metadata, ("x-session-id", session_id))
 
