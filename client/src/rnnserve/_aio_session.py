@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from rnnserve._aio_streams import Stream, TrainStream
+from rnnserve._aio_streams import Stream, TrainStream, WatchStream
 from rnnserve._common import generate_request
 from rnnserve._requests import (
     DEFAULT_CHUNK_CHARS,
@@ -16,6 +19,8 @@ from rnnserve._requests import (
     train_request,
     update_request,
 )
+from rnnserve._train_to import TrainToResult
+from rnnserve.errors import ServerUnavailable, SessionBusy
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -123,13 +128,42 @@ class Session:
             save_archive(path, data)
         return data
 
-    def watch_loss(
-        self, from_step: int = 1, *, timeout: float | None = None
-    ) -> Stream[pb.WatchLossResponse, pb.LossPoint]:
-        """Every update's loss from ``from_step`` on, then live; cancel it to stop watching."""
+    def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
+        """Every update's loss from ``from_step`` on, then live; cancel it to stop watching.
+        ``stream.rollbacks`` lists a cluster's announced restores."""
         request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
         call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
-        return Stream(call, lambda response: response.points)
+        return WatchStream(call)
+
+    async def train_to(
+        self,
+        target_step: int,
+        *,
+        report_every: int = 0,
+        retry_for: float = 60.0,
+        on_progress: Callable[[pb.TrainResponse], None] | None = None,
+    ) -> TrainToResult:
+        """Train until the session's step is ``target_step``, surviving a replica's death;
+        see :meth:`rnnserve.Session.train_to`."""
+        result = TrainToResult()
+        deadline: float | None = None
+        while True:
+            try:
+                step = (await self.info()).step
+                if result.seen(step) >= target_step:
+                    return result
+                async for message in self.train(target_step - step, report_every=report_every):
+                    result.progress(message)
+                    if on_progress is not None:
+                        on_progress(message)
+                if result.finished():
+                    return result
+                deadline = None
+            except (ServerUnavailable, SessionBusy):
+                deadline = result.retry(deadline, retry_for)
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def loss_history(
         self, from_step: int = 1, *, timeout: float | None = None
@@ -188,7 +222,7 @@ class Session:
         source is read in the event loop's thread, a chunk at a time."""
         upload = append_upload(self.id, source, chunk_chars)
         response: pb.AppendTextResponse = await self._client._client_stream(
-            self._client._stub.AppendText, upload, timeout
+            self._client._stub.AppendText, upload, timeout, session_id=self.id
         )
         self.last_info = response.session
         return response

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rnnserve._common import generate_request
@@ -16,7 +18,9 @@ from rnnserve._requests import (
     train_request,
     update_request,
 )
-from rnnserve._streams import Stream, TrainStream
+from rnnserve._streams import Stream, TrainStream, WatchStream
+from rnnserve._train_to import TrainToResult
+from rnnserve.errors import ServerUnavailable, SessionBusy
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -142,17 +146,54 @@ class Session:
             save_archive(path, data)
         return data
 
-    def watch_loss(
-        self, from_step: int = 1, *, timeout: float | None = None
-    ) -> Stream[pb.WatchLossResponse, pb.LossPoint]:
+    def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
         """Every update's loss from ``from_step`` on, then live as anyone trains the session.
 
         The stream ends when the session is deleted or the server stops; cancel it to stop
-        watching earlier.
+        watching earlier. In a cluster, ``stream.rollbacks`` lists the steps the session was
+        restored at after a replica failed.
         """
         request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
         call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
-        return Stream(call, lambda response: response.points)
+        return WatchStream(call)
+
+    def train_to(
+        self,
+        target_step: int,
+        *,
+        report_every: int = 0,
+        retry_for: float = 60.0,
+        on_progress: Callable[[pb.TrainResponse], None] | None = None,
+    ) -> TrainToResult:
+        """Train until the session's step is ``target_step``, surviving a replica's death.
+
+        Idempotent: each attempt asks for the steps still missing (the target minus the
+        session's current step), so retrying never overshoots. A call cut by UNAVAILABLE (the
+        replica died, or is draining) is retried for up to ``retry_for`` seconds; in a cluster
+        the session is activated elsewhere from its last checkpoint. If that checkpoint is
+        behind a step this call already saw, the steps in between were lost and are trained
+        again: reported in ``rollbacks`` as ``(seen, restored)``.
+        """
+        result = TrainToResult()
+        deadline: float | None = None
+        while True:
+            try:
+                step = self.info().step
+                if result.seen(step) >= target_step:
+                    return result
+                for message in self.train(target_step - step, report_every=report_every):
+                    result.progress(message)
+                    if on_progress is not None:
+                        on_progress(message)
+                if result.finished():
+                    return result
+                deadline = None
+            except (ServerUnavailable, SessionBusy):
+                # SessionBusy: the old owner's Train may still be stopping; wait it out too.
+                deadline = result.retry(deadline, retry_for)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def loss_history(
         self, from_step: int = 1, *, timeout: float | None = None
@@ -222,6 +263,8 @@ class Session:
         the call and is re-raised as itself.
         """
         upload = append_upload(self.id, source, chunk_chars)
-        response = self._client._client_stream(self._client._stub.AppendText, upload, timeout)
+        response = self._client._client_stream(
+            self._client._stub.AppendText, upload, timeout, session_id=self.id
+        )
         self.last_info = response.session
         return response

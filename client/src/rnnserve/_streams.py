@@ -126,3 +126,17 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
         if result is None:
             raise RnnServeError("the Train stream ended without any message")
         return result
+
+
+class WatchStream(Stream[pb.WatchLossResponse, pb.LossPoint]):
+    """The loss points of a WatchLoss call. ``rollbacks`` lists the steps a cluster restored
+    the session at after a replica failed (``restored_at_step``): the points that follow such
+    a rollback repeat the steps after it."""
+
+    def __init__(self, call: grpc.CallIterator[pb.WatchLossResponse]) -> None:
+        super().__init__(call, lambda response: response.points)
+        self.rollbacks: list[int] = []
+
+    def _observe(self, message: pb.WatchLossResponse) -> None:
+        if message.HasField("restored_at_step"):
+            self.rollbacks.append(message.restored_at_step)

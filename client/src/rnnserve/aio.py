@@ -34,6 +34,7 @@ from rnnserve._common import (
     channel_credentials,
     channel_options,
     health_status_name,
+    session_metadata,
 )
 from rnnserve._requests import (
     DEFAULT_CHUNK_BYTES,
@@ -96,18 +97,22 @@ class Client:
             return await method(
                 request,
                 timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                metadata=session_metadata(self._metadata, getattr(request, "session_id", "")),
             )
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
 
     def _server_stream(self, method: Any, request: Any, timeout: float | None) -> Any:
-        return method(request, timeout=timeout, metadata=self._metadata)
+        metadata = session_metadata(self._metadata, getattr(request, "session_id", ""))
+        return method(request, timeout=timeout, metadata=metadata)
 
-    async def _client_stream(self, method: Any, upload: Upload[Any], timeout: float | None) -> Any:
+    async def _client_stream(
+        self, method: Any, upload: Upload[Any], timeout: float | None, session_id: str = ""
+    ) -> Any:
         # A sync request iterator: gRPC reads it in the event loop, a chunk at a time.
+        metadata = session_metadata(self._metadata, session_id)
         try:
-            return await method(iter(upload), timeout=timeout, metadata=self._metadata)
+            return await method(iter(upload), timeout=timeout, metadata=metadata)
         except (grpc.RpcError, asyncio.CancelledError) as e:
             upload.reraise()
             if isinstance(e, asyncio.CancelledError):

@@ -30,6 +30,7 @@ from rnnserve._common import (
     channel_credentials,
     channel_options,
     health_status_name,
+    session_metadata,
 )
 from rnnserve._requests import (
     DEFAULT_CHUNK_BYTES,
@@ -150,7 +151,7 @@ class Client:
             return method(
                 request,
                 timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                metadata=session_metadata(self._metadata, getattr(request, "session_id", "")),
             )
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
@@ -162,16 +163,19 @@ class Client:
         timeout: float | None,
     ) -> grpc.CallIterator[Resp]:
         # The call starts lazily; errors surface when the stream is iterated.
-        return method(request, timeout=timeout, metadata=self._metadata)
+        metadata = session_metadata(self._metadata, getattr(request, "session_id", ""))
+        return method(request, timeout=timeout, metadata=metadata)
 
     def _client_stream(
         self,
         method: grpc.StreamUnaryMultiCallable[Req, Resp],
         upload: Upload[Req],
         timeout: float | None,
+        session_id: str = "",
     ) -> Resp:
+        metadata = session_metadata(self._metadata, session_id)
         try:
-            return method(iter(upload), timeout=timeout, metadata=self._metadata)
+            return method(iter(upload), timeout=timeout, metadata=metadata)
         except grpc.RpcError as e:
             upload.reraise()
             raise error_from_rpc(e) from None
