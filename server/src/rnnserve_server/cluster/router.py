@@ -155,7 +155,9 @@ class Router(Interceptor):
         async def decode(raw: bytes, context: Any) -> Any:
             request = guarded(raw)
             if isinstance(request, _Refused):  # oversized or malformed: the guard's status
-                await context.abort(request.code, request.details)
+                from rnnserve_server.service import _abort_for
+
+                await _abort_for(request.error, context)
             return request
 
         serialize = handler.response_serializer
