@@ -394,7 +394,7 @@ def test_resident_memory_budget_evicts_and_refuses(server_factory: ServerFactory
     session that alone exceeds it is refused with RESOURCE_EXHAUSTED naming the setting."""
     from rnnserve_server.config import load_settings
     from rnnserve_server.model import PRESETS
-    from rnnserve_server.registry import resident_bytes
+    from rnnserve_server.residency import resident_bytes
 
     settings = load_settings([], environ={})
     machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
