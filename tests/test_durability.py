@@ -427,10 +427,10 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
     from rnnserve_server.model import PRESETS, Trainer
     from rnnserve_server.registry import Registry
     from rnnserve_server.session import Session
-    from rnnserve_server.store import Store
+    from rnnserve_server.store import LocalStore
     from rnnserve_server.vocab import Vocab
 
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         vocab = Vocab.from_text(TEXT)

@@ -28,10 +28,10 @@ from rnnserve_server import logs, metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import CheckpointError
 from rnnserve_server.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
+from rnnserve_server.local_store import LocalStore
 from rnnserve_server.registry import Registry
 from rnnserve_server.service import Servicer
 from rnnserve_server.startup import StartupError, TlsFiles, check_data_dir, load_tls
-from rnnserve_server.store import Store
 
 log = logs.get_logger("rnnserve.app")
 
@@ -103,7 +103,7 @@ async def serve(settings: Settings) -> int:
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
         return 2
-    store = Store(settings.data_dir)
+    store = LocalStore(settings.data_dir)
     registry = Registry(settings, store)
     try:
         await registry.start()

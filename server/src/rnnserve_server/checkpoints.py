@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from rnnserve_server import metrics
 from rnnserve_server.errors import StorageError, StorageFullError
 from rnnserve_server.logs import get_logger
 from rnnserve_server.session import Session
@@ -123,12 +124,12 @@ class CheckpointWriter:
         if self.store.ensure_dirs():
             log.error(
                 "data_dir_recreated",
-                data_dir=str(self.store.data_dir),
+                data_dir=self.store.location,
                 error="the data directory was deleted while the server ran; sessions not in "
                 "memory were lost with it",
             )
         # The corpus file may have gone with a deleted directory: write it again.
-        if session.corpus_on_disk is not None and not self.store.corpus_path(session.id).exists():
+        if session.corpus_on_disk is not None and not self.store.has_corpus(session.id):
             session.corpus_on_disk = None
         ckpt = session.snapshot()
         if ckpt is None:
@@ -137,7 +138,12 @@ class CheckpointWriter:
             if session.deleted:  # never resurrect a deleted session's file
                 return
             started = time.perf_counter()
-            size = self.store.save(ckpt)
+            try:
+                size = self.store.save(ckpt)
+            except BaseException:
+                metrics.record_checkpoint(time.perf_counter() - started, ok=False)
+                raise
+            metrics.record_checkpoint(time.perf_counter() - started)
             session.corpus_on_disk = ckpt.corpus
         session.checkpointed_step = int(ckpt.meta["step"])
         log.debug(

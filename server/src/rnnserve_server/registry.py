@@ -103,7 +103,7 @@ class Registry(Residency, CheckpointWriter):
             log.warning("removed_orphan_corpus", file=name)
         ids, ignored = await self.run_io(self.store.scan)
         if ignored:
-            log.warning("ignored_files", directory=str(self.store.sessions_dir), files=ignored[:20])
+            log.warning("ignored_files", directory=self.store.location, files=ignored[:20])
         broken = 0
         for session_id in ids:
             session = await self.run_io(self._load_new, session_id)
@@ -120,7 +120,7 @@ class Registry(Residency, CheckpointWriter):
             sessions=len(self.sessions),
             broken=broken,
             resident=self._resident_count(),
-            data_dir=str(self.store.data_dir),
+            data_dir=self.store.location,
         )
         self._evictor = asyncio.create_task(self._evict_loop())
 
@@ -131,7 +131,7 @@ class Registry(Residency, CheckpointWriter):
             error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             log.error("checkpoint_broken", session_id=session_id, error=error)
             try:
-                mtime = self.store.path(session_id).stat().st_mtime
+                mtime = self.store.mtime(session_id)
             except OSError:
                 mtime = time.time()
             return Session.broken(session_id, _public_reason(exc), mtime)
