@@ -1,24 +1,7 @@
-"""The math of rnnserve: a character-level tanh RNN, trained by truncated BPTT over a batch.
+"""The trainer of rnnserve: a character-level model (the seed's tanh RNN, rnn_kernels.py, or
+a gated/stacked one, cells/) trained by truncated BPTT over a batch of strands of a corpus.
 
-Equations (column-vector form, as in the notebook seed and min-char-rnn)::
-
-    h_t = tanh(Wxh x_t + Whh h_{t-1} + bh)      x_t one-hot over the vocabulary
-    y_t = Why h_t + by                          p_t = softmax(y_t)
-
-Shapes (V = vocabulary size, H = hidden size)::
-
-    Wxh (H, V)   Whh (H, H)   Why (V, H)   bh (H,)   by (V,)
-
-The code works with row vectors (a batch of B strands is a (B, H) matrix), so ``Whh h`` is
-written ``h @ Whh.T``. ``Wxh x_t`` with a one-hot ``x_t`` is the column ``Wxh[:, x_t]``, so the
-input projection is an index gather, never a product with a one-hot matrix. The output
-projection and all weight gradients are one matrix product each over every time step of the
-window; only the recurrence itself loops over t.
-
-The loss that is differentiated is min-char-rnn's: cross-entropy summed over the window's time
-steps, averaged over the strands (so batch 1 is exactly min-char-rnn, and the batch size does
-not change the effective step size). Losses are *reported* as mean nats per character.
-
+rnn_kernels.py has the equations and shapes. Losses are *reported* as mean nats per character.
 Pure numpy: no grpc, no I/O. The ``Trainer`` is not thread-safe; the session layer serialises
 the calls that mutate it.
 """

@@ -1,5 +1,26 @@
-"""The seed's one-layer tanh RNN, fast: parameters in, numbers out (see model.py for the
-equations). rnn_reference.py has the same math written plainly; tests hold this to it."""
+"""The seed's one-layer tanh RNN, fast: parameters in, numbers out; trained by truncated BPTT.
+
+Equations (column-vector form, as in the notebook seed and min-char-rnn)::
+
+    h_t = tanh(Wxh x_t + Whh h_{t-1} + bh)      x_t one-hot over the vocabulary
+    y_t = Why h_t + by                          p_t = softmax(y_t)
+
+Shapes (V = vocabulary size, H = hidden size)::
+
+    Wxh (H, V)   Whh (H, H)   Why (V, H)   bh (H,)   by (V,)
+
+The code works with row vectors (a batch of B strands is a (B, H) matrix), so ``Whh h`` is
+written ``h @ Whh.T``. ``Wxh x_t`` with a one-hot ``x_t`` is the column ``Wxh[:, x_t]``, so the
+input projection is an index gather, never a product with a one-hot matrix. The output
+projection and all weight gradients are one matrix product each over every time step of the
+window; only the recurrence itself loops over t.
+
+The loss that is differentiated is min-char-rnn's: cross-entropy summed over the window's time
+steps, averaged over the strands (so batch 1 is exactly min-char-rnn, and the batch size does
+not change the effective step size). Losses are *reported* as mean nats per character.
+
+rnn_reference.py has the same math written plainly; tests hold this to it.
+"""
 
 from __future__ import annotations
 
