@@ -15,9 +15,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 WORKDIR /src
+# client/LICENSE and server/LICENSE are links to this one.
+COPY LICENSE LICENSE
 COPY client/ client/
 COPY server/ server/
-# pip wheel resolves the server's "rnnserve==0.1.0" requirement to ./client from the same command.
+# pip wheel resolves the server's "rnnserve>=0.1.0,<0.2" requirement to ./client from the same
+# command.
 RUN python3 -m venv /opt/build \
  && /opt/build/bin/pip wheel --wheel-dir /wheels ./client ./server
 # --no-index: the runtime venv gets exactly the wheels built above, nothing fetched afterwards.

@@ -7,20 +7,37 @@ ADDRESS ?= localhost:50051
 DATA_DIR ?= data
 PROTO := proto/rnnserve/v1/rnn_service.proto
 GEN_DIR := client/src/rnnserve/v1
+# Debian packages the cluster tests and `make cluster` run as real processes.
+DEB_DEPS := redis-server nginx
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint test run demo bench image image-test clean
+.PHONY: help install deps proto proto-check proto-breaking lint test run cluster demo bench image image-test clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
-$(STAMP): client/pyproject.toml server/pyproject.toml
+$(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e 'client[plot]' -e 'server[dev]'
+	$(BIN)/pip install -q --upgrade 'pip>=25.1'
+	$(BIN)/pip install -q -e 'client[plot]' -e server --group dev
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
+
+deps: ## apt-get install redis-server and nginx if missing (the cluster tests run them)
+	@missing=""; for p in $(DEB_DEPS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' \
+	    || missing="$$missing $$p"; \
+	done; \
+	if test -n "$$missing"; then \
+	  command -v apt-get >/dev/null \
+	    || { echo "no apt-get: install$$missing with this system's package manager"; exit 1; }; \
+	  echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -qq \
+	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 proto: $(STAMP) ## regenerate the Python code in client/src/rnnserve/v1 from proto/
 	$(BIN)/python -m grpc_tools.protoc -Iproto \
@@ -33,27 +50,52 @@ proto-check: proto ## fail if the committed generated code differs from proto/
 	git diff --exit-code -- $(GEN_DIR)
 	@test -z "$$(git status --porcelain -- $(GEN_DIR))" || { echo "untracked generated files in $(GEN_DIR)"; exit 1; }
 
-node_modules/.bin/buf: package.json
+# npm devDependencies: buf (make lint) and @grpc/grpc-js + @grpc/proto-loader (the Node
+# interop test in make test).
+NODE_STAMP := node_modules/.installed
+
+# The proto as of BREAKING_AGAINST (a git revision; default the previous commit), taken with
+# git archive so buf compares two directories and needs none of the history itself. A shallow
+# clone is deepened by one commit first; a revision without proto/ (the first commit) passes.
+BREAKING_AGAINST ?= HEAD~1
+proto-breaking: $(NODE_STAMP) ## buf breaking: proto/ against BREAKING_AGAINST (default HEAD~1)
+	@set -e; \
+	if ! git rev-parse -q --verify '$(BREAKING_AGAINST)^{commit}' > /dev/null \
+	    && test "$$(git rev-parse --is-shallow-repository)" = true; then \
+	  git fetch -q --deepen=1; \
+	fi; \
+	rev=$$(git rev-parse -q --verify '$(BREAKING_AGAINST)^{commit}') \
+	  || { echo "proto-breaking: no revision '$(BREAKING_AGAINST)' to compare against (set BREAKING_AGAINST=)"; exit 1; }; \
+	if ! git cat-file -e "$$rev:proto"; then echo "proto-breaking: $$rev has no proto/: nothing to break"; exit 0; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	git archive "$$rev" proto buf.yaml | tar -x -C "$$tmp"; \
+	echo "buf breaking against $$rev"; \
+	node_modules/.bin/buf breaking --against "$$tmp"
+
+$(NODE_STAMP): package.json package-lock.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-lint: $(STAMP) node_modules/.bin/buf ## buf lint (STANDARD), ruff, mypy --strict
+lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client/src server/src tests bench
 
-test: $(STAMP) ## run the test suite (unit, integration against a real server, persistence)
+test: $(STAMP) $(NODE_STAMP) ## run the test suite (unit, integration against a real server, persistence, a Node client)
 	$(BIN)/pytest
 
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
 	$(BIN)/rnnserve-server --address $(ADDRESS) --data-dir $(DATA_DIR)
 
+cluster: $(STAMP) deps ## redis-server + 3 replicas + nginx on loopback (scripts/cluster.sh; PORT=50051)
+	bash scripts/cluster.sh
+
 demo: $(STAMP) ## start a server, train a session on Python's own source, plot (docs/loss.png), generate, stop
 	$(BIN)/python scripts/demo.py
 
-bench: $(STAMP) ## run the benchmarks in bench/ (prints tables); installs the bench extra (torch)
-	$(BIN)/pip install -q -e 'server[bench]'
+bench: $(STAMP) ## run the benchmarks in bench/ (prints tables); installs the bench group (torch)
+	$(BIN)/pip install -q --group bench
 	$(BIN)/python bench/engine.py
 	@if test -f bench/service.py; then $(BIN)/python bench/service.py; \
 	else echo "bench/service.py not present: skipped"; fi

@@ -284,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * ours / roof:>6.0f}%"
         )
     if rows[0][4] is None:
-        print(
-            "torch column skipped: torch is not importable (pip install 'rnnserve-server[bench]')"
-        )
+        print("torch column skipped: torch is not importable (make bench installs it)")
     print(
         "roofline: (6 H^2 + 6 H V) FLOPs per character at the FLOP/s of one "
         "(seq*batch x H) @ (H x H) float32 GEMM on this machine"

@@ -56,8 +56,8 @@ if BLAS_THREADS != "0":
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from grpc import aio  # noqa: E402
+from grpc_health.v1 import health_pb2  # noqa: E402
 from rnnserve import Client  # noqa: E402
-from rnnserve.client import decode_health_response, encode_health_request  # noqa: E402
 from rnnserve.v1 import rnn_service_pb2 as pb  # noqa: E402
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc  # noqa: E402
 from rnnserve_server.model import PRESETS, ModelConfig, Trainer  # noqa: E402
@@ -279,10 +279,11 @@ def health_check(address: str) -> tuple[grpc.Channel, Callable[[], Any]]:
     channel = grpc.insecure_channel(address)
     check = channel.unary_unary(
         "/grpc.health.v1.Health/Check",
-        request_serializer=encode_health_request,
-        response_deserializer=decode_health_response,
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
-    return channel, lambda: check("")
+    request = health_pb2.HealthCheckRequest()
+    return channel, lambda: check(request)
 
 
 def spin(seconds: float) -> None:
@@ -297,12 +298,12 @@ def bench_floor(srv: Server, n: int) -> Floor:
     channel, check = health_check(srv.address)
     watch = channel.unary_stream(
         "/grpc.health.v1.Health/Watch",
-        request_serializer=encode_health_request,
-        response_deserializer=decode_health_response,
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
     )
 
     def first_of_stream() -> None:
-        call: Any = watch("")
+        call: Any = watch(health_pb2.HealthCheckRequest())
         next(call)
         call.cancel()
 

@@ -79,7 +79,7 @@ def cmd_exercise(args: argparse.Namespace) -> None:
     moved = {
         name: total(after, name) - total(before, name)
         for name in (
-            "rnnserve_rpcs_total",
+            "grpc_server_handled_total",
             "rnnserve_training_updates_total",
             "rnnserve_training_chars_total",
             "rnnserve_checkpoints_total",
@@ -90,11 +90,11 @@ def cmd_exercise(args: argparse.Namespace) -> None:
         raise CheckFailedError(
             f"rnnserve_training_updates_total moved by {moved}, not {TRAIN_STEPS}"
         )
-    if moved["rnnserve_training_chars_total"] <= 0 or moved["rnnserve_rpcs_total"] < 3:
+    if moved["rnnserve_training_chars_total"] <= 0 or moved["grpc_server_handled_total"] < 3:
         raise CheckFailedError(f"counters did not move: {moved}")
     if (
         total(after, "rnnserve_sessions") < 1
-        or total(after, "rnnserve_rpcs_total", method="Train") < 1
+        or total(after, "grpc_server_handled_total", grpc_method="Train") < 1
     ):
         raise CheckFailedError("the session or the Train RPC is missing from /metrics")
     print(step)

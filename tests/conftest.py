@@ -33,6 +33,8 @@ from typing import Any
 import pytest
 from rnnserve import Client
 
+pytest_plugins = ["cluster_fixtures"]  # redis_server, nginx_factory
+
 START_TIMEOUT = 30.0
 
 

@@ -63,7 +63,7 @@ def _outcome(registry: Registry, blob: bytes) -> str:
         session = registry._session_from(ckpt, {})
     except (InvalidArgumentError, LimitExceededError):
         return "refused"
-    # A valid archive with an absurd learning rate diverges: ABORTED, as for any session.
+    # A valid archive with an absurd learning rate diverges (not applied), as for any session.
     with contextlib.suppress(DivergedError):
         session.step_once(None)
     session.require_trainer().validation_loss()

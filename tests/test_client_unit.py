@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 
 import grpc
@@ -13,6 +14,7 @@ from rnnserve import (
     LimitExceeded,
     RnnServeError,
     ServerUnavailable,
+    SessionBroken,
     SessionBusy,
     SessionExists,
     SessionNotFound,
@@ -20,13 +22,9 @@ from rnnserve import (
     TrainingDiverged,
     Unauthenticated,
 )
+from rnnserve._common import channel_options, health_status_name, service_config
 from rnnserve.cli import build_parser, message_to_dict
-from rnnserve.client import (
-    Client,
-    decode_health_response,
-    encode_health_request,
-    iter_text_chunks,
-)
+from rnnserve.client import Client, iter_text_chunks
 from rnnserve.errors import error_from_code, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -51,6 +49,7 @@ class FakeRpcError(grpc.RpcError):
         (grpc.StatusCode.NOT_FOUND, SessionNotFound),
         (grpc.StatusCode.ALREADY_EXISTS, SessionExists),
         (grpc.StatusCode.FAILED_PRECONDITION, SessionBusy),
+        (grpc.StatusCode.DATA_LOSS, SessionBroken),
         (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, LimitExceeded),
         (grpc.StatusCode.ABORTED, TrainingDiverged),
@@ -77,24 +76,34 @@ def test_error_bases_let_callers_catch_builtin_kinds() -> None:
     assert error_from_code(grpc.StatusCode.ABORTED, None).details == "ABORTED"
 
 
-@pytest.mark.parametrize("service", ["", "rnnserve.v1.RnnService", "é" * 200])
-def test_health_request_matches_the_real_message(service: str) -> None:
-    expected = health_pb2.HealthCheckRequest(service=service).SerializeToString()
-    assert encode_health_request(service) == expected
+@pytest.mark.parametrize(
+    ("status", "name"), [(0, "UNKNOWN"), (1, "SERVING"), (2, "NOT_SERVING"), (3, "SERVICE_UNKNOWN")]
+)
+def test_health_status_names(status: int, name: str) -> None:
+    assert health_status_name(health_pb2.HealthCheckResponse(status=status)) == name
+    # A status this client's grpc_health does not know yet is UNKNOWN, not a crash.
+    assert health_status_name(health_pb2.HealthCheckResponse(status=99)) == "UNKNOWN"
 
 
-@pytest.mark.parametrize("status", [0, 1, 2, 3])
-def test_health_response_parses_the_real_message(status: int) -> None:
-    data = health_pb2.HealthCheckResponse(status=status).SerializeToString()
-    assert decode_health_response(data) == status
-
-
-def test_health_response_skips_unknown_fields() -> None:
-    # field 2 (length-delimited "ab"), field 1 = 2, field 3 fixed32, field 4 fixed64
-    data = b"\x12\x02ab" + b"\x08\x02" + b"\x1d" + b"\0" * 4 + b"\x21" + b"\0" * 8
-    assert decode_health_response(data) == 2
-    with pytest.raises(ValueError):
-        decode_health_response(b"\x08")
+def test_retry_policy_covers_only_calls_that_change_nothing() -> None:
+    config = json.loads(service_config(generate=False))
+    (method_config,) = config["methodConfig"]
+    names = {(n["service"], n["method"]) for n in method_config["name"]}
+    assert names == {
+        ("rnnserve.v1.RnnService", "GetSession"),
+        ("rnnserve.v1.RnnService", "ListSessions"),
+        ("rnnserve.v1.RnnService", "Predict"),
+        ("grpc.health.v1.Health", "Check"),
+    }
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    seeded = json.loads(service_config(generate=True))["methodConfig"][0]["name"]
+    assert {"service": "rnnserve.v1.RnnService", "method": "Generate"} in seeded
+    # A caller's own choices win.
+    options = dict(channel_options([("grpc.enable_retries", 0)], None, generate=False))
+    assert options["grpc.enable_retries"] == 0 and "grpc.service_config" in options
+    mine = dict(channel_options([("grpc.service_config", "{}")], "name", generate=True))
+    assert mine["grpc.service_config"] == "{}"
+    assert mine["grpc.ssl_target_name_override"] == "name"
 
 
 def test_chunks_of_a_string_are_bounded_and_complete() -> None:

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 import pytest
-from rnnserve import Client, LimitExceeded, ServerUnavailable, SessionBusy, SessionNotFound
+from rnnserve import (
+    Client,
+    LimitExceeded,
+    ServerUnavailable,
+    SessionBroken,
+    SessionNotFound,
+)
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -118,6 +124,7 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
             with pytest.raises(LimitExceeded, match="disk is full") as refused:
                 client.create_session(TEXT, session_id="new", **SMALL)  # type: ignore[arg-type]
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.reason == "STORAGE_FULL" and refused.value.retry_delay
             with pytest.raises(SessionNotFound):
                 client.session("new").info()
             assert not (disk / "sessions" / "new.corpus.npy").exists()
@@ -205,6 +212,8 @@ def test_delete_on_a_read_only_data_dir_keeps_the_session(
             with pytest.raises(ServerUnavailable, match="not writable") as refused:
                 s.delete()
             assert "Error" not in refused.value.details and "/" not in refused.value.details
+            assert refused.value.reason == "STORAGE_UNAVAILABLE" and refused.value.retry_delay
+            assert refused.value.metadata["session_id"] == "stays"
             assert s.info().state == pb.SESSION_STATE_READY
             s.step()  # its checkpoint can't be written either
             _wait(lambda: s.info().state == pb.SESSION_STATE_UNSAVED, "state UNSAVED")
@@ -267,18 +276,28 @@ def _set_config(arrays: dict[str, np.ndarray], **changes: object) -> None:
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
 
 
-def _check_broken(client: Client, sessions: Path, reasons: dict[str, str]) -> None:
+def _check_broken(
+    client: Client, sessions: Path, reasons: dict[str, str], intact: tuple[str, ...] = ()
+) -> None:
     """Each named session is BROKEN with its reason, in a sentence without paths or
-    exception text, and refuses use the same way."""
+    exception text, and refuses use the same way: DATA_LOSS (reason CHECKPOINT_DAMAGED) for a
+    damaged file, FAILED_PRECONDITION (SESSION_BROKEN) for an ``intact`` one over the limits."""
     listed = {s.session_id: s for s in client.list_sessions()}
     for name, reason in reasons.items():
         info = listed[name]
         assert info.state == pb.SESSION_STATE_BROKEN, name
         assert reason in info.error, (name, info.error)
         assert "/" not in info.error and "Error" not in info.error, info.error
-        with pytest.raises(SessionBusy, match="could not be loaded") as refused:
+        with pytest.raises(SessionBroken, match="could not be loaded") as refused:
             client.session(name).step()
         assert str(sessions) not in refused.value.details and reason in refused.value.details
+        expected = (
+            (grpc.StatusCode.FAILED_PRECONDITION, "SESSION_BROKEN")
+            if name in intact
+            else (grpc.StatusCode.DATA_LOSS, "CHECKPOINT_DAMAGED")
+        )
+        assert (refused.value.code, refused.value.reason) == expected, name
+        assert refused.value.metadata["session_id"] == name
 
 
 @pytest.mark.timeout(120)
@@ -312,6 +331,7 @@ def test_oversized_misshapen_and_non_finite_checkpoints_are_broken(
                 "shapes": "array shapes do not match",
                 "nan": "not finite",
             },
+            intact=("huge",),
         )
         assert client.session("good").step().step == 2
     assert second.stop() == 0
@@ -487,8 +507,9 @@ def test_a_file_damaged_while_evicted_is_broken_on_reload(server_factory: Server
         client.create_session(TEXT, session_id="other", **SMALL)  # type: ignore[arg-type]
         _wait(lambda: not s.info().resident, "eviction")
         _rewrite(sessions / "later.npz", lambda a: a["trainer.Whh"].__setitem__((0, 0), np.inf))
-        with pytest.raises(SessionBusy, match="not finite") as refused:
+        with pytest.raises(SessionBroken, match="not finite") as refused:
             s.step()
+        assert refused.value.code == grpc.StatusCode.DATA_LOSS
         assert str(sessions) not in refused.value.details
         assert "Error" not in refused.value.details
         info = s.info()

@@ -284,7 +284,8 @@ def _assert_finite_checkpoint(data_dir: Path, session_id: str) -> int:
 def test_divergence_keeps_last_good_weights_and_no_checkpoint_holds_nan(
     server_factory: ServerFactory, dtype: str, learning_rate: float
 ) -> None:
-    """Weights grow by ~lr per step until the next update would overflow: ABORTED, unchanged."""
+    """Weights grow by ~lr per step until the next update would overflow: FAILED_PRECONDITION
+    with reason TRAINING_DIVERGED (a Train ends with STOP_REASON_DIVERGED), unchanged."""
     server = server_factory(log_level="debug")
     with server.client() as client:
         s = client.create_session(
@@ -299,14 +300,16 @@ def test_divergence_keeps_last_good_weights_and_no_checkpoint_holds_nan(
         with pytest.raises(TrainingDiverged) as step_error:
             for good in range(100):  # noqa: B007 - the count is used after the loop
                 s.step()
-        assert step_error.value.code == grpc.StatusCode.ABORTED
+        assert step_error.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert step_error.value.reason == "TRAINING_DIVERGED"
+        assert step_error.value.metadata["session_id"] == "d"
         assert "learning rate is probably too high" in step_error.value.details
         assert s.info().step == good
         history = [p.loss for p in itertools.islice(s.watch_loss(1), good)]
         assert all(math.isfinite(x) for x in history)
         before = _state(client, "d")
-        with pytest.raises(TrainingDiverged, match="learning rate is probably too high"):
-            s.train(100).wait()
+        final = s.train(100).wait()
+        assert (final.stop_reason, final.steps_done) == (pb.STOP_REASON_DIVERGED, 0)
         with pytest.raises(TrainingDiverged, match="learning rate is probably too high"):
             s.step(TEXT[:40])
         assert _state(client, "d") == before

@@ -8,6 +8,7 @@ import urllib.request
 from typing import TYPE_CHECKING
 
 import pytest
+import rnnserve_server
 from prometheus_client.parser import text_string_to_metric_families
 from rnnserve import SessionNotFound
 from rnnserve_server.metrics import metrics_host, split_method
@@ -44,10 +45,27 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def rpcs(samples: Samples, method: str, code: str = "OK") -> float:
-    return value(
-        samples, "rnnserve_rpcs_total", service="rnnserve.v1.RnnService", method=method, code=code
-    )
+KINDS = {
+    "CreateSession": "unary",
+    "Step": "unary",
+    "GetSession": "unary",
+    "Train": "server_stream",
+    "Generate": "server_stream",
+    "WatchLoss": "server_stream",
+    "AppendText": "client_stream",
+}
+
+
+def rpcs(samples: Samples, method: str, code: str = "OK", name: str = "handled") -> float:
+    """grpc_server_<name>_total of an RnnService method (with grpc_code for handled)."""
+    labels = {
+        "grpc_type": KINDS[method],
+        "grpc_service": "rnnserve.v1.RnnService",
+        "grpc_method": method,
+    }
+    if name == "handled":
+        labels["grpc_code"] = code
+    return value(samples, f"grpc_server_{name}_total", **labels)
 
 
 @pytest.fixture
@@ -89,22 +107,39 @@ def test_counters_move_with_rpcs(metrics_server: tuple[ServerHandle, int]) -> No
     assert rpcs(after, "Generate") == 1
     assert rpcs(after, "AppendText") == 1
     assert rpcs(after, "GetSession", "NOT_FOUND") == 1
+    assert rpcs(after, "Train", name="started") == 1
+    assert rpcs(after, "GetSession", name="started") == 1
+    # Train sent one message per report (steps 5, 10, 15, 20): the final one is the last report.
+    assert rpcs(after, "Train", name="msg_sent") == len(progress)
+    assert rpcs(after, "Step", name="msg_sent") == 1
+    assert rpcs(after, "Step", name="msg_received") == 1
+    # AppendText streamed two chunks (the iterable's two pieces) in two messages.
+    assert rpcs(after, "AppendText", name="msg_received") == 2
     health = value(
-        after, "rnnserve_rpcs_total", service="grpc.health.v1.Health", method="Check", code="OK"
+        after,
+        "grpc_server_handled_total",
+        grpc_type="unary",
+        grpc_service="grpc.health.v1.Health",
+        grpc_method="Check",
+        grpc_code="OK",
     )
     assert health >= 1
     train_latency = value(
         after,
-        "rnnserve_rpc_duration_seconds_count",
-        service="rnnserve.v1.RnnService",
-        method="Train",
+        "grpc_server_handling_seconds_count",
+        grpc_type="server_stream",
+        grpc_service="rnnserve.v1.RnnService",
+        grpc_method="Train",
     )
     assert train_latency == 1
     # Every stream finished, so none is in flight.
     streams = value(
-        after, "rnnserve_active_streams", service="rnnserve.v1.RnnService", method="Train"
+        after, "rnnserve_active_streams", grpc_service="rnnserve.v1.RnnService", grpc_method="Train"
     )
     assert streams == 0
+    build = [labels for (name, labels) in after if name == "rnnserve_build_info"]
+    assert len(build) == 1 and after[("rnnserve_build_info", build[0])] == 1
+    assert dict(build[0])["version"] == rnnserve_server.__version__ != "0+unknown"
     assert value(after, "rnnserve_training_updates_total") == 21
     # One corpus update trains on batch_size * seq_length characters.
     updates_chars = value(after, "rnnserve_training_chars_total")
@@ -124,7 +159,7 @@ def test_active_streams_counts_a_watch_in_flight(
     metrics_server: tuple[ServerHandle, int],
 ) -> None:
     server, port = metrics_server
-    labels = {"service": "rnnserve.v1.RnnService", "method": "WatchLoss"}
+    labels = {"grpc_service": "rnnserve.v1.RnnService", "grpc_method": "WatchLoss"}
     with server.client() as client:
         session = client.create_session(TEXT, session_id="w1", hidden_size=8, seq_length=4)
         session.step()
@@ -138,7 +173,7 @@ def test_active_streams_counts_a_watch_in_flight(
         server.wait_for_log("rpc", start=mark, method="/rnnserve.v1.RnnService/WatchLoss")
     _, after = scrape(port)
     assert value(after, "rnnserve_active_streams", **labels) == 0
-    assert value(after, "rnnserve_rpcs_total", code="CANCELLED", **labels) == 1
+    assert rpcs(after, "WatchLoss", "CANCELLED") == 1
 
 
 @pytest.mark.timeout(60)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from rnnserve import Session, SessionBusy
+from rnnserve import Session, SessionBroken
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
 from rnnserve_server.model import PRESETS, Trainer
@@ -103,7 +103,7 @@ def test_broken_checkpoints_are_reported_not_deleted(server_factory: ServerFacto
             assert str(first.data_dir) not in listed[name].error
         assert "version 99" in listed["versioned"].error
         assert client.session("good").step().step == 2
-        with pytest.raises(SessionBusy, match="could not be loaded"):
+        with pytest.raises(SessionBroken, match="could not be loaded"):
             client.session("garbage").step()
         broken = client.session("truncated").info()
         assert broken.state == pb.SESSION_STATE_BROKEN
@@ -274,7 +274,7 @@ def test_a_corpus_file_that_does_not_match_its_checkpoint_is_broken(
             assert listed[name].state == pb.SESSION_STATE_BROKEN, name
             assert reason in listed[name].error and "/" not in listed[name].error
             assert f"{name}.corpus.npy" in second.text_log()  # the file is named in the log
-            with pytest.raises(SessionBusy, match="could not be loaded"):
+            with pytest.raises(SessionBroken, match="could not be loaded"):
                 client.session(name).step()
         assert client.session("longer").step().step == 2
     assert second.stop() == 0

@@ -9,8 +9,11 @@
         print(session.generate(200, seed=1))
 
 Results are the generated messages of ``rnnserve.v1.rnn_service_pb2``; errors are the
-subclasses of :class:`RnnServeError` in :mod:`rnnserve.errors`.
+subclasses of :class:`RnnServeError` in :mod:`rnnserve.errors`. :mod:`rnnserve.aio` has the
+same client for asyncio.
 """
+
+from importlib.metadata import PackageNotFoundError, version
 
 from rnnserve.client import DEFAULT_ADDRESS, Client, Session, Stream, TrainStream
 from rnnserve.errors import (
@@ -19,6 +22,7 @@ from rnnserve.errors import (
     PermissionDenied,
     RnnServeError,
     ServerUnavailable,
+    SessionBroken,
     SessionBusy,
     SessionExists,
     SessionNotFound,
@@ -28,7 +32,10 @@ from rnnserve.errors import (
 )
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("rnnserve")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -39,6 +46,7 @@ __all__ = [
     "RnnServeError",
     "ServerUnavailable",
     "Session",
+    "SessionBroken",
     "SessionBusy",
     "SessionExists",
     "SessionNotFound",

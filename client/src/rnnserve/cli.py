@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from tqdm import tqdm
 
-from rnnserve import completion, plot
+from rnnserve import __version__, completion, plot
 from rnnserve.client import (
     CELLS,
     DEFAULT_ADDRESS,
@@ -42,6 +42,7 @@ from rnnserve.errors import (
     PermissionDenied,
     RnnServeError,
     ServerUnavailable,
+    SessionBroken,
     SessionBusy,
     SessionExists,
     SessionNotFound,
@@ -64,6 +65,7 @@ EXIT_LIMIT = 7
 EXIT_DIVERGED = 8
 EXIT_TIMEOUT = 9
 EXIT_AUTH = 10
+EXIT_BROKEN = 11
 EXIT_INTERRUPTED = 130
 
 # (exception type, exit code, label) in match order: subclasses before RnnServeError.
@@ -71,6 +73,7 @@ ERRORS: list[tuple[type[RnnServeError], int, str]] = [
     (SessionNotFound, EXIT_NOT_FOUND, "not found"),
     (SessionExists, EXIT_CONFLICT, "already exists"),
     (SessionBusy, EXIT_CONFLICT, "busy"),
+    (SessionBroken, EXIT_BROKEN, "broken"),
     (ServerUnavailable, EXIT_UNAVAILABLE, "unavailable"),
     (InvalidArgument, EXIT_INVALID, "invalid argument"),
     (LimitExceeded, EXIT_LIMIT, "limit exceeded"),
@@ -95,6 +98,8 @@ exit codes:
        whole report window (lower it: rnnserve set ID --learning-rate 1e-3)
   9    timed out (raise --timeout)
   10   unauthenticated or permission denied (--token / RNNSERVE_TOKEN)
+  11   the session is broken: its checkpoint could not be loaded (rnnserve show ID
+       shows why); fix or restore the file, or rnnserve delete ID
   130  interrupted with Ctrl-C (a running train is cancelled cleanly first)
 """
 
@@ -964,6 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_connection_options(with_defaults=True)],
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _connection_options(with_defaults=False)
 

@@ -18,20 +18,39 @@ from typing import IO, Any, Generic, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rnnserve.errors import (
-    InvalidArgument,
-    RnnServeError,
-    ServerUnavailable,
-    Timeout,
-    error_from_rpc,
+from rnnserve._common import (
+    ADDRESS_ENV,
+    CELLS,
+    DEFAULT_ADDRESS,
+    DTYPES,
+    INLINE_TEXT_CHARS,
+    OPTIMIZERS,
+    PRESETS,
+    TOKEN_ENV,
+    auth_metadata,
+    channel_credentials,
+    channel_options,
+    config_changes,
+    create_session_request,
+    generate_request,
+    health_status_name,
 )
+from rnnserve.errors import InvalidArgument, RnnServeError, Timeout, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 __all__ = [
+    "ADDRESS_ENV",
+    "CELLS",
     "DEFAULT_ADDRESS",
     "DEFAULT_CHUNK_CHARS",
+    "DTYPES",
+    "INLINE_TEXT_CHARS",
+    "OPTIMIZERS",
+    "PRESETS",
+    "TOKEN_ENV",
     "Client",
     "Session",
     "Stream",
@@ -39,33 +58,11 @@ __all__ = [
     "TrainStream",
 ]
 
-DEFAULT_ADDRESS = "localhost:50051"
-ADDRESS_ENV = "RNNSERVE_ADDRESS"
 # 64 Ki characters are at most 256 KiB of UTF-8: far under gRPC's 4 MiB default message limit.
 DEFAULT_CHUNK_CHARS = 65536
 # Archive chunks sent by ImportSession: 256 KiB, like AppendText's largest, far under the
 # 4 MiB message limit.
 DEFAULT_CHUNK_BYTES = 256 * 1024
-# create_session sends at most this many characters inline and appends the rest in chunks.
-INLINE_TEXT_CHARS = 262144
-
-TOKEN_ENV = "RNNSERVE_TOKEN"
-HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
-HEALTH_STATUS_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
-
-PRESETS: dict[str, int] = {
-    "default": pb.PRESET_DEFAULT,
-    "notebook": pb.PRESET_NOTEBOOK,
-    "min-char-rnn": pb.PRESET_MIN_CHAR_RNN,
-    "quality": pb.PRESET_QUALITY,
-}
-CELLS: dict[str, int] = {"rnn": pb.CELL_RNN, "lstm": pb.CELL_LSTM, "gru": pb.CELL_GRU}
-OPTIMIZERS: dict[str, int] = {
-    "sgd": pb.OPTIMIZER_SGD,
-    "adagrad": pb.OPTIMIZER_ADAGRAD,
-    "adam": pb.OPTIMIZER_ADAM,
-}
-DTYPES: dict[str, int] = {"float32": pb.DATA_TYPE_FLOAT32, "float64": pb.DATA_TYPE_FLOAT64}
 
 # Text for append_text: a whole string, a text or binary file, or an iterable of chunks.
 TextSource = str | bytes | IO[str] | IO[bytes] | Iterable[str] | Iterable[bytes]
@@ -74,69 +71,6 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 M = TypeVar("M")
 T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------------
-# grpc.health.v1 without grpcio-health-checking: the two messages are one field each, so a
-# dozen lines of wire format keep that server-side package out of the client's dependencies.
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def encode_health_request(service: str) -> bytes:
-    """Serialize grpc.health.v1.HealthCheckRequest{string service = 1}."""
-    data = service.encode("utf-8")
-    return b"\x0a" + _varint(len(data)) + data if data else b""
-
-
-def decode_health_response(data: bytes) -> int:
-    """Parse grpc.health.v1.HealthCheckResponse{ServingStatus status = 1}; skip other fields."""
-    status = 0
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _read_varint(data, pos)
-            if field == 1:
-                status = value
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 2:
-            length, pos = _read_varint(data, pos)
-            pos += length
-        elif wire_type == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-    if pos != len(data):
-        raise ValueError("truncated message")
-    return status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,43 +228,6 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
 # ---------------------------------------------------------------------------------------------
 
 
-def _enum(kind: str, value: str | int | None, names: dict[str, int]) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, int):
-        return value
-    key = value.strip().lower().replace("_", "-")
-    if key not in names:
-        raise InvalidArgument(f"unknown {kind} {value!r}: choose one of {', '.join(names)}")
-    return names[key]
-
-
-def _config_changes(
-    learning_rate: float | None,
-    clip: float | None,
-    reset_every: int | None,
-    optimizer: str | int | None,
-    required: bool = True,
-) -> tuple[pb.SessionConfig, list[str]]:
-    """A SessionConfig with the given values set, and the update_mask paths naming them."""
-    config = pb.SessionConfig()
-    paths = []
-    for name, value in (
-        ("learning_rate", learning_rate),
-        ("clip", clip),
-        ("reset_every", reset_every),
-    ):
-        if value is not None:
-            setattr(config, name, value)
-            paths.append(f"config.{name}")
-    if optimizer is not None:
-        config.optimizer = _enum("optimizer", optimizer, OPTIMIZERS)  # type: ignore[assignment]
-        paths.append("config.optimizer")
-    if required and not paths:
-        raise InvalidArgument("give at least one setting to change")
-    return config, paths
-
-
 class Client:
     """A connection to an rnnserve server.
 
@@ -371,29 +268,32 @@ class Client:
             address = os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
         self.address = address
         self.timeout = timeout
-        if token is None:
-            token = os.environ.get(TOKEN_ENV) or None
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
-        channel_options = list(options)
-        if tls_server_name:
-            channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
-        if ca_file is not None or tls:
-            root = None
-            if ca_file is not None:
-                with open(ca_file, "rb") as f:
-                    root = f.read()
-            credentials = grpc.ssl_channel_credentials(root_certificates=root)
-            self._channel = grpc.secure_channel(address, credentials, options=channel_options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=channel_options)
+        self._metadata = auth_metadata(token)
+        self._options = list(options)
+        self._tls_server_name = tls_server_name
+        self._credentials = channel_credentials(ca_file, tls)
+        self._channel = self._make_channel(generate=False)
         self._stub = pb_grpc.RnnServiceStub(self._channel)
-        self._health_check = self._channel.unary_unary(
-            HEALTH_CHECK_METHOD,
-            request_serializer=encode_health_request,
-            response_deserializer=decode_health_response,
-        )
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        # Seeded Generate calls may be retried (the same seed makes the same text), unseeded
+        # ones not; a retry policy is per method, so they get a channel of their own, made on
+        # first use.
+        self._seeded_channel: grpc.Channel | None = None
+
+    def _make_channel(self, *, generate: bool) -> grpc.Channel:
+        options = channel_options(self._options, self._tls_server_name, generate=generate)
+        if self._credentials is None:
+            return grpc.insecure_channel(self.address, options=options)
+        return grpc.secure_channel(self.address, self._credentials, options=options)
+
+    def _generate_method(
+        self, seeded: bool
+    ) -> grpc.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]:
+        if not seeded:
+            return self._stub.Generate
+        if self._seeded_channel is None:
+            self._seeded_channel = self._make_channel(generate=True)
+        return pb_grpc.RnnServiceStub(self._seeded_channel).Generate
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -424,6 +324,8 @@ class Client:
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
+        if self._seeded_channel is not None:
+            self._seeded_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -474,35 +376,26 @@ class Client:
         characters is sent in chunks after the call that creates the session (with the
         alphabet fixed up front to ``sorted(set(text))``, what the server would pick).
         """
-        config = pb.SessionConfig(
-            optimizer=_enum("optimizer", optimizer, OPTIMIZERS),  # type: ignore[arg-type]
-            dtype=_enum("dtype", dtype, DTYPES),  # type: ignore[arg-type]
-            cell=_enum("cell", cell, CELLS),  # type: ignore[arg-type]
-        )
-        for name, value in (
-            ("hidden_size", hidden_size),
-            ("seq_length", seq_length),
-            ("batch_size", batch_size),
-            ("learning_rate", learning_rate),
-            ("clip", clip),
-            ("seed", seed),
-            ("reset_every", reset_every),
-            ("validation_fraction", validation_fraction),
-            ("num_layers", num_layers),
-            ("dropout", dropout),
-        ):
-            if value is not None:
-                setattr(config, name, value)
-        rest = ""
-        if len(text) > INLINE_TEXT_CHARS:
-            text, rest = text[:INLINE_TEXT_CHARS], text[INLINE_TEXT_CHARS:]
-            alphabet = alphabet or "".join(sorted(set(text) | set(rest)))
-        request = pb.CreateSessionRequest(
+        request, rest = create_session_request(
+            text,
             session_id=session_id,
-            preset=_enum("preset", preset, PRESETS),  # type: ignore[arg-type]
-            config=config,
-            text=text,
+            preset=preset,
             alphabet=alphabet,
+            hyper={
+                "hidden_size": hidden_size,
+                "seq_length": seq_length,
+                "batch_size": batch_size,
+                "learning_rate": learning_rate,
+                "clip": clip,
+                "seed": seed,
+                "reset_every": reset_every,
+                "validation_fraction": validation_fraction,
+                "num_layers": num_layers,
+                "dropout": dropout,
+            },
+            optimizer=optimizer,
+            dtype=dtype,
+            cell=cell,
         )
         response = self._unary(self._stub.CreateSession, request, timeout)
         session = Session(self, response.session.session_id, response.session)
@@ -578,8 +471,8 @@ class Client:
         not know that service name). Raises ServerUnavailable if nothing answers.
         """
         try:
-            status: int = self._health_check(
-                service,
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service),
                 timeout=self.timeout if timeout is None else timeout,
                 metadata=self._metadata,
                 wait_for_ready=wait_for_ready,
@@ -588,26 +481,36 @@ class Client:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"
             raise error_from_rpc(e) from None
-        return HEALTH_STATUS_NAMES.get(status, "UNKNOWN")
+        return health_status_name(response)
 
     def wait_ready(self, timeout: float = 10.0, *, service: str = "") -> None:
-        """Block until the server reports SERVING; Timeout after ``timeout`` seconds."""
+        """Block until the server reports SERVING; Timeout after ``timeout`` seconds.
+
+        gRPC's ``channel_ready_future`` waits for the connection; then health Checks (with
+        ``wait_for_ready``) until the server says SERVING.
+        """
         deadline = time.monotonic() + timeout
-        status = "UNREACHABLE"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise Timeout(
-                    f"the server at {self.address} was not ready within {timeout:g} s "
-                    f"(last status: {status})"
-                )
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            ready.cancel()  # stops watching the channel's connectivity
+            raise Timeout(
+                f"the server at {self.address} was not ready within {timeout:g} s (unreachable)"
+            ) from None
+        status = "UNKNOWN"
+        while (remaining := deadline - time.monotonic()) > 0:
             try:
                 status = self.health(service, timeout=remaining, wait_for_ready=True)
-            except (ServerUnavailable, Timeout):
-                status = "UNREACHABLE"
+            except Timeout:
+                break
             if status == "SERVING":
                 return
             time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+        raise Timeout(
+            f"the server at {self.address} was not ready within {timeout:g} s "
+            f"(last status: {status})"
+        )
 
 
 def _iter_bytes(
@@ -716,7 +619,7 @@ class Session:
     ) -> pb.Session:
         """Change the given settings (UpdateSession with a field mask of just those). A new
         optimizer starts with fresh state. Refused (SessionBusy) while the session trains."""
-        config, paths = _config_changes(learning_rate, clip, reset_every, optimizer)
+        config, paths = config_changes(learning_rate, clip, reset_every, optimizer)
         request = pb.UpdateSessionRequest(
             session=pb.Session(session_id=self.id, config=config),
             update_mask=field_mask_pb2.FieldMask(paths=paths),
@@ -738,7 +641,7 @@ class Session:
     ) -> Session:
         """A copy of this session (weights, optimizer state, corpus, history) under a new id,
         with the given settings changed."""
-        config, _ = _config_changes(learning_rate, clip, reset_every, optimizer, required=False)
+        config, _ = config_changes(learning_rate, clip, reset_every, optimizer, required=False)
         request = pb.ForkSessionRequest(
             session_id=self.id, new_session_id=new_session_id, config=config
         )
@@ -812,12 +715,9 @@ class Session:
         ``temperature`` 0 is greedy; ``top_k`` > 0 samples among the k likeliest characters;
         the same ``seed`` gives the same text.
         """
-        request = pb.GenerateRequest(
-            session_id=self.id, prime=prime, length=length, temperature=temperature, top_k=top_k
-        )
-        if seed is not None:
-            request.seed = seed
-        call = self._client._server_stream(self._client._stub.Generate, request, timeout)
+        request = generate_request(self.id, length, prime, temperature, top_k, seed)
+        method = self._client._generate_method(seed is not None)
+        call = self._client._server_stream(method, request, timeout)
         return Stream(call, lambda response: (response.text,) if response.text else ())
 
     def generate(

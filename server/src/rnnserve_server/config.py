@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rnnserve_server import __version__
+
 ENV_PREFIX = "RNNSERVE_"
 
 
@@ -245,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve character-level RNN sessions over gRPC (rnnserve.v1.RnnService).",
         epilog="Each flag can also be set by the environment variable shown; the flag wins.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)

@@ -11,8 +11,8 @@ from typing import Any, cast
 from google.protobuf.timestamp_pb2 import Timestamp
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from rnnserve_server.errors import InvalidArgumentError, LimitExceededError
-from rnnserve_server.limits import limit_message
+from rnnserve_server.errors import InvalidArgumentError
+from rnnserve_server.limits import limit_error
 from rnnserve_server.model import MAX_VALIDATION_FRACTION, MUTABLE_FIELDS, PRESETS, ModelConfig
 from rnnserve_server.paging import page_token_after
 from rnnserve_server.session import Session
@@ -258,10 +258,8 @@ def fit_page(
         n = msg.ByteSize() + 6  # field tag and length prefix
         if size + n > budget:
             if not items:
-                raise LimitExceededError(
-                    limit_message(
-                        f"session {session.id!r} in bytes", n, budget, "max_message_bytes"
-                    )
+                raise limit_error(
+                    f"session {session.id!r} in bytes", n, budget, "max_message_bytes"
                 )
             return items, page_token_after(items[-1].session_id)
         items.append(msg)

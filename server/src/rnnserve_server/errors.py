@@ -8,7 +8,12 @@ from __future__ import annotations
 
 
 class DomainError(Exception):
-    """Base class: ``str(error)`` is the message sent to the client."""
+    """Base class: ``str(error)`` is the message sent to the client; ``session_id`` (when the
+    error is about one session) goes into the status details (``status.py``)."""
+
+    def __init__(self, message: str, *, session_id: str | None = None) -> None:
+        super().__init__(message)
+        self.session_id = session_id
 
 
 class SessionNotFoundError(DomainError):
@@ -20,11 +25,39 @@ class SessionExistsError(DomainError):
 
 
 class InvalidArgumentError(DomainError):
-    """A request field is malformed; the message names the field and why (INVALID_ARGUMENT)."""
+    """A request field is malformed; the message names the field and why (INVALID_ARGUMENT).
+
+    ``field`` is the field's path (``config.hidden_size``) when the raise site knows it
+    better than the message's first word (see ``status.field_of``).
+    """
+
+    def __init__(
+        self, message: str, *, field: str | None = None, session_id: str | None = None
+    ) -> None:
+        super().__init__(message, session_id=session_id)
+        self.field = field
 
 
 class LimitExceededError(DomainError):
-    """A server limit would be exceeded; the message names the setting (RESOURCE_EXHAUSTED)."""
+    """A server limit would be exceeded; the message names the setting (RESOURCE_EXHAUSTED).
+
+    ``setting`` is the limit's Settings name (``max_sessions``), ``limit`` its value and
+    ``value`` what the request needed, for the status details.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        setting: str | None = None,
+        limit: int | None = None,
+        value: int | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        super().__init__(message, session_id=session_id)
+        self.setting = setting
+        self.limit = limit
+        self.value = value
 
 
 class SessionBusyError(DomainError):
@@ -32,7 +65,19 @@ class SessionBusyError(DomainError):
 
 
 class SessionBrokenError(DomainError):
-    """The session's checkpoint could not be read (FAILED_PRECONDITION)."""
+    """The session could not be loaded: FAILED_PRECONDITION when its checkpoint is intact but
+    not loadable here (over this server's limits), DATA_LOSS (``damaged``) when the checkpoint
+    is unreadable or damaged."""
+
+    def __init__(
+        self, message: str, *, session_id: str | None = None, damaged: bool = True
+    ) -> None:
+        super().__init__(message, session_id=session_id)
+        self.damaged = damaged
+
+
+class UnauthenticatedError(DomainError):
+    """No bearer token, or one the server does not accept (UNAUTHENTICATED)."""
 
 
 class ShuttingDownError(DomainError):
@@ -52,9 +97,17 @@ class CheckpointError(Exception):
     """A checkpoint file could not be read or written; the message says which file and why.
 
     ``public`` is the sentence a client may see (no paths, no exception text): the message
-    itself goes only to the server log.
+    itself goes only to the server log. ``damaged`` is False when the file is intact but this
+    server refuses it (its model is over the limits): not a data loss.
     """
 
-    def __init__(self, message: str, public: str = "its checkpoint could not be read") -> None:
+    def __init__(
+        self,
+        message: str,
+        public: str = "its checkpoint could not be read",
+        *,
+        damaged: bool = True,
+    ) -> None:
         super().__init__(message)
         self.public = public
+        self.damaged = damaged

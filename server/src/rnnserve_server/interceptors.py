@@ -22,7 +22,13 @@ import structlog
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from rnnserve_server import logs, metrics
+from rnnserve_server import logs, metrics, status
+from rnnserve_server.errors import (
+    DomainError,
+    InvalidArgumentError,
+    LimitExceededError,
+    UnauthenticatedError,
+)
 
 # The rpc line keeps the logger name it had when app.py wrote it: log queries filter on it.
 log = logs.get_logger("rnnserve.app")
@@ -160,10 +166,12 @@ class ObservingInterceptor(Interceptor):
             return allowed, None
 
         async def deny(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid bearer token: send metadata 'authorization: Bearer <token>' "
-                "with a token the server accepts (client: token= or RNNSERVE_TOKEN)",
+            await status.abort(
+                context,
+                UnauthenticatedError(
+                    "missing or invalid bearer token: send metadata 'authorization: Bearer "
+                    "<token>' with a token the server accepts (client: token= or RNNSERVE_TOKEN)"
+                ),
             )
 
         # Observed as the method's kind, like any call; the refusal reads no request.
@@ -182,15 +190,32 @@ class ObservingInterceptor(Interceptor):
         service, method = metrics.split_method(full_method)
         quiet = full_method.startswith(HEALTH_PREFIX)
         record_metrics = self.record_metrics
+        rpc_metrics = (
+            metrics.RpcMetrics(
+                metrics.grpc_type(handler.request_streaming, handler.response_streaming),
+                service,
+                method,
+            )
+            if record_metrics
+            else None
+        )
         # Client-streaming calls (AppendText) are streams in flight too.
         active = (
-            metrics.ACTIVE_STREAMS.labels(service=service, method=method)
+            metrics.ACTIVE_STREAMS.labels(grpc_service=service, grpc_method=method)
             if record_metrics and (handler.request_streaming or handler.response_streaming)
             else None
         )
 
+        # One request message per call, counted at its start, unless the requests stream in
+        # (then _checking_requests counts each).
+        received_at_start = rpc_metrics is not None and not handler.request_streaming
+
         def begin() -> float:
             structlog.contextvars.clear_contextvars()
+            if rpc_metrics is not None:
+                rpc_metrics.started.inc()
+                if received_at_start:
+                    rpc_metrics.received.inc()
             if active is not None:
                 active.inc()
             return time.perf_counter()
@@ -206,8 +231,9 @@ class ObservingInterceptor(Interceptor):
                 active.dec()
             code = code_name(context, exc)
             level = "debug" if quiet else ("info" if code in ("OK", "CANCELLED") else "warning")
-            if record_metrics:  # before the log line: a reader of the line sees the metric
-                metrics.record_rpc(service, method, code, seconds)
+            if rpc_metrics is not None:  # before the log line: a reader of it sees the metric
+                sent = extra.get("messages", 1 if code == "OK" else 0)
+                rpc_metrics.finished(code, seconds, sent)
             fields = structlog.contextvars.get_contextvars()
             getattr(log, level)(
                 "rpc",
@@ -221,7 +247,9 @@ class ObservingInterceptor(Interceptor):
         if refusal:
             inner: Behavior = behavior
         elif handler.request_streaming:
-            inner = _checking_requests(behavior)
+            inner = _checking_requests(
+                behavior, rpc_metrics.received if rpc_metrics is not None else None
+            )
         else:
             inner = _checking_request(behavior, handler.response_streaming)
 
@@ -268,7 +296,7 @@ def _checking_request(behavior: Behavior, response_streaming: bool) -> Behavior:
 
         async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             if isinstance(request, _Refused):
-                await context.abort(request.code, request.details)
+                await status.abort(context, request.error)
             return await behavior(request, context)
 
         return unary_unary
@@ -282,18 +310,20 @@ def _checking_request(behavior: Behavior, response_streaming: bool) -> Behavior:
 
 
 async def _abort(refused: _Refused, context: aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(refused.code, refused.details)
+    await status.abort(context, refused.error)
 
 
-def _checking_requests(behavior: Behavior) -> Behavior:
+def _checking_requests(behavior: Behavior, received: Any = None) -> Behavior:
     """A streaming-request behaviour whose request iterator aborts the call at the first
-    message the guard refused."""
+    message the guard refused, counting each message on ``received`` (a metric) if given."""
 
     def wrapped(iterator: AsyncIterator[Any], context: aio.ServicerContext[Any, Any]) -> Any:
         async def requests() -> AsyncIterator[Any]:
             async for request in iterator:
+                if received is not None:
+                    received.inc()
                 if isinstance(request, _Refused):
-                    await context.abort(request.code, request.details)
+                    await status.abort(context, request.error)
                 yield request
 
         return behavior(requests(), context)
@@ -309,9 +339,8 @@ HARD_MESSAGE_FACTOR = 4
 class _Refused:
     """Stands in for a request that could not be accepted: the status to answer with."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self.code = code
-        self.details = details
+    def __init__(self, error: DomainError) -> None:
+        self.error = error
 
 
 def guard_deserializer(
@@ -331,18 +360,23 @@ def guard_deserializer(
     def guarded(data: bytes) -> Any:
         if len(data) > limit:
             return _Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the {method} request message ({len(data)} bytes) exceeds the server limit "
-                f"of {limit} bytes; send long text in AppendText chunks, or the operator can "
-                "raise it with --max-message-bytes or RNNSERVE_MAX_MESSAGE_BYTES",
+                LimitExceededError(
+                    f"the {method} request message ({len(data)} bytes) exceeds the server "
+                    f"limit of {limit} bytes; send long text in AppendText chunks, or the "
+                    "operator can raise it with --max-message-bytes or RNNSERVE_MAX_MESSAGE_BYTES",
+                    setting="max_message_bytes",
+                    limit=limit,
+                    value=len(data),
+                )
             )
         try:
             return deserialize(data)
         except DecodeError as exc:
             return _Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the {method} request is not a valid message ({exc}); string fields must "
-                "be valid UTF-8 (no lone surrogates)",
+                InvalidArgumentError(
+                    f"the {method} request is not a valid message ({exc}); string fields must "
+                    "be valid UTF-8 (no lone surrogates)"
+                )
             )
 
     return guarded

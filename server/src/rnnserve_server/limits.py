@@ -18,6 +18,13 @@ def limit_message(what: str, value: int, limit: int, setting: str) -> str:
     )
 
 
+def limit_error(what: str, value: int, limit: int, setting: str) -> LimitExceededError:
+    """LimitExceededError with ``limit_message``'s sentence and the details' fields."""
+    return LimitExceededError(
+        limit_message(what, value, limit, setting), setting=setting, limit=limit, value=value
+    )
+
+
 def check_config_limits(s: Settings, config: ModelConfig) -> None:
     """LimitExceededError when a hyperparameter is over its server limit."""
     for field, limit_name in (
@@ -28,50 +35,40 @@ def check_config_limits(s: Settings, config: ModelConfig) -> None:
     ):
         value, limit = getattr(config, field), getattr(s, limit_name)
         if value > limit:
-            raise LimitExceededError(limit_message(field, value, limit, limit_name))
+            raise limit_error(field, value, limit, limit_name)
     if config.recurrent_weights > s.max_recurrent_weights:
-        raise LimitExceededError(
-            limit_message(
-                "recurrent weights (num_layers x gates x hidden_size^2, x2 above layer 1)",
-                config.recurrent_weights,
-                s.max_recurrent_weights,
-                "max_recurrent_weights",
-            )
+        raise limit_error(
+            "recurrent weights (num_layers x gates x hidden_size^2, x2 above layer 1)",
+            config.recurrent_weights,
+            s.max_recurrent_weights,
+            "max_recurrent_weights",
         )
     window = config.batch_size * config.seq_length
     if window > s.max_window_chars:
-        raise LimitExceededError(
-            limit_message("batch_size x seq_length", window, s.max_window_chars, "max_window_chars")
-        )
+        raise limit_error("batch_size x seq_length", window, s.max_window_chars, "max_window_chars")
 
 
 def check_alphabet_size(s: Settings, size: int) -> None:
     """LimitExceededError for an alphabet over max_alphabet_size."""
     if size > s.max_alphabet_size:
-        raise LimitExceededError(
-            limit_message("the alphabet size", size, s.max_alphabet_size, "max_alphabet_size")
-        )
+        raise limit_error("the alphabet size", size, s.max_alphabet_size, "max_alphabet_size")
 
 
 def check_corpus_limits(s: Settings, session_bytes: int, added: int, all_bytes: int) -> None:
     """LimitExceededError when a corpus of ``session_bytes`` (UTF-8) growing by ``added``
     would outgrow max_corpus_bytes, or all corpora (``all_bytes`` now) max_total_corpus_bytes."""
     if session_bytes + added > s.max_corpus_bytes:
-        raise LimitExceededError(
-            limit_message(
-                "the session's corpus in UTF-8 bytes",
-                session_bytes + added,
-                s.max_corpus_bytes,
-                "max_corpus_bytes",
-            )
+        raise limit_error(
+            "the session's corpus in UTF-8 bytes",
+            session_bytes + added,
+            s.max_corpus_bytes,
+            "max_corpus_bytes",
         )
     total = all_bytes + added
     if total > s.max_total_corpus_bytes:
-        raise LimitExceededError(
-            limit_message(
-                "the corpus bytes of all sessions",
-                total,
-                s.max_total_corpus_bytes,
-                "max_total_corpus_bytes",
-            )
+        raise limit_error(
+            "the corpus bytes of all sessions",
+            total,
+            s.max_total_corpus_bytes,
+            "max_total_corpus_bytes",
         )

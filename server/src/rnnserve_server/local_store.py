@@ -304,7 +304,9 @@ class LocalStore:
                         try:
                             check(trainer_meta, declared)
                         except CheckpointError as exc:
-                            raise CheckpointError(f"{path}: {exc}", exc.public) from None
+                            raise CheckpointError(
+                                f"{path}: {exc}", exc.public, damaged=exc.damaged
+                            ) from None
                 if shapes.get("loss_history") != (meta.get("step"),):
                     raise CheckpointError(
                         f"{path}: step {meta.get('step')!r} does not match the loss history's "

@@ -3,10 +3,14 @@
 Everything lives in one dedicated ``CollectorRegistry`` (:data:`REGISTRY`), never the
 prometheus-client default, so nothing a library registers globally leaks in:
 
-- ``rnnserve_rpcs_total{service,method,code}``: finished RPCs by gRPC status code name;
-- ``rnnserve_rpc_duration_seconds{service,method}``: histogram of RPC durations (for a stream,
-  from the call to its last message);
-- ``rnnserve_active_streams{service,method}``: streaming RPCs in flight (Train, WatchLoss, ...);
+- the RPC metrics under the names and labels of go-grpc-prometheus (what stock gRPC dashboards
+  query), labels ``grpc_type`` (unary, client_stream, server_stream, bidi_stream),
+  ``grpc_service``, ``grpc_method``: ``grpc_server_started_total``,
+  ``grpc_server_handled_total{...,grpc_code}`` (finished RPCs by status code name),
+  ``grpc_server_handling_seconds`` (histogram; for a stream, from the call to its last message)
+  and ``grpc_server_msg_sent_total`` / ``grpc_server_msg_received_total`` (messages);
+- ``rnnserve_active_streams{grpc_service,grpc_method}``: streaming RPCs in flight;
+- ``rnnserve_build_info{version,python,grpcio,numpy}``: always 1, the versions running;
 - ``rnnserve_sessions``, ``rnnserve_sessions_resident``, ``rnnserve_sessions_on_disk``: sessions
   known, with their model in memory, with a checkpoint file in the data directory;
 - ``rnnserve_training_updates_total``, ``rnnserve_training_chars_total``: optimizer updates
@@ -23,9 +27,10 @@ whether or not they are served (an increment costs well under a microsecond).
 from __future__ import annotations
 
 import contextlib
+import platform
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from prometheus_client import (
@@ -38,6 +43,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from rnnserve_server import __version__
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -58,25 +65,65 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 CHECKPOINT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-RPCS = Counter(
-    "rnnserve_rpcs",
-    "Finished RPCs by service, method and gRPC status code.",
-    ["service", "method", "code"],
+RPC_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
+STARTED = Counter(
+    "grpc_server_started",
+    "RPCs started on the server.",
+    RPC_LABELS,
     registry=REGISTRY,
 )
-RPC_DURATION = Histogram(
-    "rnnserve_rpc_duration_seconds",
-    "RPC duration in seconds; for streams, until the last message.",
-    ["service", "method"],
+HANDLED = Counter(
+    "grpc_server_handled",
+    "RPCs completed on the server, by gRPC status code.",
+    [*RPC_LABELS, "grpc_code"],
+    registry=REGISTRY,
+)
+HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "RPC handling time in seconds; for streams, until the last message.",
+    RPC_LABELS,
     buckets=DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+MSG_SENT = Counter(
+    "grpc_server_msg_sent",
+    "Response messages sent by the server.",
+    RPC_LABELS,
+    registry=REGISTRY,
+)
+MSG_RECEIVED = Counter(
+    "grpc_server_msg_received",
+    "Request messages received by the server.",
+    RPC_LABELS,
     registry=REGISTRY,
 )
 ACTIVE_STREAMS = Gauge(
     "rnnserve_active_streams",
     "Streaming RPCs in flight.",
-    ["service", "method"],
+    ["grpc_service", "grpc_method"],
     registry=REGISTRY,
 )
+BUILD_INFO = Gauge(
+    "rnnserve_build_info",
+    "Always 1; the labels say which versions are running.",
+    ["version", "python", "grpcio", "numpy"],
+    registry=REGISTRY,
+)
+
+
+def _build_info() -> None:
+    import grpc
+    import numpy
+
+    BUILD_INFO.labels(
+        version=__version__,
+        python=platform.python_version(),
+        grpcio=grpc.__version__,
+        numpy=numpy.__version__,
+    ).set(1)
+
+
+_build_info()
 TRAINING_UPDATES = Counter(
     "rnnserve_training_updates",
     "Optimizer updates applied (Step and Train), all sessions.",
@@ -127,10 +174,36 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def record_rpc(service: str, method: str, code: str, seconds: float) -> None:
-    """Count one finished RPC under its status code name and time it."""
-    RPCS.labels(service=service, method=method, code=code).inc()
-    RPC_DURATION.labels(service=service, method=method).observe(seconds)
+def grpc_type(request_streaming: bool, response_streaming: bool) -> str:
+    """The ``grpc_type`` label of a method of that shape."""
+    if request_streaming:
+        return "bidi_stream" if response_streaming else "client_stream"
+    return "server_stream" if response_streaming else "unary"
+
+
+class RpcMetrics:
+    """The RPC series of one method, with their label lookups done once (per status code for
+    ``handled``), so recording a call costs a few increments."""
+
+    def __init__(self, kind: str, service: str, method: str) -> None:
+        labels = {"grpc_type": kind, "grpc_service": service, "grpc_method": method}
+        self._labels = labels
+        self.started = STARTED.labels(**labels)
+        self.seconds = HANDLING_SECONDS.labels(**labels)
+        self.sent = MSG_SENT.labels(**labels)
+        self.received = MSG_RECEIVED.labels(**labels)
+        self._handled: dict[str, Any] = {}
+
+    def finished(self, code: str, seconds: float, messages_sent: int) -> None:
+        """Count one finished call under its status code name, time it and count its
+        response messages."""
+        handled = self._handled.get(code)
+        if handled is None:
+            handled = self._handled[code] = HANDLED.labels(**self._labels, grpc_code=code)
+        handled.inc()
+        self.seconds.observe(seconds)
+        if messages_sent:
+            self.sent.inc(messages_sent)
 
 
 # ----- sessions --------------------------------------------------------------------------------

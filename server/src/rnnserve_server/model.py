@@ -89,7 +89,10 @@ class Trainer:
     window of ``seq_length`` characters, carrying its hidden state from window to window. A
     strand whose next window would run past the end restarts at 0 with a zero state, and every
     ``reset_every`` windows all carried states are zeroed, so the model also works from a zero
-    state (which is how it is evaluated and sampled). Not thread-safe.
+    state (which is how it is evaluated and sampled). AppendText re-spreads the strands over
+    the grown corpus (``append``). ``config.cell`` / ``num_layers`` other than the seed's
+    one-layer ``rnn`` use cells/'s model; the carried state is then h (and c) of every layer,
+    and dropout masks come from the trainer's own checkpointed generator. Not thread-safe.
     """
 
     def __init__(self, config: ModelConfig, vocab: Vocab, corpus: np.ndarray) -> None:

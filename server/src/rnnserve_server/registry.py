@@ -21,7 +21,6 @@ from rnnserve_server.checkpoints import CheckpointWriter, storage_error
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
     CheckpointError,
-    LimitExceededError,
     SessionBrokenError,
     SessionExistsError,
     SessionNotFoundError,
@@ -30,7 +29,7 @@ from rnnserve_server.errors import (
 )
 from rnnserve_server.limits import (
     check_corpus_limits,
-    limit_message,
+    limit_error,
 )
 from rnnserve_server.logs import get_logger
 from rnnserve_server.model import (
@@ -39,7 +38,7 @@ from rnnserve_server.model import (
 from rnnserve_server.paging import page_ids
 from rnnserve_server.residency import Residency, _session_bytes, resident_bytes
 from rnnserve_server.session import Session, StopCause
-from rnnserve_server.session_factory import SessionFactory, _public_reason
+from rnnserve_server.session_factory import SessionFactory, _damaged, _public_reason
 from rnnserve_server.store import Checkpoint, Store, validate_session_id
 from rnnserve_server.vocab import utf8_size
 
@@ -161,7 +160,8 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         session = self.sessions.get(session_id)
         if session is None:
             raise SessionNotFoundError(
-                f"session {session_id!r} does not exist; ListSessions shows the existing ones"
+                f"session {session_id!r} does not exist; ListSessions shows the existing ones",
+                session_id=session_id,
             )
         return session
 
@@ -196,9 +196,12 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
                 error = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
                 log.error("reload_failed", session_id=session.id, error=error)
                 session.broken_error = _public_reason(exc)
+                session.broken_damaged = _damaged(exc)
                 raise SessionBrokenError(
                     f"session {session.id!r} could not be reloaded from disk: "
-                    f"{session.broken_error}"
+                    f"{session.broken_error}",
+                    session_id=session.id,
+                    damaged=session.broken_damaged,
                 ) from None
             log.info("session_reloaded", session_id=session.id, step=session.step)
 
@@ -227,16 +230,15 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
                 session_id = "s-" + secrets.token_hex(6)
         if session_id in self.sessions or session_id in self._reserved:
             raise SessionExistsError(
-                f"session {session_id!r} already exists; pick another id or delete it first"
+                f"session {session_id!r} already exists; pick another id or delete it first",
+                session_id=session_id,
             )
         if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
-            raise LimitExceededError(
-                limit_message(
-                    "the number of sessions",
-                    len(self.sessions) + 1,
-                    self.settings.max_sessions,
-                    "max_sessions",
-                )
+            raise limit_error(
+                "the number of sessions",
+                len(self.sessions) + 1,
+                self.settings.max_sessions,
+                "max_sessions",
             )
         self.check_config_limits(config)
         self.check_corpus_limits(0, utf8_size(text))
@@ -284,16 +286,15 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         validate_session_id(session_id)
         if session_id in self.sessions or session_id in self._reserved:
             raise SessionExistsError(
-                f"session {session_id!r} already exists; pick another id or delete it first"
+                f"session {session_id!r} already exists; pick another id or delete it first",
+                session_id=session_id,
             )
         if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
-            raise LimitExceededError(
-                limit_message(
-                    "the number of sessions",
-                    len(self.sessions) + 1,
-                    self.settings.max_sessions,
-                    "max_sessions",
-                )
+            raise limit_error(
+                "the number of sessions",
+                len(self.sessions) + 1,
+                self.settings.max_sessions,
+                "max_sessions",
             )
         self._reserved.add(session_id)
         try:

@@ -11,7 +11,7 @@ import numpy as np
 from rnnserve_server import budget
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import InvalidArgumentError, LimitExceededError
-from rnnserve_server.limits import limit_message
+from rnnserve_server.limits import limit_error
 from rnnserve_server.model import ModelConfig
 from rnnserve_server.session import Session
 from rnnserve_server.vocab import UnknownCharactersError
@@ -53,9 +53,7 @@ class RequestLimits:
             )
         limit = self.settings.max_text_chars
         if len(text) > limit:
-            raise LimitExceededError(
-                limit_message(f"{field} length", len(text), limit, "max_text_chars")
-            )
+            raise limit_error(f"{field} length", len(text), limit, "max_text_chars")
 
     @staticmethod
     def check_count(field: str, value: int, minimum: int, limit: int, setting: str) -> None:
@@ -64,7 +62,7 @@ class RequestLimits:
         if value < minimum:
             raise InvalidArgumentError(f"{field} must be >= {minimum}, not {value}")
         if value > limit:
-            raise LimitExceededError(limit_message(field, value, limit, setting))
+            raise limit_error(field, value, limit, setting)
 
     def check_memory(
         self,
@@ -96,7 +94,10 @@ class RequestLimits:
             f"{what} needs about {_mib(need)} of working memory on this session's model "
             f"(hidden {config.hidden_size}, alphabet {vocab}, {config.dtype}), over the server "
             f"limit of {_mib(limit)}; {fix}the operator can raise the limit with "
-            "--max-request-bytes or RNNSERVE_MAX_REQUEST_BYTES"
+            "--max-request-bytes or RNNSERVE_MAX_REQUEST_BYTES",
+            setting="max_request_bytes",
+            limit=limit,
+            value=need,
         )
 
     def check_update_memory(self, session: Session, what: str, sample_length: int) -> None:
@@ -142,5 +143,8 @@ class RequestLimits:
                 f"{config.dtype}) needs about {_mib(need(vocab))} of working memory per update, "
                 f"over the server limit of {_mib(limit)}; use a smaller batch_size, seq_length "
                 "or hidden_size, or the operator can raise the limit with --max-request-bytes "
-                "or RNNSERVE_MAX_REQUEST_BYTES"
+                "or RNNSERVE_MAX_REQUEST_BYTES",
+                setting="max_request_bytes",
+                limit=limit,
+                value=need(vocab),
             )

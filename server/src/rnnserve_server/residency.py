@@ -87,7 +87,10 @@ class Residency:
                     budget,
                     "max_resident_bytes",
                 )
-                + " (or wait for busy sessions to finish)"
+                + " (or wait for busy sessions to finish)",
+                setting="max_resident_bytes",
+                limit=budget,
+                value=total,
             )
 
     def _resident_bytes(self) -> int:

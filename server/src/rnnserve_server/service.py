@@ -2,7 +2,8 @@
 
 Each handler converts the request (converters.py), calls the use case (session_service.py,
 which knows nothing of gRPC), and converts the result back. Every domain exception is mapped
-in ``_status_for``; anything unexpected is logged and becomes INTERNAL, never UNKNOWN.
+to a code and a google.rpc.Status with details in ``status.py``; anything unexpected is logged
+and becomes INTERNAL, never UNKNOWN.
 """
 
 from __future__ import annotations
@@ -12,32 +13,18 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
 import structlog
 from grpc import aio
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 from rnnserve_server import converters as cv
+from rnnserve_server import status
 from rnnserve_server.config import Settings
 from rnnserve_server.converters import session_to_pb
-from rnnserve_server.errors import (
-    CheckpointError,
-    InvalidArgumentError,
-    LimitExceededError,
-    SessionBrokenError,
-    SessionBusyError,
-    SessionExistsError,
-    SessionNotFoundError,
-    ShuttingDownError,
-    StorageError,
-    StorageFullError,
-)
 from rnnserve_server.logs import get_logger
-from rnnserve_server.model import DivergedError, EngineError
 from rnnserve_server.registry import Registry
 from rnnserve_server.session_service import SessionService
-from rnnserve_server.vocab import UnknownCharactersError
 
 __all__ = ["Servicer", "session_to_pb"]
 
@@ -47,47 +34,9 @@ R = TypeVar("R")
 Context = aio.ServicerContext[Any, Any]
 
 
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status code and message for a known exception; None for an unexpected one."""
-    table: list[tuple[type[BaseException], grpc.StatusCode]] = [
-        (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
-        (SessionExistsError, grpc.StatusCode.ALREADY_EXISTS),
-        (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-        (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (SessionBusyError, grpc.StatusCode.FAILED_PRECONDITION),
-        (SessionBrokenError, grpc.StatusCode.FAILED_PRECONDITION),
-        (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
-        (StorageFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (StorageError, grpc.StatusCode.UNAVAILABLE),
-        (UnknownCharactersError, grpc.StatusCode.INVALID_ARGUMENT),
-        (EngineError, grpc.StatusCode.INVALID_ARGUMENT),
-    ]
-    if isinstance(exc, CheckpointError):  # the message has paths: the log gets it, not clients
-        log.error("checkpoint_error", error=str(exc))
-        return grpc.StatusCode.INTERNAL, f"{exc.public} (the server log has the details)"
-    for kind, code in table:
-        if isinstance(exc, kind):
-            return code, str(exc)
-    if isinstance(exc, DivergedError):
-        session_id = structlog.contextvars.get_contextvars().get("session_id") or "SESSION"
-        return grpc.StatusCode.ABORTED, (
-            f"training diverged: {exc}; the update was not applied and the session keeps its "
-            "last good weights; the learning rate is probably too high: lower it with "
-            f"`rnnserve set {session_id} --learning-rate 1e-3` (UpdateSession), or try one on a "
-            f"copy with `rnnserve fork {session_id} NEW_ID --learning-rate 1e-3`"
-        )
-    return None
-
-
 async def _abort_for(exc: Exception, context: aio.ServicerContext[Any, Any]) -> None:
-    mapped = _status_for(exc)
-    if mapped is None:
-        log.exception("internal_error", error=repr(exc))
-        mapped = (
-            grpc.StatusCode.INTERNAL,
-            f"internal server error ({type(exc).__name__}); the server log has the details",
-        )
-    await context.abort(*mapped)
+    """End the call with the status and details status.py maps ``exc`` to."""
+    await status.abort(context, exc)
 
 
 def unary(

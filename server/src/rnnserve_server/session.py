@@ -117,6 +117,7 @@ class Session:
         self.last_used = time.monotonic()
         self.summary = Summary(None, "", 0, 0)
         self.broken_error: str | None = None
+        self.broken_damaged = True  # False: the file is intact, only over this server's limits
         self.checkpointed_step = -1  # -1: never written
         self.checkpoint_error: str | None = None  # why the last checkpoint failed (for clients)
         self.dirty = True
@@ -151,10 +152,11 @@ class Session:
         return session
 
     @classmethod
-    def broken(cls, session_id: str, error: str, mtime: float) -> Session:
+    def broken(cls, session_id: str, error: str, mtime: float, damaged: bool = True) -> Session:
         """A placeholder for a checkpoint that could not be read."""
         session = cls(session_id, create_time=mtime)
         session.broken_error = error
+        session.broken_damaged = damaged
         session.dirty = False
         return session
 
@@ -293,10 +295,12 @@ class Session:
         if self.broken_error is not None:
             raise SessionBrokenError(
                 f"session {self.id!r} could not be loaded: {self.broken_error}; "
-                "fix or remove the file, or delete the session"
+                "fix or remove the file, or delete the session",
+                session_id=self.id,
+                damaged=self.broken_damaged,
             )
         if self.trainer is None:  # pragma: no cover - the registry loads before use
-            raise SessionBrokenError(f"session {self.id!r} is not loaded")
+            raise SessionBrokenError(f"session {self.id!r} is not loaded", session_id=self.id)
         return self.trainer
 
     def history(self, start: int, stop: int) -> np.ndarray:
@@ -349,7 +353,8 @@ class Session:
         if self.busy is not None:
             what = "training" if self.busy in ("Train", "Step") else f"running {self.busy}"
             raise SessionBusyError(
-                f"session {self.id!r} is {what}; wait for it to finish or cancel it, then retry"
+                f"session {self.id!r} is {what}; wait for it to finish or cancel it, then retry",
+                session_id=self.id,
             )
         self.busy = kind
         self.cancel.clear()

@@ -21,6 +21,12 @@ from rnnserve_server.vocab import Vocab
 log = get_logger("rnnserve.registry")
 
 
+def _damaged(exc: BaseException) -> bool:
+    """Whether a load failure means the file is unreadable or damaged (DATA_LOSS), not only
+    refused by this server's limits (a CheckpointError with ``damaged=False``)."""
+    return not isinstance(exc, CheckpointError) or exc.damaged
+
+
 def _public_reason(exc: BaseException) -> str:
     """Why a checkpoint can't be loaded, as clients see it: a sentence without paths or
     exception text (those go to the server log)."""
@@ -53,7 +59,7 @@ class SessionFactory:
                 mtime = self.store.mtime(session_id)
             except OSError:
                 mtime = time.time()
-            return Session.broken(session_id, _public_reason(exc), mtime)
+            return Session.broken(session_id, _public_reason(exc), mtime, _damaged(exc))
 
     def _check_checkpoint(
         self, trainer_meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]
@@ -75,6 +81,7 @@ class SessionFactory:
             raise CheckpointError(
                 f"checkpoint over this server's limits: {exc}",
                 public=f"its model is larger than this server allows: {exc}",
+                damaged=False,
             ) from None
         V, H, B = len(alphabet), config.hidden_size, config.batch_size
         expected = dict(param_shapes(V, H))

@@ -21,8 +21,8 @@ import structlog
 
 from rnnserve_server import archive, budget, metrics
 from rnnserve_server.config import Settings
-from rnnserve_server.errors import CheckpointError, InvalidArgumentError, LimitExceededError
-from rnnserve_server.limits import limit_message
+from rnnserve_server.errors import CheckpointError, InvalidArgumentError
+from rnnserve_server.limits import limit_error
 from rnnserve_server.logs import get_logger
 from rnnserve_server.model import MUTABLE_FIELDS, ModelConfig
 from rnnserve_server.registry import Registry
@@ -246,9 +246,7 @@ class SessionService:
                 )
             received += len(data)
             if received > limit:
-                raise LimitExceededError(
-                    limit_message("the archive size in bytes", received, limit, "max_import_bytes")
-                )
+                raise limit_error("the archive size in bytes", received, limit, "max_import_bytes")
             parts.append(data)
         if received == 0:
             raise InvalidArgumentError("ImportSession received no archive bytes")

@@ -69,7 +69,10 @@ def from_state(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Trainer:
         for name in trainer.params:
             np.copyto(trainer.params[name], arrays[name])
         if "dropout_rng" in meta:  # absent from checkpoints written before cells.py
-            trainer._dropout_rng.bit_generator.state = dict(meta["dropout_rng"])
+            try:
+                trainer._dropout_rng.bit_generator.state = dict(meta["dropout_rng"])
+            except (TypeError, ValueError, OverflowError, KeyError) as exc:
+                raise EngineError(f"engine state 'dropout_rng' is invalid ({exc})") from None
         trainer._optimizer.load_state(
             {
                 k[len("optim.") :]: np.asarray(v)

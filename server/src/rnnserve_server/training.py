@@ -204,9 +204,10 @@ async def train(
                 chars += chunk.chars
                 metrics.record_training(chunk.steps, chunk.chars)
                 session.notify()
-                if chunk.error is not None:
+                if chunk.error is not None:  # not applied: ends as STOP_REASON_DIVERGED
                     bound.warning("train_diverged", step=session.step, error=str(chunk.error))
-                    raise chunk.error
+                    diverged = True
+                    break
                 unsaved = registry.unsaved.get(session.id)
                 if unsaved is not None:  # don't train on what can't be kept
                     bound.warning("train_unsaved", step=session.step, error=str(unsaved))

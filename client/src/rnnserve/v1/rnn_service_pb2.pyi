@@ -56,6 +56,23 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_DIVERGED: _ClassVar[StopReason]
     STOP_REASON_TARGET_LOSS: _ClassVar[StopReason]
     STOP_REASON_EARLY_STOPPED: _ClassVar[StopReason]
+
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_SESSION_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_SESSION_EXISTS: _ClassVar[ErrorReason]
+    ERROR_REASON_SESSION_BUSY: _ClassVar[ErrorReason]
+    ERROR_REASON_SESSION_BROKEN: _ClassVar[ErrorReason]
+    ERROR_REASON_CHECKPOINT_DAMAGED: _ClassVar[ErrorReason]
+    ERROR_REASON_TRAINING_DIVERGED: _ClassVar[ErrorReason]
+    ERROR_REASON_FIELD_INVALID: _ClassVar[ErrorReason]
+    ERROR_REASON_LIMIT_EXCEEDED: _ClassVar[ErrorReason]
+    ERROR_REASON_STORAGE_FULL: _ClassVar[ErrorReason]
+    ERROR_REASON_STORAGE_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_SHUTTING_DOWN: _ClassVar[ErrorReason]
+    ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
+    ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
 OPTIMIZER_UNSPECIFIED: Optimizer
 OPTIMIZER_SGD: Optimizer
 OPTIMIZER_ADAGRAD: Optimizer
@@ -84,6 +101,20 @@ STOP_REASON_DELETED: StopReason
 STOP_REASON_DIVERGED: StopReason
 STOP_REASON_TARGET_LOSS: StopReason
 STOP_REASON_EARLY_STOPPED: StopReason
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_SESSION_NOT_FOUND: ErrorReason
+ERROR_REASON_SESSION_EXISTS: ErrorReason
+ERROR_REASON_SESSION_BUSY: ErrorReason
+ERROR_REASON_SESSION_BROKEN: ErrorReason
+ERROR_REASON_CHECKPOINT_DAMAGED: ErrorReason
+ERROR_REASON_TRAINING_DIVERGED: ErrorReason
+ERROR_REASON_FIELD_INVALID: ErrorReason
+ERROR_REASON_LIMIT_EXCEEDED: ErrorReason
+ERROR_REASON_STORAGE_FULL: ErrorReason
+ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason
+ERROR_REASON_SHUTTING_DOWN: ErrorReason
+ERROR_REASON_UNAUTHENTICATED: ErrorReason
+ERROR_REASON_INTERNAL: ErrorReason
 
 class SessionConfig(_message.Message):
     __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every", "cell", "num_layers", "dropout", "validation_fraction")

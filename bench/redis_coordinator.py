@@ -1,0 +1,156 @@
+"""What cluster mode asks of Redis, measured on a real redis-server on loopback.
+
+Prints, for the coordinator's operations (one client, one call at a time): p50 / p99 latency;
+then ops/s with 16 concurrent callers for lease renewal and loss-point appends; then Redis
+memory per session (directory entry, lease, token, checkpoint pointer, and a loss stream of
+``--points`` points) and per extra loss point. Together they size Redis for N replicas x M
+sessions (BENCHMARKS.md does that arithmetic). Starts its own ``redis-server`` (``make deps``)
+in a temporary directory with ``appendonly yes`` and stops it. Run:
+``python bench/redis_coordinator.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from rnnserve_server.cluster import Coordinator
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
+    args += ["--appendonly", "yes", "--save", "", "--logfile", str(directory / "redis.log")]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            pass
+        try:
+            process.wait(0.05)
+            raise SystemExit("redis-server exited: see " + str(directory / "redis.log"))
+        except subprocess.TimeoutExpired:
+            pass
+    process.kill()
+    raise SystemExit("redis-server did not answer PING within 20 s")
+
+
+async def latency(name: str, call: Callable[[int], Awaitable[object]], n: int) -> None:
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        await call(i)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    p50 = statistics.median(times) * 1e6
+    p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6
+    print(f"| {name:<28} | {p50:8.0f} | {p99:8.0f} |")
+
+
+async def throughput(name: str, call: Callable[[int], Awaitable[object]], n: int) -> None:
+    async def worker(offset: int) -> None:
+        for i in range(offset, n, 16):
+            await call(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(16)))
+    elapsed = time.perf_counter() - start
+    print(f"| {name:<28} | {n / elapsed:10.0f} |")
+
+
+async def used_memory(coord: Coordinator) -> int:
+    info = await coord.redis.info("memory")
+    return int(info["used_memory"])
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", type=int, default=2000, help="calls per latency row")
+    parser.add_argument("--sessions", type=int, default=5000, help="sessions for the memory row")
+    parser.add_argument("--points", type=int, default=100, help="loss points per session")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        process, url = start_redis(Path(tmp))
+        coord = Coordinator(url, lease_ttl=5.0, stream_maxlen=10_000)
+        try:
+            await run(coord, args.ops, args.sessions, args.points)
+        finally:
+            await coord.close()
+            process.terminate()
+            process.wait(20)
+
+
+async def run(coord: Coordinator, ops: int, sessions: int, points: int) -> None:
+    lease = await coord.acquire("bench", "127.0.0.1:1")
+    assert lease is not None
+    print(f"redis-server on loopback, appendonly yes; one client, {ops} sequential calls\n")
+    print("| operation                    | p50 (us) | p99 (us) |")
+    print("|------------------------------|---------:|---------:|")
+    await latency("PING", lambda i: coord.redis.ping(), ops)
+    await latency("acquire (new session)", lambda i: coord.acquire(f"lat-{i}", "r:1"), ops)
+    await latency("renew", lambda i: coord.renew(lease), ops)
+    await latency("owner", lambda i: coord.owner("bench"), ops)
+    await latency(
+        "advance_pointer (fenced)",
+        lambda i: coord.advance_pointer("bench", lease.token, f"{lease.token}-{i}.npz"),
+        ops,
+    )
+    await latency("publish_loss (XADD ~MAXLEN)", lambda i: coord.publish_loss("bench", i, 1.0), ops)
+    await latency("read_loss 100 (XREAD)", lambda i: coord.read_loss("bench", "0", count=100), ops)
+
+    print("\n16 concurrent callers on one connection pool\n")
+    print("| operation                    |      ops/s |")
+    print("|------------------------------|-----------:|")
+    await throughput("renew", lambda i: coord.renew(lease), ops * 4)
+    await throughput("publish_loss", lambda i: coord.publish_loss("tp", i, 1.0), ops * 4)
+
+    await coord.redis.flushdb()
+    base = await used_memory(coord)
+    for start in range(0, sessions, 500):
+        async with coord.redis.pipeline(transaction=False) as pipe:
+            for i in range(start, min(start + 500, sessions)):
+                sid = f"session-{i:08d}"
+                pipe.zadd(coord._directory, {sid: 0})
+                pipe.set(coord._key(sid, "lease"), "10.0.0.1:50051|1", px=5000)
+                pipe.set(coord._key(sid, "token"), 1)
+                pipe.set(coord._key(sid, "ckpt"), "1-123456.npz")
+                for step in range(points):
+                    pipe.xadd(
+                        coord._key(sid, "loss"),
+                        {"kind": "loss", "step": step, "loss": repr(2.0 - step * 1e-3)},
+                        maxlen=coord.stream_maxlen,
+                        approximate=True,
+                    )
+            await pipe.execute()
+    per_session = (await used_memory(coord) - base) / sessions
+    stream_key = coord._key("long", "loss")
+    before = await used_memory(coord)
+    for start in range(0, 10_000, 1000):
+        async with coord.redis.pipeline(transaction=False) as pipe:
+            for step in range(start, start + 1000):
+                pipe.xadd(stream_key, {"kind": "loss", "step": step, "loss": repr(1.2345678)})
+            await pipe.execute()
+    per_point = (await used_memory(coord) - before) / 10_000
+    print(f"\nmemory: {per_session:,.0f} bytes per session ({points} loss points kept), ")
+    print(f"        {per_point:,.1f} bytes per further loss point (stream of 10,000)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

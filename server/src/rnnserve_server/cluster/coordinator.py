@@ -1,0 +1,422 @@
+"""Redis coordinator for cluster mode: who owns a session, and what a replica may write.
+
+Keys (``P`` is the prefix; ``{id}`` is a Redis Cluster hash tag so one session's keys share a
+slot and its scripts stay single-slot):
+
+- ``P:s:{id}:lease``   ``"<replica address>|<token>"`` with a TTL: the owner (``SET NX PX``).
+- ``P:s:{id}:token``   the fencing token counter (``INCR`` on every acquisition; never reset).
+- ``P:s:{id}:ckpt``    the name of the session's latest checkpoint; moved only by a script that
+  checks the writer's token is the current one, so a paused or partitioned old owner cannot
+  move it.
+- ``P:s:{id}:loss``    a Stream of loss points and ``restored`` events (``XADD MAXLEN ~``).
+- ``P:sessions``       the directory: a sorted set of ids, all score 0, paged by id (``BYLEX``).
+
+Tokens only increase as long as Redis keeps its data: run it with ``appendonly yes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
+
+# Take the lease only when it is free; the token is bumped in the same atomic step, so a lease
+# never exists without its token.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'NX', 'PX', ARGV[2])
+return token
+"""
+
+# Extend / drop the lease only while it is still ours (same replica AND same token).
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# The fenced write: the pointer moves only for the holder of the newest token.
+_ADVANCE = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) ~= current then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"""
+
+EventKind = Literal["loss", "restored"]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Ownership of one session by one replica, fenced by ``token``."""
+
+    session_id: str
+    owner: str  # the replica's advertised address
+    token: int
+    ttl: float  # seconds
+    # Local monotonic clock just before the acquiring call was sent: the lease is certainly
+    # ours until acquired_at + ttl (Redis started its TTL later than this).
+    acquired_at: float = 0.0
+
+    @property
+    def value(self) -> str:
+        """What the lease key holds while this lease is live."""
+        return f"{self.owner}|{self.token}"
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One entry of a session's loss stream.
+
+    ``kind == "loss"``: a training loss point at ``step``. ``kind == "restored"``: the session
+    was activated from a checkpoint at ``step`` (after a failover), so points that follow may
+    repeat steps already seen: a rollback, announced.
+    """
+
+    id: str  # the Redis stream id: pass it back as ``from_id`` to resume after this entry
+    kind: EventKind
+    step: int
+    loss: float | None = None
+    token: int | None = None
+
+
+class Coordinator:
+    """Leases, fencing tokens, the session directory and loss streams in one Redis.
+
+    Every method is a coroutine that raises ``redis.exceptions.RedisError`` (a
+    ``ConnectionError`` while Redis is unreachable); the client reconnects by itself, so the
+    next call after Redis is back succeeds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rnnserve",
+        lease_ttl: float = 5.0,
+        stream_maxlen: int = 10_000,
+        op_timeout: float = 5.0,
+    ) -> None:
+        if lease_ttl <= 0:
+            raise ValueError("lease_ttl must be > 0 seconds")
+        if stream_maxlen < 1:
+            raise ValueError("stream_maxlen must be >= 1")
+        self.prefix = prefix
+        self.lease_ttl = lease_ttl
+        self.stream_maxlen = stream_maxlen
+        self.op_timeout = op_timeout
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=op_timeout,
+            socket_timeout=op_timeout,
+            # A command that meets a dropped connection (Redis restarted) is retried on a
+            # new one a few times before the error reaches the caller.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            health_check_interval=10,
+        )
+        self._acquire = self.redis.register_script(_ACQUIRE)
+        self._renew = self.redis.register_script(_RENEW)
+        self._release = self.redis.register_script(_RELEASE)
+        self._advance = self.redis.register_script(_ADVANCE)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _key(self, session_id: str, what: str) -> str:
+        return f"{self.prefix}:s:{{{session_id}}}:{what}"
+
+    @property
+    def _directory(self) -> str:
+        return f"{self.prefix}:sessions"
+
+    # -- connection ---------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        """True if Redis answers within ``op_timeout`` (for health: NOT_SERVING otherwise)."""
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                return bool(await self.redis.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.redis.aclose()
+
+    # -- leases -------------------------------------------------------------------------------
+
+    async def acquire(self, session_id: str, replica_addr: str) -> Lease | None:
+        """Take the session's lease for ``replica_addr`` with a new, larger fencing token;
+        None if another lease is live."""
+        ttl_ms = max(1, round(self.lease_ttl * 1000))
+        sent = time.monotonic()
+        token = await self._acquire(
+            keys=[self._key(session_id, "lease"), self._key(session_id, "token")],
+            args=[replica_addr, ttl_ms],
+        )
+        if token is None:
+            return None
+        return Lease(session_id, replica_addr, int(token), self.lease_ttl, sent)
+
+    async def renew(self, lease: Lease) -> bool:
+        """Extend the lease by its TTL; False if it is no longer ours (expired, or taken)."""
+        ttl_ms = max(1, round(lease.ttl * 1000))
+        done = await self._renew(
+            keys=[self._key(lease.session_id, "lease")], args=[lease.value, ttl_ms]
+        )
+        return bool(done)
+
+    async def release(self, lease: Lease) -> bool:
+        """Drop the lease if it is still ours; False if it already expired or was taken."""
+        done = await self._release(keys=[self._key(lease.session_id, "lease")], args=[lease.value])
+        return bool(done)
+
+    async def owner(self, session_id: str) -> str | None:
+        """The address of the replica holding the session's live lease, or None."""
+        value = await self.redis.get(self._key(session_id, "lease"))
+        if value is None:
+            return None
+        return str(value).rsplit("|", 1)[0]
+
+    async def current_token(self, session_id: str) -> int:
+        """The newest fencing token handed out for the session (0 if never owned)."""
+        value = await self.redis.get(self._key(session_id, "token"))
+        return int(value) if value is not None else 0
+
+    # -- the fenced checkpoint pointer ----------------------------------------------------------
+
+    async def advance_pointer(self, session_id: str, token: int, checkpoint_name: str) -> bool:
+        """Point the session at ``checkpoint_name`` if ``token`` is its current fencing token;
+        False (nothing changed) for a stale token."""
+        done = await self._advance(
+            keys=[self._key(session_id, "token"), self._key(session_id, "ckpt")],
+            args=[token, checkpoint_name],
+        )
+        return bool(done)
+
+    async def pointer(self, session_id: str) -> str | None:
+        """The name of the session's latest checkpoint, or None if it has none."""
+        value = await self.redis.get(self._key(session_id, "ckpt"))
+        return None if value is None else str(value)
+
+    # -- directory ------------------------------------------------------------------------------
+
+    async def register(self, session_id: str) -> bool:
+        """Add the session to the directory; False if it was there already."""
+        return bool(await self.redis.zadd(self._directory, {session_id: 0}, nx=True))
+
+    async def unregister(self, session_id: str) -> None:
+        """Remove the session from the directory with its checkpoint pointer and stream.
+
+        The lease is left to its holder (release) and the token counter stays, so a re-created
+        id never reuses a token."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._directory, session_id)
+            pipe.delete(
+                self._key(session_id, "ckpt"),
+                self._key(session_id, "loss"),
+            )
+            await pipe.execute()
+
+    async def exists(self, session_id: str) -> bool:
+        """True if the session is in the directory."""
+        return await self.redis.zscore(self._directory, session_id) is not None
+
+    async def count(self) -> int:
+        """How many sessions the directory holds."""
+        return int(await self.redis.zcard(self._directory))
+
+    async def list_sessions(self, page_size: int, after: str = "") -> tuple[list[str], str]:
+        """One page of session ids in id order, starting after ``after`` (""= from the start).
+
+        Returns ``(ids, next_after)``; ``next_after`` is "" on the last page.
+        """
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        low = f"({after}" if after else "-"
+        ids = await self.redis.zrangebylex(self._directory, low, "+", start=0, num=page_size + 1)
+        page = [str(i) for i in ids[:page_size]]
+        return page, (page[-1] if len(ids) > page_size else "")
+
+    # -- loss streams ---------------------------------------------------------------------------
+
+    async def publish_loss(
+        self, session_id: str, step: int, loss: float, token: int | None = None
+    ) -> str:
+        """Append a loss point to the session's stream; its stream id."""
+        fields: dict[FieldT, EncodableT] = {"kind": "loss", "step": step, "loss": repr(float(loss))}
+        if token is not None:
+            fields["token"] = token
+        return await self._xadd(session_id, fields)
+
+    async def publish_restored(self, session_id: str, step: int, token: int | None = None) -> str:
+        """Announce on the stream that the session was restored at ``step`` (a failover)."""
+        fields: dict[FieldT, EncodableT] = {"kind": "restored", "step": step}
+        if token is not None:
+            fields["token"] = token
+        return await self._xadd(session_id, fields)
+
+    async def _xadd(self, session_id: str, fields: dict[FieldT, EncodableT]) -> str:
+        entry_id = await self.redis.xadd(
+            self._key(session_id, "loss"),
+            fields,
+            maxlen=self.stream_maxlen,
+            approximate=True,  # MAXLEN ~ trims whole nodes: O(1) amortised
+        )
+        return str(entry_id)
+
+    async def read_loss(
+        self,
+        session_id: str,
+        from_id: str = "0",
+        *,
+        count: int = 1000,
+        block: float | None = None,
+    ) -> list[StreamEvent]:
+        """Events after stream id ``from_id`` ("0": from the oldest kept; "$": only new ones).
+
+        With ``block`` (seconds), wait up to that long for at least one event (XREAD BLOCK);
+        an empty list means none came. The wait is capped below the socket timeout.
+        """
+        key = self._key(session_id, "loss")
+        block_ms: int | None = None
+        if block is not None:
+            block_ms = max(1, round(min(block, self.op_timeout * 0.8) * 1000))
+        reply: Any = await self.redis.xread({key: from_id}, count=count, block=block_ms)
+        # RESP2 answers [[key, entries]], RESP3 {key: [entries]}.
+        streams = reply.values() if isinstance(reply, dict) else [s[1] for s in reply or []]
+        events: list[StreamEvent] = []
+        for entries in streams:
+            for entry_id, fields in cast(list[tuple[str, dict[str, str]]], entries):
+                events.append(_event(str(entry_id), fields))
+        return events
+
+    async def follow(
+        self, session_id: str, from_id: str = "0", *, block: float = 1.0
+    ) -> AsyncIterator[StreamEvent]:
+        """Every event after ``from_id``, then live ones as they are added, until the consumer
+        stops iterating (a WatchLoss on any replica). Raises RedisError while Redis is down;
+        the caller resumes from the last event's id."""
+        cursor = from_id
+        while True:
+            for event in await self.read_loss(session_id, cursor, block=block):
+                cursor = event.id
+                yield event
+
+    async def last_event(self, session_id: str) -> StreamEvent | None:
+        """The newest event of the session's stream, or None if it is empty."""
+        entries: Any = await self.redis.xrevrange(self._key(session_id, "loss"), count=1)
+        if not entries:
+            return None
+        entry_id, fields = entries[0]
+        return _event(str(entry_id), fields)
+
+    async def last_stream_id(self, session_id: str) -> str:
+        """The id of the newest stream entry ("0" if the stream is empty): a watcher that
+        wants only live points starts from here."""
+        entries = await self.redis.xrevrange(self._key(session_id, "loss"), count=1)
+        return str(entries[0][0]) if entries else "0"
+
+
+def _event(entry_id: str, fields: dict[str, str]) -> StreamEvent:
+    kind: EventKind = "restored" if fields.get("kind") == "restored" else "loss"
+    loss = float(fields["loss"]) if "loss" in fields else None
+    token = int(fields["token"]) if "token" in fields else None
+    return StreamEvent(entry_id, kind, int(fields["step"]), loss, token)
+
+
+class LeaseKeeper:
+    """Renews one lease in the background until stopped or lost.
+
+    Renews every ``ttl / 3``. A renewal that fails (Redis unreachable) is counted and retried;
+    once the lease's validity runs out without a successful renewal, or Redis says the lease is
+    no longer ours, the keeper calls ``on_lost`` once and stops: from then on the replica must
+    not act as the owner (its token may already be stale).
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        lease: Lease,
+        on_lost: Callable[[Lease], Awaitable[None]] | None = None,
+        *,
+        interval: float | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.lease = lease
+        self.on_lost = on_lost
+        self.interval = interval if interval is not None else lease.ttl / 3
+        self.renewals = 0
+        self.failures = 0  # renewals that raised (total)
+        self.consecutive_failures = 0
+        self.lost = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._valid_until = lease.acquired_at + lease.ttl
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def valid(self) -> bool:
+        """True while the lease is certainly still ours (by the local clock)."""
+        return not self.lost.is_set() and time.monotonic() < self._valid_until
+
+    def start(self) -> LeaseKeeper:
+        """Start renewing (in a task on the running loop)."""
+        self._task = asyncio.create_task(self._run(), name=f"lease:{self.lease.session_id}")
+        return self
+
+    async def stop(self, release: bool = True) -> None:
+        """Stop renewing; release the lease in Redis if ``release`` and it is still ours."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        if release and not self.lost.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                await self.coordinator.release(self.lease)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                return
+            sent = time.monotonic()
+            try:
+                still_ours = await self.coordinator.renew(self.lease)
+            except (RedisError, OSError):
+                self.failures += 1
+                self.consecutive_failures += 1
+                if time.monotonic() >= self._valid_until:
+                    await self._lose()
+                    return
+                continue
+            self.consecutive_failures = 0
+            if not still_ours:
+                await self._lose()
+                return
+            self.renewals += 1
+            self._valid_until = sent + self.lease.ttl
+
+    async def _lose(self) -> None:
+        self.lost.set()
+        if self.on_lost is not None:
+            await self.on_lost(self.lease)

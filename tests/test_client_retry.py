@@ -1,0 +1,114 @@
+"""gRPC's own retry policy in the client: a call that changes nothing survives a transient
+UNAVAILABLE (a connection the server side drops before answering); one that changes a session
+is never sent twice."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+from rnnserve import Client, ServerUnavailable
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerHandle
+
+pytestmark = pytest.mark.timeout(60)
+
+# Reconnect at once after the dropped connection (gRPC waits 1 s by default), so the retry
+# finds a working connection well within its backoff.
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 100),
+]
+
+
+class FlakyProxy:
+    """A loopback TCP proxy to ``target`` that drops its first ``drop`` connections at once
+    (the client sees UNAVAILABLE, as from a server restarting) and forwards later ones."""
+
+    def __init__(self, target: str, drop: int = 1) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._drop = drop
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            if self.connections <= self._drop:
+                conn.close()
+                continue
+            upstream = socket.create_connection(self._target)
+            self._sockets += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for s in self._sockets:
+            s.close()
+
+
+def test_read_calls_survive_a_dropped_connection(module_server: ServerHandle) -> None:
+    with module_server.client() as setup:
+        setup.create_session("retry me " * 20, session_id="retry-read", hidden_size=8)
+    for call in ("info", "list", "predict", "health", "seeded_generate"):
+        proxy = FlakyProxy(module_server.address)
+        try:
+            with Client(proxy.address, timeout=20, options=FAST_RECONNECT) as client:
+                session = client.session("retry-read")
+                if call == "info":
+                    assert session.info().session_id == "retry-read"
+                elif call == "list":
+                    assert "retry-read" in {s.session_id for s in client.list_sessions()}
+                elif call == "predict":
+                    assert len(session.predict("retry").predicted) == 5
+                elif call == "health":
+                    assert client.health() == "SERVING"
+                else:
+                    assert len(session.generate(10, seed=3)) == 10
+            assert proxy.connections >= 2, call  # the first attempt met the dropped connection
+        finally:
+            proxy.close()
+
+
+def test_calls_that_change_a_session_are_not_retried(module_server: ServerHandle) -> None:
+    with module_server.client() as setup:
+        setup.create_session("step once " * 20, session_id="retry-step", hidden_size=8)
+    for call in ("step", "unseeded_generate"):
+        proxy = FlakyProxy(module_server.address)
+        try:
+            with Client(proxy.address, timeout=20, options=FAST_RECONNECT) as client:
+                session = client.session("retry-step")
+                with pytest.raises(ServerUnavailable):
+                    if call == "step":
+                        session.step()
+                    else:
+                        session.generate(10)
+        finally:
+            proxy.close()
+    with module_server.client() as check:
+        assert check.session("retry-step").info().step == 0  # no Step reached the server
