@@ -4,8 +4,10 @@ values are checked by the domain (ModelConfig.validate, the server's limits)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
+from collections.abc import Iterator
 from typing import Any, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -13,7 +15,7 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 
 from rnnserve_server.errors import InvalidArgumentError
 from rnnserve_server.limits import limit_error
-from rnnserve_server.model import MAX_VALIDATION_FRACTION, MUTABLE_FIELDS, PRESETS, ModelConfig
+from rnnserve_server.model import MUTABLE_FIELDS, PRESETS, EngineError, ModelConfig
 from rnnserve_server.paging import page_token_after
 from rnnserve_server.session import Session
 from rnnserve_server.session_service import (
@@ -51,6 +53,16 @@ _STOP_REASONS = {
     "deleted": pb.STOP_REASON_DELETED,
     "shutdown": pb.STOP_REASON_SHUTDOWN,
 }
+
+
+@contextlib.contextmanager
+def field_errors() -> Iterator[None]:
+    """The domain's EngineError for a config value as INVALID_ARGUMENT naming the request
+    field (``config.<name> ...``)."""
+    try:
+        yield
+    except EngineError as exc:
+        raise InvalidArgumentError(f"config.{exc}") from None
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -91,9 +103,8 @@ def _enum(c: pb.SessionConfig, name: str, table: dict[Any, str], kind: str) -> s
 
 
 def config_changes(c: pb.SessionConfig, names: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """The settings of ``c`` named in ``names`` that it sets, as ModelConfig fields. Range
-    checks with the field's name, for the messages clients have been getting; the domain
-    (ModelConfig.validate) checks everything again."""
+    """The settings of ``c`` named in ``names`` that it sets, as ModelConfig fields; their
+    values are checked by the domain (ModelConfig.validate / check_changes)."""
     changes: dict[str, Any] = {}
     for name in names:
         if name in ("optimizer", "dtype", "cell"):
@@ -108,31 +119,7 @@ def config_changes(c: pb.SessionConfig, names: tuple[str, ...] | list[str]) -> d
                 changes[name] = value
         elif c.HasField(name):
             changes[name] = getattr(c, name)
-    for name, value in changes.items():
-        _check_range(name, value)
     return changes
-
-
-def _check_range(name: str, value: Any) -> None:
-    """INVALID_ARGUMENT naming ``config.<name>`` for a value out of its range."""
-    problem = None
-    if name in ("hidden_size", "seq_length", "batch_size", "num_layers") and value < 1:
-        problem = f"must be >= 1, not {value}"
-    elif name in ("reset_every", "seed") and value < 0:
-        problem = f"must be >= 0, not {value}"
-    elif name in ("learning_rate", "clip") and (not math.isfinite(value) or value <= 0):
-        problem = f"must be a positive finite number, not {value}"
-    elif name == "dropout" and not 0 <= value < 1:  # also refuses NaN
-        problem = f"must be in [0, 1), not {value}"
-    elif name == "validation_fraction" and not (
-        math.isfinite(value) and 0.0 <= value <= MAX_VALIDATION_FRACTION
-    ):
-        problem = (
-            f"must be a number from 0 to {MAX_VALIDATION_FRACTION} (the share of the "
-            f"corpus's tail held out), not {value}"
-        )
-    if problem is not None:
-        raise InvalidArgumentError(f"config.{name} {problem}")
 
 
 _CREATE_FIELDS = (
@@ -159,7 +146,8 @@ def config_from_create(request: pb.CreateSessionRequest) -> ModelConfig:
     changes = config_changes(request.config, _CREATE_FIELDS)
     changes.setdefault("seed", secrets.randbelow(2**31))
     config = PRESETS[_PRESETS[request.preset]].replace(**changes)
-    config.validate()
+    with field_errors():
+        config.validate()
     return config
 
 
@@ -192,7 +180,8 @@ def update_changes(request: pb.UpdateSessionRequest) -> dict[str, Any]:
     for name in names:  # a masked field left unset means its zero value
         if name not in changes:
             changes[name] = getattr(c, name)
-            _check_range(name, changes[name])
+    with field_errors():
+        ModelConfig.check_changes(changes)
     return changes
 
 
@@ -203,7 +192,10 @@ def fork_changes(c: pb.SessionConfig) -> dict[str, Any]:
             raise fixed_field_error(name, "ForkSession")
         if name != "dtype" and c.HasField(name):
             raise fixed_field_error(name, "ForkSession")
-    return config_changes(c, MUTABLE_FIELDS)
+    changes = config_changes(c, MUTABLE_FIELDS)
+    with field_errors():
+        ModelConfig.check_changes(changes)
+    return changes
 
 
 # ----- sessions ------------------------------------------------------------------------------

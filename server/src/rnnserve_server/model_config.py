@@ -74,7 +74,7 @@ class ModelConfig:
                 or not math.isfinite(value)
                 or value <= 0
             ):
-                raise EngineError(f"{name} must be a finite number > 0, got {value!r}")
+                raise EngineError(f"{name} must be a positive finite number, got {value!r}")
         frac = self.validation_fraction
         if (
             isinstance(frac, bool)
@@ -133,6 +133,15 @@ class ModelConfig:
             raise EngineError(f"incomplete model config: {exc}") from None
         config.validate()
         return config
+
+    @staticmethod
+    def check_changes(changes: dict[str, Any]) -> None:
+        """EngineError naming the first invalid value among ``changes`` to MUTABLE_FIELDS
+        (their validity does not depend on the other fields)."""
+        fixed = sorted(set(changes) - set(MUTABLE_FIELDS))
+        if fixed:
+            raise EngineError(f"{', '.join(fixed)} can't change on an existing trainer")
+        PRESETS["default"].replace(**changes).validate()
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes`` applied (not validated)."""
