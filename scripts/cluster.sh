@@ -118,6 +118,7 @@ PIDS+=($!)
 wait_port "$!" "$PORT" nginx
 echo "cluster: nginx on 127.0.0.1:$PORT -> ${REPLICAS} replicas; logs in $DIR/logs; Ctrl-C stops"
 
-# Run until interrupted or until any process of the cluster exits.
-wait -n "${PIDS[@]}" || true
-echo "cluster: a process exited; see $DIR/logs" >&2
+# Run until interrupted or until Redis or nginx exits; a replica may die (kill -9 to try
+# failover) and the others take over its sessions.
+wait -n "${PIDS[0]}" "${PIDS[-1]}" || true
+echo "cluster: redis-server or nginx exited; see $DIR/logs" >&2

@@ -97,6 +97,17 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def session_metadata(
+    base: tuple[tuple[str, str], ...], session_id: str
+) -> tuple[tuple[str, str], ...]:
+    """``base`` plus the session id as ``x-session-id``, so a hashing load balancer in front
+    of a cluster sends the call to the session's owner first. Only a legal header value: a bad
+    id must reach the server, which says what is wrong with it."""
+    if not session_id or not (session_id.isascii() and session_id.isprintable()):
+        return base
+    return (*base, ("x-session-id", session_id))
+
+
 def health_status_name(response: Any) -> str:
     """The name of a grpc.health.v1 HealthCheckResponse's status (SERVING, NOT_SERVING, ...)."""
     try:

@@ -25,6 +25,7 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 from rnnserve_server import logs, metrics
+from rnnserve_server.cluster.wiring import ClusterNode
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import CheckpointError
 from rnnserve_server.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
@@ -103,7 +104,9 @@ async def serve(settings: Settings) -> int:
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
         return 2
-    store = LocalStore(settings.data_dir)
+    # Cluster mode (issue 11): a fenced, shared store and a routing interceptor.
+    node = ClusterNode(settings) if settings.redis_url else None
+    store = node.make_store() if node is not None else LocalStore(settings.data_dir)
     registry = Registry(settings, store)
     try:
         await registry.start()
@@ -125,7 +128,10 @@ async def serve(settings: Settings) -> int:
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
         *keepalive_options(settings),
     ]
-    server = aio.server(interceptors=build_interceptors(settings), options=options)
+    interceptors = build_interceptors(settings)
+    if node is not None:
+        interceptors.append(node.router())  # innermost: after auth and the request guard
+    server = aio.server(interceptors=interceptors, options=options)
     servicer = Servicer(settings, registry)
     pb_grpc.add_RnnServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -204,6 +210,9 @@ async def serve(settings: Settings) -> int:
         task.add_done_callback(health_tasks.discard)
 
     registry.on_storage_change = on_storage_change
+    if node is not None:
+        node.attach(registry, port)
+        node.start_health(on_storage_change)  # NOT_SERVING while Redis is unreachable
     log.info(
         "serving",
         port=port,
@@ -222,6 +231,9 @@ async def serve(settings: Settings) -> int:
     registry.begin_shutdown()
     await server.stop(settings.grace)
     saved = await registry.close()
+    if node is not None:  # drain: every session was checkpointed above; give the leases back
+        await node.drain()
+        await node.close()
     if metrics_server is not None:
         metrics_server.close()
     log.info("stopped", saved=saved)

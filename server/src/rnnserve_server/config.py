@@ -192,6 +192,39 @@ class Settings:
         ),
     )
 
+    # Cluster mode (issue 11): off unless --redis-url is given.
+    redis_url: str = field(
+        default="",
+        metadata=_opt(
+            "cluster mode: the Redis URL (redis://host:port/db) holding leases, the session "
+            "directory and loss streams; needs --shared-dir. Unset: one process, --data-dir only"
+        ),
+    )
+    shared_dir: Path | None = field(
+        default=None,
+        metadata=_opt("cluster mode: the checkpoint directory every replica mounts"),
+    )
+    advertise_address: str = field(
+        default="",
+        metadata=_opt(
+            "cluster mode: host:port other replicas reach this one at (forwarded calls); "
+            "default 127.0.0.1:<bound port>"
+        ),
+    )
+    lease_ttl: float = field(
+        default=5.0,
+        metadata=_opt(
+            "cluster mode: seconds a session's lease lives without renewal; a dead owner's "
+            "sessions move to another replica after about this long"
+        ),
+    )
+    idle_release_seconds: float = field(
+        default=30.0,
+        metadata=_opt(
+            "cluster mode: checkpoint and release (lease and memory) a session idle this long"
+        ),
+    )
+
     def auth_configured(self) -> bool:
         """True when an auth option was given at all, even one that yields no token (an
         empty --auth-token or RNNSERVE_AUTH_TOKEN, an empty token file): such a server must
@@ -324,6 +357,20 @@ def check_settings(settings: Settings) -> None:
     for f in dataclasses.fields(Settings):
         if f.name.startswith("max_") and getattr(settings, f.name) < 1:
             fail(f"--{f.name.replace('_', '-')} must be >= 1")
+    if settings.redis_url and settings.shared_dir is None:
+        fail("--redis-url needs --shared-dir (the checkpoint directory every replica mounts)")
+    if settings.redis_url and settings.tls_cert is not None:
+        fail(
+            "cluster mode (--redis-url) does not forward calls between replicas over TLS yet: "
+            "run the replicas without --tls-cert on a private network, with TLS at the load "
+            "balancer"
+        )
+    if settings.shared_dir is not None and not settings.redis_url:
+        fail("--shared-dir is for cluster mode: give --redis-url too")
+    if not settings.lease_ttl > 0:
+        fail("--lease-ttl must be > 0")
+    if settings.idle_release_seconds < 0:
+        fail("--idle-release-seconds must be >= 0")
     check_auth(settings)
 
 

@@ -351,10 +351,12 @@ class LossPoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., validation_loss: _Optional[float] = ...) -> None: ...
 
 class WatchLossResponse(_message.Message):
-    __slots__ = ("points",)
+    __slots__ = ("points", "restored_at_step")
     POINTS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_AT_STEP_FIELD_NUMBER: _ClassVar[int]
     points: _containers.RepeatedCompositeFieldContainer[LossPoint]
-    def __init__(self, points: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ...) -> None: ...
+    restored_at_step: int
+    def __init__(self, points: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., restored_at_step: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prime", "length", "temperature", "top_k", "seed")

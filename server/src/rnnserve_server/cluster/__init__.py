@@ -2,7 +2,8 @@
 directory, per-session loss streams, the fenced checkpoint pointer) and checkpoint storage on a
 directory every replica shares.
 
-Nothing here is wired into the server yet: the single-process mode does not import it.
+``wiring.ClusterNode`` assembles them when the server is given ``--redis-url``; without it the
+server is the single process it always was.
 """
 
 from rnnserve_server.cluster.activation import Activation, activate

@@ -275,6 +275,24 @@ class Coordinator:
             fields["token"] = token
         return await self._xadd(session_id, fields)
 
+    async def publish_losses(
+        self, session_id: str, first_step: int, losses: list[float], token: int | None = None
+    ) -> None:
+        """Append the loss points of steps ``first_step``, ``first_step + 1``, ... in one
+        round trip (a pipeline of XADDs)."""
+        key = self._key(session_id, "loss")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for offset, loss in enumerate(losses):
+                fields: dict[FieldT, EncodableT] = {
+                    "kind": "loss",
+                    "step": first_step + offset,
+                    "loss": repr(float(loss)),
+                }
+                if token is not None:
+                    fields["token"] = token
+                pipe.xadd(key, fields, maxlen=self.stream_maxlen, approximate=True)
+            await pipe.execute()
+
     async def _xadd(self, session_id: str, fields: dict[FieldT, EncodableT]) -> str:
         entry_id = await self.redis.xadd(
             self._key(session_id, "loss"),

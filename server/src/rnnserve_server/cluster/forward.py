@@ -7,7 +7,7 @@ details travel in ``grpc-status-details-bin``). Messages are not decoded: a forw
 extra hop, not a parse. A forwarded call carries ``x-rnnserve-forwarded``; a replica that gets
 one for a session it does not own must answer, not forward again (no loops).
 
-Not wired into the servicer yet; :func:`method_kinds` and :class:`Forwarder` are the parts.
+:class:`~rnnserve_server.cluster.router.Router` picks the address per call.
 """
 
 from __future__ import annotations

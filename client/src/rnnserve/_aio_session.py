@@ -1,0 +1,228 @@
+"""The asyncio client's :class:`Session` (re-exported by :mod:`rnnserve.aio`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from rnnserve._aio_streams import Stream, TrainStream, WatchStream
+from rnnserve._common import generate_request
+from rnnserve._requests import (
+    DEFAULT_CHUNK_CHARS,
+    TextSource,
+    append_upload,
+    fork_request,
+    save_archive,
+    train_request,
+    update_request,
+)
+from rnnserve._train_to import TrainToResult
+from rnnserve.errors import ServerUnavailable, SessionBusy
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from rnnserve.aio import Client
+
+__all__ = ["Session"]
+
+
+class Session:
+    """A handle on one session of an asyncio :class:`Client`; every method is one RPC."""
+
+    def __init__(self, client: Client, session_id: str, info: pb.Session | None = None) -> None:
+        self._client = client
+        self.id = session_id
+        self.last_info = info
+
+    def __repr__(self) -> str:
+        return f"aio.Session({self.id!r})"
+
+    async def info(self, *, timeout: float | None = None) -> pb.Session:
+        """The session's configuration, state and progress."""
+        request = pb.GetSessionRequest(session_id=self.id)
+        response = await self._client._unary(self._client._stub.GetSession, request, timeout)
+        self.last_info = response.session
+        return response.session  # type: ignore[no-any-return]
+
+    async def delete(self, *, timeout: float | None = None) -> None:
+        """Delete the session from the server's memory and disk."""
+        request = pb.DeleteSessionRequest(session_id=self.id)
+        await self._client._unary(self._client._stub.DeleteSession, request, timeout)
+
+    async def step(
+        self, text: str | None = None, *, timeout: float | None = None
+    ) -> pb.StepResponse:
+        """One optimizer update: on the corpus's next window, or on ``text`` from a zero state."""
+        request = pb.StepRequest(session_id=self.id, text=text or "")
+        return await self._client._unary(self._client._stub.Step, request, timeout)  # type: ignore[no-any-return]
+
+    async def predict(self, text: str, *, timeout: float | None = None) -> pb.PredictResponse:
+        """Most likely next character at each position of ``text``, and the loss on it."""
+        request = pb.PredictRequest(session_id=self.id, text=text)
+        return await self._client._unary(self._client._stub.Predict, request, timeout)  # type: ignore[no-any-return]
+
+    def train(
+        self,
+        steps: int,
+        report_every: int = 0,
+        sample_length: int = 0,
+        *,
+        until_loss: float | None = None,
+        patience: int = 0,
+        eval_every: int = 0,
+        sample_temperature: float | None = None,
+        sample_prime: str = "",
+        timeout: float | None = None,
+    ) -> TrainStream:
+        """Apply ``steps`` updates, streaming progress; see :meth:`rnnserve.Session.train`."""
+        request = train_request(self.id, locals())
+        return TrainStream(self._client._server_stream(self._client._stub.Train, request, timeout))
+
+    async def update(
+        self,
+        *,
+        learning_rate: float | None = None,
+        clip: float | None = None,
+        reset_every: int | None = None,
+        optimizer: str | int | None = None,
+        timeout: float | None = None,
+    ) -> pb.Session:
+        """Change the given settings; see :meth:`rnnserve.Session.update`."""
+        request = update_request(self.id, learning_rate, clip, reset_every, optimizer)
+        response = await self._client._unary(self._client._stub.UpdateSession, request, timeout)
+        self.last_info = response.session
+        return response.session  # type: ignore[no-any-return]
+
+    async def fork(
+        self,
+        new_session_id: str,
+        *,
+        learning_rate: float | None = None,
+        clip: float | None = None,
+        reset_every: int | None = None,
+        optimizer: str | int | None = None,
+        timeout: float | None = None,
+    ) -> Session:
+        """A copy of this session under a new id; see :meth:`rnnserve.Session.fork`."""
+        request = fork_request(self.id, new_session_id, learning_rate, clip, reset_every, optimizer)
+        response = await self._client._unary(self._client._stub.ForkSession, request, timeout)
+        return Session(self._client, response.session.session_id, response.session)
+
+    def export_stream(
+        self, *, timeout: float | None = None
+    ) -> Stream[pb.ExportSessionResponse, bytes]:
+        """The session's archive (see the README's "Export, import, fork"), in chunks."""
+        request = pb.ExportSessionRequest(session_id=self.id)
+        call = self._client._server_stream(self._client._stub.ExportSession, request, timeout)
+        return Stream(call, lambda response: (response.data,) if response.data else ())
+
+    async def export(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+    ) -> bytes:
+        """The session's archive as bytes; also written to ``path`` if given (atomically)."""
+        data = b"".join([chunk async for chunk in self.export_stream(timeout=timeout)])
+        if path is not None:
+            save_archive(path, data)
+        return data
+
+    def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
+        """Every update's loss from ``from_step`` on, then live; cancel it to stop watching.
+        ``stream.rollbacks`` lists a cluster's announced restores."""
+        request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
+        call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
+        return WatchStream(call)
+
+    async def train_to(
+        self,
+        target_step: int,
+        *,
+        report_every: int = 0,
+        retry_for: float = 60.0,
+        on_progress: Callable[[pb.TrainResponse], None] | None = None,
+    ) -> TrainToResult:
+        """Train until the session's step is ``target_step``, surviving a replica's death;
+        see :meth:`rnnserve.Session.train_to`."""
+        result = TrainToResult()
+        deadline: float | None = None
+        while True:
+            try:
+                step = (await self.info()).step
+                if result.seen(step) >= target_step:
+                    return result
+                async for message in self.train(target_step - step, report_every=report_every):
+                    result.progress(message)
+                    if on_progress is not None:
+                        on_progress(message)
+                if result.finished():
+                    return result
+                deadline = None
+            except (ServerUnavailable, SessionBusy):
+                deadline = result.retry(deadline, retry_for)
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def loss_history(
+        self, from_step: int = 1, *, timeout: float | None = None
+    ) -> list[pb.LossPoint]:
+        """Every update's loss from ``from_step`` up to the session's current step; see
+        :meth:`rnnserve.Session.loss_history`."""
+        until = (await self.info(timeout=timeout)).step
+        points: list[pb.LossPoint] = []
+        if until < max(from_step, 1):
+            return points
+        async with self.watch_loss(from_step, timeout=timeout) as stream:
+            async for point in stream:
+                points.append(point)
+                if point.step >= until:
+                    break
+        return points
+
+    def generate_stream(
+        self,
+        length: int,
+        prime: str = "",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Stream[pb.GenerateResponse, str]:
+        """Sample ``length`` characters after ``prime``, in chunks as they are made."""
+        request = generate_request(self.id, length, prime, temperature, top_k, seed)
+        method = self._client._generate_method(seed is not None)
+        call = self._client._server_stream(method, request, timeout)
+        return Stream(call, lambda response: (response.text,) if response.text else ())
+
+    async def generate(
+        self,
+        length: int,
+        prime: str = "",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> str:
+        """:meth:`generate_stream`, joined into one string."""
+        stream = self.generate_stream(length, prime, temperature, top_k, seed, timeout=timeout)
+        return "".join([chunk async for chunk in stream])
+
+    async def append_text(
+        self,
+        source: TextSource,
+        chunk_chars: int = DEFAULT_CHUNK_CHARS,
+        *,
+        timeout: float | None = None,
+    ) -> pb.AppendTextResponse:
+        """Add text to the corpus in chunks; see :meth:`rnnserve.Session.append_text`. A file
+        source is read in the event loop's thread, a chunk at a time."""
+        upload = append_upload(self.id, source, chunk_chars)
+        response: pb.AppendTextResponse = await self._client._client_stream(
+            self._client._stub.AppendText, upload, timeout, session_id=self.id
+        )
+        self.last_info = response.session
+        return response

@@ -1,0 +1,125 @@
+"""The asyncio client's server streams: :class:`Stream` and the Train stream's
+:class:`TrainStream` (re-exported by :mod:`rnnserve.aio`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from rnnserve.errors import RnnServeError, error_from_rpc
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+__all__ = ["Stream", "TrainStream"]
+
+M = TypeVar("M")
+T = TypeVar("T")
+
+
+class Stream(AsyncIterator[T], Generic[M, T]):
+    """An async iterator over a server stream that can be stopped early: :meth:`cancel`,
+    leaving an ``async with`` block, or breaking out of ``async for`` and dropping it. After a
+    cancel the iterator simply ends; errors from the server raise the matching
+    :class:`~rnnserve.errors.RnnServeError`."""
+
+    def __init__(self, call: Any, convert: Callable[[M], Iterable[T]]) -> None:
+        self._call = call
+        self._responses: AsyncIterator[M] = call.__aiter__()
+        self._convert = convert
+        self._pending: deque[T] = deque()
+        self._cancelled = False
+        self._done = False
+
+    def __aiter__(self) -> Stream[M, T]:
+        return self
+
+    async def __anext__(self) -> T:
+        while not self._pending:
+            if self._done:
+                raise StopAsyncIteration
+            try:
+                message = await self._responses.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                raise
+            except asyncio.CancelledError:
+                if not self._cancelled:
+                    raise
+                self._done = True
+                raise StopAsyncIteration from None
+            except grpc.RpcError as e:
+                self._done = True
+                if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                    raise StopAsyncIteration from None
+                raise error_from_rpc(e) from None
+            self._observe(message)
+            self._pending.extend(self._convert(message))
+        return self._pending.popleft()
+
+    def _observe(self, message: M) -> None:
+        """Hook for subclasses: sees every response message before it is converted."""
+
+    @property
+    def done(self) -> bool:
+        """True once the stream has ended, failed or been cancelled."""
+        return self._done
+
+    def cancel(self) -> None:
+        """Cancel the call; safe to call more than once."""
+        if not self._done:
+            self._cancelled = True
+            self._call.cancel()
+            self._done = True
+
+    async def __aenter__(self) -> Stream[M, T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+
+class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
+    """The progress of a Train call; ``last`` and ``final`` as in the sync
+    :class:`rnnserve.TrainStream`."""
+
+    def __init__(self, call: Any) -> None:
+        super().__init__(call, lambda message: (message,))
+        self.last: pb.TrainResponse | None = None
+        self.final: pb.TrainResponse | None = None
+
+    def _observe(self, message: pb.TrainResponse) -> None:
+        self.last = message
+        if message.stop_reason != pb.STOP_REASON_UNSPECIFIED:
+            self.final = message
+
+    async def wait(self) -> pb.TrainResponse:
+        """Consume the rest of the stream and return the final message (or the last one seen)."""
+        async for _ in self:
+            pass
+        result = self.final or self.last
+        if result is None:
+            raise RnnServeError("the Train stream ended without any message")
+        return result
+
+
+class WatchStream(Stream[pb.WatchLossResponse, pb.LossPoint]):
+    """The loss points of a WatchLoss call. ``rollbacks`` lists the steps a cluster restored
+    the session at after a replica failed (``restored_at_step``): the points that follow such
+    a rollback repeat the steps after it."""
+
+    def __init__(self, call: Any) -> None:
+        super().__init__(call, lambda response: response.points)
+        self.rollbacks: list[int] = []
+
+    def _observe(self, message: pb.WatchLossResponse) -> None:
+        if message.HasField("restored_at_step"):
+            self.rollbacks.append(message.restored_at_step)

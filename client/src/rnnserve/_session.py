@@ -1,0 +1,270 @@
+"""The sync client's :class:`Session`: a handle on one session (re-exported by
+:mod:`rnnserve.client` and :mod:`rnnserve`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from rnnserve._common import generate_request
+from rnnserve._requests import (
+    DEFAULT_CHUNK_CHARS,
+    TextSource,
+    append_upload,
+    fork_request,
+    save_archive,
+    train_request,
+    update_request,
+)
+from rnnserve._streams import Stream, TrainStream, WatchStream
+from rnnserve._train_to import TrainToResult
+from rnnserve.errors import ServerUnavailable, SessionBusy
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from rnnserve.client import Client
+
+__all__ = ["Session"]
+
+
+class Session:
+    """A handle on one session of a :class:`Client`; every method is one RPC.
+
+    ``last_info`` holds the newest description of the session the handle has seen (from
+    create, :meth:`info` or :meth:`append_text`), or ``None``.
+    """
+
+    def __init__(self, client: Client, session_id: str, info: pb.Session | None = None) -> None:
+        self._client = client
+        self.id = session_id
+        self.last_info = info
+
+    def __repr__(self) -> str:
+        return f"Session({self.id!r})"
+
+    def info(self, *, timeout: float | None = None) -> pb.Session:
+        """The session's configuration, state and progress."""
+        request = pb.GetSessionRequest(session_id=self.id)
+        self.last_info = self._client._unary(
+            self._client._stub.GetSession, request, timeout
+        ).session
+        return self.last_info
+
+    def delete(self, *, timeout: float | None = None) -> None:
+        """Delete the session from the server's memory and disk."""
+        request = pb.DeleteSessionRequest(session_id=self.id)
+        self._client._unary(self._client._stub.DeleteSession, request, timeout)
+
+    def step(self, text: str | None = None, *, timeout: float | None = None) -> pb.StepResponse:
+        """One optimizer update: on the corpus's next window, or on ``text`` from a zero state."""
+        request = pb.StepRequest(session_id=self.id, text=text or "")
+        return self._client._unary(self._client._stub.Step, request, timeout)
+
+    def predict(self, text: str, *, timeout: float | None = None) -> pb.PredictResponse:
+        """Most likely next character at each position of ``text``, and the loss on it."""
+        request = pb.PredictRequest(session_id=self.id, text=text)
+        return self._client._unary(self._client._stub.Predict, request, timeout)
+
+    def train(
+        self,
+        steps: int,
+        report_every: int = 0,
+        sample_length: int = 0,
+        *,
+        until_loss: float | None = None,
+        patience: int = 0,
+        eval_every: int = 0,
+        sample_temperature: float | None = None,
+        sample_prime: str = "",
+        timeout: float | None = None,
+    ) -> TrainStream:
+        """Apply ``steps`` updates, streaming progress every ``report_every`` (0: ~1/s).
+
+        Iterate the returned stream for the progress messages; the last one has
+        ``stop_reason`` set. Stopping early (``break``, :meth:`TrainStream.cancel`) cancels
+        the call and the server stops between two updates. ``stream.wait()`` runs to the end.
+
+        ``until_loss`` stops once the loss (the validation loss if the session has a
+        validation split, else the smoothed loss) reaches it; ``patience`` stops after that
+        many validation measurements without a new best (early stopping); ``eval_every``
+        measures the validation loss every that many updates (0: at each report). A loss
+        above 2 ln V for a whole report window stops with ``STOP_REASON_DIVERGED``.
+        """
+        request = train_request(self.id, locals())
+        return TrainStream(self._client._server_stream(self._client._stub.Train, request, timeout))
+
+    def update(
+        self,
+        *,
+        learning_rate: float | None = None,
+        clip: float | None = None,
+        reset_every: int | None = None,
+        optimizer: str | int | None = None,
+        timeout: float | None = None,
+    ) -> pb.Session:
+        """Change the given settings (UpdateSession with a field mask of just those). A new
+        optimizer starts with fresh state. Refused (SessionBusy) while the session trains."""
+        request = update_request(self.id, learning_rate, clip, reset_every, optimizer)
+        self.last_info = self._client._unary(
+            self._client._stub.UpdateSession, request, timeout
+        ).session
+        return self.last_info
+
+    def fork(
+        self,
+        new_session_id: str,
+        *,
+        learning_rate: float | None = None,
+        clip: float | None = None,
+        reset_every: int | None = None,
+        optimizer: str | int | None = None,
+        timeout: float | None = None,
+    ) -> Session:
+        """A copy of this session (weights, optimizer state, corpus, history) under a new id,
+        with the given settings changed."""
+        request = fork_request(self.id, new_session_id, learning_rate, clip, reset_every, optimizer)
+        response = self._client._unary(self._client._stub.ForkSession, request, timeout)
+        return Session(self._client, response.session.session_id, response.session)
+
+    def export_stream(
+        self, *, timeout: float | None = None
+    ) -> Stream[pb.ExportSessionResponse, bytes]:
+        """The session's archive (see the README's "Export, import, fork"), in chunks."""
+        request = pb.ExportSessionRequest(session_id=self.id)
+        call = self._client._server_stream(self._client._stub.ExportSession, request, timeout)
+        return Stream(call, lambda response: (response.data,) if response.data else ())
+
+    def export(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+    ) -> bytes:
+        """The session's archive as bytes; also written to ``path`` if given (atomically:
+        a temporary file renamed into place once complete)."""
+        data = b"".join(self.export_stream(timeout=timeout))
+        if path is not None:
+            save_archive(path, data)
+        return data
+
+    def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
+        """Every update's loss from ``from_step`` on, then live as anyone trains the session.
+
+        The stream ends when the session is deleted or the server stops; cancel it to stop
+        watching earlier. In a cluster, ``stream.rollbacks`` lists the steps the session was
+        restored at after a replica failed.
+        """
+        request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
+        call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
+        return WatchStream(call)
+
+    def train_to(
+        self,
+        target_step: int,
+        *,
+        report_every: int = 0,
+        retry_for: float = 60.0,
+        on_progress: Callable[[pb.TrainResponse], None] | None = None,
+    ) -> TrainToResult:
+        """Train until the session's step is ``target_step``, surviving a replica's death.
+
+        Idempotent: each attempt asks for the steps still missing (the target minus the
+        session's current step), so retrying never overshoots. A call cut by UNAVAILABLE (the
+        replica died, or is draining) is retried for up to ``retry_for`` seconds; in a cluster
+        the session is activated elsewhere from its last checkpoint. If that checkpoint is
+        behind a step this call already saw, the steps in between were lost and are trained
+        again: reported in ``rollbacks`` as ``(seen, restored)``.
+        """
+        result = TrainToResult()
+        deadline: float | None = None
+        while True:
+            try:
+                step = self.info().step
+                if result.seen(step) >= target_step:
+                    return result
+                for message in self.train(target_step - step, report_every=report_every):
+                    result.progress(message)
+                    if on_progress is not None:
+                        on_progress(message)
+                if result.finished():
+                    return result
+                deadline = None
+            except (ServerUnavailable, SessionBusy):
+                # SessionBusy: the old owner's Train may still be stopping; wait it out too.
+                deadline = result.retry(deadline, retry_for)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def loss_history(
+        self, from_step: int = 1, *, timeout: float | None = None
+    ) -> list[pb.LossPoint]:
+        """Every update's loss from ``from_step`` up to the session's current step.
+
+        A finite :meth:`watch_loss`: reads the history, stops when it reaches the step that
+        GetSession reported at the start (later updates are left out).
+        """
+        until = self.info(timeout=timeout).step
+        points: list[pb.LossPoint] = []
+        if until < max(from_step, 1):
+            return points
+        with self.watch_loss(from_step, timeout=timeout) as stream:
+            for point in stream:
+                points.append(point)
+                if point.step >= until:
+                    break
+        return points
+
+    def generate_stream(
+        self,
+        length: int,
+        prime: str = "",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Stream[pb.GenerateResponse, str]:
+        """Sample ``length`` characters after ``prime``, yielded in chunks as they are made.
+
+        ``temperature`` 0 is greedy; ``top_k`` > 0 samples among the k likeliest characters;
+        the same ``seed`` gives the same text.
+        """
+        request = generate_request(self.id, length, prime, temperature, top_k, seed)
+        method = self._client._generate_method(seed is not None)
+        call = self._client._server_stream(method, request, timeout)
+        return Stream(call, lambda response: (response.text,) if response.text else ())
+
+    def generate(
+        self,
+        length: int,
+        prime: str = "",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> str:
+        """:meth:`generate_stream`, joined into one string."""
+        return "".join(
+            self.generate_stream(length, prime, temperature, top_k, seed, timeout=timeout)
+        )
+
+    def append_text(
+        self,
+        source: TextSource,
+        chunk_chars: int = DEFAULT_CHUNK_CHARS,
+        *,
+        timeout: float | None = None,
+    ) -> pb.AppendTextResponse:
+        """Add text to the corpus, streamed in chunks of at most ``chunk_chars`` characters.
+
+        ``source`` is a str, a file object (text or binary, read a chunk at a time) or an
+        iterable of chunks; see :func:`iter_text_chunks`. An error reading the source cancels
+        the call and is re-raised as itself.
+        """
+        upload = append_upload(self.id, source, chunk_chars)
+        response = self._client._client_stream(
+            self._client._stub.AppendText, upload, timeout, session_id=self.id
+        )
+        self.last_info = response.session
+        return response

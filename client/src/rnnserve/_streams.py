@@ -1,0 +1,142 @@
+"""The sync client's server streams: :class:`Stream` and the Train stream's
+:class:`TrainStream` (re-exported by :mod:`rnnserve.client` and :mod:`rnnserve`)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Generic, TypeVar
+
+import grpc
+
+from rnnserve.errors import RnnServeError, error_from_rpc
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+__all__ = ["Stream", "TrainStream"]
+
+M = TypeVar("M")
+T = TypeVar("T")
+
+
+class Stream(Iterator[T], Generic[M, T]):
+    """An iterator over a server stream that can be stopped early.
+
+    Leaving a ``for`` loop over it (``break``, an exception), :meth:`cancel`, :meth:`close`
+    or leaving a ``with`` block cancels the call on the server. After a cancel the iterator
+    simply ends; errors from the server raise the matching :class:`RnnServeError`.
+    """
+
+    def __init__(self, call: grpc.CallIterator[M], convert: Callable[[M], Iterable[T]]) -> None:
+        self._call = call
+        self._responses: Iterator[M] = iter(call)
+        self._convert = convert
+        self._pending: deque[T] = deque()
+        self._cancelled = False
+        self._done = False
+
+    def __next__(self) -> T:
+        while not self._pending:
+            if self._done:
+                raise StopIteration
+            try:
+                message = next(self._responses)
+            except StopIteration:
+                self._done = True
+                raise
+            except grpc.RpcError as e:
+                self._done = True
+                if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                    raise StopIteration from None
+                raise error_from_rpc(e) from None
+            self._observe(message)
+            self._pending.extend(self._convert(message))
+        return self._pending.popleft()
+
+    def __iter__(self) -> Iterator[T]:
+        # A fresh generator per loop: when the loop is left early the generator is closed,
+        # and its finally-clause cancels the call even if the caller still holds the stream.
+        def loop() -> Iterator[T]:
+            try:
+                while True:
+                    try:
+                        item = next(self)
+                    except StopIteration:
+                        return
+                    yield item
+            finally:
+                if not self._done:
+                    self.cancel()
+
+        return loop()
+
+    def _observe(self, message: M) -> None:
+        """Hook for subclasses: sees every response message before it is converted."""
+
+    @property
+    def done(self) -> bool:
+        """True once the stream has ended, failed or been cancelled."""
+        return self._done
+
+    def cancel(self) -> None:
+        """Cancel the call; safe to call from another thread and more than once."""
+        if not self._done:
+            self._cancelled = True
+            self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it bare
+            self._done = True
+
+    def close(self) -> None:
+        """Same as :meth:`cancel`."""
+        self.cancel()
+
+    def __enter__(self) -> Stream[M, T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+
+class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
+    """The progress of a Train call: every TrainResponse, the last one with ``stop_reason`` set.
+
+    ``last`` is the newest message received and ``final`` the closing one (``None`` until it
+    arrives, and forever if the stream was cancelled).
+    """
+
+    def __init__(self, call: grpc.CallIterator[pb.TrainResponse]) -> None:
+        super().__init__(call, lambda message: (message,))
+        self.last: pb.TrainResponse | None = None
+        self.final: pb.TrainResponse | None = None
+
+    def _observe(self, message: pb.TrainResponse) -> None:
+        self.last = message
+        if message.stop_reason != pb.STOP_REASON_UNSPECIFIED:
+            self.final = message
+
+    def wait(self) -> pb.TrainResponse:
+        """Consume the rest of the stream and return the final message (or the last one seen)."""
+        for _ in self:
+            pass
+        result = self.final or self.last
+        if result is None:
+            raise RnnServeError("the Train stream ended without any message")
+        return result
+
+
+class WatchStream(Stream[pb.WatchLossResponse, pb.LossPoint]):
+    """The loss points of a WatchLoss call. ``rollbacks`` lists the steps a cluster restored
+    the session at after a replica failed (``restored_at_step``): the points that follow such
+    a rollback repeat the steps after it."""
+
+    def __init__(self, call: grpc.CallIterator[pb.WatchLossResponse]) -> None:
+        super().__init__(call, lambda response: response.points)
+        self.rollbacks: list[int] = []
+
+    def _observe(self, message: pb.WatchLossResponse) -> None:
+        if message.HasField("restored_at_step"):
+            self.rollbacks.append(message.restored_at_step)

@@ -1,0 +1,137 @@
+"""Output (text, or one JSON object per line with ``--json``), how a session is shown, and
+reading input text."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from rnnserve.cli.exit_codes import UsageError
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """A message as the JSON the CLI prints: proto field names, zeros included, int64 as ints."""
+    return json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+class Output:
+    """Where results go: stdout as text, or as one JSON object per line with --json."""
+
+    def __init__(self, as_json: bool, stream: TextIO | None = None) -> None:
+        self.json = as_json
+        self.stream = stream if stream is not None else sys.stdout
+
+    def line(self, text: str = "") -> None:
+        """Print a line of text (plain mode only)."""
+        if not self.json:
+            print(text, file=self.stream, flush=True)
+
+    def obj(self, value: Message | dict[str, Any]) -> None:
+        """Print one JSON object (JSON mode only)."""
+        if self.json:
+            data = message_to_dict(value) if isinstance(value, Message) else value
+            print(json.dumps(data, ensure_ascii=False), file=self.stream, flush=True)
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    name: str = enum.Name(value) if value in enum.values() else str(value)
+    return name.removeprefix(prefix).lower().replace("_", "-")
+
+
+def _format_config(config: pb.SessionConfig) -> str:
+    return " ".join(
+        [
+            f"hidden_size={config.hidden_size}",
+            f"seq_length={config.seq_length}",
+            f"batch_size={config.batch_size}",
+            f"learning_rate={config.learning_rate:g}",
+            f"optimizer={_enum_name(pb.Optimizer, config.optimizer, 'OPTIMIZER_')}",
+            f"clip={config.clip:g}",
+            f"seed={config.seed}",
+            f"dtype={_enum_name(pb.DataType, config.dtype, 'DATA_TYPE_')}",
+            f"reset_every={config.reset_every}",
+            f"validation_fraction={config.validation_fraction:g}",
+            f"cell={_enum_name(pb.Cell, config.cell, 'CELL_')}",
+            f"num_layers={config.num_layers}",
+            f"dropout={config.dropout:g}",
+        ]
+    )
+
+
+def _state(session: pb.Session) -> str:
+    return _enum_name(pb.SessionState, session.state, "SESSION_STATE_")
+
+
+def _timestamp(session: pb.Session, field: str) -> str:
+    if not session.HasField(field):
+        return "-"
+    stamp = getattr(session, field)
+    text: str = stamp.ToJsonString()
+    return text
+
+
+def _show_session(out: Output, session: pb.Session) -> None:
+    out.obj(session)
+    rows = [
+        ("session_id", session.session_id),
+        ("state", _state(session)),
+        ("step", str(session.step)),
+        ("loss", f"{session.loss:.4f} nats/char (smoothed {session.smoothed_loss:.4f})"),
+        ("corpus", f"{session.corpus_chars:,} chars"),
+        ("alphabet", f"{len(session.alphabet)} chars: {session.alphabet!r}"),
+        ("parameters", f"{session.parameter_count:,}"),
+        (
+            "validation",
+            f"{session.validation_loss:.4f} nats/char at step {session.validation_step} "
+            f"({session.validation_chars:,} chars held out)"
+            if session.HasField("validation_loss")
+            else (
+                f"not measured yet ({session.validation_chars:,} chars held out)"
+                if session.validation_chars
+                else "none (no validation split)"
+            ),
+        ),
+        ("config", _format_config(session.config)),
+        ("created", _timestamp(session, "create_time")),
+        ("updated", _timestamp(session, "update_time")),
+        ("resident", "yes" if session.resident else "no (on disk only)"),
+        ("checkpointed", f"step {session.checkpointed_step}"),
+    ]
+    if session.error:
+        rows.append(("error", session.error))
+    for key, value in rows:
+        out.line(f"{key + ':':<14}{value}")
+
+
+def _read_text(path: str | None, text: str | None, what: str) -> str:
+    """The text from --text, a file ('-' is stdin), or piped stdin; UsageError if none."""
+    if text is not None:
+        if path is not None:
+            raise UsageError(f"give {what} as FILE or --text, not both")
+        return text
+    if path is None:
+        if sys.stdin.isatty():
+            raise UsageError(f"give {what} as a FILE argument, with --text, or on stdin")
+        path = "-"
+    if path == "-":
+        return sys.stdin.read()
+    with _open_input(path) as f:
+        return f.read()
+
+
+def _open_input(path: str) -> TextIO:
+    """Open a text file given on the command line; a missing one is a usage error (exit 2)."""
+    try:
+        return open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None

@@ -1,0 +1,323 @@
+"""Routing in cluster mode: a server interceptor that sends each session call to the
+replica owning the session.
+
+For a method whose request names a session (``session_id``, the first message's for client
+streams): if this replica holds the session's lease, the call is served here; if no one does,
+this replica takes the lease, loads the session's latest checkpoint from the shared directory
+into its registry and serves it; if another replica holds it, the whole call is forwarded
+there as bytes (:mod:`rnnserve_server.cluster.forward`). The client's ``x-session-id``
+metadata lets a call for a session owned elsewhere be forwarded without decoding it; the
+owner still routes by the request itself. A forwarded call is never forwarded again: if the
+lease moved meanwhile, the caller gets UNAVAILABLE and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc import aio
+from redis.exceptions import RedisError
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+from rnnserve_server.cluster.forward import FORWARDED_KEY, Forwarder, Kind, method_kinds
+from rnnserve_server.interceptors import _Refused, guard_deserializer, rebuild
+
+SESSION_KEY = "x-session-id"
+SERVICE = pb.DESCRIPTOR.services_by_name["RnnService"]
+LIST_METHOD = f"/{SERVICE.full_name}/ListSessions"
+WATCH_METHOD = f"/{SERVICE.full_name}/WatchLoss"
+# Methods whose request carries no session id: served by whichever replica gets them.
+_UNROUTED = {LIST_METHOD}
+
+if TYPE_CHECKING:
+    Interceptor = aio.ServerInterceptor[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]]
+else:
+    Interceptor = aio.ServerInterceptor
+
+# Decides where a session's call runs: None = here (the session is active here now), else
+# the owner's address. ``forwarded``: the call came from another replica (never forward it).
+Route = Callable[[str, bool], Awaitable[str | None]]
+# Called when a routed call served here ended (the session may be released if it is gone).
+Done = Callable[[str], None]
+
+
+class OwnerMovedError(Exception):
+    """A forwarded call reached a replica that no longer owns the session."""
+
+
+def _metadata_value(context: aio.ServicerContext[Any, Any], key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode("utf-8", "replace")
+    return None
+
+
+class Router(Interceptor):
+    """Serve here or forward, per call, by session ownership."""
+
+    def __init__(
+        self,
+        route: Route,
+        done: Done,
+        forwarder: Forwarder,
+        max_bytes: int,
+        list_sessions: Callable[[Any, Any], Awaitable[Any]],
+        serves_locally: Callable[[str], bool] | None = None,
+        watch_stream: Callable[[str, int], Awaitable[AsyncIterator[Any] | None]] | None = None,
+    ) -> None:
+        self.list_sessions = list_sessions
+        self.serves_locally = serves_locally
+        self.watch_stream = watch_stream
+        self.route = route
+        self.done = done
+        self.forwarder = forwarder
+        self.max_bytes = max_bytes
+        self.kinds = method_kinds(SERVICE)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        kind = self.kinds.get(method)
+        if handler is None or kind is None:
+            return handler
+        entry = self._wrapped.get(method)
+        if entry is None or entry[0] is not handler:
+            wrapped = (
+                self._wrap_list(handler)
+                if method in _UNROUTED
+                else self._wrap(method, kind, handler)
+            )
+            entry = (handler, wrapped)
+            self._wrapped[method] = entry
+        return entry[1]  # type: ignore[no-any-return]
+
+    async def _where(self, session_id: str, context: aio.ServicerContext[Any, Any]) -> str | None:
+        forwarded = _metadata_value(context, FORWARDED_KEY) is not None
+        try:
+            return await self.route(session_id, forwarded)
+        except OwnerMovedError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"session {session_id!r} is changing owner; retry in a moment",
+            )
+        except (RedisError, OSError):
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the cluster coordinator (Redis) is unreachable; retry in a moment",
+            )
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            from rnnserve_server.service import _abort_for
+
+            await _abort_for(exc, context)
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def _hint(self, context: aio.ServicerContext[Any, Any]) -> str | None:
+        """The owner's address from the x-session-id metadata when it is elsewhere (forward
+        without decoding); None: decode and route by the request."""
+        sid = _metadata_value(context, SESSION_KEY)
+        if not sid or _metadata_value(context, FORWARDED_KEY) is not None:
+            return None
+        return await self._where(sid, context)
+
+    def _wrap_list(
+        self, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        list_sessions = self.list_sessions
+
+        async def behavior(request: Any, context: Any) -> Any:
+            from rnnserve_server.service import _abort_for  # the servicer's status mapping
+
+            try:
+                return await list_sessions(request, context)
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort_for(exc, context)
+                raise
+
+        return rebuild(handler, behavior)
+
+    def _wrap(self, method: str, kind: Kind, h: grpc.RpcMethodHandler[Any, Any]) -> Any:
+        handler: Any = h  # grpc's stubs type the behaviours loosely
+        guarded = guard_deserializer(handler.request_deserializer, method, self.max_bytes)
+
+        async def decode(raw: bytes, context: Any) -> Any:
+            request = guarded(raw)
+            if isinstance(request, _Refused):  # oversized or malformed: the guard's status
+                from rnnserve_server.service import _abort_for
+
+                await _abort_for(request.error, context)
+            return request
+
+        serialize = handler.response_serializer
+
+        def passthrough(message: Any) -> bytes:
+            # Forwarded answers are already bytes; local ones are messages.
+            return message if isinstance(message, bytes) else serialize(message)
+
+        fwd = self.forwarder
+        done = self.done
+
+        def sid_of(request: Any) -> str:
+            return str(getattr(request, "session_id", "") or "")
+
+        if kind == "unary_unary":
+            inner = handler.unary_unary
+
+            async def uu(raw: bytes, context: Any) -> Any:
+                owner = await self._hint(context)
+                if owner is not None:
+                    return await fwd.unary_unary(owner, method, raw, context)
+                request = await decode(raw, context)
+                sid = sid_of(request)
+                owner = await self._where(sid, context) if sid else None
+                if owner is not None:
+                    return await fwd.unary_unary(owner, method, raw, context)
+                try:
+                    return await inner(request, context)
+                finally:
+                    if sid:
+                        done(sid)
+
+            behavior: Any = uu
+        elif kind == "unary_stream":
+            inner = handler.unary_stream
+
+            watching = method == WATCH_METHOD and self.watch_stream is not None
+            watch_stream = self.watch_stream
+            serves_locally = self.serves_locally
+
+            async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
+                if watching and watch_stream is not None and serves_locally is not None:
+                    # WatchLoss on a non-owner follows the session's Redis stream: it sees
+                    # every point whoever trains it, and survives the owner's death.
+                    request = await decode(raw, context)
+                    sid = sid_of(request)
+                    if sid and request.from_step >= 0 and not serves_locally(sid):
+                        try:
+                            source = await watch_stream(sid, int(request.from_step))
+                        except (RedisError, OSError):
+                            source = None
+                        if source is not None:
+                            async for message in source:
+                                yield message
+                            return
+                owner = await self._hint(context)
+                request = None
+                sid = ""
+                if owner is None:
+                    request = await decode(raw, context)
+                    sid = sid_of(request)
+                    owner = await self._where(sid, context) if sid else None
+                if owner is not None:
+                    async for message in fwd.unary_stream(owner, method, raw, context):
+                        yield message
+                    return
+                try:
+                    async for message in inner(request, context):
+                        yield message
+                finally:
+                    if sid:
+                        done(sid)
+
+            behavior = us
+        else:
+            inner = handler.stream_unary if kind == "stream_unary" else handler.stream_stream
+
+            async def first_and_rest(
+                requests: AsyncIterator[bytes],
+            ) -> tuple[bytes | None, AsyncIterator[bytes]]:
+                iterator = requests.__aiter__()
+                try:
+                    first = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return None, iterator
+                return first, iterator
+
+            async def chained(
+                first: bytes | None, rest: AsyncIterator[bytes]
+            ) -> AsyncIterator[bytes]:
+                if first is not None:
+                    yield first
+                async for item in rest:
+                    yield item
+
+            async def decoded(
+                first: Any, rest: AsyncIterator[bytes], context: Any
+            ) -> AsyncIterator[Any]:
+                if first is not None:
+                    yield first
+                async for item in rest:
+                    yield await decode(item, context)
+
+            async def setup(
+                requests: AsyncIterator[bytes], context: Any
+            ) -> tuple[str | None, str, Any, AsyncIterator[bytes]]:
+                owner = await self._hint(context)
+                if owner is not None:
+                    return owner, "", None, requests
+                raw_first, rest = await first_and_rest(requests)
+                first = await decode(raw_first, context) if raw_first is not None else None
+                sid = sid_of(first) if first is not None else ""
+                owner = await self._where(sid, context) if sid else None
+                if owner is not None:
+                    return owner, "", None, chained(raw_first, rest)
+                return None, sid, decoded(first, rest, context), rest
+
+            if kind == "stream_unary":
+
+                async def su(requests: AsyncIterator[bytes], context: Any) -> Any:
+                    owner, sid, local, raw = await setup(requests, context)
+                    if owner is not None:
+                        return await fwd.stream_unary(owner, method, raw, context)
+                    try:
+                        return await inner(local, context)
+                    finally:
+                        if sid:
+                            done(sid)
+
+                behavior = su
+            else:
+
+                async def ss(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+                    owner, sid, local, raw = await setup(requests, context)
+                    if owner is not None:
+                        async for message in fwd.stream_stream(owner, method, raw, context):
+                            yield message
+                        return
+                    try:
+                        async for message in inner(local, context):
+                            yield message
+                    finally:
+                        if sid:
+                            done(sid)
+
+                behavior = ss
+        built: Any = rebuild(handler, behavior)
+        # Raw bytes in (decoded here, after routing); bytes or messages out.
+        return type(built)(
+            built.request_streaming,
+            built.response_streaming,
+            None,
+            passthrough,
+            built.unary_unary,
+            built.unary_stream,
+            built.stream_unary,
+            built.stream_stream,
+        )
+
+
+def lock_for(locks: dict[str, asyncio.Lock], key: str) -> asyncio.Lock:
+    """The lock serialising activation of one session on this replica."""
+    return locks.setdefault(key, asyncio.Lock())

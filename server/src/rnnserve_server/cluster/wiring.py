@@ -1,0 +1,443 @@
+"""Cluster mode assembled from settings: one :class:`ClusterNode` per replica.
+
+The node owns the Redis coordinator, the lease table, the shared checkpoint store, the
+forwarder and the router, and keeps the registry's view of sessions in step with the leases:
+
+- a session is in this replica's registry only while this replica holds its lease (and was
+  loaded under that lease's token, so a session that trained elsewhere meanwhile is reloaded);
+- a lost lease (expired while paused, taken) drops the session here at once: its writes would
+  be refused by the fenced pointer anyway;
+- an idle session (evicted from memory by the registry, which checkpoints it first) gives its
+  lease back, so any replica can activate it next;
+- drain (SIGTERM): the registry checkpoints everything, then every lease is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+from redis.exceptions import RedisError
+
+from rnnserve_server import logs
+from rnnserve_server.cluster.coordinator import Coordinator, StreamEvent, _event
+from rnnserve_server.cluster.forward import Forwarder
+from rnnserve_server.cluster.health import RedisHealth
+from rnnserve_server.cluster.ownership import Ownership
+from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
+from rnnserve_server.cluster.shared_store import SharedStore
+from rnnserve_server.cluster.store import ClusterStore
+from rnnserve_server.config import Settings
+from rnnserve_server.session import StopCause
+
+log = logs.get_logger("rnnserve.cluster")
+
+
+def _first_event(entries: Any) -> StreamEvent | None:
+    for entry_id, fields in entries:
+        return _event(str(entry_id), fields)
+    return None
+
+
+def advertise_address(settings: Settings, port: int) -> str:
+    """The address other replicas forward to: --advertise-address, else loopback:port."""
+    return settings.advertise_address or f"127.0.0.1:{port}"
+
+
+class ClusterNode:
+    """This replica's part of the cluster."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.shared_dir is not None  # checked with the settings
+        self.settings = settings
+        self.coordinator = Coordinator(settings.redis_url, lease_ttl=settings.lease_ttl)
+        # The address is known once the port is bound (bind()); claims wait for it.
+        self.ownership = Ownership(self.coordinator, "", on_lost=self._on_lost)
+        self.shared = SharedStore(settings.shared_dir, self.coordinator)
+        self.forwarder = Forwarder()
+        self.registry: Any = None  # the Registry, set by attach()
+        self.store: ClusterStore | None = None
+        self.health: RedisHealth | None = None
+        self.failovers = 0  # sessions activated here from a checkpoint behind their last step
+        self.activations = 0
+        self._active: dict[str, int] = {}  # session id -> token it was loaded under
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._releaser: asyncio.Task[None] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
+        self._publishers: dict[str, asyncio.Task[None]] = {}
+        self.publish_failures = 0
+        self._published: dict[str, int] = {}  # session id -> last step on its stream
+        self._owners: dict[str, tuple[str, float]] = {}  # id -> (owner, cache expiry)
+        self._owner_cache_ttl = min(1.0, settings.lease_ttl / 4)
+
+    # -- assembly -------------------------------------------------------------------------
+
+    def make_store(self) -> ClusterStore:
+        """The registry's store (call on the running loop)."""
+        self.store = ClusterStore(
+            self.settings.data_dir, self.shared, self.ownership, asyncio.get_running_loop()
+        )
+        self.store.on_claimed = self._active.__setitem__
+        self.store.on_stale = lambda session_id: self._spawn(self._drop_stale(session_id))
+        return self.store
+
+    def router(self) -> Router:
+        """The routing interceptor (innermost: after auth and the request guard)."""
+        return Router(
+            self.route,
+            self.done,
+            self.forwarder,
+            self.settings.max_message_bytes,
+            self.list_sessions,
+            self.serves_locally,
+            self.watch_stream,
+        )
+
+    def attach(self, registry: Any, port: int) -> None:
+        """Start serving: the registry to keep in step, the bound port (for the address)."""
+        self.registry = registry
+        self.ownership.address = advertise_address(self.settings, port)
+        self._releaser = asyncio.create_task(self._release_loop(), name="cluster-release")
+        from rnnserve_server import metrics
+        from rnnserve_server.cluster.metrics import ClusterCollector
+
+        metrics.REGISTRY.register(ClusterCollector(self))
+        log.info("cluster_joined", advertise=self.ownership.address)
+
+    # -- routing --------------------------------------------------------------------------
+
+    async def route(self, session_id: str, forwarded: bool) -> str | None:
+        """None: serve the call here (the session is active here, or does not exist yet and
+        is ours to create); else the owner's address to forward to."""
+        registry = self.registry
+        registry.check_serving()
+        if not forwarded:
+            # A recently seen owner is forwarded to without asking Redis (two round trips);
+            # if it gave the session up meanwhile, it routes the call itself.
+            cached = self._owners.get(session_id)
+            if cached is not None and cached[1] > time.monotonic():
+                return cached[0]
+        async with lock_for(self._locks, session_id):
+            lease = self.ownership.lease(session_id)
+            if lease is not None and self._active.get(session_id) == lease.token:
+                return None
+            claim = await self.ownership.claim(session_id)
+            if isinstance(claim, str):
+                if forwarded:
+                    raise OwnerMovedError(
+                        f"session {session_id!r} moved to another replica; retry the call"
+                    )
+                self._owners[session_id] = (claim, time.monotonic() + self._owner_cache_ttl)
+                return claim
+            self._owners.pop(session_id, None)
+            if self._active.get(session_id) != claim.token:
+                await self._activate(session_id, claim.token)
+            return None
+
+    async def _activate(self, session_id: str, token: int) -> None:
+        registry = self.registry
+        old = registry.sessions.pop(session_id, None)
+        if old is not None:  # loaded under an older lease: another replica may have moved on
+            old.deleted = True
+        self._active[session_id] = token
+        if await self.coordinator.pointer(session_id) is None:
+            return  # not created yet (or deleted): the call answers for itself
+        session = await registry.run_io(registry._load_new, session_id)
+        registry.sessions[session_id] = session
+        session.deleted = False
+        self.activations += 1
+        last = await self.coordinator.last_event(session_id)
+        if last is not None and last.step > session.step:
+            # The old owner died after its last checkpoint: announce the rollback.
+            self.failovers += 1
+            await self.coordinator.publish_restored(session_id, session.step, token=token)
+            log.warning(
+                "session_restored",
+                session_id=session_id,
+                step=session.step,
+                lost=last.step - session.step,
+            )
+        self._start_publisher(session_id, session, token)
+        log.info("session_activated", session_id=session_id, step=session.step, token=token)
+
+    def _start_publisher(self, session_id: str, session: Any, token: int) -> None:
+        old = self._publishers.pop(session_id, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.create_task(self._publish_loop(session_id, session, token))
+        self._publishers[session_id] = task
+
+    def _stop_publisher(self, session_id: str) -> None:
+        task = self._publishers.pop(session_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def _publish_loop(self, session_id: str, session: Any, token: int) -> None:
+        """Every loss point the session records here goes to its Redis stream, so watchers on
+        any replica see it and a later owner knows the last step watchers saw."""
+        published = session.step  # earlier points were published by whoever trained them
+        self._published[session_id] = published
+        while self.registry.sessions.get(session_id) is session and not session.deleted:
+            changed = session.changed()
+            if session.step > published:
+                losses = [float(v) for v in session.history(published, session.step)]
+                try:
+                    await self.coordinator.publish_losses(
+                        session_id, published + 1, losses, token=token
+                    )
+                    published += len(losses)
+                    self._published[session_id] = published
+                    continue
+                except (RedisError, OSError):
+                    self.publish_failures += 1  # retried at the next change
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await changed.wait()
+
+    def done(self, session_id: str) -> None:
+        """A call served here ended: a session that no longer exists gives its lease back; a
+        new one (just created) starts publishing its loss points."""
+        if self.registry.shutting_down:
+            return
+        session = self.registry.sessions.get(session_id)
+        if session is not None:
+            lease = self.ownership.lease(session_id)
+            if session_id not in self._publishers and lease is not None:
+                self._start_publisher(session_id, session, lease.token)
+            return
+        if session_id in self._active:
+            self._spawn(self._release(session_id))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, session_id: str) -> None:
+        async with lock_for(self._locks, session_id):
+            session = self.registry.sessions.get(session_id)
+            if session is not None and (session.resident or session.users or session.watchers):
+                return  # in use again
+            self.registry.sessions.pop(session_id, None)
+            self._active.pop(session_id, None)
+            self._stop_publisher(session_id)
+            if self.store is not None:
+                await self.registry.run_io(self.store.forget, session_id)
+            with contextlib.suppress(RedisError, OSError):
+                await self.ownership.release(session_id)
+            log.info("session_released", session_id=session_id)
+
+    async def _on_lost(self, session_id: str) -> None:
+        self._active.pop(session_id, None)
+        self._stop_publisher(session_id)
+        registry = self.registry
+        if registry is None:
+            return
+        session = registry.sessions.pop(session_id, None)
+        log.warning("lease_lost", session_id=session_id)
+        if session is not None:
+            session.deleted = True  # no more checkpoints from here
+            session.request_stop(StopCause.SHUTDOWN)
+            session.close_watchers()
+            registry._mark_saved(session)
+
+    async def _drop_stale(self, session_id: str) -> None:
+        """A checkpoint was refused: another replica owns the session now. Drop it here, and
+        do not count the refusal as a storage failure (health stays SERVING)."""
+        registry = self.registry
+        if session_id in registry.sessions and self.ownership.lease(session_id) is None:
+            await self._on_lost(session_id)
+        for _ in range(100):  # the registry records the failure once the write returns
+            if session_id in registry.unsaved:
+                break
+            await asyncio.sleep(0.02)
+        if registry.unsaved.pop(session_id, None) is not None and not registry.unsaved:
+            log.info("storage_recovered", reason="stale write refused, not a storage failure")
+            if registry.on_storage_change is not None:
+                registry.on_storage_change(True)
+
+    async def _release_loop(self) -> None:
+        """Give back leases of sessions the registry evicted (idle, or over the resident
+        cap: checkpointed first) and of sessions idle past --idle-release-seconds."""
+        period = min(1.0, self.settings.lease_ttl / 2)
+        while True:
+            await asyncio.sleep(period)
+            idle = self.settings.idle_release_seconds
+            cutoff = time.monotonic() - idle if idle > 0 else None
+            for session_id in self.ownership.owned():
+                session = self.registry.sessions.get(session_id)
+                if session is None:
+                    if session_id not in self._locks or not self._locks[session_id].locked():
+                        self._spawn(self._release(session_id))
+                    continue
+                if session.busy or session.users or session.watchers:
+                    continue
+                if session.resident and cutoff is not None and session.last_used < cutoff:
+                    await self.registry.flush(session)
+                    if not (session.dirty or session.checkpointed_step != session.step):
+                        session.evict()
+                if not session.resident:
+                    self._spawn(self._release(session_id))
+
+    # -- WatchLoss from the Redis stream ------------------------------------------------------
+
+    def serves_locally(self, session_id: str) -> bool:
+        """True if the session is active here under our live lease."""
+        lease = self.ownership.lease(session_id)
+        return (
+            lease is not None
+            and self._active.get(session_id) == lease.token
+            and session_id in self.registry.sessions
+        )
+
+    async def watch_stream(self, session_id: str, from_step: int) -> AsyncIterator[Any] | None:
+        """WatchLoss on a replica that does not own the session: its loss points from the
+        session's Redis stream (whoever trains it, across failovers, with ``restored`` events
+        as ``restored_at_step``). None when the stream cannot serve it (no such session, or
+        history from ``from_step`` no longer on the stream): route the call as usual."""
+        want = max(from_step, 1)
+        if not await self.coordinator.exists(session_id):
+            return None
+        first = await self.coordinator.redis.xrange(
+            self.coordinator._key(session_id, "loss"), count=1
+        )
+        if not first:
+            return None  # never trained, or trained before streams: the owner has the history
+        first_event = _first_event(first)
+        if first_event is not None and first_event.kind == "loss" and first_event.step > want:
+            return None  # trimmed past from_step: the owner (or an activation) replays it
+        return self._follow(session_id, want)
+
+    async def _follow(self, session_id: str, want: int) -> AsyncIterator[Any]:
+        from rnnserve.v1 import rnn_service_pb2 as pb
+
+        last = want - 1
+        cursor = "0"
+        while not self.registry.shutting_down:
+            events = await self.coordinator.read_loss(session_id, cursor, count=1000, block=1.0)
+            if not events:
+                if not await self.coordinator.exists(session_id):
+                    return  # deleted
+                continue
+            points: list[Any] = []
+            for event in events:
+                cursor = event.id
+                if event.kind == "restored":
+                    if event.step < last:  # the watcher saw steps that were lost: say so
+                        if points:
+                            yield pb.WatchLossResponse(points=points)
+                            points = []
+                        yield pb.WatchLossResponse(restored_at_step=event.step)
+                        last = event.step
+                    continue
+                if event.step <= last or event.loss is None:
+                    continue  # already sent
+                points.append(pb.LossPoint(step=event.step, loss=event.loss))
+                last = event.step
+            if points:
+                yield pb.WatchLossResponse(points=points)
+
+    # -- listing --------------------------------------------------------------------------
+
+    async def list_sessions(self, request: Any, context: Any) -> Any:
+        """ListSessions over the whole cluster: ids from the Redis directory, each session's
+        state from its owner (GetSession through this replica's own router)."""
+        from rnnserve.v1 import rnn_service_pb2 as pb
+
+        from rnnserve_server.errors import InvalidArgumentError
+        from rnnserve_server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_token_after
+
+        if request.page_size < 0:
+            raise InvalidArgumentError(f"page_size must be >= 0 (0 means {DEFAULT_PAGE_SIZE})")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = ""
+        if request.page_token:
+            try:
+                after = base64.urlsafe_b64decode(request.page_token.encode("ascii")).decode()
+                if not after.startswith("a:"):
+                    raise ValueError(after)
+                after = after[2:]
+            except (ValueError, UnicodeError, binascii.Error):
+                raise InvalidArgumentError(
+                    "page_token is not one this server issued; pass the previous response's "
+                    "next_page_token, or empty for the first page"
+                ) from None
+        ids, next_after = await self.coordinator.list_sessions(size, after)
+        total = await self.coordinator.count()
+        metadata = [
+            (k, v)
+            for k, v in context.invocation_metadata() or ()
+            if not k.startswith(":")
+            and k not in {"user-agent", "te", "content-type"}
+            and k not in {"grpc-accept-encoding", "grpc-timeout", "x-session-id"}
+        ]
+        get = self.forwarder.channel(self.ownership.address).unary_unary(
+            "/rnnserve.v1.RnnService/GetSession",
+            request_serializer=pb.GetSessionRequest.SerializeToString,
+            response_deserializer=pb.GetSessionResponse.FromString,
+        )
+
+        async def one(session_id: str) -> Any:
+            try:
+                reply = await get(
+                    pb.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=30
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None  # deleted meanwhile
+                raise
+            return reply.session
+
+        found = await asyncio.gather(*(one(i) for i in ids))
+        sessions = [s for s in found if s is not None]
+        token = page_token_after(next_after) if next_after else ""
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=token, total_size=total)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start_health(self, on_change: Any) -> RedisHealth:
+        """Watch Redis: on_change(False) while it is unreachable, (True) once it is back."""
+        self.health = RedisHealth(self.coordinator, on_change).start()
+        return self.health
+
+    async def drain(self) -> None:
+        """After the registry checkpointed every session: give every lease back."""
+        if self._releaser is not None:
+            self._releaser.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._releaser
+        # Let every publisher put the last points of stopped Trains on the streams first.
+        deadline = time.monotonic() + 5.0
+        for session_id in list(self._publishers):
+            session = self.registry.sessions.get(session_id)
+            while (
+                session is not None
+                and session.resident
+                and self._published.get(session_id, session.step) < session.step
+                and not self._publishers[session_id].done()
+                and time.monotonic() < deadline
+            ):
+                session.notify()
+                await asyncio.sleep(0.01)
+        for session_id in list(self._publishers):
+            task = self._publishers.pop(session_id)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await task
+        await self.ownership.release_all()
+        log.info("cluster_drained")
+
+    async def close(self) -> None:
+        """Stop watching Redis, close the channels and the Redis pool."""
+        if self.health is not None:
+            await self.health.stop()
+        await self.forwarder.close()
+        with contextlib.suppress(RedisError, OSError):
+            await self.coordinator.close()
