@@ -25,7 +25,7 @@ from rnnserve_server.model import DivergedError, ModelConfig, Trainer
 from rnnserve_server.registry import Registry
 from rnnserve_server.service import session_to_pb
 from rnnserve_server.session import Session
-from rnnserve_server.store import Store
+from rnnserve_server.store import LocalStore
 from rnnserve_server.vocab import Vocab
 
 pytestmark = [
@@ -39,7 +39,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 10
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    registry = Registry(Settings(), Store(tmp_path_factory.mktemp("fuzz")))
+    registry = Registry(Settings(), LocalStore(tmp_path_factory.mktemp("fuzz")))
     yield registry
     registry.compute.shutdown()
     registry.io.shutdown()

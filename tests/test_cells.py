@@ -98,14 +98,14 @@ def test_fast_matches_reference(cell: str, layers: int, dropout: float) -> None:
 def _broken(
     monkeypatch: pytest.MonkeyPatch, name: str, damage: Callable[[cells.StackWorkspace, int], None]
 ) -> None:
-    """Replace a backward helper by one whose result is damaged afterwards."""
-    original = getattr(cells, name)
+    """Replace a backward helper of the fast kernels by one whose result is damaged afterwards."""
+    original = getattr(cells.fast, name)
 
     def broken(spec: Spec, ws: cells.StackWorkspace, li: int) -> None:
         original(spec, ws, li)
         damage(ws, spec.hidden_size)
 
-    monkeypatch.setattr(cells, name, broken)
+    monkeypatch.setattr(cells.fast, name, broken)
 
 
 @pytest.mark.parametrize("layers", [1, 2])

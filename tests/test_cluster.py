@@ -287,7 +287,11 @@ def test_paused_owner_cannot_write_after_its_lease_moved(
         client.create_session(TEXT, session_id="p", hidden_size=32, seed=1)
         stream = client.session("p").train(10**6, report_every=10)
         assert next(stream).step >= 1
-        wait_until(lambda: (redis_get(redis_server, key + "ckpt") or "").startswith("1-"))
+        wait_until(
+            lambda: (redis_get(redis_server, key + "ckpt") or "").startswith("1-"),
+            timeout=90,
+            what="the first owner's checkpoint",
+        )
         old_token = int(redis_get(redis_server, key + "token") or 0)
         old.process.send_signal(signal.SIGSTOP)
         try:

@@ -414,7 +414,7 @@ def test_resident_memory_budget_evicts_and_refuses(server_factory: ServerFactory
     session that alone exceeds it is refused with RESOURCE_EXHAUSTED naming the setting."""
     from rnnserve_server.config import load_settings
     from rnnserve_server.model import PRESETS
-    from rnnserve_server.registry import resident_bytes
+    from rnnserve_server.residency import resident_bytes
 
     settings = load_settings([], environ={})
     machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -447,10 +447,10 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
     from rnnserve_server.model import PRESETS, Trainer
     from rnnserve_server.registry import Registry
     from rnnserve_server.session import Session
-    from rnnserve_server.store import Store
+    from rnnserve_server.store import LocalStore
     from rnnserve_server.vocab import Vocab
 
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         vocab = Vocab.from_text(TEXT)

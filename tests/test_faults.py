@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from rnnserve import Client, RnnServeError, TrainingDiverged
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server.store import Store
+from rnnserve_server.store import LocalStore
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory, ServerHandle
@@ -67,7 +67,7 @@ class KillState:
 
 def check_files(data_dir: Path, state: KillState) -> int:
     """Every checkpoint file loads, is finite and not behind its ack; returns temp-file count."""
-    store = Store(data_dir)  # reading only; no lock taken
+    store = LocalStore(data_dir)  # reading only; no lock taken
     ids, ignored = store.scan()
     names = os.listdir(store.sessions_dir)
     temps = [n for n in names if n.startswith(".tmp-")]
@@ -271,7 +271,7 @@ def _state(client: Client, session_id: str) -> str:
 
 
 def _assert_finite_checkpoint(data_dir: Path, session_id: str) -> int:
-    ckpt = Store(data_dir).load(session_id)
+    ckpt = LocalStore(data_dir).load(session_id)
     assert np.isfinite(ckpt.loss_history).all()
     for name, array in ckpt.trainer_arrays.items():
         if array.dtype.kind == "f":

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 from rnnserve_server.model import PARAM_NAMES, loss_and_grads, param_shapes
+from rnnserve_server.rnn_reference import reference_forward, reference_loss_and_grads
 
 
 def _random_problem(
@@ -19,10 +23,42 @@ def _random_problem(
     return params, inputs, targets, h0
 
 
-def _gradient_errors(seed: int, bptt: bool = True) -> dict[str, float]:
+Grads = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def _fast(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, h0: np.ndarray) -> Any:
+    return loss_and_grads(params, x, y, h0)[1]
+
+
+def _reference(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, h0: np.ndarray) -> Any:
+    return reference_loss_and_grads(params, x, y, h0)[1]
+
+
+def _without_dhnext(
+    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, h0: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The notebook seed's backward: dL/dh is not carried back through time (no dhnext)."""
+    _, cache = reference_forward(params, x, y, h0)
+    xs, hs, ps = cache["xs"], cache["hs"], cache["ps"]
+    B, T = y.shape
+    grads = {name: np.zeros_like(params[name]) for name in PARAM_NAMES}
+    for t in reversed(range(T)):
+        dy = ps[t].copy()
+        dy[np.arange(B), y[:, t]] -= 1.0
+        dy /= B
+        grads["Why"] += dy.T @ hs[t]
+        grads["by"] += dy.sum(axis=0)
+        dhraw = (1.0 - hs[t] ** 2) * (dy @ params["Why"])  # the bug: + dhnext is missing
+        grads["bh"] += dhraw.sum(axis=0)
+        grads["Wxh"] += dhraw.T @ xs[t]
+        grads["Whh"] += dhraw.T @ hs[t - 1]
+    return grads
+
+
+def _gradient_errors(seed: int, analytic_grads: Grads = _fast) -> dict[str, float]:
     """Norm-wise relative error, per tensor, of analytic vs centred-difference gradients."""
     params, inputs, targets, h0 = _random_problem(seed)
-    _, grads, _ = loss_and_grads(params, inputs, targets, h0, bptt=bptt)
+    grads = analytic_grads(params, inputs, targets, h0)
     eps = 1e-5
     errors: dict[str, float] = {}
     for name in PARAM_NAMES:
@@ -43,14 +79,25 @@ def _gradient_errors(seed: int, bptt: bool = True) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gradient_check(seed: int) -> None:
-    errors = _gradient_errors(seed)
+@pytest.mark.parametrize("analytic", [_fast, _reference], ids=["fast", "reference"])
+def test_gradient_check(seed: int, analytic: Grads) -> None:
+    errors = _gradient_errors(seed, analytic)
     assert all(err < 1e-6 for err in errors.values()), errors
+
+
+def test_fast_kernel_matches_the_reference() -> None:
+    params, inputs, targets, h0 = _random_problem(4)
+    loss, grads, h_last = loss_and_grads(params, inputs, targets, h0)
+    ref_loss, ref_grads, ref_h = reference_loss_and_grads(params, inputs, targets, h0)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    np.testing.assert_allclose(h_last, ref_h, rtol=1e-12)
+    for name in PARAM_NAMES:
+        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=1e-9, atol=1e-14)
 
 
 def test_gradient_check_catches_missing_dhnext() -> None:
     """The seed's bug (no gradient through time) must fail the same check."""
-    errors = _gradient_errors(0, bptt=False)
+    errors = _gradient_errors(0, _without_dhnext)
     assert errors["Why"] < 1e-6 and errors["by"] < 1e-6, errors  # output layer unaffected
     failing = [name for name in ("Wxh", "Whh", "bh") if errors[name] >= 1e-6]
     assert failing == ["Wxh", "Whh", "bh"], errors

@@ -18,7 +18,7 @@ from rnnserve import Session, SessionBroken
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
 from rnnserve_server.model import PRESETS, Trainer
-from rnnserve_server.store import Checkpoint, CorpusRef, Store, validate_session_id
+from rnnserve_server.store import Checkpoint, CorpusRef, LocalStore, validate_session_id
 from rnnserve_server.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -383,7 +383,7 @@ def _checkpoint(session_id: str = "unit") -> Checkpoint:
 
 
 def test_store_round_trip_and_atomic_write(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         ckpt = _checkpoint()
@@ -411,7 +411,7 @@ def test_store_round_trip_and_atomic_write(tmp_path: Path) -> None:
 
 def test_store_writes_the_corpus_only_when_given(tmp_path: Path) -> None:
     """A checkpoint without the corpus refers to the file on disk, which is not rewritten."""
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         ckpt = _checkpoint()
@@ -449,7 +449,7 @@ def _corpus_variants(corpus: np.ndarray) -> dict[str, tuple[bytes | np.ndarray, 
 
 
 def test_store_detects_a_corpus_that_does_not_match_the_state(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         ckpt = _checkpoint()
@@ -480,7 +480,7 @@ def test_store_detects_a_corpus_that_does_not_match_the_state(tmp_path: Path) ->
 
 def test_store_takes_the_recorded_prefix_of_a_longer_corpus(tmp_path: Path) -> None:
     """An AppendText whose corpus file was written but not its state: the old corpus."""
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         ckpt = _checkpoint()
@@ -496,7 +496,7 @@ def test_store_takes_the_recorded_prefix_of_a_longer_corpus(tmp_path: Path) -> N
 
 
 def test_store_reads_version_1_and_rewrites_it_as_version_2(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         ckpt = _checkpoint()
@@ -531,7 +531,7 @@ def test_store_reads_version_1_and_rewrites_it_as_version_2(tmp_path: Path) -> N
 
 
 def test_store_scan_skips_corpus_and_temp_files(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         for name in ("a", "x.corpus"):  # an id may itself end in .corpus
@@ -546,7 +546,7 @@ def test_store_scan_skips_corpus_and_temp_files(tmp_path: Path) -> None:
 
 
 def test_store_reports_unreadable_files(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.open()
     try:
         store.save(_checkpoint("ok"))
@@ -563,7 +563,7 @@ def test_store_reports_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_store_lock_refuses_a_second_server(tmp_path: Path) -> None:
-    first, second = Store(tmp_path), Store(tmp_path)
+    first, second = LocalStore(tmp_path), LocalStore(tmp_path)
     first.open()
     try:
         with pytest.raises(CheckpointError, match="in use"):

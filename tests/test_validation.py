@@ -77,7 +77,7 @@ def test_long_tails_are_scored_as_strands_from_zero_states(
 ) -> None:
     """A long tail is read as parallel strands, each from a zero state, in bounded chunks:
     the same sum as scoring each strand alone, and close to one strand over all of it."""
-    from rnnserve_server import model
+    from rnnserve_server import scoring
 
     text = TEXT * 3
     vocab = Vocab.from_text(text)
@@ -99,23 +99,23 @@ def test_long_tails_are_scored_as_strands_from_zero_states(
     measured = trainer.validation_loss()
     assert measured is not None and measured == pytest.approx(whole, rel=0.02)
     # Small strands and chunks: the batched sum equals each strand scored on its own.
-    monkeypatch.setattr(model, "_VALIDATION_STRAND_CHARS", 100)
-    monkeypatch.setattr(model, "_VALIDATION_CHUNK_FLOATS", 500)
+    monkeypatch.setattr(scoring, "_VALIDATION_STRAND_CHARS", 100)
+    monkeypatch.setattr(scoring, "_VALIDATION_CHUNK_FLOATS", 500)
     inputs, targets = tail[:-1], tail[1:]
     strands = min(64, len(inputs) // 100)
     length = len(inputs) // strands
     expected = (
         sum(
-            model._score(
+            scoring._score(
                 trainer.params,
                 inputs[i * length : (i + 1) * length],
                 targets[i * length : (i + 1) * length],
             )[1]
             for i in range(strands)
         )
-        + model._score(trainer.params, inputs[strands * length :], targets[strands * length :])[1]
+        + scoring._score(trainer.params, inputs[strands * length :], targets[strands * length :])[1]
     )
-    assert model._score_strands(trainer.params, tail) == pytest.approx(expected, rel=1e-12)
+    assert scoring._score_strands(trainer.params, tail) == pytest.approx(expected, rel=1e-12)
 
 
 def test_validation_loss_in_train_watch_and_get(

@@ -29,10 +29,10 @@ from rnnserve_server.cluster.wiring import ClusterNode
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import CheckpointError
 from rnnserve_server.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
+from rnnserve_server.local_store import LocalStore
 from rnnserve_server.registry import Registry
 from rnnserve_server.service import Servicer
 from rnnserve_server.startup import StartupError, TlsFiles, check_data_dir, load_tls
-from rnnserve_server.store import Store
 
 log = logs.get_logger("rnnserve.app")
 
@@ -106,7 +106,7 @@ async def serve(settings: Settings) -> int:
         return 2
     # Cluster mode (issue 11): a fenced, shared store and a routing interceptor.
     node = ClusterNode(settings) if settings.redis_url else None
-    store = node.make_store() if node is not None else Store(settings.data_dir)
+    store = node.make_store() if node is not None else LocalStore(settings.data_dir)
     registry = Registry(settings, store)
     try:
         await registry.start()

@@ -35,9 +35,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from rnnserve_server.checkpoint import Checkpoint
 from rnnserve_server.errors import InvalidArgumentError
 from rnnserve_server.model import EngineError, ModelConfig
-from rnnserve_server.store import Checkpoint
 
 FORMAT = "rnnserve.archive"
 VERSION = 1

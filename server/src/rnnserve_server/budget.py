@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rnnserve_server.model import _EVAL_CHUNK as EVAL_CHUNK
 from rnnserve_server.model import ModelConfig
+from rnnserve_server.scoring import _EVAL_CHUNK as EVAL_CHUNK
 
 VIEW_BYTES = 200  # a numpy view object: the workspace keeps three per time step
 ID_BYTES = 40  # per character: ids as int32 and intp, targets, and their copies on the way in

@@ -27,6 +27,7 @@ whether or not they are served (an increment costs well under a microsecond).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import platform
 import threading
 from collections.abc import Iterable
@@ -112,14 +113,13 @@ BUILD_INFO = Gauge(
 
 
 def _build_info() -> None:
-    import grpc
-    import numpy
-
+    # Versions from the package metadata: importing grpc here would pull the transport into
+    # the use-case layer, which records metrics but knows nothing of gRPC.
     BUILD_INFO.labels(
         version=__version__,
         python=platform.python_version(),
-        grpcio=grpc.__version__,
-        numpy=numpy.__version__,
+        grpcio=importlib.metadata.version("grpcio"),
+        numpy=importlib.metadata.version("numpy"),
     ).set(1)
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from rnnserve_server.checkpoint import Checkpoint, CorpusRef
 from rnnserve_server.errors import SessionBrokenError, SessionBusyError
 from rnnserve_server.model import DivergedError, ModelConfig, StepResult, Trainer
-from rnnserve_server.store import Checkpoint, CorpusRef
 
 # Weight of the newest loss in the exponential moving average reported as smoothed_loss.
 SMOOTHING = 0.02

@@ -24,7 +24,8 @@ from rnnserve_server.cluster.shared_store import (
     StaleTokenError,
 )
 from rnnserve_server.errors import CheckpointError
-from rnnserve_server.store import Checkpoint, MetaCheck, Store
+from rnnserve_server.local_store import LocalStore
+from rnnserve_server.store import Checkpoint, MetaCheck
 
 T = TypeVar("T")
 
@@ -49,7 +50,7 @@ def unpack(blob: bytes) -> tuple[bytes, bytes]:
         return npz["state"].tobytes(), npz["corpus"].tobytes()
 
 
-class ClusterStore(Store):
+class ClusterStore(LocalStore):
     """A :class:`Store` whose checkpoints are fenced and shared between replicas."""
 
     def __init__(

@@ -352,7 +352,7 @@ class ClusterNode:
         from rnnserve.v1 import rnn_service_pb2 as pb
 
         from rnnserve_server.errors import InvalidArgumentError
-        from rnnserve_server.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_token_after
+        from rnnserve_server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_token_after
 
         if request.page_size < 0:
             raise InvalidArgumentError(f"page_size must be >= 0 (0 means {DEFAULT_PAGE_SIZE})")

@@ -1,0 +1,104 @@
+"""Inference: scoring a text and sampling (no dropout, from a zero state)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .fast import forward
+from .reference import _cell_forward
+from .spec import (
+    _EVAL_CHUNK,
+    Spec,
+    StackWorkspace,
+)
+
+
+def score(
+    spec: Spec, p: dict[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """From a zero state, the argmax id after each input (int32) and the summed nats of
+    ``targets``; long texts run in chunks of _EVAL_CHUNK steps with the state carried."""
+    T = inputs.shape[0]
+    dtype = p["Wy"].dtype
+    state = np.zeros((1, spec.state_size), dtype=dtype)
+    argmax = np.empty(T, dtype=np.int32)
+    nats = 0.0
+    ws: StackWorkspace | None = None
+    for start in range(0, T, _EVAL_CHUNK):
+        stop = min(start + _EVAL_CHUNK, T)
+        xs = np.asarray(inputs[start:stop], dtype=np.intp)[:, None]  # (t, 1)
+        if ws is None or ws.key[0] != stop - start:
+            ws = StackWorkspace(spec, stop - start, 1, dtype)
+        with np.errstate(all="ignore"):
+            top, state = forward(spec, p, xs, state, ws)
+            logits = top[:, 0, :] @ p["Wy"] + p["by"]  # (t, V)
+            logits = logits - logits.max(axis=1, keepdims=True)
+            argmax[start:stop] = logits.argmax(axis=1)
+            lse = np.log(np.exp(logits).sum(axis=1, dtype=np.float64))
+            target = logits[np.arange(stop - start), targets[start:stop]].sum(dtype=np.float64)
+            nats += float(lse.sum() - target)
+    return argmax, nats
+
+
+def sample(
+    spec: Spec,
+    p: dict[str, np.ndarray],
+    prime: np.ndarray,
+    length: int,
+    temperature: float,
+    top_k: int,
+    rng: np.random.Generator,
+    chunk_size: int,
+) -> Iterator[np.ndarray]:
+    """model.Trainer.sample's loop for a stacked model (arguments already checked): warm the
+    state on ``prime`` from zero, then draw each id (inverse CDF, one uniform per id)."""
+    dtype = p["Wy"].dtype
+    V = spec.vocab_size
+    state = np.zeros((1, spec.state_size), dtype=dtype)
+    if prime.shape[0] > 1:
+        ws = StackWorkspace(spec, prime.shape[0] - 1, 1, dtype)
+        _, state = forward(spec, p, np.asarray(prime[:-1], dtype=np.intp)[:, None], state, ws)
+    layers = [spec.layer_state(state, li) for li in range(spec.num_layers)]
+    hc = [(h.copy(), None if c is None else c.copy()) for h, c in layers]
+    x = int(prime[-1])
+    greedy = temperature == 0.0
+    scale = dtype.type(1.0 if greedy else 1.0 / temperature)
+    Wy, by = p["Wy"] * scale, p["by"] * scale
+    k = top_k if 0 < top_k < V else 0
+    pr = np.empty(V, dtype=np.float64)
+    cdf = np.empty(V, dtype=np.float64)
+    done = 0
+    while done < length:
+        n = min(chunk_size, length - done)
+        out = np.empty(n, dtype=np.int32)
+        u = rng.random(n) if not greedy else None
+        for j in range(n):
+            inp: np.ndarray | None = None
+            for li in range(spec.num_layers):
+                xp = p["Wx0"][x][None, :] if inp is None else inp @ p[f"Wx{li}"]
+                h, c, _ = _cell_forward(
+                    spec.cell,
+                    xp + p[f"b{li}"],
+                    hc[li][0],
+                    hc[li][1],
+                    p[f"Wh{li}"],
+                    p.get(f"bn{li}"),
+                )
+                hc[li] = (h, c)
+                inp = h
+            assert inp is not None
+            y = (inp @ Wy)[0] + by  # (V,)
+            if u is None:
+                x = int(y.argmax())
+            else:
+                if k:
+                    y[np.argpartition(y, V - k)[: V - k]] = -np.inf
+                np.subtract(y, y.max(), out=pr)
+                np.exp(pr, out=pr)
+                np.cumsum(pr, out=cdf)
+                x = min(int(np.searchsorted(cdf, u[j] * cdf[-1], side="right")), V - 1)
+            out[j] = x
+        done += n
+        yield out
