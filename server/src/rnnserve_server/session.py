@@ -11,20 +11,21 @@ event loop only.
 from __future__ import annotations
 
 import asyncio
-import enum
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from rnnserve_server.checkpoint import Checkpoint, CorpusRef
 from rnnserve_server.errors import SessionBrokenError, SessionBusyError
-from rnnserve_server.model import DivergedError, ModelConfig, StepResult, Trainer
+from rnnserve_server.model import DivergedError, StepResult, Trainer
+from rnnserve_server.session_state import SessionState
+from rnnserve_server.session_types import ChunkResult, StopCause, Summary, TrainPlan
+
+__all__ = ["ChunkResult", "Session", "StopCause", "Summary", "TrainPlan"]
 
 # Weight of the newest loss in the exponential moving average reported as smoothed_loss.
 SMOOTHING = 0.02
@@ -39,57 +40,7 @@ QUICK_STEP_SECONDS = 0.002
 SCRATCH_IDLE_SECONDS = 1.0
 
 
-class StopCause(enum.Enum):
-    """Why a running Train should stop before its step count."""
-
-    NONE = "none"
-    CANCELLED = "cancelled"  # the client went away
-    DELETED = "deleted"
-    SHUTDOWN = "shutdown"
-
-
-@dataclass
-class TrainPlan:
-    """One Train call's evaluation schedule and stop conditions, and its running state.
-
-    Owned by the Train handler; mutated only by ``train_chunk`` (one worker thread at a time)
-    and read by the handler between chunks.
-    """
-
-    steps: int  # updates the call asks for
-    eval_every: int = 0  # measure the validation loss every this many updates; 0 never
-    until_loss: float | None = None  # stop once the (validation or smoothed) loss is <= this
-    patience: int = 0  # stop after this many evaluations in a row without a new best; 0 never
-    done: int = 0  # updates applied by this call
-    best: float | None = None  # best validation loss of this call
-    stale: int = 0  # evaluations since ``best`` improved
-    window_min: float = math.inf  # lowest loss since the last report (the runaway guard)
-    stop: str | None = None  # "target" or "early" once a condition is met
-
-
-@dataclass
-class ChunkResult:
-    """What one executor call of training did."""
-
-    steps: int
-    chars: int
-    last: StepResult | None
-    error: DivergedError | None = None
-
-
-@dataclass
-class Summary:
-    """What GetSession/ListSessions report, kept while the Trainer is evicted."""
-
-    config: ModelConfig | None
-    alphabet: str
-    corpus_chars: int
-    parameter_count: int
-    corpus_bytes: int = 0  # UTF-8 size of the corpus, for the corpus limits
-    validation_chars: int = 0  # the held-out tail's length
-
-
-class Session:
+class Session(SessionState):
     """A named model with its training state. See the module docstring for threading rules."""
 
     def __init__(
@@ -172,67 +123,6 @@ class Session:
         session.attach(ckpt)
         return session
 
-    def attach(self, ckpt: Checkpoint) -> None:
-        """Load a checkpoint's trainer and history into this (evicted) session."""
-        trainer = Trainer.from_state(ckpt.trainer_arrays, ckpt.trainer_meta)
-        with self.lock:
-            self.trainer = trainer
-            self._hist = np.array(ckpt.loss_history, dtype=np.float64)
-            self._n = len(self._hist)
-            self.loss = float(ckpt.meta.get("loss", 0.0))
-            self.smoothed_loss = float(ckpt.meta.get("smoothed_loss", 0.0))
-            self._load_validation(ckpt.meta.get("validation"))
-            self.checkpointed_step = self._n
-            self.corpus_on_disk = ckpt.corpus
-            self.dirty = False
-            self.broken_error = None
-            self._refresh_summary()
-        self.last_used = time.monotonic()
-
-    def snapshot(self) -> Checkpoint | None:
-        """A consistent copy of the state to write (worker thread); None when evicted.
-
-        The corpus is copied only when it differs from ``corpus_on_disk`` (it only grows, so
-        its length tells); otherwise the checkpoint refers to the corpus file on disk.
-        """
-        with self.lock:
-            trainer = self.trainer
-            if trainer is None:
-                return None
-            arrays, trainer_meta = trainer.state_dict(corpus=False)  # copies
-            on_disk = self.corpus_on_disk
-            if on_disk is None or on_disk.length != trainer.corpus_length:
-                arrays["corpus"] = trainer.corpus.copy()
-                on_disk = None
-            meta = {
-                "create_time": self.create_time,
-                "update_time": self.update_time,
-                "step": self._n,
-                "loss": self.loss,
-                "smoothed_loss": self.smoothed_loss,
-                # [[step, loss], ...] in step order: the validation losses measured so far.
-                "validation": [[k, v] for k, v in sorted(self.validation.items())],
-            }
-            history = self._hist[: self._n].copy()
-        return Checkpoint(self.id, meta, arrays, trainer_meta, history, on_disk)
-
-    def export_state(self) -> Checkpoint:
-        """A consistent copy of everything, the corpus included (worker thread): what an
-        archive or a fork holds."""
-        with self.lock:
-            trainer = self.require_trainer()
-            arrays, trainer_meta = trainer.state_dict(corpus=True)  # copies
-            meta = {
-                "create_time": self.create_time,
-                "update_time": self.update_time,
-                "step": self._n,
-                "loss": self.loss,
-                "smoothed_loss": self.smoothed_loss,
-                "validation": [[k, v] for k, v in sorted(self.validation.items())],
-            }
-            history = self._hist[: self._n].copy()
-        return Checkpoint(self.id, meta, arrays, trainer_meta, history)
-
     def reconfigure(self, changes: dict[str, Any]) -> None:
         """Apply setting changes to the trainer (worker thread); see Trainer.reconfigure."""
         with self.lock:
@@ -255,28 +145,6 @@ class Session:
             self._hist = np.zeros(0, dtype=np.float64)
             self.validation = {}
         return True
-
-    def _load_validation(self, value: Any) -> None:
-        """Restore the validation losses from a checkpoint's ``[[step, loss], ...]``; entries
-        that are not a (step within the history, finite loss) pair are dropped."""
-        points: dict[int, float] = {}
-        if isinstance(value, list):
-            for item in value:
-                if (
-                    isinstance(item, list)
-                    and len(item) == 2
-                    and isinstance(item[0], int)
-                    and 0 < item[0] <= self._n
-                    and isinstance(item[1], int | float)
-                    and math.isfinite(item[1])
-                ):
-                    points[item[0]] = float(item[1])
-        self.validation = points
-        if points:
-            self.validation_step = max(points)
-            self.validation_loss = points[self.validation_step]
-        else:
-            self.validation_step, self.validation_loss = 0, 0.0
 
     # ----- state ------------------------------------------------------------------------
 
