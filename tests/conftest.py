@@ -33,6 +33,12 @@ from typing import Any
 import pytest
 from rnnserve import Client
 
+# A shell without job control starts background commands (a CI runner's `make test &`, say)
+# with SIGINT ignored, and every process we start would inherit that: the CLI tests' Ctrl-C
+# would then do nothing. With a Python handler installed here, children start with the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 pytest_plugins = ["cluster_fixtures"]  # redis_server, nginx_factory
 
 START_TIMEOUT = 30.0
