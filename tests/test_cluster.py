@@ -6,6 +6,7 @@ owned by no one is activated from its latest shared checkpoint."""
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import threading
@@ -222,45 +223,105 @@ def stream_events(redis: RedisProcess, session_id: str) -> list[dict[str, str]]:
     return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries]
 
 
-def test_kill9_owner_mid_train_fails_over_from_last_checkpoint(
-    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+def stream_ahead_of_checkpoint(redis: RedisProcess, session_id: str) -> int | None:
+    """The step of the session's latest checkpoint if its loss stream already carries a later
+    step (a kill -9 now loses steps watchers saw); else None."""
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis.url, decode_responses=True)
+    try:
+        pointer: Any = client.get(f"rnnserve:s:{{{session_id}}}:ckpt")
+        last: Any = client.xrevrange(f"rnnserve:s:{{{session_id}}}:loss", count=1)
+    finally:
+        client.close()
+    if pointer is None or not last:
+        return None
+    checkpointed = int(str(pointer).removesuffix(".npz").split("-")[1])
+    return checkpointed if int(last[0][1]["step"]) > checkpointed else None
+
+
+def replay(steps: list[int], rollbacks: list[int]) -> list[int]:
+    """The steps a watcher saw with each announced rollback applied: the steps it saw again
+    after a rollback to R replace the ones after R. Asserts every step back was announced
+    (and resumes at R + 1)."""
+    kept: list[int] = []
+    announced = iter(rollbacks)
+    for step in steps:
+        if kept and step <= kept[-1]:
+            restored = next(announced, None)
+            assert restored is not None, f"unannounced step back from {kept[-1]} to {step}"
+            assert step == restored + 1, (step, restored)
+            kept = kept[:restored]
+        kept.append(step)
+    assert next(announced, None) is None, "an announced rollback that never happened"
+    return kept
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_kill9_owner_mid_train_fails_over_and_watchers_see_one_announced_rollback(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path, trial: int
 ) -> None:
+    """Seeded: the model size, when the owner dies and the target step vary by trial."""
+    rng = random.Random(trial)
+    kill_after = rng.randrange(100, 400)
+    target = kill_after + rng.randrange(600, 900)  # room for checkpoints after the kill
     replicas = start_replicas(
         server_factory, redis_server, tmp_path / "shared", checkpoint_interval=0.3
     )
     with replicas[0].client() as owner:
-        owner.create_session(TEXT, session_id="f", hidden_size=32, seed=1)
-        owner.session("f").step()  # replica 0 owns it
-    killed = threading.Event()
-    seen: list[int] = []
+        owner.create_session(TEXT, session_id="k", hidden_size=rng.choice([16, 32]), seed=trial)
+        owner.session("k").step()  # replica 0 owns it; step 1 is on the stream
+    wait_until(lambda: bool(stream_events(redis_server, "k")), what="step 1 on the stream")
+    watched: list[int] = []
+    announced: list[int] = []
+    watcher_done = threading.Event()
 
-    def kill_when_checkpointed(message: pb.TrainResponse) -> None:
-        seen.append(message.step)
-        if not killed.is_set() and message.step >= 200 and len(seen) > 3:
-            # Past a checkpoint (every 0.3 s); kill -9 with steps beyond it in flight.
-            checkpoints = list((tmp_path / "shared" / "f").glob("*.npz"))
-            if checkpoints:
-                killed.set()
-                replicas[0].kill()
+    def watch() -> None:  # on replica 2, which never owns the session: the Redis stream
+        with replicas[2].client(timeout=None) as client:
+            stream = client.session("k").watch_loss(from_step=1)
+            for point in stream:
+                watched.append(point.step)
+                if point.step >= target:
+                    break
+            announced.extend(stream.rollbacks)
+        watcher_done.set()
 
-    target = 2000
-    with replicas[1].client() as client:  # replica 1 forwards to the owner until it dies
-        session = client.session("f")
-        result = session.train_to(target, report_every=20, on_progress=kill_when_checkpointed)
-        assert killed.is_set()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    checkpointed_at_kill: list[int] = []
+
+    def kill_past_a_checkpoint(message: pb.TrainResponse) -> None:
+        if checkpointed_at_kill or message.step < kill_after:
+            return
+        checkpointed = stream_ahead_of_checkpoint(redis_server, "k")
+        if checkpointed is not None and checkpointed > 1:  # a checkpoint of this Train, and
+            # watchers saw steps it lacks: they are lost with the owner
+            checkpointed_at_kill.append(checkpointed)
+            replicas[0].kill()
+
+    with replicas[1].client() as client:  # forwards to the owner until it dies
+        session = client.session("k")
+        result = session.train_to(target, report_every=20, on_progress=kill_past_a_checkpoint)
+        assert checkpointed_at_kill, "the owner was never killed"
         assert session.info().step == target  # completed on another replica
-        assert result.retries >= 1
-        events = stream_events(redis_server, "f")
-        restored = [e for e in events if e["kind"] == "restored"]
-        assert len(restored) == 1  # one announced rollback
-        restored_at = int(restored[0]["step"])
-        assert restored_at >= 1
-        if result.rollbacks:
-            assert result.rollbacks[0][1] == restored_at
-        # After the announcement, the stream carries every step from restored_at + 1 again.
-        index = events.index(restored[0])
-        after = [int(e["step"]) for e in events[index + 1 :] if e["kind"] == "loss"]
-        assert after == list(range(restored_at + 1, target + 1))
+    assert result.retries >= 1
+
+    # The stream: steps 1..L from the dead owner, one `restored` event at R (the last
+    # checkpoint: at least the one seen before the kill), then R+1..target from the new owner.
+    events = stream_events(redis_server, "k")
+    restores = [int(e["step"]) for e in events if e["kind"] == "restored"]
+    assert len(restores) <= 1
+    restored_at = restores[0] if restores else None
+    assert restored_at is None or restored_at >= checkpointed_at_kill[0]
+    steps = [int(e["step"]) for e in events if e["kind"] == "loss"]
+    assert replay(steps, restores) == list(range(1, target + 1))
+    if result.rollbacks:  # the client saw a step past the checkpoint: it reports the rollback
+        assert [restored for _, restored in result.rollbacks] == restores
+
+    # The watcher on replica 2 saw the same: no gap apart from the one announced rollback.
+    assert watcher_done.wait(60), "the watcher on replica 2 did not reach the target"
+    assert announced == restores
+    assert replay(watched, announced) == list(range(1, target + 1))
 
 
 def redis_get(redis: RedisProcess, key: str) -> str | None:
@@ -384,54 +445,6 @@ def test_cluster_metrics(
     assert mine.get("rnnserve_cluster_redis_up") == 1
     assert mine.get("rnnserve_cluster_failovers_total") == 0
     assert mine.get("rnnserve_cluster_lease_renew_failures_total") == 0
-
-
-def test_watcher_on_another_replica_sees_failover_as_one_announced_rollback(
-    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
-) -> None:
-    replicas = start_replicas(
-        server_factory, redis_server, tmp_path / "shared", checkpoint_interval=0.3
-    )
-    with replicas[0].client() as owner:
-        owner.create_session(TEXT, session_id="w", hidden_size=32, seed=1)
-        owner.session("w").step()  # replica 0 owns it; step 1 is on the stream
-    wait_until(lambda: bool(stream_events(redis_server, "w")), what="step 1 on the stream")
-    target = 1500
-    points: list[int] = []
-    rollbacks: list[int] = []
-    watcher_done = threading.Event()
-
-    def watch() -> None:
-        with replicas[2].client(timeout=None) as client:
-            stream = client.session("w").watch_loss(from_step=1)
-            for point in stream:
-                points.append(point.step)
-                if point.step >= target:
-                    break
-            rollbacks.extend(stream.rollbacks)
-        watcher_done.set()
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    killed = threading.Event()
-
-    def kill_after_checkpoint(message: pb.TrainResponse) -> None:
-        checkpointed = bool(list((tmp_path / "shared" / "w").glob("*.npz")))
-        if not killed.is_set() and message.step >= 200 and checkpointed:
-            killed.set()
-            replicas[0].kill()
-
-    with replicas[1].client() as client:
-        client.session("w").train_to(target, report_every=20, on_progress=kill_after_checkpoint)
-    assert killed.is_set()
-    assert watcher_done.wait(60), "the watcher on replica 2 did not reach the target"
-    assert len(rollbacks) == 1  # the failover, announced once
-    restored = rollbacks[0]
-    back = [i for i in range(1, len(points)) if points[i] <= points[i - 1]]
-    assert len(back) == 1 and points[back[0]] == restored + 1  # the only step back
-    assert points[: back[0]] == list(range(1, points[back[0] - 1] + 1))
-    steps = points[:restored] + points[back[0] :]
-    assert steps == list(range(1, target + 1))  # no gap apart from the announced rollback
 
 
 CLUSTER_ARGV = ["--redis-url", "redis://h/0", "--shared-dir", "/tmp/x"]

@@ -6,7 +6,6 @@ directory every replica shares.
 server is the single process it always was.
 """
 
-from rnnserve_server.cluster.activation import Activation, activate
 from rnnserve_server.cluster.coordinator import (
     Coordinator,
     Lease,
@@ -21,7 +20,6 @@ from rnnserve_server.cluster.shared_store import (
 )
 
 __all__ = [
-    "Activation",
     "CheckpointMissingError",
     "Coordinator",
     "Lease",
@@ -30,5 +28,4 @@ __all__ = [
     "SharedStore",
     "StaleTokenError",
     "StreamEvent",
-    "activate",
 ]

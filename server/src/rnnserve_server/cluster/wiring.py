@@ -154,6 +154,7 @@ class ClusterNode:
         session.deleted = False
         self.activations += 1
         last = await self.coordinator.last_event(session_id)
+        published = session.step
         if last is not None and last.step > session.step:
             # The old owner died after its last checkpoint: announce the rollback.
             self.failovers += 1
@@ -164,14 +165,21 @@ class ClusterNode:
                 step=session.step,
                 lost=last.step - session.step,
             )
-        self._start_publisher(session_id, session, token)
+        elif last is not None:
+            # The old owner checkpointed steps it had not yet published when it died: they
+            # are in the checkpoint's history, so publish them rather than leave a gap.
+            published = last.step
+        self._start_publisher(session_id, session, token, published)
         log.info("session_activated", session_id=session_id, step=session.step, token=token)
 
-    def _start_publisher(self, session_id: str, session: Any, token: int) -> None:
+    def _start_publisher(
+        self, session_id: str, session: Any, token: int, published: int | None = None
+    ) -> None:
         old = self._publishers.pop(session_id, None)
         if old is not None:
             old.cancel()
-        task = asyncio.create_task(self._publish_loop(session_id, session, token))
+        start = session.step if published is None else published
+        task = asyncio.create_task(self._publish_loop(session_id, session, token, start))
         self._publishers[session_id] = task
 
     def _stop_publisher(self, session_id: str) -> None:
@@ -179,10 +187,12 @@ class ClusterNode:
         if task is not None:
             task.cancel()
 
-    async def _publish_loop(self, session_id: str, session: Any, token: int) -> None:
-        """Every loss point the session records here goes to its Redis stream, so watchers on
-        any replica see it and a later owner knows the last step watchers saw."""
-        published = session.step  # earlier points were published by whoever trained them
+    async def _publish_loop(
+        self, session_id: str, session: Any, token: int, published: int
+    ) -> None:
+        """Every loss point the session records here after step ``published`` goes to its
+        Redis stream, so watchers on any replica see it and a later owner knows the last step
+        watchers saw. (Earlier points were published by whoever trained them.)"""
         self._published[session_id] = published
         while self.registry.sessions.get(session_id) is session and not session.deleted:
             changed = session.changed()
