@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from rnnserve import InvalidArgument, LimitExceeded
 from rnnserve.v1 import rnn_service_pb2 as pb
+
+from tests.cli_runner import rnnserve
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory, ServerHandle
@@ -19,21 +19,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.timeout(120)
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
-
-
-def rnnserve(server: ServerHandle | None, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m rnnserve [--address <server>] ARGS...` (as tests/test_cli.py does)."""
-    address = ["--address", server.address] if server is not None else []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "rnnserve", *address, *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
 
 
 def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:

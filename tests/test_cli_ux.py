@@ -28,6 +28,8 @@ from PIL import Image
 from rnnserve import Client
 from rnnserve.v1 import rnn_service_pb2 as pb
 
+from tests.cli_runner import cli_env, rnnserve
+
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
 
@@ -35,29 +37,6 @@ pytestmark = pytest.mark.timeout(120)
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def rnnserve(
-    server: ServerHandle | None, *args: str, stdin: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run `python -m rnnserve --address <server> ARGS...`, capturing stdout and stderr."""
-    address = ["--address", server.address] if server is not None else []
-    return subprocess.run(
-        [sys.executable, "-m", "rnnserve", *address, *args],
-        input=stdin,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-        check=False,
-    )
 
 
 def trained(server: ServerHandle, session_id: str, steps: int) -> pb.Session:

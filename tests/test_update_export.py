@@ -4,9 +4,6 @@ an exported archive read with plain numpy (no rnnserve code) reproducing Predict
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +15,8 @@ import pytest
 from rnnserve import Client, InvalidArgument, SessionBusy, SessionExists
 from rnnserve.v1 import rnn_service_pb2 as pb
 
+from tests.cli_runner import rnnserve
+
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory, ServerHandle
 
@@ -25,20 +24,6 @@ pytestmark = pytest.mark.timeout(90)
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 SMALL: dict[str, Any] = {"hidden_size": 16, "seq_length": 10, "batch_size": 4, "seed": 3}
-
-
-def rnnserve(server: ServerHandle, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the CLI against ``server``, capturing its output (as tests/test_cli.py does)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "rnnserve", "--address", server.address, *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
