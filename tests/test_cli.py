@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,35 +12,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from rnnserve.v1 import rnn_service_pb2 as pb
 
+from tests.cli_runner import cli_env, rnnserve
+
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
 
 pytestmark = pytest.mark.timeout(90)
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def rnnserve(
-    server: ServerHandle | None, *args: str, stdin: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run `python -m rnnserve --address <server> ARGS...`, capturing stdout and stderr."""
-    address = ["--address", server.address] if server is not None else []
-    return subprocess.run(
-        [sys.executable, "-m", "rnnserve", *address, *args],
-        input=stdin,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-        check=False,
-    )
 
 
 def json_lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
@@ -278,10 +256,22 @@ def test_help_lists_every_command_with_exit_codes() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_demo_runs_end_to_end() -> None:
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     demo = Path(__file__).parent.parent / "scripts" / "demo.py"
+    chart = tmp_path / "loss.png"  # not docs/loss.png: that one is the README's picture
     result = subprocess.run(
-        [sys.executable, str(demo), "--seconds", "2", "--steps", "50", "--chars", "20000"],
+        [
+            sys.executable,
+            str(demo),
+            "--seconds",
+            "2",
+            "--steps",
+            "50",
+            "--chars",
+            "20000",
+            "--plot-output",
+            str(chart),
+        ],
         capture_output=True,
         text=True,
         timeout=110,
@@ -291,3 +281,4 @@ def test_demo_runs_end_to_end() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "server exited with 0" in result.stdout
     assert "predicted:" in result.stdout
+    assert chart.stat().st_size > 1000

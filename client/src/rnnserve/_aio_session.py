@@ -53,10 +53,14 @@ class Session:
         await self._client._unary(self._client._stub.DeleteSession, request, timeout)
 
     async def step(
-        self, text: str | None = None, *, timeout: float | None = None
+        self,
+        text: str | None = None,
+        *,
+        until_step: int | None = None,
+        timeout: float | None = None,
     ) -> pb.StepResponse:
-        """One optimizer update: on the corpus's next window, or on ``text`` from a zero state."""
-        request = pb.StepRequest(session_id=self.id, text=text or "")
+        """One optimizer update; see :meth:`rnnserve.Session.step`."""
+        request = pb.StepRequest(session_id=self.id, text=text or "", until_step=until_step)
         return await self._client._unary(self._client._stub.Step, request, timeout)  # type: ignore[no-any-return]
 
     async def predict(self, text: str, *, timeout: float | None = None) -> pb.PredictResponse:
@@ -66,10 +70,11 @@ class Session:
 
     def train(
         self,
-        steps: int,
+        steps: int = 0,
         report_every: int = 0,
         sample_length: int = 0,
         *,
+        until_step: int | None = None,
         until_loss: float | None = None,
         patience: int = 0,
         eval_every: int = 0,
@@ -152,7 +157,7 @@ class Session:
                 step = (await self.info()).step
                 if result.seen(step) >= target_step:
                     return result
-                async for message in self.train(target_step - step, report_every=report_every):
+                async for message in self.train(until_step=target_step, report_every=report_every):
                     result.progress(message)
                     if on_progress is not None:
                         on_progress(message)

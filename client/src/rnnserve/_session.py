@@ -57,9 +57,19 @@ class Session:
         request = pb.DeleteSessionRequest(session_id=self.id)
         self._client._unary(self._client._stub.DeleteSession, request, timeout)
 
-    def step(self, text: str | None = None, *, timeout: float | None = None) -> pb.StepResponse:
-        """One optimizer update: on the corpus's next window, or on ``text`` from a zero state."""
-        request = pb.StepRequest(session_id=self.id, text=text or "")
+    def step(
+        self,
+        text: str | None = None,
+        *,
+        until_step: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.StepResponse:
+        """One optimizer update: on the corpus's next window, or on ``text`` from a zero state.
+
+        ``until_step`` makes a retry safe: the update is applied only while the session is
+        below that step (pass the step you last saw + 1). A retry whose first try was applied
+        trains nothing and returns that try's step and loss with ``replayed`` set."""
+        request = pb.StepRequest(session_id=self.id, text=text or "", until_step=until_step)
         return self._client._unary(self._client._stub.Step, request, timeout)
 
     def predict(self, text: str, *, timeout: float | None = None) -> pb.PredictResponse:
@@ -69,10 +79,11 @@ class Session:
 
     def train(
         self,
-        steps: int,
+        steps: int = 0,
         report_every: int = 0,
         sample_length: int = 0,
         *,
+        until_step: int | None = None,
         until_loss: float | None = None,
         patience: int = 0,
         eval_every: int = 0,
@@ -85,6 +96,9 @@ class Session:
         Iterate the returned stream for the progress messages; the last one has
         ``stop_reason`` set. Stopping early (``break``, :meth:`TrainStream.cancel`) cancels
         the call and the server stops between two updates. ``stream.wait()`` runs to the end.
+
+        ``until_step`` instead of ``steps`` trains until the session reaches that step: a
+        retried call never trains past it (:meth:`train_to` retries for you).
 
         ``until_loss`` stops once the loss (the validation loss if the session has a
         validation split, else the smoothed loss) reaches it; ``patience`` stops after that
@@ -167,12 +181,12 @@ class Session:
     ) -> TrainToResult:
         """Train until the session's step is ``target_step``, surviving a replica's death.
 
-        Idempotent: each attempt asks for the steps still missing (the target minus the
-        session's current step), so retrying never overshoots. A call cut by UNAVAILABLE (the
-        replica died, or is draining) is retried for up to ``retry_for`` seconds; in a cluster
-        the session is activated elsewhere from its last checkpoint. If that checkpoint is
-        behind a step this call already saw, the steps in between were lost and are trained
-        again: reported in ``rollbacks`` as ``(seen, restored)``.
+        Idempotent: each attempt is a Train with ``until_step=target_step``, so the server
+        never trains past the target, however often the call is retried. A call cut by
+        UNAVAILABLE (the replica died, or is draining) is retried for up to ``retry_for``
+        seconds; in a cluster the session is activated elsewhere from its last checkpoint. If
+        that checkpoint is behind a step this call already saw, the steps in between were lost
+        and are trained again: reported in ``rollbacks`` as ``(seen, restored)``.
         """
         result = TrainToResult()
         deadline: float | None = None
@@ -181,7 +195,7 @@ class Session:
                 step = self.info().step
                 if result.seen(step) >= target_step:
                     return result
-                for message in self.train(target_step - step, report_every=report_every):
+                for message in self.train(until_step=target_step, report_every=report_every):
                     result.progress(message)
                     if on_progress is not None:
                         on_progress(message)

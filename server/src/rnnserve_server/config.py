@@ -212,7 +212,7 @@ class Settings:
         ),
     )
     lease_ttl: float = field(
-        default=5.0,
+        default=3.0,
         metadata=_opt(
             "cluster mode: seconds a session's lease lives without renewal; a dead owner's "
             "sessions move to another replica after about this long"

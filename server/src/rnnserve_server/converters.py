@@ -285,6 +285,7 @@ def train_options(r: pb.TrainRequest) -> TrainOptions:
         until_loss=r.until_loss if r.HasField("until_loss") else None,
         patience=int(r.patience),
         eval_every=int(r.eval_every),
+        until_step=int(r.until_step) if r.HasField("until_step") else None,
     )
 
 
@@ -339,4 +340,5 @@ def step_to_pb(result: StepOutcome) -> pb.StepResponse:
         grad_norm=result.grad_norm,
         chars=result.chars,
         checkpointed_step=result.checkpointed_step,
+        replayed=result.replayed,
     )

@@ -185,7 +185,13 @@ class Servicer(pb_grpc.RnnServiceServicer):
         self, request: pb.StepRequest, context: Context
     ) -> pb.StepResponse:
         """One update on the corpus or on the request's text."""
-        return cv.step_to_pb(await self.sessions.step(request.session_id, request.text))
+        return cv.step_to_pb(
+            await self.sessions.step(
+                request.session_id,
+                request.text,
+                request.until_step if request.HasField("until_step") else None,
+            )
+        )
 
     @stream
     async def Train(  # noqa: N802

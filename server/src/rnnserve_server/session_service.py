@@ -86,6 +86,7 @@ class StepOutcome:
     grad_norm: float
     chars: int
     checkpointed_step: int
+    replayed: bool = False  # until_step was reached already: nothing trained
 
 
 def _bind(session_id: str) -> None:
@@ -262,8 +263,14 @@ class SessionService:
 
     # ----- training ---------------------------------------------------------------------
 
-    async def step(self, session_id: str, text: str = "") -> StepOutcome:
-        """One update on the corpus, or on ``text``; the checkpoint is written behind."""
+    async def step(
+        self, session_id: str, text: str = "", until_step: int | None = None
+    ) -> StepOutcome:
+        """One update on the corpus, or on ``text``; the checkpoint is written behind. With
+        ``until_step``, only while the session is below it (a retried Step is not applied
+        twice)."""
+        if until_step is not None and until_step < 1:
+            raise InvalidArgumentError(f"until_step must be >= 1, not {until_step}")
         async with self.registry.use(session_id) as session:
             if session.checkpoint_error is not None:  # a change that can't be kept: refused
                 await self.registry.check_writable(session)
@@ -281,6 +288,8 @@ class SessionService:
                 self.limits.check_update_memory(session, "Step", 0)
             session.begin("Step")
             try:
+                if until_step is not None and session.step >= until_step:
+                    return self._replay(session, until_step)
                 # A small model's step runs right here: the thread hop would cost more.
                 quick = session.try_step_now() if ids is None else None
                 result = (
@@ -298,6 +307,19 @@ class SessionService:
             grad_norm=result.grad_norm,
             chars=result.chars,
             checkpointed_step=max(session.checkpointed_step, 0),
+        )
+
+    @staticmethod
+    def _replay(session: Session, step: int) -> StepOutcome:
+        """The reply a Step that reached ``step`` gave (its loss is in the history)."""
+        recorded = session.history(step - 1, step)
+        return StepOutcome(
+            step=step,
+            loss=float(recorded[0]) if len(recorded) else session.loss,
+            grad_norm=0.0,
+            chars=0,
+            checkpointed_step=max(session.checkpointed_step, 0),
+            replayed=True,
         )
 
     def train(self, session_id: str, options: TrainOptions) -> AsyncGenerator[TrainProgress, None]:

@@ -42,6 +42,7 @@ class TrainOptions:
     until_loss: float | None = None
     patience: int = 0
     eval_every: int = 0
+    until_step: int | None = None  # instead of steps: train until the session is at this step
 
 
 @dataclass
@@ -64,7 +65,14 @@ class TrainProgress:
 def check_options(o: TrainOptions, settings: Settings, limits: RequestLimits) -> None:
     """INVALID_ARGUMENT / RESOURCE_EXHAUSTED for options out of range."""
     s = settings
-    limits.check_count("steps", o.steps, 1, s.max_train_steps, "max_train_steps")
+    if o.until_step is None:
+        limits.check_count("steps", o.steps, 1, s.max_train_steps, "max_train_steps")
+    elif o.steps:
+        raise InvalidArgumentError(
+            f"give steps or until_step, not both (steps {o.steps}, until_step {o.until_step})"
+        )
+    elif o.until_step < 1:
+        raise InvalidArgumentError(f"until_step must be >= 1, not {o.until_step}")
     if o.report_every < 0:
         raise InvalidArgumentError(f"report_every must be >= 0, not {o.report_every}")
     limits.check_count(
@@ -87,6 +95,20 @@ def check_options(o: TrainOptions, settings: Settings, limits: RequestLimits) ->
         )
     if o.sample_prime:
         limits.check_text(o.sample_prime, "sample_prime", min_chars=1)
+
+
+def steps_to_go(
+    o: TrainOptions, session: Session, settings: Settings, limits: RequestLimits
+) -> int:
+    """The updates a Train applies: ``steps``, or what is left to ``until_step`` (0 when the
+    session is there already: a retry of a Train that completed)."""
+    if o.until_step is None:
+        return o.steps
+    steps = max(0, o.until_step - session.step)
+    limits.check_count(
+        "until_step - the session's step", steps, 0, settings.max_train_steps, "max_train_steps"
+    )
+    return steps
 
 
 async def sample_text(
@@ -132,8 +154,9 @@ async def train(
     """Run o.steps updates in chunks off the event loop, yielding progress."""
     s = settings
     check_options(o, settings, limits)
-    steps, every = o.steps, o.report_every
+    every = o.report_every
     async with registry.use(session_id) as session:
+        steps = steps_to_go(o, session, settings, limits)
         trainer = session.require_trainer()
         sample_prime = (
             encode(session, o.sample_prime, "sample_prime")
@@ -173,6 +196,8 @@ async def train(
         await registry.check_writable(session)
         limits.check_update_memory(session, "Train", o.sample_length)
         session.begin("Train")
+        if o.until_step is not None:  # a Step may have run meanwhile: never train past it
+            steps = plan.steps = min(steps, max(0, o.until_step - session.step))
         start = last_report = last_log = last_ckpt = time.monotonic()
         done = chars = 0
         first_step = session.step

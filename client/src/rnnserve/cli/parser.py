@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID")
     p.add_argument("--steps", type=_positive_int, default=1000, help="updates (default 1000)")
     p.add_argument(
+        "--until-step",
+        type=_positive_int,
+        metavar="N",
+        help="instead of --steps: train until the session is at step N (running the command "
+        "again, e.g. after a lost connection, never trains past N)",
+    )
+    p.add_argument(
         "--report-every",
         type=_nonnegative_int,
         default=0,

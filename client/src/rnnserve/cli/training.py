@@ -53,10 +53,14 @@ def _progress_line(p: pb.TrainResponse) -> str:
 
 def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     session = client.session(args.id)
+    steps = args.steps
+    if args.until_step is not None:  # the steps still to go, for the progress bar
+        steps = max(0, args.until_step - session.info().step)
     stream = session.train(
-        args.steps,
+        0 if args.until_step is not None else args.steps,
         args.report_every,
         args.sample_length,
+        until_step=args.until_step,
         until_loss=args.until_loss,
         patience=args.patience,
         eval_every=args.eval_every,
@@ -64,7 +68,7 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
         sample_prime=args.sample_prime,
     )
     bar = tqdm(
-        total=args.steps,
+        total=steps,
         unit="step",
         bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
         "[{elapsed}<{remaining}{postfix}]",

@@ -261,31 +261,35 @@ class AppendTextResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., appended_chars: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "text")
+    __slots__ = ("session_id", "text", "until_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    until_step: int
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., until_step: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "loss", "bits_per_char", "grad_norm", "chars", "checkpointed_step")
+    __slots__ = ("step", "loss", "bits_per_char", "grad_norm", "chars", "checkpointed_step", "replayed")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_CHAR_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     CHARS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     bits_per_char: float
     grad_norm: float
     chars: int
     checkpointed_step: int
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., grad_norm: _Optional[float] = ..., chars: _Optional[int] = ..., checkpointed_step: _Optional[int] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., grad_norm: _Optional[float] = ..., chars: _Optional[int] = ..., checkpointed_step: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("session_id", "steps", "report_every", "sample_length", "until_loss", "patience", "eval_every", "sample_temperature", "sample_prime")
+    __slots__ = ("session_id", "steps", "report_every", "sample_length", "until_loss", "patience", "eval_every", "sample_temperature", "sample_prime", "until_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +299,7 @@ class TrainRequest(_message.Message):
     EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_PRIME_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_STEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     steps: int
     report_every: int
@@ -304,7 +309,8 @@ class TrainRequest(_message.Message):
     eval_every: int
     sample_temperature: float
     sample_prime: str
-    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., report_every: _Optional[int] = ..., sample_length: _Optional[int] = ..., until_loss: _Optional[float] = ..., patience: _Optional[int] = ..., eval_every: _Optional[int] = ..., sample_temperature: _Optional[float] = ..., sample_prime: _Optional[str] = ...) -> None: ...
+    until_step: int
+    def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., report_every: _Optional[int] = ..., sample_length: _Optional[int] = ..., until_loss: _Optional[float] = ..., patience: _Optional[int] = ..., eval_every: _Optional[int] = ..., sample_temperature: _Optional[float] = ..., sample_prime: _Optional[str] = ..., until_step: _Optional[int] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("step", "steps_done", "loss", "smoothed_loss", "chars_per_second", "sample", "elapsed_seconds", "stop_reason", "checkpointed_step", "validation_loss", "validation_step")

@@ -111,7 +111,7 @@ class Coordinator:
         url: str,
         *,
         prefix: str = "rnnserve",
-        lease_ttl: float = 5.0,
+        lease_ttl: float = 3.0,
         stream_maxlen: int = 10_000,
         op_timeout: float = 5.0,
     ) -> None:
