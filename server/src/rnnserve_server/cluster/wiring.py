@@ -35,6 +35,7 @@ from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
 from rnnserve_server.cluster.shared_store import SharedStore
 from rnnserve_server.cluster.store import ClusterStore
 from rnnserve_server.config import Settings
+from rnnserve_server.errors import StorageError
 from rnnserve_server.session import StopCause
 
 log = logs.get_logger("rnnserve.cluster")
@@ -103,6 +104,7 @@ class ClusterNode:
     def attach(self, registry: Any, port: int) -> None:
         """Start serving: the registry to keep in step, the bound port (for the address)."""
         self.registry = registry
+        registry.taken_elsewhere = self.taken_elsewhere
         self.ownership.address = advertise_address(self.settings, port)
         self._releaser = asyncio.create_task(self._release_loop(), name="cluster-release")
         from rnnserve_server import metrics
@@ -110,6 +112,18 @@ class ClusterNode:
 
         metrics.REGISTRY.register(ClusterCollector(self))
         log.info("cluster_joined", advertise=self.ownership.address)
+
+    async def taken_elsewhere(self, session_id: str) -> bool:
+        """True if the id is in the cluster's directory (ForkSession / ImportSession onto a
+        session this replica does not hold answer ALREADY_EXISTS, as in one process)."""
+        try:
+            return await self.coordinator.exists(session_id)
+        except (RedisError, OSError):
+            raise StorageError(
+                "the cluster coordinator (Redis) is unreachable, so the new session's id "
+                "cannot be checked; retry in a moment",
+                session_id=session_id,
+            ) from None
 
     # -- routing --------------------------------------------------------------------------
 
