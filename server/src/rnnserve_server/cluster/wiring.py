@@ -204,7 +204,11 @@ class ClusterNode:
                 losses = [float(v) for v in session.history(published, session.step)]
                 try:
                     await self.coordinator.publish_losses(
-                        session_id, published + 1, losses, token=token
+                        session_id,
+                        published + 1,
+                        losses,
+                        token=token,
+                        validation=session.validation,
                     )
                     published += len(losses)
                     self._published[session_id] = published
@@ -353,7 +357,10 @@ class ClusterNode:
                     continue
                 if event.step <= last or event.loss is None:
                     continue  # already sent
-                points.append(pb.LossPoint(step=event.step, loss=event.loss))
+                point = pb.LossPoint(step=event.step, loss=event.loss)
+                if event.validation is not None:
+                    point.validation_loss = event.validation
+                points.append(point)
                 last = event.step
             if points:
                 yield pb.WatchLossResponse(points=points)
