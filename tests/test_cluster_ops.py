@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 import pytest
 from rnnserve import SessionExists
 
-from tests.test_cluster import TEXT, start_replicas, stream_events, wait_until
+from tests.test_cluster import (
+    TEXT,
+    free_loopback_port,
+    redis_get,
+    scrape,
+    start_replicas,
+    stream_events,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import RedisProcess
@@ -82,3 +90,82 @@ def test_watchers_on_any_replica_get_validation_losses_from_the_stream(
         got = {p.step: p.validation_loss for p in points if p.HasField("validation_loss")}
         assert got == pytest.approx(measured)
         assert other.process.poll() is None
+
+
+def shared_blobs(shared: Path, session_id: str) -> list[str]:
+    """The file names in a session's shared directory, sorted."""
+    return sorted(p.name for p in (shared / session_id).iterdir())
+
+
+def test_scheduled_gc_removes_unreferenced_blobs_and_keeps_the_latest(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    ports = [free_loopback_port(), free_loopback_port()]
+    first, second = (
+        server_factory(
+            redis_url=redis_server.url,
+            shared_dir=shared,
+            lease_ttl=2,
+            gc_interval=0.2,
+            gc_grace=1,
+            metrics_port=port,
+        )
+        for port in ports
+    )
+    with first.client() as client:
+        session = client.create_session(TEXT, session_id="g", hidden_size=16, seed=1)
+        final = session.train(20).wait()  # checkpointed before its final message
+    pointer = redis_get(redis_server, "rnnserve:s:{g}:ckpt")
+    assert pointer is not None and shared_blobs(shared, "g") == [pointer]
+    token, step = (int(x) for x in pointer.removesuffix(".npz").split("-"))
+    assert step == final.step
+    # What no later put of this (now idle) session would clean up: an older blob, a crashed
+    # writer's temporary file; and a blob ahead of the pointer under the session's current
+    # token, which its owner may still point at: kept.
+    data = (shared / "g" / pointer).read_bytes()
+    older, ahead = f"{token}-{step - 5}.npz", f"{token}-{step + 100}.npz"
+    tmp = f".tmp-{token}-{step + 1}.npz.4242"
+    for name in (older, ahead, tmp):
+        (shared / "g" / name).write_bytes(data)
+    wait_until(
+        lambda: shared_blobs(shared, "g") == sorted([pointer, ahead]),
+        timeout=60,
+        what="the sweep to remove the older blob and the temporary file",
+    )
+    removed = sum(scrape(p).get("rnnserve_cluster_gc_removed_total", 0) for p in ports)
+    assert removed == 2
+    assert redis_get(redis_server, "rnnserve:s:{g}:ckpt") == pointer
+    # The session loads from what is left, on the other replica (the first one drains).
+    assert first.stop() == 0
+    with second.client() as client:
+        again = client.session("g")
+        assert again.info().step == step
+        assert again.step().step == step + 1
+        assert len(again.generate(20, prime="the", seed=2)) == 20
+    # The new owner's token is newer: nothing can point at the old blob ahead any more, and
+    # the older checkpoint goes once the new one is the latest.
+    wait_until(
+        lambda: len(names := shared_blobs(shared, "g")) == 1 and names[0] != pointer,
+        timeout=60,
+        what="only the new owner's checkpoint left",
+    )
+    latest = redis_get(redis_server, "rnnserve:s:{g}:ckpt")
+    assert shared_blobs(shared, "g") == [latest]
+    assert latest is not None and latest.startswith(f"{token + 1}-{step + 1}")
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("--gc-interval", "--gc-interval must be >= 0"), ("--gc-grace", "--gc-grace must be >= 0")],
+)
+def test_negative_gc_settings_are_refused(
+    flag: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rnnserve_server.config import load_settings
+
+    argv = ["--redis-url", "redis://h/0", "--shared-dir", "/tmp/x", flag, "-1"]
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(argv, environ={})
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -12,6 +12,7 @@ slot and its scripts stay single-slot):
   validation loss, at the steps where one was measured) and ``restored`` events
   (``XADD MAXLEN ~``).
 - ``P:sessions``       the directory: a sorted set of ids, all score 0, paged by id (``BYLEX``).
+- ``P:gc``             which replica sweeps the shared directory this period (``SET NX PX``).
 
 Tokens only increase as long as Redis keeps its data: run it with ``appendonly yes``.
 """
@@ -220,6 +221,22 @@ class Coordinator:
         """The name of the session's latest checkpoint, or None if it has none."""
         value = await self.redis.get(self._key(session_id, "ckpt"))
         return None if value is None else str(value)
+
+    async def pointer_and_token(self, session_id: str) -> tuple[str | None, int]:
+        """The pointer and the newest fencing token, read together (one MGET: the keys
+        share a slot)."""
+        name, token = await self.redis.mget(
+            self._key(session_id, "ckpt"), self._key(session_id, "token")
+        )
+        return (None if name is None else str(name)), (int(token) if token is not None else 0)
+
+    async def gc_turn(self, replica_addr: str, period: float) -> bool:
+        """True for the one replica that takes the cluster's garbage-collection turn for the
+        next ``period`` seconds (``SET NX PX``, never released: the turn simply expires)."""
+        done = await self.redis.set(
+            f"{self.prefix}:gc", replica_addr, nx=True, px=max(1, round(period * 1000))
+        )
+        return bool(done)
 
     # -- directory ------------------------------------------------------------------------------
 
