@@ -4,11 +4,15 @@ the loss stream. Real redis-server and rnnserve-server replicas, as in test_clus
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from rnnserve import SessionExists
+from rnnserve import Client, ServerUnavailable, SessionExists, Timeout
 
 from tests.test_cluster import (
     TEXT,
@@ -22,7 +26,7 @@ from tests.test_cluster import (
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import RedisProcess
-    from tests.conftest import ServerFactory
+    from tests.conftest import ServerFactory, ServerHandle
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -169,3 +173,206 @@ def test_negative_gc_settings_are_refused(
         load_settings(argv, environ={})
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+class Stepper:
+    """Steps sessions in a loop from a thread (2 s deadline a call) and keeps every outcome:
+    ``(monotonic time, ok, status code name)``, and how many Steps each session acknowledged."""
+
+    def __init__(self, client: Client, ids: list[str]) -> None:
+        self.client, self.ids = client, ids
+        self.results: list[tuple[float, bool, str]] = []
+        self.acknowledged: dict[str, int] = dict.fromkeys(ids, 0)
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        try:
+            while not self._stop.is_set():
+                session_id = self.ids[i % len(self.ids)]
+                i += 1
+                try:
+                    self.client.session(session_id).step(timeout=2)
+                except (ServerUnavailable, Timeout) as exc:
+                    self.results.append((time.monotonic(), False, exc.code_name))
+                    self._stop.wait(0.01)  # back off a little before the next call
+                    continue
+                self.acknowledged[session_id] += 1
+                self.results.append((time.monotonic(), True, ""))
+        except BaseException as exc:  # any other error fails the test
+            self.errors.append(exc)
+
+    def successes_after(self, t: float) -> int:
+        return sum(1 for when, ok, _ in list(self.results) if ok and when > t)
+
+    def __enter__(self) -> Stepper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the stepper did not stop"
+
+
+def wait_health(replica: ServerHandle, status: str) -> None:
+    """Poll the replica's health until it reports ``status``."""
+    with replica.client(timeout=5) as client:
+        wait_until(lambda: client.health() == status, what=f"{status} on {replica.address}")
+
+
+def unavailable_beyond(stepper: Stepper, ready: float) -> float:
+    """Seconds from Redis answering again to the first success after the stepper's last
+    failure (0 if no call failed)."""
+    failures = [when for when, ok, _ in stepper.results if not ok]
+    if not failures:
+        return 0.0
+    last = max(failures)
+    first_ok = min(when for when, ok, _ in stepper.results if ok and when > last)
+    return max(0.0, first_ok - ready)
+
+
+def three_paths(
+    server_factory: ServerFactory, redis: RedisProcess, shared: Path, lease_ttl: float
+) -> tuple[list[ServerHandle], dict[str, tuple[ServerHandle, list[str]]]]:
+    """Two replicas and three ways to reach a session: via its owner (replica 0), via the
+    other replica (forwarded to the owner), and sessions no replica holds (each call on
+    replica 1 activates one: a lease and a load)."""
+    replicas = start_replicas(server_factory, redis, shared, count=2, lease_ttl=lease_ttl)
+    with replicas[0].client() as client:
+        for session_id in ("own", "fwd"):
+            client.create_session(TEXT, session_id=session_id, hidden_size=16, seed=1)
+    (creator,) = start_replicas(server_factory, redis, shared, count=1, lease_ttl=lease_ttl)
+    idle = [f"idle{i}" for i in range(30)]
+    with creator.client() as client:
+        for session_id in idle:
+            client.create_session(TEXT, session_id=session_id, hidden_size=8, seed=1)
+    assert creator.stop() == 0  # drained: its sessions are held by no replica
+    paths = {
+        "owner": (replicas[0], ["own"]),
+        "forwarded": (replicas[1], ["fwd"]),
+        "activation": (replicas[1], idle),
+    }
+    return replicas, paths
+
+
+def test_redis_restart_under_load_loses_no_step_and_is_measured(
+    server_factory: ServerFactory,
+    redis_server: RedisProcess,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    lease_ttl = 5.0  # the default: a restart (tens of ms) is far shorter
+    replicas, paths = three_paths(server_factory, redis_server, tmp_path / "shared", lease_ttl)
+    token_before = int(redis_get(redis_server, "rnnserve:s:{own}:token") or 0)
+    clients = {name: replica.client() for name, (replica, _) in paths.items()}
+    steppers = {name: Stepper(clients[name], ids) for name, (_, ids) in paths.items()}
+    try:
+        with contextlib.ExitStack() as stack:
+            for stepper in steppers.values():
+                stack.enter_context(stepper)
+            started = time.monotonic()
+            wait_until(
+                lambda: all(s.successes_after(started) >= 3 for s in steppers.values()),
+                what="every path serving before the restart",
+            )
+            stopped = time.monotonic()
+            redis_server.restart()  # SIGTERM (the append-only file is written), start again
+            ready = time.monotonic()
+            wait_until(
+                lambda: all(s.successes_after(ready) >= 3 for s in steppers.values()),
+                what="every path serving after the restart",
+            )
+            for replica in replicas:
+                wait_health(replica, "SERVING")
+        for stepper in steppers.values():
+            assert not stepper.errors, stepper.errors
+        assert ready - stopped < lease_ttl, "the restart itself outlasted the leases"
+        # Nothing acknowledged was lost: the leases outlived the restart, so the owners kept
+        # their sessions and their write-behind checkpoints went through once Redis was back.
+        with replicas[1].client() as client:
+            for name, stepper in steppers.items():
+                for session_id, count in stepper.acknowledged.items():
+                    assert client.session(session_id).info().step == count, (name, session_id)
+        # The fencing token survived (append-only file): the same lease, the same token.
+        assert int(redis_get(redis_server, "rnnserve:s:{own}:token") or 0) == token_before
+        measured = {name: unavailable_beyond(s, ready) for name, s in steppers.items()}
+        failed = {name: sum(not ok for _, ok, _ in s.results) for name, s in steppers.items()}
+        record_property("redis_restart_s", round(ready - stopped, 3))
+        record_property("unavailable_beyond_redis_s", measured)
+        record_property("failed_steps", failed)
+        print(f"redis restart {ready - stopped:.3f} s; beyond it {measured}; failed {failed}")
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def test_redis_outage_past_the_lease_ttl_recovers_with_larger_tokens(
+    server_factory: ServerFactory,
+    redis_server: RedisProcess,
+    tmp_path: Path,
+    record_property: Callable[[str, object], None],
+) -> None:
+    replicas, paths = three_paths(server_factory, redis_server, tmp_path / "shared", 2.0)
+    owner, other = replicas
+    with owner.client() as client:
+        session = client.session("own")
+        for _ in range(5):
+            session.step()
+        wait_until(
+            lambda: (lambda i: i.checkpointed_step == i.step == 5)(session.info()),
+            what="step 5 checkpointed",
+        )
+    token_before = int(redis_get(redis_server, "rnnserve:s:{own}:token") or 0)
+    mark = owner.mark()
+    redis_server.stop()
+    stopped = time.monotonic()
+    with owner.client(timeout=2) as client:
+        # Steps go on while the owner can: they are acknowledged (write-behind) but their
+        # checkpoint cannot reach the fenced pointer, so the owner soon refuses them.
+        acknowledged = 0
+        while True:
+            try:
+                client.session("own").step()
+                acknowledged += 1
+            except (ServerUnavailable, Timeout):
+                break
+            assert acknowledged < 100_000
+    # The leases lapse by the replicas' own clocks (no Redis to renew them).
+    owner.wait_for_log("lease_lost", start=mark, session_id="own")
+    for replica in replicas:
+        wait_health(replica, "NOT_SERVING")
+    redis_server.start()
+    ready = time.monotonic()
+    steppers = {name: Stepper(replica.client(), ids) for name, (replica, ids) in paths.items()}
+    try:
+        with contextlib.ExitStack() as stack:
+            for stepper in steppers.values():
+                stack.enter_context(stepper)
+            wait_until(
+                lambda: all(s.successes_after(ready) >= 1 for s in steppers.values()),
+                what="every path serving after Redis is back",
+            )
+        for stepper in steppers.values():
+            assert not stepper.errors, stepper.errors
+    finally:
+        for stepper in steppers.values():
+            stepper.client.close()
+    for replica in replicas:
+        wait_health(replica, "SERVING")
+    # The session came back from its last checkpoint (step 5): the Steps acknowledged while
+    # Redis was down, never checkpointed, are lost, as when an owner dies.
+    owner_steps = steppers["owner"].acknowledged["own"]
+    with other.client() as client:
+        assert client.session("own").info().step == 5 + owner_steps
+    # The token counter survived the restart (append-only file): the new lease's is larger.
+    assert int(redis_get(redis_server, "rnnserve:s:{own}:token") or 0) > token_before
+    first_ok = {
+        name: min(when for when, ok, _ in s.results if ok) - ready for name, s in steppers.items()
+    }
+    record_property("redis_down_s", round(ready - stopped, 3))
+    record_property("first_step_after_redis_back_s", first_ok)
+    record_property("steps_lost", acknowledged)
+    print(f"down {ready - stopped:.2f} s; first Step after it {first_ok}; lost {acknowledged}")
