@@ -3,14 +3,16 @@ file on) and two real rnnserve-server replicas on loopback ports sharing one dir
 
 Three clients Step in a loop (2 s deadline per call) all through the restart: on a session
 via its owner, on another session of the same owner via the other replica (forwarded), and
-on sessions no replica holds (each call activates one: a lease and a load, which need
-Redis). Redis is stopped (SIGTERM: it writes its append-only file), kept down for ``--down``
-seconds (0: a plain restart), and started again on the same port and data.
+in turn on 40 sessions no replica holds at the start (the first call of each activates it: a
+lease and a load, which need Redis; after an outage past the lease TTL, every one again).
+Redis is stopped (SIGTERM: it writes its append-only file), kept down for ``--down`` seconds
+(0: a plain restart), and started again on the same port and data.
 
-Prints, per path: the first and last failed Step relative to the stop, and how long after
-Redis answered again the first Step succeeded (the unavailability beyond Redis's own
-downtime); when both replicas report SERVING again; and whether every acknowledged Step was
-kept (final step count vs. Steps acknowledged) and tokens still only increase.
+Prints a table: per path, the Steps that failed (and their status codes), how long after
+Redis answered again the first Step succeeded after the path's last failure (the
+unavailability beyond Redis's own downtime), and the acknowledged Steps lost (Steps
+acknowledged minus the session's step count at the end); when both replicas reported SERVING
+again; and whether the fencing tokens only increased. ``--json`` prints the raw numbers.
 Run: ``python bench/redis_restart.py`` (``--down``, ``--lease-ttl``, ``--json``).
 """
 

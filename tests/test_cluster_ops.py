@@ -238,8 +238,9 @@ def three_paths(
     server_factory: ServerFactory, redis: RedisProcess, shared: Path, lease_ttl: float
 ) -> tuple[list[ServerHandle], dict[str, tuple[ServerHandle, list[str]]]]:
     """Two replicas and three ways to reach a session: via its owner (replica 0), via the
-    other replica (forwarded to the owner), and sessions no replica holds (each call on
-    replica 1 activates one: a lease and a load)."""
+    other replica (forwarded to the owner), and in turn 30 sessions no replica holds at the
+    start (the first call of each, on replica 1, activates it: a lease and a load; after
+    their leases lapse, again)."""
     replicas = start_replicas(server_factory, redis, shared, count=2, lease_ttl=lease_ttl)
     with replicas[0].client() as client:
         for session_id in ("own", "fwd"):
@@ -264,7 +265,7 @@ def test_redis_restart_under_load_loses_no_step_and_is_measured(
     tmp_path: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
-    lease_ttl = 5.0  # the default: a restart (tens of ms) is far shorter
+    lease_ttl = 10.0  # a restart (0.1-0.2 s) is far shorter, even on a loaded machine
     replicas, paths = three_paths(server_factory, redis_server, tmp_path / "shared", lease_ttl)
     token_before = int(redis_get(redis_server, "rnnserve:s:{own}:token") or 0)
     clients = {name: replica.client() for name, (replica, _) in paths.items()}
