@@ -103,12 +103,45 @@ async def test_gc_keeps_the_referenced_blob_and_in_flight_ones(
     latest = await store.latest("s")
     assert latest is not None and latest.data == b"b3"
 
-    # Past the grace period the orphans go too; the referenced blob never does.
+    # Past the grace period the temporary file goes; the blob ahead of the pointer stays
+    # while its token is the session's newest (its writer may still move the pointer there).
     store.gc_grace = 0.0
-    assert await store.gc("s") == sorted(
-        [f".tmp-{second.token}-5.npz.1234", f"{second.token}-4.npz"]
-    )
-    assert blobs(store, "s") == [f"{second.token}-3.npz"]
+    assert await store.gc("s") == [f".tmp-{second.token}-5.npz.1234"]
+    assert blobs(store, "s") == [f"{second.token}-3.npz", f"{second.token}-4.npz"]
+    # Once a newer owner took the session, that writer can never move the pointer: it goes.
+    await coordinator.release(second)
+    third = await coordinator.acquire("s", "c:1")
+    assert third is not None
+    assert await store.gc("s") == [f"{second.token}-4.npz"]
+    assert blobs(store, "s") == [f"{second.token}-3.npz"]  # the referenced blob, always
+
+
+async def test_sweep_collects_every_session_but_only_old_blobs(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    store = SharedStore(tmp_path / "shared", coordinator, gc_grace=3600)
+    for session_id in ("a", "b"):
+        lease = await coordinator.acquire(session_id, "a:1")
+        assert lease is not None
+        await store.put(session_id, lease.token, 5, b"latest")
+        directory = store.session_dir(session_id)
+        # Left behind where no later put cleans up: an older blob, a crashed writer's file.
+        (directory / f"{lease.token}-1.npz").write_bytes(b"old")
+        (directory / f".tmp-{lease.token}-6.npz.99").write_bytes(b"partial")
+    # A directory with no pointer (a session being created, or one Redis lost): untouched.
+    orphan = store.session_dir("c")
+    orphan.mkdir()
+    (orphan / "1-1.npz").write_bytes(b"unknown")
+
+    assert await store.sweep() == (3, 0)  # everything is younger than the grace period
+    assert blobs(store, "a") == [".tmp-1-6.npz.99", "1-1.npz", "1-5.npz"]
+    store.gc_grace = 0.0
+    assert await store.sweep() == (3, 4)
+    for session_id in ("a", "b"):
+        assert blobs(store, session_id) == ["1-5.npz"]
+        latest = await store.latest(session_id)
+        assert latest is not None and latest.data == b"latest"
+    assert blobs(store, "c") == ["1-1.npz"]
 
 
 async def test_missing_blob_is_reported_not_hidden(

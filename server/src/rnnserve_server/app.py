@@ -192,12 +192,18 @@ async def serve(settings: Settings) -> int:
 
     health_tasks: set[asyncio.Task[None]] = set()
 
-    def on_storage_change(ok: bool) -> None:
+    # SERVING only while every source is fine: the data directory (checkpoints) and, in
+    # cluster mode, Redis. One source recovering must not hide the other's failure (a lease
+    # lapsing while Redis is down takes its unsaved session off the storage list).
+    health_ok = {"storage": True, "redis": True}
+
+    def set_health(source: str, ok: bool) -> None:
         if registry.shutting_down:
             return  # shutdown owns health from here on
+        health_ok[source] = ok
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if ok
+            if all(health_ok.values())
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
 
@@ -209,10 +215,16 @@ async def serve(settings: Settings) -> int:
         health_tasks.add(task)
         task.add_done_callback(health_tasks.discard)
 
+    def on_storage_change(ok: bool) -> None:
+        set_health("storage", ok)
+
+    def on_redis_change(ok: bool) -> None:
+        set_health("redis", ok)
+
     registry.on_storage_change = on_storage_change
     if node is not None:
         node.attach(registry, port)
-        node.start_health(on_storage_change)  # NOT_SERVING while Redis is unreachable
+        node.start_health(on_redis_change)  # NOT_SERVING while Redis is unreachable
     log.info(
         "serving",
         port=port,

@@ -224,6 +224,20 @@ class Settings:
             "cluster mode: checkpoint and release (lease and memory) a session idle this long"
         ),
     )
+    gc_interval: float = field(
+        default=300.0,
+        metadata=_opt(
+            "cluster mode: seconds between sweeps of the shared directory for checkpoint blobs "
+            "no session points at (one replica sweeps per interval); 0 turns sweeps off"
+        ),
+    )
+    gc_grace: float = field(
+        default=300.0,
+        metadata=_opt(
+            "cluster mode: a sweep removes only blobs older than this many seconds (a write "
+            "in flight is never taken for garbage)"
+        ),
+    )
 
     def auth_configured(self) -> bool:
         """True when an auth option was given at all, even one that yields no token (an
@@ -371,6 +385,10 @@ def check_settings(settings: Settings) -> None:
         fail("--lease-ttl must be > 0")
     if settings.idle_release_seconds < 0:
         fail("--idle-release-seconds must be >= 0")
+    if settings.gc_interval < 0:
+        fail("--gc-interval must be >= 0 (0 turns the sweeps off)")
+    if settings.gc_grace < 0:
+        fail("--gc-grace must be >= 0")
     check_auth(settings)
 
 

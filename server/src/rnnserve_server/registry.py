@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -67,6 +67,9 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         # Sessions whose last checkpoint failed; while any is, health is NOT_SERVING.
         self.unsaved: dict[str, StorageError] = {}
         self.on_storage_change: Callable[[bool], None] | None = None  # called with ok
+        # Cluster mode: True if an id not in this registry is taken by a session kept
+        # elsewhere (another replica, the shared directory); None in one process.
+        self.taken_elsewhere: Callable[[str], Awaitable[bool]] | None = None
 
     # ----- executors --------------------------------------------------------------------
 
@@ -229,10 +232,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             while session_id in self.sessions or session_id in self._reserved:
                 session_id = "s-" + secrets.token_hex(6)
         if session_id in self.sessions or session_id in self._reserved:
-            raise SessionExistsError(
-                f"session {session_id!r} already exists; pick another id or delete it first",
-                session_id=session_id,
-            )
+            raise _exists(session_id)
         if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
             raise limit_error(
                 "the number of sessions",
@@ -285,10 +285,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         session_id = ckpt.session_id
         validate_session_id(session_id)
         if session_id in self.sessions or session_id in self._reserved:
-            raise SessionExistsError(
-                f"session {session_id!r} already exists; pick another id or delete it first",
-                session_id=session_id,
-            )
+            raise _exists(session_id)
         if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
             raise limit_error(
                 "the number of sessions",
@@ -296,6 +293,8 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
                 self.settings.max_sessions,
                 "max_sessions",
             )
+        if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
+            raise _exists(session_id)
         self._reserved.add(session_id)
         try:
             session = await self.run(self._session_from, ckpt, changes or {})
@@ -308,6 +307,8 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             # Never acknowledge a session that is not on disk: take it back.
             self.sessions.pop(session_id, None)
             session.deleted = True
+            if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
+                raise _exists(session_id)  # created on another replica meanwhile
             raise CheckpointError(
                 f"session {session_id!r} could not be written to disk, so it was not created; "
                 "the server log has the reason"
@@ -365,3 +366,10 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
     # ----- checkpoints ------------------------------------------------------------------
 
     # ----- eviction ---------------------------------------------------------------------
+
+
+def _exists(session_id: str) -> SessionExistsError:
+    return SessionExistsError(
+        f"session {session_id!r} already exists; pick another id or delete it first",
+        session_id=session_id,
+    )

@@ -8,8 +8,11 @@ slot and its scripts stay single-slot):
 - ``P:s:{id}:ckpt``    the name of the session's latest checkpoint; moved only by a script that
   checks the writer's token is the current one, so a paused or partitioned old owner cannot
   move it.
-- ``P:s:{id}:loss``    a Stream of loss points and ``restored`` events (``XADD MAXLEN ~``).
+- ``P:s:{id}:loss``    a Stream of loss points (``step``, ``loss``, ``token``, and ``val``, the
+  validation loss, at the steps where one was measured) and ``restored`` events
+  (``XADD MAXLEN ~``).
 - ``P:sessions``       the directory: a sorted set of ids, all score 0, paged by id (``BYLEX``).
+- ``P:gc``             which replica sweeps the shared directory this period (``SET NX PX``).
 
 Tokens only increase as long as Redis keeps its data: run it with ``appendonly yes``.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -96,6 +99,7 @@ class StreamEvent:
     step: int
     loss: float | None = None
     token: int | None = None
+    validation: float | None = None  # the validation loss measured at ``step``, if one was
 
 
 class Coordinator:
@@ -218,6 +222,22 @@ class Coordinator:
         value = await self.redis.get(self._key(session_id, "ckpt"))
         return None if value is None else str(value)
 
+    async def pointer_and_token(self, session_id: str) -> tuple[str | None, int]:
+        """The pointer and the newest fencing token, read together (one MGET: the keys
+        share a slot)."""
+        name, token = await self.redis.mget(
+            self._key(session_id, "ckpt"), self._key(session_id, "token")
+        )
+        return (None if name is None else str(name)), (int(token) if token is not None else 0)
+
+    async def gc_turn(self, replica_addr: str, period: float) -> bool:
+        """True for the one replica that takes the cluster's garbage-collection turn for the
+        next ``period`` seconds (``SET NX PX``, never released: the turn simply expires)."""
+        done = await self.redis.set(
+            f"{self.prefix}:gc", replica_addr, nx=True, px=max(1, round(period * 1000))
+        )
+        return bool(done)
+
     # -- directory ------------------------------------------------------------------------------
 
     async def register(self, session_id: str) -> bool:
@@ -260,13 +280,16 @@ class Coordinator:
     # -- loss streams ---------------------------------------------------------------------------
 
     async def publish_loss(
-        self, session_id: str, step: int, loss: float, token: int | None = None
+        self,
+        session_id: str,
+        step: int,
+        loss: float,
+        token: int | None = None,
+        validation: float | None = None,
     ) -> str:
-        """Append a loss point to the session's stream; its stream id."""
-        fields: dict[FieldT, EncodableT] = {"kind": "loss", "step": step, "loss": repr(float(loss))}
-        if token is not None:
-            fields["token"] = token
-        return await self._xadd(session_id, fields)
+        """Append a loss point (with its validation loss, if one was measured at ``step``) to
+        the session's stream; its stream id."""
+        return await self._xadd(session_id, _loss_fields(step, loss, token, validation))
 
     async def publish_restored(self, session_id: str, step: int, token: int | None = None) -> str:
         """Announce on the stream that the session was restored at ``step`` (a failover)."""
@@ -276,20 +299,22 @@ class Coordinator:
         return await self._xadd(session_id, fields)
 
     async def publish_losses(
-        self, session_id: str, first_step: int, losses: list[float], token: int | None = None
+        self,
+        session_id: str,
+        first_step: int,
+        losses: list[float],
+        token: int | None = None,
+        validation: Mapping[int, float] | None = None,
     ) -> None:
         """Append the loss points of steps ``first_step``, ``first_step + 1``, ... in one
-        round trip (a pipeline of XADDs)."""
+        round trip (a pipeline of XADDs); ``validation`` maps a step to the validation loss
+        measured there (a point of such a step carries it)."""
         key = self._key(session_id, "loss")
         async with self.redis.pipeline(transaction=False) as pipe:
             for offset, loss in enumerate(losses):
-                fields: dict[FieldT, EncodableT] = {
-                    "kind": "loss",
-                    "step": first_step + offset,
-                    "loss": repr(float(loss)),
-                }
-                if token is not None:
-                    fields["token"] = token
+                step = first_step + offset
+                measured = validation.get(step) if validation is not None else None
+                fields = _loss_fields(step, loss, token, measured)
                 pipe.xadd(key, fields, maxlen=self.stream_maxlen, approximate=True)
             await pipe.execute()
 
@@ -355,11 +380,23 @@ class Coordinator:
         return str(entries[0][0]) if entries else "0"
 
 
+def _loss_fields(
+    step: int, loss: float, token: int | None, validation: float | None
+) -> dict[FieldT, EncodableT]:
+    fields: dict[FieldT, EncodableT] = {"kind": "loss", "step": step, "loss": repr(float(loss))}
+    if token is not None:
+        fields["token"] = token
+    if validation is not None:
+        fields["val"] = repr(float(validation))
+    return fields
+
+
 def _event(entry_id: str, fields: dict[str, str]) -> StreamEvent:
     kind: EventKind = "restored" if fields.get("kind") == "restored" else "loss"
     loss = float(fields["loss"]) if "loss" in fields else None
     token = int(fields["token"]) if "token" in fields else None
-    return StreamEvent(entry_id, kind, int(fields["step"]), loss, token)
+    validation = float(fields["val"]) if "val" in fields else None
+    return StreamEvent(entry_id, kind, int(fields["step"]), loss, token, validation)
 
 
 class LeaseKeeper:

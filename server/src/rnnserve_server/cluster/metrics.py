@@ -8,6 +8,8 @@
   ``rnnserve_cluster_failovers_total``: of those, restored from a checkpoint behind the last
   step watchers saw (the previous owner died);
 - ``rnnserve_cluster_stale_writes_total``: checkpoints refused by the fenced pointer;
+- ``rnnserve_cluster_gc_sweeps_total``: sweeps of the shared directory this replica ran
+  (--gc-interval); ``rnnserve_cluster_gc_removed_total``: blobs they removed;
 - ``rnnserve_cluster_redis_up``: 1 while Redis answers.
 """
 
@@ -64,6 +66,8 @@ class ClusterCollector(Collector):
                 "Checkpoints refused because another replica owns the session",
                 store.stale_writes if store is not None else 0,
             ),
+            ("gc_sweeps", "Sweeps of the shared directory this replica ran", node.gc_sweeps),
+            ("gc_removed", "Unreferenced checkpoint blobs the sweeps removed", node.gc_removed),
         ]
         for name, help_text, count in counters:
             yield CounterMetricFamily(f"rnnserve_cluster_{name}", help_text, value=count)

@@ -5,7 +5,10 @@ written once under an immutable name ``<root>/<id>/<token>-<step>.npz``: tempora
 rename, fsync of the directory. Which blob is the session's latest is not a file: it is the
 pointer in Redis, moved only by the coordinator's fenced script. So a paused or partitioned old
 owner may still write a blob, but it can never make it the latest, and it never overwrites
-anything (names carry the token). ``gc`` removes blobs the pointer has moved past.
+anything (names carry the token). ``gc`` removes blobs the pointer has moved past (the writer
+runs it after each put); ``sweep`` runs it over every session on the directory, for blobs no
+later put will clean up (an idle session's, a crashed writer's), and is scheduled by the
+replica (``--gc-interval``).
 """
 
 from __future__ import annotations
@@ -149,24 +152,28 @@ class SharedStore:
             ) from None
         return Checkpoint(name, parsed[0], parsed[1], data)
 
-    async def gc(self, session_id: str) -> list[str]:
-        """Remove the session's blobs the pointer has moved past; the names removed.
+    async def gc(self, session_id: str, *, min_age: float = 0.0) -> list[str]:
+        """Remove the session's blobs no one can point at any more; the names removed.
 
-        Kept: the blob the pointer names, and blobs newer than it (by token, then step) that
-        are younger than ``gc_grace`` (a put that has renamed but not yet moved the pointer).
-        Leftover temporary files older than ``gc_grace`` go too. With no pointer, nothing is
-        removed.
+        Kept: the blob the pointer names; blobs older than it (by token, then step) younger
+        than ``min_age`` seconds (0 for the writer itself, which just moved the pointer past
+        them; ``gc_grace`` for a sweep, which runs beside the writers); blobs newer than it
+        that carry the session's current fencing token (its owner may yet point at them: a
+        put between its rename and its pointer move) or are younger than ``gc_grace``.
+        Temporary files go once older than ``gc_grace``. With no pointer (a session being
+        created, or one Redis lost), nothing is removed.
         """
         directory = self.session_dir(session_id)
-        name = await self.coordinator.pointer(session_id)
+        name, token = await self.coordinator.pointer_and_token(session_id)
         current = parse_name(name) if name is not None else None
         if current is None:
             return []
-        return await asyncio.to_thread(self._gc, directory, current)
+        return await asyncio.to_thread(self._gc, directory, current, token, min_age, time.time())
 
-    def _gc(self, directory: Path, current: tuple[int, int]) -> list[str]:
+    def _gc(
+        self, directory: Path, current: tuple[int, int], token: int, min_age: float, now: float
+    ) -> list[str]:
         removed: list[str] = []
-        now = time.time()
         try:
             entries = list(os.scandir(directory))
         except FileNotFoundError:
@@ -178,10 +185,15 @@ class SharedStore:
             except FileNotFoundError:
                 continue
             if parsed is None:
-                stale_tmp = entry.name.startswith(_TMP_PREFIX) and age > self.gc_grace
-                if not stale_tmp:
-                    continue
-            elif parsed == current or (parsed > current and age <= self.gc_grace):
+                garbage = entry.name.startswith(_TMP_PREFIX) and age > self.gc_grace
+            elif parsed < current:
+                garbage = age >= min_age
+            elif parsed > current:
+                # Only a writer holding the current token can still move the pointer here.
+                garbage = parsed[0] < token and age > self.gc_grace
+            else:
+                garbage = False  # the latest checkpoint
+            if not garbage:
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
@@ -189,6 +201,31 @@ class SharedStore:
         if removed:
             _fsync_dir(directory)
         return sorted(removed)
+
+    async def sweep(self) -> tuple[int, int]:
+        """``gc`` every session directory on the shared root, leaving alone blobs younger
+        than ``gc_grace``; ``(sessions looked at, blobs removed)``. A session whose directory
+        can't be read is skipped; RedisError ends the sweep (the next one starts over)."""
+
+        def session_ids() -> list[str]:
+            try:
+                with os.scandir(self.root) as entries:
+                    return sorted(
+                        e.name
+                        for e in entries
+                        if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+                    )
+            except FileNotFoundError:
+                return []
+
+        seen = removed = 0
+        for session_id in await asyncio.to_thread(session_ids):
+            try:
+                removed += len(await self.gc(session_id, min_age=self.gc_grace))
+            except (OSError, ValueError):
+                continue
+            seen += 1
+        return seen, removed
 
     async def delete(self, session_id: str) -> None:
         """Remove every blob of the session (after it was removed from the directory)."""

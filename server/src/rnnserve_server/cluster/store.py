@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from redis.exceptions import RedisError
 
 from rnnserve_server.cluster.ownership import Ownership
 from rnnserve_server.cluster.shared_store import (
@@ -102,7 +103,9 @@ class ClusterStore(LocalStore):
         token = await self._token_for(session_id)
         await self.shared.put(session_id, token, step, blob)
         await self.ownership.coordinator.register(session_id)
-        with contextlib.suppress(OSError):
+        # The checkpoint is kept whatever happens here: a failed gc is retried by the next
+        # put or the scheduled sweep.
+        with contextlib.suppress(OSError, RedisError):
             await self.shared.gc(session_id)
 
     def save(self, ckpt: Checkpoint) -> int:

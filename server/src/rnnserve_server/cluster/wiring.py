@@ -35,6 +35,7 @@ from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
 from rnnserve_server.cluster.shared_store import SharedStore
 from rnnserve_server.cluster.store import ClusterStore
 from rnnserve_server.config import Settings
+from rnnserve_server.errors import StorageError
 from rnnserve_server.session import StopCause
 
 log = logs.get_logger("rnnserve.cluster")
@@ -60,7 +61,7 @@ class ClusterNode:
         self.coordinator = Coordinator(settings.redis_url, lease_ttl=settings.lease_ttl)
         # The address is known once the port is bound (bind()); claims wait for it.
         self.ownership = Ownership(self.coordinator, "", on_lost=self._on_lost)
-        self.shared = SharedStore(settings.shared_dir, self.coordinator)
+        self.shared = SharedStore(settings.shared_dir, self.coordinator, gc_grace=settings.gc_grace)
         self.forwarder = Forwarder()
         self.registry: Any = None  # the Registry, set by attach()
         self.store: ClusterStore | None = None
@@ -70,6 +71,9 @@ class ClusterNode:
         self._active: dict[str, int] = {}  # session id -> token it was loaded under
         self._locks: dict[str, asyncio.Lock] = {}
         self._releaser: asyncio.Task[None] | None = None
+        self._collector: asyncio.Task[None] | None = None
+        self.gc_sweeps = 0  # sweeps of the shared directory this replica ran
+        self.gc_removed = 0  # blobs (and temporary files) those sweeps removed
         self._releasing: set[asyncio.Task[None]] = set()
         self._publishers: dict[str, asyncio.Task[None]] = {}
         self.publish_failures = 0
@@ -103,13 +107,28 @@ class ClusterNode:
     def attach(self, registry: Any, port: int) -> None:
         """Start serving: the registry to keep in step, the bound port (for the address)."""
         self.registry = registry
+        registry.taken_elsewhere = self.taken_elsewhere
         self.ownership.address = advertise_address(self.settings, port)
         self._releaser = asyncio.create_task(self._release_loop(), name="cluster-release")
+        if self.settings.gc_interval > 0:
+            self._collector = asyncio.create_task(self._gc_loop(), name="cluster-gc")
         from rnnserve_server import metrics
         from rnnserve_server.cluster.metrics import ClusterCollector
 
         metrics.REGISTRY.register(ClusterCollector(self))
         log.info("cluster_joined", advertise=self.ownership.address)
+
+    async def taken_elsewhere(self, session_id: str) -> bool:
+        """True if the id is in the cluster's directory (ForkSession / ImportSession onto a
+        session this replica does not hold answer ALREADY_EXISTS, as in one process)."""
+        try:
+            return await self.coordinator.exists(session_id)
+        except (RedisError, OSError):
+            raise StorageError(
+                "the cluster coordinator (Redis) is unreachable, so the new session's id "
+                "cannot be checked; retry in a moment",
+                session_id=session_id,
+            ) from None
 
     # -- routing --------------------------------------------------------------------------
 
@@ -200,7 +219,11 @@ class ClusterNode:
                 losses = [float(v) for v in session.history(published, session.step)]
                 try:
                     await self.coordinator.publish_losses(
-                        session_id, published + 1, losses, token=token
+                        session_id,
+                        published + 1,
+                        losses,
+                        token=token,
+                        validation=session.validation,
                     )
                     published += len(losses)
                     self._published[session_id] = published
@@ -296,6 +319,30 @@ class ClusterNode:
                 if not session.resident:
                     self._spawn(self._release(session_id))
 
+    async def _gc_loop(self) -> None:
+        """Every --gc-interval, one replica of the cluster (whichever takes the turn in Redis)
+        sweeps the shared directory for blobs no session can point at any more: those the
+        writers' own gc after each put never reaches (an idle session's, a crashed put's)."""
+        period = self.settings.gc_interval
+        while True:
+            await asyncio.sleep(period)
+            try:
+                if not await self.coordinator.gc_turn(self.ownership.address, period):
+                    continue
+                started = time.monotonic()
+                seen, removed = await self.shared.sweep()
+            except (RedisError, OSError) as exc:
+                log.warning("checkpoint_gc_failed", error=str(exc))
+                continue
+            self.gc_sweeps += 1
+            self.gc_removed += removed
+            log.info(
+                "checkpoint_gc",
+                sessions=seen,
+                removed=removed,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+
     # -- WatchLoss from the Redis stream ------------------------------------------------------
 
     def serves_locally(self, session_id: str) -> bool:
@@ -349,7 +396,10 @@ class ClusterNode:
                     continue
                 if event.step <= last or event.loss is None:
                     continue  # already sent
-                points.append(pb.LossPoint(step=event.step, loss=event.loss))
+                point = pb.LossPoint(step=event.step, loss=event.loss)
+                if event.validation is not None:
+                    point.validation_loss = event.validation
+                points.append(point)
                 last = event.step
             if points:
                 yield pb.WatchLossResponse(points=points)
@@ -419,10 +469,11 @@ class ClusterNode:
 
     async def drain(self) -> None:
         """After the registry checkpointed every session: give every lease back."""
-        if self._releaser is not None:
-            self._releaser.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._releaser
+        for task in (self._releaser, self._collector):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # Let every publisher put the last points of stopped Trains on the streams first.
         deadline = time.monotonic() + 5.0
         for session_id in list(self._publishers):
