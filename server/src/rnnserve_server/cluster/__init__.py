@@ -6,12 +6,8 @@ directory every replica shares.
 server is the single process it always was.
 """
 
-from rnnserve_server.cluster.coordinator import (
-    Coordinator,
-    Lease,
-    LeaseKeeper,
-    StreamEvent,
-)
+from rnnserve_server.cluster.coordinator import Coordinator, Lease, StreamEvent
+from rnnserve_server.cluster.lease_keeper import LeaseKeeper
 from rnnserve_server.cluster.ownership import Ownership
 from rnnserve_server.cluster.shared_store import (
     CheckpointMissingError,

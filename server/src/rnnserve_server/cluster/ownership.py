@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from rnnserve_server.cluster.coordinator import Coordinator, Lease, LeaseKeeper
+from rnnserve_server.cluster.coordinator import Coordinator, Lease
+from rnnserve_server.cluster.lease_keeper import LeaseKeeper
 
 
 class Ownership:

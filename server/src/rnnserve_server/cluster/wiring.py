@@ -19,7 +19,6 @@ import base64
 import binascii
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -27,9 +26,10 @@ import grpc.aio
 from redis.exceptions import RedisError
 
 from rnnserve_server import logs
-from rnnserve_server.cluster.coordinator import Coordinator, StreamEvent, _event
+from rnnserve_server.cluster.coordinator import Coordinator
 from rnnserve_server.cluster.forward import Forwarder
 from rnnserve_server.cluster.health import RedisHealth
+from rnnserve_server.cluster.loss_stream import LossStreams
 from rnnserve_server.cluster.ownership import Ownership
 from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
 from rnnserve_server.cluster.shared_store import SharedStore
@@ -39,12 +39,6 @@ from rnnserve_server.errors import StorageError
 from rnnserve_server.session import StopCause
 
 log = logs.get_logger("rnnserve.cluster")
-
-
-def _first_event(entries: Any) -> StreamEvent | None:
-    for entry_id, fields in entries:
-        return _event(str(entry_id), fields)
-    return None
 
 
 def advertise_address(settings: Settings, port: int) -> str:
@@ -75,9 +69,7 @@ class ClusterNode:
         self.gc_sweeps = 0  # sweeps of the shared directory this replica ran
         self.gc_removed = 0  # blobs (and temporary files) those sweeps removed
         self._releasing: set[asyncio.Task[None]] = set()
-        self._publishers: dict[str, asyncio.Task[None]] = {}
-        self.publish_failures = 0
-        self._published: dict[str, int] = {}  # session id -> last step on its stream
+        self.streams = LossStreams(self.coordinator, lambda: self.registry)
         self._owners: dict[str, tuple[str, float]] = {}  # id -> (owner, cache expiry)
         self._owner_cache_ttl = min(1.0, settings.lease_ttl / 4)
 
@@ -101,7 +93,7 @@ class ClusterNode:
             self.settings.max_message_bytes,
             self.list_sessions,
             self.serves_locally,
-            self.watch_stream,
+            self.streams.watch,
         )
 
     def attach(self, registry: Any, port: int) -> None:
@@ -188,51 +180,8 @@ class ClusterNode:
             # The old owner checkpointed steps it had not yet published when it died: they
             # are in the checkpoint's history, so publish them rather than leave a gap.
             published = last.step
-        self._start_publisher(session_id, session, token, published)
+        self.streams.start(session_id, session, token, published)
         log.info("session_activated", session_id=session_id, step=session.step, token=token)
-
-    def _start_publisher(
-        self, session_id: str, session: Any, token: int, published: int | None = None
-    ) -> None:
-        old = self._publishers.pop(session_id, None)
-        if old is not None:
-            old.cancel()
-        start = session.step if published is None else published
-        task = asyncio.create_task(self._publish_loop(session_id, session, token, start))
-        self._publishers[session_id] = task
-
-    def _stop_publisher(self, session_id: str) -> None:
-        task = self._publishers.pop(session_id, None)
-        if task is not None:
-            task.cancel()
-
-    async def _publish_loop(
-        self, session_id: str, session: Any, token: int, published: int
-    ) -> None:
-        """Every loss point the session records here after step ``published`` goes to its
-        Redis stream, so watchers on any replica see it and a later owner knows the last step
-        watchers saw. (Earlier points were published by whoever trained them.)"""
-        self._published[session_id] = published
-        while self.registry.sessions.get(session_id) is session and not session.deleted:
-            changed = session.changed()
-            if session.step > published:
-                losses = [float(v) for v in session.history(published, session.step)]
-                try:
-                    await self.coordinator.publish_losses(
-                        session_id,
-                        published + 1,
-                        losses,
-                        token=token,
-                        validation=session.validation,
-                    )
-                    published += len(losses)
-                    self._published[session_id] = published
-                    continue
-                except (RedisError, OSError):
-                    self.publish_failures += 1  # retried at the next change
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await changed.wait()
 
     def done(self, session_id: str) -> None:
         """A call served here ended: a session that no longer exists gives its lease back; a
@@ -242,8 +191,8 @@ class ClusterNode:
         session = self.registry.sessions.get(session_id)
         if session is not None:
             lease = self.ownership.lease(session_id)
-            if session_id not in self._publishers and lease is not None:
-                self._start_publisher(session_id, session, lease.token)
+            if not self.streams.publishing(session_id) and lease is not None:
+                self.streams.start(session_id, session, lease.token)
             return
         if session_id in self._active:
             self._spawn(self._release(session_id))
@@ -260,7 +209,7 @@ class ClusterNode:
                 return  # in use again
             self.registry.sessions.pop(session_id, None)
             self._active.pop(session_id, None)
-            self._stop_publisher(session_id)
+            self.streams.stop(session_id)
             if self.store is not None:
                 await self.registry.run_io(self.store.forget, session_id)
             with contextlib.suppress(RedisError, OSError):
@@ -269,7 +218,7 @@ class ClusterNode:
 
     async def _on_lost(self, session_id: str) -> None:
         self._active.pop(session_id, None)
-        self._stop_publisher(session_id)
+        self.streams.stop(session_id)
         registry = self.registry
         if registry is None:
             return
@@ -354,56 +303,6 @@ class ClusterNode:
             and session_id in self.registry.sessions
         )
 
-    async def watch_stream(self, session_id: str, from_step: int) -> AsyncIterator[Any] | None:
-        """WatchLoss on a replica that does not own the session: its loss points from the
-        session's Redis stream (whoever trains it, across failovers, with ``restored`` events
-        as ``restored_at_step``). None when the stream cannot serve it (no such session, or
-        history from ``from_step`` no longer on the stream): route the call as usual."""
-        want = max(from_step, 1)
-        if not await self.coordinator.exists(session_id):
-            return None
-        first = await self.coordinator.redis.xrange(
-            self.coordinator._key(session_id, "loss"), count=1
-        )
-        if not first:
-            return None  # never trained, or trained before streams: the owner has the history
-        first_event = _first_event(first)
-        if first_event is not None and first_event.kind == "loss" and first_event.step > want:
-            return None  # trimmed past from_step: the owner (or an activation) replays it
-        return self._follow(session_id, want)
-
-    async def _follow(self, session_id: str, want: int) -> AsyncIterator[Any]:
-        from rnnserve.v1 import rnn_service_pb2 as pb
-
-        last = want - 1
-        cursor = "0"
-        while not self.registry.shutting_down:
-            events = await self.coordinator.read_loss(session_id, cursor, count=1000, block=1.0)
-            if not events:
-                if not await self.coordinator.exists(session_id):
-                    return  # deleted
-                continue
-            points: list[Any] = []
-            for event in events:
-                cursor = event.id
-                if event.kind == "restored":
-                    if event.step < last:  # the watcher saw steps that were lost: say so
-                        if points:
-                            yield pb.WatchLossResponse(points=points)
-                            points = []
-                        yield pb.WatchLossResponse(restored_at_step=event.step)
-                        last = event.step
-                    continue
-                if event.step <= last or event.loss is None:
-                    continue  # already sent
-                point = pb.LossPoint(step=event.step, loss=event.loss)
-                if event.validation is not None:
-                    point.validation_loss = event.validation
-                points.append(point)
-                last = event.step
-            if points:
-                yield pb.WatchLossResponse(points=points)
-
     # -- listing --------------------------------------------------------------------------
 
     async def list_sessions(self, request: Any, context: Any) -> Any:
@@ -474,24 +373,7 @@ class ClusterNode:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        # Let every publisher put the last points of stopped Trains on the streams first.
-        deadline = time.monotonic() + 5.0
-        for session_id in list(self._publishers):
-            session = self.registry.sessions.get(session_id)
-            while (
-                session is not None
-                and session.resident
-                and self._published.get(session_id, session.step) < session.step
-                and not self._publishers[session_id].done()
-                and time.monotonic() < deadline
-            ):
-                session.notify()
-                await asyncio.sleep(0.01)
-        for session_id in list(self._publishers):
-            task = self._publishers.pop(session_id)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                await task
+        await self.streams.flush_and_stop()  # the last points of stopped Trains
         await self.ownership.release_all()
         log.info("cluster_drained")
 
