@@ -123,6 +123,8 @@ def timed(call: object, n: int) -> list[float]:
 
 
 def forwarding(replicas: list[Replica], n: int) -> dict[str, float]:
+    """Step and GetSession via the owner and via a non-owner, interleaved; a no-op call; and
+    the non-owner's CPU per forwarded call against its CPU per no-op call."""
     with Client(replicas[0].address) as owner, Client(replicas[1].address) as other:
         session = owner.create_session(TEXT, session_id="bench-fwd", hidden_size=64, seed=1)
         session.step()  # replica 0 owns it
@@ -134,14 +136,40 @@ def forwarding(replicas: list[Replica], n: int) -> dict[str, float]:
         for _ in range(n):  # interleaved: both paths see the same machine load
             owner_times += timed(session.step, 1)
             other_times += timed(via_other.step, 1)
+        # GetSession: the same hop without a Step's work (and its checkpoint) on the owner.
+        get_owner, get_other = [], []
+        for _ in range(n):
+            get_owner += timed(session.info, 1)
+            get_other += timed(via_other.info, 1)
         noop = timed(lambda: owner.health(), n)
+        pid = replicas[1].process.pid
+        cpu0 = cpu_seconds(pid)
+        timed(via_other.info, n)
+        cpu_forward = (cpu_seconds(pid) - cpu0) / n
+        cpu0 = cpu_seconds(pid)
+        timed(lambda: other.health(), n)
+        cpu_noop = (cpu_seconds(pid) - cpu0) / n
+        # The owner's CPU per Step, each path on its own (its checkpoint writes included: a
+        # write starts after a Step unless one is in flight, so slower calls mean more).
+        owner_pid = replicas[0].process.pid
+        owner_cpu = []
+        for step in (session.step, via_other.step):
+            cpu0 = cpu_seconds(owner_pid)
+            timed(step, n)
+            owner_cpu.append((cpu_seconds(owner_pid) - cpu0) / n)
         session.delete()
     return {
         "owner_p50_ms": statistics.median(owner_times) * 1000,
         "owner_p99_ms": percentile(owner_times, 0.99) * 1000,
         "forwarded_p50_ms": statistics.median(other_times) * 1000,
         "forwarded_p99_ms": percentile(other_times, 0.99) * 1000,
+        "get_owner_p50_ms": statistics.median(get_owner) * 1000,
+        "get_forwarded_p50_ms": statistics.median(get_other) * 1000,
         "noop_p50_ms": statistics.median(noop) * 1000,
+        "nonowner_cpu_forward_ms": cpu_forward * 1000,
+        "nonowner_cpu_noop_ms": cpu_noop * 1000,
+        "owner_cpu_step_direct_ms": owner_cpu[0] * 1000,
+        "owner_cpu_step_forwarded_ms": owner_cpu[1] * 1000,
     }
 
 
@@ -553,6 +581,15 @@ def main() -> None:
         print(f"no-op call (health) p50     {results['noop_p50_ms']:.2f} ms")
         p99 = f"{results['owner_p99_ms']:.2f} / {results['forwarded_p99_ms']:.2f}"
         print(f"Step p99 owner / forwarded  {p99} ms")
+        get = f"{results['get_owner_p50_ms']:.2f} / {results['get_forwarded_p50_ms']:.2f}"
+        print(f"GetSession p50 owner / forwarded  {get} ms")
+        cpu = f"{results['nonowner_cpu_forward_ms']:.3f} / {results['nonowner_cpu_noop_ms']:.3f}"
+        print(f"non-owner CPU per forwarded GetSession / per no-op call  {cpu} ms")
+        cpu = (
+            f"{results['owner_cpu_step_direct_ms']:.2f} / "
+            f"{results['owner_cpu_step_forwarded_ms']:.2f}"
+        )
+        print(f"owner CPU per Step sent to it / forwarded to it  {cpu} ms")
     if "throughput" in only:
         base = results["tp_one_replica_1"]
         local = results["tp_in_process_1"]
