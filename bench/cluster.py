@@ -226,12 +226,12 @@ def wait_idle(client: Client, session_id: str, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def train_rate(jobs: list[tuple[str, str]], warmup: float, seconds: float) -> float:
+def train_rate(jobs: list[tuple[str, str]], warmup: float, seconds: float) -> list[float]:
     """Aggregate chars/s of the sessions ``(address, session_id)`` training at once, each
     through the given replica, from their Train messages: per session, the steps done between
     its first message after the warm-up and its last, over the server's elapsed seconds
     between the two (a forwarded stream may deliver messages in bursts, so the client's
-    receive times would not do), summed."""
+    receive times would not do); one rate per session (their sum is the aggregate)."""
     clients = {address: Client(address, timeout=None) for address, _ in jobs}
     records: list[list[tuple[float, int, float]]] = [[] for _ in jobs]
     streams = [clients[a].session(sid).train(1_000_000, report_every=2) for a, sid in jobs]
@@ -258,15 +258,15 @@ def train_rate(jobs: list[tuple[str, str]], warmup: float, seconds: float) -> fl
         wait_idle(clients[address], sid)
     for client in clients.values():
         client.close()
-    total = 0.0
+    rates = []
     chars_per_step = BIG.batch_size * BIG.seq_length
     for record in records:
         window = [(done, elapsed) for t, done, elapsed in record if t >= start]
         if len(window) < 2:
             raise SystemExit(f"a Train sent fewer than 2 messages in the window: {errors}")
         (s0, e0), (s1, e1) = window[0], window[-1]
-        total += (s1 - s0) * chars_per_step / (e1 - e0)
-    return total
+        rates.append((s1 - s0) * chars_per_step / (e1 - e0))
+    return rates
 
 
 def throughput(replicas: list[Replica], seconds: float, rounds: int, text: str) -> dict[str, float]:
@@ -285,17 +285,19 @@ def throughput(replicas: list[Replica], seconds: float, rounds: int, text: str) 
     trainers = [trainer_for(BIG, text) for _ in range(2)]
     for trainer in trainers:
         trainer.step()
-    best = {name: 0.0 for name in configs} | {"in_process_1": 0.0, "in_process_2": 0.0}
+    every: dict[str, list[list[float]]] = {name: [] for name in configs}
+    every |= {"in_process_1": [], "in_process_2": []}
     for _ in range(rounds):  # alternate, best of rounds: the machine is shared
         for name, jobs in configs.items():
-            best[name] = max(best[name], train_rate(jobs, 1.0, seconds))
+            every[name].append(train_rate(jobs, 1.0, seconds))
         for n in (1, 2):
-            rate = local_parallel(trainers[:n], seconds)
-            best[f"in_process_{n}"] = max(best[f"in_process_{n}"], rate)
+            every[f"in_process_{n}"].append([local_parallel(trainers[:n], seconds)])
     for sid, address in owners.items():
         with Client(address) as client:
             client.session(sid).delete()
-    return {f"tp_{name}": rate for name, rate in best.items()}
+    out: dict[str, Any] = {f"tp_{name}": max(map(sum, r)) for name, r in every.items()}
+    out["tp_rounds"] = every  # per round, per session
+    return out
 
 
 # -- WatchLoss fan-out ------------------------------------------------------------------------
@@ -601,7 +603,11 @@ def main() -> None:
             ("two_replicas_2_forwarded", "2 replicas, both Trains sent to one (1 forwarded)"),
         ):
             rate = results[f"tp_{name}"]
-            print(f"  {label:<52} {rate:>9,.0f} ({rate / base:.2f}x)")
+            rounds = "; ".join(
+                " + ".join(f"{r / 1000:.1f}k" for r in per_session)
+                for per_session in results["tp_rounds"][name]
+            )
+            print(f"  {label:<52} {rate:>9,.0f} ({rate / base:.2f}x)  rounds: {rounds}")
         for n in (1, 2):
             rate = results[f"tp_in_process_{n}"]
             print(f"  {f'in this process, {n} thread(s)':<52} {rate:>9,.0f} ({rate / local:.2f}x)")
