@@ -3,27 +3,30 @@ loopback ports sharing one checkpoint directory.
 
 Prints:
 
-- forwarding overhead: Step p50 / p99 sent to the session's owner vs to a non-owner (which
-  forwards it), and a no-op gRPC call (health check) p50 for scale (target: the difference
-  is at most one no-op call);
+- forwarding overhead: Step p50 / p99 and GetSession p50 sent to the session's owner vs to a
+  non-owner (which forwards it), and a no-op gRPC call (health check) p50 for scale (target:
+  the difference is at most one no-op call); the non-owner's CPU per forwarded call vs per
+  no-op call, and the owner's CPU per Step on each path (from /proc);
 - failover time over ``--trials`` kills: ``kill -9`` the owner of a session while it trains,
   then Step it through a surviving replica until one succeeds (the lease TTL + the restore),
   p50 and max, and the steps lost (the step trained before the kill minus the step restored);
-- throughput: aggregate training chars/s (hidden 512, batch 32, seq 100), measured by the
-  client from the Train streams' step counts: one session on one replica; two sessions on one
-  replica (the one-server reference); two sessions on two replicas, one each (target >= 1.6x
-  one session, as two sessions in one process); both Trains sent to one replica with the
-  second session owned by the other (every message forwarded); and plain threads in this
-  process (what the cores allow at that moment). Rounds alternate, best of ``--rounds``;
+- throughput: aggregate training chars/s (hidden 512, batch 32, seq 100), from the Train
+  messages (steps done over the server's elapsed seconds, per session, summed): one session
+  on one replica; two sessions on one replica (the one-server reference); two sessions on two
+  replicas, one each (target >= 1.6x one session, as two sessions in one process); both Trains
+  sent to one replica with the second session owned by the other (every message forwarded);
+  and plain threads in this process (what the cores allow at that moment). Rounds alternate,
+  best of ``--rounds``, every round printed;
 - watch: 3 replicas x ``--watchers`` WatchLoss streams (client library, asyncio) on one
   session owned by the first replica: loss points/s delivered while it trains flat out
   (Train with a message per step), and the delay from the trainer's client receiving a step
   (Train message, or Step response at ~20 Hz) to each watcher receiving that step's point,
-  p50 / p99 per replica; the same with one watcher per replica as the reference.
+  p50 / p99 per replica; the same with one watcher per replica as the reference; the CPU
+  seconds each replica and this process used while it trained.
 
 Every replica and this process use one BLAS thread. Starts its own ``redis-server`` (``make
 deps``) and replicas in a temporary directory and stops them. Run: ``python bench/cluster.py``
-(all parts, ~5 minutes on 2 cores), ``--only forward,throughput`` for a subset; ``--trials``,
+(all parts, ~3 minutes on 2 cores), ``--only forward,throughput`` for a subset; ``--trials``,
 ``--lease-ttl``, ``--steps``, ``--seconds``, ``--rounds``, ``--watchers``.
 """
 
