@@ -202,7 +202,9 @@ def failover(
                     try:
                         restored = other.session(session_id).step().step - 1
                         break
-                    except RnnServeError:
+                    except RnnServeError as error:
+                        if time.perf_counter() - killed > 10 * lease_ttl + 30:
+                            raise SystemExit(f"no replica took the session over: {error}") from None
                         stop.wait(0.01)
                 times.append(time.perf_counter() - killed)
                 lost.append(max(0, seen - restored))
