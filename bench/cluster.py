@@ -520,7 +520,9 @@ def main() -> None:
     )
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--calls", type=int, default=300)
-    parser.add_argument("--lease-ttl", type=float, default=5.0)
+    parser.add_argument(
+        "--lease-ttl", type=float, default=3.0, help="seconds (default 3: the server's default)"
+    )
     parser.add_argument("--steps", type=int, default=100, help="steps trained before the kill")
     parser.add_argument("--seconds", type=float, default=4.0, help="per throughput/watch window")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (best of)")

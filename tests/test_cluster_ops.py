@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from rnnserve import Client, ServerUnavailable, SessionExists, Timeout
@@ -94,6 +94,54 @@ def test_watchers_on_any_replica_get_validation_losses_from_the_stream(
         got = {p.step: p.validation_loss for p in points if p.HasField("validation_loss")}
         assert got == pytest.approx(measured)
         assert other.process.poll() is None
+
+
+def redis_blocked_clients(redis: RedisProcess) -> int:
+    """How many Redis clients are blocked in a command (XREAD BLOCK) right now."""
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(redis.url, decode_responses=True)
+    try:
+        info: Any = client.info("clients")
+    finally:
+        client.close()
+    return int(info["blocked_clients"])
+
+
+def test_watchers_on_a_replica_share_one_reader_of_the_stream(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    owner, other = start_replicas(server_factory, redis_server, tmp_path / "shared", count=2)
+    with owner.client() as on_owner:
+        session = on_owner.create_session(TEXT, session_id="fan", hidden_size=16, seed=1)
+        session.step()
+    wait_until(lambda: bool(stream_events(redis_server, "fan")), what="step 1 on the stream")
+    target, watchers = 300, 20
+    seen: list[list[int]] = [[] for _ in range(watchers)]
+    with other.client(timeout=None) as on_other:
+
+        def watch(points: list[int]) -> None:  # on `other`, which follows the Redis stream
+            with on_other.session("fan").watch_loss(1) as stream:
+                for point in stream:
+                    points.append(point.step)
+                    if point.step >= target:
+                        break
+
+        threads = [threading.Thread(target=watch, args=(p,), daemon=True) for p in seen]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: all(seen), what="every watcher's first point")
+        # All 20 now wait for new points: through one shared XREAD BLOCK, not 20.
+        blocked = []
+        for _ in range(40):
+            blocked.append(redis_blocked_clients(redis_server))
+            threading.Event().wait(0.05)  # sampling interval, not synchronization
+        assert max(blocked) == 1, blocked
+        with owner.client() as on_owner:
+            on_owner.session("fan").train_to(target, report_every=50)
+        for thread in threads:
+            thread.join(timeout=60)
+    assert all(points == list(range(1, target + 1)) for points in seen)
 
 
 def shared_blobs(shared: Path, session_id: str) -> list[str]:

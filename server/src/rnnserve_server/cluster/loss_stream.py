@@ -6,11 +6,15 @@ goes to the stream (with its validation loss, if one was measured), so a watcher
 replica sees it, and a later owner knows the last step watchers saw. A replica that does not
 own a session serves WatchLoss from the stream: every point whoever trains it, across
 failovers, with the ``restored`` events a new owner appends turned into ``restored_at_step``.
+Its watchers of one session share one reader of the stream (a :class:`Tail`: one blocked
+Redis connection and one read per new batch, however many watch); a watcher still behind the
+tail (catching up on history) reads Redis itself, without blocking.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +22,74 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from rnnserve_server.cluster.coordinator import Coordinator, _event
+from rnnserve_server.cluster.coordinator import Coordinator, StreamEvent, _event
+
+TAIL_EVENTS = 2000  # newest events a tail keeps for its watchers; slower ones read Redis
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    """A stream id ("<ms>-<seq>", or "0") as something that sorts like the stream."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Tail:
+    """One reader of a session's stream for all its watchers on this replica: it waits on
+    Redis for new entries and keeps the newest ``TAIL_EVENTS`` in memory."""
+
+    def __init__(self, coordinator: Coordinator, session_id: str, start_id: str) -> None:
+        self.coordinator = coordinator
+        self.session_id = session_id
+        self.base = start_id  # the tail holds every event after this id
+        self.events: list[StreamEvent] = []
+        self.keys: list[tuple[int, int]] = []
+        self.watchers = 0
+        self.ended = False  # the session was deleted, or reading failed (``error``)
+        self.error: BaseException | None = None
+        self._new = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def after(self, cursor: str) -> list[StreamEvent] | None:
+        """The events after stream id ``cursor``, or None if the tail does not reach back
+        that far (read Redis instead)."""
+        key = _order(cursor)
+        if key < _order(self.base):
+            return None
+        return self.events[bisect.bisect_right(self.keys, key) :]
+
+    async def wait(self, timeout: float) -> None:
+        """Until new events arrive (or the tail ends), at most ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._new.wait()
+
+    async def run(self, shutting_down: Callable[[], bool]) -> None:
+        cursor = self.base
+        try:
+            while not shutting_down():
+                events = await self.coordinator.read_loss(
+                    self.session_id, cursor, count=1000, block=1.0
+                )
+                if not events:
+                    if not await self.coordinator.exists(self.session_id):
+                        break  # deleted
+                    continue
+                cursor = events[-1].id
+                self.events.extend(events)
+                self.keys.extend(_order(e.id) for e in events)
+                if len(self.events) > 2 * TAIL_EVENTS:  # trim in bulk, not per event
+                    drop = len(self.events) - TAIL_EVENTS
+                    self.base = self.events[drop - 1].id
+                    del self.events[:drop], self.keys[:drop]
+                self._wake()
+        except (RedisError, OSError) as exc:
+            self.error = exc
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        woken, self._new = self._new, asyncio.Event()
+        woken.set()
 
 
 class LossStreams:
@@ -30,6 +101,7 @@ class LossStreams:
         self._publishers: dict[str, asyncio.Task[None]] = {}
         self._published: dict[str, int] = {}  # session id -> last step on its stream
         self.publish_failures = 0
+        self._tails: dict[str, Tail] = {}
 
     # -- publishing (the owner) ---------------------------------------------------------------
 
@@ -120,34 +192,63 @@ class LossStreams:
             return None  # trimmed past from_step: the owner (or an activation) replays it
         return self._follow(session_id, want)
 
+    async def _tail(self, session_id: str) -> Tail:
+        """The session's shared tail, started at the stream's end if there is none yet."""
+        tail = self._tails.get(session_id)
+        if tail is None or tail.ended:
+            start = await self.coordinator.last_stream_id(session_id)
+            tail = self._tails.get(session_id)  # another watcher may have made one meanwhile
+            if tail is None or tail.ended:
+                tail = Tail(self.coordinator, session_id, start)
+                tail.task = asyncio.create_task(tail.run(lambda: self._registry().shutting_down))
+                self._tails[session_id] = tail
+        tail.watchers += 1
+        return tail
+
+    def _untail(self, tail: Tail) -> None:
+        tail.watchers -= 1
+        if tail.watchers == 0 and tail.task is not None:
+            tail.task.cancel()
+            if self._tails.get(tail.session_id) is tail:
+                del self._tails[tail.session_id]
+
     async def _follow(self, session_id: str, want: int) -> AsyncIterator[Any]:
         from rnnserve.v1 import rnn_service_pb2 as pb
 
         last = want - 1
         cursor = "0"
-        while not self._registry().shutting_down:
-            events = await self.coordinator.read_loss(session_id, cursor, count=1000, block=1.0)
-            if not events:
-                if not await self.coordinator.exists(session_id):
-                    return  # deleted
-                continue
-            points: list[Any] = []
-            for event in events:
-                cursor = event.id
-                if event.kind == "restored":
-                    if event.step < last:  # the watcher saw steps that were lost: say so
-                        if points:
-                            yield pb.WatchLossResponse(points=points)
-                            points = []
-                        yield pb.WatchLossResponse(restored_at_step=event.step)
-                        last = event.step
+        tail = await self._tail(session_id)
+        try:
+            while not self._registry().shutting_down:
+                events = tail.after(cursor)
+                if events is None:  # catching up on history: read it, without blocking
+                    events = await self.coordinator.read_loss(session_id, cursor, count=1000)
+                if not events:
+                    if tail.error is not None:
+                        raise tail.error
+                    if tail.ended:
+                        return  # deleted
+                    await tail.wait(1.0)
                     continue
-                if event.step <= last or event.loss is None:
-                    continue  # already sent
-                point = pb.LossPoint(step=event.step, loss=event.loss)
-                if event.validation is not None:
-                    point.validation_loss = event.validation
-                points.append(point)
-                last = event.step
-            if points:
-                yield pb.WatchLossResponse(points=points)
+                cursor = events[-1].id
+                points: list[Any] = []
+                for event in events:
+                    if event.kind == "restored":
+                        if event.step < last:  # the watcher saw steps that were lost: say so
+                            if points:
+                                yield pb.WatchLossResponse(points=points)
+                                points = []
+                            yield pb.WatchLossResponse(restored_at_step=event.step)
+                            last = event.step
+                        continue
+                    if event.step <= last or event.loss is None:
+                        continue  # already sent
+                    point = pb.LossPoint(step=event.step, loss=event.loss)
+                    if event.validation is not None:
+                        point.validation_loss = event.validation
+                    points.append(point)
+                    last = event.step
+                if points:
+                    yield pb.WatchLossResponse(points=points)
+        finally:
+            self._untail(tail)
