@@ -363,12 +363,9 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         finally:
             session.end()
 
-    # ----- checkpoints ------------------------------------------------------------------
-
-    # ----- eviction ---------------------------------------------------------------------
-
 
 def _exists(session_id: str) -> SessionExistsError:
+    """ALREADY_EXISTS for an id in use (here, or in cluster mode on another replica)."""
     return SessionExistsError(
         f"session {session_id!r} already exists; pick another id or delete it first",
         session_id=session_id,
