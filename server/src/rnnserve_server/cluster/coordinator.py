@@ -188,6 +188,18 @@ class Coordinator:
         )
         return bool(done)
 
+    async def renew_many(self, leases: list[Lease]) -> list[bool]:
+        """``renew`` each lease, all in one round trip (a pipeline of the renew script)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                ttl_ms = max(1, round(lease.ttl * 1000))
+                await self._renew(
+                    keys=[self._key(lease.session_id, "lease")],
+                    args=[lease.value, ttl_ms],
+                    client=pipe,
+                )
+            return [bool(done) for done in await pipe.execute()]
+
     async def release(self, lease: Lease) -> bool:
         """Drop the lease if it is still ours; False if it already expired or was taken."""
         done = await self._release(keys=[self._key(lease.session_id, "lease")], args=[lease.value])

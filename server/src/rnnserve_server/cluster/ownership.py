@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from redis.exceptions import RedisError
 
 from rnnserve_server.cluster.coordinator import Coordinator, Lease
-from rnnserve_server.cluster.lease_keeper import LeaseKeeper
+from rnnserve_server.cluster.lease_keeper import LeaseKeeper, RenewalBatcher
 
 
 class Ownership:
@@ -34,6 +34,7 @@ class Ownership:
         self.leases_lost = 0  # leases that lapsed or were taken while we held them
         self._renew_failures_done = 0  # from keepers no longer running
         self._keepers: dict[str, LeaseKeeper] = {}
+        self.renewals = RenewalBatcher(coordinator)  # one round trip per beat for all leases
         self._locks: dict[str, asyncio.Lock] = {}
 
     @property
@@ -70,7 +71,7 @@ class Ownership:
                 lease = await self.coordinator.acquire(session_id, self.address)
                 if lease is not None:
                     self._keepers[session_id] = LeaseKeeper(
-                        self.coordinator, lease, self._lost
+                        self.coordinator, lease, self._lost, renew=self.renewals.renew
                     ).start()
                     return lease
                 owner = await self.coordinator.owner(session_id)
