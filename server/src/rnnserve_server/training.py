@@ -106,7 +106,7 @@ def steps_to_go(
         return o.steps
     steps = max(0, o.until_step - session.step)
     limits.check_count(
-        "until_step - the session's step", steps, 0, settings.max_train_steps, "max_train_steps"
+        "the steps up to until_step", steps, 0, settings.max_train_steps, "max_train_steps"
     )
     return steps
 
