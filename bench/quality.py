@@ -84,7 +84,17 @@ def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def train_for(session: Session, seconds: float) -> tuple[float, int]:
-    """Train until ``seconds`` of Train time have passed; (seconds trained, chars/s)."""
+    """Train until ``seconds`` of Train time have passed; (seconds trained, chars/s). A fast
+    model can finish a whole Train before that: then another one follows."""
+    trained, speed = train_once(session, seconds)
+    while trained < seconds - 1:
+        more, speed = train_once(session, seconds - trained)
+        trained += more
+    return trained, speed
+
+
+def train_once(session: Session, seconds: float) -> tuple[float, int]:
+    """One Train of up to 10**6 steps, stopped after ``seconds``; (seconds, chars/s)."""
     deadline = time.monotonic() + 60
     while True:  # the Train cancelled before an evaluation may still be winding down
         try:
