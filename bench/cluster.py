@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -545,26 +546,21 @@ def main() -> None:
         shared = root / "shared"
         replicas: list[Replica] = []
         try:
-            if "forward" in only:
-                replicas = [Replica(root / f"f{i}", url, shared, args.lease_ttl) for i in range(2)]
-                results.update(forwarding(replicas, args.calls))
-                for replica in replicas:
-                    replica.stop()
-                replicas = []
-            if "throughput" in only:
-                # The default checkpoint interval: what a deployment would run.
+            # (part, replicas, checkpoint interval, measurement); throughput and fan-out run at
+            # the default checkpoint interval, what a deployment would run.
+            parts: list[tuple[str, int, float, Callable[[list[Replica]], Any]]] = [
+                ("forward", 2, 0.5, lambda r: forwarding(r, args.calls)),
+                ("throughput", 2, 5.0, lambda r: throughput(r, args.seconds, args.rounds, text)),
+                ("watch", 3, 5.0, lambda r: watch(r, args.watchers, args.seconds, text)),
+            ]
+            for part, count, interval, measure in parts:
+                if part not in only:
+                    continue
                 replicas = [
-                    Replica(root / f"t{i}", url, shared, args.lease_ttl, 5.0) for i in range(2)
+                    Replica(root / f"{part}{i}", url, shared, args.lease_ttl, interval)
+                    for i in range(count)
                 ]
-                results.update(throughput(replicas, args.seconds, args.rounds, text))
-                for replica in replicas:
-                    replica.stop()
-                replicas = []
-            if "watch" in only:
-                replicas = [
-                    Replica(root / f"w{i}", url, shared, args.lease_ttl, 5.0) for i in range(3)
-                ]
-                results.update(watch(replicas, args.watchers, args.seconds, text))
+                results.update(measure(replicas))
                 for replica in replicas:
                     replica.stop()
                 replicas = []
