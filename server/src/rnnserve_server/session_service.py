@@ -312,10 +312,10 @@ class SessionService:
     @staticmethod
     def _replay(session: Session, step: int) -> StepOutcome:
         """The reply a Step that reached ``step`` gave (its loss is in the history)."""
-        recorded = session.history(step - 1, step)
+        (loss,) = session.history(step - 1, step)
         return StepOutcome(
             step=step,
-            loss=float(recorded[0]) if len(recorded) else session.loss,
+            loss=float(loss),
             grad_norm=0.0,
             chars=0,
             checkpointed_step=max(session.checkpointed_step, 0),

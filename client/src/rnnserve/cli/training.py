@@ -53,11 +53,12 @@ def _progress_line(p: pb.TrainResponse) -> str:
 
 def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     session = client.session(args.id)
-    steps = args.steps
-    if args.until_step is not None:  # the steps still to go, for the progress bar
-        steps = max(0, args.until_step - session.info().step)
+    if args.until_step is None:
+        steps = total = args.steps
+    else:  # the server counts the steps; the progress bar shows those still to go
+        steps, total = 0, max(0, args.until_step - session.info().step)
     stream = session.train(
-        0 if args.until_step is not None else args.steps,
+        steps,
         args.report_every,
         args.sample_length,
         until_step=args.until_step,
@@ -68,7 +69,7 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
         sample_prime=args.sample_prime,
     )
     bar = tqdm(
-        total=steps,
+        total=total,
         unit="step",
         bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
         "[{elapsed}<{remaining}{postfix}]",

@@ -182,11 +182,8 @@ class Coordinator:
 
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease by its TTL; False if it is no longer ours (expired, or taken)."""
-        ttl_ms = max(1, round(lease.ttl * 1000))
-        done = await self._renew(
-            keys=[self._key(lease.session_id, "lease")], args=[lease.value, ttl_ms]
-        )
-        return bool(done)
+        (still_ours,) = await self.renew_many([lease])
+        return still_ours
 
     async def renew_many(self, leases: list[Lease]) -> list[bool]:
         """``renew`` each lease, all in one round trip (a pipeline of the renew script)."""

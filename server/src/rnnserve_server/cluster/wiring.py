@@ -165,7 +165,10 @@ class ClusterNode:
         session.deleted = False
         self.activations += 1
         last = await self.coordinator.last_event(session_id)
-        published = session.step
+        # Publishing resumes after the last step on the stream, or after the checkpoint if the
+        # stream is ahead of it: steps the dead owner checkpointed but never published are in
+        # the checkpoint's history, and go out now rather than leave a gap.
+        published = session.step if last is None else min(last.step, session.step)
         if last is not None and last.step > session.step:
             # The old owner died after its last checkpoint: announce the rollback.
             self.failovers += 1
@@ -176,10 +179,6 @@ class ClusterNode:
                 step=session.step,
                 lost=last.step - session.step,
             )
-        elif last is not None:
-            # The old owner checkpointed steps it had not yet published when it died: they
-            # are in the checkpoint's history, so publish them rather than leave a gap.
-            published = last.step
         self.streams.start(session_id, session, token, published)
         log.info("session_activated", session_id=session_id, step=session.step, token=token)
 
