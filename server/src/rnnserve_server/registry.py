@@ -162,10 +162,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         validate_session_id(session_id)
         session = self.sessions.get(session_id)
         if session is None:
-            raise SessionNotFoundError(
-                f"session {session_id!r} does not exist; ListSessions shows the existing ones",
-                session_id=session_id,
-            )
+            raise _not_found(session_id)
         return session
 
     @contextlib.asynccontextmanager
@@ -326,14 +323,19 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         """Remove a session from memory and disk; a running Train stops, watch streams end."""
         self.check_serving()
         session = self.get(session_id)
-        # All or nothing: the files go first; if they can't, the session stays as it was.
-        try:
-            await self.run_io(self._delete_file, session)
-        except OSError as exc:
-            log.error("delete_failed", session_id=session_id, error=repr(exc))
-            raise storage_error(exc) from None
-        if self.sessions.get(session_id) is session:
-            del self.sessions[session_id]
+        # Concurrent deletes of one session take turns: the first removes it, the others
+        # then find it gone (NOT_FOUND), as if they had come after it.
+        async with session.delete_lock:
+            if self.sessions.get(session_id) is not session:
+                raise _not_found(session_id)
+            # All or nothing: the files go first; if they can't, the session stays as it was.
+            try:
+                await self.run_io(self._delete_file, session)
+            except OSError as exc:
+                log.error("delete_failed", session_id=session_id, error=repr(exc))
+                raise storage_error(exc) from None
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
         self._mark_saved(session)
         session.request_stop(StopCause.DELETED)
         session.close_watchers()
@@ -362,6 +364,14 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
                 raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
         finally:
             session.end()
+
+
+def _not_found(session_id: str) -> SessionNotFoundError:
+    """NOT_FOUND for an id no session has."""
+    return SessionNotFoundError(
+        f"session {session_id!r} does not exist; ListSessions shows the existing ones",
+        session_id=session_id,
+    )
 
 
 def _exists(session_id: str) -> SessionExistsError:
