@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from rnnserve import RnnServeError, SessionNotFound
+from rnnserve import Client, RnnServeError, SessionExists, SessionNotFound
 
 from tests.test_cluster import TEXT, start_replicas
 
@@ -73,3 +73,54 @@ def test_concurrent_deletes_of_one_id_on_a_cluster_one_succeeds(
     assert_one_delete_won(concurrent_deletes(replicas))
     with replicas[1].client() as client:
         assert list(client.list_sessions()) == []
+
+
+def make_one_id_twice(
+    kind: str, replicas: list[ServerHandle], clients: list[Client], new_id: str
+) -> list[object]:
+    """Two replicas making session ``new_id`` at once, by ``kind``: "fork_vs_create" (a fork
+    of "src", owned by replica 0, there; a CreateSession on replica 1) or "import_twice" (an
+    archive of ``new_id`` imported under its own id on both)."""
+    first, second = clients
+    if kind == "fork_vs_create":
+        return race(
+            [
+                lambda: first.session("src").fork(new_id),
+                lambda: second.create_session(TEXT, session_id=new_id, hidden_size=16, seed=3),
+            ]
+        )
+    template = first.session("src").fork(new_id)
+    archive = template.export()
+    template.delete()
+    return race([lambda: first.import_session(archive), lambda: second.import_session(archive)])
+
+
+@pytest.mark.parametrize("kind", ["fork_vs_create", "import_twice"])
+def test_two_replicas_making_one_new_id_at_once_one_wins_the_other_already_exists(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path, kind: str
+) -> None:
+    replicas = start_replicas(server_factory, redis_server, tmp_path / "shared", count=2)
+    clients = [replica.client() for replica in replicas]
+    try:
+        clients[0].create_session(TEXT, session_id="src", hidden_size=16, seed=1)
+        assert clients[0].session("src").step().step == 1  # replica 0 holds its lease
+        for trial in range(8):
+            new_id = f"new{trial}"
+            results = make_one_id_twice(kind, replicas, clients, new_id)
+            won = [i for i, r in enumerate(results) if not isinstance(r, RnnServeError)]
+            assert len(won) == 1, (trial, results)
+            (lost,) = [r for r in results if isinstance(r, RnnServeError)]
+            assert isinstance(lost, SessionExists), (trial, lost)
+            assert lost.metadata.get("session_id") == new_id
+            # The winner's replica serves the session it made, and so does the other one.
+            winner = clients[won[0]]
+            step = winner.session(new_id).info().step
+            assert winner.session(new_id).step().step == step + 1, trial
+            assert clients[1 - won[0]].session(new_id).step().step == step + 2, trial
+        listed = [s.session_id for s in clients[1].list_sessions()]
+        assert listed == [f"new{trial}" for trial in range(8)] + ["src"]
+        # A lost race is not a storage failure: both replicas stay SERVING.
+        assert [client.health() for client in clients] == ["SERVING", "SERVING"]
+    finally:
+        for client in clients:
+            client.close()

@@ -68,7 +68,8 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         self.unsaved: dict[str, StorageError] = {}
         self.on_storage_change: Callable[[bool], None] | None = None  # called with ok
         # Cluster mode: True if an id not in this registry is taken by a session kept
-        # elsewhere (another replica, the shared directory); None in one process.
+        # elsewhere (another replica, the shared directory); False leaves the id claimed by
+        # this replica until the new session is written. None in one process.
         self.taken_elsewhere: Callable[[str], Awaitable[bool]] | None = None
 
     # ----- executors --------------------------------------------------------------------
@@ -290,10 +291,10 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
                 self.settings.max_sessions,
                 "max_sessions",
             )
-        if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
-            raise _exists(session_id)
         self._reserved.add(session_id)
         try:
+            if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
+                raise _exists(session_id)
             session = await self.run(self._session_from, ckpt, changes or {})
             self.check_corpus_limits(0, session.summary.corpus_bytes)
             self.sessions[session_id] = session
@@ -302,10 +303,15 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         await self.flush(session)
         if session.dirty or session.checkpointed_step != session.step:
             # Never acknowledge a session that is not on disk: take it back.
-            self.sessions.pop(session_id, None)
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
             session.deleted = True
+            failed = self.unsaved.get(session_id)
+            self._mark_saved(session)  # gone: health need not wait for it
             if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
                 raise _exists(session_id)  # created on another replica meanwhile
+            if failed is not None:
+                raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
             raise CheckpointError(
                 f"session {session_id!r} could not be written to disk, so it was not created; "
                 "the server log has the reason"

@@ -111,10 +111,34 @@ class ClusterNode:
         log.info("cluster_joined", advertise=self.ownership.address)
 
     async def taken_elsewhere(self, session_id: str) -> bool:
-        """True if the id is in the cluster's directory (ForkSession / ImportSession onto a
-        session this replica does not hold answer ALREADY_EXISTS, as in one process)."""
+        """True if the id is taken in the cluster (ForkSession / ImportSession onto a session
+        this replica does not hold answer ALREADY_EXISTS, as in one process).
+
+        False leaves the new id's lease with this replica, so no other replica can make it
+        meanwhile: of two replicas making one new id at once, the one that takes the lease
+        makes it and the other is told it exists. An id another replica holds but has not
+        (or no longer) in the directory is being made or deleted there: wait (up to the lease
+        TTL) for it to be registered, or let go."""
+        deadline = time.monotonic() + self.settings.lease_ttl
         try:
-            return await self.coordinator.exists(session_id)
+            while not await self.coordinator.exists(session_id):
+                async with lock_for(self._locks, session_id):
+                    claim = await self.ownership.claim(session_id)
+                    if not isinstance(claim, str):
+                        if await self.coordinator.exists(session_id):
+                            return True  # made and let go elsewhere meanwhile
+                        self._active[session_id] = claim.token  # ours to make
+                        return False
+                if time.monotonic() > deadline:
+                    return True
+                await asyncio.sleep(0.05)
+            return True
+        except TimeoutError:
+            raise StorageError(
+                f"session id {session_id!r} is changing owner, so it cannot be checked yet; "
+                "retry in a moment",
+                session_id=session_id,
+            ) from None
         except (RedisError, OSError):
             raise StorageError(
                 "the cluster coordinator (Redis) is unreachable, so the new session's id "
@@ -206,6 +230,8 @@ class ClusterNode:
             session = self.registry.sessions.get(session_id)
             if session is not None and (session.resident or session.users or session.watchers):
                 return  # in use again
+            if session_id in self.registry._reserved:
+                return  # being made here (ImportSession, ForkSession)
             self.registry.sessions.pop(session_id, None)
             self._active.pop(session_id, None)
             self.streams.stop(session_id)
