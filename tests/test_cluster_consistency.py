@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 from rnnserve import Client, RnnServeError, SessionExists, SessionNotFound
+from rnnserve.v1 import rnn_service_pb2 as pb
 
-from tests.test_cluster import TEXT, start_replicas
+from tests.test_cluster import TEXT, free_loopback_port, start_replicas
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import RedisProcess
@@ -124,3 +125,32 @@ def test_two_replicas_making_one_new_id_at_once_one_wins_the_other_already_exist
     finally:
         for client in clients:
             client.close()
+
+
+def test_list_sessions_answers_with_an_unreachable_owner_marked(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    # Leases far longer than the test: the dead replica's session stays owned by it.
+    shared = tmp_path / "shared"
+    doomed, lister = start_replicas(server_factory, redis_server, shared, count=2, lease_ttl=60)
+    astray = server_factory(  # advertises an address where nothing listens
+        redis_url=redis_server.url,
+        shared_dir=shared,
+        lease_ttl=60,
+        advertise_address=f"127.0.0.1:{free_loopback_port()}",
+    )
+    for replica, session_id in ((doomed, "dead"), (astray, "astray"), (lister, "kept")):
+        with replica.client() as client:
+            client.create_session(TEXT, session_id=session_id, hidden_size=16, seed=1)
+            assert client.session(session_id).step().step == 1  # held by `replica`
+    doomed.kill()  # kill -9: its lease stays in Redis until it expires
+    with lister.client(timeout=20) as client:
+        listed = {s.session_id: s for s in client.list_sessions()}
+        assert sorted(listed) == ["astray", "dead", "kept"]
+        assert listed["kept"].state == pb.SESSION_STATE_READY and listed["kept"].step == 1
+        for session_id in ("astray", "dead"):
+            entry = listed[session_id]
+            assert entry.state == pb.SESSION_STATE_OWNER_UNREACHABLE, entry
+            assert "owner" in entry.error and "127.0.0.1" not in entry.error, entry.error
+        paged = [s.session_id for s in client.list_sessions(page_size=2)]
+        assert paged == ["astray", "dead", "kept"]

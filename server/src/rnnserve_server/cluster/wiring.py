@@ -41,6 +41,14 @@ from rnnserve_server.session import StopCause
 log = logs.get_logger("rnnserve.cluster")
 
 
+# Why a ListSessions entry has no state (no address: its owner is internal).
+_UNREACHABLE = (
+    "its owner replica can't be reached (it stopped, or advertises an address that can't be "
+    "reached); calls for it fail until that replica answers again or its lease expires "
+    "(within {ttl:g} s of its last renewal) and another replica takes it over"
+)
+
+
 def advertise_address(settings: Settings, port: int) -> str:
     """The address other replicas forward to: --advertise-address, else loopback:port."""
     return settings.advertise_address or f"127.0.0.1:{port}"
@@ -368,15 +376,32 @@ class ClusterNode:
             response_deserializer=pb.GetSessionResponse.FromString,
         )
 
+        # Each entry waits at most most of the caller's time: an owner that does not answer
+        # (killed within its lease, a wrong advertised address, frozen) costs its own entry,
+        # never the page.
+        remaining = context.time_remaining()
+        timeout = 30.0 if remaining is None else max(0.1, min(30.0, remaining * 0.8))
+
         async def one(session_id: str) -> Any:
             try:
                 reply = await get(
-                    pb.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=30
+                    pb.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=timeout
                 )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                code = exc.code()
+                if code == grpc.StatusCode.NOT_FOUND:
                     return None  # deleted meanwhile
-                raise
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return pb.Session(
+                        session_id=session_id,
+                        state=pb.SESSION_STATE_OWNER_UNREACHABLE,
+                        error=_UNREACHABLE.format(ttl=self.settings.lease_ttl),
+                    )
+                return pb.Session(
+                    session_id=session_id,
+                    state=pb.SESSION_STATE_BROKEN,
+                    error=f"its state could not be read: {exc.details()}",
+                )
             return reply.session
 
         found = await asyncio.gather(*(one(i) for i in ids))
