@@ -6,6 +6,7 @@ Real redis-server and rnnserve-server processes, as in test_cluster.py."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from rnnserve import Client, RnnServeError, SessionExists, SessionNotFound
+from rnnserve import Client, RnnServeError, ServerUnavailable, SessionExists, SessionNotFound
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from tests.test_cluster import TEXT, free_loopback_port, start_replicas
+from tests.test_cluster import TEXT, free_loopback_port, start_replicas, wait_until
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import RedisProcess
@@ -154,3 +155,43 @@ def test_list_sessions_answers_with_an_unreachable_owner_marked(
             assert "owner" in entry.error and "127.0.0.1" not in entry.error, entry.error
         paged = [s.session_id for s in client.list_sessions(page_size=2)]
         assert paged == ["astray", "dead", "kept"]
+
+
+@pytest.mark.parametrize("lease_ttl", [2.0, 30.0])
+def test_steps_on_the_owner_are_refused_while_redis_is_frozen(
+    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path, lease_ttl: float
+) -> None:
+    """A SIGSTOPped Redis (connections hang, nothing is refused) past the lease TTL, and
+    shorter than it."""
+    (owner,) = start_replicas(
+        server_factory, redis_server, tmp_path / "shared", count=1, lease_ttl=lease_ttl
+    )
+    assert redis_server.process is not None
+    with owner.client(timeout=60) as client:  # a deadline far past any timeout of the server's
+        session = client.create_session(TEXT, session_id="own", hidden_size=16, seed=1)
+        assert session.step().step == 1
+        wait_until(lambda: session.info().checkpointed_step == 1, what="step 1 checkpointed")
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            # Write-behind Steps go on until their checkpoint fails, then the owner refuses
+            # them with a sentence, never stalling them until the caller's deadline.
+            refusals: list[ServerUnavailable] = []
+            acknowledged = 0
+            while len(refusals) < 2:
+                try:
+                    session.step()
+                    acknowledged += 1
+                except ServerUnavailable as exc:
+                    refusals.append(exc)
+                assert acknowledged < 100_000
+            assert all("Redis" in str(exc) for exc in refusals), refusals
+            wait_until(lambda: client.health(timeout=5) == "NOT_SERVING", what="NOT_SERVING")
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        # SERVING again without any call: the refused checkpoints go through by themselves.
+        wait_until(lambda: client.health(timeout=5) == "SERVING", timeout=20, what="SERVING")
+        step = session.step().step
+    if lease_ttl > 10:  # the lease outlived the freeze: nothing acknowledged was lost
+        assert step == 1 + acknowledged + 1
+    else:  # it lapsed: the session came back from its last checkpoint, as after a crash
+        assert 2 <= step <= 1 + acknowledged + 1

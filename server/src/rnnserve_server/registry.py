@@ -193,6 +193,8 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             try:
                 ckpt = await self.run_io(self.store.load, session.id, self._check_checkpoint)
                 await self.run(session.attach, ckpt)
+            except StorageError:
+                raise  # the store can't be reached now (cluster mode: Redis): not BROKEN
             except Exception as exc:
                 error = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
                 log.error("reload_failed", session_id=session.id, error=error)

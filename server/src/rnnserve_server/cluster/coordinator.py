@@ -30,7 +30,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 # Take the lease only when it is free; the token is bumped in the same atomic step, so a lease
@@ -55,10 +54,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# The fenced write: the pointer moves only for the holder of the newest token.
+# The fenced write: the pointer moves only for the holder of the newest token, and only
+# forward: a write whose caller gave up on a stalled Redis may reach it after a later one of
+# the same owner, and must not take the pointer back to a blob gc may have removed.
 _ADVANCE = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) ~= current then return 0 end
+local latest = redis.call('GET', KEYS[2])
+if latest then
+  local token, step = string.match(latest, '^(%d+)-(%d+)')
+  local new_step = string.match(ARGV[2], '^%d+-(%d+)')
+  if token and new_step and tonumber(token) == current
+      and tonumber(step) > tonumber(new_step) then
+    return 1
+  end
+end
 redis.call('SET', KEYS[2], ARGV[2])
 return 1
 """
@@ -116,7 +126,7 @@ class Coordinator:
         prefix: str = "rnnserve",
         lease_ttl: float = 3.0,
         stream_maxlen: int = 10_000,
-        op_timeout: float = 5.0,
+        op_timeout: float | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be > 0 seconds")
@@ -125,6 +135,11 @@ class Coordinator:
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self.stream_maxlen = stream_maxlen
+        # How long one call may wait for Redis: by default a renewal interval (a third of the
+        # TTL, 0.5-5 s). A Redis that answers slower can't keep leases anyway, and a frozen
+        # one must fail the call (a checkpoint, so Steps are refused) rather than stall it.
+        if op_timeout is None:
+            op_timeout = min(5.0, max(0.5, lease_ttl / 3))
         self.op_timeout = op_timeout
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
@@ -132,9 +147,14 @@ class Coordinator:
             socket_connect_timeout=op_timeout,
             socket_timeout=op_timeout,
             # A command that meets a dropped connection (Redis restarted) is retried on a
-            # new one a few times before the error reaches the caller.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            # new one a few times before the error reaches the caller; one that timed out is
+            # not (a frozen Redis would not answer the retry either).
+            retry=Retry(
+                ExponentialBackoff(cap=0.5, base=0.02),
+                retries=3,
+                supported_errors=(RedisConnectionError,),
+            ),
+            retry_on_error=[RedisConnectionError],
             health_check_interval=10,
         )
         self._acquire = self.redis.register_script(_ACQUIRE)
@@ -218,7 +238,8 @@ class Coordinator:
 
     async def advance_pointer(self, session_id: str, token: int, checkpoint_name: str) -> bool:
         """Point the session at ``checkpoint_name`` if ``token`` is its current fencing token;
-        False (nothing changed) for a stale token."""
+        False (nothing changed) for a stale token. A name of an earlier step than the pointer's
+        of the same token leaves the pointer where it is (True: that write is superseded)."""
         done = await self._advance(
             keys=[self._key(session_id, "token"), self._key(session_id, "ckpt")],
             args=[token, checkpoint_name],

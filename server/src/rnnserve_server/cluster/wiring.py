@@ -189,13 +189,13 @@ class ClusterNode:
         old = registry.sessions.pop(session_id, None)
         if old is not None:  # loaded under an older lease: another replica may have moved on
             old.deleted = True
-        self._active[session_id] = token
+        # Active under this token only once everything that needs Redis went through: a call
+        # that fails midway (Redis stalled) leaves the activation to the next call.
+        self._active.pop(session_id, None)
         if await self.coordinator.pointer(session_id) is None:
+            self._active[session_id] = token
             return  # not created yet (or deleted): the call answers for itself
         session = await registry.run_io(registry._load_new, session_id)
-        registry.sessions[session_id] = session
-        session.deleted = False
-        self.activations += 1
         last = await self.coordinator.last_event(session_id)
         # Publishing resumes after the last step on the stream, or after the checkpoint if the
         # stream is ahead of it: steps the dead owner checkpointed but never published are in
@@ -203,14 +203,18 @@ class ClusterNode:
         published = session.step if last is None else min(last.step, session.step)
         if last is not None and last.step > session.step:
             # The old owner died after its last checkpoint: announce the rollback.
-            self.failovers += 1
             await self.coordinator.publish_restored(session_id, session.step, token=token)
+            self.failovers += 1
             log.warning(
                 "session_restored",
                 session_id=session_id,
                 step=session.step,
                 lost=last.step - session.step,
             )
+        registry.sessions[session_id] = session
+        session.deleted = False
+        self._active[session_id] = token
+        self.activations += 1
         self.streams.start(session_id, session, token, published)
         log.info("session_activated", session_id=session_id, step=session.step, token=token)
 
@@ -413,7 +417,13 @@ class ClusterNode:
 
     def start_health(self, on_change: Any) -> RedisHealth:
         """Watch Redis: on_change(False) while it is unreachable, (True) once it is back."""
-        self.health = RedisHealth(self.coordinator, on_change).start()
+
+        def changed(ok: bool) -> None:
+            on_change(ok)
+            if ok and self.registry is not None:
+                self.registry.retry_unsaved()  # checkpoints refused while it was away
+
+        self.health = RedisHealth(self.coordinator, changed).start()
         return self.health
 
     async def drain(self) -> None:
