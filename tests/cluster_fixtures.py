@@ -3,9 +3,11 @@ installed by ``make deps``) on free loopback ports, each in a temporary director
 
 ``redis_server`` is a started :class:`RedisProcess` (``appendonly yes``): ``.url`` for clients,
 ``.restart()`` stops it (SIGTERM: it writes its data) and starts it again on the same port and
-data, ``.kill()`` for a crash. ``nginx_factory(upstreams)`` starts an :class:`NginxProcess`
-that proxies gRPC (``grpc_pass``) to the given ``host:port`` upstreams, choosing one by
-``hash $http_x_session_id consistent``. Both wait on a condition with a deadline (PING answered,
+data, ``.kill()`` for a crash. ``redis_factory(*options)`` starts others with more
+redis-server options (``"--appendonly", "no"``: a restart loses everything).
+``nginx_factory(upstreams)`` starts an :class:`NginxProcess` that proxies gRPC (``grpc_pass``)
+to the given ``host:port`` upstreams, choosing one by ``hash $http_x_session_id consistent``.
+Both wait on a condition with a deadline (PING answered,
 port accepting), never a sleep, and are stopped at the end of the test.
 """
 
@@ -18,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -51,9 +53,12 @@ def _tail(path: Path, lines: int = 20) -> str:
 class RedisProcess:
     """A ``redis-server`` on 127.0.0.1 with its data and log in ``directory``."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, options: Sequence[str] = ()
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        self.options = list(options)  # after the defaults: they win
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -84,6 +89,7 @@ class RedisProcess:
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.log_path),
+            *self.options,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -141,12 +147,11 @@ class RedisProcess:
         self.start(timeout)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
-    """A started redis-server for one test; stopped at the end."""
+def start_redis(directory: Path, options: Sequence[str] = ()) -> RedisProcess:
+    """A started redis-server with its data in ``directory``."""
     server: RedisProcess | None = None
     for _ in range(5):  # a free port can be taken between choosing and binding it
-        server = RedisProcess(tmp_path / "redis")
+        server = RedisProcess(directory, options=options)
         try:
             server.start()
             break
@@ -155,8 +160,34 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
             if "Address already in use" not in _tail(server.log_path):
                 raise
     assert server is not None and server.alive
+    return server
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A started redis-server for one test; stopped at the end."""
+    server = start_redis(tmp_path / "redis")
     yield server
     server.kill()
+
+
+RedisFactory = Callable[..., RedisProcess]
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
+    """Start redis-servers with more options (``redis_factory("--appendonly", "no")``); all
+    killed at the end of the test."""
+    started: list[RedisProcess] = []
+
+    def factory(*options: str) -> RedisProcess:
+        server = start_redis(tmp_path / f"redis{len(started)}", options)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.kill()
 
 
 NGINX_TEMPLATE = """\

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 from rnnserve import Client, RnnServeError, ServerUnavailable, SessionExists, SessionNotFound
+from rnnserve.client import Session
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 from tests.test_cluster import TEXT, free_loopback_port, start_replicas, wait_until
 
 if TYPE_CHECKING:
-    from tests.cluster_fixtures import RedisProcess
+    from tests.cluster_fixtures import RedisFactory, RedisProcess
     from tests.conftest import ServerFactory, ServerHandle
 
 pytestmark = pytest.mark.timeout(180)
@@ -170,7 +171,7 @@ def test_steps_on_the_owner_are_refused_while_redis_is_frozen(
     with owner.client(timeout=60) as client:  # a deadline far past any timeout of the server's
         session = client.create_session(TEXT, session_id="own", hidden_size=16, seed=1)
         assert session.step().step == 1
-        wait_until(lambda: session.info().checkpointed_step == 1, what="step 1 checkpointed")
+        wait_checkpointed(session, 1)
         redis_server.process.send_signal(signal.SIGSTOP)
         try:
             # Write-behind Steps go on until their checkpoint fails, then the owner refuses
@@ -195,3 +196,59 @@ def test_steps_on_the_owner_are_refused_while_redis_is_frozen(
         assert step == 1 + acknowledged + 1
     else:  # it lapsed: the session came back from its last checkpoint, as after a crash
         assert 2 <= step <= 1 + acknowledged + 1
+
+
+def wait_checkpointed(session: Session, step: int) -> None:
+    """Until the session's checkpoint on the shared directory is at ``step``."""
+    wait_until(lambda: session.info().checkpointed_step == step, what=f"step {step} saved")
+
+
+def blob_tokens(shared: Path, session_id: str) -> list[int]:
+    """The tokens in the names of the session's checkpoint blobs on the shared directory."""
+    return sorted(int(p.name.split("-")[0]) for p in (shared / session_id).glob("*.npz"))
+
+
+def test_redis_restarted_without_its_data_gets_the_directory_back_from_the_shared_one(
+    server_factory: ServerFactory, redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    redis = redis_factory("--appendonly", "no")  # a restart forgets everything
+    shared = tmp_path / "shared"
+    replicas = start_replicas(server_factory, redis, shared, count=2)
+    for replica in replicas:  # one line at start says what a restart would lose
+        warning = replica.wait_for_log("redis_appendonly_off")
+        assert "appendonly yes" in warning["error"]
+    ids = ["kept0", "kept1"]
+    with replicas[0].client() as client:
+        for session_id in ids:
+            session = client.create_session(TEXT, session_id=session_id, hidden_size=16, seed=1)
+            assert session.step().step == 1
+            wait_checkpointed(session, 1)
+    old_tokens = {session_id: max(blob_tokens(shared, session_id)) for session_id in ids}
+    mark = replicas[0].mark()
+    redis.restart()  # SIGTERM, start again: empty
+    for session_id in ids:  # the owner finds its leases gone
+        replicas[0].wait_for_log("lease_lost", start=mark, session_id=session_id)
+    with replicas[1].client() as client:
+        listed = {s.session_id: s.step for s in client.list_sessions()}
+        assert listed == {"kept0": 1, "kept1": 1}
+        with pytest.raises(SessionExists):
+            client.create_session(TEXT, session_id="kept0", hidden_size=16, seed=2)
+        for session_id in ids:
+            session = client.session(session_id)
+            assert session.step().step == 2  # from its checkpoint, under a new token
+            wait_checkpointed(session, 2)
+            # A token never goes backwards: the new blobs' are above every old one.
+            assert min(blob_tokens(shared, session_id)) > old_tokens[session_id]
+    rebuilt = [e for r in replicas for e in r.logs if e.get("event") == "directory_rebuilt"]
+    assert [e["sessions"] for e in rebuilt if e["sessions"]] == [2]  # by one replica
+
+
+def test_a_redis_that_forbids_config_is_reported_unchecked(
+    server_factory: ServerFactory, redis_factory: RedisFactory, tmp_path: Path
+) -> None:
+    redis = redis_factory("--rename-command", "CONFIG", "")  # as managed Redis services do
+    (replica,) = start_replicas(server_factory, redis, tmp_path / "shared", count=1)
+    warning = replica.wait_for_log("redis_appendonly_unknown")
+    assert "could not check" in warning["error"]
+    with replica.client() as client:
+        assert client.create_session(TEXT, session_id="x", hidden_size=8).step().step == 1

@@ -92,9 +92,12 @@ class ClusterStore(LocalStore):
         if lease is not None:
             return lease.token
         # A new session (not yet in the directory) is claimed by its first checkpoint.
-        if not await self.ownership.coordinator.exists(session_id):
+        coordinator = self.ownership.coordinator
+        if not await coordinator.exists(session_id):
             claim = await self.ownership.claim(session_id)
-            if not isinstance(claim, str):
+            # (The claim may have waited for a rebuild of the directory that brought the id
+            # back: then it is not new.)
+            if not isinstance(claim, str) and not await coordinator.exists(session_id):
                 if self.on_claimed is not None:
                     self.on_claimed(session_id, claim.token)
                 return claim.token

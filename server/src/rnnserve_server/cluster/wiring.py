@@ -26,7 +26,7 @@ import grpc.aio
 from redis.exceptions import RedisError
 
 from rnnserve_server import logs
-from rnnserve_server.cluster.coordinator import Coordinator
+from rnnserve_server.cluster.coordinator import Coordinator, DirectoryLostError
 from rnnserve_server.cluster.forward import Forwarder
 from rnnserve_server.cluster.health import RedisHealth
 from rnnserve_server.cluster.loss_stream import LossStreams
@@ -60,9 +60,14 @@ class ClusterNode:
     def __init__(self, settings: Settings) -> None:
         assert settings.shared_dir is not None  # checked with the settings
         self.settings = settings
-        self.coordinator = Coordinator(settings.redis_url, lease_ttl=settings.lease_ttl)
+        self.coordinator = Coordinator(
+            settings.redis_url, lease_ttl=settings.lease_ttl, guarded=True
+        )
         # The address is known once the port is bound (bind()); claims wait for it.
-        self.ownership = Ownership(self.coordinator, "", on_lost=self._on_lost)
+        self.ownership = Ownership(
+            self.coordinator, "", on_lost=self._on_lost, restore_directory=self.ensure_directory
+        )
+        self._rebuilding: asyncio.Task[None] | None = None
         self.shared = SharedStore(settings.shared_dir, self.coordinator, gc_grace=settings.gc_grace)
         self.forwarder = Forwarder()
         self.registry: Any = None  # the Registry, set by attach()
@@ -117,6 +122,60 @@ class ClusterNode:
 
         metrics.REGISTRY.register(ClusterCollector(self))
         log.info("cluster_joined", advertise=self.ownership.address)
+        self._spawn(self._check_redis())
+
+    async def _check_redis(self) -> None:
+        """Warn once at start if Redis may lose its data on a restart."""
+        try:
+            kept = await self.coordinator.appendonly()
+        except (RedisError, OSError) as exc:
+            kept = f"Redis did not answer ({exc})"
+        if kept is False:
+            log.warning(
+                "redis_appendonly_off",
+                error="Redis runs with appendonly no: a restart loses every lease and loss "
+                "stream, and the sessions' updates since their last checkpoint; the directory is "
+                "then rebuilt from the shared directory. Set appendonly yes",
+            )
+        elif kept is not True:
+            log.warning(
+                "redis_appendonly_unknown",
+                error="could not check that Redis keeps an append-only file (appendonly yes), "
+                f"which the fencing tokens need to survive a restart: {kept}",
+            )
+        with contextlib.suppress(RedisError, OSError, StorageError):
+            await self.ensure_directory()  # before the first call needs it
+
+    # -- the directory after Redis lost its data ----------------------------------------------
+
+    async def ensure_directory(self) -> None:
+        """Return once Redis holds the cluster's directory: if Redis lost its data (restarted
+        without its append-only file), one replica rebuilds it from the shared directory and
+        the others wait. StorageError if it is not back within the lease TTL (retry)."""
+        if await self.coordinator.directory_complete():
+            return
+        if self._rebuilding is None or self._rebuilding.done():
+            self._rebuilding = asyncio.create_task(self._rebuild(), name="directory-rebuild")
+        await asyncio.shield(self._rebuilding)
+
+    async def _rebuild(self) -> None:
+        deadline = time.monotonic() + max(5.0, self.settings.lease_ttl)
+        while not await self.coordinator.directory_complete():
+            if await self.coordinator.rebuild_turn(self.ownership.address, 60.0):
+                started = time.monotonic()
+                latest = await asyncio.to_thread(self.shared.latest_on_disk)
+                await self.coordinator.restore(latest)
+                (log.warning if latest else log.info)(
+                    "directory_rebuilt",
+                    sessions=len(latest),
+                    duration_ms=round((time.monotonic() - started) * 1000, 1),
+                    reason="Redis held no session directory (a restart without its append-only "
+                    "file, or a new Redis): rebuilt from the shared directory",
+                )
+                return
+            if time.monotonic() > deadline:  # another replica is rebuilding it: retry later
+                raise DirectoryLostError()
+            await asyncio.sleep(0.1)
 
     async def taken_elsewhere(self, session_id: str) -> bool:
         """True if the id is taken in the cluster (ForkSession / ImportSession onto a session
@@ -365,8 +424,15 @@ class ClusterNode:
                     "page_token is not one this server issued; pass the previous response's "
                     "next_page_token, or empty for the first page"
                 ) from None
-        ids, next_after = await self.coordinator.list_sessions(size, after)
-        total = await self.coordinator.count()
+        try:
+            await self.ensure_directory()
+            ids, next_after = await self.coordinator.list_sessions(size, after)
+            total = await self.coordinator.count()
+        except (RedisError, OSError):
+            raise StorageError(
+                "the cluster coordinator (Redis) is not answering, so the sessions can't be "
+                "listed; retry in a moment"
+            ) from None
         metadata = [
             (k, v)
             for k, v in context.invocation_metadata() or ()
