@@ -10,7 +10,7 @@ the bug ("zzzz"); now every model feeds the one draw in sampler.py.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -29,29 +29,29 @@ SMALLEST = (1e-45, 5e-324)
 MODELS = list(itertools.product(("rnn", "lstm", "gru"), ("float32", "float64"), (1, 2)))
 
 
-@pytest.fixture(scope="module")
-def trained() -> Trainer:
+def _trained(steps: int, **settings: Any) -> Trainer:
+    """A trainer on TEXT (hidden 48, window 20, batch 4, Adam 0.01 unless ``settings`` say
+    otherwise) after ``steps`` updates."""
     config = ModelConfig(
-        hidden_size=48, seq_length=20, batch_size=4, learning_rate=0.01, optimizer="adam",
-        reset_every=5, seed=3,
+        **{"hidden_size": 48, "seq_length": 20, "batch_size": 4, "learning_rate": 0.01,
+           "optimizer": "adam", **settings}
     )  # fmt: skip
     vocab = Vocab.from_text(TEXT)
     t = Trainer(config, vocab, vocab.encode(TEXT))
-    for _ in range(200):
+    for _ in range(steps):
         t.step()
     return t
 
 
+@pytest.fixture(scope="module")
+def trained() -> Trainer:
+    return _trained(200, reset_every=5, seed=3)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_tiny_temperatures_sample_the_argmax(dtype: str) -> None:
-    config = ModelConfig(
-        hidden_size=48, seq_length=20, batch_size=4, learning_rate=0.01, optimizer="adam",
-        dtype=dtype, seed=5,
-    )  # fmt: skip
-    vocab = Vocab.from_text(TEXT)
-    t = Trainer(config, vocab, vocab.encode(TEXT))
-    for _ in range(100):
-        t.step()
+    t = _trained(100, dtype=dtype, seed=5)
+    vocab = t.vocab
     prime = vocab.encode("the lazy")
     greedy = np.concatenate(list(t.sample(prime, 80, temperature=0.0)))
     assert len(set(greedy.tolist())) > 1  # a real text, not one repeated id
@@ -152,15 +152,8 @@ def test_a_seed_reproduces_the_same_text_for_every_cell(
 )
 def test_the_stream_does_not_depend_on_the_chunk_size(cell: str, dtype: str, layers: int) -> None:
     """One uniform per character, drawn up front: Generate's chunking never changes the text."""
-    config = ModelConfig(
-        hidden_size=16, seq_length=16, batch_size=2, learning_rate=0.01, optimizer="adam",
-        cell=cell, dtype=dtype, num_layers=layers, seed=2,
-    )  # fmt: skip
-    vocab = Vocab.from_text(TEXT)
-    t = Trainer(config, vocab, vocab.encode(TEXT))
-    for _ in range(20):
-        t.step()
-    prime = vocab.encode("the")
+    t = _trained(20, hidden_size=16, cell=cell, dtype=dtype, num_layers=layers, seed=2)
+    prime = t.vocab.encode("the")
     whole = np.concatenate(list(t.sample(prime, 300, temperature=0.9, top_k=4, seed=3)))
     for chunk_size in (1, 7, 256):
         chunks = t.sample(prime, 300, temperature=0.9, top_k=4, seed=3, chunk_size=chunk_size)
