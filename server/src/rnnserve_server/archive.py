@@ -202,13 +202,14 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
         if dtype != np.uint8 or len(shape) != 1 or shape[0] > MAX_META_BYTES:
             raise _bad("'meta' is not a UTF-8 JSON byte array of a sane size")
         try:
-            meta = json.loads(_read(zf, entries["meta.npy"]).tobytes().decode("utf-8"))
+            text = _read(zf, entries["meta.npy"]).tobytes().decode("utf-8")
+            meta = json.loads(text)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise _bad(f"'meta' is not valid UTF-8 JSON ({type(exc).__name__})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise _bad(f"'meta' has no format tag {FORMAT!r}")
         _check_version(meta.get("version"))
-        problem = meta_problem(meta)
+        problem = meta_problem(meta, text)
         if problem is not None:
             raise _bad(f"'meta' {problem}")
         unknown = set(meta) - _META_KEYS

@@ -72,7 +72,8 @@ def read_state(
             files = set(npz.files)
             if "meta" not in files:
                 raise CheckpointError(f"{path}: not an rnnserve checkpoint (no 'meta' entry)")
-            meta = json.loads(npz["meta"].tobytes().decode("utf-8"))
+            text = npz["meta"].tobytes().decode("utf-8")
+            meta = json.loads(text)
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not an rnnserve checkpoint (bad format tag)")
             if meta.get("version") not in READ_VERSIONS:
@@ -87,7 +88,7 @@ def read_state(
                 raise CheckpointError(
                     f"{path}: holds session {meta.get('session_id')!r}, not {session_id!r}"
                 )
-            problem = meta_problem(meta)  # what no reply could carry (ListSessions included)
+            problem = meta_problem(meta, text)  # what no reply could carry
             if problem is not None:
                 raise CheckpointError(
                     f"{path}: meta {problem}", public=f"its checkpoint is damaged: {problem}"
