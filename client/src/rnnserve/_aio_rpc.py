@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import health_pb2_grpc
 
 from rnnserve._base import BaseClient
 from rnnserve._requests import Upload
@@ -29,10 +28,6 @@ class RpcClient(BaseClient[aio.Channel]):
     @cached_property
     def _stub(self) -> pb_grpc.RnnServiceAsyncStub:
         return pb_grpc.RnnServiceStub(self._channel)
-
-    @cached_property
-    def _health(self) -> health_pb2_grpc.HealthStub:
-        return health_pb2_grpc.HealthStub(self._channel)
 
     def _generate_method(self, seeded: bool) -> Any:
         return pb_grpc.RnnServiceStub(self._generate_channel(seeded)).Generate

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from functools import cached_property
 from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health_pb2_grpc
 
 from rnnserve._common import (
     ADDRESS_ENV,
@@ -54,6 +56,11 @@ class BaseClient(Generic[ChannelT]):
     def _make_channel(self, *, generate: bool) -> ChannelT:
         """A channel to ``address`` with this client's options and credentials."""
         raise NotImplementedError
+
+    @cached_property
+    def _health(self) -> health_pb2_grpc.HealthStub:
+        """grpc.health.v1 on the channel (its stub takes a sync or an asyncio channel)."""
+        return health_pb2_grpc.HealthStub(self._channel)
 
     def _channel_options(self, *, generate: bool) -> list[tuple[str, Any]]:
         return channel_options(self._options, self._tls_server_name, generate=generate)

@@ -7,7 +7,6 @@ from functools import cached_property
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
 from rnnserve._base import BaseClient
 from rnnserve._requests import Upload
@@ -31,10 +30,6 @@ class RpcClient(BaseClient[grpc.Channel]):
     @cached_property
     def _stub(self) -> pb_grpc.RnnServiceStub:
         return pb_grpc.RnnServiceStub(self._channel)
-
-    @cached_property
-    def _health(self) -> health_pb2_grpc.HealthStub:
-        return health_pb2_grpc.HealthStub(self._channel)
 
     def _generate_method(
         self, seeded: bool
