@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rnnserve_server.testing import PrometheusProcess, start_prometheus
+from rnnserve_server.testing import PrometheusProcess, daemons, start_prometheus
 
 __all__ = ["PrometheusFactory", "PrometheusProcess"]
 
@@ -23,16 +23,5 @@ PrometheusFactory = Callable[[list[str], list[Path]], PrometheusProcess]
 @pytest.fixture
 def prometheus_factory(tmp_path: Path) -> Iterator[PrometheusFactory]:
     """Start prometheus instances scraping given targets; all stopped at the end."""
-    started: list[PrometheusProcess] = []
-    counter = iter(range(1_000_000))
-
-    def factory(targets: list[str], rule_files: list[Path]) -> PrometheusProcess:
-        handle = start_prometheus(tmp_path / f"prometheus{next(counter)}", targets, rule_files)
-        started.append(handle)
-        return handle
-
-    yield factory
-    for handle in started:
-        if handle.alive:
-            handle.stop()
-        handle.kill()
+    with daemons(tmp_path, "prometheus", start_prometheus) as factory:
+        yield factory

@@ -55,6 +55,7 @@ __all__ = [
     "PrometheusQueryError",
     "RedisProcess",
     "ServerHandle",
+    "daemons",
     "find_binary",
     "free_port",
     "nginx_conf",
@@ -736,6 +737,28 @@ def start_redis(directory: Path) -> RedisProcess:
 def start_nginx(directory: Path, upstreams: list[str]) -> NginxProcess:
     """A started :class:`NginxProcess` in ``directory`` in front of ``upstreams``."""
     return _start_on_a_free_port(lambda: NginxProcess(directory, upstreams))
+
+
+@contextlib.contextmanager
+def daemons(
+    directory: Path, name: str, start: Callable[..., DaemonT]
+) -> Iterator[Callable[..., DaemonT]]:
+    """A function that starts daemons: ``start(directory / f"{name}{n}", *args)``, n = 0, 1,
+    ...; every one it started is stopped (gracefully, then killed) when the block ends."""
+    started: list[DaemonT] = []
+
+    def factory(*args: Any) -> DaemonT:
+        daemon = start(directory / f"{name}{len(started)}", *args)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield factory
+    finally:
+        for daemon in started:
+            if daemon.alive:
+                daemon.stop()
+            daemon.kill()
 
 
 def start_prometheus(
