@@ -9,7 +9,13 @@ import sys
 from typing import Any
 
 from rnnserve import completion
-from rnnserve.cli.exit_codes import EXIT_CONFLICT, EXIT_OK, EXIT_UNAVAILABLE, PROG, UsageError
+from rnnserve.cli.exit_codes import (
+    EXIT_CONFLICT,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    PROG,
+    UsageError,
+)
 from rnnserve.cli.output import (
     Output,
     _enum_name,
@@ -188,9 +194,10 @@ def cmd_fork(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def cmd_export(client: Client, args: argparse.Namespace, out: Output) -> int:
     path = args.output if args.output is not None else f"{args.id}.rnn"
-    data = client.session(args.id).export(path)
+    data = client.session(args.id).export(path, weights_only=args.weights_only)
     out.obj({"session_id": args.id, "path": path, "bytes": len(data)})
-    out.line(f"exported {args.id} to {path} ({len(data):,} bytes)")
+    what = "the weights of " if args.weights_only else ""
+    out.line(f"exported {what}{args.id} to {path} ({len(data):,} bytes)")
     return EXIT_OK
 
 

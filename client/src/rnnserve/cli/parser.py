@@ -235,11 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "export",
         cmd_export,
-        "save a whole session (weights, optimizer, corpus, history) to an archive file",
-        "  rnnserve export shakespeare -o model.rnn\n",
+        "save a whole session (weights, optimizer, corpus, history) to an archive file, or "
+        "with --weights-only its config, alphabet and weights",
+        "  rnnserve export shakespeare -o model.rnn\n"
+        "  rnnserve export shakespeare -o weights.rnn --weights-only   # docs/model-format.md\n",
     )
     p.add_argument("id", metavar="ID")
     p.add_argument("-o", "--output", metavar="FILE", help="archive path (default: ID.rnn)")
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="only the config, alphabet and weights (no corpus, optimizer state or history); "
+        "imports as a session at step 0 with no text",
+    )
 
     p = command(
         "import",
