@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from rnnserve import Client, InvalidArgument, LimitExceeded
+from rnnserve import Client, InvalidArgument, LimitExceeded, Session
 
 from tests.cli_runner import rnnserve
 
@@ -52,6 +52,13 @@ def save(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+def trained(client: Client, steps: int, **model: Any) -> Session:
+    """A new session of SMALL's settings with ``model``'s, trained ``steps`` updates."""
+    session = client.create_session(TEXT, **{**SMALL, **model})
+    session.train(steps, report_every=steps).wait()
+    return session
+
+
 @pytest.fixture(scope="module")
 def client(module_server: ServerHandle) -> Iterator[Client]:
     with module_server.client(timeout=30) as c:
@@ -62,8 +69,7 @@ def client(module_server: ServerHandle) -> Iterator[Client]:
 def test_a_weights_only_archive_holds_the_config_the_alphabet_and_the_weights(
     client: Client, cell: str, layers: int
 ) -> None:
-    session = client.create_session(TEXT, cell=cell, num_layers=layers, **SMALL)
-    session.train(20, report_every=20).wait()
+    session = trained(client, 20, cell=cell, num_layers=layers)
     whole_data = session.export()
     whole_meta, whole = load(whole_data)
     data = session.export(weights_only=True)
@@ -94,8 +100,7 @@ def test_a_weights_only_archive_holds_the_config_the_alphabet_and_the_weights(
 def test_a_weights_only_import_predicts_generates_and_trains_on_appended_text(
     client: Client, cell: str, layers: int
 ) -> None:
-    original = client.create_session(TEXT, cell=cell, num_layers=layers, **SMALL)
-    original.train(40, report_every=40).wait()
+    original = trained(client, 40, cell=cell, num_layers=layers)
     copy = client.import_session(original.export(weights_only=True), f"copy-{cell}-{layers}")
 
     info = copy.info()
@@ -130,8 +135,7 @@ def test_a_weights_only_import_and_its_first_text_survive_sigkill(
 ) -> None:
     server = server_factory()
     with server.client(timeout=30) as c:
-        original = c.create_session(TEXT, cell="lstm", num_layers=2, **SMALL)
-        original.train(20, report_every=20).wait()
+        original = trained(c, 20, cell="lstm", num_layers=2)
         c.import_session(original.export(weights_only=True), "w")
         expected = c.session("w").predict(PROBE).loss
     server.kill()  # SIGKILL: the import was on disk before its reply
