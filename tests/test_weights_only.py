@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-from rnnserve import Client, InvalidArgument, LimitExceeded, Session
+from rnnserve import Client, InvalidArgument, LimitExceeded, Session, aio
 
 from tests.cli_runner import rnnserve
 
@@ -122,6 +122,12 @@ def test_a_weights_only_import_predicts_generates_and_trains_on_appended_text(
     with pytest.raises(InvalidArgument, match=r"prime is empty.*give a prime"):
         copy.generate(10)
     assert copy.step(text="the quick brown fox").step == 1  # text in the request: fine
+    # A session without text exports whole, imports and forks like any other.
+    again = client.import_session(copy.export(), f"{copy.id}-whole")
+    forked = copy.fork(f"{copy.id}-fork")
+    for other in (again, forked):
+        assert (other.info().step, other.info().corpus_chars) == (1, 0)
+        assert other.predict(PROBE) == copy.predict(PROBE)
 
     copy.append_text(TEXT)
     assert copy.step().step == 2
@@ -154,6 +160,16 @@ def test_a_weights_only_import_and_its_first_text_survive_sigkill(
         assert (info.step, info.corpus_chars) == (0, len(TEXT))
         assert c.session("w").predict(PROBE).loss == expected
         assert c.session("w").step().step == 1
+
+
+async def test_the_asyncio_client_exports_weights_only(
+    module_server: ServerHandle, client: Client, tmp_path: Path
+) -> None:
+    session = trained(client, 10, cell="gru", num_layers=2)
+    async with aio.Client(module_server.address) as aio_client:
+        data = await aio_client.session(session.id).export(tmp_path / "w.rnn", weights_only=True)
+    assert data == session.export(weights_only=True) == (tmp_path / "w.rnn").read_bytes()
+    assert load(data)[0]["weights_only"] is True
 
 
 # ----- hostile weights-only archives ----------------------------------------------------------
