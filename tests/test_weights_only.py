@@ -123,9 +123,9 @@ def test_a_weights_only_import_predicts_generates_and_trains_on_appended_text(
         copy.generate(10)
     assert copy.step(text="the quick brown fox").step == 1  # text in the request: fine
     # A session without text exports whole, imports and forks like any other.
-    again = client.import_session(copy.export(), f"{copy.id}-whole")
+    whole = client.import_session(copy.export(), f"{copy.id}-whole")
     forked = copy.fork(f"{copy.id}-fork")
-    for other in (again, forked):
+    for other in (whole, forked):
         assert (other.info().step, other.info().corpus_chars) == (1, 0)
         assert other.predict(PROBE) == copy.predict(PROBE)
 
