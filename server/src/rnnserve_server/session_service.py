@@ -219,11 +219,11 @@ class SessionService:
         ckpt.session_id = new_id
         return await self.registry.adopt(ckpt, changes)
 
-    async def export(self, session_id: str) -> bytes:
-        """The session's archive (archive.py documents the format)."""
+    async def export(self, session_id: str, weights_only: bool = False) -> bytes:
+        """The session's archive, whole or weights only (archive.py documents the format)."""
         async with self.registry.use(session_id) as session:
             ckpt = await self.registry.run(session.export_state)
-        return await self.registry.run(archive.write, ckpt)
+        return await self.registry.run(archive.write, ckpt, weights_only)
 
     async def import_(self, chunks: AsyncIterator[tuple[str, bytes]]) -> Session:
         """Collect an archive from (session_id, data) chunks (bounded by max_import_bytes),
