@@ -446,7 +446,7 @@ class ClusterNode:
             response_deserializer=pb.GetSessionResponse.FromString,
         )
 
-        # Each entry waits at most most of the caller's time: an owner that does not answer
+        # Each entry waits at most 80 % of the caller's time: an owner that does not answer
         # (killed within its lease, a wrong advertised address, frozen) costs its own entry,
         # never the page.
         remaining = context.time_remaining()
