@@ -4,9 +4,11 @@ a temporary directory.
 
 ``redis_server`` is a started :class:`RedisProcess` (``appendonly yes``): ``.url`` for clients,
 ``.restart()`` stops it (SIGTERM: it writes its data) and starts it again on the same port and
-data, ``.kill()`` for a crash. ``nginx_factory(upstreams)`` starts an :class:`NginxProcess`
-that proxies gRPC (``grpc_pass``) to the given ``host:port`` upstreams, choosing one by
-``hash $http_x_session_id consistent``. Both wait on a condition with a deadline (PING answered,
+data, ``.kill()`` for a crash. ``redis_factory(*options)`` starts others with more
+redis-server options (``"--appendonly", "no"``: a restart loses everything).
+``nginx_factory(upstreams)`` starts an :class:`NginxProcess` that proxies gRPC (``grpc_pass``)
+to the given ``host:port`` upstreams, choosing one by ``hash $http_x_session_id consistent``.
+Both wait on a condition with a deadline (PING answered,
 port accepting), never a sleep, and are stopped at the end of the test.
 """
 
@@ -24,9 +26,10 @@ from rnnserve_server.testing import (
     start_redis,
 )
 
-__all__ = ["NginxFactory", "NginxProcess", "RedisProcess"]
+__all__ = ["NginxFactory", "NginxProcess", "RedisFactory", "RedisProcess"]
 
 NginxFactory = Callable[[list[str]], NginxProcess]
+RedisFactory = Callable[..., RedisProcess]
 
 
 @pytest.fixture
@@ -35,6 +38,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
     server = start_redis(tmp_path / "redis")
     yield server
     server.kill()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
+    """Start redis-servers with more options (``redis_factory("--appendonly", "no")``); all
+    stopped at the end of the test."""
+    with daemons(tmp_path, "redis", start_redis) as factory:
+        yield factory
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -470,8 +470,11 @@ class RedisProcess(_Daemon):
 
     name = "redis-server"
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, options: Sequence[str] = ()
+    ) -> None:
         super().__init__(directory, port)
+        self.options = list(options)  # more redis-server options, after the defaults: they win
         directory.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -496,6 +499,7 @@ class RedisProcess(_Daemon):
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.log_path),
+            *self.options,
         ]  # fmt: skip
         self._launch(args, self.ping, timeout, "did not answer PING")
 
@@ -729,9 +733,10 @@ def _start_on_a_free_port(make: Callable[[], DaemonT], tries: int = 5) -> Daemon
     raise AssertionError(f"no free port in {tries} tries")
 
 
-def start_redis(directory: Path) -> RedisProcess:
-    """A started :class:`RedisProcess` with its data in ``directory``."""
-    return _start_on_a_free_port(lambda: RedisProcess(directory))
+def start_redis(directory: Path, *options: str) -> RedisProcess:
+    """A started :class:`RedisProcess` with its data in ``directory`` (and more redis-server
+    ``options``: ``"--appendonly", "no"``)."""
+    return _start_on_a_free_port(lambda: RedisProcess(directory, options=options))
 
 
 def start_nginx(directory: Path, upstreams: list[str]) -> NginxProcess:

@@ -46,6 +46,7 @@ class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATE_TRAINING: _ClassVar[SessionState]
     SESSION_STATE_BROKEN: _ClassVar[SessionState]
     SESSION_STATE_UNSAVED: _ClassVar[SessionState]
+    SESSION_STATE_OWNER_UNREACHABLE: _ClassVar[SessionState]
 
 class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -94,6 +95,7 @@ SESSION_STATE_READY: SessionState
 SESSION_STATE_TRAINING: SessionState
 SESSION_STATE_BROKEN: SessionState
 SESSION_STATE_UNSAVED: SessionState
+SESSION_STATE_OWNER_UNREACHABLE: SessionState
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_COMPLETED: StopReason
 STOP_REASON_SHUTDOWN: StopReason
