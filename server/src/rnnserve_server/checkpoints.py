@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rnnserve_server import metrics
-from rnnserve_server.errors import StorageError, StorageFullError
+from rnnserve_server.errors import LeaseLostError, StorageError, StorageFullError
 from rnnserve_server.logs import get_logger
-from rnnserve_server.session import Session
+from rnnserve_server.session import Session, StopCause
 from rnnserve_server.store import Store
 
 log = get_logger("rnnserve.registry")
@@ -85,6 +85,13 @@ class CheckpointWriter:
             session.dirty = False
             try:
                 await self.run_io(self._write, session)
+            except LeaseLostError:
+                # Cluster mode: another replica owns the session now. Not a storage failure
+                # (health stays SERVING); a Train running here ends saying so.
+                session.dirty = True
+                session.request_stop(StopCause.LEASE_LOST)
+                log.warning("checkpoint_refused", session_id=session.id, reason="lease lost")
+                return
             except Exception as exc:
                 session.dirty = True
                 log.error("checkpoint_failed", session_id=session.id, error=repr(exc))

@@ -84,6 +84,30 @@ class ShuttingDownError(DomainError):
     """The server is stopping and takes no new work (UNAVAILABLE)."""
 
 
+class LeaseLostError(DomainError):
+    """Cluster mode: this replica lost the session's lease to another replica while the call
+    ran (it was paused, or cut off from Redis, past the lease TTL); nothing it did after that
+    is kept (ABORTED: retry, the call goes to the new owner)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} moved to another replica while this call ran: the "
+            "replica running it lost the session's lease (it was paused or cut off from "
+            "Redis for longer than the lease), so what it did after that is not kept; retry "
+            "the call (with until_step it never trains past its target)",
+            session_id=session_id,
+        )
+
+
+class OwnerUnavailableError(DomainError):
+    """Cluster mode: the replica that owns the session did not answer a forwarded call
+    (UNAVAILABLE; ``retry_seconds`` goes into RetryInfo)."""
+
+    def __init__(self, message: str, *, session_id: str, retry_seconds: float) -> None:
+        super().__init__(message, session_id=session_id)
+        self.retry_seconds = retry_seconds
+
+
 class StorageError(DomainError):
     """A change could not be saved to the data directory, so it was not made or not
     acknowledged (UNAVAILABLE; the message says what the operator must fix)."""

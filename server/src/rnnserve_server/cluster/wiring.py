@@ -56,7 +56,9 @@ class ClusterNode:
         # The address is known once the port is bound (bind()); claims wait for it.
         self.ownership = Ownership(self.coordinator, "", on_lost=self._on_lost)
         self.shared = SharedStore(settings.shared_dir, self.coordinator, gc_grace=settings.gc_grace)
-        self.forwarder = Forwarder()
+        # A forward whose owner froze gives up once the owner's lease is gone; one whose
+        # owner can't be reached asks the caller to retry after a renewal period.
+        self.forwarder = Forwarder(owner_gone=self.owner_gone, retry_seconds=settings.lease_ttl / 3)
         self.registry: Any = None  # the Registry, set by attach()
         self.store: ClusterStore | None = None
         self.health: RedisHealth | None = None
@@ -152,6 +154,21 @@ class ClusterNode:
                 await self._activate(session_id, claim.token)
             return None
 
+    async def owner_gone(self, session_id: str, address: str) -> None:
+        """Return once ``address`` no longer holds the session's lease (it lapsed, was released
+        or taken): a call forwarded there and still waiting is given up then, so a frozen
+        owner costs about the lease TTL, whatever the caller's deadline."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl / 3)  # the owner's renewal period
+            try:
+                owner = await self.coordinator.owner(session_id)
+            except (RedisError, OSError):
+                continue  # can't tell while Redis is away: keep waiting
+            if owner != address:
+                self._owners.pop(session_id, None)
+                log.warning("forward_owner_lost", session_id=session_id, new_owner=owner)
+                return
+
     async def _activate(self, session_id: str, token: int) -> None:
         registry = self.registry
         old = registry.sessions.pop(session_id, None)
@@ -225,24 +242,15 @@ class ClusterNode:
         log.warning("lease_lost", session_id=session_id)
         if session is not None:
             session.deleted = True  # no more checkpoints from here
-            session.request_stop(StopCause.SHUTDOWN)
+            session.request_stop(StopCause.LEASE_LOST)  # its Train ends with LEASE_LOST
             session.close_watchers()
             registry._mark_saved(session)
 
     async def _drop_stale(self, session_id: str) -> None:
-        """A checkpoint was refused: another replica owns the session now. Drop it here, and
-        do not count the refusal as a storage failure (health stays SERVING)."""
-        registry = self.registry
-        if session_id in registry.sessions and self.ownership.lease(session_id) is None:
+        """A checkpoint was refused: another replica owns the session now. Drop it here (the
+        refusal is not a storage failure: the checkpoint writer does not count it)."""
+        if session_id in self.registry.sessions and self.ownership.lease(session_id) is None:
             await self._on_lost(session_id)
-        for _ in range(100):  # the registry records the failure once the write returns
-            if session_id in registry.unsaved:
-                break
-            await asyncio.sleep(0.02)
-        if registry.unsaved.pop(session_id, None) is not None and not registry.unsaved:
-            log.info("storage_recovered", reason="stale write refused, not a storage failure")
-            if registry.on_storage_change is not None:
-                registry.on_storage_change(True)
 
     async def _release_loop(self) -> None:
         """Give back leases of sessions the registry evicted (idle, or over the resident
