@@ -339,7 +339,7 @@ CASES: list[tuple[BaseException, grpc.StatusCode, str, type[RnnServeError]]] = [
     (StorageError("x"), grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", RnnServeError),
     (ShuttingDownError("x"), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", RnnServeError),
     (UnauthenticatedError("x"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", RnnServeError),
-    (LeaseLostError("s"), grpc.StatusCode.ABORTED, "LEASE_LOST", ServerUnavailable),
+    (LeaseLostError.moved("s"), grpc.StatusCode.ABORTED, "LEASE_LOST", ServerUnavailable),
     (
         OwnerUnavailableError("x", session_id="s", retry_seconds=0.0),
         grpc.StatusCode.UNAVAILABLE,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from rnnserve_server import metrics
 from rnnserve_server.errors import LeaseLostError, StorageError, StorageFullError
 from rnnserve_server.logs import get_logger
-from rnnserve_server.session import Session, StopCause
+from rnnserve_server.session import Session
 from rnnserve_server.store import Store
 
 log = get_logger("rnnserve.registry")
@@ -22,7 +22,10 @@ T = TypeVar("T")
 
 def storage_error(exc: BaseException) -> StorageError:
     """The client's sentence for a failed checkpoint write or delete (no paths: the server log
-    has those); StorageFullError when the disk is full."""
+    has those); StorageFullError when the disk is full; LeaseLostError as is (cluster mode:
+    the write was refused because another replica owns the session now)."""
+    if isinstance(exc, LeaseLostError):
+        return exc
     code = exc.errno if isinstance(exc, OSError) else None
     if code in (errno.ENOSPC, errno.EDQUOT):
         return StorageFullError(
@@ -85,13 +88,6 @@ class CheckpointWriter:
             session.dirty = False
             try:
                 await self.run_io(self._write, session)
-            except LeaseLostError:
-                # Cluster mode: another replica owns the session now. Not a storage failure
-                # (health stays SERVING); a Train running here ends saying so.
-                session.dirty = True
-                session.request_stop(StopCause.LEASE_LOST)
-                log.warning("checkpoint_refused", session_id=session.id, reason="lease lost")
-                return
             except Exception as exc:
                 session.dirty = True
                 log.error("checkpoint_failed", session_id=session.id, error=repr(exc))

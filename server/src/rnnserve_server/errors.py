@@ -84,21 +84,6 @@ class ShuttingDownError(DomainError):
     """The server is stopping and takes no new work (UNAVAILABLE)."""
 
 
-class LeaseLostError(DomainError):
-    """Cluster mode: this replica lost the session's lease to another replica while the call
-    ran (it was paused, or cut off from Redis, past the lease TTL); nothing it did after that
-    is kept (ABORTED: retry, the call goes to the new owner)."""
-
-    def __init__(self, session_id: str) -> None:
-        super().__init__(
-            f"session {session_id!r} moved to another replica while this call ran: the "
-            "replica running it lost the session's lease (it was paused or cut off from "
-            "Redis for longer than the lease), so what it did after that is not kept; retry "
-            "the call (with until_step it never trains past its target)",
-            session_id=session_id,
-        )
-
-
 class OwnerUnavailableError(DomainError):
     """Cluster mode: the replica that owns the session did not answer a forwarded call
     (UNAVAILABLE; ``retry_seconds`` goes into RetryInfo)."""
@@ -115,6 +100,24 @@ class StorageError(DomainError):
 
 class StorageFullError(StorageError):
     """As StorageError, because the data directory's disk is full (RESOURCE_EXHAUSTED)."""
+
+
+class LeaseLostError(StorageError):
+    """Cluster mode: a change could not be kept because another replica owns the session now:
+    this replica lost its lease while the call ran (it was paused, or cut off from Redis, past
+    the lease TTL), so its write was refused (ABORTED: retry, the call goes to the new owner).
+    """
+
+    @classmethod
+    def moved(cls, session_id: str) -> LeaseLostError:
+        """The error for ``session_id``, with the sentence a caller sees."""
+        return cls(
+            f"session {session_id!r} moved to another replica while this call ran: the "
+            "replica running it lost the session's lease (it was paused or cut off from "
+            "Redis for longer than the lease), so what it did after that is not kept; retry "
+            "the call (with until_step it never trains past its target)",
+            session_id=session_id,
+        )
 
 
 class CheckpointError(Exception):

@@ -292,7 +292,7 @@ async def train(
         if not session.deleted:
             await registry.flush(session)
         if session.stop_cause is StopCause.LEASE_LOST:  # what it trained here is not kept
-            raise LeaseLostError(session.id)
+            raise LeaseLostError.moved(session.id)
         final = progress(reason)
         if o.sample_length and not session.deleted:
             final.sample = await sample()

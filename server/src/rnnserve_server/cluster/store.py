@@ -124,7 +124,7 @@ class ClusterStore(LocalStore):
             self.stale_writes += 1
             if self.on_stale is not None:
                 self.loop.call_soon_threadsafe(self.on_stale, ckpt.session_id)
-            raise LeaseLostError(ckpt.session_id) from exc
+            raise LeaseLostError.moved(ckpt.session_id) from exc
         return size
 
     def load(self, session_id: str, check: MetaCheck | None = None) -> Checkpoint:

@@ -247,10 +247,19 @@ class ClusterNode:
             registry._mark_saved(session)
 
     async def _drop_stale(self, session_id: str) -> None:
-        """A checkpoint was refused: another replica owns the session now. Drop it here (the
-        refusal is not a storage failure: the checkpoint writer does not count it)."""
-        if session_id in self.registry.sessions and self.ownership.lease(session_id) is None:
+        """A checkpoint was refused: another replica owns the session now. Drop it here, and
+        do not count the refusal as a storage failure (health stays SERVING)."""
+        registry = self.registry
+        if session_id in registry.sessions and self.ownership.lease(session_id) is None:
             await self._on_lost(session_id)
+        for _ in range(100):  # the registry records the failure once the write returns
+            if session_id in registry.unsaved:
+                break
+            await asyncio.sleep(0.02)
+        if registry.unsaved.pop(session_id, None) is not None and not registry.unsaved:
+            log.info("storage_recovered", reason="stale write refused, not a storage failure")
+            if registry.on_storage_change is not None:
+                registry.on_storage_change(True)
 
     async def _release_loop(self) -> None:
         """Give back leases of sessions the registry evicted (idle, or over the resident
