@@ -28,7 +28,7 @@ from tests.test_cluster import (
 )
 
 if TYPE_CHECKING:
-    from tests.cluster_fixtures import NginxFactory, RedisProcess
+    from tests.cluster_fixtures import NginxFactory, NginxProcess, RedisProcess
     from tests.conftest import ServerFactory, ServerHandle
 
 pytestmark = pytest.mark.timeout(180)
@@ -63,25 +63,38 @@ def restores(redis: RedisProcess, session_id: str) -> list[int]:
     return [int(e["step"]) for e in stream_events(redis, session_id) if e["kind"] == "restored"]
 
 
+def behind_nginx(
+    server_factory: ServerFactory,
+    redis: RedisProcess,
+    nginx_factory: NginxFactory,
+    shared: Path,
+    session_id: str,
+) -> tuple[NginxProcess, ServerHandle]:
+    """Three replicas that checkpoint a Train only at its end, nginx in front, and a session
+    made through nginx, checkpointed at step 1; nginx and the session's owner."""
+    replicas = start_replicas(
+        server_factory, redis, shared, checkpoint_interval=NO_CHECKPOINT_DURING_TRAIN
+    )
+    nginx = nginx_factory([r.address for r in replicas])
+    with Client(nginx.address, timeout=30) as client:
+        session = client.create_session(TEXT, session_id=session_id, hidden_size=32, seed=1)
+        assert session.step().step == 1  # checkpointed (write-behind) at step 1
+    return nginx, owner_of(replicas, redis, session_id)
+
+
 def test_train_to_through_nginx_survives_kill9_of_the_owner(
     server_factory: ServerFactory,
     redis_server: RedisProcess,
     nginx_factory: NginxFactory,
     tmp_path: Path,
 ) -> None:
-    replicas = start_replicas(
-        server_factory,
-        redis_server,
-        tmp_path / "shared",
-        checkpoint_interval=NO_CHECKPOINT_DURING_TRAIN,
+    nginx, owner = behind_nginx(
+        server_factory, redis_server, nginx_factory, tmp_path / "shared", "n"
     )
-    nginx = nginx_factory([r.address for r in replicas])
     target = 3000
     killed: list[int] = []
     with Client(nginx.address, timeout=30) as client:
-        session = client.create_session(TEXT, session_id="n", hidden_size=32, seed=1)
-        assert session.step().step == 1  # checkpointed (write-behind) at step 1
-        owner = owner_of(replicas, redis_server, "n")
+        session = client.session("n")
 
         def kill_the_owner(message: pb.TrainResponse) -> None:
             # Once watchers saw steps past the checkpoint (step 1): their loss is announced.
@@ -122,18 +135,10 @@ def test_cli_train_until_step_through_nginx_survives_kill9_of_the_owner(
     nginx_factory: NginxFactory,
     tmp_path: Path,
 ) -> None:
-    replicas = start_replicas(
-        server_factory,
-        redis_server,
-        tmp_path / "shared",
-        checkpoint_interval=NO_CHECKPOINT_DURING_TRAIN,
+    nginx, owner = behind_nginx(
+        server_factory, redis_server, nginx_factory, tmp_path / "shared", "c"
     )
-    nginx = nginx_factory([r.address for r in replicas])
     target = 3000
-    with Client(nginx.address, timeout=30) as client:
-        session = client.create_session(TEXT, session_id="c", hidden_size=32, seed=1)
-        assert session.step().step == 1
-    owner = owner_of(replicas, redis_server, "c")
     train = start_cli(
         nginx.address, "train", "c", "--until-step", str(target), "--report-every", "10"
     )
