@@ -16,7 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rnnserve_server.testing import NginxProcess, RedisProcess, start_nginx, start_redis
+from rnnserve_server.testing import (
+    NginxProcess,
+    RedisProcess,
+    daemons,
+    start_nginx,
+    start_redis,
+)
 
 __all__ = ["NginxFactory", "NginxProcess", "RedisProcess"]
 
@@ -34,16 +40,5 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
 @pytest.fixture
 def nginx_factory(tmp_path: Path) -> Iterator[NginxFactory]:
     """Start nginx instances in front of given upstreams; all stopped at the end."""
-    started: list[NginxProcess] = []
-    counter = iter(range(1_000_000))
-
-    def factory(upstreams: list[str]) -> NginxProcess:
-        handle = start_nginx(tmp_path / f"nginx{next(counter)}", upstreams)
-        started.append(handle)
-        return handle
-
-    yield factory
-    for handle in started:
-        if handle.alive:
-            handle.stop()
-        handle.kill()
+    with daemons(tmp_path, "nginx", start_nginx) as factory:
+        yield factory

@@ -141,5 +141,6 @@ class SessionFactory:
         except ValueError as exc:
             raise InvalidArgumentError(f"alphabet is invalid: {exc}") from None
         check_alphabet_size(self.settings, vocab.size)
-        ids = vocab.encode(text)
-        return Trainer(config, vocab, ids)
+        trainer = Trainer(config, vocab, vocab.encode(text))
+        trainer.check_trainable()  # a new session starts with text to train on
+        return trainer
