@@ -14,7 +14,7 @@ import numpy as np
 
 from rnnserve_server import metrics
 from rnnserve_server.config import Settings
-from rnnserve_server.errors import InvalidArgumentError
+from rnnserve_server.errors import InvalidArgumentError, LeaseLostError
 from rnnserve_server.logs import get_logger
 from rnnserve_server.registry import Registry
 from rnnserve_server.request_limits import RequestLimits, encode
@@ -292,6 +292,8 @@ async def train(
             )
         if not session.deleted:
             await registry.flush(session)
+        if session.stop_cause is StopCause.LEASE_LOST:  # what it trained here is not kept
+            raise LeaseLostError.moved(session.id)
         final = progress(reason)
         if o.sample_length and not session.deleted:
             final.sample = await sample()
