@@ -518,3 +518,55 @@ def test_client_address_from_the_environment(
     monkeypatch.delenv("RNNSERVE_ADDRESS")
     with Client() as client:
         assert client.address == "localhost:50051"
+
+
+def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
+    module_server: ServerHandle,
+) -> None:
+    # Issue 16 item 18: after Ctrl-C the CLI waits for the server to finish the update in
+    # progress; with a validation pass at every report (slow on big models) that wait is long,
+    # and a second Ctrl-C during it printed "rnnserve: interrupted" with no step.
+    session_id = "sigint-twice"
+    with module_server.client() as client:
+        client.create_session(
+            TEXT * 50,  # 90,000 characters, half held out: a validation pass of ~1 s
+            session_id=session_id,
+            hidden_size=512,
+            batch_size=1,
+            seq_length=10,
+            validation_fraction=0.5,
+            seed=1,
+        )
+    train = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "rnnserve", "--address", module_server.address, "--json"),
+            *("train", session_id, "--steps", "1000000", "--report-every", "1"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert train.stdout is not None
+        train.stdout.readline()  # step 1 and its validation pass are done; step 2's run now
+        mark = len(module_server.logs)
+        train.send_signal(signal.SIGINT)
+        # The CLI has cancelled and polls the server until the session stops training: once
+        # it has had an answer (its second GetSession went out), Ctrl-C again.
+        for _ in range(2):
+            asked = module_server.wait_for_log(
+                "rpc",
+                start=mark,
+                method="/rnnserve.v1.RnnService/GetSession",
+                session_id=session_id,
+            )
+            mark = module_server.logs.index(asked) + 1
+        train.send_signal(signal.SIGINT)
+        _, err = train.communicate(timeout=60)
+    finally:
+        train.kill()
+    assert train.returncode == 130, err
+    last = err.splitlines()[-1]
+    assert re.match(r"rnnserve: cancelled; the session is at step \d+, ", last), err
+    assert "still finishing" in last, err

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from tqdm import tqdm
@@ -53,21 +56,11 @@ def _progress_line(p: pb.TrainResponse) -> str:
 
 def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     session = client.session(args.id)
+    start_step = session.info().step  # said after a Ctrl-C if nothing newer is known
     if args.until_step is None:
         steps = total = args.steps
     else:  # the server counts the steps; the progress bar shows those still to go
-        steps, total = 0, max(0, args.until_step - session.info().step)
-    stream = session.train(
-        steps,
-        args.report_every,
-        args.sample_length,
-        until_step=args.until_step,
-        until_loss=args.until_loss,
-        patience=args.patience,
-        eval_every=args.eval_every,
-        sample_temperature=args.sample_temperature,
-        sample_prime=args.sample_prime,
-    )
+        steps, total = 0, max(0, args.until_step - start_step)
     bar = tqdm(
         total=total,
         unit="step",
@@ -79,19 +72,23 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
         # None: tqdm shows the bar only on a terminal.
         disable=True if (out.json or args.no_progress) else None,
     )
-    timer: threading.Timer | None = None
     timed_out = threading.Event()
-    if args.max_seconds is not None:
-
-        def stop() -> None:
-            timed_out.set()
-            stream.cancel()
-
-        timer = threading.Timer(args.max_seconds, stop)
-        timer.daemon = True
-        timer.start()
+    timer: threading.Timer | None = None
+    stream: TrainStream | None = None
     done = 0
-    try:
+    try:  # from the call's start, so a Ctrl-C at any moment says the step
+        stream = session.train(
+            steps,
+            args.report_every,
+            args.sample_length,
+            until_step=args.until_step,
+            until_loss=args.until_loss,
+            patience=args.patience,
+            eval_every=args.eval_every,
+            sample_temperature=args.sample_temperature,
+            sample_prime=args.sample_prime,
+        )
+        timer = _cancel_after(args.max_seconds, stream, timed_out)
         for progress in stream:
             out.obj(progress)
             bar.update(progress.steps_done - done)
@@ -111,9 +108,10 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
             if bar.disable and progress.stop_reason == pb.STOP_REASON_UNSPECIFIED:
                 out.line(_progress_line(progress))
     except KeyboardInterrupt:
-        stream.cancel()
+        if stream is not None:
+            stream.cancel()
         bar.close()
-        _report_cancelled(session, stream, "cancelled")
+        _report_cancelled(session, "cancelled", _last_step(stream, start_step))
         return EXIT_INTERRUPTED
     finally:
         if timer is not None:
@@ -121,7 +119,8 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
         bar.close()
     if stream.final is None:
         if timed_out.is_set():
-            _report_cancelled(session, stream, f"stopped after --max-seconds {args.max_seconds:g}")
+            why = f"stopped after --max-seconds {args.max_seconds:g}"
+            _report_cancelled(session, why, _last_step(stream, start_step))
             return EXIT_OK
         raise RnnServeError("the Train stream ended without a final message")
     final = stream.final
@@ -152,22 +151,106 @@ def _stop_reason(progress: pb.TrainResponse) -> str:
     return _enum_name(pb.StopReason, progress.stop_reason, "STOP_REASON_")
 
 
-def _report_cancelled(session: Any, stream: TrainStream, why: str) -> None:
-    """After a cancel: say where training stopped (asking the server, if it answers)."""
-    step: int | None = stream.last.step if stream.last is not None else None
+def _cancel_after(
+    seconds: float | None, stream: TrainStream, fired: threading.Event
+) -> threading.Timer | None:
+    """--max-seconds: cancel the stream after ``seconds`` and set ``fired``."""
+    if seconds is None:
+        return None
+
+    def stop() -> None:
+        fired.set()
+        stream.cancel()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _last_step(stream: TrainStream | None, start_step: int) -> int:
+    """The newest step the Train stream reported, else the session's step before it."""
+    return stream.last.step if stream is not None and stream.last is not None else start_step
+
+
+CANCEL_WAIT_SECONDS = 60.0  # most time a cancelled train waits for the server to stop
+CANCEL_NOTE_SECONDS = 1.0  # waiting longer than this, the user is told why
+
+
+@dataclass
+class _Where:
+    """What the server last said about a session whose Train was cancelled."""
+
+    step: int
+    answered: bool = False
+    training: bool = True
+
+
+def _report_cancelled(session: Any, why: str, step: int) -> None:
+    """After a cancel: say the step training stopped at, whatever happens meanwhile.
+
+    The server finishes the update (and validation pass) in progress before it sees the
+    cancel, which can take seconds on a big model: wait until the session is no longer
+    training, so the step said is the one `list` shows. A Ctrl-C during the wait stops the
+    wait, never the report (a second Ctrl-C used to end the CLI with no step)."""
+    where = _Where(step)
+    armed = True
+
+    def stop_waiting(signum: int, frame: FrameType | None) -> None:
+        nonlocal armed
+        if armed:  # the first Ctrl-C only; later ones are ignored until the report is out
+            armed = False
+            raise KeyboardInterrupt
+
+    previous = _on_sigint(stop_waiting)
     try:
-        # The server applies the update in progress before it sees the cancel: wait (up to
-        # 10 s) until it is no longer training, so the step said is the one `list` shows.
-        deadline = time.monotonic() + 10.0
+        try:
+            _wait_until_stopped(session, where)
+            armed = False
+        except (KeyboardInterrupt, RnnServeError):
+            pass
+        if not where.answered:
+            said = f"the session was at step {where.step} or later (no answer from the server)"
+        elif where.training:
+            said = (
+                f"the session is at step {where.step}, still finishing the update in "
+                f"progress (`{PROG} show {session.id}` shows where it stops)"
+            )
+        else:
+            said = f"the session is at step {where.step}"
+        print(f"{PROG}: {why}; {said}", file=sys.stderr)
+    finally:
+        _on_sigint(previous)
+
+
+def _wait_until_stopped(session: Any, where: _Where) -> None:
+    """Poll the session until it is not training (at most CANCEL_WAIT_SECONDS), keeping
+    ``where`` up to date after every answer."""
+    start = time.monotonic()
+    noted = False
+    while True:
         info = session.info(timeout=5.0)
-        while info.state == pb.SESSION_STATE_TRAINING and time.monotonic() < deadline:
-            time.sleep(0.05)
-            info = session.info(timeout=5.0)
-        step = info.step
-    except RnnServeError:
-        pass
-    where = f"; the session is at step {step}" if step is not None else ""
-    print(f"{PROG}: {why}{where}", file=sys.stderr)
+        where.step, where.answered = info.step, True
+        where.training = info.state == pb.SESSION_STATE_TRAINING
+        waited = time.monotonic() - start
+        if not where.training or waited >= CANCEL_WAIT_SECONDS:
+            return
+        if waited >= CANCEL_NOTE_SECONDS and not noted:
+            print(
+                f"{PROG}: waiting for the server to finish the update in progress "
+                "(Ctrl-C stops waiting)",
+                file=sys.stderr,
+            )
+            noted = True
+        time.sleep(0.05)
+
+
+def _on_sigint(handler: Any) -> Any:
+    """Install ``handler`` for SIGINT and return the one it replaces (only the main thread
+    can: elsewhere nothing changes and None is returned)."""
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 class _Follower:
