@@ -12,6 +12,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -570,3 +571,78 @@ def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
     last = err.splitlines()[-1]
     assert re.match(r"rnnserve: cancelled; the session is at step \d+, ", last), err
     assert "still finishing" in last, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit codes against the README's table (issue 16 item 16)
+
+
+@pytest.mark.parametrize("command", ["create", "append", "import"])
+def test_a_directory_as_input_is_a_usage_error(
+    module_server: ServerHandle, tmp_path: Path, command: str
+) -> None:
+    session_id = f"exit-dir-{command}"
+    with module_server.client() as client:
+        client.create_session(TEXT, session_id=session_id, hidden_size=8)
+    args = [command, session_id] if command == "append" else [command]
+    result = rnnserve(module_server, *args, str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert f"{tmp_path}: is a directory" in result.stderr.replace("Is a", "is a"), result.stderr
+
+
+def test_a_file_that_is_not_utf8_is_named_and_a_usage_error(
+    module_server: ServerHandle, tmp_path: Path
+) -> None:
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Café au lait, s'il vous plaît.\n".encode("latin-1") * 20)
+    with module_server.client() as client:
+        client.create_session(TEXT, session_id="exit-latin1", hidden_size=8)
+    for args in (["create", str(latin1)], ["append", "exit-latin1", str(latin1)]):
+        result = rnnserve(module_server, *args)
+        assert result.returncode == 2, result.stderr
+        assert f"{latin1}: not UTF-8 text" in result.stderr, result.stderr
+    # The same bytes on stdin: named as stdin, and no traceback (the locale's surrogate
+    # escapes used to reach the request and fail there).
+    piped = subprocess.run(
+        [sys.executable, "-m", "rnnserve", "--address", module_server.address, "create"],
+        input=latin1.read_bytes(),
+        capture_output=True,
+        timeout=60,
+        env={**cli_env(), "LC_ALL": "C"},
+        check=False,
+    )
+    assert piped.returncode == 2, piped.stderr
+    assert b"stdin: not UTF-8 text" in piped.stderr and b"Traceback" not in piped.stderr
+    with module_server.client() as client:
+        assert client.session("exit-latin1").info().corpus_chars == len(TEXT)
+
+
+def test_empty_input_is_no_input_text(module_server: ServerHandle, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with module_server.client() as client:
+        client.create_session(TEXT, session_id="exit-empty", hidden_size=8)
+    for args, stdin in (
+        (["create", str(empty)], None),
+        (["create", "--text", ""], None),
+        (["create"], ""),
+        (["append", "exit-empty", str(empty)], None),  # e.g. a download that failed
+    ):
+        result = rnnserve(module_server, *args, stdin=stdin)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "no input text" in result.stderr, (args, result.stderr)
+
+
+def test_no_server_says_the_address_as_typed_and_how_to_start_one() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"localhost:{port}"  # resolves to ::1 too: gRPC would say ipv6:%5B::1%5D:PORT
+    for args in (["list"], ["health"], ["health", "--wait", "0.5"]):
+        result = rnnserve(None, "--address", address, *args)
+        assert result.returncode == 5, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert f"the server at {address}" in result.stderr, result.stderr
+        assert "ipv4:" not in result.stderr and "ipv6:" not in result.stderr, result.stderr
+        assert "`make run`" in result.stderr, result.stderr
+        assert f"`rnnserve-server --address {address}`" in result.stderr, result.stderr
