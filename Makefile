@@ -91,8 +91,10 @@ run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADD
 cluster: $(STAMP) deps ## redis-server + 3 replicas + nginx on loopback (scripts/cluster.sh; PORT=50051)
 	bash scripts/cluster.sh
 
-demo: $(STAMP) ## start a server, train a session on Python's own source, plot (docs/loss.png), generate, stop
-	$(BIN)/python scripts/demo.py
+# DEMO_ARGS: more scripts/demo.py flags, e.g. --plot-output docs/loss.png (the README's picture).
+DEMO_ARGS ?=
+demo: $(STAMP) ## start a server, train a session on Python's own source, plot (a PNG in the temp dir), generate, stop
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 bench: $(STAMP) ## run the benchmarks in bench/ (prints tables); installs the bench group (torch)
 	$(BIN)/pip install -q --group bench
