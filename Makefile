@@ -12,10 +12,10 @@ DEB_DEPS := redis-server nginx
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps proto proto-check proto-breaking lint test run cluster demo bench image image-test clean
+.PHONY: help install deps proto proto-check proto-breaking lint test run cluster cluster-restart demo bench image image-test clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,10 @@ run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADD
 
 cluster: $(STAMP) deps ## redis-server + 3 replicas + nginx on loopback (scripts/cluster.sh; PORT=50051)
 	bash scripts/cluster.sh
+
+REPLICA ?=
+cluster-restart: $(STAMP) ## start a replica of `make cluster` again after it died (REPLICA=2)
+	bash scripts/cluster.sh restart $(REPLICA)
 
 # DEMO_ARGS: more scripts/demo.py flags, e.g. --plot-output docs/loss.png (the README's picture).
 DEMO_ARGS ?=
