@@ -7,7 +7,9 @@ ADDRESS ?= localhost:50051
 DATA_DIR ?= data
 PROTO := proto/rnnserve/v1/rnn_service.proto
 GEN_DIR := client/src/rnnserve/v1
-# Debian packages the cluster tests and `make cluster` run as real processes.
+# Debian packages the tests and `make cluster` run as real processes: `make test` and
+# `make cluster` install the missing ones (add a package here and both get it). Each is named
+# like its command, which counts as installed where there is no dpkg.
 DEB_DEPS := redis-server nginx
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
@@ -25,9 +27,11 @@ $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
 
-deps: ## apt-get install redis-server and nginx if missing (the cluster tests run them)
+deps: ## apt-get install the Debian packages the tests run (DEB_DEPS: redis-server, nginx) if missing
 	@missing=""; for p in $(DEB_DEPS); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' \
+	  if command -v dpkg-query >/dev/null; then \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed'; \
+	  else PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v $$p >/dev/null; fi \
 	    || missing="$$missing $$p"; \
 	done; \
 	if test -n "$$missing"; then \
@@ -82,7 +86,8 @@ lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client/src server/src tests bench
 
-test: $(STAMP) $(NODE_STAMP) ## run the test suite (unit, integration against a real server, persistence, a Node client)
+# Everything the tests need is set up first: the venv, the npm packages, the Debian services.
+test: $(STAMP) $(NODE_STAMP) deps ## install what is missing, then run the test suite (unit, integration, persistence, cluster, a Node client)
 	$(BIN)/pytest
 
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
