@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from tests.cli_runner import cli_env, rnnserve
+from tests.cli_runner import cli_env, rnnserve, train_in_background
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
@@ -185,16 +185,7 @@ def test_ctrl_c_cancels_training_cleanly(module_server: ServerHandle) -> None:
     server = module_server
     with server.client() as client:
         client.create_session(TEXT, session_id="cli-sigint", hidden_size=16, seed=1)
-    train = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "rnnserve", "--address", server.address, "--json"),
-            *("train", "cli-sigint", "--steps", "1000000", "--report-every", "1"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    train = train_in_background(server, "cli-sigint")
     try:
         assert train.stdout is not None
         json.loads(train.stdout.readline())  # training is running

@@ -29,7 +29,7 @@ from PIL import Image
 from rnnserve import Client
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from tests.cli_runner import cli_env, rnnserve
+from tests.cli_runner import cli_env, rnnserve, train_in_background
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
@@ -474,16 +474,7 @@ def test_generate_prints_the_prime_first(module_server: ServerHandle) -> None:
 def test_ctrl_c_reports_the_step_list_shows(module_server: ServerHandle) -> None:
     with module_server.client() as client:
         client.create_session(TEXT, session_id="sigint-step", hidden_size=64, seed=1)
-    train = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "rnnserve", "--address", module_server.address, "--json"),
-            *("train", "sigint-step", "--steps", "1000000", "--report-every", "1"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    train = train_in_background(module_server, "sigint-step")
     try:
         assert train.stdout is not None
         train.stdout.readline()  # training has started
@@ -538,16 +529,7 @@ def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
             validation_fraction=0.5,
             seed=1,
         )
-    train = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "rnnserve", "--address", module_server.address, "--json"),
-            *("train", session_id, "--steps", "1000000", "--report-every", "1"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    train = train_in_background(module_server, session_id)
     try:
         assert train.stdout is not None
         train.stdout.readline()  # step 1 and its validation pass are done; step 2's run now
