@@ -521,7 +521,7 @@ def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
     session_id = "sigint-twice"
     with module_server.client() as client:
         client.create_session(
-            TEXT * 50,  # 90,000 characters, half held out: a validation pass of ~1 s
+            TEXT * 100,  # 180,000 characters, half held out: a validation pass of ~3 s
             session_id=session_id,
             hidden_size=512,
             batch_size=1,
@@ -531,22 +531,25 @@ def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
         )
     train = train_in_background(module_server, session_id)
     try:
-        assert train.stdout is not None
-        train.stdout.readline()  # step 1 and its validation pass are done; step 2's run now
-        mark = len(module_server.logs)
+        # The server runs its first update and validation pass once it logs the start (its
+        # first progress message would come after them): Ctrl-C now.
+        event = module_server.wait_for_log("train_started", session_id=session_id)
         train.send_signal(signal.SIGINT)
         # The CLI has cancelled and polls the server until the session stops training: once
         # it has had an answer (its second GetSession went out), Ctrl-C again.
         for _ in range(2):
-            asked = module_server.wait_for_log(
+            event = module_server.wait_for_log(
                 "rpc",
-                start=mark,
+                start=module_server.logs.index(event) + 1,
                 method="/rnnserve.v1.RnnService/GetSession",
                 session_id=session_id,
+                timeout=15,
             )
-            mark = module_server.logs.index(asked) + 1
         train.send_signal(signal.SIGINT)
         _, err = train.communicate(timeout=60)
+    except AssertionError as e:  # the CLI never asked: say what it printed
+        train.kill()
+        raise AssertionError(f"{e}\n--- the CLI's stderr ---\n{train.communicate()[1]}") from None
     finally:
         train.kill()
     assert train.returncode == 130, err

@@ -4,15 +4,16 @@ bar, status line, loss charts)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from tqdm import tqdm
@@ -77,17 +78,21 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     stream: TrainStream | None = None
     done = 0
     try:  # from the call's start, so a Ctrl-C at any moment says the step
-        stream = session.train(
-            steps,
-            args.report_every,
-            args.sample_length,
-            until_step=args.until_step,
-            until_loss=args.until_loss,
-            patience=args.patience,
-            eval_every=args.eval_every,
-            sample_temperature=args.sample_temperature,
-            sample_prime=args.sample_prime,
-        )
+        pressed = threading.Event()
+        with _on_ctrl_c(pressed.set):  # held until the call is set up (see _on_ctrl_c)
+            stream = session.train(
+                steps,
+                args.report_every,
+                args.sample_length,
+                until_step=args.until_step,
+                until_loss=args.until_loss,
+                patience=args.patience,
+                eval_every=args.eval_every,
+                sample_temperature=args.sample_temperature,
+                sample_prime=args.sample_prime,
+            )
+        if pressed.is_set():
+            raise KeyboardInterrupt
         timer = _cancel_after(args.max_seconds, stream, timed_out)
         for progress in stream:
             out.obj(progress)
@@ -108,10 +113,8 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
             if bar.disable and progress.stop_reason == pb.STOP_REASON_UNSPECIFIED:
                 out.line(_progress_line(progress))
     except KeyboardInterrupt:
-        if stream is not None:
-            stream.cancel()
         bar.close()
-        _report_cancelled(session, "cancelled", _last_step(stream, start_step))
+        _stop_and_report(session, stream, "cancelled", start_step)
         return EXIT_INTERRUPTED
     finally:
         if timer is not None:
@@ -120,7 +123,7 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     if stream.final is None:
         if timed_out.is_set():
             why = f"stopped after --max-seconds {args.max_seconds:g}"
-            _report_cancelled(session, why, _last_step(stream, start_step))
+            _stop_and_report(session, stream, why, start_step)
             return EXIT_OK
         raise RnnServeError("the Train stream ended without a final message")
     final = stream.final
@@ -168,47 +171,34 @@ def _cancel_after(
     return timer
 
 
-def _last_step(stream: TrainStream | None, start_step: int) -> int:
-    """The newest step the Train stream reported, else the session's step before it."""
-    return stream.last.step if stream is not None and stream.last is not None else start_step
-
-
 CANCEL_WAIT_SECONDS = 60.0  # most time a cancelled train waits for the server to stop
 CANCEL_NOTE_SECONDS = 1.0  # waiting longer than this, the user is told why
 
 
 @dataclass
 class _Where:
-    """What the server last said about a session whose Train was cancelled."""
+    """Where a session whose Train was cancelled is, as far as the server has said."""
 
     step: int
     answered: bool = False
     training: bool = True
 
 
-def _report_cancelled(session: Any, why: str, step: int) -> None:
-    """After a cancel: say the step training stopped at, whatever happens meanwhile.
+def _stop_and_report(session: Any, stream: TrainStream | None, why: str, start_step: int) -> None:
+    """Cancel the Train (if there is one) and say the step training stopped at.
 
     The server finishes the update (and validation pass) in progress before it sees the
     cancel, which can take seconds on a big model: wait until the session is no longer
-    training, so the step said is the one `list` shows. A Ctrl-C during the wait stops the
-    wait, never the report (a second Ctrl-C used to end the CLI with no step)."""
-    where = _Where(step)
-    armed = True
-
-    def stop_waiting(signum: int, frame: FrameType | None) -> None:
-        nonlocal armed
-        if armed:  # the first Ctrl-C only; later ones are ignored until the report is out
-            armed = False
-            raise KeyboardInterrupt
-
-    previous = _on_sigint(stop_waiting)
-    try:
-        try:
-            _wait_until_stopped(session, where)
-            armed = False
-        except (KeyboardInterrupt, RnnServeError):
-            pass
+    training, so the step said is the one `list` shows. A Ctrl-C meanwhile stops the wait,
+    never the report (a second Ctrl-C used to end the CLI with no step)."""
+    stop = threading.Event()
+    with _on_ctrl_c(stop.set):
+        if stream is not None:
+            stream.cancel()
+        last = stream.last if stream is not None else None
+        where = _Where(last.step if last is not None else start_step)
+        with contextlib.suppress(RnnServeError):
+            _wait_until_stopped(session, where, stop)
         if not where.answered:
             said = f"the session was at step {where.step} or later (no answer from the server)"
         elif where.training:
@@ -219,16 +209,14 @@ def _report_cancelled(session: Any, why: str, step: int) -> None:
         else:
             said = f"the session is at step {where.step}"
         print(f"{PROG}: {why}; {said}", file=sys.stderr)
-    finally:
-        _on_sigint(previous)
 
 
-def _wait_until_stopped(session: Any, where: _Where) -> None:
-    """Poll the session until it is not training (at most CANCEL_WAIT_SECONDS), keeping
-    ``where`` up to date after every answer."""
+def _wait_until_stopped(session: Any, where: _Where, stop: threading.Event) -> None:
+    """Poll the session until it is not training, ``stop`` is set or CANCEL_WAIT_SECONDS
+    pass, keeping ``where`` up to date after every answer."""
     start = time.monotonic()
     noted = False
-    while True:
+    while not stop.is_set():
         info = session.info(timeout=5.0)
         where.step, where.answered = info.step, True
         where.training = info.state == pb.SESSION_STATE_TRAINING
@@ -242,15 +230,24 @@ def _wait_until_stopped(session: Any, where: _Where) -> None:
                 file=sys.stderr,
             )
             noted = True
-        time.sleep(0.05)
+        stop.wait(0.05)
 
 
-def _on_sigint(handler: Any) -> Any:
-    """Install ``handler`` for SIGINT and return the one it replaces (only the main thread
-    can: elsewhere nothing changes and None is returned)."""
-    if threading.current_thread() is not threading.main_thread() or handler is None:
-        return None
-    return signal.signal(signal.SIGINT, handler)
+@contextlib.contextmanager
+def _on_ctrl_c(handler: Callable[[], None]) -> Iterator[None]:
+    """Inside the block, Ctrl-C calls ``handler`` instead of raising KeyboardInterrupt.
+
+    A KeyboardInterrupt raised inside gRPC while it sets up a call can leave a call no
+    thread finishes, and closing the channel then waits forever; this keeps Ctrl-C out of
+    such places. Only the main thread can set a signal handler: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: handler())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Follower:
