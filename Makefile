@@ -7,10 +7,11 @@ ADDRESS ?= localhost:50051
 DATA_DIR ?= data
 PROTO := proto/rnnserve/v1/rnn_service.proto
 GEN_DIR := client/src/rnnserve/v1
-# Debian packages the tests and `make cluster` run as real processes: `make test` and
-# `make cluster` install the missing ones (add a package here and both get it). Each is named
-# like its command, which counts as installed where there is no dpkg.
-DEB_DEPS := redis-server nginx
+# Debian packages the tests and `make cluster` run as real processes (the cluster and
+# Prometheus tests): `make test` and `make cluster` install the missing ones (add a package
+# here and both get it). Each is named like its command, which counts as installed where there
+# is no dpkg.
+DEB_DEPS := redis-server nginx prometheus
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .DEFAULT_GOAL := help
@@ -22,12 +23,12 @@ help: ## list the targets
 $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade 'pip>=25.1'
-	$(BIN)/pip install -q -e 'client[plot]' -e server --group dev
+	$(BIN)/pip install -q -e 'client[plot,onnx]' -e server --group dev
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
 
-deps: ## apt-get install the Debian packages the tests run (DEB_DEPS: redis-server, nginx) if missing
+deps: ## apt-get install the Debian packages the tests run (DEB_DEPS: redis-server, nginx, prometheus) if missing
 	@missing=""; for p in $(DEB_DEPS); do \
 	  if command -v dpkg-query >/dev/null; then \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed'; \
@@ -87,7 +88,7 @@ lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict
 	$(BIN)/mypy client/src server/src tests bench
 
 # Everything the tests need is set up first: the venv, the npm packages, the Debian services.
-test: $(STAMP) $(NODE_STAMP) deps ## install what is missing, then run the test suite (unit, integration, persistence, cluster, a Node client)
+test: $(STAMP) $(NODE_STAMP) deps ## install what is missing, then run the test suite (unit, integration, persistence, cluster, Prometheus, a Node client)
 	$(BIN)/pytest
 
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)

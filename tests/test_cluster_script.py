@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 from rnnserve import Client
-
-from tests.cluster_fixtures import find_binary
+from rnnserve_server.testing import find_binary
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -48,8 +48,25 @@ def test_make_test_installs_everything_before_running_the_tests(tmp_path: Path) 
     pytest_at = first(lines, ".venv/bin/pytest")
     for step in ("-m venv .venv", "pip install", "npm install", "dpkg-query", "apt-get install"):
         assert first(lines, step) < pytest_at, step
-    for package in ("redis-server", "nginx"):  # the Debian services the tests run
+    for package in deb_deps():  # the Debian services the tests run
         assert package in "\n".join(lines[:pytest_at])
+
+
+def deb_deps() -> list[str]:
+    """The Makefile's list of Debian packages (DEB_DEPS)."""
+    makefile = (ROOT / "Makefile").read_text()
+    (line,) = [x for x in makefile.splitlines() if x.startswith("DEB_DEPS :=")]
+    return line.split(":=")[1].split()
+
+
+def test_make_help_names_every_debian_package() -> None:
+    help_text = subprocess.run(
+        ["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    (deps_line,) = [x for x in help_text.splitlines() if x.split()[:2] == ["make", "deps"]]
+    assert {"redis-server", "nginx"} <= set(deb_deps())
+    for package in deb_deps():
+        assert package in deps_line, deps_line
 
 
 def test_ci_needs_no_separate_deps_step() -> None:

@@ -1,7 +1,8 @@
 """Session archives: what ExportSession streams and ImportSession reads.
 
-Format ``rnnserve.archive`` version 1: an uncompressed numpy ``.npz`` (a zip of ``.npy``
-files, written with ``allow_pickle=False`` and read the same way, so no code ever runs):
+Format ``rnnserve.archive`` version 1 (a whole session): an uncompressed numpy ``.npz`` (a
+zip of ``.npy`` files, written with ``allow_pickle=False`` and read the same way, so no code
+ever runs):
 
 - ``meta``: uint8, the UTF-8 bytes of a JSON object ``{"format": "rnnserve.archive",
   "version": 1, "session_id", "create_time", "update_time" (unix seconds), "step", "loss",
@@ -15,11 +16,26 @@ files, written with ``allow_pickle=False`` and read the same way, so no code eve
   tanh RNN; other cells add their own names), the optimizer state (``trainer.optim.*``), the
   carried hidden states and the strand cursors.
 
+Version 2 adds the meta key ``weights_only``. A weights-only archive (ExportSession with
+``weights_only``) holds ``meta`` = ``{"format", "version": 2, "weights_only": true,
+"session_id", "trainer": {"config", "alphabet"}}`` and the weights ``trainer.<name>`` (every
+array of ``model_shapes(config, len(alphabet))``, in ``config.dtype``), nothing else; it
+imports as a new session at step 0 with no text. A whole session is still written as
+version 1, so older servers import it.
+
+Versioning (README, "The archive"): ``version`` grows whenever the format gains anything a
+reader must understand (an entry, a key, a meaning); a reader refuses a newer version, naming
+both, and within a version it reads refuses every entry or key that version does not have
+(state it can't restore is never dropped silently).
+
 Reading is hostile-input-proof: the caller bounds the archive's size; every entry's name,
 compression and ``.npy`` header (dtype, shape) is checked before its data is read, a header
 must describe exactly the bytes present (no allocation beyond the archive's size), object
-dtypes are refused, and ``check`` (the server's limits on the config, alphabet and corpus)
-runs before any array is read. Every problem is an ``InvalidArgumentError`` naming it.
+dtypes are refused, every string in ``meta`` must be text UTF-8 can encode, and ``check`` (the
+server's limits on the config, alphabet and corpus) runs before any array is read; the engine
+(``Trainer.from_state``) then refuses arrays, trainer keys and ``trainer.optim`` keys its
+model does not have. Every problem is an ``InvalidArgumentError`` naming it, raised before
+anything is written.
 """
 
 from __future__ import annotations
@@ -35,35 +51,60 @@ from typing import Any, cast
 
 import numpy as np
 
-from rnnserve_server.checkpoint import Checkpoint
+from rnnserve_server.checkpoint import Checkpoint, meta_problem, validate_session_id
 from rnnserve_server.errors import InvalidArgumentError
-from rnnserve_server.model import EngineError, ModelConfig
+from rnnserve_server.model import EngineError, ModelConfig, Trainer, model_shapes
+from rnnserve_server.vocab import Vocab
 
 FORMAT = "rnnserve.archive"
-VERSION = 1
+VERSION = 2  # the newest version this server reads, and writes for weights-only archives
+WHOLE_VERSION = 1  # what a whole session is written as (older servers read it)
 MAX_ENTRIES = 256  # far more arrays than any engine state has
 MAX_META_BYTES = 64 * 1024 * 1024  # the JSON (mostly the validation history)
 _NAME_RE = re.compile(r"(meta|loss_history|corpus|trainer\.[A-Za-z0-9_.]{1,100})\.npy", re.ASCII)
 _NUMERIC_KINDS = "iuf"
-_INT32, _INT64 = 2**31 - 1, 2**63 - 1
+# The keys of version 1's meta object; within a version, any other is refused.
+_META_KEYS = frozenset(
+    {
+        "format",
+        "version",
+        "session_id",
+        "create_time",
+        "update_time",
+        "step",
+        "loss",
+        "smoothed_loss",
+        "validation",
+        "trainer",
+    }
+)
+# A weights-only archive's meta keys (version 2), and its trainer's.
+_WEIGHTS_META_KEYS = frozenset({"format", "version", "weights_only", "session_id", "trainer"})
+_WEIGHTS_TRAINER_KEYS = frozenset({"config", "alphabet"})
 
 # check(config, alphabet, corpus_length): raise for a config, alphabet or corpus over a limit.
 Check = Callable[[ModelConfig, str, int], None]
 
 
-def write(ckpt: Checkpoint) -> bytes:
-    """The archive of a checkpoint whose ``trainer_arrays`` hold the corpus."""
-    meta = dict(ckpt.meta)
-    meta.update(format=FORMAT, version=VERSION, session_id=ckpt.session_id)
-    meta["trainer"] = ckpt.trainer_meta
-    arrays: dict[str, np.ndarray] = {
-        "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
-        "loss_history": np.asarray(ckpt.loss_history, dtype="<f8"),
-        "corpus": np.asarray(ckpt.trainer_arrays["corpus"], dtype="<i4"),
-    }
-    for name, value in ckpt.trainer_arrays.items():
-        if name != "corpus":
-            arrays["trainer." + name] = np.asarray(value)
+def write(ckpt: Checkpoint, weights_only: bool = False) -> bytes:
+    """The archive of a checkpoint whose ``trainer_arrays`` hold the corpus: the whole
+    session (version 1), or only its config, alphabet and weights (version 2)."""
+    if weights_only:
+        trainer = {key: ckpt.trainer_meta[key] for key in ("config", "alphabet")}
+        meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "weights_only": True}
+        meta.update(session_id=ckpt.session_id, trainer=trainer)
+        config = ModelConfig.from_dict(dict(trainer["config"]))
+        names = list(model_shapes(config, len(trainer["alphabet"])))
+    else:
+        meta = dict(ckpt.meta)
+        meta.update(format=FORMAT, version=WHOLE_VERSION, session_id=ckpt.session_id)
+        meta["trainer"] = ckpt.trainer_meta
+        names = [name for name in ckpt.trainer_arrays if name != "corpus"]
+    arrays = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
+    if not weights_only:
+        arrays["loss_history"] = np.asarray(ckpt.loss_history, dtype="<f8")
+        arrays["corpus"] = np.asarray(ckpt.trainer_arrays["corpus"], dtype="<i4")
+    arrays.update(("trainer." + name, np.asarray(ckpt.trainer_arrays[name])) for name in names)
     buffer = io.BytesIO()
     cast(Any, np.savez)(buffer, **arrays)
     return buffer.getvalue()
@@ -171,25 +212,36 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
         # (zipfile stops at the declared size, so the declaration is what is read).
         if total > max(len(data), 1) * 2 + 1_000_000:
             raise _bad(f"its entries declare {total} bytes, far more than the archive holds")
-        for name in ("meta", "loss_history", "corpus"):
-            if name + ".npy" not in entries:
-                raise _bad(f"the {name!r} entry is missing")
+        if "meta.npy" not in entries:
+            raise _bad("the 'meta' entry is missing")
         headers = {name: _header(zf, info) for name, info in entries.items()}
 
         dtype, shape = headers["meta.npy"]
         if dtype != np.uint8 or len(shape) != 1 or shape[0] > MAX_META_BYTES:
             raise _bad("'meta' is not a UTF-8 JSON byte array of a sane size")
         try:
-            meta = json.loads(_read(zf, entries["meta.npy"]).tobytes().decode("utf-8"))
+            text = _read(zf, entries["meta.npy"]).tobytes().decode("utf-8")
+            meta = json.loads(text)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise _bad(f"'meta' is not valid UTF-8 JSON ({type(exc).__name__})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise _bad(f"'meta' has no format tag {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise InvalidArgumentError(
-                f"archive format version {meta.get('version')!r} is not supported: this "
-                f"server reads version {VERSION}"
-            )
+        _check_version(meta.get("version"))
+        problem = meta_problem(meta, text)
+        if problem is not None:
+            raise _bad(f"'meta' {problem}")
+        weights_only = meta.get("weights_only", False)
+        if not isinstance(weights_only, bool):
+            raise _bad("'meta'.weights_only is not true or false")
+        kind, keys = f"version {meta['version']}", _META_KEYS  # version 1
+        if meta["version"] > 1:
+            keys = _META_KEYS | {"weights_only"}
+            if weights_only:
+                kind, keys = "a weights-only archive", _WEIGHTS_META_KEYS
+        unknown = set(meta) - keys
+        if unknown:
+            shown = ", ".join(sorted(repr(k) for k in unknown))
+            raise _bad(f"'meta' has key(s) {shown}, which {kind} does not have")
         trainer_meta = meta.pop("trainer", None)
         if not isinstance(trainer_meta, dict) or not isinstance(trainer_meta.get("config"), dict):
             raise _bad("'meta' has no trainer config")
@@ -200,20 +252,12 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
             config = ModelConfig.from_dict(dict(trainer_meta["config"]))
         except EngineError as exc:
             raise _bad(f"its config is invalid ({exc})") from None
-        if not isinstance(trainer_meta.get("optim"), dict):
-            raise _bad("'meta' trainer.optim is not an object")
-        # Counters must fit the wire's integer fields (int32 settings, int64 steps and seed)
-        # and be >= 0: an optimizer's step count of -1 would divide by zero in Adam.
-        for name, value, bound in (
-            ("config.reset_every", config.reset_every, _INT32),
-            ("config.seed", config.seed, _INT64),
-            ("step_count", trainer_meta.get("step_count"), _INT64),
-            ("windows", trainer_meta.get("windows"), _INT64),
-            *((f"optim.{k}", v, _INT64) for k, v in trainer_meta["optim"].items()),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
-                raise _bad(f"'meta' trainer.{name} must be an integer from 0 to {bound}")
+        if weights_only:
+            return _weights_checkpoint(zf, entries, headers, meta, trainer_meta, config, check)
 
+        for name in ("loss_history", "corpus"):
+            if name + ".npy" not in entries:
+                raise _bad(f"the {name!r} entry is missing")
         dtype, shape = headers["corpus.npy"]
         if dtype.kind not in "iu" or len(shape) != 1:
             raise _bad("'corpus' is not a 1-D array of character ids")
@@ -233,23 +277,115 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
             raise _bad(f"array {name!r} holds NaN or infinite values")
     if not np.isfinite(history).all():
         raise _bad("'loss_history' holds NaN or infinite values")
-    session_meta: dict[str, Any] = {}
-    for key in ("create_time", "update_time", "loss", "smoothed_loss"):
-        value = meta.get(key, 0.0)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise _bad(f"'meta'.{key} is not a finite number")
-        session_meta[key] = float(value)
+    session_meta: dict[str, Any] = {
+        key: float(meta.get(key, 0.0))  # finite numbers (meta_problem)
+        for key in ("create_time", "update_time", "loss", "smoothed_loss")
+    }
     session_meta["step"] = step
-    session_meta["validation"] = meta.get("validation", [])
-    session_id = meta.get("session_id")
+    session_meta["validation"] = _validation(meta.get("validation", []), step)
     return Checkpoint(
-        session_id if isinstance(session_id, str) else "",
+        _session_id(meta.get("session_id", "")), session_meta, arrays, trainer_meta, history
+    )
+
+
+def _weights_checkpoint(
+    zf: zipfile.ZipFile,
+    entries: dict[str, zipfile.ZipInfo],
+    headers: dict[str, tuple[np.dtype, tuple[int, ...]]],
+    meta: dict[str, Any],
+    trainer_meta: dict[str, Any],
+    config: ModelConfig,
+    check: Check,
+) -> Checkpoint:
+    """A weights-only archive as the checkpoint of a new session: step 0, no text, a fresh
+    optimizer. Every weight of the config's model must be there in its shape and dtype, and
+    nothing else, checked before any array is read."""
+    unknown = set(trainer_meta) - _WEIGHTS_TRAINER_KEYS
+    if unknown:
+        shown = ", ".join(sorted(repr(k) for k in unknown))
+        raise _bad(f"'meta'.trainer has key(s) {shown}, which a weights-only archive does not have")
+    alphabet = trainer_meta["alphabet"]
+    try:
+        vocab = Vocab(alphabet)
+    except ValueError as exc:
+        raise _bad(f"its alphabet is invalid ({exc})") from None
+    check(config, alphabet, 0)  # limits, before any array is read
+    model = f"{config.num_layers}-layer {config.cell} model"
+    shapes = model_shapes(config, len(alphabet))
+    expected = {f"trainer.{name}.npy": shape for name, shape in shapes.items()}
+    for name in entries:
+        if name != "meta.npy" and name not in expected:
+            raise _bad(
+                f"entry {name[:-4]!r} is not a weight of its {model} (a weights-only archive "
+                "holds 'meta' and the weights only)"
+            )
+    dtype = np.dtype(config.dtype)
+    for name, shape in expected.items():
+        if name not in headers:
+            raise _bad(f"the weight {name[:-4]!r} of its {model} is missing")
+        if headers[name] != (dtype, shape):
+            got_dtype, got_shape = headers[name]
+            raise _bad(f"{name[:-4]!r} is {got_dtype}{got_shape}, its config needs {dtype}{shape}")
+    trainer = Trainer(config, vocab, np.empty(0, dtype=np.int32))  # checked: can't fail
+    for name, weight in trainer.params.items():
+        value = _read(zf, entries[f"trainer.{name}.npy"])
+        if not np.isfinite(value).all():
+            raise _bad(f"array {name!r} holds NaN or infinite values")
+        np.copyto(weight, value)
+    arrays, fresh_meta = trainer.state_dict()
+    session_meta: dict[str, Any] = dict.fromkeys(
+        ("create_time", "update_time", "loss", "smoothed_loss"), 0.0
+    )
+    session_meta.update(step=0, validation=[])
+    return Checkpoint(
+        _session_id(meta.get("session_id", "")),
         session_meta,
         arrays,
-        trainer_meta,
-        history,
+        fresh_meta,
+        np.empty(0, dtype=np.float64),
+    )
+
+
+def _check_version(version: object) -> None:
+    """The versioning rule (README, "The archive"): a newer version is refused, naming both."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _bad(f"'meta'.version {version!r} is not a format version (1, 2, ...)")
+    if version > VERSION:
+        raise InvalidArgumentError(
+            f"the archive is format version {version}, newer than this server reads (version "
+            f"{VERSION}): import it into a newer rnnserve, or export the session again from "
+            f"a server that writes version {VERSION}"
+        )
+
+
+def _session_id(value: object) -> str:
+    """The archive's own session id ("" if it names none); refused unless a valid id."""
+    if not isinstance(value, str):
+        raise _bad("'meta'.session_id is not a string")
+    if value:
+        try:
+            validate_session_id(value)
+        except InvalidArgumentError as exc:
+            raise _bad(f"'meta'.{exc}") from None
+    return value
+
+
+def _validation(value: object, step: int) -> list[list[float]]:
+    """The validation history ``[[step, loss], ...]``: every step within the loss history,
+    every loss a finite number."""
+    if isinstance(value, list) and all(
+        isinstance(item, list)
+        and len(item) == 2
+        and not isinstance(item[0], bool)
+        and isinstance(item[0], int)
+        and 0 < item[0] <= step
+        and not isinstance(item[1], bool)
+        and isinstance(item[1], int | float)
+        and math.isfinite(item[1])
+        for item in value
+    ):
+        return value
+    raise _bad(
+        f"'meta'.validation is not a list of [step, loss] pairs with steps from 1 to {step} "
+        "and finite losses"
     )

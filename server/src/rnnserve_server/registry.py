@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from rnnserve_server import metrics
 from rnnserve_server.checkpoints import CheckpointWriter, storage_error
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
@@ -212,6 +214,21 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         """One page of sessions ordered by id: (sessions, next_page_token, total)."""
         chosen, token = page_ids(self.sessions, page_size, page_token)
         return [self.sessions[i] for i in chosen], token, len(self.sessions)
+
+    def session_points(self) -> list[metrics.SessionPoint]:
+        """The per-session gauges (metrics.py) of every loadable session. Runs in the metrics
+        HTTP server's thread: reads only, copying the dict before iterating."""
+        return [
+            metrics.SessionPoint(
+                session_id=s.id,
+                active=math.inf if s.busy else s.last_used,
+                step=s.step,
+                smoothed_loss=s.smoothed_loss if s.step else None,
+                validation_loss=s.validation_loss if s.validation_step else None,
+            )
+            for s in list(self.sessions.values())
+            if s.broken_error is None
+        ]
 
     # ----- create / delete / append -----------------------------------------------------
 

@@ -1,40 +1,31 @@
-"""Sampling from the tanh RNN: temperature, top-k, greedy, in chunks, with its own
-generator (sampling never disturbs training state)."""
+"""Sampling for every model: temperature, top-k, greedy, in chunks, with its own generator
+(sampling never disturbs training state).
+
+One draw for every cell: a model supplies only its recurrence (a ``Recurrence``: the tanh
+RNN's below, ``cells.recurrence`` for gated and stacked models), warmed on the prime; ``draw``
+turns the top layer's hidden state into logits and picks each id.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from .rnn_kernels import Workspace, forward_hidden
 from .scoring import _EVAL_CHUNK
 
-
-def _fold_is_finite(Why: np.ndarray, by: np.ndarray, scale: float) -> bool:
-    """Whether logits computed with ``scale`` folded into ``Why`` and ``by`` stay finite (with
-    room for the max-shift) in their dtype, for any hidden state (|h| <= 1 after tanh)."""
-    bound = float(np.abs(Why).astype(np.float64).sum(axis=1).max(initial=0.0))
-    bound += float(np.abs(by).astype(np.float64).max(initial=0.0))
-    limit = float(np.finfo(Why.dtype).max) / 4
-    return math.isfinite(scale) and scale * max(bound, 1.0) < limit
+# Feed one input id, get the top layer's new hidden state h_t (H,), |h_t| <= 1 for every cell.
+Recurrence = Callable[[int], np.ndarray]
 
 
-def _sample(
-    params: dict[str, np.ndarray],
-    prime: np.ndarray,
-    length: int,
-    temperature: float,
-    top_k: int,
-    rng: np.random.Generator,
-    chunk_size: int,
-) -> Iterator[np.ndarray]:
-    """The sampling loop behind ``Trainer.sample`` (arguments already checked)."""
-    Wxh, Whh, Why = params["Wxh"], params["Whh"], params["Why"]
-    H, V = Wxh.shape
-    dtype = Wxh.dtype
-    h = np.zeros(H, dtype=dtype)  # (H,)
+def rnn_recurrence(params: dict[str, np.ndarray], prime: np.ndarray) -> Recurrence:
+    """The tanh RNN's recurrence from a zero state warmed on ``prime[:-1]`` (its last id is
+    the first input ``draw`` feeds)."""
+    Wxh, Whh = params["Wxh"], params["Whh"]
+    H = Wxh.shape[0]
+    h = np.zeros(H, dtype=Wxh.dtype)  # (H,)
     ws: Workspace | None = None
     # Warm up in chunks: a workspace over a whole long prime held 3 x len x H floats.
     for start in range(0, prime.shape[0] - 1, _EVAL_CHUNK):
@@ -42,21 +33,55 @@ def _sample(
             params, prime[start : min(start + _EVAL_CHUNK, prime.shape[0] - 1)], h, ws
         )
         h = hs[-1].copy()
-    x = int(prime[-1])
     E = np.ascontiguousarray(Wxh.T + params["bh"])  # (V, H) input row + bias for each id
     WhhT = np.ascontiguousarray(Whh.T)  # (H, H)
+    tmp = np.empty(H, dtype=Wxh.dtype)  # (H,)
+
+    def step(x: int) -> np.ndarray:
+        np.matmul(h, WhhT, out=tmp)
+        np.add(tmp, E[x], out=tmp)
+        np.tanh(tmp, out=h)
+        return h
+
+    return step
+
+
+def _fold_is_finite(Wy: np.ndarray, by: np.ndarray, scale: float) -> bool:
+    """Whether logits computed with ``scale`` folded into ``Wy`` (H, V) and ``by`` stay finite
+    (with room for the max-shift) in their dtype, for any hidden state with |h| <= 1."""
+    bound = float(np.abs(Wy).astype(np.float64).sum(axis=0).max(initial=0.0))
+    bound += float(np.abs(by).astype(np.float64).max(initial=0.0))
+    limit = float(np.finfo(Wy.dtype).max) / 4
+    return math.isfinite(scale) and scale * max(bound, 1.0) < limit
+
+
+def draw(
+    step: Recurrence,
+    x: int,
+    Wy: np.ndarray,
+    by: np.ndarray,
+    length: int,
+    temperature: float,
+    top_k: int,
+    rng: np.random.Generator,
+    chunk_size: int,
+) -> Iterator[np.ndarray]:
+    """``length`` ids in int32 chunks of ``chunk_size``: feed ``x``, then each drawn id, to
+    ``step``; draw from softmax((h Wy + by) / temperature) over the ``top_k`` most likely ids
+    (0: all), or take the argmax at temperature 0 (arguments already checked)."""
+    V = Wy.shape[1]
+    dtype = Wy.dtype
     greedy = temperature == 0.0
     scale = 1.0 if greedy else 1.0 / temperature
     # 1/temperature is folded into the weights when the scaled logits stay finite in the
     # model's dtype; a tiny temperature (1/T or the logits overflow: inf - inf = NaN picked the
     # last id) divides the shifted float64 logits instead, which tends to greedy as T -> 0.
-    divide = not greedy and not _fold_is_finite(Why, params["by"], scale)
+    divide = not greedy and not _fold_is_finite(Wy, by, scale)
     if divide:
         scale = 1.0
-    WhyT = np.ascontiguousarray(Why.T * dtype.type(scale))  # (H, V) with 1/temperature folded in
-    by = params["by"] * dtype.type(scale)  # (V,)
+    W = np.ascontiguousarray(Wy * dtype.type(scale))  # (H, V) with 1/temperature folded in
+    b = by * dtype.type(scale)  # (V,)
     k = top_k if 0 < top_k < V else 0
-    tmp = np.empty(H, dtype=dtype)  # (H,)
     y = np.empty(V, dtype=dtype)  # (V,)
     p = np.empty(V, dtype=np.float64)  # (V,)
     cdf = np.empty(V, dtype=np.float64)  # (V,)
@@ -67,11 +92,8 @@ def _sample(
         # One uniform per character, drawn up front: the same stream for any chunk_size.
         u = rng.random(n) if not greedy else None
         for i in range(n):
-            np.matmul(h, WhhT, out=tmp)
-            tmp += E[x]
-            np.tanh(tmp, out=h)
-            np.matmul(h, WhyT, out=y)
-            y += by
+            np.matmul(step(x), W, out=y)
+            y += b
             if u is None:
                 x = int(y.argmax())
             else:

@@ -32,6 +32,8 @@ def _public_reason(exc: BaseException) -> str:
     exception text (those go to the server log)."""
     if isinstance(exc, CheckpointError):
         return exc.public
+    if isinstance(exc, EngineError):  # the engine's sentences name a field, never a path
+        return f"its checkpoint could not be loaded: {str(exc)[:300]}"
     return "its checkpoint could not be loaded (the server log has the details)"
 
 
@@ -139,5 +141,6 @@ class SessionFactory:
         except ValueError as exc:
             raise InvalidArgumentError(f"alphabet is invalid: {exc}") from None
         check_alphabet_size(self.settings, vocab.size)
-        ids = vocab.encode(text)
-        return Trainer(config, vocab, ids)
+        trainer = Trainer(config, vocab, vocab.encode(text))
+        trainer.check_trainable()  # a new session starts with text to train on
+        return trainer

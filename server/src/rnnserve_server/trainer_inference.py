@@ -11,7 +11,7 @@ import numpy as np
 
 from . import cells
 from .model_config import EngineError
-from .sampler import _sample
+from .sampler import draw, rnn_recurrence
 from .scoring import _score_strands
 
 
@@ -93,11 +93,18 @@ class TrainerInference:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise EngineError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if seq.shape[0] == 0:
+            if self.corpus_length == 0:  # a weights-only import before any AppendText
+                raise EngineError(
+                    "prime is empty and the session has no text to start from: give a prime"
+                )
             seq = self._corpus[:1].astype(np.int32)
         params = {name: p.copy() for name, p in self.params.items()}  # snapshot
         rng = np.random.default_rng(seed)
         if self._spec is not None:
-            return cells.sample(
-                self._spec, params, seq, length, float(temperature), top_k, rng, chunk_size
-            )
-        return _sample(params, seq, length, float(temperature), top_k, rng, chunk_size)
+            step = cells.recurrence(self._spec, params, seq)
+            Wy = params["Wy"]  # (H, V)
+        else:
+            step = rnn_recurrence(params, seq)
+            Wy = params["Why"].T  # (H, V)
+        x = int(seq[-1])
+        return draw(step, x, Wy, params["by"], length, float(temperature), top_k, rng, chunk_size)

@@ -419,10 +419,12 @@ class UpdateSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "weights_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    weights_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., weights_only: _Optional[bool] = ...) -> None: ...
 
 class ExportSessionResponse(_message.Message):
     __slots__ = ("data", "total_bytes")

@@ -35,7 +35,7 @@ The loss is model.py's: cross-entropy summed over the window, averaged over stra
 from __future__ import annotations
 
 from .fast import loss_and_grads
-from .inference import sample, score
+from .inference import recurrence, score
 from .reference import reference_loss_and_grads
 from .spec import CELLS, Spec, StackWorkspace, dropout_masks, init_stack, split
 
@@ -46,8 +46,8 @@ __all__ = [
     "dropout_masks",
     "init_stack",
     "loss_and_grads",
+    "recurrence",
     "reference_loss_and_grads",
-    "sample",
     "score",
     "split",
 ]
