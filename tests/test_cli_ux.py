@@ -512,16 +512,12 @@ def test_client_address_from_the_environment(
         assert client.address == "localhost:50051"
 
 
-def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
-    module_server: ServerHandle,
-) -> None:
-    # Issue 16 item 18: after Ctrl-C the CLI waits for the server to finish the update in
-    # progress; with a validation pass at every report (slow on big models) that wait is long,
-    # and a second Ctrl-C during it printed "rnnserve: interrupted" with no step.
-    session_id = "sigint-twice"
-    with module_server.client() as client:
+def slow_session(server: ServerHandle, session_id: str) -> None:
+    """A session whose every update is followed by a validation pass of seconds (hidden 512,
+    90,000 characters held out), as on a big model with a validation split."""
+    with server.client() as client:
         client.create_session(
-            TEXT * 100,  # 180,000 characters, half held out: a validation pass of ~3 s
+            TEXT * 100,
             session_id=session_id,
             hidden_size=512,
             batch_size=1,
@@ -529,22 +525,36 @@ def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
             validation_fraction=0.5,
             seed=1,
         )
-    train = train_in_background(module_server, session_id)
+
+
+def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
+    module_server: ServerHandle,
+) -> None:
+    # Issue 16 item 18: after Ctrl-C the CLI waits for the server to finish the update in
+    # progress; with a validation pass after every update that wait is long, and a second
+    # Ctrl-C during it printed "rnnserve: interrupted" with no step.
+    slow_session(module_server, "sigint-twice")
+    train = train_in_background(
+        module_server, "sigint-twice", "--report-every", "1000", "--eval-every", "1"
+    )
     try:
-        # The server runs its first update and validation pass once it logs the start (its
-        # first progress message would come after them): Ctrl-C now.
-        event = module_server.wait_for_log("train_started", session_id=session_id)
+        # Ctrl-C once the second update runs: step 1's loss point means its update and
+        # validation pass are done.
+        with module_server.client() as client, client.session("sigint-twice").watch_loss(1) as live:
+            next(iter(live))
+        mark = len(module_server.logs)
         train.send_signal(signal.SIGINT)
         # The CLI has cancelled and polls the server until the session stops training: once
         # it has had an answer (its second GetSession went out), Ctrl-C again.
         for _ in range(2):
             event = module_server.wait_for_log(
                 "rpc",
-                start=module_server.logs.index(event) + 1,
+                start=mark,
                 method="/rnnserve.v1.RnnService/GetSession",
-                session_id=session_id,
+                session_id="sigint-twice",
                 timeout=15,
             )
+            mark = module_server.logs.index(event) + 1
         train.send_signal(signal.SIGINT)
         _, err = train.communicate(timeout=60)
     except AssertionError as e:  # the CLI never asked: say what it printed
@@ -556,6 +566,22 @@ def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
     last = err.splitlines()[-1]
     assert re.match(r"rnnserve: cancelled; the session is at step \d+, ", last), err
     assert "still finishing" in last, err
+
+
+def test_ctrl_c_as_training_starts_says_the_step(module_server: ServerHandle) -> None:
+    # Issue 16 item 18: a Ctrl-C while the CLI was still setting up the Train call (the
+    # server has it already) printed "rnnserve: interrupted" with no step; one that landed
+    # inside gRPC's setup could leave the CLI hanging at exit.
+    slow_session(module_server, "sigint-start")
+    train = train_in_background(module_server, "sigint-start")
+    try:
+        module_server.wait_for_log("train_started", session_id="sigint-start")
+        train.send_signal(signal.SIGINT)
+        _, err = train.communicate(timeout=60)
+    finally:
+        train.kill()
+    assert train.returncode == 130, err
+    assert re.match(r"rnnserve: cancelled; the session is at step \d+", err.splitlines()[-1]), err
 
 
 # ---------------------------------------------------------------------------------------------
