@@ -29,7 +29,16 @@ from rnnserve_server.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Files the Quickstart makes; never linked from the checkout.
-MADE = {"input.txt", "more.txt", "server.log", "data", "loss.png", "loss.csv", "model.rnn"}
+MADE = {
+    "input.txt",
+    "more.txt",
+    "server.log",
+    "data",
+    "loss.png",
+    "loss.csv",
+    "model.rnn",
+    "weights.rnn",
+}
 QUICKSTART = "## Quickstart"
 FRAGMENTS = "### Change settings, fork, export and import"
 # What the fragments' "`client` and `s` as in the Library block above" stand for.
@@ -182,7 +191,14 @@ def stop_group(pgid: int) -> None:
 
 
 def test_what_the_quickstart_makes_is_ignored_by_git() -> None:
-    names = ["input.txt", "more.txt", "model.rnn", "server.log", "data/sessions/x.npz"]
+    names = [
+        "input.txt",
+        "more.txt",
+        "model.rnn",
+        "weights.rnn",
+        "server.log",
+        "data/sessions/x.npz",
+    ]
     result = subprocess.run(
         ["git", "check-ignore", "--no-index", *names],
         cwd=ROOT,
