@@ -3,8 +3,8 @@
 The blocks run in order in one fresh, non-login ``bash``: ``sh`` blocks verbatim, ``python``
 blocks through ``python - <<EOF``, in a fresh directory that looks like the clone (its
 top-level entries are symlinks to this checkout, so ``make`` and ``.venv`` are the real ones)
-holding an ``input.txt`` of Shakespeare-like text (the docs download tiny Shakespeare when
-there is none; tests don't use the network). A block right after ``<!-- not run: REASON -->``
+(an ``input.txt`` of Shakespeare-like text in it if asked), offline: downloads go to a proxy
+that refuses them (tests don't use the network). A block right after ``<!-- not run: REASON -->``
 is one a test can't run (it needs Docker, say), and says why.
 """
 
@@ -19,9 +19,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rnnserve_server.testing import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 # Files the documents make; never linked from the checkout.
-MADE = {"input.txt", "more.txt", "server.log", "data", "loss.png", "loss.csv", "model.rnn"}
+MADE = {
+    "input.txt",
+    "more.txt",
+    "server.log",
+    "data",
+    "loss.png",
+    "loss.csv",
+    "model.rnn",
+    "weights.rnn",
+}
 
 VERSES = """\
 ROMEO:
@@ -89,28 +100,38 @@ def script_from(blocks: list[tuple[str, str]]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def clone_in(work: Path) -> Path:
-    """``work`` made to look like a fresh clone, with an ``input.txt``; returns ``work``."""
+def clone_in(work: Path, input_text: str | None = VERSES * 60) -> Path:
+    """``work`` made to look like a fresh clone, with ``input_text`` (if any) as its
+    ``input.txt``; returns ``work``."""
     work.mkdir()
     for entry in ROOT.iterdir():
         if entry.name not in MADE:
             (work / entry.name).symlink_to(entry)
-    (work / "input.txt").write_text(VERSES * 60, encoding="utf-8")
+    if input_text is not None:
+        (work / "input.txt").write_text(input_text, encoding="utf-8")
     return work
 
 
-def clean_env(address: str) -> dict[str, str]:
-    """Our environment without any virtualenv, rnnserve or make settings; ``ADDRESS`` (for
-    ``make run``) and ``RNNSERVE_ADDRESS`` (for the CLI and ``Client()``) set to ``address``."""
+def clean_env(address: str | None = None) -> dict[str, str]:
+    """Our environment, offline, without any virtualenv, rnnserve or make settings; ``ADDRESS``
+    (for ``make run``) and ``RNNSERVE_ADDRESS`` (for the CLI and ``Client()``) set to
+    ``address`` (default: a free loopback port)."""
+    address = address or f"127.0.0.1:{free_port()}"
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("RNNSERVE_", "VIRTUAL_ENV", "PYTHON", "MAKE", "MFLAGS"))
+        and k.lower() not in ("no_proxy", "all_proxy", "grpc_proxy", "no_grpc_proxy")
     }
     path = [p for p in env.get("PATH", "/usr/bin:/bin").split(":") if p and ".venv" not in p]
     env["PATH"] = ":".join(path)
     env["ADDRESS"] = address  # `make run` listens here (ADDRESS ?= in the Makefile)
     env["RNNSERVE_ADDRESS"] = address  # the CLI and Client() connect here
+    # Offline: every download goes to a proxy port nothing listens on; gRPC reads these
+    # variables too, and no_grpc_proxy (which curl ignores) keeps its loopback calls direct.
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        env[name] = f"http://127.0.0.1:{free_port()}"
+    env["no_grpc_proxy"] = "127.0.0.1,localhost"
     return env
 
 

@@ -35,6 +35,15 @@ RUN_ELSEWHERE = {"model-format.md"}  # tests/test_model_format.py
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 GUIDES = [doc for doc in DOCS if doc.name not in RUN_ELSEWHERE]
 RUNS = ("sh", "python")
+# What a guide's blocks say they print, checked after its run (each a line of the output).
+PRINTS = {
+    "api.md": [r"^SESSION_NOT_FOUND \{'session_id': 'nope'\}$"],
+    "client.md": [
+        r"^STOP_REASON_TARGET_LOSS ",  # validation: until_loss reached, from the CLI and Python
+        r"^exported shakespeare to model\.rnn ",
+        r"^sh-imported$",  # the CLI's import and the library's use their own ids
+    ],
+}
 
 
 def blocks_of(doc: Path) -> list[Block]:
@@ -82,6 +91,8 @@ def test_the_guide_runs_as_written(
     run = run_script(script_from(blocks), work, env, timeout=540, logs=tmp_path)
     assert run.code == 0, run.context()
     assert "Traceback" not in run.stderr, run.context()
+    for line in PRINTS.get(doc.name, []):
+        assert re.search(line, run.stdout, re.M), f"{line!r} not printed{run.context()}"
 
 
 # Links: [text](target) outside code; a target with a scheme leaves the repository.
