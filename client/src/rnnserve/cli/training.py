@@ -1,5 +1,5 @@
-"""``train``, ``watch`` and ``plot``: the commands that follow a session's progress (progress
-bar, status line, loss charts)."""
+"""``train`` and ``watch``: the commands that follow a session's progress (progress bar, status
+line, live loss chart). ``plot`` and several sessions at once are in :mod:`rnnserve.cli.compare`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import shutil
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -17,13 +16,11 @@ from tqdm import tqdm
 from rnnserve import plot
 from rnnserve.cli.exit_codes import (
     EXIT_DIVERGED,
-    EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     PROG,
-    UsageError,
 )
 from rnnserve.cli.output import Output, _enum_name
 from rnnserve.client import Client, TrainStream
@@ -173,12 +170,12 @@ def _report_cancelled(session: Any, stream: TrainStream, why: str) -> None:
 class _Follower:
     """Reads a WatchLoss stream on a thread, so the caller can redraw on a timer."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, cond: threading.Condition | None = None) -> None:
         self.stream = stream
         self.points: list[pb.LossPoint] = []
         self.error: RnnServeError | None = None
         self.ended = False
-        self.cond = threading.Condition()
+        self.cond = cond if cond is not None else threading.Condition()  # shared: watch A B
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -327,33 +324,3 @@ def _chart_title(session_id: str, history: plot.LossHistory) -> str:
         f"{session_id}: step {history.steps[-1]}, loss {history.columns['loss'][-1]:.4f}"
         f" (smoothed {smoothed:.4f})"
     )
-
-
-def cmd_plot(client: Client, args: argparse.Namespace, out: Output) -> int:
-    output = Path(args.output) if args.output else None
-    if output is not None and output.suffix.lower() not in plot.IMAGE_SUFFIXES:
-        raise UsageError(f"--output must end in .png or .svg, not {output.name!r}")
-    history = plot.LossHistory()
-    history.extend(client.session(args.id).loss_history(args.from_step))
-    title = _chart_title(args.id, history)
-    if args.format == "csv":
-        plot.write_csv(history, out.stream)
-        out.stream.flush()
-    elif output is None:
-        if out.json:
-            for i, step in enumerate(history.steps):
-                out.obj({"step": step, **{k: v[i] for k, v in history.columns.items()}})
-        else:
-            tty = out.stream.isatty()
-            width, height = _chart_size(args)
-            out.line(plot.terminal_chart(history, title, width, height, color=tty))
-    if output is not None:
-        try:
-            plot.save_image(history, title, output)
-        except ImportError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        if args.format != "csv":
-            out.obj({"session_id": args.id, "output": str(output), "points": len(history)})
-            out.line(f"wrote {output} ({len(history)} steps)")
-    return EXIT_OK
