@@ -10,7 +10,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from tests.cli_runner import cli_env, rnnserve
+from tests.cli_runner import rnnserve, rnnserve_running
 from tests.test_cli_ux import ANSI, Pty
 
 if TYPE_CHECKING:
@@ -133,15 +132,8 @@ def test_watch_several_prints_each_sessions_points(module_server: ServerHandle) 
         assert [float(line[2]) for line in mine] == pytest.approx([p.loss for p in history[:4]])
 
     # Live, whoever trains them: a's two last steps from its history, then the new ones.
-    watcher = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "rnnserve", "--address", module_server.address, "--json"),
-            *("watch", "cmpw-a", "cmpw-b", "--from-step", "5", "--count", "3"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
+    watcher = rnnserve_running(
+        module_server, "--json", "watch", "cmpw-a", "cmpw-b", "--from-step", "5", "--count", "3"
     )
     try:
         with module_server.client() as client:

@@ -18,7 +18,7 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from tests.cli_runner import cli_env, rnnserve
+from tests.cli_runner import cli_env, rnnserve, rnnserve_running
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
@@ -154,16 +154,10 @@ def test_tensorboard_follow_appends_live_points_until_ctrl_c(
         session = client.create_session(TEXT, session_id="tb-live", hidden_size=8, seed=1)
         session.train(10).wait()
     logdir = tmp_path / "runs"
-    follower = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "rnnserve", "--address", module_server.address),
-            *("tensorboard", "tb-live", "--logdir", str(logdir), "--follow"),
-            *("--interval", "0.2", "--sample-every", "20", "--sample-length", "30"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
+    follower = rnnserve_running(
+        module_server,
+        *("tensorboard", "tb-live", "--logdir", str(logdir), "--follow"),
+        *("--interval", "0.2", "--sample-every", "20", "--sample-length", "30"),
     )
     try:
         assert follower.stderr is not None and follower.stdout is not None

@@ -409,7 +409,8 @@ def test_completion_commands_flags_ids(module_server: ServerHandle) -> None:
     ids = complete(module_server, "show", "")
     assert {"comp-one", "comp-two"} <= set(ids)
     assert {"comp-one", "comp-two"} <= set(complete(module_server, "delete", "comp-one", ""))
-    assert complete(module_server, "show", "comp-one", "") == []  # one id only
+    assert complete(module_server, "train", "comp-one", "") == []  # one id only
+    assert {"comp-two"} <= set(complete(module_server, "show", "comp-one", ""))  # side by side
     assert complete(module_server, "create", "") == []  # a file: the shell completes it
     # A server that doesn't answer: no ids, quickly, no error.
     assert complete(None, "--address", "127.0.0.1:1", "show", "") == []

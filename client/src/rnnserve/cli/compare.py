@@ -18,15 +18,24 @@ from rnnserve.cli.commands import cmd_show as cmd_show_one
 from rnnserve.cli.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, UsageError
 from rnnserve.cli.listing import _created
 from rnnserve.cli.output import Output, _config_fields, _state, message_to_dict
-from rnnserve.cli.training import _chart_size, _chart_title, _Follower, _StatusLine
-from rnnserve.cli.training import cmd_watch as cmd_watch_one
 from rnnserve.client import Client
+from rnnserve.errors import RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 
 def _unique(ids: list[str]) -> list[str]:
     """The ids in the order given, each once."""
     return list(dict.fromkeys(ids))
+
+
+def _chart_title(session_id: str, history: plot.LossHistory) -> str:
+    if not len(history):
+        return f"{session_id}: no updates yet"
+    smoothed = history.columns["smoothed"][-1]
+    return (
+        f"{session_id}: step {history.steps[-1]}, loss {history.columns['loss'][-1]:.4f}"
+        f" (smoothed {smoothed:.4f})"
+    )
 
 
 def _compare_title(histories: dict[str, plot.LossHistory]) -> str:
@@ -103,111 +112,165 @@ def _steps(session_id: str, count: int, several: bool) -> str:
 # watch
 
 
+class _StatusLine:
+    """A session's step, loss and state from GetSession, as one line of text."""
+
+    def __init__(self, session: Any, session_id: str) -> None:
+        self.session = session
+        self.id = session_id
+        self._rate: tuple[float, int] | None = None  # (time, step) of the last poll
+        self.steps_per_second = 0.0
+
+    def text(self) -> str:
+        try:
+            info: pb.Session = self.session.info(timeout=5.0)
+        except RnnServeError as e:
+            return f"{self.id}: no answer from the server ({e.details})"
+        now = time.monotonic()
+        if self._rate is not None and now > self._rate[0]:
+            self.steps_per_second = (info.step - self._rate[1]) / (now - self._rate[0])
+        self._rate = (now, info.step)
+        where = f"step {info.step}  loss {info.loss:.4f}  smoothed {info.smoothed_loss:.4f}"
+        if info.state == pb.SESSION_STATE_TRAINING:
+            return f"{self.id}: training  {where}  {self.steps_per_second:,.1f} steps/s"
+        if info.step == 0:
+            return f"{self.id}: idle, not trained yet; waiting for updates (Ctrl-C stops)"
+        return f"{self.id}: idle at {where}; waiting for updates (Ctrl-C stops)"
+
+
 class _StatusBlock:
-    """One status line per session (their step, loss and state from GetSession), redrawn in
-    place on stderr."""
+    """One status line per session, redrawn in place on stderr."""
 
     def __init__(self, lines: list[_StatusLine]) -> None:
         self.lines = lines
         self.shown = False
 
+    def _up(self) -> str:
+        """From the block's last line (where the cursor stays) back to its first."""
+        return f"\x1b[{len(self.lines) - 1}A" if len(self.lines) > 1 else ""
+
     def draw(self) -> None:
         width = shutil.get_terminal_size((80, 24)).columns
         texts = [line.text()[: max(width - 1, 10)] for line in self.lines]
-        # Back to the block's first line (it ends on its last), then each line anew.
-        up = f"\x1b[{len(texts) - 1}A" if self.shown and len(texts) > 1 else ""
+        up = self._up() if self.shown else ""
         sys.stderr.write(up + "\r" + "\n".join("\x1b[K" + text for text in texts))
         sys.stderr.flush()
         self.shown = True
 
     def clear(self) -> None:
         if self.shown:
-            up = f"\x1b[{len(self.lines) - 1}A" if len(self.lines) > 1 else ""
-            sys.stderr.write(up + "\r\x1b[J")
+            # Erase the line, or everything from the block's first line down.
+            sys.stderr.write(self._up() + ("\r\x1b[J" if len(self.lines) > 1 else "\r\x1b[K"))
             sys.stderr.flush()
             self.shown = False
 
 
 class _Followers:
-    """The WatchLoss streams of several sessions, each read on its own thread (a _Follower)
-    and waited on together. ``limit`` ends a session's stream after that many points."""
+    """The WatchLoss streams of one or more sessions, each read on its own thread, waited on
+    together (so the caller can also redraw on a timer). ``limit`` ends a session's stream
+    after that many points."""
 
     def __init__(self, streams: dict[str, Any], limit: int | None = None) -> None:
-        self.cond = threading.Condition()  # every follower notifies it
-        self.each = {i: _Follower(stream, self.cond) for i, stream in streams.items()}
+        self.cond = threading.Condition()
+        self.streams = streams
+        self.points: dict[str, list[pb.LossPoint]] = {i: [] for i in streams}
         self.seen = dict.fromkeys(streams, 0)
+        self.errors: dict[str, RnnServeError] = {}
+        self.ended: set[str] = set()
         self.limit = limit
+        for session_id, stream in streams.items():
+            threading.Thread(target=self._read, args=(session_id, stream), daemon=True).start()
+
+    def _read(self, session_id: str, stream: Any) -> None:
+        try:
+            for point in stream:
+                with self.cond:
+                    self.points[session_id].append(point)
+                    self.cond.notify_all()
+        except RnnServeError as e:
+            with self.cond:
+                self.errors[session_id] = e
+        finally:
+            with self.cond:
+                self.ended.add(session_id)
+                self.cond.notify_all()
+
+    def _available(self, session_id: str) -> int:
+        """How many of the session's points there are to take (at most ``limit``)."""
+        have = len(self.points[session_id])
+        return have if self.limit is None else min(have, self.limit)
 
     def _done(self, session_id: str) -> bool:
-        follower, seen = self.each[session_id], self.seen[session_id]
-        return (self.limit is not None and seen >= self.limit) or (
-            follower.ended and len(follower.points) <= seen
-        )
-
-    def _news(self) -> bool:
-        return any(
-            f.error is not None or (len(f.points) > self.seen[i] and not self._done(i))
-            for i, f in self.each.items()
+        taken = self.seen[session_id]
+        return (self.limit is not None and taken >= self.limit) or (
+            session_id in self.ended and self._available(session_id) <= taken
         )
 
     def finished(self) -> bool:
         """Every stream has ended (or given ``limit`` points) and every point was taken."""
         with self.cond:
-            return all(self._done(i) for i in self.each)
+            return all(self._done(i) for i in self.streams)
 
     def wait(self, timeout: float) -> dict[str, list[pb.LossPoint]]:
-        """Each session's new points, waiting up to ``timeout`` for one; a stream's error
-        is raised."""
+        """Each session's new points, waiting up to ``timeout`` for one; a stream's error is
+        raised."""
         with self.cond:
-            self.cond.wait_for(self._news, timeout)
+            self.cond.wait_for(
+                lambda: (
+                    bool(self.errors)
+                    or any(self._available(i) > self.seen[i] for i in self.streams)
+                ),
+                timeout,
+            )
+            for error in self.errors.values():
+                raise error
             news: dict[str, list[pb.LossPoint]] = {}
-            for session_id, follower in self.each.items():
-                if follower.error is not None:
-                    raise follower.error
-                end = len(follower.points)
-                if self.limit is not None:
-                    end = min(end, self.limit)
-                news[session_id] = follower.points[self.seen[session_id] : end]
+            for session_id in self.streams:
+                end = self._available(session_id)
+                news[session_id] = self.points[session_id][self.seen[session_id] : end]
                 self.seen[session_id] = max(end, self.seen[session_id])
             return news
 
     def cancel(self) -> None:
-        for follower in self.each.values():
-            follower.stream.cancel()
+        for stream in self.streams.values():
+            stream.cancel()
 
 
 def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     ids = _unique(args.ids)
-    if len(ids) == 1:
-        args.id = ids[0]
-        return cmd_watch_one(client, args, out)
+    several = len(ids) > 1
     sessions = {session_id: client.session(session_id) for session_id in ids}
-    infos = {session_id: s.info() for session_id, s in sessions.items()}  # all exist
-    # Without --from-step, follow from the next update (--plot: the whole history).
-    starts = {
-        session_id: args.from_step
-        if args.from_step is not None
-        else (1 if args.plot else info.step + 1)
-        for session_id, info in infos.items()
-    }
+    starts: dict[str, int] = {}
+    for session_id, session in sessions.items():
+        # Without --from-step, follow from the next update (--plot: the whole history).
+        if args.from_step is not None:
+            starts[session_id] = args.from_step
+        else:
+            starts[session_id] = 1 if args.plot else session.info().step + 1
     followers = _Followers(
         {session_id: s.watch_loss(starts[session_id]) for session_id, s in sessions.items()},
         args.count,
     )
+    # The live status lines: on a terminal, not with --json / --no-progress / --plot.
     block = (
         _StatusBlock([_StatusLine(s, session_id) for session_id, s in sessions.items()])
         if not (out.json or args.no_progress or args.plot) and sys.stderr.isatty()
         else None
     )
     histories = {session_id: plot.LossHistory() for session_id in ids}
+    last: dict[str, pb.LossPoint] = {}
     redraw_at = 0.0
     try:
         while True:
             for session_id, points in followers.wait(args.interval).items():
                 for point in points:
-                    out.obj({"session_id": session_id, **message_to_dict(point)})
+                    named = f"{session_id} " if several else ""
+                    out.obj(
+                        {"session_id": session_id, **message_to_dict(point)} if several else point
+                    )
                     if block is None and not args.plot:
-                        out.line(f"{session_id} {point.step} {point.loss:.6f}")
+                        out.line(f"{named}{point.step} {point.loss:.6f}")
+                    last[session_id] = point
                 histories[session_id].extend(points)
             if followers.finished():
                 break
@@ -219,16 +282,25 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
                 if args.plot and not out.json and sys.stdout.isatty():
                     _draw_live(histories, args)  # piped: drawn once, at the end
     except KeyboardInterrupt:
-        if block is not None:
-            block.clear()
         return EXIT_INTERRUPTED
     finally:
         followers.cancel()
-    if block is not None:
-        block.clear()
+        if block is not None:
+            block.clear()
     if args.plot and not out.json:
         _draw_live(histories, args)
+    if block is not None:
+        for session_id, point in last.items():
+            named = f"{session_id}: " if several else ""
+            out.line(f"last: {named}step {point.step} loss {point.loss:.6f}")
     return EXIT_OK
+
+
+def _chart_size(args: argparse.Namespace) -> tuple[int, int]:
+    size = shutil.get_terminal_size((100, 30))
+    width = args.width if args.width else size.columns
+    height = args.height if args.height else max(size.lines - 2, 10)
+    return width, height
 
 
 def _draw_live(histories: dict[str, plot.LossHistory], args: argparse.Namespace) -> None:

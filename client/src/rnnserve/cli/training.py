@@ -1,11 +1,10 @@
-"""``train`` and ``watch``: the commands that follow a session's progress (progress bar, status
-line, live loss chart). ``plot`` and several sessions at once are in :mod:`rnnserve.cli.compare`."""
+"""``train``: many updates with a progress bar, stop conditions and a clean Ctrl-C. (``watch``
+and ``plot`` are in :mod:`rnnserve.cli.compare`.)"""
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import threading
 import time
@@ -13,7 +12,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rnnserve import plot
 from rnnserve.cli.exit_codes import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
@@ -165,162 +163,3 @@ def _report_cancelled(session: Any, stream: TrainStream, why: str) -> None:
         pass
     where = f"; the session is at step {step}" if step is not None else ""
     print(f"{PROG}: {why}{where}", file=sys.stderr)
-
-
-class _Follower:
-    """Reads a WatchLoss stream on a thread, so the caller can redraw on a timer."""
-
-    def __init__(self, stream: Any, cond: threading.Condition | None = None) -> None:
-        self.stream = stream
-        self.points: list[pb.LossPoint] = []
-        self.error: RnnServeError | None = None
-        self.ended = False
-        self.cond = cond if cond is not None else threading.Condition()  # shared: watch A B
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for point in self.stream:
-                with self.cond:
-                    self.points.append(point)
-                    self.cond.notify_all()
-        except RnnServeError as e:
-            with self.cond:
-                self.error = e
-        finally:
-            with self.cond:
-                self.ended = True
-                self.cond.notify_all()
-
-    def wait(self, have: int, timeout: float) -> tuple[list[pb.LossPoint], bool]:
-        """Points after the first ``have`` (waiting up to ``timeout`` for one) and whether
-        the stream has ended."""
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.points) > have or self.ended, timeout)
-            return self.points[have:], self.ended
-
-
-class _StatusLine:
-    """The session's step, loss and state from GetSession, redrawn in place on stderr."""
-
-    def __init__(self, session: Any, session_id: str) -> None:
-        self.session = session
-        self.id = session_id
-        self.shown = False
-        self._rate: tuple[float, int] | None = None  # (time, step) of the last poll
-        self.steps_per_second = 0.0
-
-    def text(self) -> str:
-        try:
-            info: pb.Session = self.session.info(timeout=5.0)
-        except RnnServeError as e:
-            return f"{self.id}: no answer from the server ({e.details})"
-        now = time.monotonic()
-        if self._rate is not None and now > self._rate[0]:
-            self.steps_per_second = (info.step - self._rate[1]) / (now - self._rate[0])
-        self._rate = (now, info.step)
-        where = f"step {info.step}  loss {info.loss:.4f}  smoothed {info.smoothed_loss:.4f}"
-        if info.state == pb.SESSION_STATE_TRAINING:
-            return f"{self.id}: training  {where}  {self.steps_per_second:,.1f} steps/s"
-        if info.step == 0:
-            return f"{self.id}: idle, not trained yet; waiting for updates (Ctrl-C stops)"
-        return f"{self.id}: idle at {where}; waiting for updates (Ctrl-C stops)"
-
-    def draw(self) -> None:
-        text = self.text()
-        width = shutil.get_terminal_size((80, 24)).columns
-        sys.stderr.write("\r\x1b[K" + text[: max(width - 1, 10)])
-        sys.stderr.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-            self.shown = False
-
-
-def _chart_size(args: argparse.Namespace, reserve: int = 0) -> tuple[int, int]:
-    size = shutil.get_terminal_size((100, 30))
-    width = args.width if args.width else size.columns
-    height = args.height if args.height else max(size.lines - 2 - reserve, 10)
-    return width, height
-
-
-def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
-    session = client.session(args.id)
-    # Without --from-step, follow from the next update (--plot: the whole history).
-    if args.from_step is not None:
-        from_step = args.from_step
-    else:
-        from_step = 1 if args.plot else session.info().step + 1
-    stream = session.watch_loss(from_step)
-    follower = _Follower(stream)
-    # The live status line: on a terminal, not with --json / --no-progress / --plot.
-    status = (
-        _StatusLine(session, args.id)
-        if not (out.json or args.no_progress or args.plot) and sys.stderr.isatty()
-        else None
-    )
-    history = plot.LossHistory()
-    seen = 0
-    last: pb.LossPoint | None = None
-    redraw_at = 0.0
-    try:
-        while True:
-            points, ended = follower.wait(seen, args.interval)
-            if args.count is not None:
-                points = points[: args.count - seen]
-            for point in points:
-                last = point
-                out.obj(point)
-                if status is None and not args.plot:
-                    out.line(f"{point.step} {point.loss:.6f}")
-            seen += len(points)
-            history.extend(points)
-            done = ended or (args.count is not None and seen >= args.count)
-            now = time.monotonic()
-            if not done and now >= redraw_at:
-                redraw_at = now + args.interval
-                if status is not None:
-                    status.draw()
-                if args.plot and not out.json and sys.stdout.isatty():
-                    _draw_live_chart(history, args)  # piped: drawn once, at the end
-            if done:
-                break
-    except KeyboardInterrupt:
-        stream.cancel()
-        if status is not None:
-            status.clear()
-        return EXIT_INTERRUPTED
-    finally:
-        stream.cancel()
-    if status is not None:
-        status.clear()
-    if args.plot and not out.json:
-        _draw_live_chart(history, args)
-    if follower.error is not None:
-        raise follower.error
-    if status is not None and last is not None:
-        out.line(f"last: step {last.step} loss {last.loss:.6f}")
-    return EXIT_OK
-
-
-def _draw_live_chart(history: plot.LossHistory, args: argparse.Namespace) -> None:
-    """Clear the terminal and draw the chart (plain redraw when stdout is not a terminal)."""
-    tty = sys.stdout.isatty()
-    width, height = _chart_size(args)
-    chart = plot.terminal_chart(history, _chart_title(args.id, history), width, height, color=tty)
-    sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + chart + "\n")
-    sys.stdout.flush()
-
-
-def _chart_title(session_id: str, history: plot.LossHistory) -> str:
-    if not len(history):
-        return f"{session_id}: no updates yet"
-    smoothed = history.columns["smoothed"][-1]
-    return (
-        f"{session_id}: step {history.steps[-1]}, loss {history.columns['loss'][-1]:.4f}"
-        f" (smoothed {smoothed:.4f})"
-    )
