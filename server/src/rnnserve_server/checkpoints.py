@@ -22,7 +22,10 @@ T = TypeVar("T")
 
 def storage_error(exc: BaseException) -> StorageError:
     """The client's sentence for a failed checkpoint write or delete (no paths: the server log
-    has those); StorageFullError when the disk is full."""
+    has those); StorageFullError when the disk is full. A StorageError (a LeaseLostError among
+    them: in cluster mode another replica owns the session now) already says it."""
+    if isinstance(exc, StorageError):
+        return exc
     code = exc.errno if isinstance(exc, OSError) else None
     if code in (errno.ENOSPC, errno.EDQUOT):
         return StorageFullError(
@@ -88,7 +91,8 @@ class CheckpointWriter:
             except Exception as exc:
                 session.dirty = True
                 log.error("checkpoint_failed", session_id=session.id, error=repr(exc))
-                self._mark_unsaved(session, storage_error(exc))
+                if not session.deleted:  # one gone meanwhile (a lease lost) has nothing to keep
+                    self._mark_unsaved(session, storage_error(exc))
                 return
             self._mark_saved(session)
         if not self.shutting_down:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from rnnserve_server import metrics
 from rnnserve_server.checkpoints import CheckpointWriter, storage_error
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import (
@@ -68,7 +70,8 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         self.unsaved: dict[str, StorageError] = {}
         self.on_storage_change: Callable[[bool], None] | None = None  # called with ok
         # Cluster mode: True if an id not in this registry is taken by a session kept
-        # elsewhere (another replica, the shared directory); None in one process.
+        # elsewhere (another replica, the shared directory); False leaves the id claimed by
+        # this replica until the new session is written. None in one process.
         self.taken_elsewhere: Callable[[str], Awaitable[bool]] | None = None
 
     # ----- executors --------------------------------------------------------------------
@@ -162,10 +165,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         validate_session_id(session_id)
         session = self.sessions.get(session_id)
         if session is None:
-            raise SessionNotFoundError(
-                f"session {session_id!r} does not exist; ListSessions shows the existing ones",
-                session_id=session_id,
-            )
+            raise _not_found(session_id)
         return session
 
     @contextlib.asynccontextmanager
@@ -195,6 +195,8 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             try:
                 ckpt = await self.run_io(self.store.load, session.id, self._check_checkpoint)
                 await self.run(session.attach, ckpt)
+            except StorageError:
+                raise  # the store can't be reached now (cluster mode: Redis): not BROKEN
             except Exception as exc:
                 error = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
                 log.error("reload_failed", session_id=session.id, error=error)
@@ -212,6 +214,21 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         """One page of sessions ordered by id: (sessions, next_page_token, total)."""
         chosen, token = page_ids(self.sessions, page_size, page_token)
         return [self.sessions[i] for i in chosen], token, len(self.sessions)
+
+    def session_points(self) -> list[metrics.SessionPoint]:
+        """The per-session gauges (metrics.py) of every loadable session. Runs in the metrics
+        HTTP server's thread: reads only, copying the dict before iterating."""
+        return [
+            metrics.SessionPoint(
+                session_id=s.id,
+                active=math.inf if s.busy else s.last_used,
+                step=s.step,
+                smoothed_loss=s.smoothed_loss if s.step else None,
+                validation_loss=s.validation_loss if s.validation_step else None,
+            )
+            for s in list(self.sessions.values())
+            if s.broken_error is None
+        ]
 
     # ----- create / delete / append -----------------------------------------------------
 
@@ -293,10 +310,10 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
                 self.settings.max_sessions,
                 "max_sessions",
             )
-        if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
-            raise _exists(session_id)
         self._reserved.add(session_id)
         try:
+            if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
+                raise _exists(session_id)
             session = await self.run(self._session_from, ckpt, changes or {})
             self.check_corpus_limits(0, session.summary.corpus_bytes)
             self.sessions[session_id] = session
@@ -305,10 +322,15 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         await self.flush(session)
         if session.dirty or session.checkpointed_step != session.step:
             # Never acknowledge a session that is not on disk: take it back.
-            self.sessions.pop(session_id, None)
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
             session.deleted = True
+            failed = self.unsaved.get(session_id)
+            self._mark_saved(session)  # gone: health need not wait for it
             if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
                 raise _exists(session_id)  # created on another replica meanwhile
+            if failed is not None:
+                raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
             raise CheckpointError(
                 f"session {session_id!r} could not be written to disk, so it was not created; "
                 "the server log has the reason"
@@ -326,14 +348,19 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         """Remove a session from memory and disk; a running Train stops, watch streams end."""
         self.check_serving()
         session = self.get(session_id)
-        # All or nothing: the files go first; if they can't, the session stays as it was.
-        try:
-            await self.run_io(self._delete_file, session)
-        except OSError as exc:
-            log.error("delete_failed", session_id=session_id, error=repr(exc))
-            raise storage_error(exc) from None
-        if self.sessions.get(session_id) is session:
-            del self.sessions[session_id]
+        # Concurrent deletes of one session take turns: the first removes it, the others
+        # then find it gone (NOT_FOUND), as if they had come after it.
+        async with session.delete_lock:
+            if self.sessions.get(session_id) is not session:
+                raise _not_found(session_id)
+            # All or nothing: the files go first; if they can't, the session stays as it was.
+            try:
+                await self.run_io(self._delete_file, session)
+            except OSError as exc:
+                log.error("delete_failed", session_id=session_id, error=repr(exc))
+                raise storage_error(exc) from None
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
         self._mark_saved(session)
         session.request_stop(StopCause.DELETED)
         session.close_watchers()
@@ -362,6 +389,14 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
                 raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
         finally:
             session.end()
+
+
+def _not_found(session_id: str) -> SessionNotFoundError:
+    """NOT_FOUND for an id no session has."""
+    return SessionNotFoundError(
+        f"session {session_id!r} does not exist; ListSessions shows the existing ones",
+        session_id=session_id,
+    )
 
 
 def _exists(session_id: str) -> SessionExistsError:

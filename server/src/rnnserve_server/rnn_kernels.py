@@ -38,14 +38,16 @@ def param_shapes(vocab_size: int, hidden_size: int) -> dict[str, tuple[int, ...]
     return {"Wxh": (H, V), "Whh": (H, H), "Why": (V, H), "bh": (H,), "by": (V,)}
 
 
+def model_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each weight array of ``config``'s model over an alphabet of ``vocab_size``."""
+    if config.stacked:
+        return cells.Spec(config.cell, vocab_size, config.hidden_size, config.num_layers).shapes()
+    return param_shapes(vocab_size, config.hidden_size)
+
+
 def parameter_total(config: ModelConfig, vocab_size: int) -> int:
     """Number of weights of ``config``'s model over an alphabet of ``vocab_size``."""
-    if config.stacked:
-        spec = cells.Spec(config.cell, vocab_size, config.hidden_size, config.num_layers)
-        shapes = spec.shapes()
-    else:
-        shapes = param_shapes(vocab_size, config.hidden_size)
-    return sum(math.prod(shape) for shape in shapes.values())
+    return sum(math.prod(shape) for shape in model_shapes(config, vocab_size).values())
 
 
 def _views(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

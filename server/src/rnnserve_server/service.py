@@ -165,7 +165,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         self, request: pb.ExportSessionRequest, context: Context
     ) -> AsyncIterator[pb.ExportSessionResponse]:
         """The session's archive (archive.py documents the format), in chunks."""
-        data = await self.sessions.export(request.session_id)
+        data = await self.sessions.export(request.session_id, request.weights_only)
         for message in cv.export_messages(data, self.settings.max_message_bytes):
             yield message
 

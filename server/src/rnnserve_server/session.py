@@ -86,6 +86,7 @@ class Session(SessionState):
         self.watchers = 0
         self.closing = False  # watch streams end (delete, shutdown)
         self.load_lock = asyncio.Lock()
+        self.delete_lock = asyncio.Lock()  # one DeleteSession at a time
         self.checkpoint_task: asyncio.Task[None] | None = None
         # The corpus file on disk (None: not written yet). A snapshot copies the corpus only
         # when the trainer's differs from it (created, AppendText, a version-1 checkpoint).

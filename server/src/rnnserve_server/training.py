@@ -14,7 +14,7 @@ import numpy as np
 
 from rnnserve_server import metrics
 from rnnserve_server.config import Settings
-from rnnserve_server.errors import InvalidArgumentError
+from rnnserve_server.errors import InvalidArgumentError, LeaseLostError
 from rnnserve_server.logs import get_logger
 from rnnserve_server.registry import Registry
 from rnnserve_server.request_limits import RequestLimits, encode
@@ -230,7 +230,7 @@ async def train(
                 elapsed = time.monotonic() - start
                 if elapsed > 0:
                     session.chars_per_second = chars / elapsed
-                metrics.record_training(chunk.steps, chunk.chars)
+                metrics.record_training(chunk.steps, chunk.chars, session.id)
                 session.notify()
                 if chunk.error is not None:  # not applied: ends as STOP_REASON_DIVERGED
                     bound.warning("train_diverged", step=session.step, error=str(chunk.error))
@@ -269,6 +269,7 @@ async def train(
             reason = "completed"
             if diverged:
                 reason = "diverged"
+                metrics.record_divergence()
             elif plan.stop == "target":
                 reason = "target_loss"
             elif plan.stop == "early":
@@ -294,6 +295,8 @@ async def train(
             )
         if not session.deleted:
             await registry.flush(session)
+        if session.stop_cause is StopCause.LEASE_LOST:  # what it trained here is not kept
+            raise LeaseLostError.moved(session.id)
         final = progress(reason)
         if o.sample_length and not session.deleted:
             final.sample = await sample()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from typing import Any
 
@@ -21,8 +20,8 @@ from rnnserve.cli.exit_codes import (
     PROG,
 )
 from rnnserve.cli.output import Output, _enum_name
-from rnnserve.client import Client, TrainStream
-from rnnserve.errors import RnnServeError
+from rnnserve.client import Client
+from rnnserve.errors import ConnectionLost, RnnServeError, Timeout
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 
@@ -46,80 +45,110 @@ def _progress_line(p: pb.TrainResponse) -> str:
     )
 
 
+class _TrainView:
+    """What ``train`` shows: the progress bar (or a line per report), samples, and a line when
+    a cut-off call is retried."""
+
+    def __init__(self, args: argparse.Namespace, out: Output, start: int, target: int) -> None:
+        self.out = out
+        self.start = start
+        self.target = target
+        self.last: pb.TrainResponse | None = None
+        self.retrying = False
+        self.bar = tqdm(
+            total=max(0, target - start),
+            unit="step",
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+            "[{elapsed}<{remaining}{postfix}]",
+            desc=args.id,
+            file=sys.stderr,
+            **_bar_width(),
+            # None: tqdm shows the bar only on a terminal.
+            disable=True if (out.json or args.no_progress) else None,
+        )
+
+    def show(self, progress: pb.TrainResponse) -> None:
+        """One Train message."""
+        self.last = progress
+        self.retrying = False
+        self.out.obj(progress)
+        bar = self.bar
+        bar.update(max(0, progress.step - self.start) - bar.n)  # back too, after a rollback
+        validation = (
+            f" val {progress.validation_loss:.3f}" if progress.HasField("validation_loss") else ""
+        )
+        bar.set_postfix_str(
+            f"loss {progress.loss:.3f} (avg {progress.smoothed_loss:.3f}){validation} "
+            f"{progress.chars_per_second / 1000:,.1f}k char/s",
+            refresh=False,
+        )
+        if progress.sample and not self.out.json:
+            tqdm.write(f"--- sample at step {progress.step} ---\n{progress.sample}")
+        if bar.disable and progress.stop_reason == pb.STOP_REASON_UNSPECIFIED:
+            self.out.line(_progress_line(progress))
+
+    def retry(self, error: RnnServeError, delay: float) -> None:
+        """``train --until-step`` is about to retry a cut-off call (said once per outage)."""
+        if not self.retrying:
+            self.retrying = True
+            tqdm.write(f"{PROG}: {_what(error)}; retrying toward step {self.target}", sys.stderr)
+
+
+def _what(error: RnnServeError) -> str:
+    return error.what if isinstance(error, ConnectionLost) else " ".join(error.details.split())
+
+
 def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     session = client.session(args.id)
-    if args.until_step is None:
-        steps = total = args.steps
-    else:  # the server counts the steps; the progress bar shows those still to go
-        steps, total = 0, max(0, args.until_step - session.info().step)
-    stream = session.train(
-        steps,
-        args.report_every,
-        args.sample_length,
-        until_step=args.until_step,
-        until_loss=args.until_loss,
-        patience=args.patience,
-        eval_every=args.eval_every,
-        sample_temperature=args.sample_temperature,
-        sample_prime=args.sample_prime,
-    )
-    bar = tqdm(
-        total=total,
-        unit="step",
-        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-        "[{elapsed}<{remaining}{postfix}]",
-        desc=args.id,
-        file=sys.stderr,
-        **_bar_width(),
-        # None: tqdm shows the bar only on a terminal.
-        disable=True if (out.json or args.no_progress) else None,
-    )
-    timer: threading.Timer | None = None
-    timed_out = threading.Event()
-    if args.max_seconds is not None:
-
-        def stop() -> None:
-            timed_out.set()
-            stream.cancel()
-
-        timer = threading.Timer(args.max_seconds, stop)
-        timer.daemon = True
-        timer.start()
-    done = 0
+    start = session.info().step
+    target = args.until_step if args.until_step is not None else start + args.steps
+    view = _TrainView(args, out, start, target)
+    options: dict[str, Any] = {
+        "report_every": args.report_every,
+        "sample_length": args.sample_length,
+        "until_loss": args.until_loss,
+        "patience": args.patience,
+        "eval_every": args.eval_every,
+        "sample_temperature": args.sample_temperature,
+        "sample_prime": args.sample_prime,
+    }
+    rollbacks: list[tuple[int, int]] = []
     try:
-        for progress in stream:
-            out.obj(progress)
-            bar.update(progress.steps_done - done)
-            done = progress.steps_done
-            validation = (
-                f" val {progress.validation_loss:.3f}"
-                if progress.HasField("validation_loss")
-                else ""
+        if args.until_step is None:
+            final = _train_once(session, args.steps, args.max_seconds, view, options)
+        else:  # retried like Session.train_to: the same code
+            result = session.train_to(
+                args.until_step,
+                max_seconds=args.max_seconds,
+                on_progress=view.show,
+                on_retry=view.retry,
+                **options,
             )
-            bar.set_postfix_str(
-                f"loss {progress.loss:.3f} (avg {progress.smoothed_loss:.3f}){validation} "
-                f"{progress.chars_per_second / 1000:,.1f}k char/s",
-                refresh=False,
-            )
-            if progress.sample and not out.json:
-                tqdm.write(f"--- sample at step {progress.step} ---\n{progress.sample}")
-            if bar.disable and progress.stop_reason == pb.STOP_REASON_UNSPECIFIED:
-                out.line(_progress_line(progress))
+            final, rollbacks = (None if result.timed_out else result.final), result.rollbacks
     except KeyboardInterrupt:
-        stream.cancel()
-        bar.close()
-        _report_cancelled(session, stream, "cancelled")
+        view.bar.close()
+        _report_cancelled(session, view.last, "cancelled")
         return EXIT_INTERRUPTED
+    except ConnectionLost as lost:
+        view.bar.close()
+        print(
+            f"{PROG}: unavailable: {lost.what}; the session may have been updated; rerun with "
+            f"--until-step {lost.target_step or target}",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
     finally:
-        if timer is not None:
-            timer.cancel()
-        bar.close()
-    if stream.final is None:
-        if timed_out.is_set():
-            _report_cancelled(session, stream, f"stopped after --max-seconds {args.max_seconds:g}")
-            return EXIT_OK
-        raise RnnServeError("the Train stream ended without a final message")
-    final = stream.final
+        view.bar.close()
+    for seen, restored in rollbacks:
+        print(
+            f"{PROG}: rolled back: a replica was lost with the session at step {seen}; it "
+            f"came back at step {restored} (its last checkpoint), and steps {restored + 1}-"
+            f"{seen} were trained again",
+            file=sys.stderr,
+        )
+    if final is None:  # stopped by --max-seconds
+        _report_cancelled(session, view.last, f"stopped after --max-seconds {args.max_seconds:g}")
+        return EXIT_OK
     out.line(f"{_progress_line(final)}  [{_stop_reason(final)}]")
     if final.stop_reason == pb.STOP_REASON_SHUTDOWN:
         print(
@@ -143,13 +172,34 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _train_once(
+    session: Any,
+    steps: int,
+    max_seconds: float | None,
+    view: _TrainView,
+    options: dict[str, Any],
+) -> pb.TrainResponse | None:
+    """One Train of ``steps`` (not retried: without --until-step a retry could train twice);
+    its final message, or None once ``max_seconds`` have passed (the deadline stops it)."""
+    try:
+        stream = session.train(steps, timeout=max_seconds, **options)
+        for progress in stream:
+            view.show(progress)
+    except Timeout:
+        if max_seconds is None:
+            raise
+        return None
+    final: pb.TrainResponse | None = stream.final
+    return final
+
+
 def _stop_reason(progress: pb.TrainResponse) -> str:
     return _enum_name(pb.StopReason, progress.stop_reason, "STOP_REASON_")
 
 
-def _report_cancelled(session: Any, stream: TrainStream, why: str) -> None:
+def _report_cancelled(session: Any, last: pb.TrainResponse | None, why: str) -> None:
     """After a cancel: say where training stopped (asking the server, if it answers)."""
-    step: int | None = stream.last.step if stream.last is not None else None
+    step: int | None = last.step if last is not None else None
     try:
         # The server applies the update in progress before it sees the cancel: wait (up to
         # 10 s) until it is no longer training, so the step said is the one `list` shows.
