@@ -18,6 +18,7 @@ from rnnserve.cli.commands import cmd_show as cmd_show_one
 from rnnserve.cli.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, UsageError
 from rnnserve.cli.listing import _created
 from rnnserve.cli.output import Output, _config_fields, _state, message_to_dict
+from rnnserve.cli.training import _CtrlC, _on_ctrl_c
 from rnnserve.client import Client
 from rnnserve.errors import RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
@@ -168,10 +169,11 @@ class _StatusBlock:
 class _Followers:
     """The WatchLoss streams of one or more sessions, each read on its own thread, waited on
     together (so the caller can also redraw on a timer). ``limit`` ends a session's stream
-    after that many points."""
+    after that many points; ``ctrl_c`` pressed ends a wait at once."""
 
-    def __init__(self, streams: dict[str, Any], limit: int | None = None) -> None:
-        self.cond = threading.Condition()
+    def __init__(self, streams: dict[str, Any], limit: int | None, ctrl_c: _CtrlC) -> None:
+        self.cond = ctrl_c.cond
+        self.ctrl_c = ctrl_c
         self.streams = streams
         self.points: dict[str, list[pb.LossPoint]] = {i: [] for i in streams}
         self.seen = dict.fromkeys(streams, 0)
@@ -217,7 +219,8 @@ class _Followers:
         with self.cond:
             self.cond.wait_for(
                 lambda: (
-                    bool(self.errors)
+                    self.ctrl_c.pressed
+                    or bool(self.errors)
                     or any(self._available(i) > self.seen[i] for i in self.streams)
                 ),
                 timeout,
@@ -240,53 +243,57 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     ids = _unique(args.ids)
     several = len(ids) > 1
     sessions = {session_id: client.session(session_id) for session_id in ids}
-    starts: dict[str, int] = {}
-    for session_id, session in sessions.items():
-        # Without --from-step, follow from the next update (--plot: the whole history).
-        if args.from_step is not None:
-            starts[session_id] = args.from_step
-        else:
-            starts[session_id] = 1 if args.plot else session.info().step + 1
-    followers = _Followers(
-        {session_id: s.watch_loss(starts[session_id]) for session_id, s in sessions.items()},
-        args.count,
-    )
-    # The live status lines: on a terminal, not with --json / --no-progress / --plot.
-    block = (
-        _StatusBlock([_StatusLine(s, session_id) for session_id, s in sessions.items()])
-        if not (out.json or args.no_progress or args.plot) and sys.stderr.isatty()
-        else None
-    )
-    histories = {session_id: plot.LossHistory() for session_id in ids}
-    last: dict[str, pb.LossPoint] = {}
-    redraw_at = 0.0
-    try:
-        while True:
-            for session_id, points in followers.wait(args.interval).items():
-                for point in points:
-                    named = f"{session_id} " if several else ""
-                    out.obj(
-                        {"session_id": session_id, **message_to_dict(point)} if several else point
-                    )
-                    if block is None and not args.plot:
-                        out.line(f"{named}{point.step} {point.loss:.6f}")
-                    last[session_id] = point
-                histories[session_id].extend(points)
-            if followers.finished():
-                break
-            now = time.monotonic()
-            if now >= redraw_at:
-                redraw_at = now + args.interval
-                if block is not None:
-                    block.draw()
-                if args.plot and not out.json and sys.stdout.isatty():
-                    _draw_live(histories, args)  # piped: drawn once, at the end
-    except KeyboardInterrupt:
+    ctrl_c = _CtrlC()
+    # Ctrl-C ends the loop between two calls, never inside one (see _on_ctrl_c).
+    with _on_ctrl_c(ctrl_c.press):
+        starts: dict[str, int] = {}
+        for session_id, session in sessions.items():
+            # Without --from-step, follow from the next update (--plot: the whole history).
+            if args.from_step is not None:
+                starts[session_id] = args.from_step
+            else:
+                starts[session_id] = 1 if args.plot else session.info().step + 1
+        streams = {
+            session_id: s.watch_loss(starts[session_id]) for session_id, s in sessions.items()
+        }
+        followers = _Followers(streams, args.count, ctrl_c)
+        # The live status lines: on a terminal, not with --json / --no-progress / --plot.
+        block = (
+            _StatusBlock([_StatusLine(s, session_id) for session_id, s in sessions.items()])
+            if not (out.json or args.no_progress or args.plot) and sys.stderr.isatty()
+            else None
+        )
+        histories = {session_id: plot.LossHistory() for session_id in ids}
+        last: dict[str, pb.LossPoint] = {}
+        redraw_at = 0.0
+        try:
+            while not ctrl_c.pressed:
+                for session_id, points in followers.wait(args.interval).items():
+                    for point in points:
+                        if several:  # each point says whose it is
+                            out.obj({"session_id": session_id, **message_to_dict(point)})
+                        else:
+                            out.obj(point)
+                        if block is None and not args.plot:
+                            named = f"{session_id} " if several else ""
+                            out.line(f"{named}{point.step} {point.loss:.6f}")
+                        last[session_id] = point
+                    histories[session_id].extend(points)
+                if followers.finished():
+                    break
+                now = time.monotonic()
+                if now >= redraw_at and not ctrl_c.pressed:
+                    redraw_at = now + args.interval
+                    if block is not None:
+                        block.draw()
+                    if args.plot and not out.json and sys.stdout.isatty():
+                        _draw_live(histories, args)  # piped: drawn once, at the end
+        finally:
+            followers.cancel()
+            if block is not None:
+                block.clear()
+    if ctrl_c.pressed:
         return EXIT_INTERRUPTED
-    finally:
-        followers.cancel()
-        if block is not None:
-            block.clear()
     if args.plot and not out.json:
         _draw_live(histories, args)
     if block is not None:

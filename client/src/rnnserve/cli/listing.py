@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from rnnserve.cli.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from rnnserve.cli.flags import _seconds
 from rnnserve.cli.output import Output, _enum_name, _state
+from rnnserve.cli.training import _CtrlC, _on_ctrl_c
 from rnnserve.client import Client
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -136,8 +136,9 @@ def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
             out.line(line)
         return EXIT_OK
     tty = not out.json and out.stream.isatty()
-    try:
-        while True:
+    ctrl_c = _CtrlC()
+    with _on_ctrl_c(ctrl_c.press):  # between two refreshes, never inside a call
+        while not ctrl_c.pressed:
             lines = _listing(client, args, out)
             if not out.json:
                 now = datetime.datetime.now().strftime("%H:%M:%S")
@@ -146,9 +147,8 @@ def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
                 clear = "\x1b[H\x1b[2J" if tty else ""
                 out.stream.write(clear + "\n".join([head, *lines]) + "\n" + ("" if tty else "\n"))
                 out.stream.flush()
-            time.sleep(args.watch)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+            ctrl_c.wait(args.watch)
+    return EXIT_INTERRUPTED
 
 
 def add_list_flags(parser: argparse.ArgumentParser) -> None:

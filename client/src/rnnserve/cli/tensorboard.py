@@ -12,6 +12,7 @@ from typing import Any
 from rnnserve.cli.compare import _Followers, _unique
 from rnnserve.cli.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, UsageError
 from rnnserve.cli.output import Output
+from rnnserve.cli.training import _CtrlC, _on_ctrl_c
 from rnnserve.client import Client
 from rnnserve.errors import SessionNotFound
 from rnnserve.tensorboard import SessionRun, run_directory
@@ -60,48 +61,50 @@ def cmd_tensorboard(client: Client, args: argparse.Namespace, out: Output) -> in
     infos = {session_id: s.info() for session_id, s in sessions.items()}  # all exist
     tracked: dict[str, _Tracked] = {}
     try:
+        for session_id in ids:
+            tracked[session_id] = _Tracked(sessions[session_id], SessionRun(logdir, session_id))
+    except ImportError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    ctrl_c = _CtrlC()
+    # Ctrl-C stops between two calls, never inside one (see _on_ctrl_c).
+    with _on_ctrl_c(ctrl_c.press):
         try:
-            for session_id in ids:
-                tracked[session_id] = _Tracked(sessions[session_id], SessionRun(logdir, session_id))
-        except ImportError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        for session_id, t in tracked.items():
-            t.run.hyperparameters(infos[session_id])
-            t.run.add_points(sessions[session_id].loss_history(1))
-            t.refresh(args, infos[session_id])
-        _report(tracked, out)
-        if not args.follow:
-            return EXIT_OK
-        print(
-            f"{PROG}: following {', '.join(ids)} into {logdir} (Ctrl-C stops)",
-            file=sys.stderr,
-            flush=True,
-        )
-        _follow(tracked, args)
-        _report(tracked, out)  # every stream ended: the sessions were deleted or the server left
-        return EXIT_OK
-    except KeyboardInterrupt:
-        _report(tracked, out)
-        return EXIT_INTERRUPTED
-    finally:
-        for t in tracked.values():
-            t.run.close()
+            for session_id, t in tracked.items():
+                if ctrl_c.pressed:
+                    break
+                t.run.hyperparameters(infos[session_id])
+                t.run.add_points(sessions[session_id].loss_history(1))
+                t.refresh(args, infos[session_id])
+            _report(tracked, out)
+            if args.follow and not ctrl_c.pressed:
+                print(
+                    f"{PROG}: following {', '.join(ids)} into {logdir} (Ctrl-C stops)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                _follow(tracked, args, ctrl_c)
+                _report(tracked, out)  # Ctrl-C, or every stream ended (deleted, server left)
+        finally:
+            for t in tracked.values():
+                t.run.close()
+    return EXIT_INTERRUPTED if ctrl_c.pressed else EXIT_OK
 
 
-def _follow(tracked: dict[str, _Tracked], args: argparse.Namespace) -> None:
+def _follow(tracked: dict[str, _Tracked], args: argparse.Namespace, ctrl_c: _CtrlC) -> None:
     """Append each session's live points; every ``--interval`` seconds, its speed and (every
-    ``--sample-every`` steps) a sample. Returns when every stream has ended."""
-    followers = _Followers(
-        {session_id: t.session.watch_loss(t.run.step + 1) for session_id, t in tracked.items()}
-    )
+    ``--sample-every`` steps) a sample. Returns on Ctrl-C or when every stream has ended."""
+    streams = {
+        session_id: t.session.watch_loss(t.run.step + 1) for session_id, t in tracked.items()
+    }
+    followers = _Followers(streams, None, ctrl_c)
     poll_at = time.monotonic() + args.interval
     try:
-        while not followers.finished():
+        while not followers.finished() and not ctrl_c.pressed:
             for session_id, points in followers.wait(max(0.0, poll_at - time.monotonic())).items():
                 if points:
                     tracked[session_id].run.add_points(points)
-            if time.monotonic() >= poll_at:
+            if time.monotonic() >= poll_at and not ctrl_c.pressed:
                 poll_at = time.monotonic() + args.interval
                 for t in tracked.values():
                     try:

@@ -4,9 +4,14 @@ and ``plot`` are in :mod:`rnnserve.cli.compare`.)"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
@@ -20,7 +25,7 @@ from rnnserve.cli.exit_codes import (
     PROG,
 )
 from rnnserve.cli.output import Output, _enum_name
-from rnnserve.client import Client
+from rnnserve.client import Client, TrainStream
 from rnnserve.errors import ConnectionLost, RnnServeError, Timeout
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -100,7 +105,7 @@ def _what(error: RnnServeError) -> str:
 
 def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
     session = client.session(args.id)
-    start = session.info().step
+    start = session.info().step  # said after a Ctrl-C if nothing newer is known
     target = args.until_step if args.until_step is not None else start + args.steps
     view = _TrainView(args, out, start, target)
     options: dict[str, Any] = {
@@ -113,9 +118,10 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
         "sample_prime": args.sample_prime,
     }
     rollbacks: list[tuple[int, int]] = []
+    streams: list[TrainStream] = []  # the plain Train's call, cancelled on Ctrl-C
     try:
         if args.until_step is None:
-            final = _train_once(session, args.steps, args.max_seconds, view, options)
+            final = _train_once(session, args.steps, args.max_seconds, view, options, streams)
         else:  # retried like Session.train_to: the same code
             result = session.train_to(
                 args.until_step,
@@ -127,7 +133,7 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
             final, rollbacks = (None if result.timed_out else result.final), result.rollbacks
     except KeyboardInterrupt:
         view.bar.close()
-        _report_cancelled(session, view.last, "cancelled")
+        _stop_and_report(session, streams, view.last, "cancelled", start)
         return EXIT_INTERRUPTED
     except ConnectionLost as lost:
         view.bar.close()
@@ -147,7 +153,8 @@ def cmd_train(client: Client, args: argparse.Namespace, out: Output) -> int:
             file=sys.stderr,
         )
     if final is None:  # stopped by --max-seconds
-        _report_cancelled(session, view.last, f"stopped after --max-seconds {args.max_seconds:g}")
+        why = f"stopped after --max-seconds {args.max_seconds:g}"
+        _stop_and_report(session, streams, view.last, why, start)
         return EXIT_OK
     out.line(f"{_progress_line(final)}  [{_stop_reason(final)}]")
     if final.stop_reason == pb.STOP_REASON_SHUTDOWN:
@@ -178,11 +185,17 @@ def _train_once(
     max_seconds: float | None,
     view: _TrainView,
     options: dict[str, Any],
+    streams: list[TrainStream],
 ) -> pb.TrainResponse | None:
     """One Train of ``steps`` (not retried: without --until-step a retry could train twice);
     its final message, or None once ``max_seconds`` have passed (the deadline stops it)."""
     try:
-        stream = session.train(steps, timeout=max_seconds, **options)
+        pressed = threading.Event()
+        with _on_ctrl_c(pressed.set):  # held until the call is set up (see _on_ctrl_c)
+            stream = session.train(steps, timeout=max_seconds, **options)
+        streams.append(stream)
+        if pressed.is_set():
+            raise KeyboardInterrupt
         for progress in stream:
             view.show(progress)
     except Timeout:
@@ -197,19 +210,106 @@ def _stop_reason(progress: pb.TrainResponse) -> str:
     return _enum_name(pb.StopReason, progress.stop_reason, "STOP_REASON_")
 
 
-def _report_cancelled(session: Any, last: pb.TrainResponse | None, why: str) -> None:
-    """After a cancel: say where training stopped (asking the server, if it answers)."""
-    step: int | None = last.step if last is not None else None
-    try:
-        # The server applies the update in progress before it sees the cancel: wait (up to
-        # 10 s) until it is no longer training, so the step said is the one `list` shows.
-        deadline = time.monotonic() + 10.0
+CANCEL_WAIT_SECONDS = 60.0  # most time a cancelled train waits for the server to stop
+CANCEL_NOTE_SECONDS = 1.0  # waiting longer than this, the user is told why
+
+
+@dataclass
+class _Where:
+    """Where a session whose Train was cancelled is, as far as the server has said."""
+
+    step: int
+    answered: bool = False
+    training: bool = True
+
+
+def _stop_and_report(
+    session: Any,
+    streams: list[TrainStream],
+    last: pb.TrainResponse | None,
+    why: str,
+    start_step: int,
+) -> None:
+    """Cancel the Train (if one is still open) and say the step training stopped at.
+
+    The server finishes the update (and validation pass) in progress before it sees the
+    cancel, which can take seconds on a big model: wait until the session is no longer
+    training, so the step said is the one `list` shows. A Ctrl-C meanwhile stops the wait,
+    never the report (a second Ctrl-C used to end the CLI with no step)."""
+    stop = threading.Event()
+    with _on_ctrl_c(stop.set):
+        for stream in streams:
+            stream.cancel()
+        where = _Where(last.step if last is not None else start_step)
+        with contextlib.suppress(RnnServeError):
+            _wait_until_stopped(session, where, stop)
+        if not where.answered:
+            said = f"the session was at step {where.step} or later (no answer from the server)"
+        elif where.training:
+            said = (
+                f"the session is at step {where.step}, still finishing the update in "
+                f"progress (`{PROG} show {session.id}` shows where it stops)"
+            )
+        else:
+            said = f"the session is at step {where.step}"
+        print(f"{PROG}: {why}; {said}", file=sys.stderr)
+
+
+def _wait_until_stopped(session: Any, where: _Where, stop: threading.Event) -> None:
+    """Poll the session until it is not training, ``stop`` is set or CANCEL_WAIT_SECONDS
+    pass, keeping ``where`` up to date after every answer."""
+    start = time.monotonic()
+    noted = False
+    while not stop.is_set():
         info = session.info(timeout=5.0)
-        while info.state == pb.SESSION_STATE_TRAINING and time.monotonic() < deadline:
-            time.sleep(0.05)
-            info = session.info(timeout=5.0)
-        step = info.step
-    except RnnServeError:
-        pass
-    where = f"; the session is at step {step}" if step is not None else ""
-    print(f"{PROG}: {why}{where}", file=sys.stderr)
+        where.step, where.answered = info.step, True
+        where.training = info.state == pb.SESSION_STATE_TRAINING
+        waited = time.monotonic() - start
+        if not where.training or waited >= CANCEL_WAIT_SECONDS:
+            return
+        if waited >= CANCEL_NOTE_SECONDS and not noted:
+            print(
+                f"{PROG}: waiting for the server to finish the update in progress "
+                "(Ctrl-C stops waiting)",
+                file=sys.stderr,
+            )
+            noted = True
+        stop.wait(0.05)
+
+
+@contextlib.contextmanager
+def _on_ctrl_c(handler: Callable[[], None]) -> Iterator[None]:
+    """Inside the block, Ctrl-C calls ``handler`` instead of raising KeyboardInterrupt.
+
+    A KeyboardInterrupt raised inside gRPC while it sets up a call can leave a call no
+    thread finishes, and closing the channel then waits forever; this keeps Ctrl-C out of
+    such places. Only the main thread can set a signal handler: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: handler())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _CtrlC:
+    """Whether Ctrl-C was pressed, for a loop that waits: ``press`` is the handler to give
+    ``_on_ctrl_c``, ``wait`` sleeps until it is pressed. Its lock is reentrant because the
+    handler runs in the main thread at any moment, perhaps while that thread holds the lock
+    (an Event's plain lock would then wait on itself forever)."""
+
+    def __init__(self, cond: threading.Condition | None = None) -> None:
+        self.cond = cond if cond is not None else threading.Condition()  # RLock inside
+        self.pressed = False
+
+    def press(self) -> None:
+        with self.cond:
+            self.pressed = True
+            self.cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """True once pressed; waits up to ``timeout`` seconds for it."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.pressed, timeout)
