@@ -60,12 +60,12 @@ _cell = _configured(lambda c: _enum_name(pb.Cell, c.cell, "CELL_"))
 _layers = _configured(lambda c: c.num_layers)
 _hidden = _configured(lambda c: c.hidden_size)
 _optimizer = _configured(lambda c: _enum_name(pb.Optimizer, c.optimizer, "OPTIMIZER_"))
-_loss = _optional("loss")
 _validation = _optional("validation_loss")
 _speed = _optional("chars_per_second")
 
-# In display order. A training job's state (once sessions carry their job) is one more
-# column here, after STATE.
+# In display order. The place for training jobs: once Session carries its job (Session.job),
+# a JOB column (the job's state: queued, running, ...) goes right after STATE, sortable like
+# the others.
 COLUMNS: list[Column] = [
     Column("ID", lambda s: s.session_id, lambda s: s.session_id),
     Column("STATE", _state, _state),
