@@ -23,7 +23,7 @@ help: ## list the targets
 $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade 'pip>=25.1'
-	$(BIN)/pip install -q -e 'client[plot,onnx]' -e server --group dev
+	$(BIN)/pip install -q -e 'client[plot,onnx,tensorboard]' -e server --group dev
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools

@@ -234,6 +234,8 @@ def _session_message(session: Session) -> pb.Session:
     if session.validation_step:
         msg.validation_loss = session.validation_loss
         msg.validation_step = session.validation_step
+    if session.chars_per_second is not None:
+        msg.chars_per_second = session.chars_per_second
     if session.broken_error is not None:
         msg.state = pb.SESSION_STATE_BROKEN
         msg.error = session.broken_error

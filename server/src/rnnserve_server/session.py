@@ -63,6 +63,9 @@ class Session(SessionState):
         self.validation: dict[int, float] = {}
         self.validation_step = 0
         self.validation_loss = 0.0
+        # Throughput of the newest Train (chars per second of that call so far); None until a
+        # Train runs here. Kept in memory only: a restart or another replica starts unmeasured.
+        self.chars_per_second: float | None = None
         self.create_time = create_time
         self.update_time = update_time if update_time is not None else create_time
         self.last_used = time.monotonic()

@@ -227,6 +227,9 @@ async def train(
                 chunk = await train_chunk(registry, session, limit, plan)
                 done += chunk.steps
                 chars += chunk.chars
+                elapsed = time.monotonic() - start
+                if elapsed > 0:
+                    session.chars_per_second = chars / elapsed
                 metrics.record_training(chunk.steps, chunk.chars, session.id)
                 session.notify()
                 if chunk.error is not None:  # not applied: ends as STOP_REASON_DIVERGED
