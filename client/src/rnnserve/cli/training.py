@@ -190,11 +190,11 @@ def _train_once(
     """One Train of ``steps`` (not retried: without --until-step a retry could train twice);
     its final message, or None once ``max_seconds`` have passed (the deadline stops it)."""
     try:
-        pressed = threading.Event()
-        with _on_ctrl_c(pressed.set):  # held until the call is set up (see _on_ctrl_c)
+        ctrl_c = _CtrlC()
+        with _on_ctrl_c(ctrl_c.press):  # held until the call is set up (see _on_ctrl_c)
             stream = session.train(steps, timeout=max_seconds, **options)
         streams.append(stream)
-        if pressed.is_set():
+        if ctrl_c.pressed:
             raise KeyboardInterrupt
         for progress in stream:
             view.show(progress)
@@ -236,8 +236,8 @@ def _stop_and_report(
     cancel, which can take seconds on a big model: wait until the session is no longer
     training, so the step said is the one `list` shows. A Ctrl-C meanwhile stops the wait,
     never the report (a second Ctrl-C used to end the CLI with no step)."""
-    stop = threading.Event()
-    with _on_ctrl_c(stop.set):
+    stop = _CtrlC()
+    with _on_ctrl_c(stop.press):
         for stream in streams:
             stream.cancel()
         where = _Where(last.step if last is not None else start_step)
@@ -255,12 +255,12 @@ def _stop_and_report(
         print(f"{PROG}: {why}; {said}", file=sys.stderr)
 
 
-def _wait_until_stopped(session: Any, where: _Where, stop: threading.Event) -> None:
+def _wait_until_stopped(session: Any, where: _Where, stop: _CtrlC) -> None:
     """Poll the session until it is not training, ``stop`` is set or CANCEL_WAIT_SECONDS
     pass, keeping ``where`` up to date after every answer."""
     start = time.monotonic()
     noted = False
-    while not stop.is_set():
+    while not stop.pressed:
         info = session.info(timeout=5.0)
         where.step, where.answered = info.step, True
         where.training = info.state == pb.SESSION_STATE_TRAINING
@@ -274,7 +274,7 @@ def _wait_until_stopped(session: Any, where: _Where, stop: threading.Event) -> N
                 file=sys.stderr,
             )
             noted = True
-        stop.wait(0.05)
+        stop.wait(0.05)  # _CtrlC, not an Event: the handler may run while this waits
 
 
 @contextlib.contextmanager
