@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rnnserve_server.model import ModelConfig, Trainer
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.engine.trainer import ModelConfig, Trainer
+from rnnserve_server.engine.vocab import Vocab
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rnnserve_server import archive
+from rnnserve_server.api.servicer import session_to_pb
 from rnnserve_server.config import Settings
+from rnnserve_server.engine.trainer import DivergedError, ModelConfig, Trainer
+from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import InvalidArgumentError, LimitExceededError
-from rnnserve_server.model import DivergedError, ModelConfig, Trainer
-from rnnserve_server.registry import Registry
-from rnnserve_server.service import session_to_pb
-from rnnserve_server.session import Session
-from rnnserve_server.store import LocalStore
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.sessions.registry import Registry
+from rnnserve_server.sessions.session import Session
+from rnnserve_server.storage import archive
+from rnnserve_server.storage.store import LocalStore
 
 pytestmark = [
     pytest.mark.timeout(120),

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rnnserve_server.model import (
+from rnnserve_server.engine.trainer import (
     PRESETS,
     DivergedError,
     EngineError,
@@ -20,7 +20,7 @@ from rnnserve_server.model import (
     loss_and_grads,
     param_shapes,
 )
-from rnnserve_server.vocab import UnknownCharactersError, Vocab
+from rnnserve_server.engine.vocab import UnknownCharactersError, Vocab
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8
 

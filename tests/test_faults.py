@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from rnnserve import Client, RnnServeError, TrainingDiverged
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server.store import LocalStore
+from rnnserve_server.storage.store import LocalStore
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory, ServerHandle

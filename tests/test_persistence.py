@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from rnnserve import Session, SessionBroken
 from rnnserve.v1 import rnn_service_pb2 as pb
+from rnnserve_server.engine.trainer import PRESETS, Trainer
+from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
-from rnnserve_server.model import PRESETS, Trainer
-from rnnserve_server.store import Checkpoint, CorpusRef, LocalStore, validate_session_id
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.storage.store import Checkpoint, CorpusRef, LocalStore, validate_session_id
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory

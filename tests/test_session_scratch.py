@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rnnserve_server.model import ModelConfig, Trainer
-from rnnserve_server.session import SCRATCH_IDLE_SECONDS, Session
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.engine.trainer import ModelConfig, Trainer
+from rnnserve_server.engine.vocab import Vocab
+from rnnserve_server.sessions.session import SCRATCH_IDLE_SECONDS, Session
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8
 

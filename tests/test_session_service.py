@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 from rnnserve_server.config import Settings
+from rnnserve_server.engine.trainer import PRESETS
 from rnnserve_server.errors import SessionNotFoundError
-from rnnserve_server.model import PRESETS
-from rnnserve_server.registry import Registry
-from rnnserve_server.session_service import GenerateOptions, SessionService, TrainOptions
-from rnnserve_server.store import LocalStore
+from rnnserve_server.sessions.registry import Registry
+from rnnserve_server.storage.store import LocalStore
+from rnnserve_server.usecases.session_service import GenerateOptions, SessionService, TrainOptions
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20
 
 
 def test_the_use_case_layer_imports_no_grpc() -> None:
     code = (
-        "import sys, rnnserve_server.session_service\n"
+        "import sys, rnnserve_server.usecases.session_service\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'rnnserve'))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from rnnserve_server.model import ModelConfig, Trainer
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.engine.trainer import ModelConfig, Trainer
+from rnnserve_server.engine.vocab import Vocab
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle

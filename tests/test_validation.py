@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from rnnserve import Client, InvalidArgument, TrainingDiverged
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server.model import ModelConfig, Trainer
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.engine.trainer import ModelConfig, Trainer
+from rnnserve_server.engine.vocab import Vocab
 
 from tests.cli_runner import rnnserve
 
@@ -62,7 +62,7 @@ def test_long_tails_are_scored_as_strands_from_zero_states(
 ) -> None:
     """A long tail is read as parallel strands, each from a zero state, in bounded chunks:
     the same sum as scoring each strand alone, and close to one strand over all of it."""
-    from rnnserve_server import scoring
+    from rnnserve_server.engine.rnn import scoring
 
     text = TEXT * 3
     vocab = Vocab.from_text(text)

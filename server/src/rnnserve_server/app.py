@@ -25,14 +25,14 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 from rnnserve_server import logs, metrics
+from rnnserve_server.api.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
+from rnnserve_server.api.servicer import Servicer
 from rnnserve_server.cluster.wiring import ClusterNode
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import CheckpointError
-from rnnserve_server.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
-from rnnserve_server.local_store import LocalStore
-from rnnserve_server.registry import Registry
-from rnnserve_server.service import Servicer
+from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.startup import StartupError, TlsFiles, check_data_dir, load_tls
+from rnnserve_server.storage.local_store import LocalStore
 
 log = logs.get_logger("rnnserve.app")
 

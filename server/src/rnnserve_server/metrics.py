@@ -50,7 +50,7 @@ from rnnserve_server import __version__
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from rnnserve_server.registry import Registry
+    from rnnserve_server.sessions.registry import Registry
 
 # The *_created series double every counter's output and nobody graphs them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -22,8 +22,8 @@ from grpc import aio
 from redis.exceptions import RedisError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
+from rnnserve_server.api.interceptors import _Refused, guard_deserializer, rebuild
 from rnnserve_server.cluster.forward import FORWARDED_KEY, Forwarder, Kind, method_kinds
-from rnnserve_server.interceptors import _Refused, guard_deserializer, rebuild
 
 SESSION_KEY = "x-session-id"
 SERVICE = pb.DESCRIPTOR.services_by_name["RnnService"]
@@ -117,7 +117,7 @@ class Router(Interceptor):
         except aio.AbortError:
             raise
         except Exception as exc:
-            from rnnserve_server.service import _abort_for
+            from rnnserve_server.api.servicer import _abort_for
 
             await _abort_for(exc, context)
         raise AssertionError("abort returned")  # pragma: no cover
@@ -136,7 +136,7 @@ class Router(Interceptor):
         list_sessions = self.list_sessions
 
         async def behavior(request: Any, context: Any) -> Any:
-            from rnnserve_server.service import _abort_for  # the servicer's status mapping
+            from rnnserve_server.api.servicer import _abort_for  # the servicer's status mapping
 
             try:
                 return await list_sessions(request, context)
@@ -155,7 +155,7 @@ class Router(Interceptor):
         async def decode(raw: bytes, context: Any) -> Any:
             request = guarded(raw)
             if isinstance(request, _Refused):  # oversized or malformed: the guard's status
-                from rnnserve_server.service import _abort_for
+                from rnnserve_server.api.servicer import _abort_for
 
                 await _abort_for(request.error, context)
             return request

@@ -26,6 +26,7 @@ import grpc.aio
 from redis.exceptions import RedisError
 
 from rnnserve_server import logs
+from rnnserve_server.cluster.cluster_store import ClusterStore
 from rnnserve_server.cluster.coordinator import Coordinator
 from rnnserve_server.cluster.forward import Forwarder
 from rnnserve_server.cluster.health import RedisHealth
@@ -33,10 +34,9 @@ from rnnserve_server.cluster.loss_stream import LossStreams
 from rnnserve_server.cluster.ownership import Ownership
 from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
 from rnnserve_server.cluster.shared_store import SharedStore
-from rnnserve_server.cluster.store import ClusterStore
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import StorageError
-from rnnserve_server.session import StopCause
+from rnnserve_server.sessions.session import StopCause
 
 log = logs.get_logger("rnnserve.cluster")
 
@@ -309,8 +309,8 @@ class ClusterNode:
         state from its owner (GetSession through this replica's own router)."""
         from rnnserve.v1 import rnn_service_pb2 as pb
 
+        from rnnserve_server.api.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_token_after
         from rnnserve_server.errors import InvalidArgumentError
-        from rnnserve_server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_token_after
 
         if request.page_size < 0:
             raise InvalidArgumentError(f"page_size must be >= 0 (0 means {DEFAULT_PAGE_SIZE})")

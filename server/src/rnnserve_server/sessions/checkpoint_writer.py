@@ -1,0 +1,156 @@
+"""Write-behind checkpoints: at most one write per session in flight, requests coalesced,
+failures tracked (health goes NOT_SERVING while any session can't be saved)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rnnserve_server import metrics
+from rnnserve_server.errors import StorageError, StorageFullError
+from rnnserve_server.logs import get_logger
+from rnnserve_server.sessions.session import Session
+from rnnserve_server.storage.store import Store
+
+log = get_logger("rnnserve.registry")
+
+T = TypeVar("T")
+
+
+def storage_error(exc: BaseException) -> StorageError:
+    """The client's sentence for a failed checkpoint write or delete (no paths: the server log
+    has those); StorageFullError when the disk is full."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFullError(
+            "the server's disk is full, so the change could not be saved; retry once the "
+            "operator has freed space in its data directory"
+        )
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StorageError(
+            "the server's data directory is not writable, so the change could not be saved; "
+            "the operator must make it writable, then retry"
+        )
+    return StorageError(
+        "the server could not save to its data directory; retry later (the server log has "
+        "the details)"
+    )
+
+
+class CheckpointWriter:
+    """The checkpoint half of Registry (a mixin: the attributes are Registry's)."""
+
+    store: Store
+    unsaved: dict[str, StorageError]
+    on_storage_change: Callable[[bool], None] | None
+    shutting_down: bool
+
+    if TYPE_CHECKING:
+
+        async def run_io(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+        def _evict_over_limit(self, keep: Session | None = None) -> None: ...
+
+    def request_checkpoint(self, session: Session) -> asyncio.Task[None]:
+        """Write the session soon; the task finishes once every change so far is saved.
+
+        Write-behind: at most one write per session is in flight; requests made meanwhile
+        (a run of Steps) coalesce into one more write when it finishes. Train calls this
+        every checkpoint_interval and at its end; Step, AppendText, create, eviction and
+        shutdown after each change.
+        """
+        session.dirty = True
+        task = session.checkpoint_task
+        if task is None or task.done():
+            task = asyncio.create_task(self._checkpoint_loop(session))
+            session.checkpoint_task = task
+        return task
+
+    async def flush(self, session: Session) -> None:
+        """Return once every change made so far is on disk (or failed, logged)."""
+        if session.deleted or not session.resident:
+            return
+        if not session.dirty and session.checkpointed_step == session.step:
+            task = session.checkpoint_task
+            if task is not None and not task.done():
+                await asyncio.shield(task)
+            return
+        await asyncio.shield(self.request_checkpoint(session))
+
+    async def _checkpoint_loop(self, session: Session) -> None:
+        while session.dirty and not session.deleted:
+            session.dirty = False
+            try:
+                await self.run_io(self._write, session)
+            except Exception as exc:
+                session.dirty = True
+                log.error("checkpoint_failed", session_id=session.id, error=repr(exc))
+                self._mark_unsaved(session, storage_error(exc))
+                return
+            self._mark_saved(session)
+        if not self.shutting_down:
+            self._evict_over_limit()
+
+    def _mark_unsaved(self, session: Session, error: StorageError) -> None:
+        first = not self.unsaved
+        self.unsaved[session.id] = error
+        session.checkpoint_error = str(error)
+        if first:
+            log.error("storage_failing", error=str(error))
+            if self.on_storage_change is not None:
+                self.on_storage_change(False)
+
+    def _mark_saved(self, session: Session) -> None:
+        session.checkpoint_error = None
+        if self.unsaved.pop(session.id, None) is not None and not self.unsaved:
+            log.info("storage_recovered")
+            if self.on_storage_change is not None:
+                self.on_storage_change(True)
+
+    async def check_writable(self, session: Session) -> None:
+        """Before a change: if the session's last checkpoint failed, try again now, and raise
+        its StorageError if it still fails (a change that can't be kept is refused)."""
+        if session.id not in self.unsaved:
+            return
+        await self.flush(session)
+        failed = self.unsaved.get(session.id)
+        if failed is not None:
+            raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
+
+    def _write(self, session: Session) -> None:
+        if self.store.ensure_dirs():
+            log.error(
+                "data_dir_recreated",
+                data_dir=self.store.location,
+                error="the data directory was deleted while the server ran; sessions not in "
+                "memory were lost with it",
+            )
+        # The corpus file may have gone with a deleted directory: write it again.
+        if session.corpus_on_disk is not None and not self.store.has_corpus(session.id):
+            session.corpus_on_disk = None
+        ckpt = session.snapshot()
+        if ckpt is None:
+            return
+        with session.io_lock:
+            if session.deleted:  # never resurrect a deleted session's file
+                return
+            started = time.perf_counter()
+            try:
+                size = self.store.save(ckpt)
+            except BaseException:
+                metrics.record_checkpoint(time.perf_counter() - started, ok=False)
+                raise
+            metrics.record_checkpoint(time.perf_counter() - started)
+            session.corpus_on_disk = ckpt.corpus
+        session.checkpointed_step = int(ckpt.meta["step"])
+        log.debug(
+            "checkpoint_written",
+            session_id=session.id,
+            step=session.checkpointed_step,
+            corpus_chars=ckpt.corpus.length if ckpt.corpus is not None else None,
+            bytes=size,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )

@@ -1,0 +1,255 @@
+"""Session archives: what ExportSession streams and ImportSession reads.
+
+Format ``rnnserve.archive`` version 1: an uncompressed numpy ``.npz`` (a zip of ``.npy``
+files, written with ``allow_pickle=False`` and read the same way, so no code ever runs):
+
+- ``meta``: uint8, the UTF-8 bytes of a JSON object ``{"format": "rnnserve.archive",
+  "version": 1, "session_id", "create_time", "update_time" (unix seconds), "step", "loss",
+  "smoothed_loss", "validation": [[step, loss], ...], "trainer": {"format", "config",
+  "alphabet", "step_count", "windows", "optim"}}``; ``trainer.config`` holds every
+  hyperparameter (hidden_size, optimizer, validation_fraction, ...);
+- ``loss_history``: float64, ``loss_history[i]`` is the loss of step ``i + 1``;
+- ``corpus``: int32 character ids (indices into ``trainer.alphabet``);
+- ``trainer.<name>``: every other array of the engine's state, by name: the weights
+  (``trainer.Wxh``, ``trainer.Whh``, ``trainer.Why``, ``trainer.bh``, ``trainer.by`` for the
+  tanh RNN; other cells add their own names), the optimizer state (``trainer.optim.*``), the
+  carried hidden states and the strand cursors.
+
+Reading is hostile-input-proof: the caller bounds the archive's size; every entry's name,
+compression and ``.npy`` header (dtype, shape) is checked before its data is read, a header
+must describe exactly the bytes present (no allocation beyond the archive's size), object
+dtypes are refused, and ``check`` (the server's limits on the config, alphabet and corpus)
+runs before any array is read. Every problem is an ``InvalidArgumentError`` naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import zipfile
+import zlib
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+
+from rnnserve_server.engine.trainer import EngineError, ModelConfig
+from rnnserve_server.errors import InvalidArgumentError
+from rnnserve_server.storage.checkpoint import Checkpoint
+
+FORMAT = "rnnserve.archive"
+VERSION = 1
+MAX_ENTRIES = 256  # far more arrays than any engine state has
+MAX_META_BYTES = 64 * 1024 * 1024  # the JSON (mostly the validation history)
+_NAME_RE = re.compile(r"(meta|loss_history|corpus|trainer\.[A-Za-z0-9_.]{1,100})\.npy", re.ASCII)
+_NUMERIC_KINDS = "iuf"
+_INT32, _INT64 = 2**31 - 1, 2**63 - 1
+
+# check(config, alphabet, corpus_length): raise for a config, alphabet or corpus over a limit.
+Check = Callable[[ModelConfig, str, int], None]
+
+
+def write(ckpt: Checkpoint) -> bytes:
+    """The archive of a checkpoint whose ``trainer_arrays`` hold the corpus."""
+    meta = dict(ckpt.meta)
+    meta.update(format=FORMAT, version=VERSION, session_id=ckpt.session_id)
+    meta["trainer"] = ckpt.trainer_meta
+    arrays: dict[str, np.ndarray] = {
+        "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+        "loss_history": np.asarray(ckpt.loss_history, dtype="<f8"),
+        "corpus": np.asarray(ckpt.trainer_arrays["corpus"], dtype="<i4"),
+    }
+    for name, value in ckpt.trainer_arrays.items():
+        if name != "corpus":
+            arrays["trainer." + name] = np.asarray(value)
+    buffer = io.BytesIO()
+    cast(Any, np.savez)(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _bad(reason: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"the archive is not a valid rnnserve session archive: {reason}; use a file made by "
+        "ExportSession (rnnserve export)"
+    )
+
+
+def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[np.dtype, tuple[int, ...]]:
+    """An entry's .npy dtype and shape, read from its header only, checked against the
+    entry's size: the data must be exactly what the header says."""
+    with zf.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format version {version}")
+        except ValueError as exc:
+            raise _bad(f"{info.filename}: bad .npy header ({exc})") from None
+        offset = f.tell()
+    if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None:
+        raise _bad(f"{info.filename}: dtype {dtype} is not a plain number type")
+    if fortran:
+        raise _bad(f"{info.filename}: Fortran-ordered arrays are not used")
+    count = 1
+    for n in shape:
+        if not isinstance(n, int) or n < 0:
+            raise _bad(f"{info.filename}: bad shape {shape}")
+        count *= n
+    if offset + count * dtype.itemsize != info.file_size:
+        raise _bad(
+            f"{info.filename}: its header declares {dtype}{shape}, which does not match the "
+            f"{info.file_size - offset} bytes of data present"
+        )
+    return dtype, tuple(shape)
+
+
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with zf.open(info) as f:
+        try:
+            array: np.ndarray = np.lib.format.read_array(f, allow_pickle=False)
+            return array
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise _bad(f"{info.filename}: unreadable ({exc})") from None
+
+
+# What zipfile, zlib and numpy raise on corrupt input (found by fuzzing: bad CRCs, headers
+# that disagree with the directory, "encrypted" flags, unknown zip versions, bad offsets).
+_CORRUPT = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    OverflowError,
+    KeyError,
+    IndexError,
+)
+
+
+def read(data: bytes, check: Check) -> Checkpoint:
+    """Parse and check an archive; the Checkpoint has the corpus in ``trainer_arrays``.
+
+    ``data`` is already bounded by the caller (max_import_bytes). The arrays' shapes are
+    checked against the config by the engine when the session is built from it. Any
+    corruption is an InvalidArgumentError.
+    """
+    try:
+        return _read_archive(data, check)
+    except _CORRUPT as exc:
+        raise _bad(f"it is corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _read_archive(data: bytes, check: Check) -> Checkpoint:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise _bad(f"not a zip/npz file ({exc})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ENTRIES:
+            raise _bad(f"{len(infos)} entries (at most {MAX_ENTRIES})")
+        entries: dict[str, zipfile.ZipInfo] = {}
+        total = 0
+        for info in infos:
+            if not _NAME_RE.fullmatch(info.filename):
+                raise _bad(f"unexpected entry {info.filename[:100]!r}")
+            if info.filename in entries:
+                raise _bad(f"entry {info.filename!r} appears twice")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise _bad(f"{info.filename}: unsupported compression {info.compress_type}")
+            total += info.file_size
+            entries[info.filename] = info
+        # Deflated entries could expand far beyond the archive: bound what they declare
+        # (zipfile stops at the declared size, so the declaration is what is read).
+        if total > max(len(data), 1) * 2 + 1_000_000:
+            raise _bad(f"its entries declare {total} bytes, far more than the archive holds")
+        for name in ("meta", "loss_history", "corpus"):
+            if name + ".npy" not in entries:
+                raise _bad(f"the {name!r} entry is missing")
+        headers = {name: _header(zf, info) for name, info in entries.items()}
+
+        dtype, shape = headers["meta.npy"]
+        if dtype != np.uint8 or len(shape) != 1 or shape[0] > MAX_META_BYTES:
+            raise _bad("'meta' is not a UTF-8 JSON byte array of a sane size")
+        try:
+            meta = json.loads(_read(zf, entries["meta.npy"]).tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _bad(f"'meta' is not valid UTF-8 JSON ({type(exc).__name__})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise _bad(f"'meta' has no format tag {FORMAT!r}")
+        if meta.get("version") != VERSION:
+            raise InvalidArgumentError(
+                f"archive format version {meta.get('version')!r} is not supported: this "
+                f"server reads version {VERSION}"
+            )
+        trainer_meta = meta.pop("trainer", None)
+        if not isinstance(trainer_meta, dict) or not isinstance(trainer_meta.get("config"), dict):
+            raise _bad("'meta' has no trainer config")
+        alphabet = trainer_meta.get("alphabet")
+        if not isinstance(alphabet, str):
+            raise _bad("'meta' has no alphabet")
+        try:
+            config = ModelConfig.from_dict(dict(trainer_meta["config"]))
+        except EngineError as exc:
+            raise _bad(f"its config is invalid ({exc})") from None
+        if not isinstance(trainer_meta.get("optim"), dict):
+            raise _bad("'meta' trainer.optim is not an object")
+        # Counters must fit the wire's integer fields (int32 settings, int64 steps and seed)
+        # and be >= 0: an optimizer's step count of -1 would divide by zero in Adam.
+        for name, value, bound in (
+            ("config.reset_every", config.reset_every, _INT32),
+            ("config.seed", config.seed, _INT64),
+            ("step_count", trainer_meta.get("step_count"), _INT64),
+            ("windows", trainer_meta.get("windows"), _INT64),
+            *((f"optim.{k}", v, _INT64) for k, v in trainer_meta["optim"].items()),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
+                raise _bad(f"'meta' trainer.{name} must be an integer from 0 to {bound}")
+
+        dtype, shape = headers["corpus.npy"]
+        if dtype.kind not in "iu" or len(shape) != 1:
+            raise _bad("'corpus' is not a 1-D array of character ids")
+        check(config, alphabet, shape[0])  # limits, before any large array is read
+        dtype, shape = headers["loss_history.npy"]
+        step = meta.get("step")
+        if dtype.kind != "f" or len(shape) != 1 or not isinstance(step, int) or shape[0] != step:
+            raise _bad(f"'loss_history' does not hold one loss per step (step {step!r})")
+
+        history = _read(zf, entries["loss_history.npy"]).astype(np.float64)
+        arrays = {"corpus": _read(zf, entries["corpus.npy"])}
+        for name, info in entries.items():
+            if name.startswith("trainer."):
+                arrays[name[len("trainer.") : -len(".npy")]] = _read(zf, info)
+    for name, arr in arrays.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise _bad(f"array {name!r} holds NaN or infinite values")
+    if not np.isfinite(history).all():
+        raise _bad("'loss_history' holds NaN or infinite values")
+    session_meta: dict[str, Any] = {}
+    for key in ("create_time", "update_time", "loss", "smoothed_loss"):
+        value = meta.get(key, 0.0)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise _bad(f"'meta'.{key} is not a finite number")
+        session_meta[key] = float(value)
+    session_meta["step"] = step
+    session_meta["validation"] = meta.get("validation", [])
+    session_id = meta.get("session_id")
+    return Checkpoint(
+        session_id if isinstance(session_id, str) else "",
+        session_meta,
+        arrays,
+        trainer_meta,
+        history,
+    )
