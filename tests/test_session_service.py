@@ -50,8 +50,8 @@ async def test_a_session_lives_its_whole_life_without_a_server(tmp_path: Path) -
         assert len(text) == 50 and set(text) <= set(TEXT)
         predicted, loss = await service.predict("s1", "the fox")
         assert len(predicted) == 7 and loss > 0
-        sessions, token, total = service.list(0, "")
-        assert [s.id for s in sessions] == ["s1"] and token == "" and total == 1
+        sessions, next_after, total = service.list(10, "")
+        assert [s.id for s in sessions] == ["s1"] and next_after == "" and total == 1
         watch = service.watch("s1", 1)
         history = await anext(watch)
         await watch.aclose()

@@ -164,7 +164,7 @@ async def serve(settings: Settings) -> int:
     metrics_server = None
     if settings.metrics_port:
         try:
-            metrics_server = metrics.start(settings.address, settings.metrics_port, registry)
+            metrics_server = metrics.start(settings.address, settings.metrics_port, registry.gauges)
         except OSError as exc:
             log.error("cannot_bind_metrics", port=settings.metrics_port, error=str(exc))
             await registry.close()

@@ -21,6 +21,7 @@ from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 from rnnserve_server.api import converters as cv
 from rnnserve_server.api import status
 from rnnserve_server.api.converters import session_to_pb
+from rnnserve_server.api.paging import page_token_after, read_page_request
 from rnnserve_server.config import Settings
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.registry import Registry
@@ -119,7 +120,10 @@ class Servicer(pb_grpc.RnnServiceServicer):
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
         """One page of sessions ordered by id (as many as fit in one message)."""
-        sessions, token, total = self.sessions.list(request.page_size, request.page_token)
+        self.sessions.check_serving()
+        size, after = read_page_request(request.page_size, request.page_token)
+        sessions, next_after, total = self.sessions.list(size, after)
+        token = page_token_after(next_after) if next_after else ""
         items, token = cv.fit_page(sessions, token, self.settings.max_message_bytes)
         return pb.ListSessionsResponse(sessions=items, next_page_token=token, total_size=total)
 

@@ -15,8 +15,6 @@ forwarder and the router, and keeps the registry's view of sessions in step with
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import time
 from typing import Any
@@ -25,12 +23,14 @@ import grpc
 import grpc.aio
 from redis.exceptions import RedisError
 
-from rnnserve_server import logs
+from rnnserve_server import logs, metrics
+from rnnserve_server.api.paging import page_token_after, read_page_request
 from rnnserve_server.cluster.cluster_store import ClusterStore
 from rnnserve_server.cluster.coordinator import Coordinator
 from rnnserve_server.cluster.forward import Forwarder
 from rnnserve_server.cluster.health import RedisHealth
 from rnnserve_server.cluster.loss_stream import LossStreams
+from rnnserve_server.cluster.metrics import ClusterCollector, ClusterCounts
 from rnnserve_server.cluster.ownership import Ownership
 from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
 from rnnserve_server.cluster.shared_store import SharedStore
@@ -104,11 +104,24 @@ class ClusterNode:
         self._releaser = asyncio.create_task(self._release_loop(), name="cluster-release")
         if self.settings.gc_interval > 0:
             self._collector = asyncio.create_task(self._gc_loop(), name="cluster-gc")
-        from rnnserve_server import metrics
-        from rnnserve_server.cluster.metrics import ClusterCollector
-
-        metrics.REGISTRY.register(ClusterCollector(self))
+        metrics.REGISTRY.register(ClusterCollector(self.counts))
         log.info("cluster_joined", advertise=self.ownership.address)
+
+    def counts(self) -> ClusterCounts:
+        """This replica's cluster counters, for /metrics (read at scrape time)."""
+        store, health = self.store, self.health
+        return ClusterCounts(
+            owned_sessions=len(self.ownership.owned()),
+            forwards=self.forwarder.forwards,
+            lease_renew_failures=self.ownership.renew_failures,
+            leases_lost=self.ownership.leases_lost,
+            activations=self.activations,
+            failovers=self.failovers,
+            stale_writes=store.stale_writes if store is not None else 0,
+            gc_sweeps=self.gc_sweeps,
+            gc_removed=self.gc_removed,
+            redis_up=health is None or health.serving,
+        )
 
     async def taken_elsewhere(self, session_id: str) -> bool:
         """True if the id is in the cluster's directory (ForkSession / ImportSession onto a
@@ -309,24 +322,7 @@ class ClusterNode:
         state from its owner (GetSession through this replica's own router)."""
         from rnnserve.v1 import rnn_service_pb2 as pb
 
-        from rnnserve_server.api.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_token_after
-        from rnnserve_server.errors import InvalidArgumentError
-
-        if request.page_size < 0:
-            raise InvalidArgumentError(f"page_size must be >= 0 (0 means {DEFAULT_PAGE_SIZE})")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = ""
-        if request.page_token:
-            try:
-                after = base64.urlsafe_b64decode(request.page_token.encode("ascii")).decode()
-                if not after.startswith("a:"):
-                    raise ValueError(after)
-                after = after[2:]
-            except (ValueError, UnicodeError, binascii.Error):
-                raise InvalidArgumentError(
-                    "page_token is not one this server issued; pass the previous response's "
-                    "next_page_token, or empty for the first page"
-                ) from None
+        size, after = read_page_request(request.page_size, request.page_token)
         ids, next_after = await self.coordinator.list_sessions(size, after)
         total = await self.coordinator.count()
         metadata = [

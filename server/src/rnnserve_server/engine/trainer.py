@@ -119,7 +119,7 @@ class Trainer(TrainerInference):
         self.corpus_length = int(ids.shape[0])
         self.step_count = 0  # updates applied
         self.windows = 0  # corpus steps applied (drives reset_every)
-        self._dtype = np.dtype(config.dtype)
+        self.dtype = np.dtype(config.dtype)
         V, H, B = vocab.size, config.hidden_size, config.batch_size
         rng = np.random.default_rng(config.seed)
         # None: the seed's one-layer tanh RNN (this module); else a cells.py model.
@@ -133,12 +133,12 @@ class Trainer(TrainerInference):
             self._theta, self.params = cells.init_stack(self._spec, rng, config.dtype)
             state_size = self._spec.state_size
         # Draws the dropout masks; its state is checkpointed so a resumed trainer draws the same.
-        self._dropout_rng = np.random.default_rng([config.seed, 1])
+        self.dropout_rng = np.random.default_rng([config.seed, 1])
         self.parameter_count = int(self._theta.shape[0])
         self._optimizer: Optimizer = make_optimizer(
-            config.optimizer, self.parameter_count, config.learning_rate, self._dtype
+            config.optimizer, self.parameter_count, config.learning_rate, self.dtype
         )
-        self.hidden = np.zeros((B, state_size), dtype=self._dtype)  # carried state per strand
+        self.hidden = np.zeros((B, state_size), dtype=self.dtype)  # carried state per strand
         self.cursors = (np.arange(B, dtype=np.int64) * self.train_length) // B  # (B,)
         self._offsets = np.arange(config.seq_length + 1, dtype=np.int64)  # (T+1,)
         # Scratch used only during an update, allocated by the first one and freed by
@@ -209,7 +209,7 @@ class Trainer(TrainerInference):
             if corpus:
                 if self._ws is None:
                     H, V = self.config.hidden_size, self.vocab.size
-                    self._ws = Workspace(T, B, H, V, self._dtype)
+                    self._ws = Workspace(T, B, H, V, self.dtype)
                 ws = self._ws
             assert ws is None or isinstance(ws, Workspace)
             loss, _, last = loss_and_grads(self.params, inputs, targets, state, grads=grads, ws=ws)
@@ -217,11 +217,11 @@ class Trainer(TrainerInference):
         stack_ws = None
         if corpus:
             if self._ws is None:
-                self._ws = cells.StackWorkspace(self._spec, T, B, self._dtype)
+                self._ws = cells.StackWorkspace(self._spec, T, B, self.dtype)
             stack_ws = self._ws
         assert stack_ws is None or isinstance(stack_ws, cells.StackWorkspace)
         masks = cells.dropout_masks(
-            self._spec, self.config.dropout, T, B, self._dropout_rng, self._dtype
+            self._spec, self.config.dropout, T, B, self.dropout_rng, self.dtype
         )
         return cells.loss_and_grads(
             self._spec, self.params, inputs, targets, state, grads, stack_ws, masks
@@ -249,7 +249,7 @@ class Trainer(TrainerInference):
                 f"the loss ({loss}) or gradient norm ({grad_norm}) is not finite; the update "
                 "was not applied (the learning rate is probably too high)"
             )
-        clip = self._dtype.type(self.config.clip)
+        clip = self.dtype.type(self.config.clip)
         np.clip(g, -clip, clip, out=g)
         with np.errstate(all="ignore"):
             self._optimizer.propose(self._theta, g, self._proposed)
@@ -296,7 +296,7 @@ class Trainer(TrainerInference):
         cursors = (strands * L // B + progress) % L  # (B,)
         moved = cursors != self.cursors
         if moved.any():
-            self.hidden = np.where(moved[:, None], self._dtype.type(0), self.hidden)
+            self.hidden = np.where(moved[:, None], self.dtype.type(0), self.hidden)
             self.cursors = cursors
 
     def step(self) -> StepResult:
@@ -314,12 +314,12 @@ class Trainer(TrainerInference):
         over = cursors + T > L  # (B,) strands whose window would pass the end restart at 0
         if over.any():
             cursors = np.where(over, 0, cursors)
-            hidden = np.where(over[:, None], self._dtype.type(0), hidden)
+            hidden = np.where(over[:, None], self.dtype.type(0), hidden)
         idx = cursors[:, None] + self._offsets  # (B, T+1)
         if int(cursors.max()) + T >= L:
             idx %= L  # only the very last target can wrap: cyclic corpus
         window = self._corpus[idx]  # (B, T+1)
-        rng_state = self._dropout_rng.bit_generator.state
+        rng_state = self.dropout_rng.bit_generator.state
         try:
             with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
                 loss, h_last = self._forward_backward(
@@ -327,7 +327,7 @@ class Trainer(TrainerInference):
                 )
             grad_norm = self._apply(loss)
         except DivergedError:
-            self._dropout_rng.bit_generator.state = rng_state
+            self.dropout_rng.bit_generator.state = rng_state
             raise
         self.hidden = h_last
         self.cursors = cursors + T
@@ -341,14 +341,14 @@ class Trainer(TrainerInference):
         seq = self._check_ids(ids, "text")
         if seq.shape[0] < 2:
             raise EngineError("text must have at least 2 characters to train on")
-        h0 = np.zeros((1, self.hidden.shape[1]), dtype=self._dtype)
-        rng_state = self._dropout_rng.bit_generator.state
+        h0 = np.zeros((1, self.hidden.shape[1]), dtype=self.dtype)
+        rng_state = self.dropout_rng.bit_generator.state
         try:
             with np.errstate(all="ignore"):  # non-finite values are reported as DivergedError
                 loss, _ = self._forward_backward(seq[None, :-1], seq[None, 1:], h0, corpus=False)
             grad_norm = self._apply(loss)
         except DivergedError:
-            self._dropout_rng.bit_generator.state = rng_state
+            self.dropout_rng.bit_generator.state = rng_state
             raise
         T = seq.shape[0] - 1
         return StepResult(self.step_count, loss / T, grad_norm, T)
@@ -366,7 +366,7 @@ class Trainer(TrainerInference):
         config.validate()
         old = self._optimizer
         optimizer = make_optimizer(
-            config.optimizer, self.parameter_count, config.learning_rate, self._dtype
+            config.optimizer, self.parameter_count, config.learning_rate, self.dtype
         )
         if config.optimizer == old.name:
             optimizer.load_state(old.state_arrays(), old.state_meta())
@@ -385,4 +385,11 @@ class Trainer(TrainerInference):
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Trainer:
         """Rebuild a trainer from ``state_dict()`` output, exactly (bit for bit); EngineError
         if the state is malformed or its arrays do not match its config."""
-        return trainer_state.from_state(arrays, meta)
+        config, vocab = trainer_state.read_header(meta)
+        try:
+            corpus = np.asarray(arrays["corpus"])
+        except KeyError as exc:
+            raise EngineError(f"engine state is missing {exc}") from None
+        trainer = cls(config, vocab, corpus)
+        trainer_state.restore(trainer, arrays, meta)
+        return trainer

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from rnnserve_server.api.paging import page_ids
 from rnnserve_server.config import Settings
 from rnnserve_server.engine.trainer import (
     ModelConfig,
@@ -32,6 +31,7 @@ from rnnserve_server.errors import (
     StorageError,
 )
 from rnnserve_server.logs import get_logger
+from rnnserve_server.metrics import SessionGauges
 from rnnserve_server.sessions.checkpoint_writer import CheckpointWriter, storage_error
 from rnnserve_server.sessions.factory import SessionFactory, _damaged, _public_reason
 from rnnserve_server.sessions.limits import (
@@ -208,10 +208,19 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
                 ) from None
             log.info("session_reloaded", session_id=session.id, step=session.step)
 
-    def page(self, page_size: int, page_token: str) -> tuple[list[Session], str, int]:
-        """One page of sessions ordered by id: (sessions, next_page_token, total)."""
-        chosen, token = page_ids(self.sessions, page_size, page_token)
-        return [self.sessions[i] for i in chosen], token, len(self.sessions)
+    def gauges(self) -> SessionGauges:
+        """The session gauges of metrics.py. Runs in the metrics HTTP server's thread: reads
+        only, copying containers before iterating."""
+        sessions = list(self.sessions.values())
+        on_disk = 0
+        with contextlib.suppress(OSError):  # data dir gone: report what can be seen
+            on_disk = len(self.store.scan()[0])
+        return SessionGauges(
+            known=len(sessions),
+            resident=sum(1 for s in sessions if s.resident),
+            on_disk=on_disk,
+            unsaved=len(self.unsaved),
+        )
 
     # ----- create / delete / append -----------------------------------------------------
 

@@ -128,10 +128,15 @@ class SessionService:
         self.registry.check_serving()
         return self.registry.get(session_id)
 
-    def list(self, page_size: int, page_token: str) -> tuple[builtins.list[Session], str, int]:
-        """One page of sessions ordered by id: (sessions, next_page_token, total)."""
+    def list(self, size: int, after: str) -> tuple[builtins.list[Session], str, int]:
+        """Up to ``size`` sessions ordered by id, those after the id ``after``: (sessions, the
+        id the next page starts after, "" on the last page; the number of sessions)."""
         self.registry.check_serving()
-        return self.registry.page(page_size, page_token)
+        sessions = self.registry.sessions
+        later = sorted(i for i in sessions if i > after)
+        chosen = later[:size]
+        next_after = chosen[-1] if len(later) > size else ""
+        return [sessions[i] for i in chosen], next_after, len(sessions)
 
     async def delete(self, session_id: str) -> None:
         """Remove the session; a running Train ends with stop reason "deleted"."""
