@@ -60,7 +60,7 @@ def _outcome(registry: Registry, blob: bytes) -> str:
     try:
         ckpt = archive.read(blob, registry.check_import)
         ckpt.session_id = "y"
-        session = registry._session_from(ckpt, {})
+        session = registry.factory.from_checkpoint(ckpt, {})
     except (InvalidArgumentError, LimitExceededError):
         return "refused"
     # A valid archive with an absurd learning rate diverges (not applied), as for any session.

@@ -463,7 +463,7 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
         registry = Registry(Settings(data_dir=tmp_path, max_hidden_size=4096), store)
         tracemalloc.start()
         try:
-            loaded = registry._load_new("claims")
+            loaded = registry.factory.load("claims")
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()

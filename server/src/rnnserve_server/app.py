@@ -221,7 +221,7 @@ async def serve(settings: Settings) -> int:
     def on_redis_change(ok: bool) -> None:
         set_health("redis", ok)
 
-    registry.on_storage_change = on_storage_change
+    registry.checkpoints.on_storage_change = on_storage_change
     if node is not None:
         node.attach(registry, port)
         node.start_health(on_redis_change)  # NOT_SERVING while Redis is unreachable

@@ -173,7 +173,7 @@ class ClusterNode:
         self._active[session_id] = token
         if await self.coordinator.pointer(session_id) is None:
             return  # not created yet (or deleted): the call answers for itself
-        session = await registry.run_io(registry._load_new, session_id)
+        session = await registry.run_io(registry.factory.load, session_id)
         registry.sessions[session_id] = session
         session.deleted = False
         self.activations += 1
@@ -240,7 +240,7 @@ class ClusterNode:
             session.deleted = True  # no more checkpoints from here
             session.request_stop(StopCause.SHUTDOWN)
             session.close_watchers()
-            registry._mark_saved(session)
+            registry.checkpoints.mark_saved(session)
 
     async def _drop_stale(self, session_id: str) -> None:
         """A checkpoint was refused: another replica owns the session now. Drop it here, and
@@ -249,13 +249,12 @@ class ClusterNode:
         if session_id in registry.sessions and self.ownership.lease(session_id) is None:
             await self._on_lost(session_id)
         for _ in range(100):  # the registry records the failure once the write returns
-            if session_id in registry.unsaved:
+            if session_id in registry.checkpoints.unsaved:
                 break
             await asyncio.sleep(0.02)
-        if registry.unsaved.pop(session_id, None) is not None and not registry.unsaved:
-            log.info("storage_recovered", reason="stale write refused, not a storage failure")
-            if registry.on_storage_change is not None:
-                registry.on_storage_change(True)
+        registry.checkpoints.forget_failure(
+            session_id, reason="stale write refused, not a storage failure"
+        )
 
     async def _release_loop(self) -> None:
         """Give back leases of sessions the registry evicted (idle, or over the resident
@@ -274,7 +273,7 @@ class ClusterNode:
                 if session.busy or session.users or session.watchers:
                     continue
                 if session.resident and cutoff is not None and session.last_used < cutoff:
-                    await self.registry.flush(session)
+                    await self.registry.checkpoints.flush(session)
                     if not (session.dirty or session.checkpointed_step != session.step):
                         session.evict()
                 if not session.resident:

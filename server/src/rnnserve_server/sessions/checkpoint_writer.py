@@ -7,7 +7,7 @@ import asyncio
 import errno
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from concurrent.futures import Executor
 
 from rnnserve_server import metrics
 from rnnserve_server.errors import StorageError, StorageFullError
@@ -16,8 +16,6 @@ from rnnserve_server.sessions.session import Session
 from rnnserve_server.storage.store import Store
 
 log = get_logger("rnnserve.registry")
-
-T = TypeVar("T")
 
 
 def storage_error(exc: BaseException) -> StorageError:
@@ -41,20 +39,21 @@ def storage_error(exc: BaseException) -> StorageError:
 
 
 class CheckpointWriter:
-    """The checkpoint half of Registry (a mixin: the attributes are Registry's)."""
+    """Write-behind checkpoints of sessions into a Store, and which sessions' writes failed.
 
-    store: Store
-    unsaved: dict[str, StorageError]
-    on_storage_change: Callable[[bool], None] | None
-    shutting_down: bool
+    Writes run in the ``io`` executor. ``after_writes`` is called (on the event loop) whenever a
+    session's writes finish, so its owner can act on what is now saved (the registry evicts).
+    """
 
-    if TYPE_CHECKING:
+    def __init__(self, store: Store, io: Executor) -> None:
+        self.store = store
+        self.io = io
+        # Sessions whose last checkpoint failed; while any is, health is NOT_SERVING.
+        self.unsaved: dict[str, StorageError] = {}
+        self.on_storage_change: Callable[[bool], None] | None = None  # called with ok
+        self.after_writes: Callable[[], None] | None = None
 
-        async def run_io(self, fn: Callable[..., T], *args: Any) -> T: ...
-
-        def _evict_over_limit(self, keep: Session | None = None) -> None: ...
-
-    def request_checkpoint(self, session: Session) -> asyncio.Task[None]:
+    def request(self, session: Session) -> asyncio.Task[None]:
         """Write the session soon; the task finishes once every change so far is saved.
 
         Write-behind: at most one write per session is in flight; requests made meanwhile
@@ -78,21 +77,21 @@ class CheckpointWriter:
             if task is not None and not task.done():
                 await asyncio.shield(task)
             return
-        await asyncio.shield(self.request_checkpoint(session))
+        await asyncio.shield(self.request(session))
 
     async def _checkpoint_loop(self, session: Session) -> None:
         while session.dirty and not session.deleted:
             session.dirty = False
             try:
-                await self.run_io(self._write, session)
+                await asyncio.get_running_loop().run_in_executor(self.io, self._write, session)
             except Exception as exc:
                 session.dirty = True
                 log.error("checkpoint_failed", session_id=session.id, error=repr(exc))
                 self._mark_unsaved(session, storage_error(exc))
                 return
-            self._mark_saved(session)
-        if not self.shutting_down:
-            self._evict_over_limit()
+            self.mark_saved(session)
+        if self.after_writes is not None:
+            self.after_writes()
 
     def _mark_unsaved(self, session: Session, error: StorageError) -> None:
         first = not self.unsaved
@@ -103,10 +102,15 @@ class CheckpointWriter:
             if self.on_storage_change is not None:
                 self.on_storage_change(False)
 
-    def _mark_saved(self, session: Session) -> None:
+    def mark_saved(self, session: Session) -> None:
+        """The session has nothing unsaved (written, or gone with its files)."""
         session.checkpoint_error = None
-        if self.unsaved.pop(session.id, None) is not None and not self.unsaved:
-            log.info("storage_recovered")
+        self.forget_failure(session.id)
+
+    def forget_failure(self, session_id: str, **why: str) -> None:
+        """Forget the session's failed write; health turns SERVING again if it was the last."""
+        if self.unsaved.pop(session_id, None) is not None and not self.unsaved:
+            log.info("storage_recovered", **why)
             if self.on_storage_change is not None:
                 self.on_storage_change(True)
 

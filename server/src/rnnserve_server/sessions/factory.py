@@ -5,7 +5,7 @@ checkpoint that can't be read."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -21,13 +21,13 @@ from rnnserve_server.storage.store import Checkpoint, Store
 log = get_logger("rnnserve.registry")
 
 
-def _damaged(exc: BaseException) -> bool:
+def damaged(exc: BaseException) -> bool:
     """Whether a load failure means the file is unreadable or damaged (DATA_LOSS), not only
     refused by this server's limits (a CheckpointError with ``damaged=False``)."""
     return not isinstance(exc, CheckpointError) or exc.damaged
 
 
-def _public_reason(exc: BaseException) -> str:
+def public_reason(exc: BaseException) -> str:
     """Why a checkpoint can't be loaded, as clients see it: a sentence without paths or
     exception text (those go to the server log)."""
     if isinstance(exc, CheckpointError):
@@ -36,22 +36,22 @@ def _public_reason(exc: BaseException) -> str:
 
 
 class SessionFactory:
-    """The session-making half of Registry (a mixin: the attributes are Registry's)."""
+    """Makes the sessions of one server: checked against its settings' limits, loaded from its
+    store. Makes and checks; never registers (the registry does)."""
 
-    settings: Settings
-    store: Store
-
-    if TYPE_CHECKING:
-
-        def check_corpus_limits(self, session_bytes: int, added: int) -> None: ...
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
 
     def check_config_limits(self, config: ModelConfig) -> None:
         """LimitExceededError when a hyperparameter is over its server limit."""
         check_config_limits(self.settings, config)
 
-    def _load_new(self, session_id: str) -> Session:
+    def load(self, session_id: str) -> Session:
+        """The session kept in the store under ``session_id`` (I/O: call in a worker thread);
+        a broken session if its checkpoint can't be loaded."""
         try:
-            return Session.from_checkpoint(self.store.load(session_id, self._check_checkpoint))
+            return Session.from_checkpoint(self.store.load(session_id, self.check_checkpoint))
         except Exception as exc:  # a bad file must never stop the server
             error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             log.error("checkpoint_broken", session_id=session_id, error=error)
@@ -59,9 +59,9 @@ class SessionFactory:
                 mtime = self.store.mtime(session_id)
             except OSError:
                 mtime = time.time()
-            return Session.broken(session_id, _public_reason(exc), mtime, _damaged(exc))
+            return Session.broken(session_id, public_reason(exc), mtime, damaged(exc))
 
-    def _check_checkpoint(
+    def check_checkpoint(
         self, trainer_meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]
     ) -> None:
         """Refuse a checkpoint whose model is over this server's limits, or whose arrays are
@@ -105,14 +105,9 @@ class SessionFactory:
                     public="its checkpoint is damaged (array shapes do not match its config)",
                 )
 
-    def check_import(self, config: ModelConfig, alphabet: str, corpus_length: int) -> None:
-        """The limits an archive or copy must meet, checked before its arrays are read:
-        config limits, alphabet size, and the corpus length (a character is >= 1 byte)."""
-        self.check_config_limits(config)
-        check_alphabet_size(self.settings, len(alphabet))
-        self.check_corpus_limits(0, corpus_length)
-
-    def _session_from(self, ckpt: Checkpoint, changes: dict[str, Any]) -> Session:
+    def from_checkpoint(self, ckpt: Checkpoint, changes: dict[str, Any]) -> Session:
+        """A new session made from a checkpoint held in memory (an imported archive, a fork's
+        copy) with ``changes`` to its settings, checked; nothing of it is on disk yet."""
         try:
             session = Session.from_checkpoint(ckpt)
             if changes:
@@ -133,7 +128,8 @@ class SessionFactory:
         session.dirty = True
         return session
 
-    def _build_trainer(self, config: ModelConfig, text: str, alphabet: str) -> Trainer:
+    def build_trainer(self, config: ModelConfig, text: str, alphabet: str) -> Trainer:
+        """A new trainer of ``config`` on ``text`` (compute: call in a worker thread)."""
         try:
             vocab = Vocab(alphabet) if alphabet else Vocab.from_text(text)
         except ValueError as exc:

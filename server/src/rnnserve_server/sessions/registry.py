@@ -1,6 +1,8 @@
 """id -> Session: the directory of a server's sessions: creation, lookup, deletion, loading.
 
-Checkpoint writes are checkpoints.py's, eviction residency.py's, limits limits.py's.
+It is composed of the parts that keep the sessions: the factory (factory.py) makes them, the
+checkpoint writer (checkpoint_writer.py) writes them behind, residency (residency.py) evicts;
+the server's size limits are limits.py's.
 
 All methods run on the event loop; blocking work (model set-up, disk I/O) goes to executors.
 """
@@ -28,48 +30,54 @@ from rnnserve_server.errors import (
     SessionExistsError,
     SessionNotFoundError,
     ShuttingDownError,
-    StorageError,
 )
 from rnnserve_server.logs import get_logger
 from rnnserve_server.metrics import SessionGauges
 from rnnserve_server.sessions.checkpoint_writer import CheckpointWriter, storage_error
-from rnnserve_server.sessions.factory import SessionFactory, _damaged, _public_reason
+from rnnserve_server.sessions.factory import SessionFactory, damaged, public_reason
 from rnnserve_server.sessions.limits import (
+    check_alphabet_size,
     check_corpus_limits,
     limit_error,
 )
-from rnnserve_server.sessions.residency import Residency, _session_bytes, resident_bytes
+from rnnserve_server.sessions.residency import Residency, resident_bytes, session_bytes
 from rnnserve_server.sessions.session import Session, StopCause
 from rnnserve_server.storage.store import Checkpoint, Store, validate_session_id
 
 log = get_logger("rnnserve.registry")
 
 T = TypeVar("T")
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
-class Registry(SessionFactory, Residency, CheckpointWriter):
-    """The sessions of one server and the data directory behind them."""
+class Registry:
+    """The sessions of one server and the data directory behind them, with the parts that
+    keep them: ``factory`` makes them, ``checkpoints`` writes them behind, ``residency``
+    decides which stay in memory."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
         self.sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()  # ids being created
-        self._pending_bytes = 0  # resident_bytes of the sessions being created
         self.shutting_down = False
         # Training and sampling run here; disk I/O has its own pool so checkpoints never queue
         # behind long training chunks.
         self.compute = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rnnserve-compute")
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rnnserve-io")
+        self.factory = SessionFactory(settings, store)
+        self.checkpoints = CheckpointWriter(store, self.io)
+        self.residency = Residency(settings, self.sessions, self.checkpoints)
+        # Residency asks for a checkpoint before it evicts a changed session; once written,
+        # the session can go.
+        self.checkpoints.after_writes = self._evict_after_writes
         self._evictor: asyncio.Task[None] | None = None
-        # Sessions whose last checkpoint failed; while any is, health is NOT_SERVING.
-        self.unsaved: dict[str, StorageError] = {}
-        self.on_storage_change: Callable[[bool], None] | None = None  # called with ok
         # Cluster mode: True if an id not in this registry is taken by a session kept
         # elsewhere (another replica, the shared directory); None in one process.
         self.taken_elsewhere: Callable[[str], Awaitable[bool]] | None = None
+
+    def _evict_after_writes(self) -> None:
+        if not self.shutting_down:
+            self.residency.evict_over_limit()
 
     # ----- executors --------------------------------------------------------------------
 
@@ -95,23 +103,20 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             log.warning("ignored_files", directory=self.store.location, files=ignored[:20])
         broken = 0
         for session_id in ids:
-            session = await self.run_io(self._load_new, session_id)
+            session = await self.run_io(self.factory.load, session_id)
             self.sessions[session_id] = session
             if session.broken_error is not None:
                 broken += 1
-            elif (
-                self._resident_count() > self.settings.max_resident_sessions
-                or self._resident_bytes() > self.settings.max_resident_bytes
-            ):
+            elif self.residency.over_budget():
                 session.evict()
         log.info(
             "sessions_loaded",
             sessions=len(self.sessions),
             broken=broken,
-            resident=self._resident_count(),
+            resident=self.residency.resident_count(),
             data_dir=self.store.location,
         )
-        self._evictor = asyncio.create_task(self._evict_loop())
+        self._evictor = asyncio.create_task(self.residency.evict_loop())
 
     def begin_shutdown(self) -> None:
         """Refuse new work, stop running Trains and end watch streams."""
@@ -130,7 +135,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._evictor
         await asyncio.gather(
-            *(self.flush(s) for s in list(self.sessions.values()) if s.resident),
+            *(self.checkpoints.flush(s) for s in list(self.sessions.values()) if s.resident),
             return_exceptions=True,
         )
         unsaved = sorted(
@@ -181,7 +186,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         finally:
             session.users -= 1
             session.last_used = time.monotonic()
-        self._evict_over_limit(keep=session)
+        self.residency.evict_over_limit(keep=session)
 
     async def _ensure_loaded(self, session: Session) -> None:
         if session.resident:
@@ -191,15 +196,15 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         async with session.load_lock:
             if session.resident:
                 return
-            await self.make_room(_session_bytes(session), keep=session)
+            await self.residency.make_room(session_bytes(session), keep=session)
             try:
-                ckpt = await self.run_io(self.store.load, session.id, self._check_checkpoint)
+                ckpt = await self.run_io(self.store.load, session.id, self.factory.check_checkpoint)
                 await self.run(session.attach, ckpt)
             except Exception as exc:
                 error = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
                 log.error("reload_failed", session_id=session.id, error=error)
-                session.broken_error = _public_reason(exc)
-                session.broken_damaged = _damaged(exc)
+                session.broken_error = public_reason(exc)
+                session.broken_damaged = damaged(exc)
                 raise SessionBrokenError(
                     f"session {session.id!r} could not be reloaded from disk: "
                     f"{session.broken_error}",
@@ -219,7 +224,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             known=len(sessions),
             resident=sum(1 for s in sessions if s.resident),
             on_disk=on_disk,
-            unsaved=len(self.unsaved),
+            unsaved=len(self.checkpoints.unsaved),
         )
 
     # ----- create / delete / append -----------------------------------------------------
@@ -228,6 +233,26 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         """LimitExceededError when the corpus (UTF-8 bytes) would outgrow a limit."""
         total = sum(x.summary.corpus_bytes for x in self.sessions.values())
         check_corpus_limits(self.settings, session_bytes, added, total)
+
+    def check_import(self, config: ModelConfig, alphabet: str, corpus_length: int) -> None:
+        """The limits an archive or copy must meet, checked before its arrays are read:
+        config limits, alphabet size, and the corpus length (a character is >= 1 byte)."""
+        self.factory.check_config_limits(config)
+        check_alphabet_size(self.settings, len(alphabet))
+        self.check_corpus_limits(0, corpus_length)
+
+    def _check_room_for(self, session_id: str) -> None:
+        """Before a new session is made: ALREADY_EXISTS if the id is in use (or being
+        created), RESOURCE_EXHAUSTED if max_sessions are there already."""
+        if session_id in self.sessions or session_id in self._reserved:
+            raise _exists(session_id)
+        if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
+            raise limit_error(
+                "the number of sessions",
+                len(self.sessions) + 1,
+                self.settings.max_sessions,
+                "max_sessions",
+            )
 
     async def create(
         self, session_id: str, config: ModelConfig, text: str, alphabet: str
@@ -240,39 +265,28 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             session_id = "s-" + secrets.token_hex(6)
             while session_id in self.sessions or session_id in self._reserved:
                 session_id = "s-" + secrets.token_hex(6)
-        if session_id in self.sessions or session_id in self._reserved:
-            raise _exists(session_id)
-        if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
-            raise limit_error(
-                "the number of sessions",
-                len(self.sessions) + 1,
-                self.settings.max_sessions,
-                "max_sessions",
-            )
-        self.check_config_limits(config)
+        self._check_room_for(session_id)
+        self.factory.check_config_limits(config)
         self.check_corpus_limits(0, utf8_size(text))
         alphabet_size = len(alphabet) if alphabet else len(set(text))
         needed = resident_bytes(config, alphabet_size, len(text))
         self._reserved.add(session_id)
         try:
-            await self.make_room(needed)
-            self._pending_bytes += needed  # counted until the session itself is
-            try:
-                trainer = await self.run(self._build_trainer, config, text, alphabet)
+            await self.residency.make_room(needed)
+            with self.residency.reserving(needed):  # counted until the session itself is
+                trainer = await self.run(self.factory.build_trainer, config, text, alphabet)
                 session = Session.new(session_id, trainer)
                 self.sessions[session_id] = session
-            finally:
-                self._pending_bytes -= needed
         finally:
             self._reserved.discard(session_id)
-        await self.flush(session)
-        failed = self.unsaved.get(session_id)
+        await self.checkpoints.flush(session)
+        failed = self.checkpoints.unsaved.get(session_id)
         if failed is not None:
             # Never acknowledge a session that is not on disk: forget it and its files.
             if self.sessions.get(session_id) is session:
                 del self.sessions[session_id]
             session.deleted = True
-            self._mark_saved(session)
+            self.checkpoints.mark_saved(session)
             with contextlib.suppress(Exception):
                 await self.run_io(self._delete_file, session)
             log.error("create_not_saved", session_id=session_id, error=str(failed))
@@ -284,7 +298,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             alphabet_size=len(session.summary.alphabet),
             parameters=session.summary.parameter_count,
         )
-        self._evict_over_limit()
+        self.residency.evict_over_limit()
         return session
 
     async def adopt(self, ckpt: Checkpoint, changes: dict[str, Any] | None = None) -> Session:
@@ -293,25 +307,17 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         self.check_serving()
         session_id = ckpt.session_id
         validate_session_id(session_id)
-        if session_id in self.sessions or session_id in self._reserved:
-            raise _exists(session_id)
-        if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
-            raise limit_error(
-                "the number of sessions",
-                len(self.sessions) + 1,
-                self.settings.max_sessions,
-                "max_sessions",
-            )
+        self._check_room_for(session_id)
         if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
             raise _exists(session_id)
         self._reserved.add(session_id)
         try:
-            session = await self.run(self._session_from, ckpt, changes or {})
+            session = await self.run(self.factory.from_checkpoint, ckpt, changes or {})
             self.check_corpus_limits(0, session.summary.corpus_bytes)
             self.sessions[session_id] = session
         finally:
             self._reserved.discard(session_id)
-        await self.flush(session)
+        await self.checkpoints.flush(session)
         if session.dirty or session.checkpointed_step != session.step:
             # Never acknowledge a session that is not on disk: take it back.
             self.sessions.pop(session_id, None)
@@ -328,7 +334,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             step=session.step,
             corpus_chars=session.summary.corpus_chars,
         )
-        self._evict_over_limit()
+        self.residency.evict_over_limit()
         return session
 
     async def delete(self, session_id: str) -> None:
@@ -343,7 +349,7 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
             raise storage_error(exc) from None
         if self.sessions.get(session_id) is session:
             del self.sessions[session_id]
-        self._mark_saved(session)
+        self.checkpoints.mark_saved(session)
         session.request_stop(StopCause.DELETED)
         session.close_watchers()
         log.info("session_deleted", session_id=session_id)
@@ -358,14 +364,14 @@ class Registry(SessionFactory, Residency, CheckpointWriter):
         self.check_corpus_limits(
             session.summary.corpus_bytes, session.require_trainer().vocab.utf8_size(ids)
         )
-        await self.check_writable(session)
+        await self.checkpoints.check_writable(session)
         session.begin("AppendText")
         try:
             before = await self.run(session.append, ids)
             # Durable before acknowledged (a big, rare call): it waits for its checkpoint,
             # still busy so no update reads the text before it is kept or taken back.
-            await self.flush(session)
-            failed = self.unsaved.get(session.id)
+            await self.checkpoints.flush(session)
+            failed = self.checkpoints.unsaved.get(session.id)
             if failed is not None:
                 await self.run(session.undo_append, before)
                 raise type(failed)(str(failed))  # a fresh one: the stored error is raised again

@@ -4,16 +4,18 @@ recently used eviction, idle eviction."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import numpy as np
 
 from rnnserve_server.config import Settings
 from rnnserve_server.engine import budget
 from rnnserve_server.engine.trainer import ModelConfig, parameter_total
-from rnnserve_server.errors import LimitExceededError, StorageError
+from rnnserve_server.errors import LimitExceededError
 from rnnserve_server.logs import get_logger
+from rnnserve_server.sessions.checkpoint_writer import CheckpointWriter
 from rnnserve_server.sessions.limits import limit_message
 from rnnserve_server.sessions.session import Session
 
@@ -38,7 +40,8 @@ def resident_bytes(config: ModelConfig, vocab_size: int, corpus_chars: int) -> i
     return weights + window + B * H * item + corpus_chars * id_bytes
 
 
-def _session_bytes(session: Session) -> int:
+def session_bytes(session: Session) -> int:
+    """``resident_bytes`` of a session, from what it reports while evicted too."""
     summary = session.summary
     if summary.config is None:
         return 0
@@ -46,25 +49,33 @@ def _session_bytes(session: Session) -> int:
 
 
 class Residency:
-    """The eviction half of Registry (a mixin: the attributes are Registry's)."""
+    """Which of a registry's sessions stay in memory. Evicting a session with unsaved changes
+    waits for its checkpoint: ``checkpoints`` writes it (and tells the registry, which calls
+    ``evict_over_limit`` again)."""
 
-    settings: Settings
-    sessions: dict[str, Session]
-    unsaved: dict[str, StorageError]
-    _pending_bytes: int
+    def __init__(
+        self, settings: Settings, sessions: dict[str, Session], checkpoints: CheckpointWriter
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions  # the registry's: read here, never changed
+        self.checkpoints = checkpoints
+        self.pending_bytes = 0  # resident_bytes of the sessions being created
 
-    if TYPE_CHECKING:
-
-        async def flush(self, session: Session) -> None: ...
-
-        def request_checkpoint(self, session: Session) -> asyncio.Task[None]: ...
+    @contextlib.contextmanager
+    def reserving(self, nbytes: int) -> Iterator[None]:
+        """Count ``nbytes`` as resident while the block runs (a session being created)."""
+        self.pending_bytes += nbytes
+        try:
+            yield
+        finally:
+            self.pending_bytes -= nbytes
 
     async def make_room(self, needed: int, keep: Session | None = None) -> None:
         """Evict least recently used idle sessions until ``needed`` more bytes fit within
         max_resident_bytes; LimitExceededError naming the setting if they can't."""
         budget = self.settings.max_resident_bytes
 
-        used = self._resident_bytes
+        used = self.resident_bytes
         if needed <= budget and used() + needed > budget:  # too big alone: evict nothing
             lru = sorted(
                 (s for s in self.sessions.values() if s.resident and s is not keep),
@@ -75,7 +86,7 @@ class Residency:
                     break
                 if session.busy or session.users or session.watchers:
                     continue
-                await self.flush(session)  # evictable once its changes are on disk
+                await self.checkpoints.flush(session)  # evictable once its changes are on disk
                 if session.evict():
                     log.info("session_evicted", session_id=session.id, reason="max_resident_bytes")
         total = used() + needed
@@ -93,22 +104,31 @@ class Residency:
                 value=total,
             )
 
-    def _resident_bytes(self) -> int:
+    def resident_bytes(self) -> int:
         """Bytes the resident sessions hold, plus those of sessions being created."""
-        resident = sum(_session_bytes(s) for s in self.sessions.values() if s.resident)
-        return resident + self._pending_bytes
+        resident = sum(session_bytes(s) for s in self.sessions.values() if s.resident)
+        return resident + self.pending_bytes
 
-    def _resident_count(self) -> int:
+    def resident_count(self) -> int:
+        """How many sessions have their model in memory."""
         return sum(1 for s in self.sessions.values() if s.resident)
 
-    def _evict_over_limit(self, keep: Session | None = None) -> None:
+    def over_budget(self) -> bool:
+        """True while the resident sessions are over either budget (count or bytes)."""
+        return (
+            self.resident_count() > self.settings.max_resident_sessions
+            or self.resident_bytes() > self.settings.max_resident_bytes
+        )
+
+    def evict_over_limit(self, keep: Session | None = None) -> None:
         """Evict least recently used sessions beyond max_resident_sessions (never ``keep``).
 
-        A session with unsaved changes is checkpointed first; the checkpoint calls this again.
+        A session with unsaved changes is checkpointed first; the registry calls this again
+        once the checkpoint is written.
         """
         if len(self.sessions) <= self.settings.max_resident_sessions:
             return  # nothing to evict; skips an O(sessions) count on every call
-        excess = self._resident_count() - self.settings.max_resident_sessions
+        excess = self.resident_count() - self.settings.max_resident_sessions
         if excess <= 0:
             return
         lru = sorted(
@@ -121,13 +141,15 @@ class Residency:
             if session.dirty or session.checkpointed_step != session.step:
                 task = session.checkpoint_task
                 if task is None or task.done():
-                    self.request_checkpoint(session)  # evictable once written
+                    self.checkpoints.request(session)  # evictable once written
                 continue
             if session.evict():
                 excess -= 1
                 log.info("session_evicted", session_id=session.id, reason="max_resident_sessions")
 
-    async def _evict_loop(self) -> None:
+    async def evict_loop(self) -> None:
+        """Forever: evict sessions idle past --idle-evict-seconds, retry failed checkpoints
+        (so they recover once there is room), keep within max_resident_sessions."""
         idle = self.settings.idle_evict_seconds
         period = min(max(idle / 4, 0.05), 30.0) if idle > 0 else 30.0
         while True:
@@ -137,12 +159,12 @@ class Residency:
                 for session in list(self.sessions.values()):
                     if session.resident and session.last_used < cutoff:
                         if session.dirty:
-                            self.request_checkpoint(session)
+                            self.checkpoints.request(session)
                         elif session.evict():
                             log.info("session_evicted", session_id=session.id, reason="idle")
             # Sessions whose checkpoint failed: try again, so they recover once there is room.
-            for session_id in list(self.unsaved):
+            for session_id in list(self.checkpoints.unsaved):
                 failing = self.sessions.get(session_id)
                 if failing is not None and failing.resident:
-                    self.request_checkpoint(failing)
-            self._evict_over_limit()
+                    self.checkpoints.request(failing)
+            self.evict_over_limit()

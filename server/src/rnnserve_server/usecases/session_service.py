@@ -114,7 +114,7 @@ class SessionService:
     ) -> Session:
         """Check the config against the limits, then create and persist the session."""
         self.registry.check_serving()
-        self.registry.check_config_limits(config)  # the size limits first: they say more
+        self.registry.factory.check_config_limits(config)  # the size limits first: they say more
         self.limits.check_create_memory(config, text, alphabet)
         try:
             session = await self.registry.create(session_id, config, text, alphabet)
@@ -204,7 +204,7 @@ class SessionService:
             try:
                 await self.registry.run(session.reconfigure, changes)
                 # Still busy while it is written, so no other change can mark it dirty.
-                await self.registry.flush(session)
+                await self.registry.checkpoints.flush(session)
                 if session.dirty:  # the write failed: never acknowledge what is not kept
                     raise CheckpointError(
                         f"session {session.id!r} was updated in memory but could not be "
@@ -280,7 +280,7 @@ class SessionService:
             raise InvalidArgumentError(f"until_step must be >= 1, not {until_step}")
         async with self.registry.use(session_id) as session:
             if session.checkpoint_error is not None:  # a change that can't be kept: refused
-                await self.registry.check_writable(session)
+                await self.registry.checkpoints.check_writable(session)
             ids = None
             if text:
                 self.limits.check_text(text, "text")
@@ -307,7 +307,7 @@ class SessionService:
                 session.end()
                 session.notify()
             # Write-behind: the reply doesn't wait; checkpointed_step says what is durable.
-            self.registry.request_checkpoint(session)
+            self.registry.checkpoints.request(session)
         return StepOutcome(
             step=result.step,
             loss=result.loss,

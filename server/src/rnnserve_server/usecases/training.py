@@ -193,7 +193,7 @@ async def train(
             plan.window_min = math.inf
             return high
 
-        await registry.check_writable(session)
+        await registry.checkpoints.check_writable(session)
         limits.check_update_memory(session, "Train", o.sample_length)
         session.begin("Train")
         if o.until_step is not None:  # a Step may have run meanwhile: never train past it
@@ -233,13 +233,13 @@ async def train(
                     bound.warning("train_diverged", step=session.step, error=str(chunk.error))
                     diverged = True
                     break
-                unsaved = registry.unsaved.get(session.id)
+                unsaved = registry.checkpoints.unsaved.get(session.id)
                 if unsaved is not None:  # don't train on what can't be kept
                     bound.warning("train_unsaved", step=session.step, error=str(unsaved))
                     raise type(unsaved)(str(unsaved))
                 now = time.monotonic()
                 if now - last_ckpt >= s.checkpoint_interval:
-                    registry.request_checkpoint(session)
+                    registry.checkpoints.request(session)
                     last_ckpt = now
                 if now - last_log >= PROGRESS_LOG_SECONDS:
                     bound.info(
@@ -280,7 +280,7 @@ async def train(
             session.end()
             session.notify()  # watchers waiting for the Train to end
             if not session.deleted:
-                registry.request_checkpoint(session)
+                registry.checkpoints.request(session)
             elapsed = time.monotonic() - start
             bound.info(
                 "train_finished",
@@ -290,7 +290,7 @@ async def train(
                 cause=session.stop_cause.value,
             )
         if not session.deleted:
-            await registry.flush(session)
+            await registry.checkpoints.flush(session)
         final = progress(reason)
         if o.sample_length and not session.deleted:
             final.sample = await sample()
