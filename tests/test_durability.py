@@ -468,7 +468,7 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
         finally:
             tracemalloc.stop()
         assert peak < 20_000_000, peak  # the hidden-3000 model was never allocated
-        assert loaded.broken_error is not None and "array shapes" in loaded.broken_error
+        assert loaded.broken is not None and "array shapes" in loaded.broken.reason
     finally:
         store.close()
 

@@ -39,7 +39,7 @@ async def test_a_session_lives_its_whole_life_without_a_server(tmp_path: Path) -
     try:
         config = PRESETS["default"].replace(hidden_size=16, seq_length=8, batch_size=2, seed=1)
         session = await service.create("s1", config, TEXT, "")
-        assert session.id == "s1" and session.checkpointed_step == 0
+        assert session.id == "s1" and session.checkpoint.step == 0
         assert (await service.step("s1")).step == 1
         reports = [p async for p in service.train("s1", TrainOptions(steps=20, report_every=10))]
         assert [p.steps_done for p in reports] == [10, 20]

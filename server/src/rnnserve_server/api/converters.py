@@ -206,26 +206,26 @@ def session_to_pb(session: Session) -> pb.Session:
     msg = pb.Session(
         session_id=session.id,
         step=session.step,
-        loss=session.loss,
-        smoothed_loss=session.smoothed_loss,
+        loss=session.losses.loss,
+        smoothed_loss=session.losses.smoothed_loss,
         create_time=_timestamp(session.create_time),
         update_time=_timestamp(session.update_time),
         resident=session.resident,
-        checkpointed_step=max(session.checkpointed_step, 0),
+        checkpointed_step=max(session.checkpoint.step, 0),
     )
-    if session.validation_step:
-        msg.validation_loss = session.validation_loss
-        msg.validation_step = session.validation_step
-    if session.broken_error is not None:
+    if session.losses.validation_step:
+        msg.validation_loss = session.losses.validation_loss
+        msg.validation_step = session.losses.validation_step
+    if session.broken is not None:
         msg.state = pb.SESSION_STATE_BROKEN
-        msg.error = session.broken_error
+        msg.error = session.broken.reason
         return msg
     msg.state = (
         pb.SESSION_STATE_TRAINING if session.busy in ("Train", "Step") else pb.SESSION_STATE_READY
     )
-    if session.checkpoint_error is not None:
+    if session.checkpoint.error is not None:
         msg.state = pb.SESSION_STATE_UNSAVED
-        msg.error = session.checkpoint_error
+        msg.error = session.checkpoint.error
     summary = session.summary
     msg.corpus_chars = summary.corpus_chars
     msg.alphabet = summary.alphabet

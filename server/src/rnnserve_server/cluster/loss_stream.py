@@ -139,7 +139,7 @@ class LossStreams:
                         published + 1,
                         losses,
                         token=token,
-                        validation=session.validation,
+                        validation=session.losses.validation,
                     )
                     published += len(losses)
                     self._published[session_id] = published

@@ -217,7 +217,9 @@ class ClusterNode:
     async def _release(self, session_id: str) -> None:
         async with lock_for(self._locks, session_id):
             session = self.registry.sessions.get(session_id)
-            if session is not None and (session.resident or session.users or session.watchers):
+            if session is not None and (
+                session.resident or session.use.users or session.use.watchers
+            ):
                 return  # in use again
             self.registry.sessions.pop(session_id, None)
             self._active.pop(session_id, None)
@@ -270,11 +272,11 @@ class ClusterNode:
                     if session_id not in self._locks or not self._locks[session_id].locked():
                         self._spawn(self._release(session_id))
                     continue
-                if session.busy or session.users or session.watchers:
+                if session.busy or session.use.users or session.use.watchers:
                     continue
-                if session.resident and cutoff is not None and session.last_used < cutoff:
+                if session.resident and cutoff is not None and session.use.last_used < cutoff:
                     await self.registry.checkpoints.flush(session)
-                    if not (session.dirty or session.checkpointed_step != session.step):
+                    if not session.unsaved_changes:
                         session.evict()
                 if not session.resident:
                     self._spawn(self._release(session_id))

@@ -61,31 +61,31 @@ class CheckpointWriter:
         every checkpoint_interval and at its end; Step, AppendText, create, eviction and
         shutdown after each change.
         """
-        session.dirty = True
-        task = session.checkpoint_task
+        session.checkpoint.dirty = True
+        task = session.checkpoint.task
         if task is None or task.done():
             task = asyncio.create_task(self._checkpoint_loop(session))
-            session.checkpoint_task = task
+            session.checkpoint.task = task
         return task
 
     async def flush(self, session: Session) -> None:
         """Return once every change made so far is on disk (or failed, logged)."""
         if session.deleted or not session.resident:
             return
-        if not session.dirty and session.checkpointed_step == session.step:
-            task = session.checkpoint_task
+        if not session.unsaved_changes:
+            task = session.checkpoint.task
             if task is not None and not task.done():
                 await asyncio.shield(task)
             return
         await asyncio.shield(self.request(session))
 
     async def _checkpoint_loop(self, session: Session) -> None:
-        while session.dirty and not session.deleted:
-            session.dirty = False
+        while session.checkpoint.dirty and not session.deleted:
+            session.checkpoint.dirty = False
             try:
                 await asyncio.get_running_loop().run_in_executor(self.io, self._write, session)
             except Exception as exc:
-                session.dirty = True
+                session.checkpoint.dirty = True
                 log.error("checkpoint_failed", session_id=session.id, error=repr(exc))
                 self._mark_unsaved(session, storage_error(exc))
                 return
@@ -96,7 +96,7 @@ class CheckpointWriter:
     def _mark_unsaved(self, session: Session, error: StorageError) -> None:
         first = not self.unsaved
         self.unsaved[session.id] = error
-        session.checkpoint_error = str(error)
+        session.checkpoint.error = str(error)
         if first:
             log.error("storage_failing", error=str(error))
             if self.on_storage_change is not None:
@@ -104,7 +104,7 @@ class CheckpointWriter:
 
     def mark_saved(self, session: Session) -> None:
         """The session has nothing unsaved (written, or gone with its files)."""
-        session.checkpoint_error = None
+        session.checkpoint.error = None
         self.forget_failure(session.id)
 
     def forget_failure(self, session_id: str, **why: str) -> None:
@@ -133,12 +133,12 @@ class CheckpointWriter:
                 "memory were lost with it",
             )
         # The corpus file may have gone with a deleted directory: write it again.
-        if session.corpus_on_disk is not None and not self.store.has_corpus(session.id):
-            session.corpus_on_disk = None
+        if session.checkpoint.corpus_on_disk is not None and not self.store.has_corpus(session.id):
+            session.checkpoint.corpus_on_disk = None
         ckpt = session.snapshot()
         if ckpt is None:
             return
-        with session.io_lock:
+        with session.checkpoint.io_lock:
             if session.deleted:  # never resurrect a deleted session's file
                 return
             started = time.perf_counter()
@@ -148,12 +148,12 @@ class CheckpointWriter:
                 metrics.record_checkpoint(time.perf_counter() - started, ok=False)
                 raise
             metrics.record_checkpoint(time.perf_counter() - started)
-            session.corpus_on_disk = ckpt.corpus
-        session.checkpointed_step = int(ckpt.meta["step"])
+            session.checkpoint.corpus_on_disk = ckpt.corpus
+        session.checkpoint.step = int(ckpt.meta["step"])
         log.debug(
             "checkpoint_written",
             session_id=session.id,
-            step=session.checkpointed_step,
+            step=session.checkpoint.step,
             corpus_chars=ckpt.corpus.length if ckpt.corpus is not None else None,
             bytes=size,
             ms=round((time.perf_counter() - started) * 1000, 2),

@@ -16,6 +16,7 @@ from rnnserve_server.errors import CheckpointError, InvalidArgumentError, LimitE
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.limits import check_alphabet_size, check_config_limits
 from rnnserve_server.sessions.session import Session
+from rnnserve_server.sessions.session_types import Broken
 from rnnserve_server.storage.store import Checkpoint, Store
 
 log = get_logger("rnnserve.registry")
@@ -59,7 +60,7 @@ class SessionFactory:
                 mtime = self.store.mtime(session_id)
             except OSError:
                 mtime = time.time()
-            return Session.broken(session_id, public_reason(exc), mtime, damaged(exc))
+            return Session.unloadable(session_id, Broken(public_reason(exc), damaged(exc)), mtime)
 
     def check_checkpoint(
         self, trainer_meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]
@@ -123,9 +124,9 @@ class SessionFactory:
                 f"{trainer.train_length} characters trained on"
             )
         session.create_time = session.update_time = time.time()
-        session.corpus_on_disk = None  # nothing on disk yet: the first write has it all
-        session.checkpointed_step = -1
-        session.dirty = True
+        session.checkpoint.corpus_on_disk = None  # nothing on disk yet: the first write has it all
+        session.checkpoint.step = -1
+        session.checkpoint.dirty = True
         return session
 
     def build_trainer(self, config: ModelConfig, text: str, alphabet: str) -> Trainer:

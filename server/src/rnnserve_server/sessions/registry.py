@@ -42,6 +42,7 @@ from rnnserve_server.sessions.limits import (
 )
 from rnnserve_server.sessions.residency import Residency, resident_bytes, session_bytes
 from rnnserve_server.sessions.session import Session, StopCause
+from rnnserve_server.sessions.session_types import Broken
 from rnnserve_server.storage.store import Checkpoint, Store, validate_session_id
 
 log = get_logger("rnnserve.registry")
@@ -105,7 +106,7 @@ class Registry:
         for session_id in ids:
             session = await self.run_io(self.factory.load, session_id)
             self.sessions[session_id] = session
-            if session.broken_error is not None:
+            if session.broken is not None:
                 broken += 1
             elif self.residency.over_budget():
                 session.evict()
@@ -138,11 +139,7 @@ class Registry:
             *(self.checkpoints.flush(s) for s in list(self.sessions.values()) if s.resident),
             return_exceptions=True,
         )
-        unsaved = sorted(
-            s.id
-            for s in self.sessions.values()
-            if s.resident and (s.dirty or s.checkpointed_step != s.step)
-        )
+        unsaved = sorted(s.id for s in self.sessions.values() if s.resident and s.unsaved_changes)
         if unsaved:
             log.error(
                 "shutdown_unsaved",
@@ -178,20 +175,20 @@ class Registry:
         """A loaded, non-broken session, kept resident until the block ends."""
         self.check_serving()
         session = self.get(session_id)
-        session.users += 1
+        session.use.users += 1
         try:
             await self._ensure_loaded(session)
-            session.last_used = time.monotonic()
+            session.use.last_used = time.monotonic()
             yield session
         finally:
-            session.users -= 1
-            session.last_used = time.monotonic()
+            session.use.users -= 1
+            session.use.last_used = time.monotonic()
         self.residency.evict_over_limit(keep=session)
 
     async def _ensure_loaded(self, session: Session) -> None:
         if session.resident:
             return
-        if session.broken_error is not None:
+        if session.broken is not None:
             session.require_trainer()  # raises SessionBrokenError
         async with session.load_lock:
             if session.resident:
@@ -203,13 +200,12 @@ class Registry:
             except Exception as exc:
                 error = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
                 log.error("reload_failed", session_id=session.id, error=error)
-                session.broken_error = public_reason(exc)
-                session.broken_damaged = damaged(exc)
+                session.broken = Broken(public_reason(exc), damaged(exc))
                 raise SessionBrokenError(
                     f"session {session.id!r} could not be reloaded from disk: "
-                    f"{session.broken_error}",
+                    f"{session.broken.reason}",
                     session_id=session.id,
-                    damaged=session.broken_damaged,
+                    damaged=session.broken.damaged,
                 ) from None
             log.info("session_reloaded", session_id=session.id, step=session.step)
 
@@ -318,7 +314,7 @@ class Registry:
         finally:
             self._reserved.discard(session_id)
         await self.checkpoints.flush(session)
-        if session.dirty or session.checkpointed_step != session.step:
+        if session.unsaved_changes:
             # Never acknowledge a session that is not on disk: take it back.
             self.sessions.pop(session_id, None)
             session.deleted = True
@@ -355,7 +351,7 @@ class Registry:
         log.info("session_deleted", session_id=session_id)
 
     def _delete_file(self, session: Session) -> None:
-        with session.io_lock:
+        with session.checkpoint.io_lock:
             self.store.delete(session.id)
             session.deleted = True  # under io_lock: no checkpoint write can follow
 

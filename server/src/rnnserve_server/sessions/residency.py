@@ -79,12 +79,12 @@ class Residency:
         if needed <= budget and used() + needed > budget:  # too big alone: evict nothing
             lru = sorted(
                 (s for s in self.sessions.values() if s.resident and s is not keep),
-                key=lambda s: s.last_used,
+                key=lambda s: s.use.last_used,
             )
             for session in lru:
                 if used() + needed <= budget:
                     break
-                if session.busy or session.users or session.watchers:
+                if session.busy or session.use.users or session.use.watchers:
                     continue
                 await self.checkpoints.flush(session)  # evictable once its changes are on disk
                 if session.evict():
@@ -133,13 +133,13 @@ class Residency:
             return
         lru = sorted(
             (s for s in self.sessions.values() if s.resident and s is not keep),
-            key=lambda s: s.last_used,
+            key=lambda s: s.use.last_used,
         )
         for session in lru:
             if excess <= 0:
                 break
-            if session.dirty or session.checkpointed_step != session.step:
-                task = session.checkpoint_task
+            if session.unsaved_changes:
+                task = session.checkpoint.task
                 if task is None or task.done():
                     self.checkpoints.request(session)  # evictable once written
                 continue
@@ -157,8 +157,8 @@ class Residency:
             if idle > 0:
                 cutoff = time.monotonic() - idle
                 for session in list(self.sessions.values()):
-                    if session.resident and session.last_used < cutoff:
-                        if session.dirty:
+                    if session.resident and session.use.last_used < cutoff:
+                        if session.checkpoint.dirty:
                             self.checkpoints.request(session)
                         elif session.evict():
                             log.info("session_evicted", session_id=session.id, reason="idle")

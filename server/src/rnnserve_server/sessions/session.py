@@ -21,14 +21,20 @@ import numpy as np
 
 from rnnserve_server.engine.trainer import DivergedError, StepResult, Trainer
 from rnnserve_server.errors import SessionBrokenError, SessionBusyError
-from rnnserve_server.sessions.session_state import SessionState
-from rnnserve_server.sessions.session_types import ChunkResult, StopCause, Summary, TrainPlan
-from rnnserve_server.storage.checkpoint import Checkpoint, CorpusRef
+from rnnserve_server.sessions.loss_history import LossHistory
+from rnnserve_server.sessions.session_types import (
+    Broken,
+    CheckpointState,
+    ChunkResult,
+    StopCause,
+    Summary,
+    TrainPlan,
+    Use,
+)
+from rnnserve_server.storage.checkpoint import Checkpoint
 
 __all__ = ["ChunkResult", "Session", "StopCause", "Summary", "TrainPlan"]
 
-# Weight of the newest loss in the exponential moving average reported as smoothed_loss.
-SMOOTHING = 0.02
 # A corpus step that took less than this last time runs on the event loop: the hop to a worker
 # thread and back cost ~0.05-0.2 ms, a large share of a small model's Step (bench/service.py),
 # and blocking the loop this long is no worse than the per-RPC work it already does.
@@ -40,8 +46,13 @@ QUICK_STEP_SECONDS = 0.002
 SCRATCH_IDLE_SECONDS = 1.0
 
 
-class Session(SessionState):
-    """A named model with its training state. See the module docstring for threading rules."""
+class Session:
+    """A named model with its training state. See the module docstring for threading rules.
+
+    Its records are written by their owners: ``losses`` by the session itself, ``checkpoint``
+    by the checkpoint writer, ``use`` by the registry and the use cases, ``broken`` by the
+    factory and the registry; ``deleted`` by the registry (and the cluster) alone.
+    """
 
     def __init__(
         self,
@@ -51,42 +62,24 @@ class Session(SessionState):
         update_time: float | None = None,
     ) -> None:
         self.id = session_id
-        self.lock = threading.Lock()  # guards trainer and history against worker threads
-        self.io_lock = threading.Lock()  # serialises checkpoint writes and the delete of the file
+        self.lock = threading.Lock()  # guards trainer and losses against worker threads
         self.trainer: Trainer | None = None
-        self._hist = np.zeros(0, dtype=np.float64)
-        self._n = 0  # steps recorded; history is _hist[:_n]
-        self.loss = 0.0
-        self.smoothed_loss = 0.0
-        # Validation losses by step (dropped on eviction, restored from the checkpoint), and
-        # the newest one, kept while evicted for GetSession.
-        self.validation: dict[int, float] = {}
-        self.validation_step = 0
-        self.validation_loss = 0.0
+        self.losses = LossHistory()
         self.create_time = create_time
         self.update_time = update_time if update_time is not None else create_time
-        self.last_used = time.monotonic()
         self.summary = Summary(None, "", 0, 0)
-        self.broken_error: str | None = None
-        self.broken_damaged = True  # False: the file is intact, only over this server's limits
-        self.checkpointed_step = -1  # -1: never written
-        self.checkpoint_error: str | None = None  # why the last checkpoint failed (for clients)
-        self.dirty = True
+        self.broken: Broken | None = None
+        self.checkpoint = CheckpointState()
+        self.use = Use()
         self.deleted = False
         self.busy: str | None = None  # "Train", "Step" or "AppendText" while one runs
-        # How long the last few single corpus steps took: their minimum is the step's cost
-        # without the noise of a busy machine (one slow step must not leave the inline path).
-        self.step_seconds: deque[float] = deque(maxlen=4)
         self.cancel = threading.Event()
         self.stop_cause = StopCause.NONE
-        self.users = 0  # in-flight RPCs using the trainer: no eviction meanwhile
-        self.watchers = 0
         self.closing = False  # watch streams end (delete, shutdown)
         self.load_lock = asyncio.Lock()
-        self.checkpoint_task: asyncio.Task[None] | None = None
-        # The corpus file on disk (None: not written yet). A snapshot copies the corpus only
-        # when the trainer's differs from it (created, AppendText, a version-1 checkpoint).
-        self.corpus_on_disk: CorpusRef | None = None
+        # How long the last few single corpus steps took: their minimum is the step's cost
+        # without the noise of a busy machine (one slow step must not leave the inline path).
+        self._step_seconds: deque[float] = deque(maxlen=4)
         self._changed: asyncio.Event | None = None
         self._idle_since = 0.0  # monotonic time of the last end()
         self._scratch_timer: asyncio.TimerHandle | None = None  # pending _release_when_idle
@@ -103,12 +96,11 @@ class Session(SessionState):
         return session
 
     @classmethod
-    def broken(cls, session_id: str, error: str, mtime: float, damaged: bool = True) -> Session:
+    def unloadable(cls, session_id: str, broken: Broken, mtime: float) -> Session:
         """A placeholder for a checkpoint that could not be read."""
         session = cls(session_id, create_time=mtime)
-        session.broken_error = error
-        session.broken_damaged = damaged
-        session.dirty = False
+        session.broken = broken
+        session.checkpoint.dirty = False
         return session
 
     @classmethod
@@ -129,21 +121,69 @@ class Session(SessionState):
             self.require_trainer().reconfigure(**changes)
             self._touch()
 
+    def attach(self, ckpt: Checkpoint) -> None:
+        """Load a checkpoint's trainer and history into this (evicted) session."""
+        trainer = Trainer.from_state(ckpt.trainer_arrays, ckpt.trainer_meta)
+        with self.lock:
+            self.trainer = trainer
+            self.losses.restore(ckpt.loss_history, ckpt.meta)
+            self.checkpoint.step = self.losses.step
+            self.checkpoint.corpus_on_disk = ckpt.corpus
+            self.checkpoint.dirty = False
+            self.broken = None
+            self._refresh_summary()
+        self.use.last_used = time.monotonic()
+
+    def snapshot(self) -> Checkpoint | None:
+        """A consistent copy of the state to write (worker thread); None when evicted.
+
+        The corpus is copied only when it differs from ``checkpoint.corpus_on_disk`` (it only
+        grows, so its length tells); otherwise the checkpoint refers to the corpus file on disk.
+        """
+        with self.lock:
+            trainer = self.trainer
+            if trainer is None:
+                return None
+            arrays, trainer_meta = trainer.state_dict(corpus=False)  # copies
+            on_disk = self.checkpoint.corpus_on_disk
+            if on_disk is None or on_disk.length != trainer.corpus_length:
+                arrays["corpus"] = trainer.corpus.copy()
+                on_disk = None
+            meta = self._meta()
+            history = self.losses.since(0, self.losses.step)
+        return Checkpoint(self.id, meta, arrays, trainer_meta, history, on_disk)
+
+    def export_state(self) -> Checkpoint:
+        """A consistent copy of everything, the corpus included (worker thread): what an
+        archive or a fork holds."""
+        with self.lock:
+            trainer = self.require_trainer()
+            arrays, trainer_meta = trainer.state_dict(corpus=True)  # copies
+            meta = self._meta()
+            history = self.losses.since(0, self.losses.step)
+        return Checkpoint(self.id, meta, arrays, trainer_meta, history)
+
+    def _meta(self) -> dict[str, Any]:
+        """The checkpoint's session fields (under ``lock``)."""
+        return {
+            "create_time": self.create_time,
+            "update_time": self.update_time,
+            **self.losses.meta(),
+        }
+
     def evict(self) -> bool:
         """Drop the Trainer and history from memory if nothing needs them; True if dropped."""
         if (
             self.trainer is None
             or self.busy
-            or self.users
-            or self.watchers
-            or self.dirty
-            or self.checkpointed_step != self._n
+            or self.use.users
+            or self.use.watchers
+            or self.unsaved_changes
         ):
             return False
         with self.lock:
             self.trainer = None
-            self._hist = np.zeros(0, dtype=np.float64)
-            self.validation = {}
+            self.losses.drop()
         return True
 
     # ----- state ------------------------------------------------------------------------
@@ -156,16 +196,21 @@ class Session(SessionState):
     @property
     def step(self) -> int:
         """Updates applied so far (also the length of the loss history)."""
-        return self._n
+        return self.losses.step
+
+    @property
+    def unsaved_changes(self) -> bool:
+        """True while a change is not in a finished checkpoint yet."""
+        return self.checkpoint.dirty or self.checkpoint.step != self.losses.step
 
     def require_trainer(self) -> Trainer:
         """The Trainer, or SessionBrokenError if the session could not be loaded."""
-        if self.broken_error is not None:
+        if self.broken is not None:
             raise SessionBrokenError(
-                f"session {self.id!r} could not be loaded: {self.broken_error}; "
+                f"session {self.id!r} could not be loaded: {self.broken.reason}; "
                 "fix or remove the file, or delete the session",
                 session_id=self.id,
-                damaged=self.broken_damaged,
+                damaged=self.broken.damaged,
             )
         if self.trainer is None:  # pragma: no cover - the registry loads before use
             raise SessionBrokenError(f"session {self.id!r} is not loaded", session_id=self.id)
@@ -173,7 +218,7 @@ class Session(SessionState):
 
     def history(self, start: int, stop: int) -> np.ndarray:
         """Losses of steps start+1 .. stop (0-based slice of the history), a copy."""
-        return self._hist[start : min(stop, self._n)].copy()
+        return self.losses.since(start, stop)
 
     def _refresh_summary(self) -> None:
         trainer = self.trainer
@@ -191,27 +236,6 @@ class Session(SessionState):
             corpus_bytes=corpus_bytes,
             validation_chars=int(trainer.validation_length),
         )
-
-    def _record(self, result: StepResult, validation: float | None = None) -> None:
-        """Append one update's loss, and its validation loss if one was measured (caller
-        holds ``lock``). The validation loss is stored before the step count grows, so a
-        reader that sees the step sees its validation loss too."""
-        if validation is not None:
-            step = self._n + 1
-            self.validation[step] = validation
-            self.validation_step, self.validation_loss = step, validation
-        if self._n == len(self._hist):
-            grown = np.zeros(max(64, 2 * len(self._hist)), dtype=np.float64)
-            grown[: self._n] = self._hist[: self._n]
-            self._hist = grown  # assigned before _n grows, so readers never see a short array
-        self._hist[self._n] = result.loss
-        self.smoothed_loss = (
-            result.loss
-            if self._n == 0
-            else (1 - SMOOTHING) * self.smoothed_loss + SMOOTHING * result.loss
-        )
-        self.loss = result.loss
-        self._n += 1
 
     # ----- busy flag (event loop only) --------------------------------------------------
 
@@ -232,7 +256,7 @@ class Session(SessionState):
         """Clear the busy flag; the trainer's scratch is freed SCRATCH_IDLE_SECONDS later
         unless the session is used again meanwhile."""
         self.busy = None
-        self.last_used = self._idle_since = time.monotonic()
+        self.use.last_used = self._idle_since = time.monotonic()
         if self._scratch_timer is None:  # one timer per session, re-armed while in use
             self._arm_scratch_timer(SCRATCH_IDLE_SECONDS)
 
@@ -256,8 +280,7 @@ class Session(SessionState):
             return
         try:
             self.trainer.release_scratch()
-            if len(self._hist) > self._n:  # doubling left up to half of it unused
-                self._hist = self._hist[: self._n].copy()
+            self.losses.trim()
         finally:
             self.lock.release()
 
@@ -296,7 +319,7 @@ class Session(SessionState):
                     every = plan.eval_every
                     if every and (plan.done % every == 0 or plan.done == plan.steps):
                         validation = trainer.validation_loss()
-                self._record(last, validation)
+                self.losses.record(last.loss, validation)
                 steps += 1
                 chars += last.chars
                 if plan is not None and self._plan_says_stop(plan, last.loss, validation):
@@ -321,7 +344,7 @@ class Session(SessionState):
             if plan.eval_every:  # with a validation split the target is the validation loss
                 if validation is not None and validation <= plan.until_loss:
                     plan.stop = "target"
-            elif self.smoothed_loss <= plan.until_loss:
+            elif self.losses.smoothed_loss <= plan.until_loss:
                 plan.stop = "target"
         return plan.stop is not None
 
@@ -333,7 +356,7 @@ class Session(SessionState):
     def try_step_now(self) -> StepResult | None:
         """One corpus update on the calling thread (the event loop) if recent ones took under
         QUICK_STEP_SECONDS and the lock is free; None otherwise (use step_once in a worker)."""
-        if not self.step_seconds or min(self.step_seconds) >= QUICK_STEP_SECONDS:
+        if not self._step_seconds or min(self._step_seconds) >= QUICK_STEP_SECONDS:
             return None
         if not self.lock.acquire(blocking=False):
             return None
@@ -348,10 +371,10 @@ class Session(SessionState):
         if ids is None:
             started = time.perf_counter()
             result = trainer.step()
-            self.step_seconds.append(time.perf_counter() - started)
+            self._step_seconds.append(time.perf_counter() - started)
         else:
             result = trainer.step_on(ids)
-        self._record(result)
+        self.losses.record(result.loss)
         self._touch()
         return result
 
@@ -391,7 +414,7 @@ class Session(SessionState):
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def _touch(self) -> None:
-        self.dirty = True
+        self.checkpoint.dirty = True
         self.update_time = time.time()
         self._refresh_summary()
 

@@ -179,7 +179,7 @@ class SessionService:
 
     def _encode_for_append(self, session_id: str, text: str, offset: int) -> np.ndarray:
         session = self.registry.get(session_id)
-        if session.broken_error is not None:
+        if session.broken is not None:
             session.require_trainer()
         alphabet = session.summary.alphabet
         bad = sorted(set(text) - set(alphabet))
@@ -205,7 +205,7 @@ class SessionService:
                 await self.registry.run(session.reconfigure, changes)
                 # Still busy while it is written, so no other change can mark it dirty.
                 await self.registry.checkpoints.flush(session)
-                if session.dirty:  # the write failed: never acknowledge what is not kept
+                if session.checkpoint.dirty:  # the write failed: never acknowledge what is not kept
                     raise CheckpointError(
                         f"session {session.id!r} was updated in memory but could not be "
                         "checkpointed; the server log has the reason"
@@ -279,7 +279,7 @@ class SessionService:
         if until_step is not None and until_step < 1:
             raise InvalidArgumentError(f"until_step must be >= 1, not {until_step}")
         async with self.registry.use(session_id) as session:
-            if session.checkpoint_error is not None:  # a change that can't be kept: refused
+            if session.checkpoint.error is not None:  # a change that can't be kept: refused
                 await self.registry.checkpoints.check_writable(session)
             ids = None
             if text:
@@ -313,7 +313,7 @@ class SessionService:
             loss=result.loss,
             grad_norm=result.grad_norm,
             chars=result.chars,
-            checkpointed_step=max(session.checkpointed_step, 0),
+            checkpointed_step=max(session.checkpoint.step, 0),
         )
 
     @staticmethod
@@ -325,7 +325,7 @@ class SessionService:
             loss=float(loss),
             grad_norm=0.0,
             chars=0,
-            checkpointed_step=max(session.checkpointed_step, 0),
+            checkpointed_step=max(session.checkpoint.step, 0),
             replayed=True,
         )
 
@@ -343,7 +343,7 @@ class SessionService:
                 f"from_step must be >= 0 (1 is the first update), not {from_step}"
             )
         async with self.registry.use(session_id) as session:
-            session.watchers += 1
+            session.use.watchers += 1
             try:
                 index = max(from_step, 1) - 1
                 while True:
@@ -351,7 +351,7 @@ class SessionService:
                     while index < session.step:
                         losses = session.history(index, index + WATCH_BATCH)
                         yield [
-                            (index + 1 + i, float(v), session.validation.get(index + 1 + i))
+                            (index + 1 + i, float(v), session.losses.validation.get(index + 1 + i))
                             for i, v in enumerate(losses)
                         ]
                         index += len(losses)
@@ -362,7 +362,7 @@ class SessionService:
                         return
                     await changed.wait()
             finally:
-                session.watchers -= 1
+                session.use.watchers -= 1
 
     # ----- sampling ---------------------------------------------------------------------
 

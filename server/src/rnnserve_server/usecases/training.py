@@ -209,14 +209,16 @@ async def train(
             return TrainProgress(
                 step=session.step,
                 steps_done=done,
-                loss=session.loss,
-                smoothed_loss=session.smoothed_loss,
+                loss=session.losses.loss,
+                smoothed_loss=session.losses.smoothed_loss,
                 chars_per_second=chars / elapsed if elapsed > 0 else 0.0,
                 elapsed_seconds=elapsed,
                 stop_reason=reason,
-                checkpointed_step=max(session.checkpointed_step, 0),
-                validation_loss=session.validation_loss if session.validation_step else 0.0,
-                validation_step=session.validation_step,
+                checkpointed_step=max(session.checkpoint.step, 0),
+                validation_loss=session.losses.validation_loss
+                if session.losses.validation_step
+                else 0.0,
+                validation_step=session.losses.validation_step,
             )
 
         try:
@@ -246,14 +248,14 @@ async def train(
                         "train_progress",
                         step=session.step,
                         done=done,
-                        loss=round(session.smoothed_loss, 4),
+                        loss=round(session.losses.smoothed_loss, 4),
                     )
                     last_log = now
                 due = (done % every == 0) if every else (now - last_report >= 1.0)
                 if (due or done == steps) and chunk.steps and runaway_window():
                     diverged = True
                     bound.warning(
-                        "train_runaway", step=session.step, loss=session.loss, limit=runaway
+                        "train_runaway", step=session.step, loss=session.losses.loss, limit=runaway
                     )
                     break
                 if due and done < steps and chunk.steps and plan.stop is None:
