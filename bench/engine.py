@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rnnserve_server.engine.trainer import ModelConfig, Trainer
+from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 
 REPO = Path(__file__).resolve().parent.parent

@@ -60,7 +60,8 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 from rnnserve import Client  # noqa: E402
 from rnnserve.v1 import rnn_service_pb2 as pb  # noqa: E402
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc  # noqa: E402
-from rnnserve_server.engine.trainer import PRESETS, ModelConfig, Trainer  # noqa: E402
+from rnnserve_server.engine.model_config import PRESETS, ModelConfig  # noqa: E402
+from rnnserve_server.engine.trainer import Trainer  # noqa: E402
 from rnnserve_server.engine.vocab import Vocab  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rnnserve import Client  # noqa: E402
-from rnnserve_server.engine.trainer import PRESETS  # noqa: E402
+from rnnserve_server.engine.model_config import PRESETS  # noqa: E402
 
 from bench.service import Server, config_kwargs, load_text  # noqa: E402
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from rnnserve_server.api.servicer import session_to_pb
 from rnnserve_server.config import Settings
-from rnnserve_server.engine.trainer import DivergedError, ModelConfig, Trainer
+from rnnserve_server.engine.model_config import DivergedError, ModelConfig
+from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import InvalidArgumentError, LimitExceededError
 from rnnserve_server.sessions.registry import Registry

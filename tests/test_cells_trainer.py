@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rnnserve_server.engine.trainer import PRESETS, EngineError, ModelConfig, Trainer
+from rnnserve_server.engine.model_config import PRESETS, EngineError, ModelConfig
+from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8

@@ -413,7 +413,7 @@ def test_resident_memory_budget_evicts_and_refuses(server_factory: ServerFactory
     """--max-resident-bytes: sessions beyond it go to disk (least recently used first); a
     session that alone exceeds it is refused with RESOURCE_EXHAUSTED naming the setting."""
     from rnnserve_server.config import load_settings
-    from rnnserve_server.engine.trainer import PRESETS
+    from rnnserve_server.engine.model_config import PRESETS
     from rnnserve_server.sessions.residency import resident_bytes
 
     settings = load_settings([], environ={})
@@ -444,7 +444,8 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
     import tracemalloc
 
     from rnnserve_server.config import Settings
-    from rnnserve_server.engine.trainer import PRESETS, Trainer
+    from rnnserve_server.engine.model_config import PRESETS
+    from rnnserve_server.engine.trainer import Trainer
     from rnnserve_server.engine.vocab import Vocab
     from rnnserve_server.sessions.registry import Registry
     from rnnserve_server.sessions.session import Session

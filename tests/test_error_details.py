@@ -30,7 +30,7 @@ from rnnserve.errors import STATUS_DETAILS_KEY, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 from rnnserve_server.api import status
-from rnnserve_server.engine.trainer import DivergedError
+from rnnserve_server.engine.model_config import DivergedError
 from rnnserve_server.errors import (
     InvalidArgumentError,
     LimitExceededError,

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from rnnserve import Session, SessionBroken
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server.engine.trainer import PRESETS, Trainer
+from rnnserve_server.engine.model_config import PRESETS
+from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
 from rnnserve_server.storage.store import Checkpoint, CorpusRef, LocalStore, validate_session_id

@@ -158,7 +158,8 @@ def test_estimates_bound_what_the_engine_allocates(
 ) -> None:
     """Each estimate is at least the measured peak (a bound), and within 3x of it (useful)."""
     from rnnserve_server.engine import budget
-    from rnnserve_server.engine.trainer import ModelConfig, Trainer
+    from rnnserve_server.engine.model_config import ModelConfig
+    from rnnserve_server.engine.trainer import Trainer
     from rnnserve_server.engine.vocab import Vocab
 
     rng = np.random.default_rng(0)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rnnserve_server.engine.trainer import ModelConfig, Trainer
+from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.sessions.session import SCRATCH_IDLE_SECONDS, Session
 

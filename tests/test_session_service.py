@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from rnnserve_server.config import Settings
-from rnnserve_server.engine.trainer import PRESETS
+from rnnserve_server.engine.model_config import PRESETS
 from rnnserve_server.errors import SessionNotFoundError
 from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.storage.store import LocalStore

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import rnnserve.client
 from rnnserve import Client
-from rnnserve_server.engine.trainer import ModelConfig, Trainer
+from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 
 if TYPE_CHECKING:

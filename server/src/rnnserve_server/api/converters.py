@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 from rnnserve_server.api.paging import page_token_after
-from rnnserve_server.engine.trainer import MUTABLE_FIELDS, PRESETS, EngineError, ModelConfig
+from rnnserve_server.engine.model_config import MUTABLE_FIELDS, PRESETS, EngineError, ModelConfig
 from rnnserve_server.errors import InvalidArgumentError
 from rnnserve_server.sessions.limits import limit_error
 from rnnserve_server.sessions.session import Session

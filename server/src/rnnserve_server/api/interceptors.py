@@ -296,21 +296,21 @@ def _checking_request(behavior: Behavior, response_streaming: bool) -> Behavior:
     if not response_streaming:
 
         async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, _Refused):
+            if isinstance(request, Refused):
                 await status.abort(context, request.error)
             return await behavior(request, context)
 
         return unary_unary
 
     def unary_stream(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        if isinstance(request, _Refused):
+        if isinstance(request, Refused):
             return _abort(request, context)
         return behavior(request, context)
 
     return unary_stream
 
 
-async def _abort(refused: _Refused, context: aio.ServicerContext[Any, Any]) -> None:
+async def _abort(refused: Refused, context: aio.ServicerContext[Any, Any]) -> None:
     await status.abort(context, refused.error)
 
 
@@ -323,7 +323,7 @@ def _checking_requests(behavior: Behavior, received: Any = None) -> Behavior:
             async for request in iterator:
                 if received is not None:
                     received.inc()
-                if isinstance(request, _Refused):
+                if isinstance(request, Refused):
                     await status.abort(context, request.error)
                 yield request
 
@@ -337,7 +337,7 @@ def _checking_requests(behavior: Behavior, received: Any = None) -> Behavior:
 HARD_MESSAGE_FACTOR = 4
 
 
-class _Refused:
+class Refused:
     """Stands in for a request that could not be accepted: the status to answer with."""
 
     def __init__(self, error: DomainError) -> None:
@@ -360,7 +360,7 @@ def guard_deserializer(
 
     def guarded(data: bytes) -> Any:
         if len(data) > limit:
-            return _Refused(
+            return Refused(
                 LimitExceededError(
                     f"the {method} request message ({len(data)} bytes) exceeds the server "
                     f"limit of {limit} bytes; send long text in AppendText chunks, or the "
@@ -373,7 +373,7 @@ def guard_deserializer(
         try:
             return deserialize(data)
         except DecodeError as exc:
-            return _Refused(
+            return Refused(
                 InvalidArgumentError(
                     f"the {method} request is not a valid message ({exc}); string fields must "
                     "be valid UTF-8 (no lone surrogates)"

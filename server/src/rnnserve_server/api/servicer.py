@@ -35,11 +35,6 @@ R = TypeVar("R")
 Context = aio.ServicerContext[Any, Any]
 
 
-async def _abort_for(exc: Exception, context: aio.ServicerContext[Any, Any]) -> None:
-    """End the call with the status and details status.py maps ``exc`` to."""
-    await status.abort(context, exc)
-
-
 def unary(
     fn: Callable[[Servicer, Any, aio.ServicerContext[Any, Any]], Awaitable[R]],
 ) -> Callable[[Servicer, Any, aio.ServicerContext[Any, Any]], Awaitable[R]]:
@@ -53,8 +48,7 @@ def unary(
         except aio.AbortError:
             raise
         except Exception as exc:
-            await _abort_for(exc, context)
-            raise AssertionError("unreachable") from exc
+            await status.abort(context, exc)
 
     return wrapper
 
@@ -75,7 +69,7 @@ def stream(
         except aio.AbortError:
             raise
         except Exception as exc:
-            await _abort_for(exc, context)
+            await status.abort(context, exc)
 
     return wrapper
 

@@ -22,7 +22,7 @@ from grpc import aio
 from grpc_status import rpc_status
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from rnnserve_server.engine.trainer import DivergedError, EngineError
+from rnnserve_server.engine.model_config import DivergedError, EngineError
 from rnnserve_server.engine.vocab import UnknownCharactersError
 from rnnserve_server.errors import (
     CheckpointError,

@@ -22,7 +22,8 @@ from grpc import aio
 from redis.exceptions import RedisError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from rnnserve_server.api.interceptors import _Refused, guard_deserializer, rebuild
+from rnnserve_server.api import status
+from rnnserve_server.api.interceptors import Refused, guard_deserializer, rebuild
 from rnnserve_server.cluster.forward import FORWARDED_KEY, Forwarder, Kind, method_kinds
 
 SESSION_KEY = "x-session-id"
@@ -117,9 +118,7 @@ class Router(Interceptor):
         except aio.AbortError:
             raise
         except Exception as exc:
-            from rnnserve_server.api.servicer import _abort_for
-
-            await _abort_for(exc, context)
+            await status.abort(context, exc)
         raise AssertionError("abort returned")  # pragma: no cover
 
     async def _hint(self, context: aio.ServicerContext[Any, Any]) -> str | None:
@@ -136,15 +135,12 @@ class Router(Interceptor):
         list_sessions = self.list_sessions
 
         async def behavior(request: Any, context: Any) -> Any:
-            from rnnserve_server.api.servicer import _abort_for  # the servicer's status mapping
-
             try:
                 return await list_sessions(request, context)
             except aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort_for(exc, context)
-                raise
+                await status.abort(context, exc)
 
         return rebuild(handler, behavior)
 
@@ -154,10 +150,8 @@ class Router(Interceptor):
 
         async def decode(raw: bytes, context: Any) -> Any:
             request = guarded(raw)
-            if isinstance(request, _Refused):  # oversized or malformed: the guard's status
-                from rnnserve_server.api.servicer import _abort_for
-
-                await _abort_for(request.error, context)
+            if isinstance(request, Refused):  # oversized or malformed: the guard's status
+                await status.abort(context, request.error)
             return request
 
         serialize = handler.response_serializer

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rnnserve_server.engine.rnn.scoring import _EVAL_CHUNK as EVAL_CHUNK
-from rnnserve_server.engine.trainer import ModelConfig
+from rnnserve_server.engine.arrays import EVAL_CHUNK
+from rnnserve_server.engine.cells import GATES
+from rnnserve_server.engine.model_config import ModelConfig
 
 VIEW_BYTES = 200  # a numpy view object: the workspace keeps three per time step
 ID_BYTES = 40  # per character: ids as int32 and intp, targets, and their copies on the way in
 TEXT_BYTES = 16  # per character of text returned (ids, then the decoded str)
 
 
-_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-
-
 def width(config: ModelConfig) -> int:
     """The hidden size the tanh-RNN estimates below are given for ``config``'s model: gates x
     layers x hidden_size, an upper bound of a gated or stacked model's per-step work and
     weights (each layer's G x H pre-activations and state, and its weights)."""
-    return _GATES.get(config.cell, 4) * config.num_layers * config.hidden_size
+    return GATES.get(config.cell, 4) * config.num_layers * config.hidden_size
 
 
 def param_count(hidden: int, vocab: int) -> int:

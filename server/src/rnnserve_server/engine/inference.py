@@ -1,6 +1,6 @@
-"""What a trainer does without training: the notebook's predict, evaluation, the validation
-loss and sampling, each from a zero state and without touching the training state. ``Trainer``
-(model.py) inherits it; the fields below are the Trainer's."""
+"""What a model does without training: the notebook's predict, evaluation, the loss of a
+held-out text and sampling, each from a zero state on the current weights, never touching the
+training state. The Trainer owns one ``Inference`` over its weights."""
 
 from __future__ import annotations
 
@@ -11,79 +11,84 @@ import numpy as np
 
 from . import cells
 from .model_config import EngineError
-from .rnn.sampler import _sample
-from .rnn.scoring import _score_strands
+from .rnn.sampler import sample as rnn_sample
+from .rnn.scoring import score as rnn_score
+from .rnn.scoring import score_strands
 
 
-class TrainerInference:
-    """Inference on a Trainer's current weights."""
+def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> np.ndarray:
+    """``ids`` as a 1-D int32 array of ids in [0, vocab_size); EngineError naming ``what``
+    otherwise."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise EngineError(f"{what} must be a 1-D array of character ids")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
+        raise EngineError(f"{what} has ids outside the vocabulary [0, {vocab_size})")
+    return arr.astype(np.int32, copy=False)
 
-    params: dict[str, np.ndarray]
-    corpus_length: int
-    _corpus: np.ndarray
-    _spec: cells.Spec | None
 
-    @property
-    def validation_length(self) -> int:
-        raise NotImplementedError  # Trainer's
+class Inference:
+    """Inference on a model's weights: ``params`` are the trainer's (views it updates in
+    place), ``spec`` None for the seed's tanh RNN, else the gated or stacked model's shape."""
 
-    def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
-        raise NotImplementedError  # Trainer's
+    def __init__(
+        self, spec: cells.Spec | None, params: dict[str, np.ndarray], vocab_size: int
+    ) -> None:
+        self.spec = spec
+        self.params = params
+        self.vocab_size = vocab_size
 
-    def _score(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, float]:
-        raise NotImplementedError  # Trainer's
+    def check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
+        """``ids`` as a 1-D int32 array of valid ids; EngineError otherwise."""
+        return check_ids(ids, self.vocab_size, what)
+
+    def score(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, float]:
+        """From a zero state: argmax after each input and the summed nats of the targets."""
+        if self.spec is None:
+            return rnn_score(self.params, inputs, targets)
+        return cells.score(self.spec, self.params, inputs, targets)
 
     def predict(self, ids: np.ndarray) -> tuple[np.ndarray, float]:
         """The notebook's predict: from a zero state, the most likely next id at each position
         (int32, same length as ``ids``) and the mean nats per character, where the target after
         the last character is the first (``Hallo`` -> ``alloH``). EngineError for empty text."""
-        seq = self._check_ids(ids, "text")
+        seq = self.check_ids(ids, "text")
         if seq.shape[0] < 1:
             raise EngineError("text is empty: give at least 1 character to predict from")
-        argmax, nats = self._score(seq, np.roll(seq, -1))
+        argmax, nats = self.score(seq, np.roll(seq, -1))
         return argmax, nats / seq.shape[0]
 
     def evaluate(self, ids: np.ndarray) -> float:
         """Mean nats per character of ``ids[1:]`` given the preceding characters, from a zero
         state, without updating anything. EngineError for fewer than 2 ids."""
-        seq = self._check_ids(ids, "text")
+        seq = self.check_ids(ids, "text")
         if seq.shape[0] < 2:
             raise EngineError("text must have at least 2 characters to evaluate")
-        _, nats = self._score(seq[:-1], seq[1:])
+        _, nats = self.score(seq[:-1], seq[1:])
         return float(nats / (seq.shape[0] - 1))
 
-    def validation_loss(self) -> float | None:
-        """Mean nats per character over the held-out tail, from a zero state: a tail under
-        2 * 1024 characters as one strand (exactly ``evaluate``), a longer one as up to 64
-        strands of >= 1024 characters scored side by side, each from a zero state (see
-        _score_strands). Memory stays bounded. None without a validation split."""
-        held = self.validation_length
-        if held < 2:
-            return None
-        tail = self._corpus[self.corpus_length - held : self.corpus_length].astype(np.int32)
-        if self._spec is not None:  # gated or stacked cells: one strand, in chunks
-            return float(self._score(tail[:-1], tail[1:])[1] / (held - 1))
-        return float(_score_strands(self.params, tail) / (held - 1))
+    def held_out_loss(self, tail: np.ndarray) -> float:
+        """Mean nats per character of a held-out text (>= 2 int32 ids), from a zero state: a
+        tail under 2 * 1024 characters as one strand (exactly ``evaluate``), a longer one as
+        up to 64 strands of >= 1024 characters scored side by side, each from a zero state
+        (see score_strands). Memory stays bounded."""
+        held = tail.shape[0]
+        if self.spec is not None:  # gated or stacked cells: one strand, in chunks
+            return float(self.score(tail[:-1], tail[1:])[1] / (held - 1))
+        return float(score_strands(self.params, tail) / (held - 1))
 
     def sample(
         self,
         prime: np.ndarray,
         length: int,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        chunk_size: int = 256,
+        temperature: float,
+        top_k: int,
+        seed: int | None,
+        chunk_size: int,
+        first: np.ndarray,
     ) -> Iterator[np.ndarray]:
-        """Generate ``length`` ids after ``prime``, yielded in int32 chunks of ``chunk_size``.
-
-        From a zero state, the hidden state is warmed on ``prime`` (empty prime: ``corpus[0]`` is
-        the first input, and is not yielded); then each id is drawn from
-        softmax(y / temperature) restricted to the ``top_k`` most likely ids (0 = all).
-        Temperature 0 takes the argmax. Uses its own Generator seeded with ``seed`` (same seed,
-        same weights -> same text) and a snapshot of the weights taken now, so it never touches
-        the training state. Arguments are checked now (EngineError), not at the first chunk.
-        """
-        seq = self._check_ids(prime, "prime")
+        """Trainer.sample's contract; ``first`` is the input an empty prime starts from."""
+        seq = self.check_ids(prime, "prime")
         if isinstance(length, bool) or not isinstance(length, int) or length < 0:
             raise EngineError(f"length must be an integer >= 0, got {length!r}")
         if not math.isfinite(temperature) or temperature < 0:
@@ -93,11 +98,11 @@ class TrainerInference:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise EngineError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if seq.shape[0] == 0:
-            seq = self._corpus[:1].astype(np.int32)
+            seq = first.astype(np.int32)
         params = {name: p.copy() for name, p in self.params.items()}  # snapshot
         rng = np.random.default_rng(seed)
-        if self._spec is not None:
+        if self.spec is not None:
             return cells.sample(
-                self._spec, params, seq, length, float(temperature), top_k, rng, chunk_size
+                self.spec, params, seq, length, float(temperature), top_k, rng, chunk_size
             )
-        return _sample(params, seq, length, float(temperature), top_k, rng, chunk_size)
+        return rnn_sample(params, seq, length, float(temperature), top_k, rng, chunk_size)

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .cells import CELLS
+from .cells import CELLS, GATES
 from .optimizers import OPTIMIZERS
 
 PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
@@ -108,7 +108,7 @@ class ModelConfig:
         """Weights that do not depend on the alphabet: every layer's Wh, and the input
         weights of the layers above the first (what num_layers and hidden_size multiply)."""
         H = self.hidden_size
-        gates = {"rnn": 1, "lstm": 4, "gru": 3}.get(self.cell, 1) * H
+        gates = GATES.get(self.cell, 1) * H
         return self.num_layers * H * gates + (self.num_layers - 1) * H * gates
 
     @property

@@ -1,7 +1,7 @@
-"""The trainer of rnnserve: a character-level model (the seed's tanh RNN, rnn_kernels.py, or
+"""The trainer of rnnserve: a character-level model (the seed's tanh RNN, rnn/kernels.py, or
 a gated/stacked one, cells/) trained by truncated BPTT over a batch of strands of a corpus.
 
-rnn_kernels.py has the equations and shapes. Losses are *reported* as mean nats per character.
+rnn/kernels.py has the equations and shapes. Losses are *reported* as mean nats per character.
 Pure numpy: no grpc, no I/O. The ``Trainer`` is not thread-safe; the session layer serialises
 the calls that mutate it.
 """
@@ -9,58 +9,26 @@ the calls that mutate it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from . import cells, trainer_state
-from .inference import TrainerInference
-from .model_config import (
-    DTYPES,
-    MAX_VALIDATION_FRACTION,
-    MUTABLE_FIELDS,
-    PARAM_NAMES,
-    PRESETS,
-    STATE_FORMAT,
-    DivergedError,
-    EngineError,
-    ModelConfig,
-    StepResult,
-    nats_to_bits,
-)
+from .arrays import flat_size, split
+from .inference import Inference, check_ids
+from .model_config import MUTABLE_FIELDS, DivergedError, EngineError, ModelConfig, StepResult
 from .optimizers import Optimizer, make_optimizer
-from .rnn.kernels import (
-    Workspace,
-    _views,
-    forward_hidden,
-    init_params,
-    loss_and_grads,
-    param_shapes,
-    parameter_total,
-)
-from .rnn.scoring import _score
+from .rnn.kernels import Workspace, init_params, loss_and_grads, param_shapes
 from .vocab import Vocab
 
-__all__ = [
-    "DTYPES",
-    "MAX_VALIDATION_FRACTION",
-    "MUTABLE_FIELDS",
-    "PARAM_NAMES",
-    "PRESETS",
-    "STATE_FORMAT",
-    "DivergedError",
-    "EngineError",
-    "ModelConfig",
-    "StepResult",
-    "Trainer",
-    "Workspace",
-    "forward_hidden",
-    "init_params",
-    "loss_and_grads",
-    "nats_to_bits",
-    "param_shapes",
-    "parameter_total",
-]
+
+def parameter_total(config: ModelConfig, vocab_size: int) -> int:
+    """Number of weights of ``config``'s model over an alphabet of ``vocab_size``."""
+    if config.stacked:
+        spec = cells.Spec(config.cell, vocab_size, config.hidden_size, config.num_layers)
+        return flat_size(spec.shapes())
+    return flat_size(param_shapes(vocab_size, config.hidden_size))
 
 
 def validation_split(length: int, fraction: float) -> int:
@@ -80,7 +48,7 @@ def _id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int32)
 
 
-class Trainer(TrainerInference):
+class Trainer:
     """Model + optimizer + corpus feed (strands, cursors, carried hidden states).
 
     The corpus is cyclic, as in the notebook: the target after the last character is the first.
@@ -99,7 +67,7 @@ class Trainer(TrainerInference):
         config.validate()
         self.config = config
         self.vocab = vocab
-        ids = self._check_ids(corpus, "corpus")
+        ids = check_ids(corpus, vocab.size, "corpus")
         held = validation_split(ids.shape[0], config.validation_fraction)
         train = ids.shape[0] - held
         if train < 2 or train < config.seq_length:
@@ -132,6 +100,8 @@ class Trainer(TrainerInference):
             self._shapes = self._spec.shapes()
             self._theta, self.params = cells.init_stack(self._spec, rng, config.dtype)
             state_size = self._spec.state_size
+        # Predictions, scores and samples on these weights (inference.py).
+        self.inference = Inference(self._spec, self.params, V)
         # Draws the dropout masks; its state is checkpointed so a resumed trainer draws the same.
         self.dropout_rng = np.random.default_rng([config.seed, 1])
         self.parameter_count = int(self._theta.shape[0])
@@ -152,12 +122,7 @@ class Trainer(TrainerInference):
 
     def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
         """``ids`` as a 1-D int32 array of valid ids; EngineError otherwise."""
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise EngineError(f"{what} must be a 1-D array of character ids")
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= self.vocab.size):
-            raise EngineError(f"{what} has ids outside the vocabulary [0, {self.vocab.size})")
-        return arr.astype(np.int32, copy=False)
+        return self.inference.check_ids(ids, what)
 
     @property
     def corpus(self) -> np.ndarray:
@@ -176,6 +141,46 @@ class Trainer(TrainerInference):
         """Characters trained on: the corpus without its held-out tail."""
         return self.corpus_length - self.validation_length
 
+    # -- inference (on the current weights, from a zero state; inference.py) ------------------
+
+    def predict(self, ids: np.ndarray) -> tuple[np.ndarray, float]:
+        """Inference.predict: the notebook's predict (most likely next ids, mean nats)."""
+        return self.inference.predict(ids)
+
+    def evaluate(self, ids: np.ndarray) -> float:
+        """Inference.evaluate: mean nats per character of ``ids[1:]`` after ``ids[:-1]``."""
+        return self.inference.evaluate(ids)
+
+    def validation_loss(self) -> float | None:
+        """Mean nats per character over the held-out tail (Inference.held_out_loss); None
+        without a validation split."""
+        held = self.validation_length
+        if held < 2:
+            return None
+        tail = self._corpus[self.corpus_length - held : self.corpus_length].astype(np.int32)
+        return self.inference.held_out_loss(tail)
+
+    def sample(
+        self,
+        prime: np.ndarray,
+        length: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chunk_size: int = 256,
+    ) -> Iterator[np.ndarray]:
+        """Generate ``length`` ids after ``prime``, yielded in int32 chunks of ``chunk_size``.
+
+        From a zero state, the hidden state is warmed on ``prime`` (empty prime: ``corpus[0]`` is
+        the first input, and is not yielded); then each id is drawn from
+        softmax(y / temperature) restricted to the ``top_k`` most likely ids (0 = all).
+        Temperature 0 takes the argmax. Uses its own Generator seeded with ``seed`` (same seed,
+        same weights -> same text) and a snapshot of the weights taken now, so it never touches
+        the training state. Arguments are checked now (EngineError), not at the first chunk.
+        """
+        first = self._corpus[:1]
+        return self.inference.sample(prime, length, temperature, top_k, seed, chunk_size, first)
+
     @property
     def optimizer(self) -> Optimizer:
         """The update rule and its state."""
@@ -193,7 +198,7 @@ class Trainer(TrainerInference):
         """Named views of the flat gradient buffer (allocated if released)."""
         if self._grad is None:
             self._grad = np.empty_like(self._theta)  # every entry is written by a backward pass
-            self._grads = _views(self._grad, self._shapes)
+            self._grads = split(self._grad, self._shapes)
         return self._grads
 
     def _forward_backward(
@@ -226,12 +231,6 @@ class Trainer(TrainerInference):
         return cells.loss_and_grads(
             self._spec, self.params, inputs, targets, state, grads, stack_ws, masks
         )
-
-    def _score(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, float]:
-        """From a zero state: argmax after each input and the summed nats of the targets."""
-        if self._spec is None:
-            return _score(self.params, inputs, targets)
-        return cells.score(self._spec, self.params, inputs, targets)
 
     def _apply(self, loss: float) -> float:
         """Clip and apply the gradient in ``self._grad``; return its pre-clip norm.

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 
 from rnnserve_server.config import Settings
-from rnnserve_server.engine.trainer import EngineError, ModelConfig, Trainer, param_shapes
+from rnnserve_server.engine.model_config import EngineError, ModelConfig
+from rnnserve_server.engine.rnn.kernels import param_shapes
+from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError, LimitExceededError
 from rnnserve_server.logs import get_logger

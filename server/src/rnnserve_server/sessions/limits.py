@@ -4,7 +4,7 @@ the sentence that names the setting which raises a limit."""
 from __future__ import annotations
 
 from rnnserve_server.config import Settings
-from rnnserve_server.engine.trainer import ModelConfig
+from rnnserve_server.engine.model_config import ModelConfig
 from rnnserve_server.errors import LimitExceededError
 
 

@@ -20,9 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from rnnserve_server.config import Settings
-from rnnserve_server.engine.trainer import (
-    ModelConfig,
-)
+from rnnserve_server.engine.model_config import ModelConfig
 from rnnserve_server.engine.vocab import utf8_size
 from rnnserve_server.errors import (
     CheckpointError,

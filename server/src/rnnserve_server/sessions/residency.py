@@ -12,7 +12,8 @@ import numpy as np
 
 from rnnserve_server.config import Settings
 from rnnserve_server.engine import budget
-from rnnserve_server.engine.trainer import ModelConfig, parameter_total
+from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import parameter_total
 from rnnserve_server.errors import LimitExceededError
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.checkpoint_writer import CheckpointWriter

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from rnnserve_server.engine.trainer import DivergedError, StepResult, Trainer
+from rnnserve_server.engine.model_config import DivergedError, StepResult
+from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.errors import SessionBrokenError, SessionBusyError
 from rnnserve_server.sessions.loss_history import LossHistory
 from rnnserve_server.sessions.session_types import (

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from rnnserve_server.engine.trainer import DivergedError, ModelConfig, StepResult
+from rnnserve_server.engine.model_config import DivergedError, ModelConfig, StepResult
 from rnnserve_server.storage.checkpoint import CorpusRef
 
 __all__ = [

@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from rnnserve_server.engine.trainer import EngineError, ModelConfig
+from rnnserve_server.engine.model_config import EngineError, ModelConfig
 from rnnserve_server.errors import InvalidArgumentError
 from rnnserve_server.storage.checkpoint import Checkpoint
 

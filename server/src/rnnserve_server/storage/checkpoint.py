@@ -18,7 +18,7 @@ from rnnserve_server.errors import InvalidArgumentError
 FORMAT = "rnnserve.checkpoint"
 VERSION = 2
 READ_VERSIONS = (1, 2)
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 # Checks a checkpoint's trainer meta and the shapes its arrays declare (name -> shape, read from
 # the .npy headers) before any array is read or any trainer allocated: raises CheckpointError.
 MetaCheck = Callable[[dict[str, Any], dict[str, tuple[int, ...]]], None]
@@ -29,7 +29,7 @@ def validate_session_id(session_id: str) -> None:
 
     This is what keeps every checkpoint path inside the data directory.
     """
-    if _ID_RE.fullmatch(session_id):
+    if ID_RE.fullmatch(session_id):
         return
     shown = session_id if len(session_id) <= 80 else session_id[:77] + "..."
     raise InvalidArgumentError(
@@ -47,7 +47,7 @@ class CorpusRef:
     crc32: int
 
 
-def _little_endian(ids: np.ndarray) -> np.ndarray:
+def little_endian(ids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(ids, dtype=ids.dtype.newbyteorder("<"))
 
 

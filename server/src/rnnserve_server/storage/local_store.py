@@ -43,14 +43,14 @@ import numpy as np
 
 from rnnserve_server.errors import CheckpointError
 from rnnserve_server.storage.checkpoint import (
-    _ID_RE,
     FORMAT,
+    ID_RE,
     VERSION,
     Checkpoint,
     CorpusRef,
     MetaCheck,
-    _little_endian,
     corpus_crc32,
+    little_endian,
     validate_session_id,
 )
 from rnnserve_server.storage.checkpoint_reader import corpus_ref, read_corpus, read_state
@@ -101,7 +101,7 @@ class LocalStore:
             stem = entry[: -len(CORPUS_SUFFIX)]
             if (
                 entry.endswith(CORPUS_SUFFIX)
-                and _ID_RE.fullmatch(stem)
+                and ID_RE.fullmatch(stem)
                 and not os.path.lexists(self.sessions_dir / (stem + SUFFIX))
             ):
                 with contextlib.suppress(FileNotFoundError):
@@ -166,10 +166,10 @@ class LocalStore:
         for entry in sorted(os.listdir(self.sessions_dir)):
             if entry.startswith(_TMP_PREFIX):
                 continue
-            if entry.endswith(CORPUS_SUFFIX) and _ID_RE.fullmatch(entry[: -len(CORPUS_SUFFIX)]):
+            if entry.endswith(CORPUS_SUFFIX) and ID_RE.fullmatch(entry[: -len(CORPUS_SUFFIX)]):
                 continue
             stem = entry[: -len(SUFFIX)] if entry.endswith(SUFFIX) else ""
-            if stem and _ID_RE.fullmatch(stem):
+            if stem and ID_RE.fullmatch(stem):
                 ids.append(stem)
             else:
                 ignored.append(entry)
@@ -181,7 +181,7 @@ class LocalStore:
         size = 0
         corpus = ckpt.trainer_arrays.get("corpus")
         if corpus is not None:
-            ids = _little_endian(np.asarray(corpus))
+            ids = little_endian(np.asarray(corpus))
             # The CRC is computed here, off the session lock, only when the corpus changed.
             ref = CorpusRef(int(ids.shape[0]), corpus_crc32(ids))
             size += self._write_atomic(

@@ -10,7 +10,7 @@ import numpy as np
 
 from rnnserve_server.config import Settings
 from rnnserve_server.engine import budget
-from rnnserve_server.engine.trainer import ModelConfig
+from rnnserve_server.engine.model_config import ModelConfig
 from rnnserve_server.engine.vocab import UnknownCharactersError
 from rnnserve_server.errors import InvalidArgumentError, LimitExceededError
 from rnnserve_server.sessions.limits import limit_error

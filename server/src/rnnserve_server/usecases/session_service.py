@@ -22,7 +22,7 @@ import structlog
 from rnnserve_server import metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.engine import budget
-from rnnserve_server.engine.trainer import MUTABLE_FIELDS, ModelConfig
+from rnnserve_server.engine.model_config import MUTABLE_FIELDS, ModelConfig
 from rnnserve_server.engine.vocab import UnknownCharactersError, utf8_size
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
 from rnnserve_server.logs import get_logger

@@ -1,5 +1,5 @@
 """Gated cells (LSTM, GRU) and stacked layers with dropout: the math for every model except
-the seed's one-layer tanh RNN (which stays in model.py, unchanged).
+the seed's one-layer tanh RNN (which is ../rnn/'s).
 
 Row-vector form (a batch of B strands is a (B, H) matrix). Layer li of L maps its input x_t
 (a one-hot id for layer 0, the layer below's output for the others) and its state to h_t::
@@ -29,7 +29,7 @@ Two implementations: ``loss_and_grads`` (fast: buffers reused, every product tha
 the window is one matrix product, only the recurrence loops over t, the backward's per-step
 work reduced to a few element-wise products of partials computed up front) and
 ``reference_loss_and_grads`` (short, one equation per line; tests hold the fast one to it).
-The loss is model.py's: cross-entropy summed over the window, averaged over strands.
+The loss is the tanh RNN's: cross-entropy summed over the window, averaged over strands.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ from __future__ import annotations
 from .fast import loss_and_grads
 from .inference import sample, score
 from .reference import reference_loss_and_grads
-from .spec import CELLS, Spec, StackWorkspace, dropout_masks, init_stack, split
+from .spec import CELLS, GATES, Spec, StackWorkspace, dropout_masks, init_stack
 
 __all__ = [
     "CELLS",
+    "GATES",
     "Spec",
     "StackWorkspace",
     "dropout_masks",
@@ -49,5 +50,4 @@ __all__ = [
     "reference_loss_and_grads",
     "sample",
     "score",
-    "split",
 ]

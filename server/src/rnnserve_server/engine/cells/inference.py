@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..arrays import EVAL_CHUNK
 from .fast import forward
-from .reference import _cell_forward
+from .reference import cell_forward
 from .spec import (
-    _EVAL_CHUNK,
     Spec,
     StackWorkspace,
 )
@@ -19,15 +19,15 @@ def score(
     spec: Spec, p: dict[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray
 ) -> tuple[np.ndarray, float]:
     """From a zero state, the argmax id after each input (int32) and the summed nats of
-    ``targets``; long texts run in chunks of _EVAL_CHUNK steps with the state carried."""
+    ``targets``; long texts run in chunks of EVAL_CHUNK steps with the state carried."""
     T = inputs.shape[0]
     dtype = p["Wy"].dtype
     state = np.zeros((1, spec.state_size), dtype=dtype)
     argmax = np.empty(T, dtype=np.int32)
     nats = 0.0
     ws: StackWorkspace | None = None
-    for start in range(0, T, _EVAL_CHUNK):
-        stop = min(start + _EVAL_CHUNK, T)
+    for start in range(0, T, EVAL_CHUNK):
+        stop = min(start + EVAL_CHUNK, T)
         xs = np.asarray(inputs[start:stop], dtype=np.intp)[:, None]  # (t, 1)
         if ws is None or ws.key[0] != stop - start:
             ws = StackWorkspace(spec, stop - start, 1, dtype)
@@ -52,7 +52,7 @@ def sample(
     rng: np.random.Generator,
     chunk_size: int,
 ) -> Iterator[np.ndarray]:
-    """model.Trainer.sample's loop for a stacked model (arguments already checked): warm the
+    """Trainer.sample's loop for a stacked model (arguments already checked): warm the
     state on ``prime`` from zero, then draw each id (inverse CDF, one uniform per id)."""
     dtype = p["Wy"].dtype
     V = spec.vocab_size
@@ -78,7 +78,7 @@ def sample(
             inp: np.ndarray | None = None
             for li in range(spec.num_layers):
                 xp = p["Wx0"][x][None, :] if inp is None else inp @ p[f"Wx{li}"]
-                h, c, _ = _cell_forward(
+                h, c, _ = cell_forward(
                     spec.cell,
                     xp + p[f"b{li}"],
                     hc[li][0],

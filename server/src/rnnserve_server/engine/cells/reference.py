@@ -14,7 +14,7 @@ def _sig(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cell_forward(
+def cell_forward(
     cell: str,
     xp: np.ndarray,
     h: np.ndarray,
@@ -95,7 +95,7 @@ def reference_loss_and_grads(
         step: list[tuple[np.ndarray | None, tuple[np.ndarray, ...]]] = []
         for li in range(L):
             xp = (p["Wx0"][inputs[:, t]] if inp is None else inp @ p[f"Wx{li}"]) + p[f"b{li}"]
-            h, c, cache = _cell_forward(
+            h, c, cache = cell_forward(
                 spec.cell, xp, hc[li][0], hc[li][1], p[f"Wh{li}"], p.get(f"bn{li}")
             )
             hc[li] = (h, c)

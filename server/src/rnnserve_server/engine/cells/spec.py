@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..arrays import flat_size, split
+
 CELLS = ("rnn", "lstm", "gru")
-_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
-_EVAL_CHUNK = 2048  # time steps per forward chunk when scoring long texts (bounds memory)
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # gates per layer of each cell
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Spec:
     @property
     def gates(self) -> int:
         """G*H: width of a layer's pre-activations."""
-        return _GATES[self.cell] * self.hidden_size
+        return GATES[self.cell] * self.hidden_size
 
     @property
     def state_size(self) -> int:
@@ -55,24 +56,13 @@ class Spec:
         return state[:, li * H : (li + 1) * H], None
 
 
-def split(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Named views (no copy) of a flat vector, in ``shapes`` order."""
-    out: dict[str, np.ndarray] = {}
-    offset = 0
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        out[name] = flat[offset : offset + n].reshape(shape)
-        offset += n
-    return out
-
-
 def init_stack(
     spec: Spec, rng: np.random.Generator, dtype: str = "float32"
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Weights uniform in +-1/sqrt(H) (torch's init, drawn in float64 in storage order), zero
     biases except the LSTM forget gate's, 1 (so c is remembered from the start)."""
     shapes = spec.shapes()
-    flat = np.zeros(sum(math.prod(s) for s in shapes.values()), dtype=dtype)  # (P,)
+    flat = np.zeros(flat_size(shapes), dtype=dtype)  # (P,)
     params = split(flat, shapes)
     k = 1.0 / math.sqrt(spec.hidden_size)
     for name, shape in shapes.items():

@@ -24,12 +24,9 @@ rnn_reference.py has the same math written plainly; tests hold this to it.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from .. import cells
-from ..model_config import ModelConfig
+from ..arrays import flat_size, split
 
 
 def param_shapes(vocab_size: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
@@ -38,35 +35,14 @@ def param_shapes(vocab_size: int, hidden_size: int) -> dict[str, tuple[int, ...]
     return {"Wxh": (H, V), "Whh": (H, H), "Why": (V, H), "bh": (H,), "by": (V,)}
 
 
-def parameter_total(config: ModelConfig, vocab_size: int) -> int:
-    """Number of weights of ``config``'s model over an alphabet of ``vocab_size``."""
-    if config.stacked:
-        spec = cells.Spec(config.cell, vocab_size, config.hidden_size, config.num_layers)
-        shapes = spec.shapes()
-    else:
-        shapes = param_shapes(vocab_size, config.hidden_size)
-    return sum(math.prod(shape) for shape in shapes.values())
-
-
-def _views(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Split a flat vector into named views of the given shapes (no copy)."""
-    out: dict[str, np.ndarray] = {}
-    offset = 0
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        out[name] = flat[offset : offset + n].reshape(shape)
-        offset += n
-    return out
-
-
 def init_params(
     vocab_size: int, hidden_size: int, rng: np.random.Generator, dtype: str = "float32"
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Weights as in the seed: ``randn * 0.01`` (drawn in float64, Wxh, Whh, Why in that order),
     zero biases. Returns the flat vector and named views into it."""
     shapes = param_shapes(vocab_size, hidden_size)
-    flat = np.zeros(sum(math.prod(s) for s in shapes.values()), dtype=dtype)  # (P,)
-    params = _views(flat, shapes)
+    flat = np.zeros(flat_size(shapes), dtype=dtype)  # (P,)
+    params = split(flat, shapes)
     for name in ("Wxh", "Whh", "Why"):
         params[name][...] = rng.standard_normal(shapes[name]) * 0.01
     return flat, params
@@ -92,7 +68,7 @@ class Workspace:
         self.dt_steps = list(self.dtanh)
 
 
-def _recur(params: dict[str, np.ndarray], xs: np.ndarray, ws: Workspace, T: int) -> None:
+def recur(params: dict[str, np.ndarray], xs: np.ndarray, ws: Workspace, T: int) -> None:
     """h_t = tanh(Wxh[:, x_t] + bh + h_{t-1} @ Whh.T) into hs[t], for t = 1..T (the only loop
     over t of the forward pass); ``xs`` (T, B) are intp ids, ``hs[0]`` holds h0."""
     np.add(params["Wxh"].T, params["bh"], out=ws.E)  # (V, H) input rows with the bias
@@ -143,7 +119,7 @@ def loss_and_grads(
 
     # Forward.
     ws.hs[0] = h0
-    _recur(params, xs, ws, T)
+    recur(params, xs, ws, T)
     hs_flat = ws.hs[1:].reshape(N, H)  # (N, H) h_1..h_T
     logits = ws.logits  # (N, V)
     np.matmul(hs_flat, Why.T, out=logits)
@@ -199,5 +175,5 @@ def forward_hidden(
         ws = Workspace(T, 1, H, 0, Wxh.dtype)
         ws.E = np.empty((V, H), dtype=Wxh.dtype)
     ws.hs[0, 0] = h0
-    _recur(params, ids.astype(np.intp).reshape(T, 1), ws, T)
+    recur(params, ids.astype(np.intp).reshape(T, 1), ws, T)
     return ws.hs[1:, 0], ws

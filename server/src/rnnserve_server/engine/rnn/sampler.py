@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..arrays import EVAL_CHUNK
 from .kernels import Workspace, forward_hidden
-from .scoring import _EVAL_CHUNK
 
 
 def _fold_is_finite(Why: np.ndarray, by: np.ndarray, scale: float) -> bool:
@@ -21,7 +21,7 @@ def _fold_is_finite(Why: np.ndarray, by: np.ndarray, scale: float) -> bool:
     return math.isfinite(scale) and scale * max(bound, 1.0) < limit
 
 
-def _sample(
+def sample(
     params: dict[str, np.ndarray],
     prime: np.ndarray,
     length: int,
@@ -37,9 +37,9 @@ def _sample(
     h = np.zeros(H, dtype=dtype)  # (H,)
     ws: Workspace | None = None
     # Warm up in chunks: a workspace over a whole long prime held 3 x len x H floats.
-    for start in range(0, prime.shape[0] - 1, _EVAL_CHUNK):
+    for start in range(0, prime.shape[0] - 1, EVAL_CHUNK):
         hs, ws = forward_hidden(
-            params, prime[start : min(start + _EVAL_CHUNK, prime.shape[0] - 1)], h, ws
+            params, prime[start : min(start + EVAL_CHUNK, prime.shape[0] - 1)], h, ws
         )
         h = hs[-1].copy()
     x = int(prime[-1])

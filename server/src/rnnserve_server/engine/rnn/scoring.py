@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import Workspace, _recur, forward_hidden
-
-_EVAL_CHUNK = 2048  # time steps per forward chunk when scoring long texts (bounds memory)
+from ..arrays import EVAL_CHUNK
+from .kernels import Workspace, forward_hidden, recur
 
 
 def _shifted_logits(hs: np.ndarray, Why: np.ndarray, by: np.ndarray) -> np.ndarray:
@@ -17,7 +16,7 @@ def _shifted_logits(hs: np.ndarray, Why: np.ndarray, by: np.ndarray) -> np.ndarr
     return logits
 
 
-def _score(
+def score(
     params: dict[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray
 ) -> tuple[np.ndarray, float]:
     """From a zero state: argmax next id at each position of ``inputs`` (T,) and the summed
@@ -35,8 +34,8 @@ def _score(
     nats = 0.0
     ws: Workspace | None = None
     wide: dict[str, np.ndarray] | None = None  # float64 weights, made at the first overflow
-    for start in range(0, T, _EVAL_CHUNK):
-        stop = min(start + _EVAL_CHUNK, T)
+    for start in range(0, T, EVAL_CHUNK):
+        stop = min(start + EVAL_CHUNK, T)
         x, y = inputs[start:stop], targets[start:stop]
         with np.errstate(all="ignore"):  # overflow is detected below and handled
             hs, ws = forward_hidden(params, x, h, ws)  # reuses ws if same length
@@ -63,20 +62,20 @@ _VALIDATION_MAX_STRANDS = 64
 _VALIDATION_CHUNK_FLOATS = 1 << 20  # bounds (time steps x strands x (H + V)) per chunk
 
 
-def _score_strands(params: dict[str, np.ndarray], ids: np.ndarray) -> float:
+def score_strands(params: dict[str, np.ndarray], ids: np.ndarray) -> float:
     """Summed nats of ``ids[1:]`` given the preceding ids, read as up to
     _VALIDATION_MAX_STRANDS contiguous strands of at least _VALIDATION_STRAND_CHARS, each from
-    a zero state; a tail shorter than two strands is one strand (exactly ``_score``).
+    a zero state; a tail shorter than two strands is one strand (exactly ``score``).
     Memory is bounded by scoring _VALIDATION_CHUNK_FLOATS at a time."""
     inputs, targets = ids[:-1], ids[1:]
     P = inputs.shape[0]
     S = min(_VALIDATION_MAX_STRANDS, P // _VALIDATION_STRAND_CHARS)
     if S < 2:
-        return _score(params, inputs, targets)[1]
+        return score(params, inputs, targets)[1]
     L = P // S  # predictions per strand; the remainder is scored as one more strand
     nats = 0.0
     if P > S * L:
-        nats += _score(params, inputs[S * L :], targets[S * L :])[1]
+        nats += score(params, inputs[S * L :], targets[S * L :])[1]
     X = inputs[: S * L].reshape(S, L)  # (S, L)
     Y = targets[: S * L].reshape(S, L)  # (S, L)
     Wxh = params["Wxh"]
@@ -98,7 +97,7 @@ def _score_strands(params: dict[str, np.ndarray], ids: np.ndarray) -> float:
                 ws = Workspace(T, S, H, 0, p["Whh"].dtype)
                 ws.E = np.empty((V, H), dtype=p["Whh"].dtype)
                 ws.hs[0] = h
-                _recur(p, xs, ws, T)
+                recur(p, xs, ws, T)
                 logits = _shifted_logits(ws.hs[1:].reshape(T * S, H), p["Why"], p["by"])
                 if np.isfinite(logits).all():
                     break
