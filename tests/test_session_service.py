@@ -3,6 +3,7 @@ session can be created, stepped, trained, watched, sampled and deleted through i
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import pytest
 from rnnserve_server.config import Settings
 from rnnserve_server.engine.model_config import PRESETS
-from rnnserve_server.errors import SessionNotFoundError
+from rnnserve_server.errors import InvalidArgumentError, SessionNotFoundError
 from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.storage.store import LocalStore
-from rnnserve_server.usecases.session_service import GenerateOptions, SessionService, TrainOptions
+from rnnserve_server.usecases.request_limits import RequestLimits
+from rnnserve_server.usecases.session_service import GenerateOptions, SessionService, TrainingPlan
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20
 
@@ -41,7 +43,7 @@ async def test_a_session_lives_its_whole_life_without_a_server(tmp_path: Path) -
         session = await service.create("s1", config, TEXT, "")
         assert session.id == "s1" and session.checkpoint.step == 0
         assert (await service.step("s1")).step == 1
-        reports = [p async for p in service.train("s1", TrainOptions(steps=20, report_every=10))]
+        reports = [p async for p in service.train("s1", TrainingPlan(steps=20, report_every=10))]
         assert [p.steps_done for p in reports] == [10, 20]
         assert reports[-1].stop_reason == "completed" and reports[-1].step == 21
         assert reports[-1].checkpointed_step == 21  # flushed before the final report
@@ -62,3 +64,25 @@ async def test_a_session_lives_its_whole_life_without_a_server(tmp_path: Path) -
     finally:
         registry.begin_shutdown()
         await registry.close()
+
+
+def test_a_training_plan_is_plain_values_checked_before_any_session() -> None:
+    """The plan a Train runs round-trips through JSON (a training job's spec), and a plan no
+    session could run is refused by ``check`` alone, naming the field."""
+    plan = TrainingPlan(
+        until_step=500,
+        until_loss=1.5,
+        patience=3,
+        eval_every=50,
+        report_every=25,
+        sample_length=40,
+        sample_temperature=0.8,
+        sample_prime="the ",
+    )
+    assert TrainingPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    limits = RequestLimits(Settings())
+    plan.check(limits)
+    with pytest.raises(InvalidArgumentError, match="give steps or until_step, not both"):
+        TrainingPlan(steps=10, until_step=20).check(limits)
+    with pytest.raises(InvalidArgumentError, match=r"^until_loss must be a finite number"):
+        TrainingPlan(steps=10, until_loss=float("nan")).check(limits)

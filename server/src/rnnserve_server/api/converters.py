@@ -22,7 +22,7 @@ from rnnserve_server.usecases.session_service import (
     FIXED_FIELDS,
     GenerateOptions,
     StepOutcome,
-    TrainOptions,
+    TrainingPlan,
     TrainProgress,
     fixed_field_error,
 )
@@ -274,9 +274,9 @@ def export_messages(data: bytes, max_message_bytes: int) -> list[pb.ExportSessio
 # ----- training, watching, sampling ----------------------------------------------------------
 
 
-def train_options(r: pb.TrainRequest) -> TrainOptions:
-    """A TrainRequest's fields (the service checks their ranges)."""
-    return TrainOptions(
+def training_plan(r: pb.TrainRequest) -> TrainingPlan:
+    """A TrainRequest's plan (the use case checks it)."""
+    return TrainingPlan(
         steps=int(r.steps),
         report_every=int(r.report_every),
         sample_length=int(r.sample_length),

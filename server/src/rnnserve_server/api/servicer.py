@@ -196,7 +196,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         self, request: pb.TrainRequest, context: Context
     ) -> AsyncIterator[pb.TrainResponse]:
         """Run request.steps updates, streaming progress."""
-        progress = self.sessions.train(request.session_id, cv.train_options(request))
+        progress = self.sessions.train(request.session_id, cv.training_plan(request))
         async with contextlib.aclosing(progress):  # a cancelled call stops the training
             async for p in progress:
                 yield cv.progress_to_pb(p)

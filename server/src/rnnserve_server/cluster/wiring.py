@@ -36,7 +36,7 @@ from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
 from rnnserve_server.cluster.shared_store import SharedStore
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import StorageError
-from rnnserve_server.sessions.session import StopCause
+from rnnserve_server.sessions.session_types import StopCause
 
 log = logs.get_logger("rnnserve.cluster")
 

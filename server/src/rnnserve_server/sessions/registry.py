@@ -39,8 +39,8 @@ from rnnserve_server.sessions.limits import (
     limit_error,
 )
 from rnnserve_server.sessions.residency import Residency, resident_bytes, session_bytes
-from rnnserve_server.sessions.session import Session, StopCause
-from rnnserve_server.sessions.session_types import Broken
+from rnnserve_server.sessions.session import Session
+from rnnserve_server.sessions.session_types import Broken, StopCause
 from rnnserve_server.storage.store import Checkpoint, Store, validate_session_id
 
 log = get_logger("rnnserve.registry")

@@ -29,12 +29,10 @@ from rnnserve_server.sessions.session_types import (
     ChunkResult,
     StopCause,
     Summary,
-    TrainPlan,
+    TrainRun,
     Use,
 )
 from rnnserve_server.storage.checkpoint import Checkpoint
-
-__all__ = ["ChunkResult", "Session", "StopCause", "Summary", "TrainPlan"]
 
 # A corpus step that took less than this last time runs on the event loop: the hop to a worker
 # thread and back cost ~0.05-0.2 ms, a large share of a small model's Step (bench/service.py),
@@ -294,14 +292,14 @@ class Session:
     # ----- work done in worker threads --------------------------------------------------
 
     def train_chunk(
-        self, max_steps: int, budget_s: float, plan: TrainPlan | None = None
+        self, max_steps: int, budget_s: float, run: TrainRun | None = None
     ) -> ChunkResult:
         """Run up to max_steps corpus updates for about budget_s seconds (worker thread).
 
         Checks the cancel flag before every update; a diverged update is not applied and
-        ends the chunk with ``error`` set. With a ``plan``, measures the validation loss on
+        ends the chunk with ``error`` set. With a ``run``, measures the validation loss on
         its schedule (and after the call's last update) and ends the chunk as soon as one of
-        its stop conditions is met (``plan.stop``).
+        its stop conditions is met (``run.stop``).
         """
         steps = chars = 0
         last: StepResult | None = None
@@ -315,15 +313,15 @@ class Session:
                     self._touch()
                     return ChunkResult(steps, chars, last, exc)
                 validation = None
-                if plan is not None:
-                    plan.done += 1
-                    every = plan.eval_every
-                    if every and (plan.done % every == 0 or plan.done == plan.steps):
+                if run is not None:
+                    run.done += 1
+                    every = run.eval_every
+                    if every and (run.done % every == 0 or run.done == run.steps):
                         validation = trainer.validation_loss()
                 self.losses.record(last.loss, validation)
                 steps += 1
                 chars += last.chars
-                if plan is not None and self._plan_says_stop(plan, last.loss, validation):
+                if run is not None and self._run_says_stop(run, last.loss, validation):
                     break
                 if time.perf_counter() >= deadline:
                     break
@@ -331,23 +329,23 @@ class Session:
                 self._touch()
         return ChunkResult(steps, chars, last)
 
-    def _plan_says_stop(self, plan: TrainPlan, loss: float, validation: float | None) -> bool:
-        """Update the plan's guard and early-stopping state; True once a stop condition holds."""
-        plan.window_min = min(plan.window_min, loss)
+    def _run_says_stop(self, run: TrainRun, loss: float, validation: float | None) -> bool:
+        """Update the run's guard and early-stopping state; True once a stop condition holds."""
+        run.window_min = min(run.window_min, loss)
         if validation is not None:
-            if plan.best is None or validation < plan.best:
-                plan.best, plan.stale = validation, 0
+            if run.best is None or validation < run.best:
+                run.best, run.stale = validation, 0
             else:
-                plan.stale += 1
-                if plan.patience and plan.stale >= plan.patience:
-                    plan.stop = "early"
-        if plan.until_loss is not None:
-            if plan.eval_every:  # with a validation split the target is the validation loss
-                if validation is not None and validation <= plan.until_loss:
-                    plan.stop = "target"
-            elif self.losses.smoothed_loss <= plan.until_loss:
-                plan.stop = "target"
-        return plan.stop is not None
+                run.stale += 1
+                if run.patience and run.stale >= run.patience:
+                    run.stop = "early"
+        if run.until_loss is not None:
+            if run.eval_every:  # with a validation split the target is the validation loss
+                if validation is not None and validation <= run.until_loss:
+                    run.stop = "target"
+            elif self.losses.smoothed_loss <= run.until_loss:
+                run.stop = "target"
+        return run.stop is not None
 
     def step_once(self, ids: np.ndarray | None) -> StepResult:
         """One update on the corpus (ids None) or on ids from a zero state (worker thread)."""

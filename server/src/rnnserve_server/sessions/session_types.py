@@ -1,5 +1,5 @@
 """The plain values a session hands out and takes in: why a Train stops, one Train call's
-plan, what a chunk of training did, what GetSession reports while the trainer is evicted, and
+run, what a chunk of training did, what GetSession reports while the trainer is evicted, and
 the records of a session that other parts write (each says whose it is)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = [
     "ChunkResult",
     "StopCause",
     "Summary",
-    "TrainPlan",
+    "TrainRun",
     "Use",
 ]
 
@@ -35,11 +35,12 @@ class StopCause(enum.Enum):
 
 
 @dataclass
-class TrainPlan:
-    """One Train call's evaluation schedule and stop conditions, and its running state.
+class TrainRun:
+    """One Train call's evaluation schedule and stop conditions (its plan, resolved for the
+    session), and its running state.
 
-    Owned by the Train handler; mutated only by ``train_chunk`` (one worker thread at a time)
-    and read by the handler between chunks.
+    Owned by the Train use case; mutated only by ``train_chunk`` (one worker thread at a time)
+    and read by the use case between chunks.
     """
 
     steps: int  # updates the call asks for

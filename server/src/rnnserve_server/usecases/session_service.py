@@ -32,15 +32,16 @@ from rnnserve_server.sessions.session import Session
 from rnnserve_server.storage import archive
 from rnnserve_server.storage.store import validate_session_id
 from rnnserve_server.usecases.request_limits import RequestLimits, encode
-from rnnserve_server.usecases.training import TrainOptions, TrainProgress, train
+from rnnserve_server.usecases.training import TrainProgress, train
+from rnnserve_server.usecases.training_plan import TrainingPlan
 
 __all__ = [
     "FIXED_FIELDS",
     "GenerateOptions",
     "SessionService",
     "StepOutcome",
-    "TrainOptions",
     "TrainProgress",
+    "TrainingPlan",
     "fixed_field_error",
 ]
 
@@ -329,9 +330,9 @@ class SessionService:
             replayed=True,
         )
 
-    def train(self, session_id: str, options: TrainOptions) -> AsyncGenerator[TrainProgress, None]:
-        """options.steps updates, with progress reports (training.py)."""
-        return train(self.registry, self.settings, self.limits, session_id, options)
+    def train(self, session_id: str, plan: TrainingPlan) -> AsyncGenerator[TrainProgress, None]:
+        """The plan's updates, with progress reports (training.py)."""
+        return train(self.registry, self.limits, session_id, plan)
 
     async def watch(
         self, session_id: str, from_step: int

@@ -13,36 +13,17 @@ from typing import Any, cast
 import numpy as np
 
 from rnnserve_server import metrics
-from rnnserve_server.config import Settings
-from rnnserve_server.errors import InvalidArgumentError
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.registry import Registry
-from rnnserve_server.sessions.session import ChunkResult, Session, StopCause, TrainPlan
-from rnnserve_server.usecases.request_limits import RequestLimits, encode
+from rnnserve_server.sessions.session import Session
+from rnnserve_server.sessions.session_types import ChunkResult, StopCause, TrainRun
+from rnnserve_server.usecases.request_limits import RequestLimits
+from rnnserve_server.usecases.training_plan import TrainingPlan
 
 log = get_logger("rnnserve.service")
 
 CHUNK_SECONDS = 0.05  # training time per executor call: cancel/RPC latency vs overhead
 PROGRESS_LOG_SECONDS = 10.0  # training progress is logged at most this often per Train
-DEFAULT_EVAL_EVERY = 100  # validation every this many updates when neither interval is given
-# The runaway guard: a loss above this many times the uniform baseline (ln V nats, what an
-# untrained model scores) for a whole report window ends a Train as diverged.
-RUNAWAY_FACTOR = 2.0
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """What a Train asks for (TrainRequest's fields)."""
-
-    steps: int
-    report_every: int = 0
-    sample_length: int = 0
-    sample_temperature: float = 1.0
-    sample_prime: str = ""
-    until_loss: float | None = None
-    patience: int = 0
-    eval_every: int = 0
-    until_step: int | None = None  # instead of steps: train until the session is at this step
 
 
 @dataclass
@@ -60,55 +41,6 @@ class TrainProgress:
     validation_step: int = 0
     stop_reason: str | None = None  # completed|diverged|target_loss|early_stopped|deleted|shutdown
     sample: str | None = None
-
-
-def check_options(o: TrainOptions, settings: Settings, limits: RequestLimits) -> None:
-    """INVALID_ARGUMENT / RESOURCE_EXHAUSTED for options out of range."""
-    s = settings
-    if o.until_step is None:
-        limits.check_count("steps", o.steps, 1, s.max_train_steps, "max_train_steps")
-    elif o.steps:
-        raise InvalidArgumentError(
-            f"give steps or until_step, not both (steps {o.steps}, until_step {o.until_step})"
-        )
-    elif o.until_step < 1:
-        raise InvalidArgumentError(f"until_step must be >= 1, not {o.until_step}")
-    if o.report_every < 0:
-        raise InvalidArgumentError(f"report_every must be >= 0, not {o.report_every}")
-    limits.check_count(
-        "sample_length", o.sample_length, 0, s.max_generate_length, "max_generate_length"
-    )
-    if o.until_loss is not None and (not math.isfinite(o.until_loss) or o.until_loss < 0):
-        raise InvalidArgumentError(
-            f"until_loss must be a finite number >= 0 (nats per character), not {o.until_loss}"
-        )
-    if o.patience < 0:
-        raise InvalidArgumentError(f"patience must be >= 0 (0 is off), not {o.patience}")
-    if o.eval_every < 0:
-        raise InvalidArgumentError(
-            f"eval_every must be >= 0 (0 follows report_every), not {o.eval_every}"
-        )
-    t = o.sample_temperature
-    if not math.isfinite(t) or t < 0:
-        raise InvalidArgumentError(
-            f"sample_temperature must be a finite number >= 0 (0 is greedy), not {t}"
-        )
-    if o.sample_prime:
-        limits.check_text(o.sample_prime, "sample_prime", min_chars=1)
-
-
-def steps_to_go(
-    o: TrainOptions, session: Session, settings: Settings, limits: RequestLimits
-) -> int:
-    """The updates a Train applies: ``steps``, or what is left to ``until_step`` (0 when the
-    session is there already: a retry of a Train that completed)."""
-    if o.until_step is None:
-        return o.steps
-    steps = max(0, o.until_step - session.step)
-    limits.check_count(
-        "the steps up to until_step", steps, 0, settings.max_train_steps, "max_train_steps"
-    )
-    return steps
 
 
 async def sample_text(
@@ -129,7 +61,7 @@ async def sample_text(
 
 
 async def train_chunk(
-    registry: Registry, session: Session, max_steps: int, plan: TrainPlan | None = None
+    registry: Registry, session: Session, max_steps: int, run: TrainRun | None = None
 ) -> ChunkResult:
     """One executor call of training that survives the handler being cancelled.
 
@@ -137,7 +69,7 @@ async def train_chunk(
     consistent before the busy flag clears), and the cancellation re-raised.
     """
     future = asyncio.get_running_loop().run_in_executor(
-        registry.compute, session.train_chunk, max_steps, CHUNK_SECONDS, plan
+        registry.compute, session.train_chunk, max_steps, CHUNK_SECONDS, run
     )
     try:
         return await asyncio.shield(future)
@@ -149,55 +81,38 @@ async def train_chunk(
 
 
 async def train(
-    registry: Registry, settings: Settings, limits: RequestLimits, session_id: str, o: TrainOptions
+    registry: Registry, limits: RequestLimits, session_id: str, plan: TrainingPlan
 ) -> AsyncGenerator[TrainProgress, None]:
-    """Run o.steps updates in chunks off the event loop, yielding progress."""
-    s = settings
-    check_options(o, settings, limits)
-    every = o.report_every
+    """Run the plan's updates in chunks off the event loop, yielding progress."""
+    plan.check(limits)
+    every = plan.report_every
     async with registry.use(session_id) as session:
-        steps = steps_to_go(o, session, settings, limits)
-        trainer = session.require_trainer()
-        sample_prime = (
-            encode(session, o.sample_prime, "sample_prime")
-            if o.sample_prime
-            else np.zeros(0, dtype=np.int32)
-        )
-        has_validation = trainer.validation_length >= 2
-        if not has_validation and (o.patience or o.eval_every):
-            field = "patience" if o.patience else "eval_every"
-            raise InvalidArgumentError(
-                f"{field} needs a validation split, and session {session.id!r} has none; "
-                "create a session with validation_fraction (e.g. 0.1); an existing "
-                "session's split can't change"
-            )
-        vocab_size = trainer.vocab.size
-        runaway = RUNAWAY_FACTOR * math.log(vocab_size) if vocab_size >= 2 else math.inf
-        plan = TrainPlan(
+        fitted = plan.fit(session, limits)
+        steps = fitted.steps
+        run = TrainRun(
             steps=steps,
-            eval_every=(o.eval_every or every or DEFAULT_EVAL_EVERY) if has_validation else 0,
-            until_loss=o.until_loss,
-            patience=o.patience,
+            eval_every=fitted.eval_every,
+            until_loss=plan.until_loss,
+            patience=plan.patience,
         )
         diverged = False
 
         async def sample() -> str:
             text = await sample_text(
-                registry, session, o.sample_length, sample_prime, o.sample_temperature
+                registry, session, plan.sample_length, fitted.sample_prime, plan.sample_temperature
             )
-            return o.sample_prime + text
+            return plan.sample_prime + text
 
         def runaway_window() -> bool:
             """The guard: every loss since the last report above the runaway line."""
-            high = plan.window_min > runaway
-            plan.window_min = math.inf
+            high = run.window_min > fitted.runaway
+            run.window_min = math.inf
             return high
 
         await registry.checkpoints.check_writable(session)
-        limits.check_update_memory(session, "Train", o.sample_length)
         session.begin("Train")
-        if o.until_step is not None:  # a Step may have run meanwhile: never train past it
-            steps = plan.steps = min(steps, max(0, o.until_step - session.step))
+        if plan.until_step is not None:  # a Step may have run meanwhile: never train past it
+            steps = run.steps = min(steps, max(0, plan.until_step - session.step))
         start = last_report = last_log = last_ckpt = time.monotonic()
         done = chars = 0
         first_step = session.step
@@ -222,11 +137,11 @@ async def train(
             )
 
         try:
-            while done < steps and not session.cancel.is_set() and plan.stop is None:
+            while done < steps and not session.cancel.is_set() and run.stop is None:
                 limit = steps - done
                 if every:
                     limit = min(limit, every - done % every)
-                chunk = await train_chunk(registry, session, limit, plan)
+                chunk = await train_chunk(registry, session, limit, run)
                 done += chunk.steps
                 chars += chunk.chars
                 metrics.record_training(chunk.steps, chunk.chars)
@@ -240,7 +155,7 @@ async def train(
                     bound.warning("train_unsaved", step=session.step, error=str(unsaved))
                     raise type(unsaved)(str(unsaved))
                 now = time.monotonic()
-                if now - last_ckpt >= s.checkpoint_interval:
+                if now - last_ckpt >= registry.settings.checkpoint_interval:
                     registry.checkpoints.request(session)
                     last_ckpt = now
                 if now - last_log >= PROGRESS_LOG_SECONDS:
@@ -255,12 +170,15 @@ async def train(
                 if (due or done == steps) and chunk.steps and runaway_window():
                     diverged = True
                     bound.warning(
-                        "train_runaway", step=session.step, loss=session.losses.loss, limit=runaway
+                        "train_runaway",
+                        step=session.step,
+                        loss=session.losses.loss,
+                        limit=fitted.runaway,
                     )
                     break
-                if due and done < steps and chunk.steps and plan.stop is None:
+                if due and done < steps and chunk.steps and run.stop is None:
                     message = progress()
-                    if o.sample_length:
+                    if plan.sample_length:
                         message.sample = await sample()
                     last_report = now
                     yield message
@@ -268,9 +186,9 @@ async def train(
             reason = "completed"
             if diverged:
                 reason = "diverged"
-            elif plan.stop == "target":
+            elif run.stop == "target":
                 reason = "target_loss"
-            elif plan.stop == "early":
+            elif run.stop == "early":
                 reason = "early_stopped"
             elif done < steps:
                 reason = "deleted" if cause is StopCause.DELETED else "shutdown"
@@ -294,6 +212,6 @@ async def train(
         if not session.deleted:
             await registry.checkpoints.flush(session)
         final = progress(reason)
-        if o.sample_length and not session.deleted:
+        if plan.sample_length and not session.deleted:
             final.sample = await sample()
         yield final
