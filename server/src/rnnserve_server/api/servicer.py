@@ -1,6 +1,6 @@
 """The RnnService servicer: the gRPC edge, and the one place errors become codes.
 
-Each handler converts the request (converters.py), calls the use case (session_service.py,
+Each handler converts the request (converters.py), calls the use case (usecases/,
 which knows nothing of gRPC), and converts the result back. Every domain exception is mapped
 to a code and a google.rpc.Status with details in ``status.py``; anything unexpected is logged
 and becomes INTERNAL, never UNKNOWN.
@@ -162,7 +162,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
     async def ExportSession(  # noqa: N802
         self, request: pb.ExportSessionRequest, context: Context
     ) -> AsyncIterator[pb.ExportSessionResponse]:
-        """The session's archive (archive.py documents the format), in chunks."""
+        """The session's archive (storage/archive.py documents the format), in chunks."""
         data = await self.sessions.export(request.session_id)
         for message in cv.export_messages(data, self.settings.max_message_bytes):
             yield message

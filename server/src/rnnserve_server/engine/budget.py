@@ -34,7 +34,7 @@ def param_count(hidden: int, vocab: int) -> int:
 
 
 def _workspace(steps: int, batch: int, hidden: int, vocab: int, itemsize: int) -> int:
-    """model.Workspace(steps, batch, hidden, vocab): input rows, Whh.T, hidden states, logits,
+    """rnn.kernels.Workspace(steps, batch, hidden, vocab): input rows, Whh.T, hidden states, logits,
     one-hot inputs, the two backward buffers, and per-step views."""
     n = steps * batch
     floats = 2 * vocab * hidden + hidden * hidden + (steps + 2) * batch * hidden

@@ -49,7 +49,7 @@ class ModelConfig:
     seed: int = 0  # seeds the weight initialisation
     dtype: str = "float32"  # "float32" | "float64"
     reset_every: int = 0  # zero the carried hidden states every N corpus windows; 0 = never
-    cell: str = "rnn"  # "rnn" | "lstm" | "gru" (cells.py); one-layer "rnn" is the seed's model
+    cell: str = "rnn"  # "rnn" | "lstm" | "gru" (cells/); one-layer "rnn" is the seed's model
     num_layers: int = 1  # stacked recurrent layers
     dropout: float = 0.0  # between layers, training only: share of a layer's outputs zeroed
     validation_fraction: float = 0.0  # share of the corpus, at its end, never trained on
@@ -113,7 +113,7 @@ class ModelConfig:
 
     @property
     def stacked(self) -> bool:
-        """True when the model is cells.py's (gated cell or several layers), not the seed's."""
+        """True when the model is cells/' (gated cell or several layers), not the seed's."""
         return self.cell != "rnn" or self.num_layers > 1
 
     def to_dict(self) -> dict[str, Any]:

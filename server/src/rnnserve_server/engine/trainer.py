@@ -90,7 +90,7 @@ class Trainer:
         self.dtype = np.dtype(config.dtype)
         V, H, B = vocab.size, config.hidden_size, config.batch_size
         rng = np.random.default_rng(config.seed)
-        # None: the seed's one-layer tanh RNN (this module); else a cells.py model.
+        # None: the seed's one-layer tanh RNN (this module); else a cells/ model.
         self._spec = cells.Spec(config.cell, V, H, config.num_layers) if config.stacked else None
         state_size = H
         if self._spec is None:

@@ -208,7 +208,7 @@ class Registry:
             log.info("session_reloaded", session_id=session.id, step=session.step)
 
     def gauges(self) -> SessionGauges:
-        """The session gauges of metrics.py. Runs in the metrics HTTP server's thread: reads
+        """The session gauges /metrics serves. Runs in the metrics HTTP server's thread: reads
         only, copying containers before iterating."""
         sessions = list(self.sessions.values())
         on_disk = 0

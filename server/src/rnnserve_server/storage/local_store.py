@@ -76,15 +76,7 @@ class LocalStore:
         Raises CheckpointError when another server holds the lock.
         """
         self.sessions_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(self.data_dir / ".lock", "ab")  # noqa: SIM115 - held for the process lifetime
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            raise CheckpointError(
-                f"data directory {self.data_dir} is in use by another rnnserve-server"
-            ) from None
-        self._lock_file = lock
+        self._take_lock()
         removed = []
         # Temp files are half-written files of a crashed process; never a committed one.
         for path in self.sessions_dir.glob(_TMP_PREFIX + "*"):
@@ -120,16 +112,21 @@ class LocalStore:
             self.sessions_dir.mkdir(parents=True, exist_ok=True)
             # Our lock went with the old directory: take the new one's, or stop writing.
             self.close()
-            lock = open(self.data_dir / ".lock", "ab")  # noqa: SIM115 - held until close()
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock.close()
-                raise CheckpointError(
-                    f"data directory {self.data_dir} is in use by another rnnserve-server"
-                ) from None
-            self._lock_file = lock
+            self._take_lock()
         return True
+
+    def _take_lock(self) -> None:
+        """Hold the data directory's lock until close(); CheckpointError if another server
+        holds it."""
+        lock = open(self.data_dir / ".lock", "ab")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise CheckpointError(
+                f"data directory {self.data_dir} is in use by another rnnserve-server"
+            ) from None
+        self._lock_file = lock
 
     def close(self) -> None:
         """Release the data-dir lock."""
@@ -230,7 +227,7 @@ class LocalStore:
         return size
 
     def load(self, session_id: str, check: MetaCheck | None = None) -> Checkpoint:
-        """Read a checkpoint (state, then corpus; checkpoint_files.py checks them);
+        """Read a checkpoint (state, then corpus; checkpoint_reader.py checks them);
         CheckpointError naming the file and the reason if it can't be."""
         path = self.path(session_id)
         meta, trainer_arrays, history = read_state(path, session_id, check)

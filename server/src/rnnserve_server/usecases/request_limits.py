@@ -1,5 +1,5 @@
 """What one request may ask for: text lengths, counts, and the working memory of a call on a
-session's model under --max-request-bytes (budget.py estimates it)."""
+session's model under --max-request-bytes (engine/budget.py estimates it)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class RequestLimits:
         fix: str = "",
     ) -> None:
         """RESOURCE_EXHAUSTED when the call's working memory, ``estimate(chars, hidden,
-        alphabet, itemsize)`` on this session's model (budget.py), is over
+        alphabet, itemsize)`` on this session's model (engine/budget.py), is over
         --max-request-bytes. With ``chars`` the message says how many characters would fit;
         else ``fix`` says what smaller request would."""
         config = session.require_trainer().config

@@ -3,8 +3,8 @@ train, watch, generate, predict, update, export, import and fork a session.
 
 This layer owns the lifecycle the RPCs share: busy/ready (``Session.begin``/``end``),
 checkpoint requests (write-behind, or flushed before an acknowledgement), notifications to
-watchers, and the metrics hooks. It raises the domain errors of errors.py (and model.py's
-EngineError/DivergedError); service.py maps them to gRPC status codes in one place.
+watchers, and the metrics hooks. It raises the domain errors of errors.py (and the engine's
+EngineError/DivergedError); api/status.py maps them to gRPC status codes in one place.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ class SessionService:
         return await self.registry.adopt(ckpt, changes)
 
     async def export(self, session_id: str) -> bytes:
-        """The session's archive (archive.py documents the format)."""
+        """The session's archive (storage/archive.py documents the format)."""
         async with self.registry.use(session_id) as session:
             ckpt = await self.registry.run(session.export_state)
         return await self.registry.run(archive.write, ckpt)

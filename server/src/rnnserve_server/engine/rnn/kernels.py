@@ -19,7 +19,7 @@ The loss that is differentiated is min-char-rnn's: cross-entropy summed over the
 steps, averaged over the strands (so batch 1 is exactly min-char-rnn, and the batch size does
 not change the effective step size). Losses are *reported* as mean nats per character.
 
-rnn_reference.py has the same math written plainly; tests hold this to it.
+reference.py has the same math written plainly; tests hold this to it.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def loss_and_grads(
     ``h_last`` (B, H) a copy of the final hidden state. Gradients do not flow into ``h0``
     (truncated BPTT). ``ws`` reuses preallocated buffers of the right shape.
 
-    rnn_reference.py computes the same numbers plainly; the gradient check runs both.
+    reference.py computes the same numbers plainly; the gradient check runs both.
     """
     Wxh, Whh, Why = params["Wxh"], params["Whh"], params["Why"]
     H, V = Wxh.shape

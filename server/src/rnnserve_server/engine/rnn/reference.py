@@ -1,5 +1,5 @@
 """The tanh RNN's forward and backward written plainly, one equation per line, one time step
-at a time (min-char-rnn's form, batched). Slow; tests hold rnn_kernels.loss_and_grads to it
+at a time (min-char-rnn's form, batched). Slow; tests hold kernels.loss_and_grads to it
 and the gradient check runs both.
 
     h_t = tanh(Wxh x_t + Whh h_{t-1} + bh)     y_t = Why h_t + by     p_t = softmax(y_t)
@@ -68,7 +68,7 @@ def reference_backward(
 def reference_loss_and_grads(
     params: dict[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray, h0: np.ndarray
 ) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
-    """rnn_kernels.loss_and_grads's contract: (loss, grads, h_last)."""
+    """kernels.loss_and_grads's contract: (loss, grads, h_last)."""
     loss, cache = reference_forward(params, inputs, targets, h0)
     T = inputs.shape[1]
     return loss, reference_backward(params, targets, cache), cache["hs"][T - 1].copy()
