@@ -37,9 +37,7 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,68 +46,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from redis_coordinator import start_redis  # type: ignore[import-not-found]
-from rnnserve import Client, RnnServeError
-from rnnserve import aio as rnn_aio
-from rnnserve.v1 import rnn_service_pb2 as pb
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the bench package, whichever directory this runs from
 
-# bench/service.py sets one BLAS thread (OPENBLAS/OMP/MKL_NUM_THREADS) as it loads, before
-# numpy does: nothing imported above loads numpy.
-from service import (  # type: ignore[import-not-found]
-    PRESETS,
+# First: one BLAS thread (OPENBLAS/OMP/MKL_NUM_THREADS) before numpy is imported.
+import bench._blas  # noqa: E402, F401
+
+# isort: split
+from rnnserve import Client, RnnServeError  # noqa: E402
+from rnnserve import aio as rnn_aio  # noqa: E402
+from rnnserve_server.engine.model_config import PRESETS  # noqa: E402
+from rnnserve_server.testing import ServerHandle, start_redis  # noqa: E402
+
+from bench._common import (  # noqa: E402
+    TEXT,
     config_kwargs,
     cpu_name,
     load_text,
     local_parallel,
+    start_replica,
     trainer_for,
+    wait_idle,
 )
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 PARTS = ("forward", "failover", "throughput", "watch")
-
-
-class Replica:
-    """One rnnserve-server subprocess; ``address`` once it logged ``serving``."""
-
-    def __init__(
-        self,
-        directory: Path,
-        redis_url: str,
-        shared: Path,
-        lease_ttl: float,
-        checkpoint_interval: float = 0.5,
-    ) -> None:
-        args = [sys.executable, "-m", "rnnserve_server", "--address", "127.0.0.1:0"]
-        args += ["--data-dir", str(directory), "--log-format", "json", "--log-level", "warning"]
-        args += ["--redis-url", redis_url, "--shared-dir", str(shared)]
-        args += ["--lease-ttl", str(lease_ttl), "--checkpoint-interval", str(checkpoint_interval)]
-        args += ["--blas-threads", "1"]
-        port_file = directory.with_suffix(".port")
-        args += ["--port-file", str(port_file)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=env,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("a replica did not start")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(0.05)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -126,7 +86,7 @@ def timed(call: object, n: int) -> list[float]:
     return times
 
 
-def forwarding(replicas: list[Replica], n: int) -> dict[str, float]:
+def forwarding(replicas: list[ServerHandle], n: int) -> dict[str, float]:
     """Step and GetSession via the owner and via a non-owner, interleaved; a no-op call; and
     the non-owner's CPU per forwarded call against its CPU per no-op call."""
     with Client(replicas[0].address) as owner, Client(replicas[1].address) as other:
@@ -182,10 +142,10 @@ def failover(
 ) -> dict[str, float]:
     times: list[float] = []
     lost: list[int] = []
-    survivor = Replica(root / "survivor", redis_url, shared, lease_ttl)
+    survivor = start_replica(root / "survivor", redis_url, shared, lease_ttl)
     try:
         for trial in range(trials):
-            victim = Replica(root / f"victim{trial}", redis_url, shared, lease_ttl)
+            victim = start_replica(root / f"victim{trial}", redis_url, shared, lease_ttl)
             session_id = f"bench-fo{trial}"
             with Client(victim.address, timeout=None) as client:
                 session = client.create_session(TEXT, session_id=session_id, hidden_size=64)
@@ -224,14 +184,6 @@ def failover(
 BIG = PRESETS["default"].replace(hidden_size=512, batch_size=32, seq_length=100, seed=1)
 
 
-def wait_idle(client: Client, session_id: str, timeout: float = 60.0) -> None:
-    """Until a cancelled Train has stopped on the server (it stops between updates)."""
-    deadline = time.monotonic() + timeout
-    session = client.session(session_id)
-    while session.info().state == pb.SESSION_STATE_TRAINING and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def train_rate(jobs: list[tuple[str, str]], warmup: float, seconds: float) -> list[float]:
     """Aggregate chars/s of the sessions ``(address, session_id)`` training at once, each
     through the given replica, from their Train messages: per session, the steps done between
@@ -261,7 +213,7 @@ def train_rate(jobs: list[tuple[str, str]], warmup: float, seconds: float) -> li
     for thread in threads:
         thread.join(30)
     for address, sid in jobs:
-        wait_idle(clients[address], sid)
+        wait_idle(clients[address].session(sid))
     for client in clients.values():
         client.close()
     rates = []
@@ -275,7 +227,9 @@ def train_rate(jobs: list[tuple[str, str]], warmup: float, seconds: float) -> li
     return rates
 
 
-def throughput(replicas: list[Replica], seconds: float, rounds: int, text: str) -> dict[str, float]:
+def throughput(
+    replicas: list[ServerHandle], seconds: float, rounds: int, text: str
+) -> dict[str, float]:
     r0, r1 = replicas[0].address, replicas[1].address
     owners = {"tp-a": r0, "tp-b": r0, "tp-c": r1}
     for sid, address in owners.items():
@@ -389,7 +343,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_shares(replicas: list[Replica]) -> list[float]:
+def cpu_shares(replicas: list[ServerHandle]) -> list[float]:
     """CPU seconds so far: each replica, then this process (client, watchers)."""
     return [cpu_seconds(r.process.pid) for r in replicas] + [cpu_seconds(os.getpid())]
 
@@ -422,7 +376,7 @@ def trained(client: Client, session_id: str, seconds: float) -> dict[int, float]
     time.sleep(seconds)
     stream.cancel()
     thread.join(30)
-    wait_idle(client, session_id)
+    wait_idle(client.session(session_id))
     return sent
 
 
@@ -430,7 +384,7 @@ def ms_pcts(values: list[float]) -> tuple[float, float]:
     return statistics.median(values) * 1000, percentile(values, 0.99) * 1000
 
 
-def watch(replicas: list[Replica], n: int, seconds: float, text: str) -> dict[str, Any]:
+def watch(replicas: list[ServerHandle], n: int, seconds: float, text: str) -> dict[str, Any]:
     addresses = [r.address for r in replicas]
     sid = "bench-watch"
     config = PRESETS["default"].replace(hidden_size=32, seed=1)
@@ -530,7 +484,7 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=50, help="WatchLoss streams per replica")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    assert os.environ.get("OPENBLAS_NUM_THREADS") == "1"  # set by importing bench/service.py
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == "1"  # set by importing bench._blas
     only = set(args.only.split(","))
     if only - set(PARTS):
         parser.error(f"--only: unknown part(s) {sorted(only - set(PARTS))}")
@@ -541,14 +495,14 @@ def main() -> None:
     text = load_text()
     with tempfile.TemporaryDirectory(prefix="rnnserve-bench-cluster-") as tmp:
         root = Path(tmp)
-        (root / "redis").mkdir()
-        redis, url = start_redis(root / "redis")
+        redis = start_redis(root / "redis")
+        url = redis.url
         shared = root / "shared"
-        replicas: list[Replica] = []
+        replicas: list[ServerHandle] = []
         try:
             # (part, replicas, checkpoint interval, measurement); throughput and fan-out run at
             # the default checkpoint interval, what a deployment would run.
-            parts: list[tuple[str, int, float, Callable[[list[Replica]], Any]]] = [
+            parts: list[tuple[str, int, float, Callable[[list[ServerHandle]], Any]]] = [
                 ("forward", 2, 0.5, lambda r: forwarding(r, args.calls)),
                 ("throughput", 2, 5.0, lambda r: throughput(r, args.seconds, args.rounds, text)),
                 ("watch", 3, 5.0, lambda r: watch(r, args.watchers, args.seconds, text)),
@@ -557,7 +511,7 @@ def main() -> None:
                 if part not in only:
                     continue
                 replicas = [
-                    Replica(root / f"{part}{i}", url, shared, args.lease_ttl, interval)
+                    start_replica(root / f"{part}{i}", url, shared, args.lease_ttl, interval)
                     for i in range(count)
                 ]
                 results.update(measure(replicas))
@@ -568,9 +522,8 @@ def main() -> None:
                 results.update(failover(root, url, shared, args.lease_ttl, args.trials, args.steps))
         finally:
             for replica in replicas:
-                replica.stop()
+                replica.kill()  # left running only by an error
             redis.kill()
-            redis.wait(10)
     meta["load_end"] = load_average()
     results["lease_ttl_s"] = args.lease_ttl
     if args.json:

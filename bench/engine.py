@@ -36,13 +36,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from rnnserve_server.engine.model_config import ModelConfig
-from rnnserve_server.engine.trainer import Trainer
-from rnnserve_server.engine.vocab import Vocab
-
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+sys.path.insert(0, str(REPO))  # the bench package, whichever directory this runs from
+
+import numpy as np  # noqa: E402
+from rnnserve_server.engine.model_config import ModelConfig  # noqa: E402
+from rnnserve_server.engine.trainer import Trainer  # noqa: E402
+from rnnserve_server.engine.vocab import Vocab  # noqa: E402
+
+from bench._common import CORPUS, cpu_name  # noqa: E402
+
 SHAPES = [(100, 25, 1), (512, 100, 32)]
 CELL_SHAPES = [(128, 50, 1), (256, 100, 32)]
 GATES = {"lstm": 4, "gru": 3}
@@ -184,17 +187,6 @@ def bench_loop(H: int, T: int, B: int, V: int, seconds: float) -> float:
     return rate(step, T * B, seconds, repeats=3)
 
 
-def cpu_model() -> str:
-    """The CPU's model name, as lscpu prints it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def gemm_flops(m: int, k: int, n: int, seconds: float) -> float:
     """Best FLOP/s of an (m x k) @ (k x n) float32 GEMM."""
     rng = np.random.default_rng(0)
@@ -216,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab, ids = load_ids()
     V = vocab.size
 
-    print(f"CPU: {cpu_model()}; numpy {np.__version__}, BLAS threads {threads}")
+    print(f"CPU: {cpu_name()}; numpy {np.__version__}, BLAS threads {threads}")
     cells = [c for c in args.cells.split(",") if c]
     # Every numpy cell first, torch last: once torch has run, its OpenMP threads keep spinning
     # for a while and slowed the next multi-threaded numpy cell by ~25 % on 2 cores.

@@ -19,18 +19,22 @@ import argparse
 import asyncio
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc import aio
-from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the bench package, whichever directory this runs from
+
+import grpc  # noqa: E402
+from grpc import aio  # noqa: E402
+from rnnserve.v1 import rnn_service_pb2 as pb  # noqa: E402
+from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc  # noqa: E402
+from rnnserve_server.testing import ServerHandle, temporary_server  # noqa: E402
+
+from bench._common import cpu_name  # noqa: E402
 
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
@@ -42,22 +46,6 @@ GENERATE_LENGTH = 100
 PREDICT_TEXT = TEXT[:64]
 RPC_TIMEOUT = 30.0
 EXPECTED: set[grpc.StatusCode] = set()  # every client has its own session: nothing expected
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process in KiB (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 class Stats:
@@ -140,7 +128,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def run(address: str, clients: int, seconds: float, pid: int, seed: int) -> int:
+async def run(server: ServerHandle, clients: int, seconds: float, seed: int) -> int:
+    address = server.address
     channels = [aio.insecure_channel(address) for _ in range(min(8, clients))]
     stubs: list[Any] = [pb_grpc.RnnServiceStub(ch) for ch in channels]
     try:
@@ -156,7 +145,7 @@ async def run(address: str, clients: int, seconds: float, pid: int, seed: int) -
                 for i in range(clients)
             )
         )
-        rss_before = rss_kib(pid)
+        rss_before = server.rss_bytes() // 1024
         stats = Stats()
         started = time.monotonic()
         await asyncio.gather(
@@ -166,7 +155,7 @@ async def run(address: str, clients: int, seconds: float, pid: int, seed: int) -
             )
         )
         elapsed = time.monotonic() - started
-        rss_after = rss_kib(pid)
+        rss_after = server.rss_bytes() // 1024
     finally:
         for ch in channels:
             await ch.close(None)
@@ -176,9 +165,7 @@ async def run(address: str, clients: int, seconds: float, pid: int, seed: int) -
 def report(
     stats: Stats, warm: Stats, clients: int, elapsed: float, rss_before: int, rss_after: int
 ) -> int:
-    print(
-        f"rnnserve load: {clients} clients, {elapsed:.1f} s, {os.cpu_count()} CPUs, {cpu_model()}"
-    )
+    print(f"rnnserve load: {clients} clients, {elapsed:.1f} s, {os.cpu_count()} CPUs, {cpu_name()}")
     print(f"mix: {', '.join(f'{k} {v}%' for k, v in MIX.items())}; one session per client")
     print()
     print(f"{'RPC':<11} {'calls':>8} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
@@ -223,36 +210,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the RPC mix")
     parser.add_argument("--log-level", default="info", help="server log level (info)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="rnnserve-load-") as tmp:
-        port_file = Path(tmp) / "port"
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "wb") as log:
-            server = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "rnnserve_server", "--address", "127.0.0.1:0"),
-                    *("--data-dir", str(Path(tmp) / "data"), "--port-file", str(port_file)),
-                    *("--log-format", "json", "--log-level", args.log_level),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        try:
-            start_deadline = time.monotonic() + 30
-            while not port_file.exists():  # the server writes it once serving
-                if server.poll() is not None or time.monotonic() > start_deadline:
-                    print(log_path.read_text(), file=sys.stderr)
-                    raise SystemExit("the server did not start")
-                time.sleep(0.05)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
-            code = asyncio.run(run(address, args.clients, args.seconds, server.pid, args.seed))
-        finally:
-            server.terminate()
-            try:
-                exit_code = server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                exit_code = server.wait()
+    with temporary_server(log_level=args.log_level) as server:
+        code = asyncio.run(run(server, args.clients, args.seconds, args.seed))
+        exit_code = server.stop()
         print(f"server exit status after SIGTERM: {exit_code}")
     return code if exit_code == 0 else 1
 

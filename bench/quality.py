@@ -17,54 +17,23 @@ one JSON object per measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rnnserve import Client, Session, SessionBusy
+from rnnserve_server.testing import temporary_server
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 INT_FIELDS = {"hidden_size", "seq_length", "batch_size", "reset_every", "num_layers", "seed"}
 FLOAT_FIELDS = {"learning_rate", "clip", "dropout"}
-
-
-@contextmanager
-def local_server(blas_threads: int) -> Iterator[str]:
-    """``python -m rnnserve_server`` on 127.0.0.1:0 in a temporary data directory."""
-    with tempfile.TemporaryDirectory(prefix="rnnserve-quality-") as tmp:
-        log_path = Path(tmp) / "server.log"
-        args = [sys.executable, "-m", "rnnserve_server", "--data-dir", str(Path(tmp) / "data")]
-        args += ["--address", "127.0.0.1:0", "--log-format", "json"]
-        args += ["--blas-threads", str(blas_threads), "--idle-evict-seconds", "0"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=log, env=env)
-        try:
-            port = 0
-            deadline = time.monotonic() + 60
-            while not port and time.monotonic() < deadline and process.poll() is None:
-                time.sleep(0.05)
-                for line in log_path.read_text(errors="replace").splitlines():
-                    if '"serving"' in line:
-                        port = int(json.loads(line)["port"])
-            if not port:
-                raise RuntimeError("the server did not start:\n" + log_path.read_text()[-2000:])
-            yield f"127.0.0.1:{port}"
-        finally:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
@@ -195,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header)
     print("-" * len(header), flush=True)
-    server = local_server(args.blas_threads) if args.address is None else None
-    address = server.__enter__() if server is not None else args.address
-    try:
+    with contextlib.ExitStack() as stack:
+        address = args.address
+        if address is None:
+            server = temporary_server(blas_threads=args.blas_threads, idle_evict_seconds=0)
+            address = stack.enter_context(server).address
         with Client(address, timeout=120) as client:
             for name, kwargs in runs:
                 for row in measure(client, name, kwargs, train, held_out, at, args.sample_length):
@@ -213,9 +184,6 @@ def main(argv: list[str] | None = None) -> int:
                     if args.json is not None:
                         with open(args.json, "a", encoding="utf-8") as out:
                             out.write(json.dumps(row) + "\n")
-    finally:
-        if server is not None:
-            server.__exit__(None, None, None)
     return 0
 
 

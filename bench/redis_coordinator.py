@@ -13,42 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from rnnserve_server.cluster import Coordinator
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
-    args += ["--appendonly", "yes", "--save", "", "--logfile", str(directory / "redis.log")]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return process, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            pass
-        try:
-            process.wait(0.05)
-            raise SystemExit("redis-server exited: see " + str(directory / "redis.log"))
-        except subprocess.TimeoutExpired:
-            pass
-    process.kill()
-    raise SystemExit("redis-server did not answer PING within 20 s")
+from rnnserve_server.testing import start_redis
 
 
 async def latency(name: str, call: Callable[[int], Awaitable[object]], n: int) -> None:
@@ -87,14 +59,13 @@ async def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        process, url = start_redis(Path(tmp))
-        coord = Coordinator(url, lease_ttl=5.0, stream_maxlen=10_000)
+        redis = start_redis(Path(tmp))
+        coord = Coordinator(redis.url, lease_ttl=5.0, stream_maxlen=10_000)
         try:
             await run(coord, args.ops, args.sessions, args.points)
         finally:
             await coord.close()
-            process.terminate()
-            process.wait(20)
+            redis.stop()
 
 
 async def run(coord: Coordinator, ops: int, sessions: int, points: int) -> None:

@@ -20,60 +20,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import signal
-import socket
-import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis as redis_lib
-from cluster import TEXT, Replica  # type: ignore[import-not-found]
-from rnnserve import Client, RnnServeError
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the bench package, whichever directory this runs from
 
+import redis as redis_lib  # noqa: E402
+from rnnserve import Client, RnnServeError  # noqa: E402
+from rnnserve_server.testing import start_redis  # noqa: E402
 
-class Redis:
-    """redis-server on a fixed loopback port, restartable on the same data."""
-
-    def __init__(self, directory: Path, port: int) -> None:
-        self.directory, self.port = directory, port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--dir", str(self.directory), "--appendonly", "yes", "--save", ""]
-        args += ["--logfile", str(self.directory / "redis.log")]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis_lib.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
-        deadline = time.monotonic() + 20
-        try:
-            while time.monotonic() < deadline:
-                try:
-                    if client.ping():
-                        return
-                except redis_lib.RedisError:
-                    pass
-                try:
-                    self.process.wait(0.01)
-                    raise SystemExit("redis-server exited: see its log")
-                except subprocess.TimeoutExpired:
-                    pass
-        finally:
-            client.close()
-        raise SystemExit("redis-server did not answer within 20 s")
-
-    def stop(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(20)
+from bench._common import TEXT, start_replica  # noqa: E402
 
 
 @dataclass
@@ -103,21 +64,16 @@ def stepper(path: Loop, t0: list[float], stop: threading.Event) -> None:
 
 
 def run(root: Path, down: float, lease_ttl: float) -> dict[str, object]:
-    (root / "redis").mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    redis = Redis(root / "redis", port)
-    redis.start()
+    redis = start_redis(root / "redis")
     shared = root / "shared"
-    replicas = [Replica(root / f"r{i}", redis.url, shared, lease_ttl) for i in range(2)]
+    replicas = [start_replica(root / f"r{i}", redis.url, shared, lease_ttl) for i in range(2)]
     cold_ids = [f"cold{i}" for i in range(40)]
     try:
         with Client(replicas[0].address) as owner:
             for session_id in ("own", "fwd"):
                 owner.create_session(TEXT, session_id=session_id, hidden_size=32, seed=1)
         # Sessions no one holds: created on a replica that then drains (releases them).
-        creator = Replica(root / "creator", redis.url, shared, lease_ttl)
+        creator = start_replica(root / "creator", redis.url, shared, lease_ttl)
         with Client(creator.address) as client:
             for session_id in cold_ids:
                 client.create_session(TEXT, session_id=session_id, hidden_size=8, seed=1)
@@ -203,8 +159,7 @@ def run(root: Path, down: float, lease_ttl: float) -> dict[str, object]:
     finally:
         for replica in replicas:
             replica.stop()
-        if redis.process is not None and redis.process.poll() is None:
-            redis.process.kill()
+        redis.kill()
 
 
 def main() -> None:

@@ -24,35 +24,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the bench package, whichever directory this runs from
 
-def _blas_threads_from_argv(argv: list[str]) -> str:
-    for i, arg in enumerate(argv):
-        if arg == "--blas-threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--blas-threads="):
-            return arg.split("=", 1)[1]
-    return "1"
+# First: it sets the BLAS threads (--blas-threads) before numpy is imported.
+from bench._blas import BLAS_THREADS  # noqa: E402
 
-
-# Same BLAS threads as the server, set before numpy is imported (it reads them once).
-BLAS_THREADS = _blas_threads_from_argv(sys.argv[1:])
-if BLAS_THREADS != "0":
-    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = BLAS_THREADS
-
+# isort: split
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from grpc import aio  # noqa: E402
@@ -60,104 +48,37 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 from rnnserve import Client  # noqa: E402
 from rnnserve.v1 import rnn_service_pb2 as pb  # noqa: E402
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc  # noqa: E402
-from rnnserve_server.engine.model_config import PRESETS, ModelConfig  # noqa: E402
+from rnnserve_server.engine.model_config import PRESETS  # noqa: E402
 from rnnserve_server.engine.trainer import Trainer  # noqa: E402
-from rnnserve_server.engine.vocab import Vocab  # noqa: E402
+from rnnserve_server.testing import ServerHandle, temporary_server  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+from bench._common import (  # noqa: E402
+    config_kwargs,
+    cpu_name,
+    load_text,
+    local_parallel,
+    trainer_for,
+    wait_idle,
+)
+
 ROWS = ("floor", "step", "train", "generate", "sessions", "parallel", "watch")
 
 
-def load_text(chars: int = 200_000) -> str:
-    """The start of tiny Shakespeare, or seeded random words if the file is missing."""
-    if CORPUS.exists():
-        return CORPUS.read_text(encoding="utf-8")[:chars]
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "and", "queen", "of", "a", "to", "my", "lord", "thou", "art"]
-    return " ".join(rng.choice(words, size=chars // 4))[:chars]
+def server(**settings: Any) -> AbstractContextManager[ServerHandle]:
+    """A server with this process's BLAS threads on a fresh temporary directory, stopped at
+    the end; its log goes to a file, read only when asked."""
+    return temporary_server(blas_threads=BLAS_THREADS, **settings)
 
 
-# ---------------------------------------------------------------------------------------------
-# The server subprocess
-
-
-class Server:
-    """``python -m rnnserve_server`` on 127.0.0.1:0; its port comes from the serving event.
-
-    The server's JSON log goes to a file in its data directory, as in production, so reading
-    it costs this (client) process nothing while measuring.
-    """
-
-    def __init__(self, data_dir: Path, **settings: Any) -> None:
-        args = [sys.executable, "-m", "rnnserve_server", "--data-dir", str(data_dir / "data")]
-        settings = {"address": "127.0.0.1:0", "log_format": "json", **settings}
-        for name, value in settings.items():
-            args += ["--" + name.replace("_", "-"), str(value)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-        self.log_path = data_dir / "server.log"
-        with open(self.log_path, "wb") as log_file:
-            self.process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file, env=env
-            )
-        port = 0
-        deadline = time.monotonic() + 60
-        while not port and time.monotonic() < deadline and self.process.poll() is None:
-            time.sleep(0.02)
-            for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict) and entry.get("event") == "serving":
-                    port = int(entry["port"])
-        if not port:
-            self.process.kill()
-            tail = self.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-            raise RuntimeError("the server did not start:\n" + tail)
-        self.address = f"127.0.0.1:{port}"
-
-    def logged_durations(self, method: str, session_id: str) -> list[float]:
-        """Seconds of each ``method`` call on the session, from the server's rpc log lines."""
-        out = []
-        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if '"rpc"' not in line or session_id not in line:
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("method", "").endswith("/" + method):
-                out.append(float(entry["duration_ms"]) / 1000)
-        return out
-
-    def rss_bytes(self) -> int:
-        """The server's resident set size."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self) -> None:
-        """SIGTERM and wait (SIGKILL if it takes too long)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-
-@contextmanager
-def server(**settings: Any) -> Iterator[Server]:
-    """A server on a fresh temporary data directory, stopped at the end."""
-    with tempfile.TemporaryDirectory(prefix="rnnserve-bench-") as tmp:
-        srv = Server(Path(tmp), blas_threads=BLAS_THREADS, **settings)
-        try:
-            yield srv
-        finally:
-            srv.stop()
+def logged_durations(srv: ServerHandle, method: str, session_id: str) -> list[float]:
+    """Seconds of each ``method`` call on the session, from the server's rpc log lines."""
+    return [
+        float(entry["duration_ms"]) / 1000
+        for entry in srv.logs
+        if entry.get("event") == "rpc"
+        and entry.get("session_id") == session_id
+        and str(entry.get("method", "")).endswith("/" + method)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,37 +152,10 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f} ms"
 
 
-def config_kwargs(config: ModelConfig) -> dict[str, Any]:
-    """Client.create_session keyword arguments that pin every field of config."""
-    return {
-        "hidden_size": config.hidden_size,
-        "seq_length": config.seq_length,
-        "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
-        "optimizer": config.optimizer,
-        "clip": config.clip,
-        "seed": config.seed,
-        "dtype": config.dtype,
-        "reset_every": config.reset_every,
-    }
-
-
 def drain(stream: Iterator[Any]) -> None:
     """Read a stream to its end (a cancel ends it quietly)."""
     for _ in stream:
         pass
-
-
-def wait_idle(session: Any, timeout: float = 60.0) -> None:
-    """Wait until a cancelled Train has stopped on the server (it stops between updates)."""
-    deadline = time.monotonic() + timeout
-    while session.info().state == pb.SESSION_STATE_TRAINING and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def trainer_for(config: ModelConfig, text: str) -> Trainer:
-    vocab = Vocab.from_text(text)
-    return Trainer(config, vocab, vocab.encode(text))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +188,7 @@ def spin(seconds: float) -> None:
         pass
 
 
-def bench_floor(srv: Server, n: int) -> Floor:
+def bench_floor(srv: ServerHandle, n: int) -> Floor:
     print("floor: no-op calls between two processes on loopback", flush=True)
     channel, check = health_check(srv.address)
     watch = channel.unary_stream(
@@ -335,7 +229,7 @@ def bench_floor(srv: Server, n: int) -> Floor:
     return f
 
 
-def bench_step(srv: Server, floor: Floor, text: str, n: int) -> None:
+def bench_step(srv: ServerHandle, floor: Floor, text: str, n: int) -> None:
     print("step: Step RPC round trip vs Trainer.step in-process", flush=True)
     tiny = PRESETS["default"].replace(hidden_size=32, seed=1)
     default = PRESETS["default"].replace(seed=1)
@@ -361,7 +255,7 @@ def bench_step(srv: Server, floor: Floor, text: str, n: int) -> None:
                 f"{ms(pct(local, 50))} / {ms(pct(local, 99))}",
                 f"added {ms(added50)} / {ms(added99)}",
             )
-            handler = srv.logged_durations("Step", session.id)[-n:]
+            handler = logged_durations(srv, "Step", session.id)[-n:]
             if handler:
                 row(
                     "step",
@@ -394,7 +288,7 @@ def bench_step(srv: Server, floor: Floor, text: str, n: int) -> None:
     channel.close()
 
 
-def bench_train(srv: Server, text: str, seconds: float) -> None:
+def bench_train(srv: ServerHandle, text: str, seconds: float) -> None:
     print("train: Train stream chars/s vs a Trainer.step loop in-process", flush=True)
     big = PRESETS["default"].replace(hidden_size=512, batch_size=32, seq_length=100, seed=1)
     default = PRESETS["default"].replace(seed=1)
@@ -435,7 +329,7 @@ def bench_train(srv: Server, text: str, seconds: float) -> None:
             session.delete()
 
 
-def bench_generate(srv: Server, text: str, length: int) -> None:
+def bench_generate(srv: ServerHandle, text: str, length: int) -> None:
     print("generate: chars/s received by the client vs Trainer.sample in-process", flush=True)
     config = PRESETS["min-char-rnn"].replace(seed=1)
     trainer = trainer_for(config, text)
@@ -468,7 +362,7 @@ def bench_generate(srv: Server, text: str, length: int) -> None:
         session.delete()
 
 
-def bench_sessions(srv: Server, counts: list[int], text: str) -> None:
+def bench_sessions(srv: ServerHandle, counts: list[int], text: str) -> None:
     print(
         f"sessions: {', '.join(f'{c:,}' for c in counts)} resident sessions, hidden 100", flush=True
     )
@@ -533,28 +427,8 @@ def bench_sessions(srv: Server, counts: list[int], text: str) -> None:
             )
 
 
-def local_parallel(trainers: list[Trainer], seconds: float) -> float:
-    """Aggregate chars/s of the trainers stepping at once, one thread each, in this process."""
-    stop = time.perf_counter() + seconds
-    steps = [0] * len(trainers)
-
-    def work(i: int) -> None:
-        while time.perf_counter() < stop:
-            trainers[i].step()
-            steps[i] += 1
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(trainers))]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    config = trainers[0].config
-    return sum(steps) * config.batch_size * config.seq_length / (time.perf_counter() - t0)
-
-
 def bench_parallel(
-    srv: Server, text: str, seconds: float, counts: list[int], rounds: int = 3
+    srv: ServerHandle, text: str, seconds: float, counts: list[int], rounds: int = 3
 ) -> None:
     print("parallel: aggregate chars/s with N sessions training at once", flush=True)
     config = PRESETS["default"].replace(hidden_size=512, batch_size=32, seq_length=100, seed=1)
@@ -674,7 +548,7 @@ def step_delays(session: Any, watchers: Watchers, steps: int) -> tuple[list[floa
     return delays, len(sent) * len(watchers.received) - len(delays)
 
 
-def bench_watch(srv: Server, text: str, n: int, seconds: float) -> None:
+def bench_watch(srv: ServerHandle, text: str, n: int, seconds: float) -> None:
     print(f"watch: {n} WatchLoss streams on one training session", flush=True)
     config = PRESETS["default"].replace(hidden_size=32, seed=1)
     with Client(srv.address) as client:
@@ -747,16 +621,6 @@ def print_table(meta: dict[str, str]) -> None:
         target = r.target + ("" if r.ok is None else (" met" if r.ok else " MISSED"))
         cells = (r.section, r.what, r.value, r.reference, r.ratio, target)
         print(" | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,13 @@
 """Soak test: SIGKILL the server at random moments during Train, many times, and check nothing
 acknowledged is lost.
 
-Runs ``tests/test_faults.py``'s ``run_kill_trials`` (the suite runs 20 trials; this runs 100 by
-default): each trial restarts a real server on the same data directory, checks that every
-session loads, is at or past the last step acknowledged as checkpointed, has a gap-free loss
-history that extends the previous one bit for bit, and that no checkpoint file is torn; then
-trains two sessions (plus a CreateSession racing the kill every third trial) and kills the server
-after a random delay drawn from a seeded RNG. Prints one line per trial and a summary table.
-Stops at the first violated guarantee (exit status 1).
+Runs ``bench/kill_trials.py``'s ``run_kill_trials`` (``tests/test_faults.py`` runs 20 trials;
+this runs 100 by default): each trial restarts a real server on the same data directory, checks
+that every session loads, is at or past the last step acknowledged as checkpointed, has a
+gap-free loss history that extends the previous one bit for bit, and that no checkpoint file is
+torn; then trains two sessions (plus a CreateSession racing the kill every third trial) and
+kills the server after a random delay drawn from a seeded RNG. Prints one line per trial and a
+summary table. Stops at the first violated guarantee (exit status 1).
 
     python bench/soak_kill.py --trials 100 --seed 1
 """
@@ -24,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import ServerHandle, start_server  # noqa: E402
-from tests.test_faults import KILL_SETTINGS, TRAINED, TrialResult, run_kill_trials  # noqa: E402
+from rnnserve_server.testing import ServerHandle, start_server  # noqa: E402
+
+from bench.kill_trials import KILL_SETTINGS, TRAINED, TrialResult, run_kill_trials  # noqa: E402
 
 
 def main() -> int:

@@ -16,14 +16,12 @@ import argparse
 import importlib
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from rnnserve import Client
+from rnnserve_server.testing import ServerHandle, start_server
 
 # Plain, idiomatic, ASCII-only Python (a small alphabet learns faster); together ~340 kB.
 MODULES = ["textwrap", "string", "fnmatch", "argparse", "json.encoder", "inspect", "dataclasses"]
@@ -42,37 +40,13 @@ def corpus(max_chars: int) -> str:
     return "\n".join(parts)[:max_chars]
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`python -m rnnserve_server` on 127.0.0.1:<free port>; returns (process, address, log)."""
-    port_file = workdir / "port"
+def start(workdir: Path) -> ServerHandle:
+    """The server on 127.0.0.1:<free port>, its data and log in ``workdir``; once serving."""
     log = workdir / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "rnnserve_server",
-        "--address",
-        "127.0.0.1:0",
-        "--data-dir",
-        str(workdir / "data"),
-        "--port-file",
-        str(port_file),
-    ]
-    print(f"$ {shlex.join(command)}  (log: {log})", flush=True)
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not (port_file.is_file() and port_file.read_text().strip()):
-        if server.poll() is not None:
-            sys.exit(f"demo: the server exited with {server.returncode}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            server.kill()
-            sys.exit(f"demo: the server did not start within 60 s:\n{log.read_text()}")
-        time.sleep(0.05)
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    with Client(address) as client:
-        client.wait_ready(30)
-    print(f"server ready at {address}\n", flush=True)
-    return server, address, log
+    server = start_server(workdir / "data", log_file=log)
+    print(f"$ {shlex.join(server.args)}  (log: {log})", flush=True)
+    print(f"server ready at {server.address}\n", flush=True)
+    return server
 
 
 def rnnserve(address: str, *args: str) -> None:
@@ -109,7 +83,8 @@ def main() -> None:
             f"{len(set(text))} distinct\n",
             flush=True,
         )
-        server, address, log = start_server(workdir)
+        server = start(workdir)
+        address = server.address
         try:
             rnnserve(address, "create", str(corpus_file), "--id", "stdlib", "--seed", "1")
             rnnserve(address, "generate", "stdlib", "--length", "120", "--seed", "1")
@@ -142,15 +117,10 @@ def main() -> None:
             rnnserve(address, "show", "stdlib")
         finally:
             print("stopping the server with SIGTERM", flush=True)
-            server.send_signal(signal.SIGTERM)
-            try:
-                code = server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                code = server.wait()
+            code = server.stop()
             print(f"server exited with {code}" + (f" (data kept in {tmp})" if args.keep else ""))
             if code != 0:
-                print(log.read_text(), file=sys.stderr)
+                print(server.text_log(), file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

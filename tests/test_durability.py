@@ -31,6 +31,7 @@ from rnnserve import (
     SessionNotFound,
 )
 from rnnserve.v1 import rnn_service_pb2 as pb
+from rnnserve_server.testing import free_port
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory
@@ -87,14 +88,6 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _metric(port: int, name: str) -> float:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
     for line in body.decode().splitlines():
@@ -111,7 +104,7 @@ def test_full_disk_refuses_unsaved_writes_and_recovers(
     checkpointed is UNSAVED, health NOT_SERVING, the metric counts it, Step/AppendText are
     refused; with room again everything recovers; SIGTERM that can't save exits 1 and the
     restart has the last checkpointed step."""
-    metrics_port = _free_port()
+    metrics_port = free_port()
     with _tmpfs(tmp_path / "disk", "2m") as disk:
         server = server_factory(data_dir=disk, metrics_port=metrics_port, idle_evict_seconds=0)
         with server.client() as client:

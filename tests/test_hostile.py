@@ -16,6 +16,7 @@ import math
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -26,7 +27,7 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from tests.conftest import ServerHandle
+    from tests.conftest import ServerFactory, ServerHandle
 
 LIMITS: dict[str, int] = dict(
     max_sessions=300,
@@ -250,6 +251,24 @@ def _set_meta(**fields: Any) -> Callable[[dict[str, bytes]], dict[str, bytes]]:
     return change
 
 
+def _edit_meta(
+    edit: Callable[[dict[str, Any]], object],
+) -> Callable[[dict[str, bytes]], dict[str, bytes]]:
+    """An archive change that edits the meta object in place."""
+
+    def change(entries: dict[str, bytes]) -> dict[str, bytes]:
+        meta = _meta(entries)
+        edit(meta)
+        return _with_meta(entries, meta)
+
+    return change
+
+
+def _surrogate_alphabet(meta: dict[str, Any]) -> None:
+    """The red team's archive: a lone surrogate (valid JSON: "\\ud800") in the alphabet."""
+    meta["trainer"]["alphabet"] = "\ud800" + meta["trainer"]["alphabet"][1:]
+
+
 def _replace(name: str, array: Any) -> Callable[[dict[str, bytes]], dict[str, bytes]]:
     return lambda entries: {**entries, name: _npy(array)}
 
@@ -390,6 +409,23 @@ CASES: list[Case] = [
     Case(
         "create text lone surrogate (raw)",
         lambda h: h.raw_unary("CreateSession", _field(1, b"raw1") + _field(4, LONE_SURROGATE)),
+        IA,
+        "UTF-8",
+    ),
+    Case(
+        "create alphabet lone surrogate (raw)",
+        lambda h: h.raw_unary(
+            "CreateSession",
+            _field(1, b"raw2") + _field(4, b"abab") + _field(5, b"ab\xed\xa0\x80"),
+        ),
+        IA,
+        "UTF-8",
+    ),
+    Case(
+        "import id lone surrogate (raw)",
+        lambda h: h.raw_client_stream(
+            "ImportSession", [_field(1, b"i\xed\xa0\x80") + _field(2, _export(h))]
+        ),
         IA,
         "UTF-8",
     ),
@@ -734,6 +770,103 @@ CASES: list[Case] = [
         IA,
         "corpus",
     ),
+    # --- ImportSession: strings UTF-8 can't encode (issue 16 item 4), anywhere in meta ---
+    Case(
+        "import alphabet lone surrogate",
+        _tampered(_edit_meta(_surrogate_alphabet)),
+        IA,
+        "trainer.alphabet (character 0) holds a lone surrogate",
+    ),
+    Case(
+        "import session_id lone surrogate",
+        _tampered(_set_meta(session_id="ab\udc00")),
+        IA,
+        "session_id",
+    ),
+    Case(
+        "import meta key lone surrogate",
+        _tampered(_edit_meta(lambda m: m.update({"\ud800": 1}))),
+        IA,
+        "surrogate",
+    ),
+    Case(
+        "import config key lone surrogate",
+        _tampered(_set_config(**{"x\udfff": 1})),
+        IA,
+        "surrogate",
+    ),
+    Case(
+        "import optimizer lone surrogate",
+        _tampered(_set_config(optimizer="adam\ud800")),
+        IA,
+        "surrogate",
+    ),
+    Case(
+        "import validation lone surrogate",
+        _tampered(_set_meta(validation=[[1, "\ud800"]])),
+        IA,
+        "validation",
+    ),
+    # --- ImportSession: within version 1, nothing the version does not have ---
+    Case("import unknown meta key", _tampered(_set_meta(extra=1)), IA, "'extra'"),
+    Case(
+        "import unknown trainer key",
+        _tampered(_edit_meta(lambda m: m["trainer"].update(extra=1))),
+        IA,
+        "unknown trainer key(s) 'extra'",
+    ),
+    Case(
+        "import unknown trainer.optim key",
+        _tampered(_edit_meta(lambda m: m["trainer"]["optim"].update(beta9=0))),
+        IA,
+        "trainer.optim has unknown key(s) 'beta9'",
+    ),
+    Case(
+        "import missing trainer.optim key",
+        _tampered(_edit_meta(lambda m: m["trainer"].update(optim={}))),
+        IA,
+        "trainer.optim has no 't'",
+    ),
+    Case(
+        "import adam step count -1",
+        _tampered(_edit_meta(lambda m: m["trainer"]["optim"].update(t=-1))),
+        IA,
+        "trainer.optim.t",
+    ),
+    Case(
+        "import unknown dropout_rng key",
+        _tampered(_edit_meta(lambda m: m["trainer"]["dropout_rng"].update(extra=1))),
+        IA,
+        "trainer.dropout_rng",
+    ),
+    Case(
+        "import unknown trainer array",
+        _tampered(_replace("trainer.extra.npy", np.zeros(3, "f4"))),
+        IA,
+        "'trainer.extra'",
+    ),
+    Case(
+        "import unknown trainer.optim array",
+        _tampered(_replace("trainer.optim.beta.npy", np.zeros(3, "f4"))),
+        IA,
+        "'trainer.optim.beta'",
+    ),
+    Case("import seed over int64", _tampered(_set_config(seed=2**63)), IA, "seed"),
+    Case(
+        "import validation step 0",
+        _tampered(_set_meta(validation=[[0, 1.5]])),
+        IA,
+        "validation",
+    ),
+    # --- ImportSession: the versioning rule ---
+    Case(
+        "import newer version",
+        _tampered(_set_meta(version=2)),
+        IA,
+        "format version 2, newer than this server reads (version 1)",
+    ),
+    Case("import version 0", _tampered(_set_meta(version=0)), IA, "version"),
+    Case("import version as text", _tampered(_set_meta(version="1")), IA, "version"),
 ]
 
 
@@ -796,9 +929,111 @@ def test_server_still_serves_after_all_cases(
     assert status == health_pb2.HealthCheckResponse.SERVING
     stub = pb_grpc.RnnServiceStub(channel)
     assert _snapshot(stub) == base_before  # the base session is intact
+    assert _list_all(stub)[BASE].state == pb.SESSION_STATE_READY  # every page still answers
     bad = [
         line
         for line in module_server.text_log().splitlines()
         if "internal_error" in line or '"code":"UNKNOWN"' in line  # compact JSON (orjson)
     ]
     assert bad == [], "\n".join(bad)
+
+
+def _list_all(stub: pb_grpc.RnnServiceStub) -> dict[str, pb.Session]:
+    """Every session, page by page (small pages: each one must answer)."""
+    listed: dict[str, pb.Session] = {}
+    token = ""
+    while True:
+        page = stub.ListSessions(
+            pb.ListSessionsRequest(page_size=7, page_token=token), timeout=DEADLINE
+        )
+        listed.update((s.session_id, s) for s in page.sessions)
+        token = page.next_page_token
+        if not token:
+            return listed
+
+
+@pytest.mark.timeout(30)
+def test_a_hostile_import_writes_nothing(
+    module_server: ServerHandle, channel: grpc.Channel, base_before: tuple[Any, ...]
+) -> None:
+    """Issue 16 item 4: the archive with a lone surrogate in its alphabet was adopted and
+    written before the reply failed (INTERNAL); every ListSessions page holding it failed from
+    then on, also after a restart. Now it is refused before anything is written."""
+    h = H(channel)
+    archive = _zip(_edit_meta(_surrogate_alphabet)(_entries(_export(h))))
+    with pytest.raises(grpc.RpcError) as refused:
+        _import(h, archive, "surrogate-alphabet")
+    assert refused.value.code() == IA
+    assert "alphabet" in (refused.value.details() or "")
+    assert "surrogate-alphabet" not in _list_all(h.stub)
+    with pytest.raises(grpc.RpcError) as missing:
+        h.stub.GetSession(pb.GetSessionRequest(session_id="surrogate-alphabet"), timeout=DEADLINE)
+    assert missing.value.code() == NF
+    files = sorted(p.name for p in (module_server.data_dir / "sessions").iterdir())
+    assert not [name for name in files if name.startswith("surrogate-alphabet")], files
+
+
+def _plant(path: Path, edit: Callable[[dict[str, Any]], object], **extra: np.ndarray) -> None:
+    """Rewrite a checkpoint on disk (bypassing every check an import makes): its meta edited
+    in place, ``extra`` arrays added."""
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    edit(meta)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays.update(extra)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+# Checkpoints a server could not describe or resume (each was INTERNAL on some call), planted
+# on disk: (session id, edit of the meta, extra arrays, a word of the reason).
+PLANTED: list[tuple[str, Callable[[dict[str, Any]], object], dict[str, np.ndarray], str]] = [
+    ("alphabet", _surrogate_alphabet, {}, "surrogate"),
+    ("key", lambda m: m["trainer"]["config"].update({"\udc00": 1}), {}, "surrogate"),
+    ("time", lambda m: m.update(create_time=1e300), {}, "create_time"),
+    ("adam", lambda m: m["trainer"]["optim"].update(t=-1), {}, "trainer.optim.t"),
+    ("array", lambda m: None, {"trainer.extra": np.zeros(3, "f4")}, "trainer.extra"),
+]
+
+
+@pytest.mark.timeout(90)
+def test_planted_checkpoints_are_listed_broken_with_a_reason(
+    server_factory: ServerFactory,
+) -> None:
+    """A session that can't be turned into a reply never takes ListSessions or GetSession of
+    the others down: it is listed BROKEN, with the reason, also after a restart."""
+    first = server_factory()
+    with grpc.insecure_channel(first.address) as ch:
+        h = H(ch)
+        for name in ["good", *(p[0] for p in PLANTED)]:
+            h.stub.CreateSession(
+                pb.CreateSessionRequest(session_id=name, text=TEXT, config=SMALL),
+                timeout=DEADLINE,
+            )
+    assert first.stop() == 0
+    for name, edit, extra, _ in PLANTED:
+        _plant(first.data_dir / "sessions" / f"{name}.npz", edit, **extra)
+
+    second = server_factory(data_dir=first.data_dir)
+    with grpc.insecure_channel(second.address) as ch:
+        h = H(ch)
+        listed = _list_all(h.stub)
+        assert listed["good"].state == pb.SESSION_STATE_READY
+        for name, _, _, reason in PLANTED:
+            entry = listed[name]
+            assert entry.state == pb.SESSION_STATE_BROKEN, name
+            assert entry.error.startswith("its ") and reason in entry.error, entry.error
+            got = h.stub.GetSession(pb.GetSessionRequest(session_id=name), timeout=DEADLINE)
+            assert got.session.state == pb.SESSION_STATE_BROKEN
+        good = h.stub.GetSession(pb.GetSessionRequest(session_id="good"), timeout=DEADLINE)
+        assert good.session.alphabet == "".join(sorted(set(TEXT)))
+        assert _export(h, "good")
+        h.stub.Step(pb.StepRequest(session_id="good"), timeout=DEADLINE)
+        with pytest.raises(grpc.RpcError) as broken:
+            h.stub.Step(pb.StepRequest(session_id="adam"), timeout=DEADLINE)
+        assert broken.value.code() == grpc.StatusCode.DATA_LOSS
+        h.stub.DeleteSession(pb.DeleteSessionRequest(session_id="alphabet"), timeout=DEADLINE)
+        assert "alphabet" not in _list_all(h.stub)
+    assert second.stop() == 0
+    assert "internal_error" not in second.text_log()

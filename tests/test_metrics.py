@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ import rnnserve_server
 from prometheus_client.parser import text_string_to_metric_families
 from rnnserve import SessionNotFound
 from rnnserve_server.metrics import metrics_host, split_method
+from rnnserve_server.testing import free_port
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory, ServerHandle
@@ -19,13 +19,6 @@ if TYPE_CHECKING:
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> tuple[str, Samples]:

@@ -17,12 +17,12 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from rnnserve_server.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # Files the Quickstart makes; never linked from the checkout.
@@ -72,13 +72,6 @@ def script_from(blocks: list[tuple[str, str]]) -> str:
             assert "README_PY_EOF" not in code
             parts.append(f"python - <<'README_PY_EOF'\n{code}README_PY_EOF")
     return "\n".join(parts) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def clean_env(port: int) -> dict[str, str]:

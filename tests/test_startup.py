@@ -16,17 +16,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from rnnserve_server.testing import server_env
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory
-
-
-def _server_env(extra: dict[str, str] | None) -> dict[str, str]:
-    """This environment without RNNSERVE_* variables, plus ``extra`` (as conftest does)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
 
 
 EXIT_TIMEOUT = 60.0  # a server that starts serving instead of refusing never exits: a failure
@@ -54,7 +47,7 @@ def run_server(
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            env=_server_env(env),
+            env=server_env(env),
             timeout=EXIT_TIMEOUT,
         )
     except subprocess.TimeoutExpired as exc:
@@ -153,7 +146,7 @@ def test_read_only_data_dir_refuses_to_start(tmp_path: Path, fresh: bool) -> Non
     try:
         result = subprocess.run(
             argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            env=_server_env(None), timeout=EXIT_TIMEOUT,
+            env=server_env(None), timeout=EXIT_TIMEOUT,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise AssertionError("the server started on a read-only data directory") from None

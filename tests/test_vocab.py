@@ -66,6 +66,13 @@ def test_duplicate_is_named() -> None:
         Vocab("abca")
 
 
+@pytest.mark.parametrize("alphabet", ["ab\ud800", "\udfff", "x\udbff\udc00\udc00"])
+def test_a_lone_surrogate_is_not_a_character(alphabet: str) -> None:
+    """JSON can spell one (an archive's or a checkpoint's alphabet); no reply could carry it."""
+    with pytest.raises(ValueError, match="lone surrogate"):
+        Vocab(alphabet)
+
+
 def test_empty_text_has_no_vocabulary() -> None:
     with pytest.raises(ValueError, match="empty"):
         Vocab.from_text("")

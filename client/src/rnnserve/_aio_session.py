@@ -6,8 +6,8 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from rnnserve._aio_rpc import RpcClient
 from rnnserve._aio_streams import Stream, TrainStream, WatchStream
 from rnnserve._common import generate_request
 from rnnserve._requests import (
@@ -23,16 +23,13 @@ from rnnserve._train_to import TrainToResult
 from rnnserve.errors import ServerUnavailable, SessionBusy
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-if TYPE_CHECKING:
-    from rnnserve.aio import Client
-
 __all__ = ["Session"]
 
 
 class Session:
     """A handle on one session of an asyncio :class:`Client`; every method is one RPC."""
 
-    def __init__(self, client: Client, session_id: str, info: pb.Session | None = None) -> None:
+    def __init__(self, client: RpcClient, session_id: str, info: pb.Session | None = None) -> None:
         self._client = client
         self.id = session_id
         self.last_info = info

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from rnnserve._common import generate_request
 from rnnserve._requests import (
@@ -18,13 +17,11 @@ from rnnserve._requests import (
     train_request,
     update_request,
 )
+from rnnserve._rpc import RpcClient
 from rnnserve._streams import Stream, TrainStream, WatchStream
 from rnnserve._train_to import TrainToResult
 from rnnserve.errors import ServerUnavailable, SessionBusy
 from rnnserve.v1 import rnn_service_pb2 as pb
-
-if TYPE_CHECKING:
-    from rnnserve.client import Client
 
 __all__ = ["Session"]
 
@@ -36,7 +33,7 @@ class Session:
     create, :meth:`info` or :meth:`append_text`), or ``None``.
     """
 
-    def __init__(self, client: Client, session_id: str, info: pb.Session | None = None) -> None:
+    def __init__(self, client: RpcClient, session_id: str, info: pb.Session | None = None) -> None:
         self._client = client
         self.id = session_id
         self.last_info = info

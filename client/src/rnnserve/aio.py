@@ -16,114 +16,32 @@ Requests are built and errors mapped by the same code as the sync client's (``rn
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
 
 import grpc
-from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from rnnserve._aio_rpc import RpcClient
 from rnnserve._aio_session import Session
 from rnnserve._aio_streams import Stream, TrainStream
-from rnnserve._common import (
-    ADDRESS_ENV,
-    DEFAULT_ADDRESS,
-    auth_metadata,
-    channel_credentials,
-    channel_options,
-    health_status_name,
-    session_metadata,
-)
+from rnnserve._common import health_status_name
 from rnnserve._requests import (
     DEFAULT_CHUNK_BYTES,
     ArchiveSource,
-    Upload,
     create_request,
     import_upload,
     list_request,
 )
 from rnnserve.errors import Timeout, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "Session", "Stream", "TrainStream"]
 
 
-class Client:
+class Client(RpcClient):
     """An asyncio connection to an rnnserve server; the arguments are those of the sync
     :class:`rnnserve.Client`. Use it inside one event loop (``async with``)."""
-
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        timeout: float | None = 30.0,
-        token: str | None = None,
-        ca_file: str | os.PathLike[str] | None = None,
-        tls: bool = False,
-        tls_server_name: str | None = None,
-        options: Iterable[tuple[str, Any]] = (),
-    ) -> None:
-        if address is None:  # as the sync client: the environment, then localhost
-            address = os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
-        self.address = address
-        self.timeout = timeout
-        self._metadata = auth_metadata(token)
-        self._options = list(options)
-        self._tls_server_name = tls_server_name
-        self._credentials = channel_credentials(ca_file, tls)
-        self._channel = self._make_channel(generate=False)
-        self._stub = pb_grpc.RnnServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._seeded_channel: aio.Channel | None = None  # as in the sync client
-
-    def _make_channel(self, *, generate: bool) -> aio.Channel:
-        options = channel_options(self._options, self._tls_server_name, generate=generate)
-        if self._credentials is None:
-            return aio.insecure_channel(self.address, options=options)
-        return aio.secure_channel(self.address, self._credentials, options=options)
-
-    def _generate_method(self, seeded: bool) -> Any:
-        if not seeded:
-            return self._stub.Generate
-        if self._seeded_channel is None:
-            self._seeded_channel = self._make_channel(generate=True)
-        return pb_grpc.RnnServiceStub(self._seeded_channel).Generate
-
-    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return await method(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=session_metadata(self._metadata, getattr(request, "session_id", "")),
-            )
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
-
-    def _server_stream(self, method: Any, request: Any, timeout: float | None) -> Any:
-        metadata = session_metadata(self._metadata, getattr(request, "session_id", ""))
-        return method(request, timeout=timeout, metadata=metadata)
-
-    async def _client_stream(
-        self, method: Any, upload: Upload[Any], timeout: float | None, session_id: str = ""
-    ) -> Any:
-        # A sync request iterator: gRPC reads it in the event loop, a chunk at a time.
-        metadata = session_metadata(self._metadata, session_id)
-        try:
-            return await method(iter(upload), timeout=timeout, metadata=metadata)
-        except (grpc.RpcError, asyncio.CancelledError) as e:
-            upload.reraise()
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            raise error_from_rpc(e) from None
-
-    async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        await self._channel.close(None)
-        if self._seeded_channel is not None:
-            await self._seeded_channel.close(None)
 
     async def __aenter__(self) -> Client:
         return self
@@ -209,7 +127,7 @@ class Client:
         try:
             response = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
-                timeout=self.timeout if timeout is None else timeout,
+                timeout=self._deadline(timeout),
                 metadata=self._metadata,
                 wait_for_ready=wait_for_ready,
             )

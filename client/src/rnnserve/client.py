@@ -8,14 +8,12 @@ one is passed.
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from rnnserve._common import (
     ADDRESS_ENV,
@@ -26,28 +24,23 @@ from rnnserve._common import (
     OPTIMIZERS,
     PRESETS,
     TOKEN_ENV,
-    auth_metadata,
-    channel_credentials,
-    channel_options,
     health_status_name,
-    session_metadata,
 )
 from rnnserve._requests import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CHUNK_CHARS,
     ArchiveSource,
     TextSource,
-    Upload,
     create_request,
     import_upload,
     iter_text_chunks,
     list_request,
 )
+from rnnserve._rpc import RpcClient
 from rnnserve._session import Session
 from rnnserve._streams import Stream, TrainStream
 from rnnserve.errors import Timeout, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 __all__ = [
     "ADDRESS_ENV",
@@ -68,11 +61,8 @@ __all__ = [
     "iter_text_chunks",
 ]
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 
-
-class Client:
+class Client(RpcClient):
     """A connection to an rnnserve server.
 
     ``timeout`` (seconds) is the deadline of every unary call; ``None`` means none. ``token``
@@ -95,96 +85,6 @@ class Client:
                 print(progress.step, progress.loss)
             print(session.generate(50, prime="H", seed=1))
     """
-
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        timeout: float | None = 30.0,
-        token: str | None = None,
-        ca_file: str | os.PathLike[str] | None = None,
-        tls: bool = False,
-        tls_server_name: str | None = None,
-        options: Iterable[tuple[str, Any]] = (),
-    ) -> None:
-        if address is None:
-            # Like the CLI's --address: the environment, then localhost.
-            address = os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
-        self.address = address
-        self.timeout = timeout
-        self._metadata = auth_metadata(token)
-        self._options = list(options)
-        self._tls_server_name = tls_server_name
-        self._credentials = channel_credentials(ca_file, tls)
-        self._channel = self._make_channel(generate=False)
-        self._stub = pb_grpc.RnnServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        # Seeded Generate calls may be retried (the same seed makes the same text), unseeded
-        # ones not; a retry policy is per method, so they get a channel of their own, made on
-        # first use.
-        self._seeded_channel: grpc.Channel | None = None
-
-    def _make_channel(self, *, generate: bool) -> grpc.Channel:
-        options = channel_options(self._options, self._tls_server_name, generate=generate)
-        if self._credentials is None:
-            return grpc.insecure_channel(self.address, options=options)
-        return grpc.secure_channel(self.address, self._credentials, options=options)
-
-    def _generate_method(
-        self, seeded: bool
-    ) -> grpc.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]:
-        if not seeded:
-            return self._stub.Generate
-        if self._seeded_channel is None:
-            self._seeded_channel = self._make_channel(generate=True)
-        return pb_grpc.RnnServiceStub(self._seeded_channel).Generate
-
-    # -- plumbing -----------------------------------------------------------------------------
-
-    def _unary(
-        self,
-        method: grpc.UnaryUnaryMultiCallable[Req, Resp],
-        request: Req,
-        timeout: float | None,
-    ) -> Resp:
-        try:
-            return method(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=session_metadata(self._metadata, getattr(request, "session_id", "")),
-            )
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
-
-    def _server_stream(
-        self,
-        method: grpc.UnaryStreamMultiCallable[Req, Resp],
-        request: Req,
-        timeout: float | None,
-    ) -> grpc.CallIterator[Resp]:
-        # The call starts lazily; errors surface when the stream is iterated.
-        metadata = session_metadata(self._metadata, getattr(request, "session_id", ""))
-        return method(request, timeout=timeout, metadata=metadata)
-
-    def _client_stream(
-        self,
-        method: grpc.StreamUnaryMultiCallable[Req, Resp],
-        upload: Upload[Req],
-        timeout: float | None,
-        session_id: str = "",
-    ) -> Resp:
-        metadata = session_metadata(self._metadata, session_id)
-        try:
-            return method(iter(upload), timeout=timeout, metadata=metadata)
-        except grpc.RpcError as e:
-            upload.reraise()
-            raise error_from_rpc(e) from None
-
-    def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        self._channel.close()
-        if self._seeded_channel is not None:
-            self._seeded_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -287,7 +187,7 @@ class Client:
         try:
             response = self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
-                timeout=self.timeout if timeout is None else timeout,
+                timeout=self._deadline(timeout),
                 metadata=self._metadata,
                 wait_for_ready=wait_for_ready,
             )

@@ -16,6 +16,7 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve_server.api.paging import page_token_after
 from rnnserve_server.engine.model_config import MUTABLE_FIELDS, PRESETS, EngineError, ModelConfig
 from rnnserve_server.errors import InvalidArgumentError
+from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.limits import limit_error
 from rnnserve_server.sessions.session import Session
 from rnnserve_server.usecases.session_service import (
@@ -26,6 +27,8 @@ from rnnserve_server.usecases.session_service import (
     TrainProgress,
     fixed_field_error,
 )
+
+log = get_logger("rnnserve.service")
 
 LN2 = math.log(2.0)
 # Room left in a ListSessions response for its token, total and framing.
@@ -202,7 +205,22 @@ def fork_changes(c: pb.SessionConfig) -> dict[str, Any]:
 
 
 def session_to_pb(session: Session) -> pb.Session:
-    """The wire form of a session."""
+    """The wire form of a session; a session whose state can't be put in a message (a string
+    UTF-8 can't encode, a number out of its field's range) is described as BROKEN, with the
+    reason, so it never takes a ListSessions page or a GetSession down."""
+    try:
+        return _session_message(session)
+    except (ValueError, TypeError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        log.error("session_unsendable", session_id=session.id, error=repr(exc))
+        return pb.Session(
+            session_id=session.id,
+            state=pb.SESSION_STATE_BROKEN,
+            error=f"its state can't be put in a reply ({type(exc).__name__}; the server log "
+            "has the details); delete the session",
+        )
+
+
+def _session_message(session: Session) -> pb.Session:
     msg = pb.Session(
         session_id=session.id,
         step=session.step,

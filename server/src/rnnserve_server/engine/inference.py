@@ -11,9 +11,9 @@ import numpy as np
 
 from . import cells
 from .model_config import EngineError
-from .rnn.sampler import sample as rnn_sample
 from .rnn.scoring import score as rnn_score
 from .rnn.scoring import score_strands
+from .sampler import draw, rnn_recurrence
 
 
 def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> np.ndarray:
@@ -102,7 +102,10 @@ class Inference:
         params = {name: p.copy() for name, p in self.params.items()}  # snapshot
         rng = np.random.default_rng(seed)
         if self.spec is not None:
-            return cells.sample(
-                self.spec, params, seq, length, float(temperature), top_k, rng, chunk_size
-            )
-        return rnn_sample(params, seq, length, float(temperature), top_k, rng, chunk_size)
+            step = cells.recurrence(self.spec, params, seq)
+            Wy = params["Wy"]  # (H, V)
+        else:
+            step = rnn_recurrence(params, seq)
+            Wy = params["Why"].T  # (H, V)
+        x = int(seq[-1])
+        return draw(step, x, Wy, params["by"], length, float(temperature), top_k, rng, chunk_size)

@@ -14,6 +14,7 @@ PARAM_NAMES = ("Wxh", "Whh", "Why", "bh", "by")
 DTYPES = ("float32", "float64")
 STATE_FORMAT = 1
 MAX_VALIDATION_FRACTION = 0.5
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 # Settings that can change on a live trainer (Trainer.reconfigure); the rest fix the weights'
 # shapes or the corpus feed.
 MUTABLE_FIELDS = ("learning_rate", "clip", "reset_every", "optimizer")
@@ -57,15 +58,18 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise EngineError naming the first invalid field and the values it accepts."""
 
-        def positive_int(name: str, value: object, low: int = 1) -> None:
+        def positive_int(name: str, value: object, low: int = 1, high: int | None = None) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise EngineError(f"{name} must be an integer >= {low}, got {value!r}")
+            if high is not None and value > high:
+                raise EngineError(f"{name} must be an integer from {low} to {high}, got {value}")
 
         positive_int("hidden_size", self.hidden_size)
         positive_int("seq_length", self.seq_length)
         positive_int("batch_size", self.batch_size)
-        positive_int("seed", self.seed, 0)
-        positive_int("reset_every", self.reset_every, 0)
+        # The wire's integer types (int64 seed, int32 reset_every) bound what a file may hold.
+        positive_int("seed", self.seed, 0, INT64_MAX)
+        positive_int("reset_every", self.reset_every, 0, INT32_MAX)
         for name in ("learning_rate", "clip"):
             value = getattr(self, name)
             if (

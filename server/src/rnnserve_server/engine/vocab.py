@@ -43,9 +43,18 @@ class Vocab:
     """An ordered alphabet; character ``alphabet[i]`` has id ``i``."""
 
     def __init__(self, alphabet: str) -> None:
-        """Use ``alphabet`` in the given order. ValueError if empty or it repeats a character."""
+        """Use ``alphabet`` in the given order. ValueError if empty, if it repeats a character
+        or holds a lone surrogate."""
         if not alphabet:
             raise ValueError("alphabet is empty: give at least one character")
+        try:
+            alphabet.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON can spell one ("\\ud800"); no reply could carry it
+            bad = alphabet[exc.start]
+            raise ValueError(
+                f"alphabet holds {bad!r} (U+{ord(bad):04X}) at character {exc.start}, a lone "
+                "surrogate: not a character, and UTF-8 can't encode it"
+            ) from None
         if len(set(alphabet)) != len(alphabet):
             dups = sorted(c for c, n in Counter(alphabet).items() if n > 1)
             raise ValueError(

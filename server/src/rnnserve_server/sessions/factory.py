@@ -35,6 +35,8 @@ def public_reason(exc: BaseException) -> str:
     exception text (those go to the server log)."""
     if isinstance(exc, CheckpointError):
         return exc.public
+    if isinstance(exc, EngineError):  # the engine's sentences name a field, never a path
+        return f"its checkpoint could not be loaded: {str(exc)[:300]}"
     return "its checkpoint could not be loaded (the server log has the details)"
 
 

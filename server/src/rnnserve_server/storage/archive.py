@@ -15,11 +15,19 @@ files, written with ``allow_pickle=False`` and read the same way, so no code eve
   tanh RNN; other cells add their own names), the optimizer state (``trainer.optim.*``), the
   carried hidden states and the strand cursors.
 
+Versioning (README, "The archive"): ``version`` grows whenever the format gains anything a
+reader must understand (an entry, a key, a meaning); a reader refuses a newer version, naming
+both, and within a version it reads refuses every entry or key that version does not have
+(state it can't restore is never dropped silently).
+
 Reading is hostile-input-proof: the caller bounds the archive's size; every entry's name,
 compression and ``.npy`` header (dtype, shape) is checked before its data is read, a header
 must describe exactly the bytes present (no allocation beyond the archive's size), object
-dtypes are refused, and ``check`` (the server's limits on the config, alphabet and corpus)
-runs before any array is read. Every problem is an ``InvalidArgumentError`` naming it.
+dtypes are refused, every string in ``meta`` must be text UTF-8 can encode, and ``check`` (the
+server's limits on the config, alphabet and corpus) runs before any array is read; the engine
+(``Trainer.from_state``) then refuses arrays, trainer keys and ``trainer.optim`` keys its
+model does not have. Every problem is an ``InvalidArgumentError`` naming it, raised before
+anything is written.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import numpy as np
 
 from rnnserve_server.engine.model_config import EngineError, ModelConfig
 from rnnserve_server.errors import InvalidArgumentError
-from rnnserve_server.storage.checkpoint import Checkpoint
+from rnnserve_server.storage.checkpoint import Checkpoint, meta_problem, validate_session_id
 
 FORMAT = "rnnserve.archive"
 VERSION = 1
@@ -45,7 +53,21 @@ MAX_ENTRIES = 256  # far more arrays than any engine state has
 MAX_META_BYTES = 64 * 1024 * 1024  # the JSON (mostly the validation history)
 _NAME_RE = re.compile(r"(meta|loss_history|corpus|trainer\.[A-Za-z0-9_.]{1,100})\.npy", re.ASCII)
 _NUMERIC_KINDS = "iuf"
-_INT32, _INT64 = 2**31 - 1, 2**63 - 1
+# The keys of version 1's meta object; within a version, any other is refused.
+_META_KEYS = frozenset(
+    {
+        "format",
+        "version",
+        "session_id",
+        "create_time",
+        "update_time",
+        "step",
+        "loss",
+        "smoothed_loss",
+        "validation",
+        "trainer",
+    }
+)
 
 # check(config, alphabet, corpus_length): raise for a config, alphabet or corpus over a limit.
 Check = Callable[[ModelConfig, str, int], None]
@@ -180,16 +202,20 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
         if dtype != np.uint8 or len(shape) != 1 or shape[0] > MAX_META_BYTES:
             raise _bad("'meta' is not a UTF-8 JSON byte array of a sane size")
         try:
-            meta = json.loads(_read(zf, entries["meta.npy"]).tobytes().decode("utf-8"))
+            text = _read(zf, entries["meta.npy"]).tobytes().decode("utf-8")
+            meta = json.loads(text)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise _bad(f"'meta' is not valid UTF-8 JSON ({type(exc).__name__})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise _bad(f"'meta' has no format tag {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise InvalidArgumentError(
-                f"archive format version {meta.get('version')!r} is not supported: this "
-                f"server reads version {VERSION}"
-            )
+        _check_version(meta.get("version"))
+        problem = meta_problem(meta, text)
+        if problem is not None:
+            raise _bad(f"'meta' {problem}")
+        unknown = set(meta) - _META_KEYS
+        if unknown:
+            shown = ", ".join(sorted(repr(k) for k in unknown))
+            raise _bad(f"'meta' has key(s) {shown}, which version {VERSION} does not have")
         trainer_meta = meta.pop("trainer", None)
         if not isinstance(trainer_meta, dict) or not isinstance(trainer_meta.get("config"), dict):
             raise _bad("'meta' has no trainer config")
@@ -200,19 +226,6 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
             config = ModelConfig.from_dict(dict(trainer_meta["config"]))
         except EngineError as exc:
             raise _bad(f"its config is invalid ({exc})") from None
-        if not isinstance(trainer_meta.get("optim"), dict):
-            raise _bad("'meta' trainer.optim is not an object")
-        # Counters must fit the wire's integer fields (int32 settings, int64 steps and seed)
-        # and be >= 0: an optimizer's step count of -1 would divide by zero in Adam.
-        for name, value, bound in (
-            ("config.reset_every", config.reset_every, _INT32),
-            ("config.seed", config.seed, _INT64),
-            ("step_count", trainer_meta.get("step_count"), _INT64),
-            ("windows", trainer_meta.get("windows"), _INT64),
-            *((f"optim.{k}", v, _INT64) for k, v in trainer_meta["optim"].items()),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
-                raise _bad(f"'meta' trainer.{name} must be an integer from 0 to {bound}")
 
         dtype, shape = headers["corpus.npy"]
         if dtype.kind not in "iu" or len(shape) != 1:
@@ -233,23 +246,57 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
             raise _bad(f"array {name!r} holds NaN or infinite values")
     if not np.isfinite(history).all():
         raise _bad("'loss_history' holds NaN or infinite values")
-    session_meta: dict[str, Any] = {}
-    for key in ("create_time", "update_time", "loss", "smoothed_loss"):
-        value = meta.get(key, 0.0)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise _bad(f"'meta'.{key} is not a finite number")
-        session_meta[key] = float(value)
+    session_meta: dict[str, Any] = {
+        key: float(meta.get(key, 0.0))  # finite numbers (meta_problem)
+        for key in ("create_time", "update_time", "loss", "smoothed_loss")
+    }
     session_meta["step"] = step
-    session_meta["validation"] = meta.get("validation", [])
-    session_id = meta.get("session_id")
+    session_meta["validation"] = _validation(meta.get("validation", []), step)
     return Checkpoint(
-        session_id if isinstance(session_id, str) else "",
-        session_meta,
-        arrays,
-        trainer_meta,
-        history,
+        _session_id(meta.get("session_id", "")), session_meta, arrays, trainer_meta, history
+    )
+
+
+def _check_version(version: object) -> None:
+    """The versioning rule (README, "The archive"): a newer version is refused, naming both."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _bad(f"'meta'.version {version!r} is not a format version (1, 2, ...)")
+    if version > VERSION:
+        raise InvalidArgumentError(
+            f"the archive is format version {version}, newer than this server reads (version "
+            f"{VERSION}): import it into a newer rnnserve, or export the session again from "
+            f"a server that writes version {VERSION}"
+        )
+
+
+def _session_id(value: object) -> str:
+    """The archive's own session id ("" if it names none); refused unless a valid id."""
+    if not isinstance(value, str):
+        raise _bad("'meta'.session_id is not a string")
+    if value:
+        try:
+            validate_session_id(value)
+        except InvalidArgumentError as exc:
+            raise _bad(f"'meta'.{exc}") from None
+    return value
+
+
+def _validation(value: object, step: int) -> list[list[float]]:
+    """The validation history ``[[step, loss], ...]``: every step within the loss history,
+    every loss a finite number."""
+    if isinstance(value, list) and all(
+        isinstance(item, list)
+        and len(item) == 2
+        and not isinstance(item[0], bool)
+        and isinstance(item[0], int)
+        and 0 < item[0] <= step
+        and not isinstance(item[1], bool)
+        and isinstance(item[1], int | float)
+        and math.isfinite(item[1])
+        for item in value
+    ):
+        return value
+    raise _bad(
+        f"'meta'.validation is not a list of [step, loss] pairs with steps from 1 to {step} "
+        "and finite losses"
     )

@@ -5,6 +5,7 @@ Format (version 2) as the local directory store writes it: see local_store.py.
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections.abc import Callable
@@ -36,6 +37,59 @@ def validate_session_id(session_id: str) -> None:
         f"session_id {shown!r} is invalid: use 1 to 64 characters of A-Z a-z 0-9 . _ -, "
         "starting with a letter or digit"
     )
+
+
+# 9999-12-31T23:59:59Z in unix seconds: the last time a google.protobuf.Timestamp can hold.
+MAX_TIMESTAMP = 253_402_300_799
+# A JSON escape of a surrogate (U+D800..U+DFFF): the only way strictly decoded UTF-8 JSON can
+# hold a lone one. Pairs (one character outside the BMP) and escaped backslashes match too;
+# the walk that follows decides.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _shown(key: object) -> str:
+    """A JSON key as a message may show it: ASCII-escaped (it may be anything) and short."""
+    text = str(key).encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _lone_surrogate(tree: Any) -> str | None:
+    """The path of the first string in a JSON value (object keys too) that UTF-8 can't encode,
+    or None. JSON can spell a lone surrogate ("\\ud800"), which is no character."""
+    stack: list[tuple[str, Any]] = [("", tree)]
+    while stack:  # not recursive: the JSON may nest as deep as its parser allowed
+        path, value = stack.pop()
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"{path} (character {exc.start})"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                sub = f"{path}.{_shown(key)}" if path else _shown(key)
+                stack += [(sub, item), (sub + " (its key)", key)]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    return None
+
+
+def meta_problem(meta: dict[str, Any], text: str) -> str | None:
+    """What is wrong with the session fields a checkpoint or an archive shares, as a phrase
+    naming the field, or None: every string (keys too) must be text UTF-8 can encode (a reply
+    could not carry it), the times a Timestamp's seconds, the losses finite numbers. ``text``
+    is the JSON ``meta`` was parsed from: a surrogate can only come from an escape in it, so
+    ``meta`` is walked (~5 us a value) only when the text has one."""
+    where = _lone_surrogate(meta) if _SURROGATE_ESCAPE.search(text) else None
+    if where is not None:
+        return f"{where} holds a lone surrogate, which is not a character (UTF-8 can't encode it)"
+    for key in ("create_time", "update_time", "loss", "smoothed_loss"):
+        value = meta.get(key, 0.0)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            return f"{key} is not a finite number"
+        if key.endswith("_time") and not 0 <= value <= MAX_TIMESTAMP:
+            return f"{key} is not a time from 1970 to 9999 in unix seconds"
+    return None
 
 
 @dataclass(frozen=True)

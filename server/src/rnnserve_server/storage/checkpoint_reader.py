@@ -1,6 +1,7 @@
 """Reading one session's checkpoint files (the format: local_store.py), checking everything
 that can be checked before an array is allocated: the file is a regular file (a FIFO would
-block start-up), the meta's format, version and session id, the array shapes the file declares
+block start-up), the meta's format, version and session id, that its strings, times and losses
+could go in a reply (checkpoint.meta_problem), the array shapes the file declares
 (against the server's limits, through ``check``), then that the weights are finite and the
 corpus matches its recorded length and checksum. A file that fails raises ``CheckpointError``
 naming the file and the reason; its ``public`` text leaves the path out (it goes to clients).
@@ -25,6 +26,7 @@ from rnnserve_server.storage.checkpoint import (
     CorpusRef,
     MetaCheck,
     corpus_crc32,
+    meta_problem,
 )
 
 
@@ -70,7 +72,8 @@ def read_state(
             files = set(npz.files)
             if "meta" not in files:
                 raise CheckpointError(f"{path}: not an rnnserve checkpoint (no 'meta' entry)")
-            meta = json.loads(npz["meta"].tobytes().decode("utf-8"))
+            text = npz["meta"].tobytes().decode("utf-8")
+            meta = json.loads(text)
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not an rnnserve checkpoint (bad format tag)")
             if meta.get("version") not in READ_VERSIONS:
@@ -84,6 +87,11 @@ def read_state(
             if meta.get("session_id") != session_id:
                 raise CheckpointError(
                     f"{path}: holds session {meta.get('session_id')!r}, not {session_id!r}"
+                )
+            problem = meta_problem(meta, text)  # what no reply could carry
+            if problem is not None:
+                raise CheckpointError(
+                    f"{path}: meta {problem}", public=f"its checkpoint is damaged: {problem}"
                 )
             shapes = {}
             for name in npz.files:

@@ -35,7 +35,7 @@ The loss is the tanh RNN's: cross-entropy summed over the window, averaged over 
 from __future__ import annotations
 
 from .fast import loss_and_grads
-from .inference import sample, score
+from .inference import recurrence, score
 from .reference import reference_loss_and_grads
 from .spec import CELLS, GATES, Spec, StackWorkspace, dropout_masks, init_stack
 
@@ -47,7 +47,7 @@ __all__ = [
     "dropout_masks",
     "init_stack",
     "loss_and_grads",
+    "recurrence",
     "reference_loss_and_grads",
-    "sample",
     "score",
 ]

@@ -1,8 +1,9 @@
-"""Inference: scoring a text and sampling (no dropout, from a zero state)."""
+"""Inference: scoring a text, and the recurrence sampling feeds (no dropout, from a zero
+state; the draw itself is engine/sampler.py's, shared with the tanh RNN)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -42,63 +43,31 @@ def score(
     return argmax, nats
 
 
-def sample(
-    spec: Spec,
-    p: dict[str, np.ndarray],
-    prime: np.ndarray,
-    length: int,
-    temperature: float,
-    top_k: int,
-    rng: np.random.Generator,
-    chunk_size: int,
-) -> Iterator[np.ndarray]:
-    """Trainer.sample's loop for a stacked model (arguments already checked): warm the
-    state on ``prime`` from zero, then draw each id (inverse CDF, one uniform per id)."""
+def recurrence(
+    spec: Spec, p: dict[str, np.ndarray], prime: np.ndarray
+) -> Callable[[int], np.ndarray]:
+    """A stacked model's recurrence for sampling (sampler.draw): from a zero state warmed on
+    ``prime[:-1]``, each call feeds one id through every layer and returns the top layer's
+    new h (H,). No dropout."""
     dtype = p["Wy"].dtype
-    V = spec.vocab_size
     state = np.zeros((1, spec.state_size), dtype=dtype)
     if prime.shape[0] > 1:
         ws = StackWorkspace(spec, prime.shape[0] - 1, 1, dtype)
         _, state = forward(spec, p, np.asarray(prime[:-1], dtype=np.intp)[:, None], state, ws)
     layers = [spec.layer_state(state, li) for li in range(spec.num_layers)]
     hc = [(h.copy(), None if c is None else c.copy()) for h, c in layers]
-    x = int(prime[-1])
-    greedy = temperature == 0.0
-    scale = dtype.type(1.0 if greedy else 1.0 / temperature)
-    Wy, by = p["Wy"] * scale, p["by"] * scale
-    k = top_k if 0 < top_k < V else 0
-    pr = np.empty(V, dtype=np.float64)
-    cdf = np.empty(V, dtype=np.float64)
-    done = 0
-    while done < length:
-        n = min(chunk_size, length - done)
-        out = np.empty(n, dtype=np.int32)
-        u = rng.random(n) if not greedy else None
-        for j in range(n):
-            inp: np.ndarray | None = None
-            for li in range(spec.num_layers):
-                xp = p["Wx0"][x][None, :] if inp is None else inp @ p[f"Wx{li}"]
-                h, c, _ = cell_forward(
-                    spec.cell,
-                    xp + p[f"b{li}"],
-                    hc[li][0],
-                    hc[li][1],
-                    p[f"Wh{li}"],
-                    p.get(f"bn{li}"),
-                )
-                hc[li] = (h, c)
-                inp = h
-            assert inp is not None
-            y = (inp @ Wy)[0] + by  # (V,)
-            if u is None:
-                x = int(y.argmax())
-            else:
-                if k:
-                    y[np.argpartition(y, V - k)[: V - k]] = -np.inf
-                np.subtract(y, y.max(), out=pr)
-                np.exp(pr, out=pr)
-                np.cumsum(pr, out=cdf)
-                x = min(int(np.searchsorted(cdf, u[j] * cdf[-1], side="right")), V - 1)
-            out[j] = x
-        done += n
-        yield out
+
+    def step(x: int) -> np.ndarray:
+        inp: np.ndarray | None = None  # (1, H) the layer below's output
+        for li in range(spec.num_layers):
+            xp = p["Wx0"][x][None, :] if inp is None else inp @ p[f"Wx{li}"]
+            h, c, _ = cell_forward(
+                spec.cell, xp + p[f"b{li}"], hc[li][0], hc[li][1], p[f"Wh{li}"], p.get(f"bn{li}")
+            )
+            hc[li] = (h, c)
+            inp = h
+        assert inp is not None
+        top: np.ndarray = inp[0]  # (H,)
+        return top
+
+    return step
