@@ -33,7 +33,7 @@ from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.sessions.session import Session
 from rnnserve_server.sessions.session_types import Summary
 from rnnserve_server.storage import archive
-from rnnserve_server.storage.store import LocalStore
+from rnnserve_server.storage.local_store import LocalStore
 
 pytestmark = [
     pytest.mark.timeout(120),

@@ -442,7 +442,7 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
     from rnnserve_server.engine.vocab import Vocab
     from rnnserve_server.sessions.registry import Registry
     from rnnserve_server.sessions.session import Session
-    from rnnserve_server.storage.store import LocalStore
+    from rnnserve_server.storage.local_store import LocalStore
 
     store = LocalStore(tmp_path)
     store.open()

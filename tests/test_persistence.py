@@ -20,7 +20,8 @@ from rnnserve_server.engine.model_config import PRESETS
 from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
-from rnnserve_server.storage.store import Checkpoint, CorpusRef, LocalStore, validate_session_id
+from rnnserve_server.storage.checkpoint import Checkpoint, CorpusRef, validate_session_id
+from rnnserve_server.storage.local_store import LocalStore
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory

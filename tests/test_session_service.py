@@ -13,7 +13,7 @@ from rnnserve_server.config import Settings
 from rnnserve_server.engine.model_config import PRESETS
 from rnnserve_server.errors import InvalidArgumentError, SessionNotFoundError
 from rnnserve_server.sessions.registry import Registry
-from rnnserve_server.storage.store import LocalStore
+from rnnserve_server.storage.local_store import LocalStore
 from rnnserve_server.usecases.request_limits import RequestLimits
 from rnnserve_server.usecases.session_service import GenerateOptions, SessionService, TrainingPlan
 

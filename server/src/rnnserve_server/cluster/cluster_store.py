@@ -25,8 +25,8 @@ from rnnserve_server.cluster.shared_store import (
     StaleTokenError,
 )
 from rnnserve_server.errors import CheckpointError
+from rnnserve_server.storage.checkpoint import Checkpoint, MetaCheck
 from rnnserve_server.storage.local_store import LocalStore
-from rnnserve_server.storage.store import Checkpoint, MetaCheck
 
 T = TypeVar("T")
 

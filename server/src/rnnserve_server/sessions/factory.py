@@ -19,7 +19,8 @@ from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.limits import check_alphabet_size, check_config_limits
 from rnnserve_server.sessions.session import Session
 from rnnserve_server.sessions.session_types import Broken
-from rnnserve_server.storage.store import Checkpoint, Store
+from rnnserve_server.storage.checkpoint import Checkpoint
+from rnnserve_server.storage.store import Store
 
 log = get_logger("rnnserve.registry")
 

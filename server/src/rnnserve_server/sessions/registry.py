@@ -41,7 +41,8 @@ from rnnserve_server.sessions.limits import (
 from rnnserve_server.sessions.residency import Residency, resident_bytes, session_bytes
 from rnnserve_server.sessions.session import Session
 from rnnserve_server.sessions.session_types import Broken, StopCause
-from rnnserve_server.storage.store import Checkpoint, Store, validate_session_id
+from rnnserve_server.storage.checkpoint import Checkpoint, validate_session_id
+from rnnserve_server.storage.store import Store
 
 log = get_logger("rnnserve.registry")
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from rnnserve_server.storage.checkpoint import Checkpoint, CorpusRef, MetaCheck, validate_session_id
-from rnnserve_server.storage.local_store import LocalStore
-
-__all__ = ["Checkpoint", "CorpusRef", "LocalStore", "MetaCheck", "Store", "validate_session_id"]
+from rnnserve_server.storage.checkpoint import Checkpoint, MetaCheck
 
 
 class Store(Protocol):

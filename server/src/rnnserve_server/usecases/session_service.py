@@ -30,7 +30,7 @@ from rnnserve_server.sessions.limits import limit_error
 from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.sessions.session import Session
 from rnnserve_server.storage import archive
-from rnnserve_server.storage.store import validate_session_id
+from rnnserve_server.storage.checkpoint import validate_session_id
 from rnnserve_server.usecases.request_limits import RequestLimits, encode
 from rnnserve_server.usecases.training import TrainProgress, train
 from rnnserve_server.usecases.training_plan import TrainingPlan
