@@ -7,8 +7,8 @@ ADDRESS ?= localhost:50051
 DATA_DIR ?= data
 PROTO := proto/rnnserve/v1/rnn_service.proto
 GEN_DIR := client/src/rnnserve/v1
-# Debian packages the cluster tests and `make cluster` run as real processes.
-DEB_DEPS := redis-server nginx
+# Debian packages the cluster and Prometheus tests and `make cluster` run as real processes.
+DEB_DEPS := redis-server nginx prometheus
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .DEFAULT_GOAL := help
@@ -20,7 +20,7 @@ help: ## list the targets
 $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade 'pip>=25.1'
-	$(BIN)/pip install -q -e 'client[plot]' -e server --group dev
+	$(BIN)/pip install -q -e 'client[plot,onnx]' -e server --group dev
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools

@@ -15,9 +15,9 @@ from rnnserve._requests import (
     TextSource,
     append_upload,
     fork_request,
-    save_archive,
     train_request,
     update_request,
+    write_file,
 )
 from rnnserve._train_to import TrainToResult
 from rnnserve.errors import ServerUnavailable, SessionBusy
@@ -114,20 +114,30 @@ class Session:
         return Session(self._client, response.session.session_id, response.session)
 
     def export_stream(
-        self, *, timeout: float | None = None
+        self, *, weights_only: bool = False, timeout: float | None = None
     ) -> Stream[pb.ExportSessionResponse, bytes]:
-        """The session's archive (see the README's "Export, import, fork"), in chunks."""
-        request = pb.ExportSessionRequest(session_id=self.id)
+        """The session's archive (see the README's "Export, import, fork"), in chunks;
+        ``weights_only``: its config, alphabet and weights alone (docs/model-format.md)."""
+        request = pb.ExportSessionRequest(session_id=self.id, weights_only=weights_only)
         call = self._client._server_stream(self._client._stub.ExportSession, request, timeout)
         return Stream(call, lambda response: (response.data,) if response.data else ())
 
     async def export(
-        self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        weights_only: bool = False,
+        timeout: float | None = None,
     ) -> bytes:
         """The session's archive as bytes; also written to ``path`` if given (atomically)."""
-        data = b"".join([chunk async for chunk in self.export_stream(timeout=timeout)])
+        data = b"".join(
+            [
+                chunk
+                async for chunk in self.export_stream(weights_only=weights_only, timeout=timeout)
+            ]
+        )
         if path is not None:
-            save_archive(path, data)
+            write_file(path, data)
         return data
 
     def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:

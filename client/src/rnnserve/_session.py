@@ -13,9 +13,9 @@ from rnnserve._requests import (
     TextSource,
     append_upload,
     fork_request,
-    save_archive,
     train_request,
     update_request,
+    write_file,
 )
 from rnnserve._rpc import RpcClient
 from rnnserve._streams import Stream, TrainStream, WatchStream
@@ -140,21 +140,26 @@ class Session:
         return Session(self._client, response.session.session_id, response.session)
 
     def export_stream(
-        self, *, timeout: float | None = None
+        self, *, weights_only: bool = False, timeout: float | None = None
     ) -> Stream[pb.ExportSessionResponse, bytes]:
-        """The session's archive (see the README's "Export, import, fork"), in chunks."""
-        request = pb.ExportSessionRequest(session_id=self.id)
+        """The session's archive (see the README's "Export, import, fork"), in chunks;
+        ``weights_only``: its config, alphabet and weights alone (docs/model-format.md)."""
+        request = pb.ExportSessionRequest(session_id=self.id, weights_only=weights_only)
         call = self._client._server_stream(self._client._stub.ExportSession, request, timeout)
         return Stream(call, lambda response: (response.data,) if response.data else ())
 
     def export(
-        self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        weights_only: bool = False,
+        timeout: float | None = None,
     ) -> bytes:
         """The session's archive as bytes; also written to ``path`` if given (atomically:
         a temporary file renamed into place once complete)."""
-        data = b"".join(self.export_stream(timeout=timeout))
+        data = b"".join(self.export_stream(weights_only=weights_only, timeout=timeout))
         if path is not None:
-            save_archive(path, data)
+            write_file(path, data)
         return data
 
     def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:

@@ -6,10 +6,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from pathlib import Path
 from typing import Any
 
 from rnnserve import completion
-from rnnserve.cli.exit_codes import EXIT_CONFLICT, EXIT_OK, EXIT_UNAVAILABLE, PROG, UsageError
+from rnnserve.cli.exit_codes import (
+    EXIT_CONFLICT,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    PROG,
+    UsageError,
+)
 from rnnserve.cli.output import (
     Output,
     _enum_name,
@@ -188,9 +196,36 @@ def cmd_fork(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def cmd_export(client: Client, args: argparse.Namespace, out: Output) -> int:
     path = args.output if args.output is not None else f"{args.id}.rnn"
-    data = client.session(args.id).export(path)
+    data = client.session(args.id).export(path, weights_only=args.weights_only)
     out.obj({"session_id": args.id, "path": path, "bytes": len(data)})
-    out.line(f"exported {args.id} to {path} ({len(data):,} bytes)")
+    what = "the weights of " if args.weights_only else ""
+    out.line(f"exported {what}{args.id} to {path} ({len(data):,} bytes)")
+    return EXIT_OK
+
+
+def cmd_convert(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Offline: the client (and its server) is not used."""
+    output = args.output or str(Path(args.archive).with_suffix(".onnx"))
+    if Path(output).resolve() == Path(args.archive).resolve():
+        raise UsageError(f"the output {output} is the archive itself: name another OUTPUT")
+    try:
+        from rnnserve.convert import to_onnx  # numpy and onnx: the onnx extra
+    except ImportError as e:
+        print(
+            f"{PROG}: error: convert needs the onnx extra: pip install 'rnnserve[onnx]' ({e})",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    model = to_onnx(args.archive, output)
+    props = {p.key: p.value for p in model.metadata_props}
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    out.obj({"archive": args.archive, "path": output, "inputs": inputs, "outputs": outputs})
+    out.line(
+        f"converted {args.archive} to {output}: {props['num_layers']}-layer {props['cell']}, "
+        f"hidden {props['hidden_size']}, {len(props['alphabet'])} characters; inputs "
+        f"{', '.join(inputs)}; outputs {', '.join(outputs)}"
+    )
     return EXIT_OK
 
 

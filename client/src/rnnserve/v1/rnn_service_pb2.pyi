@@ -46,6 +46,7 @@ class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATE_TRAINING: _ClassVar[SessionState]
     SESSION_STATE_BROKEN: _ClassVar[SessionState]
     SESSION_STATE_UNSAVED: _ClassVar[SessionState]
+    SESSION_STATE_OWNER_UNREACHABLE: _ClassVar[SessionState]
 
 class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -94,6 +95,7 @@ SESSION_STATE_READY: SessionState
 SESSION_STATE_TRAINING: SessionState
 SESSION_STATE_BROKEN: SessionState
 SESSION_STATE_UNSAVED: SessionState
+SESSION_STATE_OWNER_UNREACHABLE: SessionState
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_COMPLETED: StopReason
 STOP_REASON_SHUTDOWN: StopReason
@@ -419,10 +421,12 @@ class UpdateSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "weights_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    weights_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., weights_only: _Optional[bool] = ...) -> None: ...
 
 class ExportSessionResponse(_message.Message):
     __slots__ = ("data", "total_bytes")

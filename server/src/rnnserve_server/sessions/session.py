@@ -76,6 +76,7 @@ class Session:
         self.stop_cause = StopCause.NONE
         self.closing = False  # watch streams end (delete, shutdown)
         self.load_lock = asyncio.Lock()
+        self.delete_lock = asyncio.Lock()  # one DeleteSession at a time
         # How long the last few single corpus steps took: their minimum is the step's cost
         # without the noise of a busy machine (one slow step must not leave the inline path).
         self._step_seconds: deque[float] = deque(maxlen=4)

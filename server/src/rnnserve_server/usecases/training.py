@@ -144,7 +144,7 @@ async def train(
                 chunk = await train_chunk(registry, session, limit, run)
                 done += chunk.steps
                 chars += chunk.chars
-                metrics.record_training(chunk.steps, chunk.chars)
+                metrics.record_training(chunk.steps, chunk.chars, session.id)
                 session.notify()
                 if chunk.error is not None:  # not applied: ends as STOP_REASON_DIVERGED
                     bound.warning("train_diverged", step=session.step, error=str(chunk.error))
@@ -186,6 +186,7 @@ async def train(
             reason = "completed"
             if diverged:
                 reason = "diverged"
+                metrics.record_divergence()
             elif run.stop == "target":
                 reason = "target_loss"
             elif run.stop == "early":
