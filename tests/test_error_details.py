@@ -21,6 +21,7 @@ from rnnserve import (
     InvalidArgument,
     LimitExceeded,
     RnnServeError,
+    ServerUnavailable,
     SessionBroken,
     SessionBusy,
     SessionNotFound,
@@ -33,7 +34,9 @@ from rnnserve_server.api import status
 from rnnserve_server.engine.model_config import DivergedError
 from rnnserve_server.errors import (
     InvalidArgumentError,
+    LeaseLostError,
     LimitExceededError,
+    OwnerUnavailableError,
     SessionBrokenError,
     SessionBusyError,
     SessionExistsError,
@@ -336,6 +339,13 @@ CASES: list[tuple[BaseException, grpc.StatusCode, str, type[RnnServeError]]] = [
     (StorageError("x"), grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", RnnServeError),
     (ShuttingDownError("x"), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", RnnServeError),
     (UnauthenticatedError("x"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", RnnServeError),
+    (LeaseLostError.moved("s"), grpc.StatusCode.ABORTED, "LEASE_LOST", ServerUnavailable),
+    (
+        OwnerUnavailableError("x", session_id="s", retry_seconds=0.0),
+        grpc.StatusCode.UNAVAILABLE,
+        "OWNER_UNAVAILABLE",
+        ServerUnavailable,
+    ),
     (KeyError("boom"), grpc.StatusCode.INTERNAL, "INTERNAL", RnnServeError),
 ]
 
@@ -350,7 +360,7 @@ def test_every_reason_maps_to_its_code_and_client_class(
     error = error_from_rpc(_Trailers(code, message))
     assert error.reason == reason and error.code is code
     assert isinstance(error, cls)
-    retry = {"SHUTTING_DOWN", "STORAGE_FULL", "STORAGE_UNAVAILABLE"}
+    retry = {"SHUTTING_DOWN", "STORAGE_FULL", "STORAGE_UNAVAILABLE", "OWNER_UNAVAILABLE"}
     assert (error.retry_delay is not None) == (reason in retry)
 
 

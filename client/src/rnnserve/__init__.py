@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from rnnserve.client import DEFAULT_ADDRESS, Client, Session, Stream, TrainStream
 from rnnserve.errors import (
+    ConnectionLost,
     InvalidArgument,
     LimitExceeded,
     PermissionDenied,
@@ -40,6 +41,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 __all__ = [
     "DEFAULT_ADDRESS",
     "Client",
+    "ConnectionLost",
     "InvalidArgument",
     "LimitExceeded",
     "PermissionDenied",

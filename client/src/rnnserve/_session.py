@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rnnserve._common import generate_request
 from rnnserve._requests import (
@@ -17,10 +18,11 @@ from rnnserve._requests import (
     update_request,
     write_file,
 )
+from rnnserve._retry import DEFAULT_RETRY_FOR, Retries
 from rnnserve._rpc import RpcClient
 from rnnserve._streams import Stream, TrainStream, WatchStream
-from rnnserve._train_to import TrainToResult
-from rnnserve.errors import ServerUnavailable, SessionBusy
+from rnnserve._train_to import TrainToResult, TrainToRun
+from rnnserve.errors import RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 __all__ = ["Session"]
@@ -59,15 +61,25 @@ class Session:
         text: str | None = None,
         *,
         until_step: int | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
         timeout: float | None = None,
     ) -> pb.StepResponse:
         """One optimizer update: on the corpus's next window, or on ``text`` from a zero state.
 
         ``until_step`` makes a retry safe: the update is applied only while the session is
         below that step (pass the step you last saw + 1). A retry whose first try was applied
-        trains nothing and returns that try's step and loss with ``replayed`` set."""
+        trains nothing and returns that try's step and loss with ``replayed`` set. With it, a
+        call cut off (a replica lost, a connection reset, UNAVAILABLE) is retried for up to
+        ``retry_for`` seconds; ``timeout`` is each try's."""
         request = pb.StepRequest(session_id=self.id, text=text or "", until_step=until_step)
-        return self._client._unary(self._client._stub.Step, request, timeout)
+        retries = Retries(retry_for) if until_step is not None else None
+        while True:
+            try:
+                return self._client._unary(self._client._stub.Step, request, timeout)
+            except RnnServeError as error:
+                if retries is None:
+                    raise
+                time.sleep(retries.delay(error))
 
     def predict(self, text: str, *, timeout: float | None = None) -> pb.PredictResponse:
         """Most likely next character at each position of ``text``, and the loss on it."""
@@ -104,7 +116,8 @@ class Session:
         above 2 ln V for a whole report window stops with ``STOP_REASON_DIVERGED``.
         """
         request = train_request(self.id, locals())
-        return TrainStream(self._client._server_stream(self._client._stub.Train, request, timeout))
+        call = self._client._server_stream(self._client._stub.Train, request, timeout)
+        return TrainStream(call, request)
 
     def update(
         self,
@@ -178,38 +191,45 @@ class Session:
         target_step: int,
         *,
         report_every: int = 0,
-        retry_for: float = 60.0,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        max_seconds: float | None = None,
         on_progress: Callable[[pb.TrainResponse], None] | None = None,
+        on_retry: Callable[[RnnServeError, float], None] | None = None,
+        **options: Any,
     ) -> TrainToResult:
         """Train until the session's step is ``target_step``, surviving a replica's death.
 
-        Idempotent: each attempt is a Train with ``until_step=target_step``, so the server
-        never trains past the target, however often the call is retried. A call cut by
-        UNAVAILABLE (the replica died, or is draining) is retried for up to ``retry_for``
-        seconds; in a cluster the session is activated elsewhere from its last checkpoint. If
-        that checkpoint is behind a step this call already saw, the steps in between were lost
-        and are trained again: reported in ``rollbacks`` as ``(seen, restored)``.
+        Idempotent: each try is a Train with ``until_step=target_step``, so the server never
+        trains past the target, however often the call is retried. A try cut off by anything
+        but the server's answer to the request itself (UNAVAILABLE, a proxy's reset, a stream
+        that ended without its final message, a replica that lost the session) is retried
+        with backoff for up to ``retry_for`` seconds since the last progress; in a cluster the
+        session is activated elsewhere from its last checkpoint. If that checkpoint is behind
+        a step this call already saw, the steps in between were lost and are trained again:
+        reported in ``rollbacks`` as ``(seen, restored)``. ``on_retry(error, delay)`` is told
+        before each retry. ``max_seconds`` stops (cancels cleanly) after that long, with
+        ``timed_out`` set. ``options`` are Train's (``sample_length``, ``until_loss``, ...).
         """
-        result = TrainToResult()
-        deadline: float | None = None
-        while True:
+        run = TrainToRun(retry_for, max_seconds, on_progress, on_retry)
+        while not run.out_of_time():
             try:
-                step = self.info().step
-                if result.seen(step) >= target_step:
-                    return result
-                for message in self.train(until_step=target_step, report_every=report_every):
-                    result.progress(message)
-                    if on_progress is not None:
-                        on_progress(message)
-                if result.finished():
-                    return result
-                deadline = None
-            except (ServerUnavailable, SessionBusy):
-                # SessionBusy: the old owner's Train may still be stopping; wait it out too.
-                deadline = result.retry(deadline, retry_for)
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+                run.started(self.info(timeout=run.time_left()).step)
+                stream = self.train(
+                    until_step=target_step,
+                    report_every=report_every,
+                    timeout=run.time_left(),
+                    **options,
+                )
+                for message in stream:
+                    run.progress(message)
+                if run.done():
+                    break
+            except RnnServeError as error:
+                delay = run.failed(error)
+                if delay is None:
+                    break
+                time.sleep(delay)
+        return run.result
 
     def loss_history(
         self, from_step: int = 1, *, timeout: float | None = None

@@ -17,15 +17,19 @@ from rnnserve.cli.exit_codes import (
     EXIT_UNAVAILABLE,
     PROG,
     UsageError,
+    start_hint,
 )
 from rnnserve.cli.output import (
     Output,
+    _decoding,
     _enum_name,
     _format_config,
     _open_input,
     _read_text,
     _show_session,
+    _source_name,
     _state,
+    _stdin_text,
 )
 from rnnserve.client import Client
 from rnnserve.errors import SessionBusy, Timeout
@@ -146,10 +150,14 @@ def cmd_append(client: Client, args: argparse.Namespace, out: Output) -> int:
     elif args.file is None and sys.stdin.isatty():
         raise UsageError("give the text as a FILE argument, with --text, or on stdin")
     elif args.file in (None, "-"):
-        response = session.append_text(sys.stdin)
+        with _stdin_text() as stdin, _decoding("-"):
+            response = session.append_text(stdin)
     else:
-        with _open_input(args.file) as f:
+        with _open_input(args.file) as f, _decoding(args.file):
             response = session.append_text(f)
+    if not response.appended_chars:  # e.g. a download that failed and left an empty file
+        source = "--text" if args.text is not None else _source_name(args.file or "-")
+        raise UsageError(f"no input text: {source} is empty; nothing was appended")
     out.obj(response)
     out.line(
         f"appended {response.appended_chars:,} chars to {args.id} "
@@ -279,7 +287,9 @@ def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> int:
             client.wait_ready(args.wait, service=args.service)
         except Timeout as e:
             out.obj({"status": "NOT_SERVING", "error": e.details})
-            print(f"{PROG}: unavailable: {e.details}", file=sys.stderr)
+            # No connection at all (not a server that answers NOT_SERVING): say how to start one.
+            hint = f"; {start_hint(args.address)}" if "(unreachable)" in e.details else ""
+            print(f"{PROG}: unavailable: {e.details}{hint}", file=sys.stderr)
             return EXIT_UNAVAILABLE
         status = "SERVING"
     else:

@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--until-step",
         type=_positive_int,
         metavar="N",
-        help="instead of --steps: train until the session is at step N (running the command "
-        "again, e.g. after a lost connection, never trains past N)",
+        help="instead of --steps: train until the session is at step N; a call cut off (a lost "
+        "connection, a replica that died) is retried for up to 60 s, and never trains past N",
     )
     p.add_argument(
         "--report-every",

@@ -24,7 +24,7 @@ from rnnserve_server.cluster.shared_store import (
     SharedStore,
     StaleTokenError,
 )
-from rnnserve_server.errors import CheckpointError, StorageError
+from rnnserve_server.errors import CheckpointError, LeaseLostError, StorageError
 from rnnserve_server.storage.checkpoint import Checkpoint, MetaCheck
 from rnnserve_server.storage.local_store import LocalStore
 
@@ -115,7 +115,7 @@ class ClusterStore(LocalStore):
     def save(self, ckpt: Checkpoint) -> int:
         """Write the local working copy, then the shared blob under our fencing token.
 
-        Raises CheckpointError when the token is stale (another replica owns the session):
+        Raises LeaseLostError when the token is stale (another replica owns the session):
         the write is refused, never made the latest."""
         size = super().save(ckpt)
         blob = pack(
@@ -128,7 +128,7 @@ class ClusterStore(LocalStore):
             self.stale_writes += 1
             if self.on_stale is not None:
                 self.loop.call_soon_threadsafe(self.on_stale, ckpt.session_id)
-            raise CheckpointError(str(exc), public="another replica owns the session now") from None
+            raise LeaseLostError.moved(ckpt.session_id) from exc
         except (RedisError, TimeoutError) as exc:  # down, or frozen past its op timeout
             raise StorageError(_REDIS_SILENT.format(what="the change could not be saved")) from exc
         return size

@@ -69,7 +69,9 @@ class ClusterNode:
         )
         self._rebuilding: asyncio.Task[None] | None = None
         self.shared = SharedStore(settings.shared_dir, self.coordinator, gc_grace=settings.gc_grace)
-        self.forwarder = Forwarder()
+        # A forward whose owner froze gives up once the owner's lease is gone; one whose
+        # owner can't be reached asks the caller to retry after a renewal period.
+        self.forwarder = Forwarder(owner_gone=self.owner_gone, retry_seconds=settings.lease_ttl / 3)
         self.registry: Any = None  # the Registry, set by attach()
         self.store: ClusterStore | None = None
         self.health: RedisHealth | None = None
@@ -256,6 +258,21 @@ class ClusterNode:
                 await self._activate(session_id, claim.token)
             return None
 
+    async def owner_gone(self, session_id: str, address: str) -> None:
+        """Return once ``address`` no longer holds the session's lease (it lapsed, was released
+        or taken): a call forwarded there and still waiting is given up then, so a frozen
+        owner costs about the lease TTL, whatever the caller's deadline."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl / 3)  # the owner's renewal period
+            try:
+                owner = await self.coordinator.owner(session_id)
+            except (RedisError, OSError):
+                continue  # can't tell while Redis is away: keep waiting
+            if owner != address:
+                self._owners.pop(session_id, None)
+                log.warning("forward_owner_lost", session_id=session_id, new_owner=owner)
+                return
+
     async def _activate(self, session_id: str, token: int) -> None:
         registry = self.registry
         old = registry.sessions.pop(session_id, None)
@@ -337,7 +354,7 @@ class ClusterNode:
         log.warning("lease_lost", session_id=session_id)
         if session is not None:
             session.deleted = True  # no more checkpoints from here
-            session.request_stop(StopCause.SHUTDOWN)
+            session.request_stop(StopCause.LEASE_LOST)  # its Train ends with LEASE_LOST
             session.close_watchers()
             registry.checkpoints.mark_saved(session)
 

@@ -20,7 +20,8 @@ log = get_logger("rnnserve.registry")
 
 def storage_error(exc: BaseException) -> StorageError:
     """The client's sentence for a failed checkpoint write or delete (no paths: the server log
-    has those); StorageFullError when the disk is full. A StorageError already says it."""
+    has those); StorageFullError when the disk is full. A StorageError (a LeaseLostError among
+    them: in cluster mode another replica owns the session now) already says it."""
     if isinstance(exc, StorageError):
         return exc
     code = exc.errno if isinstance(exc, OSError) else None

@@ -32,6 +32,7 @@ class StopCause(enum.Enum):
     CANCELLED = "cancelled"  # the client went away
     DELETED = "deleted"
     SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"  # cluster mode: another replica owns the session now
 
 
 @dataclass

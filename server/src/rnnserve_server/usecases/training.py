@@ -13,6 +13,7 @@ from typing import Any, cast
 import numpy as np
 
 from rnnserve_server import metrics
+from rnnserve_server.errors import LeaseLostError
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.sessions.session import Session
@@ -212,6 +213,8 @@ async def train(
             )
         if not session.deleted:
             await registry.checkpoints.flush(session)
+        if session.stop_cause is StopCause.LEASE_LOST:  # what it trained here is not kept
+            raise LeaseLostError.moved(session.id)
         final = progress(reason)
         if plan.sample_length and not session.deleted:
             final.sample = await sample()
