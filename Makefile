@@ -81,11 +81,12 @@ $(NODE_STAMP): package.json package-lock.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict
+lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict, import-linter (the server's layers)
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client/src server/src tests bench
+	$(BIN)/lint-imports
 
 # Everything the tests need is set up first: the venv, the npm packages, the Debian services.
 test: $(STAMP) $(NODE_STAMP) deps ## install what is missing, then run the test suite (unit, integration, persistence, cluster, Prometheus, a Node client)
@@ -119,4 +120,4 @@ image-test: ## build the image with buildah and test it end to end
 	bash scripts/image.sh test
 
 clean: ## remove the venv, caches and build output
-	rm -rf $(VENV) node_modules build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) node_modules build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache

@@ -21,8 +21,8 @@ from typing import Any, TextIO
 
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-# Weight of the newest loss in the moving average: the server's Session.smoothed_loss uses
-# the same (rnnserve_server.session.SMOOTHING), so the last smoothed value matches GetSession.
+# Weight of the newest loss in the moving average: the server's smoothed_loss uses the same
+# (rnnserve_server.sessions.loss_history.SMOOTHING), so the last smoothed value matches GetSession.
 SMOOTHING = 0.02
 
 IMAGE_SUFFIXES = (".png", ".svg")
