@@ -253,12 +253,16 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AppendTextRequest(_message.Message):
-    __slots__ = ("session_id", "text")
+    __slots__ = ("session_id", "text", "marks_last", "last")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    MARKS_LAST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    marks_last: bool
+    last: bool
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., marks_last: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class AppendTextResponse(_message.Message):
     __slots__ = ("session", "appended_chars")

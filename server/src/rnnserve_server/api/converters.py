@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -362,3 +362,25 @@ def step_to_pb(result: StepOutcome) -> pb.StepResponse:
         checkpointed_step=result.checkpointed_step,
         replayed=result.replayed,
     )
+
+
+async def append_chunks(
+    requests: AsyncIterator[pb.AppendTextRequest],
+) -> AsyncIterator[tuple[str, str]]:
+    """AppendText's (session_id, text) chunks. A stream whose first chunk set marks_last must
+    end with the chunk marked last, or nothing is appended: a cancel can reach the server as
+    an ordinary end of the stream (see AppendTextRequest.marks_last)."""
+    promised = ended = False
+    first = True
+    async for request in requests:
+        if ended:
+            raise InvalidArgumentError("a chunk came after the one marked last; send it before")
+        if first:
+            promised, first = request.marks_last, False
+        ended = request.last
+        yield request.session_id, request.text
+    if promised and not ended:
+        raise InvalidArgumentError(
+            "the upload ended before its chunk marked last (the client gave up mid-upload); "
+            "nothing was appended: send the whole text again"
+        )

@@ -134,8 +134,7 @@ class Servicer(pb_grpc.RnnServiceServicer):
         self, request_iterator: AsyncIterator[pb.AppendTextRequest], context: Context
     ) -> pb.AppendTextResponse:
         """Collect every chunk, then append them all at once (all or nothing)."""
-        chunks = ((c.session_id, c.text) async for c in request_iterator)
-        session, received = await self.sessions.append(chunks)
+        session, received = await self.sessions.append(cv.append_chunks(request_iterator))
         return pb.AppendTextResponse(session=session_to_pb(session), appended_chars=received)
 
     # ----- settings, export, import, fork -------------------------------------------------
