@@ -23,7 +23,7 @@ help: ## list the targets
 $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade 'pip>=25.1'
-	$(BIN)/pip install -q -e 'client[plot,onnx]' -e server --group dev
+	$(BIN)/pip install -q -e 'client[plot,onnx,tensorboard]' -e server --group dev
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
@@ -81,11 +81,12 @@ $(NODE_STAMP): package.json package-lock.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict
+lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict, import-linter (the server's layers)
 	node_modules/.bin/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy client/src server/src tests bench
+	$(BIN)/lint-imports
 
 # Everything the tests need is set up first: the venv, the npm packages, the Debian services.
 test: $(STAMP) $(NODE_STAMP) deps ## install what is missing, then run the test suite (unit, integration, persistence, cluster, Prometheus, a Node client)
@@ -119,4 +120,4 @@ image-test: ## build the image with buildah and test it end to end
 	bash scripts/image.sh test
 
 clean: ## remove the venv, caches and build output
-	rm -rf $(VENV) node_modules build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) node_modules build dist .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache

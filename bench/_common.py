@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server.model import ModelConfig, Trainer
+from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.testing import ServerHandle, start_server
-from rnnserve_server.vocab import Vocab
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

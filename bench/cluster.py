@@ -55,7 +55,7 @@ import bench._blas  # noqa: E402, F401
 # isort: split
 from rnnserve import Client, RnnServeError  # noqa: E402
 from rnnserve import aio as rnn_aio  # noqa: E402
-from rnnserve_server.model import PRESETS  # noqa: E402
+from rnnserve_server.engine.model_config import PRESETS  # noqa: E402
 from rnnserve_server.testing import ServerHandle, start_redis  # noqa: E402
 
 from bench._common import (  # noqa: E402

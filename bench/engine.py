@@ -40,8 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the bench package, whichever directory this runs from
 
 import numpy as np  # noqa: E402
-from rnnserve_server.model import ModelConfig, Trainer  # noqa: E402
-from rnnserve_server.vocab import Vocab  # noqa: E402
+from rnnserve_server.engine.model_config import ModelConfig  # noqa: E402
+from rnnserve_server.engine.trainer import Trainer  # noqa: E402
+from rnnserve_server.engine.vocab import Vocab  # noqa: E402
 
 from bench._common import CORPUS, cpu_name  # noqa: E402
 

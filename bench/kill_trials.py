@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from rnnserve import Client, RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server.store import LocalStore
+from rnnserve_server.storage.local_store import LocalStore
 from rnnserve_server.testing import ServerHandle
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 20

@@ -99,19 +99,19 @@ async def run(coord: Coordinator, ops: int, sessions: int, points: int) -> None:
             for i in range(start, min(start + 500, sessions)):
                 sid = f"session-{i:08d}"
                 pipe.zadd(coord._directory, {sid: 0})
-                pipe.set(coord._key(sid, "lease"), "10.0.0.1:50051|1", px=5000)
-                pipe.set(coord._key(sid, "token"), 1)
-                pipe.set(coord._key(sid, "ckpt"), "1-123456.npz")
+                pipe.set(coord.key(sid, "lease"), "10.0.0.1:50051|1", px=5000)
+                pipe.set(coord.key(sid, "token"), 1)
+                pipe.set(coord.key(sid, "ckpt"), "1-123456.npz")
                 for step in range(points):
                     pipe.xadd(
-                        coord._key(sid, "loss"),
+                        coord.key(sid, "loss"),
                         {"kind": "loss", "step": step, "loss": repr(2.0 - step * 1e-3)},
                         maxlen=coord.stream_maxlen,
                         approximate=True,
                     )
             await pipe.execute()
     per_session = (await used_memory(coord) - base) / sessions
-    stream_key = coord._key("long", "loss")
+    stream_key = coord.key("long", "loss")
     before = await used_memory(coord)
     for start in range(0, 10_000, 1000):
         async with coord.redis.pipeline(transaction=False) as pipe:

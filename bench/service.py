@@ -48,7 +48,8 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 from rnnserve import Client  # noqa: E402
 from rnnserve.v1 import rnn_service_pb2 as pb  # noqa: E402
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc  # noqa: E402
-from rnnserve_server.model import PRESETS, Trainer  # noqa: E402
+from rnnserve_server.engine.model_config import PRESETS  # noqa: E402
+from rnnserve_server.engine.trainer import Trainer  # noqa: E402
 from rnnserve_server.testing import ServerHandle, temporary_server  # noqa: E402
 
 from bench._common import (  # noqa: E402

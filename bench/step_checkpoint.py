@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the bench package, whichever directory this runs from
 
 from rnnserve import Client  # noqa: E402
-from rnnserve_server.model import PRESETS  # noqa: E402
+from rnnserve_server.engine.model_config import PRESETS  # noqa: E402
 from rnnserve_server.testing import ServerHandle, temporary_server  # noqa: E402
 
 from bench._common import config_kwargs, load_text  # noqa: E402

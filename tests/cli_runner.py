@@ -19,6 +19,19 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def rnnserve_running(server: ServerHandle, *args: str) -> subprocess.Popen[str]:
+    """Start `python -m rnnserve --address <server> ARGS...` and return at once (watch,
+    tensorboard --follow: commands that run until the test stops them); stdout and stderr
+    are pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "rnnserve", "--address", server.address, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+
+
 def rnnserve(
     server: ServerHandle | None, *args: str, stdin: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -41,13 +54,6 @@ def train_in_background(
 ) -> subprocess.Popen[str]:
     """`rnnserve --json train ID FLAGS` for a million steps, one progress line per update on
     its stdout (read one to know training runs), its stderr piped: the process to Ctrl-C."""
-    return subprocess.Popen(
-        [
-            *(sys.executable, "-m", "rnnserve", "--address", server.address, "--json"),
-            *("train", session_id, "--steps", "1000000", "--report-every", "1", *flags),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
+    return rnnserve_running(
+        server, "--json", "train", session_id, "--steps", "1000000", "--report-every", "1", *flags
     )

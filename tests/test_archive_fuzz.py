@@ -22,16 +22,18 @@ from typing import Any
 import numpy as np
 import pytest
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server import archive
+from rnnserve_server.api.converters import fit_page
+from rnnserve_server.api.servicer import session_to_pb
 from rnnserve_server.config import Settings
-from rnnserve_server.converters import fit_page
+from rnnserve_server.engine.model_config import DivergedError, ModelConfig
+from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import InvalidArgumentError, LimitExceededError
-from rnnserve_server.model import DivergedError, ModelConfig, Trainer
-from rnnserve_server.registry import Registry
-from rnnserve_server.service import session_to_pb
-from rnnserve_server.session import Session, Summary
-from rnnserve_server.store import LocalStore
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.sessions.registry import Registry
+from rnnserve_server.sessions.session import Session
+from rnnserve_server.sessions.session_types import Summary
+from rnnserve_server.storage import archive
+from rnnserve_server.storage.local_store import LocalStore
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -57,7 +59,7 @@ def data() -> bytes:
     session = Session.new("x", Trainer(config, vocab, vocab.encode(TEXT)))
     for _ in range(5):
         session.step_once(None)
-    session._record(session.step_once(None), 2.5)  # one validation point in the history
+    session.losses.record(session.step_once(None).loss, 2.5)  # one validation point in the history
     return archive.write(session.export_state())
 
 
@@ -65,7 +67,7 @@ def _outcome(registry: Registry, blob: bytes) -> str:
     try:
         ckpt = archive.read(blob, registry.check_import)
         ckpt.session_id = "y"
-        session = registry._session_from(ckpt, {})
+        session = registry.factory.from_checkpoint(ckpt, {})
     except (InvalidArgumentError, LimitExceededError):
         return "refused"
     # A valid archive with an absurd learning rate diverges (not applied), as for any session.
@@ -199,7 +201,7 @@ def test_every_unknown_key_or_array_is_refused(registry: Registry, data: bytes) 
 def _outcome_or_raise(registry: Registry, blob: bytes) -> Session:
     ckpt = archive.read(blob, registry.check_import)
     ckpt.session_id = "y"
-    return registry._session_from(ckpt, {})
+    return registry.factory.from_checkpoint(ckpt, {})
 
 
 @pytest.mark.parametrize("version", [3, 10**6])

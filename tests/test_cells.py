@@ -7,8 +7,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from rnnserve_server import cells
-from rnnserve_server.cells import Spec, dropout_masks, loss_and_grads, reference_loss_and_grads
+from rnnserve_server.engine import cells
+from rnnserve_server.engine.cells import (
+    Spec,
+    dropout_masks,
+    loss_and_grads,
+    reference_loss_and_grads,
+)
 
 CASES = [
     ("rnn", 2, 0.0),

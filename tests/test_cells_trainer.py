@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rnnserve_server.model import PRESETS, EngineError, ModelConfig, Trainer
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.engine.model_config import PRESETS, EngineError, ModelConfig
+from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.vocab import Vocab
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8
 VARIANTS = [

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from tests.cli_runner import cli_env, rnnserve, train_in_background
+from tests.cli_runner import cli_env, rnnserve, rnnserve_running, train_in_background
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
@@ -156,15 +156,8 @@ def test_watch_follows_training_by_another_client(module_server: ServerHandle) -
     server = module_server
     with server.client() as client:
         session = client.create_session(TEXT, session_id="cli-watch", hidden_size=16, seed=1)
-        watcher = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "rnnserve", "--address", server.address, "--json"),
-                *("watch", "cli-watch", "--from-step", "1", "--count", "20"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=cli_env(),
+        watcher = rnnserve_running(
+            server, "--json", "watch", "cli-watch", "--from-step", "1", "--count", "20"
         )
         try:
             session.step()  # history: the watcher replays it, then follows live

@@ -277,15 +277,16 @@ def test_list_table_and_empty(server: ServerHandle) -> None:
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
     assert header.split() == [
-        "ID", "STATE", "STEP", "LOSS", "HIDDEN", "OPTIMIZER", "CREATED", "CHECKPOINTED",
+        "ID", "STATE", "CELL", "LAYERS", "HIDDEN", "OPTIMIZER", "STEP", "LOSS", "VAL_LOSS",
+        "CHARS/S", "CREATED", "CHECKPOINTED",
     ]  # fmt: skip
     a = rows[0].split()
-    assert a[:6] == ["table-a", "ready", "7", a[3], "16", "adam"]
-    assert float(a[3]) > 0
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d", a[6]) and re.fullmatch(r"\d\d:\d\d", a[7])
-    assert a[8] == "7"  # checkpointed step: Train checkpoints before its final message
+    assert a[:8] == ["table-a", "ready", "rnn", "1", "16", "adam", "7", a[7]]
+    assert float(a[7]) > 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", a[10]) and re.fullmatch(r"\d\d:\d\d", a[11])
+    assert a[12] == "7"  # checkpointed step: Train checkpoints before its final message
     b = rows[1].split()
-    assert b[:6] == ["table-b", "ready", "0", "-", "100", "sgd"]
+    assert b[:8] == ["table-b", "ready", "rnn", "1", "100", "sgd", "0", "-"]
 
 
 def test_did_you_mean_on_not_found(module_server: ServerHandle) -> None:
@@ -409,7 +410,8 @@ def test_completion_commands_flags_ids(module_server: ServerHandle) -> None:
     ids = complete(module_server, "show", "")
     assert {"comp-one", "comp-two"} <= set(ids)
     assert {"comp-one", "comp-two"} <= set(complete(module_server, "delete", "comp-one", ""))
-    assert complete(module_server, "show", "comp-one", "") == []  # one id only
+    assert complete(module_server, "train", "comp-one", "") == []  # one id only
+    assert {"comp-two"} <= set(complete(module_server, "show", "comp-one", ""))  # side by side
     assert complete(module_server, "create", "") == []  # a file: the shell completes it
     # A server that doesn't answer: no ids, quickly, no error.
     assert complete(None, "--address", "127.0.0.1:1", "show", "") == []

@@ -109,7 +109,7 @@ async def test_keeper_reports_a_lease_taken_over(redis_server: RedisProcess) -> 
 
         keeper = LeaseKeeper(coord, lease, on_lost, interval=0.05).start()
         # Someone deletes the lease and another replica takes it (as after a long pause).
-        await coord.redis.delete(coord._key("s", "lease"))
+        await coord.redis.delete(coord.key("s", "lease"))
         assert (await coord.acquire("s", "b:1")) is not None
         await asyncio.wait_for(keeper.lost.wait(), 10)
         assert lost == [lease] and not keeper.valid
@@ -124,7 +124,7 @@ async def test_stale_token_cannot_move_the_pointer(coordinator: Coordinator) -> 
     assert old is not None
     assert await coordinator.advance_pointer("s", old.token, f"{old.token}-10.npz")
     # a's lease lapses (a is paused) and b takes over with a newer token.
-    await coordinator.redis.delete(coordinator._key("s", "lease"))
+    await coordinator.redis.delete(coordinator.key("s", "lease"))
     new = await coordinator.acquire("s", "b:1")
     assert new is not None and new.token > old.token
     assert await coordinator.advance_pointer("s", new.token, f"{new.token}-8.npz")

@@ -406,8 +406,8 @@ def test_resident_memory_budget_evicts_and_refuses(server_factory: ServerFactory
     """--max-resident-bytes: sessions beyond it go to disk (least recently used first); a
     session that alone exceeds it is refused with RESOURCE_EXHAUSTED naming the setting."""
     from rnnserve_server.config import load_settings
-    from rnnserve_server.model import PRESETS
-    from rnnserve_server.residency import resident_bytes
+    from rnnserve_server.engine.model_config import PRESETS
+    from rnnserve_server.sessions.residency import resident_bytes
 
     settings = load_settings([], environ={})
     machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -437,11 +437,12 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
     import tracemalloc
 
     from rnnserve_server.config import Settings
-    from rnnserve_server.model import PRESETS, Trainer
-    from rnnserve_server.registry import Registry
-    from rnnserve_server.session import Session
-    from rnnserve_server.store import LocalStore
-    from rnnserve_server.vocab import Vocab
+    from rnnserve_server.engine.model_config import PRESETS
+    from rnnserve_server.engine.trainer import Trainer
+    from rnnserve_server.engine.vocab import Vocab
+    from rnnserve_server.sessions.registry import Registry
+    from rnnserve_server.sessions.session import Session
+    from rnnserve_server.storage.local_store import LocalStore
 
     store = LocalStore(tmp_path)
     store.open()
@@ -456,12 +457,12 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
         registry = Registry(Settings(data_dir=tmp_path, max_hidden_size=4096), store)
         tracemalloc.start()
         try:
-            loaded = registry._load_new("claims")
+            loaded = registry.factory.load("claims")
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
         assert peak < 20_000_000, peak  # the hidden-3000 model was never allocated
-        assert loaded.broken_error is not None and "array shapes" in loaded.broken_error
+        assert loaded.broken is not None and "array shapes" in loaded.broken.reason
     finally:
         store.close()
 

@@ -10,17 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rnnserve_server.model import (
-    PRESETS,
-    DivergedError,
-    EngineError,
-    ModelConfig,
-    Trainer,
-    forward_hidden,
-    loss_and_grads,
-    param_shapes,
-)
-from rnnserve_server.vocab import UnknownCharactersError, Vocab
+from rnnserve_server.engine.model_config import PRESETS, DivergedError, EngineError, ModelConfig
+from rnnserve_server.engine.rnn.kernels import forward_hidden, loss_and_grads, param_shapes
+from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.vocab import UnknownCharactersError, Vocab
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8
 

@@ -30,7 +30,8 @@ from rnnserve import (
 from rnnserve.errors import STATUS_DETAILS_KEY, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
-from rnnserve_server import status
+from rnnserve_server.api import status
+from rnnserve_server.engine.model_config import DivergedError
 from rnnserve_server.errors import (
     InvalidArgumentError,
     LeaseLostError,
@@ -45,7 +46,6 @@ from rnnserve_server.errors import (
     StorageFullError,
     UnauthenticatedError,
 )
-from rnnserve_server.model import DivergedError
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory, ServerHandle

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from rnnserve import Client, TrainingDiverged
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server.store import LocalStore
+from rnnserve_server.storage.local_store import LocalStore
 
 from bench.kill_trials import CONFIG, KILL_SETTINGS, TEXT, TRAINED, run_kill_trials
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rnnserve_server.model import PARAM_NAMES, loss_and_grads, param_shapes
-from rnnserve_server.rnn_reference import reference_forward, reference_loss_and_grads
+from rnnserve_server.engine.model_config import PARAM_NAMES
+from rnnserve_server.engine.rnn.kernels import loss_and_grads, param_shapes
+from rnnserve_server.engine.rnn.reference import reference_forward, reference_loss_and_grads
 
 
 def _random_problem(

@@ -93,7 +93,7 @@ async def test_a_lease_taken_away_is_reported_and_dropped(redis_server: RedisPro
         keeper = table._keepers["s"]
         # A long pause elsewhere in the story: the lease disappears and another replica
         # takes the session; the keeper notices at its next renewal.
-        await coord.redis.delete(coord._key("s", "lease"))
+        await coord.redis.delete(coord.key("s", "lease"))
         assert isinstance(await other.claim("s"), Lease)
         await asyncio.wait_for(keeper.lost.wait(), 10)
         assert lost == ["s"] and table.leases_lost == 1 and table.owned() == []

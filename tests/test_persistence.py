@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from rnnserve import Session, SessionBroken
 from rnnserve.v1 import rnn_service_pb2 as pb
+from rnnserve_server.engine.model_config import PRESETS
+from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
-from rnnserve_server.model import PRESETS, Trainer
-from rnnserve_server.store import Checkpoint, CorpusRef, LocalStore, validate_session_id
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.storage.checkpoint import Checkpoint, CorpusRef, validate_session_id
+from rnnserve_server.storage.local_store import LocalStore
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory

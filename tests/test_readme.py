@@ -63,7 +63,10 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert "ROMEO:" in stdout  # generate prints its prime first
     assert re.search(r"appended 20,000 chars to shakespeare", stdout), context
     assert re.search(
-        r"^ID +STATE +STEP +LOSS +HIDDEN +OPTIMIZER +CREATED +CHECKPOINTED$", stdout, re.M
+        r"^ID +STATE +CELL +LAYERS +HIDDEN +OPTIMIZER +STEP +LOSS +VAL_LOSS +CHARS/S +CREATED"
+        r" +CHECKPOINTED$",
+        stdout,
+        re.M,
     )
     assert "deleted hallo" in stdout
     assert re.search(r"^latest: \d+ ", stdout, re.M), context  # the Library snippet finished

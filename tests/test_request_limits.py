@@ -157,9 +157,10 @@ def test_estimates_bound_what_the_engine_allocates(
     hidden: int, vocab: int, chars: int, dtype: str, seq: int, batch: int
 ) -> None:
     """Each estimate is at least the measured peak (a bound), and within 3x of it (useful)."""
-    from rnnserve_server import budget
-    from rnnserve_server.model import ModelConfig, Trainer
-    from rnnserve_server.vocab import Vocab
+    from rnnserve_server.engine import budget
+    from rnnserve_server.engine.model_config import ModelConfig
+    from rnnserve_server.engine.trainer import Trainer
+    from rnnserve_server.engine.vocab import Vocab
 
     rng = np.random.default_rng(0)
     vocabulary = Vocab("".join(chr(0x4E00 + i) for i in range(vocab)))

@@ -328,3 +328,28 @@ def test_shutdown_health_streams_and_exit_code(server: ServerHandle) -> None:
         list(watch)  # ends without an error
         assert server.wait() == 0
     assert any(e.get("event") == "stopped" for e in server.logs)
+
+
+def test_an_upload_cut_off_before_its_marked_last_chunk_appends_nothing(
+    module_server: ServerHandle,
+) -> None:
+    """A client that gives up mid-upload cancels the call, and gRPC may hand the server that
+    cancel as a plain end of stream (seen as a flaky append of the first chunk): a stream that
+    promised a chunk marked last and ended without it must append nothing."""
+    with Client(module_server.address) as client:
+        client.create_session(TEXT, session_id="cut-upload", hidden_size=8)
+    with grpc.insecure_channel(module_server.address) as channel:
+        stub = pb_grpc.RnnServiceStub(channel)
+        cut = [pb.AppendTextRequest(session_id="cut-upload", text="fine text ", marks_last=True)]
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.AppendText(iter(cut), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "nothing was appended" in (refused.value.details() or "")
+        whole = [*cut, pb.AppendTextRequest(last=True)]
+        reply = stub.AppendText(iter(whole), timeout=30)
+        assert reply.appended_chars == len("fine text ")
+        unmarked = [pb.AppendTextRequest(session_id="cut-upload", text="old client ")]
+        assert stub.AppendText(iter(unmarked), timeout=30).appended_chars == len("old client ")
+    with Client(module_server.address) as client:
+        info = client.session("cut-upload").info()
+    assert info.corpus_chars == len(TEXT) + len("fine text ") + len("old client ")

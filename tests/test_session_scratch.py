@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from rnnserve_server.model import ModelConfig, Trainer
-from rnnserve_server.session import SCRATCH_IDLE_SECONDS, Session
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.vocab import Vocab
+from rnnserve_server.sessions.session import SCRATCH_IDLE_SECONDS, Session
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 8
 
@@ -43,7 +44,7 @@ async def test_scratch_is_kept_while_in_use_and_freed_once_idle() -> None:
         _step(session)
     history = session.history(0, 10)
     assert _has_scratch(session) and len(history) == 3
-    assert len(session._hist) > 3  # grown by doubling
+    assert session.losses.capacity > 3  # grown by doubling
 
     _fire(session)  # used again within SCRATCH_IDLE_SECONDS: kept
     assert _has_scratch(session)
@@ -60,7 +61,7 @@ async def test_scratch_is_kept_while_in_use_and_freed_once_idle() -> None:
 
     _fire(session)  # idle, lock free: freed
     assert not _has_scratch(session) and session._scratch_timer is None
-    assert len(session._hist) == 3 and (session.history(0, 10) == history).all()
+    assert session.losses.capacity == 3 and (session.history(0, 10) == history).all()
 
     _step(session)  # allocates again; the history grows again
     assert _has_scratch(session) and session.step == 4 and len(session.history(0, 10)) == 4

@@ -59,7 +59,7 @@ async def test_old_owner_cannot_publish_after_takeover(
     assert old is not None
     await store.put("s", old.token, 10, b"old-10")
     # a is paused past its lease; b takes over and restores from step 10.
-    await coordinator.redis.delete(coordinator._key("s", "lease"))
+    await coordinator.redis.delete(coordinator.key("s", "lease"))
     new = await coordinator.acquire("s", "b:1")
     assert new is not None
     restored = await store.latest("s")

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 from rnnserve import Client
-from rnnserve_server.model import ModelConfig, Trainer
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.vocab import Vocab
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle

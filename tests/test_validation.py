@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from rnnserve import Client, InvalidArgument, TrainingDiverged
 from rnnserve.v1 import rnn_service_pb2 as pb
-from rnnserve_server.model import ModelConfig, Trainer
-from rnnserve_server.vocab import Vocab
+from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.vocab import Vocab
 
 from tests.cli_runner import rnnserve
 
@@ -62,7 +63,7 @@ def test_long_tails_are_scored_as_strands_from_zero_states(
 ) -> None:
     """A long tail is read as parallel strands, each from a zero state, in bounded chunks:
     the same sum as scoring each strand alone, and close to one strand over all of it."""
-    from rnnserve_server import scoring
+    from rnnserve_server.engine.rnn import scoring
 
     text = TEXT * 3
     vocab = Vocab.from_text(text)
@@ -91,16 +92,16 @@ def test_long_tails_are_scored_as_strands_from_zero_states(
     length = len(inputs) // strands
     expected = (
         sum(
-            scoring._score(
+            scoring.score(
                 trainer.params,
                 inputs[i * length : (i + 1) * length],
                 targets[i * length : (i + 1) * length],
             )[1]
             for i in range(strands)
         )
-        + scoring._score(trainer.params, inputs[strands * length :], targets[strands * length :])[1]
+        + scoring.score(trainer.params, inputs[strands * length :], targets[strands * length :])[1]
     )
-    assert scoring._score_strands(trainer.params, tail) == pytest.approx(expected, rel=1e-12)
+    assert scoring.score_strands(trainer.params, tail) == pytest.approx(expected, rel=1e-12)
 
 
 def test_validation_loss_in_train_watch_and_get(

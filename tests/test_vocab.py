@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rnnserve_server.vocab import UnknownCharactersError, Vocab, utf8_size
+from rnnserve_server.engine.vocab import UnknownCharactersError, Vocab, utf8_size
 
 
 def test_from_text_is_sorted_set() -> None:

@@ -95,9 +95,15 @@ class Upload(Generic[R]):
     gRPC reads it in its own thread (sync) or task (asyncio), where an error reading the
     source only cancels the call; :meth:`reraise` hands that error back to the caller."""
 
-    def __init__(self, chunks: Iterator[Any], make: Callable[[bool, Any], R]) -> None:
+    def __init__(
+        self,
+        chunks: Iterator[Any],
+        make: Callable[[bool, Any], R],
+        last: Callable[[], R] | None = None,
+    ) -> None:
         self._chunks = chunks
         self._make = make  # (first, chunk or None) -> request
+        self._last = last  # the message that ends a complete upload, if the call has one
         self.failure: Exception | None = None
 
     def __iter__(self) -> Iterator[R]:
@@ -111,6 +117,8 @@ class Upload(Generic[R]):
             raise
         if first:
             yield self._make(True, None)
+        if self._last is not None:
+            yield self._last()
 
     def reraise(self) -> None:
         """Raise the error that reading the source failed with, if any."""
@@ -122,11 +130,14 @@ def append_upload(
     session_id: str, source: TextSource, chunk_chars: int
 ) -> Upload[pb.AppendTextRequest]:
     """AppendText's requests: ``source`` in chunks of at most ``chunk_chars`` characters."""
+    # marks_last: a cancelled upload may reach the server as a plain end of stream; the
+    # final marked chunk tells a complete upload from an abandoned one.
     return Upload(
         iter_text_chunks(source, chunk_chars),
         lambda first, chunk: pb.AppendTextRequest(
-            session_id=session_id if first else "", text=chunk or ""
+            session_id=session_id if first else "", text=chunk or "", marks_last=first
         ),
+        lambda: pb.AppendTextRequest(last=True),
     )
 
 

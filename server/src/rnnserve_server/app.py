@@ -25,14 +25,14 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 from rnnserve_server import logs, metrics
+from rnnserve_server.api.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
+from rnnserve_server.api.servicer import Servicer
 from rnnserve_server.cluster.wiring import ClusterNode
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import CheckpointError
-from rnnserve_server.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
-from rnnserve_server.local_store import LocalStore
-from rnnserve_server.registry import Registry
-from rnnserve_server.service import Servicer
+from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.startup import StartupError, TlsFiles, check_data_dir, load_tls
+from rnnserve_server.storage.local_store import LocalStore
 
 log = logs.get_logger("rnnserve.app")
 
@@ -91,10 +91,152 @@ def preflight(settings: Settings) -> TlsFiles | None:
     return files
 
 
-def _write_port_file(path: Path, port: int) -> None:
+def write_port_file(path: Path, port: int) -> None:
+    """Write the bound port to ``path`` atomically (--port-file)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"{port}\n", encoding="ascii")
     os.replace(tmp, path)
+
+
+class CannotServeError(Exception):
+    """A start-up step failed and logged why; ``serve`` exits 2."""
+
+
+async def start_registry(registry: Registry, settings: Settings) -> None:
+    """Open the data directory and load its sessions; CannotServeError if it can't be used."""
+    try:
+        await registry.start()
+    except CheckpointError as exc:
+        log.error("cannot_start", error=str(exc))
+        raise CannotServeError from None
+    except OSError as exc:
+        log.error(
+            "cannot_start",
+            error=f"data directory {settings.data_dir} can't be used "
+            f"({exc.strerror or type(exc).__name__}); fix its permissions or choose another "
+            "with --data-dir",
+        )
+        raise CannotServeError from None
+
+
+def build_server(
+    settings: Settings, registry: Registry, node: ClusterNode | None
+) -> tuple[aio.Server, Health]:
+    """The gRPC server with RnnService, health and reflection, its interceptors (the cluster's
+    router innermost: after auth and the request guard) and channel options."""
+    options = [
+        ("grpc.max_receive_message_length", HARD_MESSAGE_FACTOR * settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        *keepalive_options(settings),
+    ]
+    interceptors = build_interceptors(settings)
+    if node is not None:
+        interceptors.append(node.router())
+    server = aio.server(interceptors=interceptors, options=options)
+    pb_grpc.add_RnnServiceServicer_to_server(Servicer(settings, registry), server)
+    server_health = Health(registry)
+    health_pb2_grpc.add_HealthServicer_to_server(server_health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    return server, server_health
+
+
+def bind(server: aio.Server, settings: Settings, tls_files: TlsFiles | None) -> int:
+    """Bind --address (with TLS when given); the port, CannotServeError if it can't be bound."""
+    try:
+        if tls_files is not None:
+            credentials = grpc.ssl_server_credentials([(tls_files.key, tls_files.cert)])
+            port = server.add_secure_port(settings.address, credentials)
+        else:
+            port = server.add_insecure_port(settings.address)
+    except (RuntimeError, OSError) as exc:
+        log.error("cannot_bind", address=settings.address, error=str(exc))
+        raise CannotServeError from None
+    if not port:
+        log.error("cannot_bind", address=settings.address, error="port unavailable")
+        raise CannotServeError
+    return port
+
+
+def start_metrics(settings: Settings, registry: Registry) -> metrics.MetricsServer | None:
+    """Serve /metrics when --metrics-port is set (None when it isn't); CannotServeError if the
+    port can't be bound."""
+    if not settings.metrics_port:
+        return None
+    try:
+        metrics_server = metrics.start(
+            settings.address, settings.metrics_port, registry, settings.metrics_max_sessions
+        )
+    except OSError as exc:
+        log.error("cannot_bind_metrics", port=settings.metrics_port, error=str(exc))
+        raise CannotServeError from None
+    log.info("metrics_serving", port=metrics_server.port, path="/metrics")
+    return metrics_server
+
+
+class Health:
+    """grpc.health.v1 for the server ("") and RnnService: SERVING only while every source is
+    fine: the data directory (checkpoints) and, in cluster mode, Redis. One source recovering
+    must not hide the other's failure (a lease lapsing while Redis is down takes its unsaved
+    session off the storage list). From shutdown on, shutdown owns it."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._registry = registry
+        self._ok = {"storage": True, "redis": True}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def set(self, status: Any) -> None:
+        """Set both names to ``status``."""
+        for name in ("", SERVICE_NAME):
+            await self.servicer.set(name, status)
+
+    def report(self, source: str, ok: bool) -> None:
+        """A source's state changed (called on the event loop)."""
+        if self._registry.shutting_down:
+            return  # shutdown owns health from here on
+        self._ok[source] = ok
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if all(self._ok.values())
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        task = asyncio.create_task(self.set(status))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class StopSignals:
+    """SIGTERM/SIGINT: the first asks for a clean stop, a second exits at once."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._received: list[str] = []
+
+    def install(self) -> None:
+        """Handle the signals from now on (on the running loop)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._received.append(sig.name)
+        if self._stop.is_set():
+            log.warning("second_signal", signal=sig.name, action="exiting now")
+            os._exit(1)
+        self._stop.set()
+
+    async def wait(self) -> str:
+        """Until the first signal; its name."""
+        await self._stop.wait()
+        return self._received[0] if self._received else ""
 
 
 async def serve(settings: Settings) -> int:
@@ -109,142 +251,39 @@ async def serve(settings: Settings) -> int:
     store = node.make_store() if node is not None else LocalStore(settings.data_dir)
     registry = Registry(settings, store)
     try:
-        await registry.start()
-    except CheckpointError as exc:
-        log.error("cannot_start", error=str(exc))
+        await start_registry(registry, settings)
+    except CannotServeError:
         return 2
-    except OSError as exc:
-        log.error(
-            "cannot_start",
-            error=f"data directory {settings.data_dir} can't be used "
-            f"({exc.strerror or type(exc).__name__}); fix its permissions or choose another "
-            "with --data-dir",
-        )
-        return 2
-
-    options = [
-        ("grpc.max_receive_message_length", HARD_MESSAGE_FACTOR * settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
-        *keepalive_options(settings),
-    ]
-    interceptors = build_interceptors(settings)
-    if node is not None:
-        interceptors.append(node.router())  # innermost: after auth and the request guard
-    server = aio.server(interceptors=interceptors, options=options)
-    servicer = Servicer(settings, registry)
-    pb_grpc.add_RnnServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
-
-    tls = tls_files is not None
+    server, server_health = build_server(settings, registry, node)
     try:
-        if tls_files is not None:
-            credentials = grpc.ssl_server_credentials([(tls_files.key, tls_files.cert)])
-            port = server.add_secure_port(settings.address, credentials)
-        else:
-            port = server.add_insecure_port(settings.address)
-    except (RuntimeError, OSError) as exc:
-        log.error("cannot_bind", address=settings.address, error=str(exc))
+        port = bind(server, settings, tls_files)
+        metrics_server = start_metrics(settings, registry)
+    except CannotServeError:
         await registry.close()
         return 2
-    if not port:
-        log.error("cannot_bind", address=settings.address, error="port unavailable")
-        await registry.close()
-        return 2
-
-    metrics_server = None
-    if settings.metrics_port:
-        try:
-            metrics_server = metrics.start(
-                settings.address,
-                settings.metrics_port,
-                registry,
-                settings.metrics_max_sessions,
-            )
-        except OSError as exc:
-            log.error("cannot_bind_metrics", port=settings.metrics_port, error=str(exc))
-            await registry.close()
-            return 2
-        log.info("metrics_serving", port=metrics_server.port, path="/metrics")
-
-    # Handlers before the serving line: a SIGTERM sent as soon as it appears shuts down cleanly.
-    stop = asyncio.Event()
-    received: list[str] = []
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        if stop.is_set():
-            log.warning("second_signal", signal=sig.name, action="exiting now")
-            os._exit(1)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-
+    signals = StopSignals()
+    signals.install()  # before the serving line: a SIGTERM sent as soon as it appears is clean
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    health_tasks: set[asyncio.Task[None]] = set()
-
-    # SERVING only while every source is fine: the data directory (checkpoints) and, in
-    # cluster mode, Redis. One source recovering must not hide the other's failure (a lease
-    # lapsing while Redis is down takes its unsaved session off the storage list).
-    health_ok = {"storage": True, "redis": True}
-
-    def set_health(source: str, ok: bool) -> None:
-        if registry.shutting_down:
-            return  # shutdown owns health from here on
-        health_ok[source] = ok
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if all(health_ok.values())
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-
-        async def apply() -> None:
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
-
-        task = asyncio.create_task(apply())
-        health_tasks.add(task)
-        task.add_done_callback(health_tasks.discard)
-
-    def on_storage_change(ok: bool) -> None:
-        set_health("storage", ok)
-
-    def on_redis_change(ok: bool) -> None:
-        set_health("redis", ok)
-
-    registry.on_storage_change = on_storage_change
+    await server_health.set(health_pb2.HealthCheckResponse.SERVING)
+    registry.checkpoints.on_storage_change = lambda ok: server_health.report("storage", ok)
     if node is not None:
         node.attach(registry, port)
-        node.start_health(on_redis_change)  # NOT_SERVING while Redis is unreachable
+        # NOT_SERVING while Redis is unreachable.
+        node.start_health(lambda ok: server_health.report("redis", ok))
     log.info(
         "serving",
         port=port,
         address=settings.address,
-        tls=tls,
+        tls=tls_files is not None,
         auth=bool(settings.tokens()),
         data_dir=str(settings.data_dir),
         pid=os.getpid(),
     )
     if settings.port_file is not None:
-        _write_port_file(settings.port_file, port)
+        write_port_file(settings.port_file, port)
 
-    await stop.wait()
-    log.info("shutting_down", signal=received[0] if received else "", grace=settings.grace)
-    await health_servicer.enter_graceful_shutdown()
+    log.info("shutting_down", signal=await signals.wait(), grace=settings.grace)
+    await server_health.servicer.enter_graceful_shutdown()
     registry.begin_shutdown()
     await server.stop(settings.grace)
     saved = await registry.close()

@@ -1,7 +1,7 @@
 """Domain errors raised by the session layer.
 
-Each carries a sentence a person can act on. ``service.py`` is the one place that turns them
-into gRPC status codes; nothing below it imports grpc.
+Each carries a sentence a person can act on. ``api/status.py`` is the one place that turns
+them into gRPC status codes; nothing below the api/ edge imports grpc.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 class DomainError(Exception):
     """Base class: ``str(error)`` is the message sent to the client; ``session_id`` (when the
-    error is about one session) goes into the status details (``status.py``)."""
+    error is about one session) goes into the status details (``api/status.py``)."""
 
     def __init__(self, message: str, *, session_id: str | None = None) -> None:
         super().__init__(message)

@@ -27,13 +27,12 @@ prometheus-client default, so nothing a library registers globally leaks in:
 - ``process_*`` and ``python_info``: the standard process and platform collectors.
 
 The RPC metrics (and ``ACTIVE_STREAMS``) are recorded by interceptors.ObservingInterceptor,
-only when metrics are on; training and checkpoint counters are bumped by service.py and store.py
-whether or not they are served (an increment costs well under a microsecond).
+only when metrics are on; training and checkpoint counters are bumped by the use cases and the
+checkpoint writer whether or not they are served (an increment costs well under a microsecond).
 """
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import importlib.metadata
 import platform
@@ -42,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import prometheus_client
 from prometheus_client import (
@@ -60,8 +59,6 @@ from rnnserve_server import __version__
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from rnnserve_server.registry import Registry
 
 # The *_created series double every counter's output and nobody graphs them.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -233,36 +230,48 @@ class RpcMetrics:
 # ----- sessions --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SessionGauges:
+    """One server's session counts at a scrape."""
+
+    known: int  # sessions known to the server
+    resident: int  # with their model in memory
+    on_disk: int  # with a checkpoint file in the data directory
+    unsaved: int  # whose last checkpoint failed
+
+
+# What a running server is asked for its gauges (Registry.gauges): called in the HTTP server's
+# thread, so it only reads, copying containers before iterating.
+GaugeSource = Callable[[], SessionGauges]
+
+
 class SessionCollector(Collector):
-    """Session gauges computed at scrape time from the registries of the running servers."""
+    """Session gauges computed at scrape time from the running servers' gauge sources."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._registries: list[Registry] = []
+        self._sources: list[GaugeSource] = []
 
-    def add(self, registry: Registry) -> None:
-        """Include ``registry``'s sessions in the gauges."""
+    def add(self, source: GaugeSource) -> None:
+        """Include ``source``'s sessions in the gauges."""
         with self._lock:
-            self._registries.append(registry)
+            self._sources.append(source)
 
-    def remove(self, registry: Registry) -> None:
-        """Stop counting ``registry`` (its server stopped)."""
+    def remove(self, source: GaugeSource) -> None:
+        """Stop counting ``source`` (its server stopped)."""
         with self._lock:
-            if registry in self._registries:
-                self._registries.remove(registry)
+            if source in self._sources:
+                self._sources.remove(source)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        """Runs in the HTTP server's thread: only reads, copying containers before iterating."""
-        known = resident = on_disk = unsaved = 0
+        """Runs in the HTTP server's thread."""
         with self._lock:
-            registries = list(self._registries)
-        for registry in registries:
-            sessions = list(registry.sessions.values())
-            known += len(sessions)
-            resident += sum(1 for s in sessions if s.resident)
-            unsaved += len(registry.unsaved)
-            with contextlib.suppress(OSError):  # data dir gone: report what can be seen
-                on_disk += len(registry.store.scan()[0])
+            sources = list(self._sources)
+        gauges = [source() for source in sources]
+        known = sum(g.known for g in gauges)
+        resident = sum(g.resident for g in gauges)
+        on_disk = sum(g.on_disk for g in gauges)
+        unsaved = sum(g.unsaved for g in gauges)
         yield GaugeMetricFamily("rnnserve_sessions", "Sessions known to the server.", value=known)
         yield GaugeMetricFamily(
             "rnnserve_sessions_resident", "Sessions with their model in memory.", value=resident
@@ -341,6 +350,15 @@ class SessionPoint:
 
 # What a running server is asked for its sessions' points: called in the HTTP server's thread.
 PointSource = Callable[[], Iterable[SessionPoint]]
+
+
+class SessionSource(Protocol):
+    """A running server's sessions as /metrics reads them (its Registry); both methods run in
+    the HTTP server's thread, so they only read, copying containers before iterating."""
+
+    def gauges(self) -> SessionGauges: ...
+
+    def session_points(self) -> Iterable[SessionPoint]: ...
 
 
 class SessionSeries(Collector):
@@ -428,30 +446,31 @@ def metrics_host(address: str) -> str:
 class MetricsServer:
     """The ``/metrics`` HTTP endpoint of one gRPC server, and its session gauges."""
 
-    def __init__(self, registry: Registry, host: str, port: int, max_sessions: int) -> None:
-        self._registry = registry
-        self._points = registry.session_points
+    def __init__(self, sessions: SessionSource, host: str, port: int, max_sessions: int) -> None:
+        self._gauges = sessions.gauges
+        self._points = sessions.session_points
         self._http: WSGIServer
         self._http, self._thread = prometheus_client.start_http_server(
             port, addr=host, registry=REGISTRY
         )
         self.port: int = self._http.server_port
-        SESSIONS.add(registry)
+        SESSIONS.add(self._gauges)
         SESSION_SERIES.add(self._points, max_sessions)
 
     def close(self) -> None:
         """Stop serving and stop counting this server's sessions."""
-        SESSIONS.remove(self._registry)
+        SESSIONS.remove(self._gauges)
         SESSION_SERIES.remove(self._points)
         self._http.shutdown()
         self._http.server_close()
         self._thread.join(5)
 
 
-def start(address: str, port: int, registry: Registry, max_sessions: int) -> MetricsServer:
-    """Serve ``/metrics`` on ``port`` at the host of the gRPC ``address``, with per-session
-    series for ``registry``'s ``max_sessions`` most recently active sessions.
+def start(address: str, port: int, sessions: SessionSource, max_sessions: int) -> MetricsServer:
+    """Serve ``/metrics`` on ``port`` at the host of the gRPC ``address``: the session gauges
+    of ``sessions`` (a server's registry) and per-session series for its ``max_sessions``
+    most recently active sessions.
 
     Raises OSError when the port cannot be bound.
     """
-    return MetricsServer(registry, metrics_host(address), port, max_sessions)
+    return MetricsServer(sessions, metrics_host(address), port, max_sessions)

@@ -4,7 +4,6 @@ output, and returns an exit code."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,11 @@ from rnnserve.cli.exit_codes import (
 from rnnserve.cli.output import (
     Output,
     _decoding,
-    _enum_name,
     _format_config,
     _open_input,
     _read_text,
     _show_session,
     _source_name,
-    _state,
     _stdin_text,
 )
 from rnnserve.client import Client
@@ -60,46 +57,6 @@ def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
     info = session.last_info if session.last_info is not None else session.info()
     out.obj(info)
     out.line(session.id)
-    return EXIT_OK
-
-
-def _created(session: pb.Session) -> str:
-    if not session.HasField("create_time"):
-        return "-"
-    when = session.create_time.ToDatetime(tzinfo=datetime.UTC).astimezone()
-    return when.strftime("%Y-%m-%d %H:%M")
-
-
-def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
-    rows: list[list[str]] = []
-    for session in client.list_sessions(page_size=args.page_size):
-        out.obj(session)
-        rows.append(
-            [
-                session.session_id,
-                _state(session),
-                str(session.step),
-                f"{session.loss:.4f}" if session.step else "-",
-                str(session.config.hidden_size or "-"),  # a BROKEN session has no config
-                _enum_name(pb.Optimizer, session.config.optimizer, "OPTIMIZER_")
-                if session.config.optimizer
-                else "-",
-                _created(session),
-                str(session.checkpointed_step),
-            ]
-        )
-    if not rows:
-        out.line("no sessions (make one: rnnserve create FILE --id NAME)")
-        return EXIT_OK
-    header = ["ID", "STATE", "STEP", "LOSS", "HIDDEN", "OPTIMIZER", "CREATED", "CHECKPOINTED"]
-    right = {2, 3, 4, 7}  # numbers line up on the right
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        out.line("  ".join(cells).rstrip())
     return EXIT_OK
 
 

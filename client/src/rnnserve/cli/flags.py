@@ -86,7 +86,13 @@ def _connection_options(with_defaults: bool) -> argparse.ArgumentParser:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("hyperparameters (unset: the preset's value)")
-    group.add_argument("--preset", choices=list(PRESETS), default="default")
+    group.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="default",
+        help="the starting settings (default: default); `rnnserve presets` says what each "
+        "is for and what it measured",
+    )
     group.add_argument("--hidden-size", type=_positive_int, metavar="N", help="hidden units")
     group.add_argument("--seq-length", type=_positive_int, metavar="N", help="BPTT window")
     group.add_argument("--batch-size", type=_positive_int, metavar="N", help="parallel strands")

@@ -50,24 +50,27 @@ def _enum_name(enum: Any, value: int, prefix: str) -> str:
     return name.removeprefix(prefix).lower().replace("_", "-")
 
 
+def _config_fields(config: pb.SessionConfig) -> list[tuple[str, str]]:
+    """The config's fields as (name, text), in a fixed order."""
+    return [
+        ("hidden_size", str(config.hidden_size)),
+        ("seq_length", str(config.seq_length)),
+        ("batch_size", str(config.batch_size)),
+        ("learning_rate", f"{config.learning_rate:g}"),
+        ("optimizer", _enum_name(pb.Optimizer, config.optimizer, "OPTIMIZER_")),
+        ("clip", f"{config.clip:g}"),
+        ("seed", str(config.seed)),
+        ("dtype", _enum_name(pb.DataType, config.dtype, "DATA_TYPE_")),
+        ("reset_every", str(config.reset_every)),
+        ("validation_fraction", f"{config.validation_fraction:g}"),
+        ("cell", _enum_name(pb.Cell, config.cell, "CELL_")),
+        ("num_layers", str(config.num_layers)),
+        ("dropout", f"{config.dropout:g}"),
+    ]
+
+
 def _format_config(config: pb.SessionConfig) -> str:
-    return " ".join(
-        [
-            f"hidden_size={config.hidden_size}",
-            f"seq_length={config.seq_length}",
-            f"batch_size={config.batch_size}",
-            f"learning_rate={config.learning_rate:g}",
-            f"optimizer={_enum_name(pb.Optimizer, config.optimizer, 'OPTIMIZER_')}",
-            f"clip={config.clip:g}",
-            f"seed={config.seed}",
-            f"dtype={_enum_name(pb.DataType, config.dtype, 'DATA_TYPE_')}",
-            f"reset_every={config.reset_every}",
-            f"validation_fraction={config.validation_fraction:g}",
-            f"cell={_enum_name(pb.Cell, config.cell, 'CELL_')}",
-            f"num_layers={config.num_layers}",
-            f"dropout={config.dropout:g}",
-        ]
-    )
+    return " ".join(f"{name}={value}" for name, value in _config_fields(config))
 
 
 def _state(session: pb.Session) -> str:
@@ -102,6 +105,12 @@ def _show_session(out: Output, session: pb.Session) -> None:
                 if session.validation_chars
                 else "none (no validation split)"
             ),
+        ),
+        (
+            "speed",
+            f"{session.chars_per_second:,.0f} chars/s (its newest Train)"
+            if session.HasField("chars_per_second")
+            else "not measured (no Train since the server loaded it)",
         ),
         ("config", _format_config(session.config)),
         ("created", _timestamp(session, "create_time")),

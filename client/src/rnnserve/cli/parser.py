@@ -17,12 +17,11 @@ from rnnserve.cli.commands import (
     cmd_generate,
     cmd_health,
     cmd_import,
-    cmd_list,
     cmd_predict,
     cmd_set,
-    cmd_show,
     cmd_step,
 )
+from rnnserve.cli.compare import cmd_plot, cmd_show, cmd_watch
 from rnnserve.cli.exit_codes import EXIT_CODES_HELP, PROG
 from rnnserve.cli.flags import (
     _add_chart_size_flags,
@@ -33,8 +32,11 @@ from rnnserve.cli.flags import (
     _positive_int,
     _seconds,
 )
+from rnnserve.cli.listing import add_list_flags, cmd_list
 from rnnserve.cli.output import Output
-from rnnserve.cli.training import cmd_plot, cmd_train, cmd_watch
+from rnnserve.cli.presets import cmd_presets
+from rnnserve.cli.tensorboard import cmd_tensorboard
+from rnnserve.cli.training import cmd_train
 from rnnserve.client import DEFAULT_ADDRESS, Client
 
 MAIN_EPILOG = f"""\
@@ -43,6 +45,10 @@ examples:
   rnnserve train shakespeare --steps 5000 --sample-length 80
   rnnserve generate shakespeare --length 500 --prime "ROMEO:" --seed 1
   rnnserve plot shakespeare --output loss.png     # or in the terminal; watch --plot: live
+  rnnserve plot small big                         # compare sessions: one line each
+  rnnserve list --sort val_loss --state ready     # also --watch: redraw every 2 s
+  rnnserve tensorboard small big --logdir runs    # then: tensorboard --logdir runs
+  rnnserve presets                                # which preset to pick
   eval "$(rnnserve completion bash)"              # tab-completes commands, flags and ids
   rnnserve --json list | jq .session_id
   rnnserve --address server:50051 --token "$TOKEN" --ca-file ca.pem health
@@ -93,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "create a session from text; prints its id",
         "  rnnserve create input.txt --id shakespeare\n"
         "  cat *.py | rnnserve create --hidden-size 256 --batch-size 32\n"
-        "  rnnserve create --text Hallo --preset notebook --id hallo\n",
+        "  rnnserve create --text Hallo --preset notebook --id hallo\n"
+        "  rnnserve create input.txt --preset quality --validation-fraction 0.1\n"
+        "\n`rnnserve presets` says what each preset is for and what it measured.\n",
     )
     p.add_argument("file", nargs="?", metavar="FILE", help="text file ('-' or piped: stdin)")
     p.add_argument("--text", help="the text itself instead of a file")
@@ -104,13 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "list",
         cmd_list,
-        "list every session",
-        "  rnnserve list\n  rnnserve --json list | jq -r .session_id\n",
+        "list the sessions: a table to sort, filter and refresh",
+        "  rnnserve list\n"
+        "  rnnserve list --sort val_loss            # best validation loss first\n"
+        "  rnnserve list --sort chars/s --reverse   # fastest first\n"
+        "  rnnserve list --state training --watch   # redraw every 2 s until Ctrl-C\n"
+        "  rnnserve --json list | jq -r .session_id\n",
     )
     p.add_argument("--page-size", type=_positive_int, default=100, help=argparse.SUPPRESS)
+    add_list_flags(p)
 
-    p = command("show", cmd_show, "show a session's config and progress", "  rnnserve show hallo\n")
-    p.add_argument("id", metavar="ID")
+    p = command(
+        "show",
+        cmd_show,
+        "show a session's config and progress; several side by side (* marks rows that differ)",
+        "  rnnserve show hallo\n  rnnserve show shakespeare shakespeare-lr1e-4\n",
+    )
+    p.add_argument("ids", nargs="+", metavar="ID")
 
     p = command(
         "delete",
@@ -274,12 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "watch",
         cmd_watch,
-        "follow a session's loss live, whoever trains it",
+        "follow sessions' loss live, whoever trains them (several: one line each)",
         "  rnnserve watch shakespeare\n"
         "  rnnserve watch shakespeare --from-step 1 --no-progress > loss.txt\n"
-        "  rnnserve --json watch hallo --count 30\n",
+        "  rnnserve --json watch hallo --count 30\n"
+        "  rnnserve watch small big --plot             # both curves on one live chart\n",
     )
-    p.add_argument("id", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID")
     p.add_argument(
         "--from-step",
         type=_nonnegative_int,
@@ -287,11 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="replay history from step N (default: only new updates)",
     )
-    p.add_argument("--count", type=_positive_int, metavar="N", help="stop after N points")
+    p.add_argument(
+        "--count", type=_positive_int, metavar="N", help="stop after N points (of each session)"
+    )
     p.add_argument(
         "--no-progress",
         action="store_true",
-        help="print 'step loss' lines instead of the status line",
+        help="print 'step loss' lines ('ID step loss' for several) instead of the status line",
     )
     p.add_argument(
         "--plot",
@@ -310,12 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "plot",
         cmd_plot,
-        "the session's loss history as a chart, an image or CSV",
+        "sessions' loss history as a chart, an image or CSV; several: one line each",
         "  rnnserve plot shakespeare                       # a chart in the terminal\n"
         "  rnnserve plot shakespeare -o loss.png      # or .svg: pip install 'rnnserve[plot]'\n"
-        "  rnnserve plot shakespeare --format csv > loss.csv   # step,loss,smoothed[,validation]\n",
+        "  rnnserve plot shakespeare --format csv > loss.csv   # step,loss,smoothed[,validation]\n"
+        "  rnnserve plot small big -o compare.png   # each one's smoothed and validation loss\n",
     )
-    p.add_argument("id", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID")
     p.add_argument(
         "--output",
         "-o",
@@ -326,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["chart", "csv"],
         default="chart",
-        help="chart (default) or csv: step,loss,smoothed[,validation] on stdout",
+        help="chart (default) or csv: step,loss,smoothed[,validation] on stdout "
+        "(several sessions: a session column first)",
     )
     p.add_argument(
         "--from-step",
@@ -379,6 +402,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service", default="", help="a service name (default: the whole server)")
     p.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait until SERVING")
+
+    p = command(
+        "tensorboard",
+        cmd_tensorboard,
+        "write sessions as TensorBoard event files, one run directory each "
+        "(pip install 'rnnserve[tensorboard]')",
+        "  rnnserve tensorboard small big --logdir runs && tensorboard --logdir runs\n"
+        "  rnnserve tensorboard shakespeare --logdir runs --follow   # live until Ctrl-C\n"
+        "\nEach run has loss/train, loss/smoothed, loss/validation, speed/chars_per_second,\n"
+        "text samples (tag sample) and the config as hyperparameters (the HPARAMS tab).\n"
+        "A run directory (LOGDIR/ID) is rewritten from the session's history each time.\n",
+    )
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--logdir", required=True, metavar="DIR", help="TensorBoard's log directory")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="keep appending the live points until Ctrl-C (or the sessions end)",
+    )
+    p.add_argument(
+        "--interval",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="--follow: read the speed (and maybe take a sample) every S seconds (default 5)",
+    )
+    p.add_argument(
+        "--sample-length",
+        type=_nonnegative_int,
+        default=200,
+        metavar="N",
+        help="characters per text sample (default 200; 0: no samples)",
+    )
+    p.add_argument(
+        "--sample-every",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="--follow: a new sample once the session is N steps on (default 1000)",
+    )
+    p.add_argument(
+        "--sample-temperature",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="temperature of the samples (default 0.8; 0 greedy); the seed is fixed",
+    )
+    p.add_argument("--sample-prime", default="", metavar="TEXT", help="start each sample with TEXT")
+
+    p = command(
+        "presets",
+        cmd_presets,
+        "what each preset is for, with its measured held-out loss and speed",
+        "  rnnserve presets\n  rnnserve create input.txt --preset quality\n",
+    )
 
     p = command(
         "completion",

@@ -1,33 +1,28 @@
-"""``train``, ``watch`` and ``plot``: the commands that follow a session's progress (progress
-bar, status line, loss charts)."""
+"""``train``: many updates with a progress bar, stop conditions and a clean Ctrl-C. (``watch``
+and ``plot`` are in :mod:`rnnserve.cli.compare`.)"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from rnnserve import plot
 from rnnserve.cli.exit_codes import (
     EXIT_DIVERGED,
-    EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     PROG,
-    UsageError,
 )
 from rnnserve.cli.output import Output, _enum_name
 from rnnserve.client import Client, TrainStream
@@ -195,11 +190,11 @@ def _train_once(
     """One Train of ``steps`` (not retried: without --until-step a retry could train twice);
     its final message, or None once ``max_seconds`` have passed (the deadline stops it)."""
     try:
-        pressed = threading.Event()
-        with _on_ctrl_c(pressed.set):  # held until the call is set up (see _on_ctrl_c)
+        ctrl_c = _CtrlC()
+        with _on_ctrl_c(ctrl_c.press):  # held until the call is set up (see _on_ctrl_c)
             stream = session.train(steps, timeout=max_seconds, **options)
         streams.append(stream)
-        if pressed.is_set():
+        if ctrl_c.pressed:
             raise KeyboardInterrupt
         for progress in stream:
             view.show(progress)
@@ -241,8 +236,8 @@ def _stop_and_report(
     cancel, which can take seconds on a big model: wait until the session is no longer
     training, so the step said is the one `list` shows. A Ctrl-C meanwhile stops the wait,
     never the report (a second Ctrl-C used to end the CLI with no step)."""
-    stop = threading.Event()
-    with _on_ctrl_c(stop.set):
+    stop = _CtrlC()
+    with _on_ctrl_c(stop.press):
         for stream in streams:
             stream.cancel()
         where = _Where(last.step if last is not None else start_step)
@@ -260,12 +255,12 @@ def _stop_and_report(
         print(f"{PROG}: {why}; {said}", file=sys.stderr)
 
 
-def _wait_until_stopped(session: Any, where: _Where, stop: threading.Event) -> None:
+def _wait_until_stopped(session: Any, where: _Where, stop: _CtrlC) -> None:
     """Poll the session until it is not training, ``stop`` is set or CANCEL_WAIT_SECONDS
     pass, keeping ``where`` up to date after every answer."""
     start = time.monotonic()
     noted = False
-    while not stop.is_set():
+    while not stop.pressed:
         info = session.info(timeout=5.0)
         where.step, where.answered = info.step, True
         where.training = info.state == pb.SESSION_STATE_TRAINING
@@ -279,7 +274,7 @@ def _wait_until_stopped(session: Any, where: _Where, stop: threading.Event) -> N
                 file=sys.stderr,
             )
             noted = True
-        stop.wait(0.05)
+        stop.wait(0.05)  # _CtrlC, not an Event: the handler may run while this waits
 
 
 @contextlib.contextmanager
@@ -299,190 +294,22 @@ def _on_ctrl_c(handler: Callable[[], None]) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-class _Follower:
-    """Reads a WatchLoss stream on a thread, so the caller can redraw on a timer."""
+class _CtrlC:
+    """Whether Ctrl-C was pressed, for a loop that waits: ``press`` is the handler to give
+    ``_on_ctrl_c``, ``wait`` sleeps until it is pressed. Its lock is reentrant because the
+    handler runs in the main thread at any moment, perhaps while that thread holds the lock
+    (an Event's plain lock would then wait on itself forever)."""
 
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.points: list[pb.LossPoint] = []
-        self.error: RnnServeError | None = None
-        self.ended = False
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+    def __init__(self, cond: threading.Condition | None = None) -> None:
+        self.cond = cond if cond is not None else threading.Condition()  # RLock inside
+        self.pressed = False
 
-    def _run(self) -> None:
-        try:
-            for point in self.stream:
-                with self.cond:
-                    self.points.append(point)
-                    self.cond.notify_all()
-        except RnnServeError as e:
-            with self.cond:
-                self.error = e
-        finally:
-            with self.cond:
-                self.ended = True
-                self.cond.notify_all()
-
-    def wait(self, have: int, timeout: float) -> tuple[list[pb.LossPoint], bool]:
-        """Points after the first ``have`` (waiting up to ``timeout`` for one) and whether
-        the stream has ended."""
+    def press(self) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: len(self.points) > have or self.ended, timeout)
-            return self.points[have:], self.ended
+            self.pressed = True
+            self.cond.notify_all()
 
-
-class _StatusLine:
-    """The session's step, loss and state from GetSession, redrawn in place on stderr."""
-
-    def __init__(self, session: Any, session_id: str) -> None:
-        self.session = session
-        self.id = session_id
-        self.shown = False
-        self._rate: tuple[float, int] | None = None  # (time, step) of the last poll
-        self.steps_per_second = 0.0
-
-    def text(self) -> str:
-        try:
-            info: pb.Session = self.session.info(timeout=5.0)
-        except RnnServeError as e:
-            return f"{self.id}: no answer from the server ({e.details})"
-        now = time.monotonic()
-        if self._rate is not None and now > self._rate[0]:
-            self.steps_per_second = (info.step - self._rate[1]) / (now - self._rate[0])
-        self._rate = (now, info.step)
-        where = f"step {info.step}  loss {info.loss:.4f}  smoothed {info.smoothed_loss:.4f}"
-        if info.state == pb.SESSION_STATE_TRAINING:
-            return f"{self.id}: training  {where}  {self.steps_per_second:,.1f} steps/s"
-        if info.step == 0:
-            return f"{self.id}: idle, not trained yet; waiting for updates (Ctrl-C stops)"
-        return f"{self.id}: idle at {where}; waiting for updates (Ctrl-C stops)"
-
-    def draw(self) -> None:
-        text = self.text()
-        width = shutil.get_terminal_size((80, 24)).columns
-        sys.stderr.write("\r\x1b[K" + text[: max(width - 1, 10)])
-        sys.stderr.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-            self.shown = False
-
-
-def _chart_size(args: argparse.Namespace, reserve: int = 0) -> tuple[int, int]:
-    size = shutil.get_terminal_size((100, 30))
-    width = args.width if args.width else size.columns
-    height = args.height if args.height else max(size.lines - 2 - reserve, 10)
-    return width, height
-
-
-def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
-    session = client.session(args.id)
-    # Without --from-step, follow from the next update (--plot: the whole history).
-    if args.from_step is not None:
-        from_step = args.from_step
-    else:
-        from_step = 1 if args.plot else session.info().step + 1
-    stream = session.watch_loss(from_step)
-    follower = _Follower(stream)
-    # The live status line: on a terminal, not with --json / --no-progress / --plot.
-    status = (
-        _StatusLine(session, args.id)
-        if not (out.json or args.no_progress or args.plot) and sys.stderr.isatty()
-        else None
-    )
-    history = plot.LossHistory()
-    seen = 0
-    last: pb.LossPoint | None = None
-    redraw_at = 0.0
-    try:
-        while True:
-            points, ended = follower.wait(seen, args.interval)
-            if args.count is not None:
-                points = points[: args.count - seen]
-            for point in points:
-                last = point
-                out.obj(point)
-                if status is None and not args.plot:
-                    out.line(f"{point.step} {point.loss:.6f}")
-            seen += len(points)
-            history.extend(points)
-            done = ended or (args.count is not None and seen >= args.count)
-            now = time.monotonic()
-            if not done and now >= redraw_at:
-                redraw_at = now + args.interval
-                if status is not None:
-                    status.draw()
-                if args.plot and not out.json and sys.stdout.isatty():
-                    _draw_live_chart(history, args)  # piped: drawn once, at the end
-            if done:
-                break
-    except KeyboardInterrupt:
-        stream.cancel()
-        if status is not None:
-            status.clear()
-        return EXIT_INTERRUPTED
-    finally:
-        stream.cancel()
-    if status is not None:
-        status.clear()
-    if args.plot and not out.json:
-        _draw_live_chart(history, args)
-    if follower.error is not None:
-        raise follower.error
-    if status is not None and last is not None:
-        out.line(f"last: step {last.step} loss {last.loss:.6f}")
-    return EXIT_OK
-
-
-def _draw_live_chart(history: plot.LossHistory, args: argparse.Namespace) -> None:
-    """Clear the terminal and draw the chart (plain redraw when stdout is not a terminal)."""
-    tty = sys.stdout.isatty()
-    width, height = _chart_size(args)
-    chart = plot.terminal_chart(history, _chart_title(args.id, history), width, height, color=tty)
-    sys.stdout.write(("\x1b[H\x1b[2J" if tty else "") + chart + "\n")
-    sys.stdout.flush()
-
-
-def _chart_title(session_id: str, history: plot.LossHistory) -> str:
-    if not len(history):
-        return f"{session_id}: no updates yet"
-    smoothed = history.columns["smoothed"][-1]
-    return (
-        f"{session_id}: step {history.steps[-1]}, loss {history.columns['loss'][-1]:.4f}"
-        f" (smoothed {smoothed:.4f})"
-    )
-
-
-def cmd_plot(client: Client, args: argparse.Namespace, out: Output) -> int:
-    output = Path(args.output) if args.output else None
-    if output is not None and output.suffix.lower() not in plot.IMAGE_SUFFIXES:
-        raise UsageError(f"--output must end in .png or .svg, not {output.name!r}")
-    history = plot.LossHistory()
-    history.extend(client.session(args.id).loss_history(args.from_step))
-    title = _chart_title(args.id, history)
-    if args.format == "csv":
-        plot.write_csv(history, out.stream)
-        out.stream.flush()
-    elif output is None:
-        if out.json:
-            for i, step in enumerate(history.steps):
-                out.obj({"step": step, **{k: v[i] for k, v in history.columns.items()}})
-        else:
-            tty = out.stream.isatty()
-            width, height = _chart_size(args)
-            out.line(plot.terminal_chart(history, title, width, height, color=tty))
-    if output is not None:
-        try:
-            plot.save_image(history, title, output)
-        except ImportError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        if args.format != "csv":
-            out.obj({"session_id": args.id, "output": str(output), "points": len(history)})
-            out.line(f"wrote {output} ({len(history)} steps)")
-    return EXIT_OK
+    def wait(self, timeout: float) -> bool:
+        """True once pressed; waits up to ``timeout`` seconds for it."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.pressed, timeout)

@@ -153,7 +153,7 @@ class SessionConfig(_message.Message):
     def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ..., cell: _Optional[_Union[Cell, str]] = ..., num_layers: _Optional[int] = ..., dropout: _Optional[float] = ..., validation_fraction: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step", "validation_loss", "validation_step", "validation_chars")
+    __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step", "validation_loss", "validation_step", "validation_chars", "chars_per_second")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class Session(_message.Message):
     VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_STEP_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_CHARS_FIELD_NUMBER: _ClassVar[int]
+    CHARS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config: SessionConfig
     state: SessionState
@@ -188,7 +189,8 @@ class Session(_message.Message):
     validation_loss: float
     validation_step: int
     validation_chars: int
-    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., step: _Optional[int] = ..., corpus_chars: _Optional[int] = ..., alphabet: _Optional[str] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., parameter_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resident: _Optional[bool] = ..., error: _Optional[str] = ..., checkpointed_step: _Optional[int] = ..., validation_loss: _Optional[float] = ..., validation_step: _Optional[int] = ..., validation_chars: _Optional[int] = ...) -> None: ...
+    chars_per_second: float
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., step: _Optional[int] = ..., corpus_chars: _Optional[int] = ..., alphabet: _Optional[str] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., parameter_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resident: _Optional[bool] = ..., error: _Optional[str] = ..., checkpointed_step: _Optional[int] = ..., validation_loss: _Optional[float] = ..., validation_step: _Optional[int] = ..., validation_chars: _Optional[int] = ..., chars_per_second: _Optional[float] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "preset", "config", "text", "alphabet")
@@ -251,12 +253,16 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AppendTextRequest(_message.Message):
-    __slots__ = ("session_id", "text")
+    __slots__ = ("session_id", "text", "marks_last", "last")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    MARKS_LAST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    marks_last: bool
+    last: bool
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., marks_last: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class AppendTextResponse(_message.Message):
     __slots__ = ("session", "appended_chars")

@@ -215,7 +215,7 @@ class Coordinator:
 
     # -- keys ---------------------------------------------------------------------------------
 
-    def _key(self, session_id: str, what: str) -> str:
+    def key(self, session_id: str, what: str) -> str:
         return f"{self.prefix}:s:{{{session_id}}}:{what}"
 
     @property
@@ -275,7 +275,7 @@ class Coordinator:
                 for session_id, name in items[start : start + batch]:
                     token = int(name.split("-", 1)[0])
                     await self._restore(
-                        keys=[self._key(session_id, "token"), self._key(session_id, "ckpt")],
+                        keys=[self.key(session_id, "token"), self.key(session_id, "ckpt")],
                         args=[name, token + 1],
                         client=pipe,
                     )
@@ -291,7 +291,7 @@ class Coordinator:
         marker is missing."""
         ttl_ms = max(1, round(self.lease_ttl * 1000))
         sent = time.monotonic()
-        keys = [self._key(session_id, "lease"), self._key(session_id, "token")]
+        keys = [self.key(session_id, "lease"), self.key(session_id, "token")]
         token = await self._acquire(
             keys=[*keys, self._marker] if self.guarded else keys,
             args=[replica_addr, ttl_ms],
@@ -313,7 +313,7 @@ class Coordinator:
             for lease in leases:
                 ttl_ms = max(1, round(lease.ttl * 1000))
                 await self._renew(
-                    keys=[self._key(lease.session_id, "lease")],
+                    keys=[self.key(lease.session_id, "lease")],
                     args=[lease.value, ttl_ms],
                     client=pipe,
                 )
@@ -321,19 +321,19 @@ class Coordinator:
 
     async def release(self, lease: Lease) -> bool:
         """Drop the lease if it is still ours; False if it already expired or was taken."""
-        done = await self._release(keys=[self._key(lease.session_id, "lease")], args=[lease.value])
+        done = await self._release(keys=[self.key(lease.session_id, "lease")], args=[lease.value])
         return bool(done)
 
     async def owner(self, session_id: str) -> str | None:
         """The address of the replica holding the session's live lease, or None."""
-        value = await self.redis.get(self._key(session_id, "lease"))
+        value = await self.redis.get(self.key(session_id, "lease"))
         if value is None:
             return None
         return str(value).rsplit("|", 1)[0]
 
     async def current_token(self, session_id: str) -> int:
         """The newest fencing token handed out for the session (0 if never owned)."""
-        value = await self.redis.get(self._key(session_id, "token"))
+        value = await self.redis.get(self.key(session_id, "token"))
         return int(value) if value is not None else 0
 
     # -- the fenced checkpoint pointer ----------------------------------------------------------
@@ -347,21 +347,21 @@ class Coordinator:
         pointer's of the same token leaves the pointer where it is (MOVED: that write is
         superseded)."""
         done = await self._advance(
-            keys=[self._key(session_id, "token"), self._key(session_id, "ckpt")],
+            keys=[self.key(session_id, "token"), self.key(session_id, "ckpt")],
             args=[token, checkpoint_name],
         )
         return PointerMove(int(done))
 
     async def pointer(self, session_id: str) -> str | None:
         """The name of the session's latest checkpoint, or None if it has none."""
-        value = await self.redis.get(self._key(session_id, "ckpt"))
+        value = await self.redis.get(self.key(session_id, "ckpt"))
         return None if value is None else str(value)
 
     async def pointer_and_token(self, session_id: str) -> tuple[str | None, int]:
         """The pointer and the newest fencing token, read together (one MGET: the keys
         share a slot)."""
         name, token = await self.redis.mget(
-            self._key(session_id, "ckpt"), self._key(session_id, "token")
+            self.key(session_id, "ckpt"), self.key(session_id, "token")
         )
         return (None if name is None else str(name)), (int(token) if token is not None else 0)
 
@@ -387,8 +387,8 @@ class Coordinator:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self._directory, session_id)
             pipe.delete(
-                self._key(session_id, "ckpt"),
-                self._key(session_id, "loss"),
+                self.key(session_id, "ckpt"),
+                self.key(session_id, "loss"),
             )
             await pipe.execute()
 
@@ -444,7 +444,7 @@ class Coordinator:
         """Append the loss points of steps ``first_step``, ``first_step + 1``, ... in one
         round trip (a pipeline of XADDs); ``validation`` maps a step to the validation loss
         measured there (a point of such a step carries it)."""
-        key = self._key(session_id, "loss")
+        key = self.key(session_id, "loss")
         async with self.redis.pipeline(transaction=False) as pipe:
             for offset, loss in enumerate(losses):
                 step = first_step + offset
@@ -455,7 +455,7 @@ class Coordinator:
 
     async def _xadd(self, session_id: str, fields: dict[FieldT, EncodableT]) -> str:
         entry_id = await self.redis.xadd(
-            self._key(session_id, "loss"),
+            self.key(session_id, "loss"),
             fields,
             maxlen=self.stream_maxlen,
             approximate=True,  # MAXLEN ~ trims whole nodes: O(1) amortised
@@ -475,7 +475,7 @@ class Coordinator:
         With ``block`` (seconds), wait up to that long for at least one event (XREAD BLOCK);
         an empty list means none came. The wait is capped below the socket timeout.
         """
-        key = self._key(session_id, "loss")
+        key = self.key(session_id, "loss")
         block_ms: int | None = None
         if block is not None:
             block_ms = max(1, round(min(block, self.op_timeout * 0.8) * 1000))
@@ -485,7 +485,7 @@ class Coordinator:
         events: list[StreamEvent] = []
         for entries in streams:
             for entry_id, fields in cast(list[tuple[str, dict[str, str]]], entries):
-                events.append(_event(str(entry_id), fields))
+                events.append(stream_event(str(entry_id), fields))
         return events
 
     async def follow(
@@ -502,16 +502,16 @@ class Coordinator:
 
     async def last_event(self, session_id: str) -> StreamEvent | None:
         """The newest event of the session's stream, or None if it is empty."""
-        entries: Any = await self.redis.xrevrange(self._key(session_id, "loss"), count=1)
+        entries: Any = await self.redis.xrevrange(self.key(session_id, "loss"), count=1)
         if not entries:
             return None
         entry_id, fields = entries[0]
-        return _event(str(entry_id), fields)
+        return stream_event(str(entry_id), fields)
 
     async def last_stream_id(self, session_id: str) -> str:
         """The id of the newest stream entry ("0" if the stream is empty): a watcher that
         wants only live points starts from here."""
-        entries = await self.redis.xrevrange(self._key(session_id, "loss"), count=1)
+        entries = await self.redis.xrevrange(self.key(session_id, "loss"), count=1)
         return str(entries[0][0]) if entries else "0"
 
 
@@ -526,7 +526,7 @@ def _loss_fields(
     return fields
 
 
-def _event(entry_id: str, fields: dict[str, str]) -> StreamEvent:
+def stream_event(entry_id: str, fields: dict[str, str]) -> StreamEvent:
     kind: EventKind = "restored" if fields.get("kind") == "restored" else "loss"
     loss = float(fields["loss"]) if "loss" in fields else None
     token = int(fields["token"]) if "token" in fields else None

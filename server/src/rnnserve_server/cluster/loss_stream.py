@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from rnnserve_server.cluster.coordinator import Coordinator, StreamEvent, _event
+from rnnserve_server.cluster.coordinator import Coordinator, StreamEvent, stream_event
 
 TAIL_EVENTS = 2000  # newest events a tail keeps for its watchers; slower ones read Redis
 
@@ -139,7 +139,7 @@ class LossStreams:
                         published + 1,
                         losses,
                         token=token,
-                        validation=session.validation,
+                        validation=session.losses.validation,
                     )
                     published += len(losses)
                     self._published[session_id] = published
@@ -182,11 +182,11 @@ class LossStreams:
         coordinator = self.coordinator
         if not await coordinator.exists(session_id):
             return None
-        first: Any = await coordinator.redis.xrange(coordinator._key(session_id, "loss"), count=1)
+        first: Any = await coordinator.redis.xrange(coordinator.key(session_id, "loss"), count=1)
         if not first:
             return None  # never trained, or trained before streams: the owner has the history
         (entry_id, fields), *_ = first
-        first_event = _event(str(entry_id), fields)
+        first_event = stream_event(str(entry_id), fields)
         if first_event.kind == "loss" and first_event.step > want:
             return None  # trimmed past from_step: the owner (or an activation) replays it
         return self._follow(session_id, want)

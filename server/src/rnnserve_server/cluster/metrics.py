@@ -15,65 +15,66 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from rnnserve_server.cluster.wiring import ClusterNode
+
+@dataclass(frozen=True)
+class ClusterCounts:
+    """A replica's cluster counters at one scrape (ClusterNode.counts)."""
+
+    owned_sessions: int
+    forwards: int
+    lease_renew_failures: int
+    leases_lost: int
+    activations: int
+    failovers: int
+    stale_writes: int
+    gc_sweeps: int
+    gc_removed: int
+    redis_up: bool
 
 
 class ClusterCollector(Collector):
-    """Reads the node's counters at scrape time."""
+    """Reads the replica's counters at scrape time."""
 
-    def __init__(self, node: ClusterNode) -> None:
-        self.node = node
+    def __init__(self, counts: Callable[[], ClusterCounts]) -> None:
+        self.counts = counts
 
     def collect(self) -> Iterable[Metric]:
-        node = self.node
-        store = node.store
+        c = self.counts()
         yield GaugeMetricFamily(
             "rnnserve_cluster_owned_sessions",
             "Sessions whose lease this replica holds",
-            value=len(node.ownership.owned()),
+            value=c.owned_sessions,
         )
         counters = [
-            (
-                "forwards",
-                "Calls forwarded to the replica owning the session",
-                node.forwarder.forwards,
-            ),
+            ("forwards", "Calls forwarded to the replica owning the session", c.forwards),
             (
                 "lease_renew_failures",
                 "Lease renewals that failed (Redis unreachable)",
-                node.ownership.renew_failures,
+                c.lease_renew_failures,
             ),
-            (
-                "leases_lost",
-                "Leases that lapsed or were taken while held",
-                node.ownership.leases_lost,
-            ),
-            ("activations", "Sessions loaded here from the shared directory", node.activations),
+            ("leases_lost", "Leases that lapsed or were taken while held", c.leases_lost),
+            ("activations", "Sessions loaded here from the shared directory", c.activations),
             (
                 "failovers",
                 "Activations that rolled back past a dead owner's last step",
-                node.failovers,
+                c.failovers,
             ),
             (
                 "stale_writes",
                 "Checkpoints refused because another replica owns the session",
-                store.stale_writes if store is not None else 0,
+                c.stale_writes,
             ),
-            ("gc_sweeps", "Sweeps of the shared directory this replica ran", node.gc_sweeps),
-            ("gc_removed", "Unreferenced checkpoint blobs the sweeps removed", node.gc_removed),
+            ("gc_sweeps", "Sweeps of the shared directory this replica ran", c.gc_sweeps),
+            ("gc_removed", "Unreferenced checkpoint blobs the sweeps removed", c.gc_removed),
         ]
         for name, help_text, count in counters:
             yield CounterMetricFamily(f"rnnserve_cluster_{name}", help_text, value=count)
-        health = node.health
         yield GaugeMetricFamily(
-            "rnnserve_cluster_redis_up",
-            "1 while Redis answers",
-            value=1 if health is None or health.serving else 0,
+            "rnnserve_cluster_redis_up", "1 while Redis answers", value=1 if c.redis_up else 0
         )

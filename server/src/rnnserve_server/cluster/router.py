@@ -23,10 +23,10 @@ from grpc import aio
 from redis.exceptions import RedisError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from rnnserve_server import status
+from rnnserve_server.api import status
+from rnnserve_server.api.interceptors import Refused, guard_deserializer, rebuild
 from rnnserve_server.cluster.forward import Forwarder, Kind, forwarded, method_kinds
 from rnnserve_server.errors import OwnerUnavailableError
-from rnnserve_server.interceptors import _Refused, guard_deserializer, rebuild
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RnnService"]
 LIST_METHOD = f"/{SERVICE.full_name}/ListSessions"
@@ -148,7 +148,6 @@ class Router(Interceptor):
                 raise
             except Exception as exc:
                 await status.abort(context, exc)
-                raise
 
         return rebuild(handler, behavior)
 
@@ -158,7 +157,7 @@ class Router(Interceptor):
 
         async def decode(raw: bytes, context: Any) -> Any:
             request = guarded(raw)
-            if isinstance(request, _Refused):  # oversized or malformed: the guard's status
+            if isinstance(request, Refused):  # oversized or malformed: the guard's status
                 await status.abort(context, request.error)
             return request
 

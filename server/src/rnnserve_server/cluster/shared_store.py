@@ -38,8 +38,9 @@ class CheckpointMissingError(Exception):
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """One stored checkpoint: its immutable name and content."""
+class CheckpointBlob:
+    """One stored checkpoint blob: its immutable name and content (the serialized session
+    state, a storage.checkpoint.Checkpoint packed by the cluster store)."""
 
     name: str  # "<token>-<step>.npz"
     token: int
@@ -134,7 +135,7 @@ class SharedStore:
             raise
         _fsync_dir(directory)
 
-    async def latest(self, session_id: str) -> Checkpoint | None:
+    async def latest(self, session_id: str) -> CheckpointBlob | None:
         """The checkpoint the session's pointer names, or None if it has none yet.
 
         Raises :class:`CheckpointMissingError` if the pointer names a blob that is gone.
@@ -153,7 +154,7 @@ class SharedStore:
                 f"session {session_id!r}: its latest checkpoint {name} is missing from the "
                 "shared directory"
             ) from None
-        return Checkpoint(name, parsed[0], parsed[1], data)
+        return CheckpointBlob(name, parsed[0], parsed[1], data)
 
     async def gc(self, session_id: str, *, min_age: float = 0.0) -> list[str]:
         """Remove the session's blobs no one can point at any more; the names removed.

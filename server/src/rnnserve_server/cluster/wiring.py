@@ -15,8 +15,6 @@ forwarder and the router, and keeps the registry's view of sessions in step with
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import time
 from typing import Any
@@ -25,18 +23,20 @@ import grpc
 import grpc.aio
 from redis.exceptions import RedisError
 
-from rnnserve_server import logs
+from rnnserve_server import logs, metrics
+from rnnserve_server.api.paging import page_token_after, read_page_request
+from rnnserve_server.cluster.cluster_store import ClusterStore
 from rnnserve_server.cluster.coordinator import Coordinator, DirectoryLostError
 from rnnserve_server.cluster.forward import Forwarder
 from rnnserve_server.cluster.health import RedisHealth
 from rnnserve_server.cluster.loss_stream import LossStreams
+from rnnserve_server.cluster.metrics import ClusterCollector, ClusterCounts
 from rnnserve_server.cluster.ownership import Ownership
 from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
 from rnnserve_server.cluster.shared_store import SharedStore
-from rnnserve_server.cluster.store import ClusterStore
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import StorageError
-from rnnserve_server.session import StopCause
+from rnnserve_server.sessions.session_types import StopCause
 
 log = logs.get_logger("rnnserve.cluster")
 
@@ -119,10 +119,7 @@ class ClusterNode:
         self._releaser = asyncio.create_task(self._release_loop(), name="cluster-release")
         if self.settings.gc_interval > 0:
             self._collector = asyncio.create_task(self._gc_loop(), name="cluster-gc")
-        from rnnserve_server import metrics
-        from rnnserve_server.cluster.metrics import ClusterCollector
-
-        metrics.REGISTRY.register(ClusterCollector(self))
+        metrics.REGISTRY.register(ClusterCollector(self.counts))
         log.info("cluster_joined", advertise=self.ownership.address)
         self._spawn(self._check_redis())
 
@@ -178,6 +175,22 @@ class ClusterNode:
             if time.monotonic() > deadline:  # another replica is rebuilding it: retry later
                 raise DirectoryLostError()
             await asyncio.sleep(0.1)
+
+    def counts(self) -> ClusterCounts:
+        """This replica's cluster counters, for /metrics (read at scrape time)."""
+        store, health = self.store, self.health
+        return ClusterCounts(
+            owned_sessions=len(self.ownership.owned()),
+            forwards=self.forwarder.forwards,
+            lease_renew_failures=self.ownership.renew_failures,
+            leases_lost=self.ownership.leases_lost,
+            activations=self.activations,
+            failovers=self.failovers,
+            stale_writes=store.stale_writes if store is not None else 0,
+            gc_sweeps=self.gc_sweeps,
+            gc_removed=self.gc_removed,
+            redis_up=health is None or health.serving,
+        )
 
     async def taken_elsewhere(self, session_id: str) -> bool:
         """True if the id is taken in the cluster (ForkSession / ImportSession onto a session
@@ -271,7 +284,7 @@ class ClusterNode:
         if await self.coordinator.pointer(session_id) is None:
             self._active[session_id] = token
             return  # not created yet (or deleted): the call answers for itself
-        session = await registry.run_io(registry._load_new, session_id)
+        session = await registry.run_io(registry.factory.load, session_id)
         last = await self.coordinator.last_event(session_id)
         # Publishing resumes after the last step on the stream, or after the checkpoint if the
         # stream is ahead of it: steps the dead owner checkpointed but never published are in
@@ -316,9 +329,11 @@ class ClusterNode:
     async def _release(self, session_id: str) -> None:
         async with lock_for(self._locks, session_id):
             session = self.registry.sessions.get(session_id)
-            if session is not None and (session.resident or session.users or session.watchers):
+            if session is not None and (
+                session.resident or session.use.users or session.use.watchers
+            ):
                 return  # in use again
-            if session_id in self.registry._reserved:
+            if session_id in self.registry.reserved:
                 return  # being made here (ImportSession, ForkSession)
             self.registry.sessions.pop(session_id, None)
             self._active.pop(session_id, None)
@@ -341,7 +356,7 @@ class ClusterNode:
             session.deleted = True  # no more checkpoints from here
             session.request_stop(StopCause.LEASE_LOST)  # its Train ends with LEASE_LOST
             session.close_watchers()
-            registry._mark_saved(session)
+            registry.checkpoints.mark_saved(session)
 
     async def _drop_stale(self, session_id: str) -> None:
         """A checkpoint was refused: another replica owns the session now. Drop it here, and
@@ -350,13 +365,12 @@ class ClusterNode:
         if session_id in registry.sessions and self.ownership.lease(session_id) is None:
             await self._on_lost(session_id)
         for _ in range(100):  # the registry records the failure once the write returns
-            if session_id in registry.unsaved:
+            if session_id in registry.checkpoints.unsaved:
                 break
             await asyncio.sleep(0.02)
-        if registry.unsaved.pop(session_id, None) is not None and not registry.unsaved:
-            log.info("storage_recovered", reason="stale write refused, not a storage failure")
-            if registry.on_storage_change is not None:
-                registry.on_storage_change(True)
+        registry.checkpoints.forget_failure(
+            session_id, reason="stale write refused, not a storage failure"
+        )
 
     async def _release_loop(self) -> None:
         """Give back leases of sessions the registry evicted (idle, or over the resident
@@ -372,11 +386,11 @@ class ClusterNode:
                     if session_id not in self._locks or not self._locks[session_id].locked():
                         self._spawn(self._release(session_id))
                     continue
-                if session.busy or session.users or session.watchers:
+                if session.busy or session.use.users or session.use.watchers:
                     continue
-                if session.resident and cutoff is not None and session.last_used < cutoff:
-                    await self.registry.flush(session)
-                    if not (session.dirty or session.checkpointed_step != session.step):
+                if session.resident and cutoff is not None and session.use.last_used < cutoff:
+                    await self.registry.checkpoints.flush(session)
+                    if not session.unsaved_changes:
                         session.evict()
                 if not session.resident:
                     self._spawn(self._release(session_id))
@@ -423,24 +437,7 @@ class ClusterNode:
         state from its owner (GetSession through this replica's own router)."""
         from rnnserve.v1 import rnn_service_pb2 as pb
 
-        from rnnserve_server.errors import InvalidArgumentError
-        from rnnserve_server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_token_after
-
-        if request.page_size < 0:
-            raise InvalidArgumentError(f"page_size must be >= 0 (0 means {DEFAULT_PAGE_SIZE})")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = ""
-        if request.page_token:
-            try:
-                after = base64.urlsafe_b64decode(request.page_token.encode("ascii")).decode()
-                if not after.startswith("a:"):
-                    raise ValueError(after)
-                after = after[2:]
-            except (ValueError, UnicodeError, binascii.Error):
-                raise InvalidArgumentError(
-                    "page_token is not one this server issued; pass the previous response's "
-                    "next_page_token, or empty for the first page"
-                ) from None
+        size, after = read_page_request(request.page_size, request.page_token)
         try:
             await self.ensure_directory()
             ids, next_after = await self.coordinator.list_sessions(size, after)
@@ -504,7 +501,7 @@ class ClusterNode:
         def changed(ok: bool) -> None:
             on_change(ok)
             if ok and self.registry is not None:
-                self.registry.retry_unsaved()  # checkpoints refused while it was away
+                self.registry.residency.retry_unsaved()  # checkpoints refused while it was away
 
         self.health = RedisHealth(self.coordinator, changed).start()
         return self.health

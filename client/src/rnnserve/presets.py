@@ -1,0 +1,77 @@
+"""Which preset to pick: what each is for, and what it measured (``rnnserve presets``).
+
+One entry per value of the proto's ``Preset`` enum, in its order. ``model`` restates the
+server's settings (tests/test_presets.py checks them against the server's table); the
+figures are copied from BENCHMARKS.md (the same test finds each one there) and stay None
+until measured: held-out nats per character after 1, 5 and 20 minutes of training, and the
+training speed. A quality benchmark fills in the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MINUTES = (1, 5, 20)  # the training times the held-out loss is given for
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Figures from one benchmark run of a preset."""
+
+    nats: dict[
+        int, float
+    ]  # minutes of training -> held-out nats/char (a time not measured: absent)
+    chars_per_second: float  # training speed in the longest of those runs
+    date: str
+    machine: str
+    source: str  # where in BENCHMARKS.md
+
+
+@dataclass(frozen=True)
+class PresetGuide:
+    """One preset: its settings in words, what it is for, and its figures (None: not measured)."""
+
+    name: str
+    model: str
+    use: str
+    measured: Measured | None = field(default=None)
+
+
+# BENCHMARKS.md, "Quality at rest": tiny Shakespeare, trained on its first 90 % through a
+# real server, Predict over the last 10 % from a zero state; nothing else running.
+_AT_REST = {
+    "date": "2026-12-01",
+    "machine": "2-core AMD EPYC, 1 BLAS thread",
+    "source": 'BENCHMARKS.md, "Quality at rest"',
+}
+
+GUIDE: list[PresetGuide] = [
+    PresetGuide(
+        "default",
+        "rnn 1x128, seq 50, batch 32, adam 3e-3, reset 10",
+        "real text when you want a useful model soon: by far the fastest per character "
+        "(about 25x quality's); it flattens near 1.72 nats on tiny Shakespeare (too small "
+        "to go lower)",
+        Measured({5: 1.722, 20: 1.739}, 361_182, **_AT_REST),
+    ),
+    PresetGuide(
+        "notebook",
+        "rnn 1x100, seq 5, batch 1, sgd 0.1",
+        "the seed notebook's settings, for tiny texts such as 'Hallo' (learns to predict "
+        "'alloH' in under 30 steps); diverges on real text",
+    ),
+    PresetGuide(
+        "min-char-rnn",
+        "rnn 1x100, seq 25, batch 1, adagrad 0.1",
+        "Karpathy's min-char-rnn settings: a reference point to compare with that script; "
+        "worse than default at every time measured",
+        Measured({5: 1.935, 20: 1.871}, 76_114, **_AT_REST),
+    ),
+    PresetGuide(
+        "quality",
+        "gru 2x256, seq 50, batch 32, adam 3e-3, dropout 0.25, reset 10",
+        "the best held-out loss measured after 5 and 20 minutes; about 25x fewer characters "
+        "per second than default, so on shorter runs default can be ahead",
+        Measured({5: 1.551, 20: 1.538}, 14_469, **_AT_REST),
+    ),
+]

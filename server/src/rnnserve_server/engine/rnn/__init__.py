@@ -1,0 +1,1 @@
+"""The seed's one-layer tanh RNN: the fast kernels, the plain reference, scoring and sampling."""

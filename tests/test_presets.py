@@ -1,0 +1,105 @@
+"""`rnnserve presets` (issue 20 item 5): the client's table names every preset of the proto,
+says what the real server's preset is (a session made with it), quotes only figures that
+BENCHMARKS.md holds, and says "not measured yet" for the rest; `create --help` points to it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from rnnserve.client import PRESETS
+from rnnserve.presets import GUIDE, MINUTES
+from rnnserve.v1 import rnn_service_pb2 as pb
+
+from tests.cli_runner import rnnserve
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerHandle
+
+pytestmark = pytest.mark.timeout(120)
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+# Each measured preset's row in BENCHMARKS.md's "Quality at rest" table.
+ROWS = {"default": "tanh `default`", "min-char-rnn": "`min-char-rnn`", "quality": "`quality` now"}
+
+
+def model_text(config: pb.SessionConfig) -> str:
+    """A config the way the table writes it: 'gru 2x256, seq 50, batch 32, adam 3e-3, ...'."""
+    cell = pb.Cell.Name(config.cell).removeprefix("CELL_").lower()
+    optimizer = pb.Optimizer.Name(config.optimizer).removeprefix("OPTIMIZER_").lower()
+    parts = [
+        f"{cell} {config.num_layers}x{config.hidden_size}",
+        f"seq {config.seq_length}",
+        f"batch {config.batch_size}",
+        f"{optimizer} {config.learning_rate:g}",
+    ]
+    if config.dropout:
+        parts.append(f"dropout {config.dropout:g}")
+    if config.reset_every:
+        parts.append(f"reset {config.reset_every}")
+    return ", ".join(parts).replace("0.003", "3e-3")
+
+
+def test_the_table_says_what_each_server_preset_is(module_server: ServerHandle) -> None:
+    assert [g.name for g in GUIDE] == list(PRESETS)  # every Preset value, in the enum's order
+    assert len(PRESETS) == len(pb.Preset.values()) - 1  # all but PRESET_UNSPECIFIED
+    with module_server.client() as client:
+        for guide in GUIDE:
+            made = client.create_session("Hallo, world. " * 10, preset=guide.name)
+            assert guide.model == model_text(made.info().config), guide.name
+
+
+def test_every_figure_is_in_benchmarks_md() -> None:
+    text = BENCHMARKS.read_text(encoding="utf-8")
+    section = text[text.index("### Quality at rest") :]
+    section = section[: section.index("\n### ", 1)]
+    heading = section.splitlines()[0]
+    for guide in GUIDE:
+        if guide.measured is None:
+            assert guide.name not in ROWS
+            continue
+        m = guide.measured
+        assert m.source == 'BENCHMARKS.md, "Quality at rest"'
+        assert m.date in heading and "AMD EPYC" in section and "AMD EPYC" in m.machine
+        (row,) = [line for line in section.splitlines() if ROWS[guide.name] in line]
+        cells = row.split("|")
+        at_5, at_20 = cells[-3], cells[-2]  # "300 s: chars/s, epochs, nats" and "1,200 s: ..."
+        assert set(m.nats) <= set(MINUTES) and 1 not in m.nats  # nothing at 1 minute yet
+        assert f"**{m.nats[5]:.3f}**" in at_5
+        assert f"**{m.nats[20]:.3f}**" in at_20
+        assert f"{m.chars_per_second:,.0f} c/s" in at_20
+
+
+def test_presets_command(module_server: ServerHandle) -> None:
+    result = rnnserve(module_server, "presets")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["PRESET", "MODEL", "1", "MIN", "5", "MIN", "20", "MIN", "CHARS/S"]
+    rows = {line.split()[0]: line for line in lines[1 : 1 + len(GUIDE)]}
+    assert list(rows) == [g.name for g in GUIDE]
+    assert rows["quality"].split()[-4:] == ["-", "1.551", "1.538", "14,469"]
+    assert rows["default"].split()[-4:] == ["-", "1.722", "1.739", "361,182"]
+    assert rows["notebook"].split()[-4:] == ["-", "-", "-", "-"]
+    assert "-: not measured yet" in result.stdout
+    assert re.search(
+        r'BENCHMARKS\.md, "Quality at rest", 2026-12-01, 2-core AMD EPYC', result.stdout
+    )
+    for guide in GUIDE:  # what each is for
+        assert re.search(
+            rf"^{re.escape(guide.name)} +{re.escape(guide.use[:40])}", result.stdout, re.M
+        )
+
+    objects = [
+        json.loads(line)
+        for line in rnnserve(module_server, "--json", "presets").stdout.splitlines()
+    ]
+    by_name = {o["preset"]: o for o in objects}
+    assert by_name["notebook"]["held_out_nats"] == {"1min": None, "5min": None, "20min": None}
+    assert by_name["notebook"]["measured"] is None
+    assert by_name["quality"]["held_out_nats"] == {"1min": None, "5min": 1.551, "20min": 1.538}
+
+    create_help = rnnserve(module_server, "create", "--help")
+    assert "`rnnserve presets` says what each" in " ".join(create_help.stdout.split())
