@@ -106,8 +106,9 @@ def test_counters_move_with_rpcs(metrics_server: tuple[ServerHandle, int]) -> No
     assert rpcs(after, "Train", name="msg_sent") == len(progress)
     assert rpcs(after, "Step", name="msg_sent") == 1
     assert rpcs(after, "Step", name="msg_received") == 1
-    # AppendText streamed two chunks (the iterable's two pieces) in two messages.
-    assert rpcs(after, "AppendText", name="msg_received") == 2
+    # AppendText streamed two chunks (the iterable's two pieces) in two messages, then the
+    # chunk marked last (AppendTextRequest.marks_last).
+    assert rpcs(after, "AppendText", name="msg_received") == 3
     health = value(
         after,
         "grpc_server_handled_total",
