@@ -137,7 +137,8 @@ def _backward_layer(
 ) -> None:
     """BPTT through layer li: ``ws.dH`` holds dL/dh_t from above on entry; fills ``ws.dA``
     (and ``ws.dGh`` for GRU). Nothing flows into the incoming state (truncated BPTT)."""
-    WhT = p[f"Wh{li}"].T
+    WhT = ws.WhT  # contiguous: dA_t WhT ran ~1.5x faster than on the transposed view of Wh
+    np.copyto(WhT, p[f"Wh{li}"].T)
     carry, tmpH, steps = ws.carry, ws.tmpH, ws.bwd_views[li][:T]
     dot, add, mul = np.dot, np.add, np.multiply
     if spec.cell == "rnn":

@@ -109,6 +109,7 @@ class StackWorkspace:
         self.drop = [np.empty((T, B, H), dtype) for _ in range(L - 1)]  # masked outputs
         self.tmp = np.empty((B, G), dtype)  # h_{t-1} @ Wh
         self.tmpH = np.empty((B, H), dtype)
+        self.WhT = np.empty((G, H), dtype)  # a layer's Wh transposed, for the backward
         self.carry = np.empty((B, H), dtype)  # dL/dh_{t-1} through the recurrence
         self.dc = np.empty((B, H), dtype)  # dL/dc_t (LSTM)
         self.M = np.empty((T, B, G), dtype)  # per-step partials of the gates (backward)
