@@ -18,6 +18,16 @@ def _sigmoid_(x: np.ndarray) -> None:
     np.add(x, 0.5, out=x)
 
 
+def _recurrent_weights(Wh: np.ndarray, ws: StackWorkspace) -> np.ndarray:
+    """Wh (H, n*H) copied into ``ws.Whg`` in the recurrence's layout (``ws.gate_major``)."""
+    if ws.gate_major:
+        n, H = ws.Whg.shape[0], Wh.shape[0]
+        np.copyto(ws.Whg, Wh.reshape(H, n, H).transpose(1, 0, 2))
+    else:
+        np.copyto(ws.Whg, Wh)
+    return ws.Whg
+
+
 def _forward_layer(
     spec: Spec, p: dict[str, np.ndarray], li: int, ws: StackWorkspace, T: int
 ) -> None:
@@ -26,7 +36,7 @@ def _forward_layer(
     H = spec.hidden_size
     Wh = p[f"Wh{li}"]
     tmp, tmpH, steps = ws.tmp, ws.tmpH, ws.fwd_views[li][:T]
-    dot, add, mul, tanh = np.dot, np.add, np.multiply, np.tanh
+    dot, matmul, add, mul, tanh = np.dot, np.matmul, np.add, np.multiply, np.tanh
     if spec.cell == "rnn":
         for a, h_prev, h in steps:
             dot(h_prev, Wh, out=tmp)
@@ -37,11 +47,11 @@ def _forward_layer(
         # bulk input part here, in a copy of Wh) so one tanh covers all four gates.
         A = ws.A[li][:T]
         A[..., H:] *= 0.5
-        Wh = Wh.copy()
-        Wh[:, H:] *= 0.5
-        for a, s, g, i, f, o, c_prev, c, tc, h_prev, h in steps:
-            dot(h_prev, Wh, out=tmp)
-            add(a, tmp, out=a)
+        Whg, tmpg = _recurrent_weights(Wh, ws), ws.tmpg
+        ws.gates(Whg, 1, 4)[...] *= 0.5
+        for a, a_g, s, g, i, f, o, c_prev, c, tc, h_prev, h in steps:
+            matmul(h_prev, Whg, out=tmpg)
+            add(a_g, tmpg, out=a_g)
             tanh(a, out=a)
             mul(s, 0.5, out=s)
             add(s, 0.5, out=s)
@@ -52,10 +62,11 @@ def _forward_layer(
             mul(o, tc, out=h)
     else:  # gru
         bn = p[f"bn{li}"]
-        tmp_rz, tmp_n = tmp[:, : 2 * H], tmp[:, 2 * H :]
-        for rz, r, z, n, ghn, h_prev, h in steps:
-            dot(h_prev, Wh, out=tmp)
-            add(rz, tmp_rz, out=rz)
+        Whg, tmpg = _recurrent_weights(Wh, ws), ws.tmpg
+        tmp_rz, tmp_n = ws.gates(tmpg, 0, 2), ws.gates(tmpg, 2, 3)
+        for rz, rz_g, r, z, n, ghn, h_prev, h in steps:
+            matmul(h_prev, Whg, out=tmpg)
+            add(rz_g, tmp_rz, out=rz_g)
             _sigmoid_(rz)
             add(tmp_n, bn, out=ghn)
             mul(r, ghn, out=tmpH)
