@@ -116,8 +116,8 @@ class StackWorkspace:
         self.hidden_size, self.gate_major = H, B > 1
         self.Whg = np.empty((n, H, H) if self.gate_major else (H, G), dtype)
         self.tmpg = np.empty((n, B, H) if self.gate_major else (B, G), dtype)
+        self.WhT = np.empty((G, H) if self.gate_major else (0, 0), dtype)  # for the backward
         self.tmpH = np.empty((B, H), dtype)
-        self.WhT = np.empty((G, H), dtype)  # a layer's Wh transposed, for the backward
         self.carry = np.empty((B, H), dtype)  # dL/dh_{t-1} through the recurrence
         self.dc = np.empty((B, H), dtype)  # dL/dc_t (LSTM)
         self.M = np.empty((T, B, G), dtype)  # per-step partials of the gates (backward)
