@@ -118,30 +118,40 @@ def forward(
     return inp, new_state
 
 
+def _time_chunks(A: np.ndarray, H: int) -> list[slice]:
+    """Slices of the time axis of A (T, B, .) with ~64k numbers per (steps, B, H) block."""
+    T, B = A.shape[:2]
+    chunk = max(1, 65536 // (B * H))
+    return [slice(t0, t0 + chunk) for t0 in range(0, T, chunk)]
+
+
 def _lstm_partials(spec: Spec, ws: StackWorkspace, li: int) -> None:
     """M = the per-step factors that turn dL/dc_t (g, i, f blocks) and dL/dh_t (o block) into
-    dL/da_t; K = o (1 - tanh(c_t)^2), the path from h_t to c_t. Whole window at once."""
+    dL/da_t; K = o (1 - tanh(c_t)^2), the path from h_t to c_t. The window in chunks of time
+    steps of ~64k numbers a block: the temporaries stay small and in cache (B 32, H 256: ~6 ms
+    a window against 8-26 ms for the whole window at once)."""
     H = spec.hidden_size
-    A, M = ws.A[li], ws.M
-    g, i, f, o = A[..., :H], A[..., H : 2 * H], A[..., 2 * H : 3 * H], A[..., 3 * H :]
-    tc = ws.tcs[li]
-    M[..., :H] = i * (1.0 - g * g)
-    M[..., H : 2 * H] = g * i * (1.0 - i)
-    M[..., 2 * H : 3 * H] = ws.cs[li][:-1] * f * (1.0 - f)
-    M[..., 3 * H :] = tc * o * (1.0 - o)
-    np.multiply(o, 1.0 - tc * tc, out=ws.K)
+    for t in _time_chunks(ws.A[li], H):
+        A, M, tc = ws.A[li][t], ws.M[t], ws.tcs[li][t]
+        g, i, f, o = A[..., :H], A[..., H : 2 * H], A[..., 2 * H : 3 * H], A[..., 3 * H :]
+        M[..., :H] = i * (1.0 - g * g)
+        M[..., H : 2 * H] = g * i * (1.0 - i)
+        M[..., 2 * H : 3 * H] = ws.cs[li][:-1][t] * f * (1.0 - f)
+        M[..., 3 * H :] = tc * o * (1.0 - o)
+        np.multiply(o, 1.0 - tc * tc, out=ws.K[t])
 
 
 def _gru_partials(spec: Spec, ws: StackWorkspace, li: int) -> None:
     """Q = (1 - z)(1 - n^2): dL/dh_t -> dL/d(n pre-activation); K = (h_{t-1} - n) z (1 - z):
     dL/dh_t -> dL/d(z pre-activation); M[:, :, :H] = (h Wh_n + bn) r (1 - r): dL/d(n pre)
-    -> dL/d(r pre). Whole window at once."""
+    -> dL/d(r pre). In chunks of time steps, as _lstm_partials."""
     H = spec.hidden_size
-    A = ws.A[li]
-    r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
-    np.multiply(1.0 - z, 1.0 - n * n, out=ws.Q)
-    np.multiply((ws.hs[li][:-1] - n) * z, 1.0 - z, out=ws.K)
-    np.multiply(ws.ghn[li] * r, 1.0 - r, out=ws.M[..., :H])
+    for t in _time_chunks(ws.A[li], H):
+        A = ws.A[li][t]
+        r, z, n = A[..., :H], A[..., H : 2 * H], A[..., 2 * H :]
+        np.multiply(1.0 - z, 1.0 - n * n, out=ws.Q[t])
+        np.multiply((ws.hs[li][:-1][t] - n) * z, 1.0 - z, out=ws.K[t])
+        np.multiply(ws.ghn[li][t] * r, 1.0 - r, out=ws.M[t][..., :H])
 
 
 def _backward_layer(
