@@ -118,10 +118,13 @@ def forward(
     return inp, new_state
 
 
+PARTIAL_BLOCK_NUMBERS = 65536  # a (steps, B, H) block of the gate partials: stays in cache
+
+
 def _time_chunks(A: np.ndarray, H: int) -> list[slice]:
-    """Slices of the time axis of A (T, B, .) with ~64k numbers per (steps, B, H) block."""
+    """Slices of the time axis of A (T, B, .) with ~PARTIAL_BLOCK_NUMBERS per (steps, B, H)."""
     T, B = A.shape[:2]
-    chunk = max(1, 65536 // (B * H))
+    chunk = max(1, PARTIAL_BLOCK_NUMBERS // (B * H))
     return [slice(t0, t0 + chunk) for t0 in range(0, T, chunk)]
 
 
