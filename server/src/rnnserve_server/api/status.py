@@ -28,7 +28,9 @@ from rnnserve_server.errors import (
     CheckpointError,
     DomainError,
     InvalidArgumentError,
+    JobNotFoundError,
     LimitExceededError,
+    NotSupportedError,
     SessionBrokenError,
     SessionBusyError,
     SessionExistsError,
@@ -129,6 +131,8 @@ def problem_for(exc: BaseException) -> Problem | None:
         return Problem(code.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED", message, quota=exc)
     table: list[tuple[type[BaseException], grpc.StatusCode, str, float | None]] = [
         (SessionNotFoundError, code.NOT_FOUND, "SESSION_NOT_FOUND", None),
+        (JobNotFoundError, code.NOT_FOUND, "JOB_NOT_FOUND", None),
+        (NotSupportedError, code.FAILED_PRECONDITION, "NOT_SUPPORTED", None),
         (SessionExistsError, code.ALREADY_EXISTS, "SESSION_EXISTS", None),
         (SessionBusyError, code.FAILED_PRECONDITION, "SESSION_BUSY", None),
         (ShuttingDownError, code.UNAVAILABLE, "SHUTTING_DOWN", RETRY_SHUTTING_DOWN_S),
