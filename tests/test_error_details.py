@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from rnnserve import (
     InvalidArgument,
+    JobNotFound,
     LimitExceeded,
     RnnServeError,
     SessionBroken,
@@ -33,7 +34,9 @@ from rnnserve_server.api import status
 from rnnserve_server.engine.model_config import DivergedError
 from rnnserve_server.errors import (
     InvalidArgumentError,
+    JobNotFoundError,
     LimitExceededError,
+    NotSupportedError,
     SessionBrokenError,
     SessionBusyError,
     SessionExistsError,
@@ -299,6 +302,18 @@ CASES: list[tuple[BaseException, grpc.StatusCode, str, type[RnnServeError]]] = [
         grpc.StatusCode.NOT_FOUND,
         "SESSION_NOT_FOUND",
         SessionNotFound,
+    ),
+    (
+        JobNotFoundError("x", session_id="s"),
+        grpc.StatusCode.NOT_FOUND,
+        "JOB_NOT_FOUND",
+        JobNotFound,
+    ),
+    (
+        NotSupportedError("x"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_SUPPORTED",
+        RnnServeError,
     ),
     (
         SessionExistsError("x", session_id="s"),

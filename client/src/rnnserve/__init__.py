@@ -15,9 +15,18 @@ same client for asyncio.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from rnnserve.client import DEFAULT_ADDRESS, Client, Session, Stream, TrainStream
+from rnnserve.client import (
+    DEFAULT_ADDRESS,
+    Client,
+    Job,
+    JobStream,
+    Session,
+    Stream,
+    TrainStream,
+)
 from rnnserve.errors import (
     InvalidArgument,
+    JobNotFound,
     LimitExceeded,
     PermissionDenied,
     RnnServeError,
@@ -41,6 +50,9 @@ __all__ = [
     "DEFAULT_ADDRESS",
     "Client",
     "InvalidArgument",
+    "Job",
+    "JobNotFound",
+    "JobStream",
     "LimitExceeded",
     "PermissionDenied",
     "RnnServeError",

@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 __all__ = [
     "FieldViolation",
     "InvalidArgument",
+    "JobNotFound",
     "LimitExceeded",
     "PermissionDenied",
     "RnnServeError",
@@ -92,6 +93,10 @@ class SessionNotFound(RnnServeError):
     """NOT_FOUND: no session has that id."""
 
     default_code = grpc.StatusCode.NOT_FOUND
+
+
+class JobNotFound(SessionNotFound):
+    """NOT_FOUND: the session has no training job of that name."""
 
 
 class SessionExists(RnnServeError):
@@ -178,6 +183,7 @@ _BY_CODE[grpc.StatusCode.ABORTED] = TrainingDiverged  # servers before the reaso
 # ErrorInfo reason (domain rnnserve.v1) -> class; matched before the code.
 _BY_REASON: dict[str, type[RnnServeError]] = {
     "SESSION_NOT_FOUND": SessionNotFound,
+    "JOB_NOT_FOUND": JobNotFound,
     "SESSION_EXISTS": SessionExists,
     "SESSION_BUSY": SessionBusy,
     "SESSION_BROKEN": SessionBroken,
