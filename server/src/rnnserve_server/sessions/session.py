@@ -282,10 +282,15 @@ class Session:
             )
         if job is not None and job not in self.jobs:
             self.jobs.append(job)
+            self.job_changed()
         self.busy = kind
         self.cancel.clear()
         self.stop_cause = StopCause.NONE
         self._stop_requested = None
+
+    def job_changed(self) -> None:
+        """A job record changed in a way the next checkpoint must keep (it began or ended)."""
+        self.checkpoint.dirty = True
 
     def end(self) -> None:
         """Clear the busy flag; the trainer's scratch is freed SCRATCH_IDLE_SECONDS later

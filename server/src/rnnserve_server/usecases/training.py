@@ -539,6 +539,7 @@ class Jobs:
         record.stop_reason = reason
         record.end_time = time.time()
         record.end_step = session.step
+        session.job_changed()
         if session.resident:
             record.loss = session.losses.loss
             record.smoothed_loss = session.losses.smoothed_loss
