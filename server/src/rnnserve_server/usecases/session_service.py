@@ -415,13 +415,18 @@ class SessionService:
             )
             prime = encode(session, o.prime, "prime") if o.prime else np.zeros(0, dtype=np.int32)
             trainer = session.require_trainer()
-            it = trainer.sample(
-                prime,
-                length,
-                temperature=o.temperature,
-                top_k=o.top_k,
-                seed=seed,
-                chunk_size=GENERATE_CHUNK,
+            # The sampler snapshots the weights when made: under the lock, between two
+            # chunks of a job (never half an update).
+            it = await self.registry.run(
+                session.with_trainer,
+                lambda t: t.sample(
+                    prime,
+                    length,
+                    temperature=o.temperature,
+                    top_k=o.top_k,
+                    seed=seed,
+                    chunk_size=GENERATE_CHUNK,
+                ),
             )
             vocab = trainer.vocab
             count = 1  # sampler chunks per message
