@@ -10,6 +10,7 @@ from typing import Any
 
 from rnnserve import completion
 from rnnserve.cli.exit_codes import EXIT_CONFLICT, EXIT_OK, EXIT_UNAVAILABLE, PROG, UsageError
+from rnnserve.cli.jobs import job_progress
 from rnnserve.cli.output import (
     Output,
     _enum_name,
@@ -74,12 +75,20 @@ def cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
                 else "-",
                 _created(session),
                 str(session.checkpointed_step),
+                *(
+                    [f"{session.job.job_id} {job_progress(session.job)}"]
+                    if session.HasField("job")
+                    else []
+                ),
             ]
         )
     if not rows:
         out.line("no sessions (make one: rnnserve create FILE --id NAME)")
         return EXIT_OK
     header = ["ID", "STATE", "STEP", "LOSS", "HIDDEN", "OPTIMIZER", "CREATED", "CHECKPOINTED"]
+    if any(len(row) > len(header) for row in rows):  # some session runs a training job
+        header.append("JOB")
+        rows = [row + [""] * (len(header) - len(row)) for row in rows]
     right = {2, 3, 4, 7}  # numbers line up on the right
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
