@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from rnnserve.v1 import rnn_service_pb2 as pb
-
 from cli_runner import cli_env, rnnserve
 from conftest import ServerHandle
+from rnnserve.v1 import rnn_service_pb2 as pb
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 pytestmark = pytest.mark.timeout(120)
@@ -58,8 +57,10 @@ def test_attach_ctrl_c_detaches_and_stop_stops(module_server: ServerHandle) -> N
     listed = rnnserve(module_server, "list")
     assert "JOB" in listed.stdout.splitlines()[0] and "step " in listed.stdout
     attach = subprocess.Popen(
-        [sys.executable, "-m", "rnnserve", "--address", module_server.address, "--json"]
-        + ["attach", "cli-attach"],
+        [
+            *(sys.executable, "-m", "rnnserve", "--address", module_server.address, "--json"),
+            *("attach", "cli-attach"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
