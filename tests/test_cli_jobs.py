@@ -6,11 +6,15 @@ import json
 import signal
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import pytest
-from cli_runner import cli_env, rnnserve
-from conftest import ServerHandle
 from rnnserve.v1 import rnn_service_pb2 as pb
+
+from tests.cli_runner import cli_env, rnnserve
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerHandle
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 pytestmark = pytest.mark.timeout(120)

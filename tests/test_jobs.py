@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import uuid
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import ServerFactory, ServerHandle
 from rnnserve import Client, JobNotFound, Session, SessionBusy
 from rnnserve.v1 import rnn_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from tests.conftest import ServerFactory, ServerHandle
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 80
 # Slow enough that a job of a few thousand updates spans many chunks and checkpoints.
@@ -23,8 +26,10 @@ MODEL = dict(hidden_size=64, seq_length=25, batch_size=4, seed=3)
 def new_session(client: Client, **overrides: object) -> Session:
     options: dict[str, object] = dict(MODEL)
     options.update(overrides)
-    return client.create_session(  # type: ignore[arg-type]
-        TEXT, session_id="j-" + uuid.uuid4().hex[:8], **options
+    return client.create_session(
+        TEXT,
+        session_id="j-" + uuid.uuid4().hex[:8],
+        **options,  # type: ignore[arg-type]
     )
 
 

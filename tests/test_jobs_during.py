@@ -5,14 +5,16 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import ServerHandle
 from rnnserve import Client, Job, JobNotFound, Session, SessionBusy, SessionNotFound
 from rnnserve.v1 import rnn_service_pb2 as pb
 
+if TYPE_CHECKING:
+    from tests.conftest import ServerHandle
+
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
-MODEL = dict(hidden_size=32, seq_length=16, batch_size=2, seed=5)
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -24,8 +26,8 @@ def client(module_server: ServerHandle) -> Iterator[Client]:
 
 def running_job(client: Client, **options: object) -> tuple[Session, Job]:
     """A new session and a job on it that won't end by itself, once it has trained."""
-    session = client.create_session(  # type: ignore[arg-type]
-        TEXT, session_id="d-" + uuid.uuid4().hex[:8], **MODEL
+    session = client.create_session(
+        TEXT, session_id="d-" + uuid.uuid4().hex[:8], hidden_size=32, seq_length=16, seed=5
     )
     job = session.start_training(1_000_000, report_every=20, **options)  # type: ignore[arg-type]
     with job.follow() as stream:
