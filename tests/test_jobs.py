@@ -4,6 +4,7 @@ idempotent by request_id, a stale name never stops a newer job, jobs take turns.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 import pytest
-from rnnserve import Client, JobNotFound, Session, SessionBusy
+from rnnserve import Client, JobNotFound, LimitExceeded, Session, SessionBusy
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -182,3 +183,37 @@ def test_bad_specs_are_refused_before_anything_runs(server: ServerHandle) -> Non
         with pytest.raises(SessionBusy, match=job.name):
             session.start_training(10)
         job.stop()
+
+
+@pytest.mark.timeout(60)
+def test_time_budget_and_server_time_limit_end_jobs(server_factory: ServerFactory) -> None:
+    server = server_factory(max_job_seconds=1.0)
+    with server.client() as client:
+        session = new_session(client)
+        budget = session.start_training(1_000_000, max_seconds=0.5).wait()
+        assert budget.state == pb.JOB_STATE_SUCCEEDED
+        assert budget.stop_reason == pb.STOP_REASON_TIME_BUDGET
+        assert 0.5 <= budget.seconds_used < 1.0 and budget.step < 1_000_000
+        limited = session.start_training(1_000_000).wait()
+        assert limited.state == pb.JOB_STATE_STOPPED
+        assert limited.stop_reason == pb.STOP_REASON_TIME_LIMIT
+        assert limited.seconds_used >= 1.0
+
+
+@pytest.mark.timeout(60)
+def test_started_by_labels_the_token_and_caps_its_jobs(server_factory: ServerFactory) -> None:
+    token = "a-secret-token"
+    server = server_factory(auth_token=[token], max_jobs_per_token=1)
+    label = "token:" + hashlib.sha256(token.encode()).hexdigest()[:8]
+    with server.client(token=token) as client:
+        first, second = new_session(client), new_session(client)
+        job = first.start_training(1_000_000)
+        assert job.info.started_by == label
+        with pytest.raises(LimitExceeded, match="max_jobs_per_token"):
+            second.start_training(10)
+        job.stop()
+        assert second.start_training(10).wait().started_by == label
+    started = server.wait_for_log("train_started", job=job.name)
+    ended = server.wait_for_log("train_finished", job=job.name)
+    assert started["token"] == ended["token"] == label and started["session_id"] == first.id
+    assert token not in server.text_log()
