@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,14 @@ class JobRecord:
     @property
     def active(self) -> bool:
         return self.state in ACTIVE
+
+    def end(self, state: str, reason: str, step: int, loss: float, smoothed_loss: float) -> None:
+        """Record that the job ended (``state``, the stop ``reason``) at ``step``."""
+        self.state = state
+        self.stop_reason = reason
+        self.end_time = time.time()
+        self.end_step = step
+        self.loss, self.smoothed_loss = loss, smoothed_loss
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-able values (best_weights aside)."""

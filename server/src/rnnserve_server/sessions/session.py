@@ -23,7 +23,7 @@ import numpy as np
 from rnnserve_server.engine.model_config import DivergedError, StepResult
 from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.errors import SessionBrokenError, SessionBusyError
-from rnnserve_server.sessions.job_record import JobRecord
+from rnnserve_server.sessions.job_record import STOPPED, JobRecord
 from rnnserve_server.sessions.loss_history import LossHistory
 from rnnserve_server.sessions.session_types import (
     Broken,
@@ -121,6 +121,15 @@ class Session:
         )
         session.attach(ckpt)
         session.jobs = [JobRecord.from_dict(job) for job in ckpt.jobs]
+        for job in session.jobs:
+            if job.active and job.attached:  # its caller's stream died with the server that ran it
+                job.end(
+                    STOPPED,
+                    "caller_left",
+                    session.step,
+                    session.losses.loss,
+                    session.losses.smoothed_loss,
+                )
         best = ckpt.job_arrays.get("best_weights")
         if best is not None and session.jobs and session.jobs[-1].active:
             session.jobs[-1].best_weights = best

@@ -315,8 +315,8 @@ class Jobs:
             record = session.active_job
             if record is None:
                 continue
-            if record.attached or self.cluster:
-                self._end_record(session, record, "caller_left", states.STOPPED)
+            if self.cluster:  # jobs across replicas: the next issue
+                self._end_record(session, record, "shutdown", states.STOPPED)
                 self.registry.checkpoints.request(session)
                 continue
             plan = TrainingPlan.from_dict(record.spec)
@@ -535,14 +535,13 @@ class Jobs:
         return True
 
     def _end_record(self, session: Session, record: JobRecord, reason: str, state: str) -> None:
-        record.state = state
-        record.stop_reason = reason
-        record.end_time = time.time()
-        record.end_step = session.step
-        session.job_changed()
         if session.resident:
-            record.loss = session.losses.loss
-            record.smoothed_loss = session.losses.smoothed_loss
+            record.end(
+                state, reason, session.step, session.losses.loss, session.losses.smoothed_loss
+            )
+        else:
+            record.end(state, reason, record.end_step, record.loss, record.smoothed_loss)
+        session.job_changed()
 
     async def _leave(self, session: Session, record: JobRecord, restore: bool) -> None:
         """The session after its job's loop: the best weights put back (restore_best), the
