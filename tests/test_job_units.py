@@ -14,8 +14,8 @@ from rnnserve_server.engine.model_config import ModelConfig
 from rnnserve_server.engine.schedule import LearningRateSchedule
 from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
-from rnnserve_server.sessions.job_record import RUNNING, JobRecord
-from rnnserve_server.sessions.session import Session
+from rnnserve_server.sessions.job_record import RUNNING, STOPPED, JobRecord
+from rnnserve_server.sessions.session import MAX_JOB_HISTORY, Session
 from rnnserve_server.sessions.session_types import TrainRun
 from rnnserve_server.storage.local_store import LocalStore
 from rnnserve_server.usecases.job_scheduler import JobScheduler
@@ -127,3 +127,14 @@ def test_a_damaged_job_record_is_refused() -> None:
         JobRecord.from_dict({"job_id": "x", "spec": {}, "state": "dancing"})
     with pytest.raises(ValueError, match="seconds_used"):
         JobRecord.from_dict({"job_id": "x", "spec": {}, "seconds_used": math.inf})
+
+
+def test_a_session_keeps_its_last_hundred_ended_jobs() -> None:
+    session = _session()
+    for i in range(MAX_JOB_HISTORY + 5):
+        record = JobRecord(job_id=f"{i:012x}", spec={})
+        session.begin("Train", record)
+        record.end(STOPPED, "stopped", session.step, 0.0, 0.0)
+        session.end()
+    kept = [int(j.job_id, 16) for j in session.jobs]
+    assert kept == list(range(5, MAX_JOB_HISTORY + 5))

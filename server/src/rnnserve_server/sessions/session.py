@@ -45,6 +45,9 @@ QUICK_STEP_SECONDS = 0.002
 # its loss history. Not after every call: re-allocating cost 4 % of a hidden-32 step and 33 % of
 # a default-preset step (page faults on fresh buffers), too much for a Step loop.
 SCRATCH_IDLE_SECONDS = 1.0
+# The jobs a session keeps (each Train is one): the oldest ended go first, and a StartJob
+# retried with the request_id of one gone makes a new job.
+MAX_JOB_HISTORY = 100
 
 
 class Session:
@@ -291,6 +294,9 @@ class Session:
             )
         if job is not None and job not in self.jobs:
             self.jobs.append(job)
+            ended = [j for j in self.jobs if not j.active]
+            for old in ended[: max(0, len(ended) + 1 - MAX_JOB_HISTORY)]:
+                self.jobs.remove(old)
             self.job_changed()
         self.busy = kind
         self.cancel.clear()

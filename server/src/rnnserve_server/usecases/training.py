@@ -248,12 +248,15 @@ class Jobs:
             fitted = plan.fit(session, self.limits)
             self._check_token_cap(started_by)
             await self.registry.checkpoints.check_writable(session)
+            # Fixed now, so however often the job resumes it never trains past it (a Step may
+            # have run during the check above: until_step still holds).
+            target = session.step + fitted.steps if plan.until_step is None else plan.until_step
             now = time.time()
             record = JobRecord(
                 job_id=secrets.token_hex(6),
                 spec=plan.to_dict(),
                 start_step=session.step,
-                target_step=session.step + fitted.steps,
+                target_step=max(target, session.step),
                 create_time=now,
                 started_by=started_by,
                 attached=attached,
@@ -613,6 +616,8 @@ class Jobs:
         queue = job.follow()
         try:
             while (message := await queue.get()) is not None:
+                if job.error is not None:  # the caller gets the error, not a last message
+                    break
                 yield message
             if job.error is not None:
                 raise _fresh(job.error)
