@@ -368,6 +368,11 @@ class Session:
                 self._released.set()
                 self._released = None
 
+    @property
+    def held(self) -> bool:
+        """True while a ``between_chunks`` block runs."""
+        return self._holds > 0
+
     async def wait_between_chunks(self) -> None:
         """Until no ``between_chunks`` block holds the session (the job loop, event loop)."""
         while self._holds:

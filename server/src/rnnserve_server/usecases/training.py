@@ -342,6 +342,17 @@ class Jobs:
     # ----- the loop ---------------------------------------------------------------------
 
     async def _run(self, job: RunningJob, fitted: FittedPlan) -> None:
+        """The job's loop, holding its session in memory (as a call does) until its last
+        message is out: nothing evicts it meanwhile."""
+        session = job.session
+        session.use.users += 1
+        try:
+            await self._loop(job, fitted)
+        finally:
+            session.use.users -= 1
+            session.use.last_used = time.monotonic()
+
+    async def _loop(self, job: RunningJob, fitted: FittedPlan) -> None:
         """The one training loop: chunks in turns until the job ends."""
         registry, session, record, plan = self.registry, job.session, job.record, job.plan
         settings = registry.settings
@@ -421,6 +432,9 @@ class Jobs:
                 await session.wait_between_chunks()
                 if not await self._turn(session, record):
                     continue  # stopped while queued: the top of the loop says why
+                if session.held:  # a change came while it queued: it goes first
+                    self.scheduler.release()
+                    continue
                 began = time.monotonic()
                 try:
                     if not record.start_time:
