@@ -60,6 +60,8 @@ def test_attach_ctrl_c_detaches_and_stop_stops(module_server: ServerHandle) -> N
     assert started.returncode == 0, started.stderr
     listed = rnnserve(module_server, "list")
     assert "JOB" in listed.stdout.splitlines()[0] and "step " in listed.stdout
+    shown = rnnserve(module_server, "show", "cli-attach")
+    assert "job:" in shown.stdout and "sessions/cli-attach/jobs/" in shown.stdout
     attach = subprocess.Popen(
         [
             *(sys.executable, "-m", "rnnserve", "--address", module_server.address, "--json"),
