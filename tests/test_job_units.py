@@ -92,6 +92,19 @@ async def test_the_scheduler_hands_slots_out_in_turn() -> None:
     assert scheduler.running == 0
 
 
+async def test_a_waiter_cancelled_as_the_slot_is_released_does_not_break_it() -> None:
+    scheduler = JobScheduler(1)
+    await scheduler.acquire()  # held
+    waiter = asyncio.ensure_future(scheduler.acquire())
+    await asyncio.sleep(0)  # it waits in line
+    waiter.cancel()  # its place is cancelled at once; its handler runs later...
+    scheduler.release()  # ...after a release has dropped that place: the slot is free
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert scheduler.running == 0 and scheduler.waiting == 0
+    assert scheduler.try_acquire()
+
+
 def test_jobs_and_best_weights_round_trip_a_checkpoint(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     store.open()

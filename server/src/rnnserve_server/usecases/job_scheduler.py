@@ -50,7 +50,7 @@ class JobScheduler:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.release()  # handed over just as it was cancelled: pass it on
-            else:
+            elif future in self._waiting:  # a release may have dropped it already
                 self._waiting.remove(future)
             raise
 
