@@ -179,7 +179,8 @@ class Session:
         timeout: float | None = None,
     ) -> pb.Session:
         """Change the given settings (UpdateSession with a field mask of just those). A new
-        optimizer starts with fresh state. Refused (SessionBusy) while the session trains."""
+        optimizer starts with fresh state. During a training job (or a Train) the change is applied
+        between two chunks of updates; refused (SessionBusy) during a Step."""
         request = update_request(self.id, learning_rate, clip, reset_every, optimizer)
         self.last_info = self._client._unary(
             self._client._stub.UpdateSession, request, timeout
