@@ -223,7 +223,8 @@ class RnnServiceServicer:
         """UpdateSession changes settings of an existing session (AIP-134): the fields named in
         update_mask, among config.learning_rate, config.clip, config.reset_every and
         config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
-        that can't change in place; FAILED_PRECONDITION while the session is training.
+        that can't change in place. During a training job (a Train included) the change is
+        applied between two chunks of updates; FAILED_PRECONDITION during a Step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

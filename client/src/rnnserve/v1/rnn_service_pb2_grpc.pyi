@@ -74,7 +74,8 @@ class RnnServiceStub:
     """UpdateSession changes settings of an existing session (AIP-134): the fields named in
     update_mask, among config.learning_rate, config.clip, config.reset_every and
     config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
-    that can't change in place; FAILED_PRECONDITION while the session is training.
+    that can't change in place. During a training job (a Train included) the change is
+    applied between two chunks of updates; FAILED_PRECONDITION during a Step.
     """
     ExportSession: _grpc.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]
     """ExportSession streams one archive holding the whole session (config, weights,
@@ -156,7 +157,8 @@ class RnnServiceAsyncStub(RnnServiceStub):
     """UpdateSession changes settings of an existing session (AIP-134): the fields named in
     update_mask, among config.learning_rate, config.clip, config.reset_every and
     config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
-    that can't change in place; FAILED_PRECONDITION while the session is training.
+    that can't change in place. During a training job (a Train included) the change is
+    applied between two chunks of updates; FAILED_PRECONDITION during a Step.
     """
     ExportSession: _aio.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]  # type: ignore[assignment]
     """ExportSession streams one archive holding the whole session (config, weights,
@@ -301,7 +303,8 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
         """UpdateSession changes settings of an existing session (AIP-134): the fields named in
         update_mask, among config.learning_rate, config.clip, config.reset_every and
         config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
-        that can't change in place; FAILED_PRECONDITION while the session is training.
+        that can't change in place. During a training job (a Train included) the change is
+        applied between two chunks of updates; FAILED_PRECONDITION during a Step.
         """
 
     @_abc_1.abstractmethod
