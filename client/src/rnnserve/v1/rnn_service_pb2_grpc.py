@@ -290,8 +290,9 @@ class RnnServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """WatchJob streams a job's progress (as Train does) until the job ends; the last
-        message holds the ended job. Cancelling the call detaches: the job goes on.
+        """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
+        does) until the job ends; the last message holds the ended job. Cancelling the call
+        detaches: the job goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -107,8 +107,9 @@ class RnnServiceStub:
     unchanged (OK), so a stale name never stops a newer job.
     """
     WatchJob: _grpc.UnaryStreamMultiCallable[_rnn_service_pb2.WatchJobRequest, _rnn_service_pb2.WatchJobResponse]
-    """WatchJob streams a job's progress (as Train does) until the job ends; the last
-    message holds the ended job. Cancelling the call detaches: the job goes on.
+    """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
+    does) until the job ends; the last message holds the ended job. Cancelling the call
+    detaches: the job goes on.
     """
 
 @_typing.type_check_only
@@ -190,8 +191,9 @@ class RnnServiceAsyncStub(RnnServiceStub):
     unchanged (OK), so a stale name never stops a newer job.
     """
     WatchJob: _aio.UnaryStreamMultiCallable[_rnn_service_pb2.WatchJobRequest, _rnn_service_pb2.WatchJobResponse]  # type: ignore[assignment]
-    """WatchJob streams a job's progress (as Train does) until the job ends; the last
-    message holds the ended job. Cancelling the call detaches: the job goes on.
+    """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
+    does) until the job ends; the last message holds the ended job. Cancelling the call
+    detaches: the job goes on.
     """
 
 class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -384,8 +386,9 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rnn_service_pb2.WatchJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_rnn_service_pb2.WatchJobResponse], _abc.AsyncIterator[_rnn_service_pb2.WatchJobResponse]]:
-        """WatchJob streams a job's progress (as Train does) until the job ends; the last
-        message holds the ended job. Cancelling the call detaches: the job goes on.
+        """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
+        does) until the job ends; the last message holds the ended job. Cancelling the call
+        detaches: the job goes on.
         """
 
 def add_RnnServiceServicer_to_server(servicer: RnnServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

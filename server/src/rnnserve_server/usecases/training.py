@@ -607,13 +607,14 @@ class Jobs:
     async def follow(
         self, name: str
     ) -> AsyncGenerator[tuple[Session, JobRecord, TrainProgress | None], None]:
-        """The job's progress until it ends; the last item has the ended job."""
+        """The job now, then its progress until it ends; the last item has the ended job."""
         session, record = self.find(name)
         job = self.running.get((session.id, record.job_id))
         if job is None:
             yield session, record, None
             return
         queue = job.follow()
+        yield session, record, None  # where it is now, before its next progress report
         while True:
             message = await queue.get()
             if message is None:
