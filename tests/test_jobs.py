@@ -217,3 +217,21 @@ def test_started_by_labels_the_token_and_caps_its_jobs(server_factory: ServerFac
     ended = server.wait_for_log("train_finished", job=job.name)
     assert started["token"] == ended["token"] == label and started["session_id"] == first.id
     assert token not in server.text_log()
+
+
+@pytest.mark.timeout(60)
+def test_list_jobs_pages_newest_first(server: ServerHandle) -> None:
+    with server.client() as client:
+        session = new_session(client)
+        names = [session.start_training(5).wait().name for _ in range(3)]
+        stub = client._stub
+        first = stub.ListJobs(pb.ListJobsRequest(session_id=session.id, page_size=2), timeout=10)
+        assert [j.name for j in first.jobs] == names[::-1][:2] and first.next_page_token
+        second = stub.ListJobs(
+            pb.ListJobsRequest(
+                session_id=session.id, page_size=2, page_token=first.next_page_token
+            ),
+            timeout=10,
+        )
+        assert [j.name for j in second.jobs] == names[:1] and not second.next_page_token
+        assert [j.name for j in session.jobs()] == names[::-1]
