@@ -7,27 +7,32 @@ ADDRESS ?= localhost:50051
 DATA_DIR ?= data
 PROTO := proto/rnnserve/v1/rnn_service.proto
 GEN_DIR := client/src/rnnserve/v1
-# Debian packages the cluster tests and `make cluster` run as real processes.
-DEB_DEPS := redis-server nginx
+# Debian packages the tests and `make cluster` run as real processes (the cluster and
+# Prometheus tests): `make test` and `make cluster` install the missing ones (add a package
+# here and both get it). Each is named like its command, which counts as installed where there
+# is no dpkg.
+DEB_DEPS := redis-server nginx prometheus
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps proto proto-check proto-breaking lint test run cluster demo bench image image-test clean
+.PHONY: help install deps proto proto-check proto-breaking lint test run cluster cluster-restart demo bench image image-test clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade 'pip>=25.1'
-	$(BIN)/pip install -q -e 'client[plot]' -e server --group dev
+	$(BIN)/pip install -q -e 'client[plot,onnx]' -e server --group dev
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
 
-deps: ## apt-get install redis-server and nginx if missing (the cluster tests run them)
+deps: ## apt-get install the Debian packages the tests run (DEB_DEPS: redis-server, nginx, prometheus) if missing
 	@missing=""; for p in $(DEB_DEPS); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' \
+	  if command -v dpkg-query >/dev/null; then \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed'; \
+	  else PATH="$$PATH:/usr/sbin:/usr/local/sbin" command -v $$p >/dev/null; fi \
 	    || missing="$$missing $$p"; \
 	done; \
 	if test -n "$$missing"; then \
@@ -83,7 +88,8 @@ lint: $(STAMP) $(NODE_STAMP) ## buf lint (STANDARD), ruff, mypy --strict, import
 	$(BIN)/mypy client/src server/src tests bench
 	$(BIN)/lint-imports
 
-test: $(STAMP) $(NODE_STAMP) ## run the test suite (unit, integration against a real server, persistence, a Node client)
+# Everything the tests need is set up first: the venv, the npm packages, the Debian services.
+test: $(STAMP) $(NODE_STAMP) deps ## install what is missing, then run the test suite (unit, integration, persistence, cluster, Prometheus, a Node client)
 	$(BIN)/pytest
 
 run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADDRESS=, DATA_DIR=)
@@ -92,8 +98,14 @@ run: $(STAMP) ## serve on localhost:50051, sessions kept in ./data (override ADD
 cluster: $(STAMP) deps ## redis-server + 3 replicas + nginx on loopback (scripts/cluster.sh; PORT=50051)
 	bash scripts/cluster.sh
 
-demo: $(STAMP) ## start a server, train a session on Python's own source, plot (docs/loss.png), generate, stop
-	$(BIN)/python scripts/demo.py
+REPLICA ?=
+cluster-restart: $(STAMP) ## start a replica of `make cluster` again after it died (REPLICA=2)
+	bash scripts/cluster.sh restart $(REPLICA)
+
+# DEMO_ARGS: more scripts/demo.py flags, e.g. --plot-output docs/loss.png (the README's picture).
+DEMO_ARGS ?=
+demo: $(STAMP) ## start a server, train a session on Python's own source, plot (a PNG in the temp dir), generate, stop
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 bench: $(STAMP) ## run the benchmarks in bench/ (prints tables); installs the bench group (torch)
 	$(BIN)/pip install -q --group bench

@@ -6,20 +6,23 @@ via its owner, on another session of the same owner via the other replica (forwa
 in turn on 40 sessions no replica holds at the start (the first call of each activates it: a
 lease and a load, which need Redis; after an outage past the lease TTL, every one again).
 Redis is stopped (SIGTERM: it writes its append-only file), kept down for ``--down`` seconds
-(0: a plain restart), and started again on the same port and data.
+(0: a plain restart), and started again on the same port and data. ``--freeze`` instead
+stops it with SIGSTOP for ``--down`` seconds and resumes it with SIGCONT: connections hang,
+nothing is refused (a Redis that stalls).
 
 Prints a table: per path, the Steps that failed (and their status codes), how long after
 Redis answered again the first Step succeeded after the path's last failure (the
 unavailability beyond Redis's own downtime), and the acknowledged Steps lost (Steps
 acknowledged minus the session's step count at the end); when both replicas reported SERVING
 again; and whether the fencing tokens only increased. ``--json`` prints the raw numbers.
-Run: ``python bench/redis_restart.py`` (``--down``, ``--lease-ttl``, ``--json``).
+Run: ``python bench/redis_restart.py`` (``--down``, ``--freeze``, ``--lease-ttl``, ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import threading
@@ -63,7 +66,7 @@ def stepper(path: Loop, t0: list[float], stop: threading.Event) -> None:
                 stop.wait(0.01)
 
 
-def run(root: Path, down: float, lease_ttl: float) -> dict[str, object]:
+def run(root: Path, down: float, lease_ttl: float, freeze: bool = False) -> dict[str, object]:
     redis = start_redis(root / "redis")
     shared = root / "shared"
     replicas = [start_replica(root / f"r{i}", redis.url, shared, lease_ttl) for i in range(2)]
@@ -95,11 +98,18 @@ def run(root: Path, down: float, lease_ttl: float) -> dict[str, object]:
         t0[0] = time.monotonic()
         for p in paths:
             p.results.clear()
-        redis.stop()
+        assert redis.process is not None
+        if freeze:
+            redis.process.send_signal(signal.SIGSTOP)
+        else:
+            redis.stop()
         stopped = time.monotonic() - t0[0]
         if down > 0:
             time.sleep(down)
-        redis.start()
+        if freeze:
+            redis.process.send_signal(signal.SIGCONT)
+        else:
+            redis.start()
         ready = time.monotonic() - t0[0]
         clients = [Client(r.address, timeout=2) for r in replicas]
         serving_at: list[float] = []
@@ -121,6 +131,7 @@ def run(root: Path, down: float, lease_ttl: float) -> dict[str, object]:
             thread.join(30)
         out: dict[str, object] = {
             "down_s": down,
+            "freeze": freeze,
             "lease_ttl_s": lease_ttl,
             "redis_stopped_s": stopped,
             "redis_ready_s": ready,
@@ -165,28 +176,37 @@ def run(root: Path, down: float, lease_ttl: float) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--down", type=float, default=0.0, help="seconds Redis stays down")
+    parser.add_argument(
+        "--freeze", action="store_true", help="SIGSTOP Redis for --down seconds instead"
+    )
     parser.add_argument("--lease-ttl", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rnnserve-bench-redis-") as tmp:
-        result = run(Path(tmp), args.down, args.lease_ttl)
+        result = run(Path(tmp), args.down, args.lease_ttl, args.freeze)
     if args.json:
         print(json.dumps(result))
         return
     print(
-        f"Redis stopped, down {args.down:g} s, answering again at {result['redis_ready_s']:.3f} s "
+        f"Redis {'frozen' if args.freeze else 'stopped'}, down {args.down:g} s, "
+        f"answering again at {result['redis_ready_s']:.3f} s "
         f"(lease TTL {args.lease_ttl:g} s); replicas SERVING again at "
         + ", ".join(f"{t:.2f} s" for t in result["serving_again_s"])  # type: ignore[attr-defined]
     )
-    print("| path | failed Steps | codes | unavailable beyond Redis | acknowledged Steps lost |")
-    print("|---|---|---|---|---|")
+    print(
+        "| path | failed Steps | first failure | codes | unavailable beyond Redis "
+        "| acknowledged Steps lost |"
+    )
+    print("|---|---|---|---|---|---|")
     for name in ("via the owner", "via a non-owner (forwarded)", "activating idle sessions"):
         row = result[name]
         assert isinstance(row, dict)
         codes = ", ".join(row["codes"]) or "-"
         beyond = row["unavailable_beyond_redis_s"]
+        first = row["first_failure_s"]
+        first_text = "-" if first is None else f"{first:.2f} s"
         print(
-            f"| {name} | {row['failed_steps']} | {codes} | {beyond:.2f} s "
+            f"| {name} | {row['failed_steps']} | {first_text} | {codes} | {beyond:.2f} s "
             f"| {row['acknowledged_steps_lost']} |"
         )
     print(f"fencing tokens only increased: {result['tokens_increase']}")

@@ -5,15 +5,19 @@ from the source code of a few Python standard-library modules (text every Python
 has), trains it with a progress bar, samples from it, and stops the server with SIGTERM.
 Every step after the server start is an `rnnserve` CLI command, printed before it runs.
 
-    python scripts/demo.py [--seconds 45] [--steps 5000] [--keep] [--plot-output docs/loss.png]
+    python scripts/demo.py [--seconds 45] [--steps 5000] [--keep] [--plot-output PATH]
+    python scripts/demo.py --corpus input.txt    # only write the corpus (the README's offline text)
 
-It also draws the loss curve in the terminal and writes it as an image (the one in the README).
+It also draws the loss curve in the terminal and writes it as an image: a new file in the
+temporary directory unless --plot-output says where (`--plot-output docs/loss.png` refreshes
+the README's picture; the demo never touches it by itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import shutil
 import subprocess
@@ -67,10 +71,25 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
         "--plot-output",
-        default=str(Path(__file__).resolve().parent.parent / "docs" / "loss.png"),
-        help="where to write the loss chart (default: docs/loss.png, shown in the README)",
+        help="where to write the loss chart (.png or .svg; default: a new rnnserve-loss-*.png "
+        "in the temporary directory; docs/loss.png is the README's)",
+    )
+    parser.add_argument(
+        "--corpus",
+        metavar="PATH",
+        help="only write the corpus (--chars characters of Python source) to PATH and exit",
     )
     args = parser.parse_args()
+    if args.corpus is not None:
+        text = corpus(args.chars)
+        Path(args.corpus).write_text(text, encoding="utf-8")
+        print(
+            f"wrote {args.corpus}: {len(text):,} characters of Python source ({', '.join(MODULES)})"
+        )
+        return
+    if args.plot_output is None:
+        handle, args.plot_output = tempfile.mkstemp(prefix="rnnserve-loss-", suffix=".png")
+        os.close(handle)
 
     tmp = tempfile.mkdtemp(prefix="rnnserve-demo-")
     try:

@@ -34,3 +34,20 @@ def rnnserve(
         env=cli_env(),
         check=False,
     )
+
+
+def train_in_background(
+    server: ServerHandle, session_id: str, *flags: str
+) -> subprocess.Popen[str]:
+    """`rnnserve --json train ID FLAGS` for a million steps, one progress line per update on
+    its stdout (read one to know training runs), its stderr piped: the process to Ctrl-C."""
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "rnnserve", "--address", server.address, "--json"),
+            *("train", session_id, "--steps", "1000000", "--report-every", "1", *flags),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )

@@ -4,9 +4,11 @@ a temporary directory.
 
 ``redis_server`` is a started :class:`RedisProcess` (``appendonly yes``): ``.url`` for clients,
 ``.restart()`` stops it (SIGTERM: it writes its data) and starts it again on the same port and
-data, ``.kill()`` for a crash. ``nginx_factory(upstreams)`` starts an :class:`NginxProcess`
-that proxies gRPC (``grpc_pass``) to the given ``host:port`` upstreams, choosing one by
-``hash $http_x_session_id consistent``. Both wait on a condition with a deadline (PING answered,
+data, ``.kill()`` for a crash. ``redis_factory(*options)`` starts others with more
+redis-server options (``"--appendonly", "no"``: a restart loses everything).
+``nginx_factory(upstreams)`` starts an :class:`NginxProcess` that proxies gRPC (``grpc_pass``)
+to the given ``host:port`` upstreams, choosing one by ``hash $http_x_session_id consistent``.
+Both wait on a condition with a deadline (PING answered,
 port accepting), never a sleep, and are stopped at the end of the test.
 """
 
@@ -16,11 +18,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from rnnserve_server.testing import NginxProcess, RedisProcess, start_nginx, start_redis
+from rnnserve_server.testing import (
+    NginxProcess,
+    RedisProcess,
+    daemons,
+    start_nginx,
+    start_redis,
+)
 
-__all__ = ["NginxFactory", "NginxProcess", "RedisProcess"]
+__all__ = ["NginxFactory", "NginxProcess", "RedisFactory", "RedisProcess"]
 
 NginxFactory = Callable[[list[str]], NginxProcess]
+RedisFactory = Callable[..., RedisProcess]
 
 
 @pytest.fixture
@@ -32,18 +41,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 @pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[RedisFactory]:
+    """Start redis-servers with more options (``redis_factory("--appendonly", "no")``); all
+    stopped at the end of the test."""
+    with daemons(tmp_path, "redis", start_redis) as factory:
+        yield factory
+
+
+@pytest.fixture
 def nginx_factory(tmp_path: Path) -> Iterator[NginxFactory]:
     """Start nginx instances in front of given upstreams; all stopped at the end."""
-    started: list[NginxProcess] = []
-    counter = iter(range(1_000_000))
-
-    def factory(upstreams: list[str]) -> NginxProcess:
-        handle = start_nginx(tmp_path / f"nginx{next(counter)}", upstreams)
-        started.append(handle)
-        return handle
-
-    yield factory
-    for handle in started:
-        if handle.alive:
-            handle.stop()
-        handle.kill()
+    with daemons(tmp_path, "nginx", start_nginx) as factory:
+        yield factory

@@ -36,7 +36,7 @@ __all__ = ["ServerFactory", "ServerHandle", "start_server"]
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-pytest_plugins = ["cluster_fixtures"]  # redis_server, nginx_factory
+pytest_plugins = ["cluster_fixtures", "prometheus_fixtures"]  # redis, nginx, prometheus
 
 ServerFactory = Callable[..., ServerHandle]
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from tests.cli_runner import cli_env, rnnserve
+from tests.cli_runner import cli_env, rnnserve, train_in_background
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
@@ -185,16 +185,7 @@ def test_ctrl_c_cancels_training_cleanly(module_server: ServerHandle) -> None:
     server = module_server
     with server.client() as client:
         client.create_session(TEXT, session_id="cli-sigint", hidden_size=16, seed=1)
-    train = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "rnnserve", "--address", server.address, "--json"),
-            *("train", "cli-sigint", "--steps", "1000000", "--report-every", "1"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    train = train_in_background(server, "cli-sigint")
     try:
         assert train.stdout is not None
         json.loads(train.stdout.readline())  # training is running
@@ -256,29 +247,42 @@ def test_help_lists_every_command_with_exit_codes() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    demo = Path(__file__).parent.parent / "scripts" / "demo.py"
-    chart = tmp_path / "loss.png"  # not docs/loss.png: that one is the README's picture
+def test_demo_runs_end_to_end_and_leaves_the_readme_picture_alone(tmp_path: Path) -> None:
+    root = Path(__file__).parent.parent
+    picture = root / "docs" / "loss.png"  # tracked: `make demo` must not rewrite it
+    before = picture.read_bytes()
     result = subprocess.run(
         [
             sys.executable,
-            str(demo),
-            "--seconds",
-            "2",
-            "--steps",
-            "50",
-            "--chars",
-            "20000",
-            "--plot-output",
-            str(chart),
+            str(root / "scripts" / "demo.py"),
+            *("--seconds", "2", "--steps", "50", "--chars", "20000"),
         ],
         capture_output=True,
         text=True,
         timeout=110,
-        env=cli_env(),
+        env={**cli_env(), "TMPDIR": str(tmp_path)},  # where its chart goes by default
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "server exited with 0" in result.stdout
     assert "predicted:" in result.stdout
+    assert picture.read_bytes() == before
+    (chart,) = tmp_path.glob("rnnserve-loss-*.png")
+    assert f"wrote {chart} (" in result.stdout  # it says where
     assert chart.stat().st_size > 1000
+
+
+def test_demo_writes_the_offline_corpus(tmp_path: Path) -> None:
+    corpus = tmp_path / "input.txt"
+    demo = Path(__file__).parent.parent / "scripts" / "demo.py"
+    result = subprocess.run(
+        [sys.executable, str(demo), "--corpus", str(corpus), "--chars", "30000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = corpus.read_text(encoding="utf-8")
+    assert len(text) == 30000 and "def " in text

@@ -12,6 +12,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from PIL import Image
 from rnnserve import Client
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-from tests.cli_runner import cli_env, rnnserve
+from tests.cli_runner import cli_env, rnnserve, train_in_background
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
@@ -473,16 +474,7 @@ def test_generate_prints_the_prime_first(module_server: ServerHandle) -> None:
 def test_ctrl_c_reports_the_step_list_shows(module_server: ServerHandle) -> None:
     with module_server.client() as client:
         client.create_session(TEXT, session_id="sigint-step", hidden_size=64, seed=1)
-    train = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "rnnserve", "--address", module_server.address, "--json"),
-            *("train", "sigint-step", "--steps", "1000000", "--report-every", "1"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+    train = train_in_background(module_server, "sigint-step")
     try:
         assert train.stdout is not None
         train.stdout.readline()  # training has started
@@ -518,3 +510,150 @@ def test_client_address_from_the_environment(
     monkeypatch.delenv("RNNSERVE_ADDRESS")
     with Client() as client:
         assert client.address == "localhost:50051"
+
+
+def slow_session(server: ServerHandle, session_id: str) -> None:
+    """A session whose every update is followed by a validation pass of seconds (hidden 512,
+    90,000 characters held out), as on a big model with a validation split."""
+    with server.client() as client:
+        client.create_session(
+            TEXT * 100,
+            session_id=session_id,
+            hidden_size=512,
+            batch_size=1,
+            seq_length=10,
+            validation_fraction=0.5,
+            seed=1,
+        )
+
+
+def test_a_second_ctrl_c_while_the_server_finishes_still_says_the_step(
+    module_server: ServerHandle,
+) -> None:
+    # Issue 16 item 18: after Ctrl-C the CLI waits for the server to finish the update in
+    # progress; with a validation pass after every update that wait is long, and a second
+    # Ctrl-C during it printed "rnnserve: interrupted" with no step.
+    slow_session(module_server, "sigint-twice")
+    train = train_in_background(
+        module_server, "sigint-twice", "--report-every", "1000", "--eval-every", "1"
+    )
+    try:
+        # Ctrl-C once the second update runs: step 1's loss point means its update and
+        # validation pass are done.
+        with module_server.client() as client, client.session("sigint-twice").watch_loss(1) as live:
+            next(iter(live))
+        mark = len(module_server.logs)
+        train.send_signal(signal.SIGINT)
+        # The CLI has cancelled and polls the server until the session stops training: once
+        # it has had an answer (its second GetSession went out), Ctrl-C again.
+        for _ in range(2):
+            event = module_server.wait_for_log(
+                "rpc",
+                start=mark,
+                method="/rnnserve.v1.RnnService/GetSession",
+                session_id="sigint-twice",
+                timeout=15,
+            )
+            mark = module_server.logs.index(event) + 1
+        train.send_signal(signal.SIGINT)
+        _, err = train.communicate(timeout=60)
+    except AssertionError as e:  # the CLI never asked: say what it printed
+        train.kill()
+        raise AssertionError(f"{e}\n--- the CLI's stderr ---\n{train.communicate()[1]}") from None
+    finally:
+        train.kill()
+    assert train.returncode == 130, err
+    last = err.splitlines()[-1]
+    assert re.match(r"rnnserve: cancelled; the session is at step \d+, ", last), err
+    assert "still finishing" in last, err
+
+
+def test_ctrl_c_as_training_starts_says_the_step(module_server: ServerHandle) -> None:
+    # Issue 16 item 18: a Ctrl-C while the CLI was still setting up the Train call (the
+    # server has it already) printed "rnnserve: interrupted" with no step; one that landed
+    # inside gRPC's setup could leave the CLI hanging at exit.
+    slow_session(module_server, "sigint-start")
+    train = train_in_background(module_server, "sigint-start")
+    try:
+        module_server.wait_for_log("train_started", session_id="sigint-start")
+        train.send_signal(signal.SIGINT)
+        _, err = train.communicate(timeout=60)
+    finally:
+        train.kill()
+    assert train.returncode == 130, err
+    assert re.match(r"rnnserve: cancelled; the session is at step \d+", err.splitlines()[-1]), err
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit codes against the README's table (issue 16 item 16)
+
+
+@pytest.mark.parametrize("command", ["create", "append", "import"])
+def test_a_directory_as_input_is_a_usage_error(
+    module_server: ServerHandle, tmp_path: Path, command: str
+) -> None:
+    session_id = f"exit-dir-{command}"
+    with module_server.client() as client:
+        client.create_session(TEXT, session_id=session_id, hidden_size=8)
+    args = [command, session_id] if command == "append" else [command]
+    result = rnnserve(module_server, *args, str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert f"{tmp_path}: is a directory" in result.stderr.replace("Is a", "is a"), result.stderr
+
+
+def test_a_file_that_is_not_utf8_is_named_and_a_usage_error(
+    module_server: ServerHandle, tmp_path: Path
+) -> None:
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Café au lait, s'il vous plaît.\n".encode("latin-1") * 20)
+    with module_server.client() as client:
+        client.create_session(TEXT, session_id="exit-latin1", hidden_size=8)
+    for args in (["create", str(latin1)], ["append", "exit-latin1", str(latin1)]):
+        result = rnnserve(module_server, *args)
+        assert result.returncode == 2, result.stderr
+        assert f"{latin1}: not UTF-8 text" in result.stderr, result.stderr
+    # The same bytes on stdin: named as stdin, and no traceback (the locale's surrogate
+    # escapes used to reach the request and fail there).
+    piped = subprocess.run(
+        [sys.executable, "-m", "rnnserve", "--address", module_server.address, "create"],
+        input=latin1.read_bytes(),
+        capture_output=True,
+        timeout=60,
+        env={**cli_env(), "LC_ALL": "C"},
+        check=False,
+    )
+    assert piped.returncode == 2, piped.stderr
+    assert b"stdin: not UTF-8 text" in piped.stderr and b"Traceback" not in piped.stderr
+    with module_server.client() as client:
+        assert client.session("exit-latin1").info().corpus_chars == len(TEXT)
+
+
+def test_empty_input_is_no_input_text(module_server: ServerHandle, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with module_server.client() as client:
+        client.create_session(TEXT, session_id="exit-empty", hidden_size=8)
+    for args, stdin in (
+        (["create", str(empty)], None),
+        (["create", "--text", ""], None),
+        (["create"], ""),
+        (["append", "exit-empty", str(empty)], None),  # e.g. a download that failed
+    ):
+        result = rnnserve(module_server, *args, stdin=stdin)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "no input text" in result.stderr, (args, result.stderr)
+
+
+def test_no_server_says_the_address_as_typed_and_how_to_start_one() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"localhost:{port}"  # resolves to ::1 too: gRPC would say ipv6:%5B::1%5D:PORT
+    for args in (["list"], ["health"], ["health", "--wait", "0.5"]):
+        result = rnnserve(None, "--address", address, *args)
+        assert result.returncode == 5, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert f"the server at {address}" in result.stderr, result.stderr
+        assert "ipv4:" not in result.stderr and "ipv6:" not in result.stderr, result.stderr
+        assert "`make run`" in result.stderr, result.stderr
+        assert f"`rnnserve-server --address {address}`" in result.stderr, result.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,8 @@ from rnnserve import (
 )
 from rnnserve.client import INLINE_TEXT_CHARS
 from rnnserve.v1 import rnn_service_pb2 as pb
+
+from tests.test_auth_tls import make_self_signed
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory, ServerHandle
@@ -290,20 +291,7 @@ def test_limits_and_auth(server_factory: ServerFactory) -> None:
 
 
 def test_tls_with_a_ca_file(tmp_path: Path, server_factory: ServerFactory) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        subprocess.run(
-            [
-                *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-                *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
-                *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-    except (FileNotFoundError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"cannot make a certificate with openssl: {e}")
+    cert, key = make_self_signed(tmp_path)  # with cryptography: no openssl to be missing
     server = server_factory(tls_cert=cert, tls_key=key)
     with server.client(ca_file=cert, timeout=10) as c:
         assert c.health() == "SERVING"

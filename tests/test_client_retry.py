@@ -1,16 +1,21 @@
-"""gRPC's own retry policy in the client: a call that changes nothing survives a transient
-UNAVAILABLE (a connection the server side drops before answering); one that changes a session
-is never sent twice."""
+"""Retries in the client. gRPC's own retry policy: a call that changes nothing survives a
+transient UNAVAILABLE (a connection the server side drops before answering); one that changes
+a session is never sent twice. The library's, by idempotency: a Train toward ``until_step``
+(``train_to``, sync and asyncio) survives its connection being cut mid-call; one without it
+raises ConnectionLost naming the step to retry toward."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 from typing import TYPE_CHECKING
 
 import pytest
-from rnnserve import Client, ServerUnavailable
+from rnnserve import Client, ConnectionLost, ServerUnavailable, aio
+from rnnserve._train_to import TrainToResult
+from rnnserve.v1 import rnn_service_pb2 as pb
 
 if TYPE_CHECKING:
     from tests.conftest import ServerHandle
@@ -67,6 +72,12 @@ class FlakyProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
+    def cut(self) -> None:
+        """Break every connection made so far (calls on them are cut off mid-call)."""
+        for s in self._sockets[1:]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         for s in self._sockets:
             s.close()
@@ -112,3 +123,66 @@ def test_calls_that_change_a_session_are_not_retried(module_server: ServerHandle
             proxy.close()
     with module_server.client() as check:
         assert check.session("retry-step").info().step == 0  # no Step reached the server
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+def test_train_to_survives_a_connection_cut_mid_train(
+    module_server: ServerHandle, flavour: str
+) -> None:
+    session_id = f"retry-cut-{flavour}"
+    with module_server.client() as setup:
+        setup.create_session("cut me off " * 40, session_id=session_id, hidden_size=16, seed=1)
+    proxy = FlakyProxy(module_server.address, drop=0)
+    target = 2000
+    cut_at: list[int] = []
+
+    def cut_once(message: pb.TrainResponse) -> None:
+        if not cut_at:
+            cut_at.append(message.step)
+            proxy.cut()
+
+    async def train_aio() -> TrainToResult:
+        async with aio.Client(proxy.address, timeout=20, options=FAST_RECONNECT) as client:
+            return await client.session(session_id).train_to(
+                target, report_every=10, on_progress=cut_once
+            )
+
+    try:
+        if flavour == "aio":
+            result = asyncio.run(train_aio())
+        else:
+            with Client(proxy.address, timeout=20, options=FAST_RECONNECT) as client:
+                result = client.session(session_id).train_to(
+                    target, report_every=10, on_progress=cut_once
+                )
+    finally:
+        proxy.close()
+    assert cut_at and cut_at[0] < target
+    assert result.final is not None and result.final.step == target
+    assert result.final.stop_reason == pb.STOP_REASON_COMPLETED
+    assert result.retries >= 1 and result.rollbacks == []  # one server: nothing lost
+    with module_server.client() as check:
+        assert check.session(session_id).info().step == target
+
+
+def test_a_train_without_until_step_cut_off_raises_connection_lost(
+    module_server: ServerHandle,
+) -> None:
+    with module_server.client() as setup:
+        setup.create_session("cut me off " * 40, session_id="retry-lost", hidden_size=16)
+    proxy = FlakyProxy(module_server.address, drop=0)
+    try:
+        with Client(proxy.address, timeout=20) as client:
+            stream = client.session("retry-lost").train(10**6, report_every=10)
+            first = next(stream)
+            proxy.cut()
+            with pytest.raises(ConnectionLost) as lost:
+                stream.wait()
+    finally:
+        proxy.close()
+    target = first.step - first.steps_done + 10**6
+    assert lost.value.target_step == target
+    assert str(lost.value).startswith(
+        "the connection to the replica was lost mid-call; the session may have been updated; "
+        f"retry with until_step={target}"
+    )

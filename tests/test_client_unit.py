@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from rnnserve import (
+    ConnectionLost,
     InvalidArgument,
     LimitExceeded,
     RnnServeError,
@@ -23,6 +24,7 @@ from rnnserve import (
     Unauthenticated,
 )
 from rnnserve._common import channel_options, health_status_name, service_config
+from rnnserve._retry import Retries, cut_off, worth_retrying
 from rnnserve.cli import build_parser, message_to_dict
 from rnnserve.client import Client, iter_text_chunks
 from rnnserve.errors import error_from_code, error_from_rpc
@@ -175,3 +177,52 @@ def test_cli_global_options_work_before_and_after_the_command() -> None:
     assert (args.address, args.json, args.timeout) == ("b:2", False, 5.0)
     args = parser.parse_args(["--address", "a:1", "show", "x"])
     assert args.address == "a:1"  # not reset by the subcommand's copy of the option
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "retried"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, None, True),  # connection refused or reset
+        (grpc.StatusCode.INTERNAL, None, True),  # a proxy's RST_STREAM
+        (grpc.StatusCode.UNKNOWN, None, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, None, True),  # a hop's deadline
+        (grpc.StatusCode.UNAVAILABLE, "OWNER_UNAVAILABLE", True),
+        (grpc.StatusCode.ABORTED, "LEASE_LOST", True),
+        (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", True),
+        (grpc.StatusCode.INTERNAL, "INTERNAL", False),  # a server fault: it would repeat
+        (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND", False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "FIELD_INVALID", False),
+        (grpc.StatusCode.FAILED_PRECONDITION, "TRAINING_DIVERGED", False),
+        (grpc.StatusCode.FAILED_PRECONDITION, "SESSION_BUSY", False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED", False),
+        (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", False),
+    ],
+)
+def test_idempotent_calls_are_retried_by_code_and_reason_never_text(
+    code: grpc.StatusCode, reason: str | None, retried: bool
+) -> None:
+    error = error_from_code(code, "any text at all", reason=reason)
+    assert worth_retrying(error) is retried
+    retries = Retries(60.0)
+    if retried:
+        assert retries.delay(error) == 0.1 and retries.delay(error) == 0.2  # backoff
+    else:
+        with pytest.raises(RnnServeError) as raised:
+            retries.delay(error)
+        assert raised.value is error
+
+
+def test_a_train_cut_off_without_until_step_names_the_step_to_retry_toward() -> None:
+    request = pb.TrainRequest(session_id="s", steps=100)
+    last = pb.TrainResponse(step=57, steps_done=7)  # started at step 50
+    reset = error_from_code(grpc.StatusCode.INTERNAL, "Stream removed (RST_STREAM)")
+    lost = cut_off(reset, request, last)
+    assert isinstance(lost, ConnectionLost) and lost.target_step == 150
+    assert lost.code is grpc.StatusCode.INTERNAL and lost.cause is reset
+    assert isinstance(cut_off(None, request, last), ConnectionLost)  # ended without a final
+    refused = error_from_code(grpc.StatusCode.FAILED_PRECONDITION, "busy", reason="SESSION_BUSY")
+    assert cut_off(refused, request, None) is refused  # the server's answer: kept
+    unreachable = error_from_code(grpc.StatusCode.UNAVAILABLE, "failed to connect")
+    assert cut_off(unreachable, request, None) is unreachable  # no answer yet: maybe not sent
+    until = pb.TrainRequest(session_id="s", until_step=80)
+    assert getattr(cut_off(reset, until, None), "target_step", None) == 80

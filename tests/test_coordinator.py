@@ -134,6 +134,20 @@ async def test_stale_token_cannot_move_the_pointer(coordinator: Coordinator) -> 
     assert await coordinator.pointer("s") == f"{new.token}-8.npz"
 
 
+async def test_the_pointer_never_moves_back_to_an_earlier_step(
+    coordinator: Coordinator,
+) -> None:
+    lease = await coordinator.acquire("s", "a:1")
+    assert lease is not None
+    assert await coordinator.advance_pointer("s", lease.token, f"{lease.token}-20.npz")
+    # A pointer move whose caller timed out on a stalled Redis, reaching it after a later one.
+    assert await coordinator.advance_pointer("s", lease.token, f"{lease.token}-10.npz")
+    assert await coordinator.pointer("s") == f"{lease.token}-20.npz"
+    assert await coordinator.advance_pointer("s", lease.token, f"{lease.token}-20.npz")
+    assert await coordinator.advance_pointer("s", lease.token, f"{lease.token}-21.npz")
+    assert await coordinator.pointer("s") == f"{lease.token}-21.npz"
+
+
 async def test_stream_history_live_and_restored(redis_server: RedisProcess) -> None:
     writer = Coordinator(redis_server.url, stream_maxlen=1000)
     watcher = Coordinator(redis_server.url)

@@ -208,16 +208,24 @@ def test_step_on_leaves_the_feed_alone() -> None:
 @pytest.mark.parametrize("text", ["a", "ab"])
 def test_degenerate_corpus(text: str) -> None:
     vocab = Vocab.from_text(text)
+    trainer = Trainer(PRESETS["min-char-rnn"], vocab, vocab.encode(text))
     with pytest.raises(EngineError, match="seq_length"):
-        Trainer(PRESETS["min-char-rnn"], vocab, vocab.encode(text))
+        trainer.step()
 
 
 def test_corpus_shorter_than_window() -> None:
+    """A trainer may hold too little text to train on (a weights-only import holds none): it
+    refuses to step, naming the window and AppendText, until text is appended."""
     vocab = Vocab.from_text("hello world")
+    trainer = Trainer(PRESETS["min-char-rnn"], vocab, vocab.encode("hello world"))
     with pytest.raises(EngineError, match="seq_length=25"):
-        Trainer(PRESETS["min-char-rnn"], vocab, vocab.encode("hello world"))
-    with pytest.raises(EngineError):
-        Trainer(PRESETS["notebook"], vocab, vocab.encode(""))
+        trainer.check_trainable()
+    empty = Trainer(PRESETS["notebook"], vocab, vocab.encode(""))
+    with pytest.raises(EngineError, match=r"0 character.*AppendText"):
+        empty.step()
+    assert empty.step_on(vocab.encode("hello")).step == 1  # text given: no corpus needed
+    empty.append(vocab.encode("hello world"))
+    assert empty.step().step == 2
 
 
 def test_unknown_characters_in_later_text() -> None:

@@ -22,6 +22,7 @@ from rnnserve import (
     JobNotFound,
     LimitExceeded,
     RnnServeError,
+    ServerUnavailable,
     SessionBroken,
     SessionBusy,
     SessionNotFound,
@@ -35,8 +36,10 @@ from rnnserve_server.engine.model_config import DivergedError
 from rnnserve_server.errors import (
     InvalidArgumentError,
     JobNotFoundError,
+    LeaseLostError,
     LimitExceededError,
     NotSupportedError,
+    OwnerUnavailableError,
     SessionBrokenError,
     SessionBusyError,
     SessionExistsError,
@@ -351,6 +354,13 @@ CASES: list[tuple[BaseException, grpc.StatusCode, str, type[RnnServeError]]] = [
     (StorageError("x"), grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", RnnServeError),
     (ShuttingDownError("x"), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", RnnServeError),
     (UnauthenticatedError("x"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", RnnServeError),
+    (LeaseLostError.moved("s"), grpc.StatusCode.ABORTED, "LEASE_LOST", ServerUnavailable),
+    (
+        OwnerUnavailableError("x", session_id="s", retry_seconds=0.0),
+        grpc.StatusCode.UNAVAILABLE,
+        "OWNER_UNAVAILABLE",
+        ServerUnavailable,
+    ),
     (KeyError("boom"), grpc.StatusCode.INTERNAL, "INTERNAL", RnnServeError),
 ]
 
@@ -365,7 +375,7 @@ def test_every_reason_maps_to_its_code_and_client_class(
     error = error_from_rpc(_Trailers(code, message))
     assert error.reason == reason and error.code is code
     assert isinstance(error, cls)
-    retry = {"SHUTTING_DOWN", "STORAGE_FULL", "STORAGE_UNAVAILABLE"}
+    retry = {"SHUTTING_DOWN", "STORAGE_FULL", "STORAGE_UNAVAILABLE", "OWNER_UNAVAILABLE"}
     assert (error.retry_delay is not None) == (reason in retry)
 
 

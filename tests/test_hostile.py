@@ -862,9 +862,9 @@ CASES: list[Case] = [
     # --- ImportSession: the versioning rule ---
     Case(
         "import newer version",
-        _tampered(_set_meta(version=2)),
+        _tampered(_set_meta(version=3)),
         IA,
-        "format version 2, newer than this server reads (version 1)",
+        "format version 3, newer than this server reads (version 2)",
     ),
     Case("import version 0", _tampered(_set_meta(version=0)), IA, "version"),
     Case("import version as text", _tampered(_set_meta(version="1")), IA, "version"),

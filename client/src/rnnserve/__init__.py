@@ -25,6 +25,7 @@ from rnnserve.client import (
     TrainStream,
 )
 from rnnserve.errors import (
+    ConnectionLost,
     InvalidArgument,
     JobNotFound,
     LimitExceeded,
@@ -49,6 +50,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 __all__ = [
     "DEFAULT_ADDRESS",
     "Client",
+    "ConnectionLost",
     "InvalidArgument",
     "Job",
     "JobNotFound",

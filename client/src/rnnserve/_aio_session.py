@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
+from typing import Any
 
 from rnnserve._aio_jobs import Job
 from rnnserve._aio_rpc import RpcClient
@@ -16,13 +16,14 @@ from rnnserve._requests import (
     TextSource,
     append_upload,
     fork_request,
-    save_archive,
     start_job_request,
     train_request,
     update_request,
+    write_file,
 )
-from rnnserve._train_to import TrainToResult
-from rnnserve.errors import JobNotFound, ServerUnavailable, SessionBusy
+from rnnserve._retry import DEFAULT_RETRY_FOR, Retries
+from rnnserve._train_to import TrainToResult, TrainToRun
+from rnnserve.errors import JobNotFound, RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 __all__ = ["Session"]
@@ -56,11 +57,20 @@ class Session:
         text: str | None = None,
         *,
         until_step: int | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
         timeout: float | None = None,
     ) -> pb.StepResponse:
-        """One optimizer update; see :meth:`rnnserve.Session.step`."""
+        """One optimizer update; see :meth:`rnnserve.Session.step` (with ``until_step``, a
+        call cut off is retried for up to ``retry_for`` seconds)."""
         request = pb.StepRequest(session_id=self.id, text=text or "", until_step=until_step)
-        return await self._client._unary(self._client._stub.Step, request, timeout)  # type: ignore[no-any-return]
+        retries = Retries(retry_for) if until_step is not None else None
+        while True:
+            try:
+                return await self._client._unary(self._client._stub.Step, request, timeout)  # type: ignore[no-any-return]
+            except RnnServeError as error:
+                if retries is None:
+                    raise
+                await asyncio.sleep(retries.delay(error))
 
     async def predict(self, text: str, *, timeout: float | None = None) -> pb.PredictResponse:
         """Most likely next character at each position of ``text``, and the loss on it."""
@@ -83,7 +93,8 @@ class Session:
     ) -> TrainStream:
         """Apply ``steps`` updates, streaming progress; see :meth:`rnnserve.Session.train`."""
         request = train_request(self.id, locals())
-        return TrainStream(self._client._server_stream(self._client._stub.Train, request, timeout))
+        call = self._client._server_stream(self._client._stub.Train, request, timeout)
+        return TrainStream(call, request)
 
     async def start_training(
         self,
@@ -177,20 +188,30 @@ class Session:
         return Session(self._client, response.session.session_id, response.session)
 
     def export_stream(
-        self, *, timeout: float | None = None
+        self, *, weights_only: bool = False, timeout: float | None = None
     ) -> Stream[pb.ExportSessionResponse, bytes]:
-        """The session's archive (see the README's "Export, import, fork"), in chunks."""
-        request = pb.ExportSessionRequest(session_id=self.id)
+        """The session's archive (see the README's "Export, import, fork"), in chunks;
+        ``weights_only``: its config, alphabet and weights alone (docs/model-format.md)."""
+        request = pb.ExportSessionRequest(session_id=self.id, weights_only=weights_only)
         call = self._client._server_stream(self._client._stub.ExportSession, request, timeout)
         return Stream(call, lambda response: (response.data,) if response.data else ())
 
     async def export(
-        self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        weights_only: bool = False,
+        timeout: float | None = None,
     ) -> bytes:
         """The session's archive as bytes; also written to ``path`` if given (atomically)."""
-        data = b"".join([chunk async for chunk in self.export_stream(timeout=timeout)])
+        data = b"".join(
+            [
+                chunk
+                async for chunk in self.export_stream(weights_only=weights_only, timeout=timeout)
+            ]
+        )
         if path is not None:
-            save_archive(path, data)
+            write_file(path, data)
         return data
 
     def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
@@ -205,30 +226,34 @@ class Session:
         target_step: int,
         *,
         report_every: int = 0,
-        retry_for: float = 60.0,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        max_seconds: float | None = None,
         on_progress: Callable[[pb.TrainResponse], None] | None = None,
+        on_retry: Callable[[RnnServeError, float], None] | None = None,
+        **options: Any,
     ) -> TrainToResult:
         """Train until the session's step is ``target_step``, surviving a replica's death;
         see :meth:`rnnserve.Session.train_to`."""
-        result = TrainToResult()
-        deadline: float | None = None
-        while True:
+        run = TrainToRun(retry_for, max_seconds, on_progress, on_retry)
+        while not run.out_of_time():
             try:
-                step = (await self.info()).step
-                if result.seen(step) >= target_step:
-                    return result
-                async for message in self.train(until_step=target_step, report_every=report_every):
-                    result.progress(message)
-                    if on_progress is not None:
-                        on_progress(message)
-                if result.finished():
-                    return result
-                deadline = None
-            except (ServerUnavailable, SessionBusy):
-                deadline = result.retry(deadline, retry_for)
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+                run.started((await self.info(timeout=run.time_left())).step)
+                stream = self.train(
+                    until_step=target_step,
+                    report_every=report_every,
+                    timeout=run.time_left(),
+                    **options,
+                )
+                async for message in stream:
+                    run.progress(message)
+                if run.done():
+                    break
+            except RnnServeError as error:
+                delay = run.failed(error)
+                if delay is None:
+                    break
+                await asyncio.sleep(delay)
+        return run.result
 
     async def loss_history(
         self, from_step: int = 1, *, timeout: float | None = None

@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from rnnserve._retry import cut_off
 from rnnserve.errors import RnnServeError, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -45,6 +46,8 @@ class Stream(AsyncIterator[T], Generic[M, T]):
                 message = await self._responses.__anext__()
             except StopAsyncIteration:
                 self._done = True
+                if not self._cancelled:
+                    self._ended(None)
                 raise
             except asyncio.CancelledError:
                 if not self._cancelled:
@@ -55,13 +58,19 @@ class Stream(AsyncIterator[T], Generic[M, T]):
                 self._done = True
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                     raise StopAsyncIteration from None
-                raise error_from_rpc(e) from None
+                error = error_from_rpc(e)
+                self._ended(error)
+                raise error from None
             self._observe(message)
             self._pending.extend(self._convert(message))
         return self._pending.popleft()
 
     def _observe(self, message: M) -> None:
         """Hook for subclasses: sees every response message before it is converted."""
+
+    def _ended(self, error: RnnServeError | None) -> None:
+        """Hook for subclasses: the server ended the stream, with ``error`` (None: OK); may
+        raise an error of its own instead."""
 
     @property
     def done(self) -> bool:
@@ -91,8 +100,9 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
     """The progress of a Train call; ``last`` and ``final`` as in the sync
     :class:`rnnserve.TrainStream`."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, request: pb.TrainRequest) -> None:
         super().__init__(call, lambda message: (message,))
+        self.request = request
         self.last: pb.TrainResponse | None = None
         self.final: pb.TrainResponse | None = None
 
@@ -100,6 +110,12 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
         self.last = message
         if message.stop_reason != pb.STOP_REASON_UNSPECIFIED:
             self.final = message
+
+    def _ended(self, error: RnnServeError | None) -> None:
+        if self.final is None:
+            raised = cut_off(error, self.request, self.last)
+            if raised is not None and raised is not error:
+                raise raised from None
 
     async def wait(self) -> pb.TrainResponse:
         """Consume the rest of the stream and return the final message (or the last one seen)."""

@@ -143,9 +143,9 @@ def import_upload(
     )
 
 
-def save_archive(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write an exported archive to ``path`` atomically: a temporary file renamed into place
-    once complete."""
+def write_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` (an exported archive, a converted model) to ``path`` atomically: a
+    temporary file renamed into place once complete."""
     tmp = f"{os.fspath(path)}.part"
     with open(tmp, "wb") as f:
         f.write(data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rnnserve._common import generate_request
 from rnnserve._jobs import Job
@@ -14,15 +15,16 @@ from rnnserve._requests import (
     TextSource,
     append_upload,
     fork_request,
-    save_archive,
     start_job_request,
     train_request,
     update_request,
+    write_file,
 )
+from rnnserve._retry import DEFAULT_RETRY_FOR, Retries
 from rnnserve._rpc import RpcClient
 from rnnserve._streams import Stream, TrainStream, WatchStream
-from rnnserve._train_to import TrainToResult
-from rnnserve.errors import JobNotFound, ServerUnavailable, SessionBusy
+from rnnserve._train_to import TrainToResult, TrainToRun
+from rnnserve.errors import JobNotFound, RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 __all__ = ["Session"]
@@ -61,15 +63,25 @@ class Session:
         text: str | None = None,
         *,
         until_step: int | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
         timeout: float | None = None,
     ) -> pb.StepResponse:
         """One optimizer update: on the corpus's next window, or on ``text`` from a zero state.
 
         ``until_step`` makes a retry safe: the update is applied only while the session is
         below that step (pass the step you last saw + 1). A retry whose first try was applied
-        trains nothing and returns that try's step and loss with ``replayed`` set."""
+        trains nothing and returns that try's step and loss with ``replayed`` set. With it, a
+        call cut off (a replica lost, a connection reset, UNAVAILABLE) is retried for up to
+        ``retry_for`` seconds; ``timeout`` is each try's."""
         request = pb.StepRequest(session_id=self.id, text=text or "", until_step=until_step)
-        return self._client._unary(self._client._stub.Step, request, timeout)
+        retries = Retries(retry_for) if until_step is not None else None
+        while True:
+            try:
+                return self._client._unary(self._client._stub.Step, request, timeout)
+            except RnnServeError as error:
+                if retries is None:
+                    raise
+                time.sleep(retries.delay(error))
 
     def predict(self, text: str, *, timeout: float | None = None) -> pb.PredictResponse:
         """Most likely next character at each position of ``text``, and the loss on it."""
@@ -106,7 +118,8 @@ class Session:
         above 2 ln V for a whole report window stops with ``STOP_REASON_DIVERGED``.
         """
         request = train_request(self.id, locals())
-        return TrainStream(self._client._server_stream(self._client._stub.Train, request, timeout))
+        call = self._client._server_stream(self._client._stub.Train, request, timeout)
+        return TrainStream(call, request)
 
     def start_training(
         self,
@@ -204,21 +217,26 @@ class Session:
         return Session(self._client, response.session.session_id, response.session)
 
     def export_stream(
-        self, *, timeout: float | None = None
+        self, *, weights_only: bool = False, timeout: float | None = None
     ) -> Stream[pb.ExportSessionResponse, bytes]:
-        """The session's archive (see the README's "Export, import, fork"), in chunks."""
-        request = pb.ExportSessionRequest(session_id=self.id)
+        """The session's archive (see the README's "Export, import, fork"), in chunks;
+        ``weights_only``: its config, alphabet and weights alone (docs/model-format.md)."""
+        request = pb.ExportSessionRequest(session_id=self.id, weights_only=weights_only)
         call = self._client._server_stream(self._client._stub.ExportSession, request, timeout)
         return Stream(call, lambda response: (response.data,) if response.data else ())
 
     def export(
-        self, path: str | os.PathLike[str] | None = None, *, timeout: float | None = None
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        weights_only: bool = False,
+        timeout: float | None = None,
     ) -> bytes:
         """The session's archive as bytes; also written to ``path`` if given (atomically:
         a temporary file renamed into place once complete)."""
-        data = b"".join(self.export_stream(timeout=timeout))
+        data = b"".join(self.export_stream(weights_only=weights_only, timeout=timeout))
         if path is not None:
-            save_archive(path, data)
+            write_file(path, data)
         return data
 
     def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
@@ -237,38 +255,45 @@ class Session:
         target_step: int,
         *,
         report_every: int = 0,
-        retry_for: float = 60.0,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        max_seconds: float | None = None,
         on_progress: Callable[[pb.TrainResponse], None] | None = None,
+        on_retry: Callable[[RnnServeError, float], None] | None = None,
+        **options: Any,
     ) -> TrainToResult:
         """Train until the session's step is ``target_step``, surviving a replica's death.
 
-        Idempotent: each attempt is a Train with ``until_step=target_step``, so the server
-        never trains past the target, however often the call is retried. A call cut by
-        UNAVAILABLE (the replica died, or is draining) is retried for up to ``retry_for``
-        seconds; in a cluster the session is activated elsewhere from its last checkpoint. If
-        that checkpoint is behind a step this call already saw, the steps in between were lost
-        and are trained again: reported in ``rollbacks`` as ``(seen, restored)``.
+        Idempotent: each try is a Train with ``until_step=target_step``, so the server never
+        trains past the target, however often the call is retried. A try cut off by anything
+        but the server's answer to the request itself (UNAVAILABLE, a proxy's reset, a stream
+        that ended without its final message, a replica that lost the session) is retried
+        with backoff for up to ``retry_for`` seconds since the last progress; in a cluster the
+        session is activated elsewhere from its last checkpoint. If that checkpoint is behind
+        a step this call already saw, the steps in between were lost and are trained again:
+        reported in ``rollbacks`` as ``(seen, restored)``. ``on_retry(error, delay)`` is told
+        before each retry. ``max_seconds`` stops (cancels cleanly) after that long, with
+        ``timed_out`` set. ``options`` are Train's (``sample_length``, ``until_loss``, ...).
         """
-        result = TrainToResult()
-        deadline: float | None = None
-        while True:
+        run = TrainToRun(retry_for, max_seconds, on_progress, on_retry)
+        while not run.out_of_time():
             try:
-                step = self.info().step
-                if result.seen(step) >= target_step:
-                    return result
-                for message in self.train(until_step=target_step, report_every=report_every):
-                    result.progress(message)
-                    if on_progress is not None:
-                        on_progress(message)
-                if result.finished():
-                    return result
-                deadline = None
-            except (ServerUnavailable, SessionBusy):
-                # SessionBusy: the old owner's Train may still be stopping; wait it out too.
-                deadline = result.retry(deadline, retry_for)
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+                run.started(self.info(timeout=run.time_left()).step)
+                stream = self.train(
+                    until_step=target_step,
+                    report_every=report_every,
+                    timeout=run.time_left(),
+                    **options,
+                )
+                for message in stream:
+                    run.progress(message)
+                if run.done():
+                    break
+            except RnnServeError as error:
+                delay = run.failed(error)
+                if delay is None:
+                    break
+                time.sleep(delay)
+        return run.result
 
     def loss_history(
         self, from_step: int = 1, *, timeout: float | None = None

@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from rnnserve._retry import cut_off
 from rnnserve.errors import RnnServeError, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -43,12 +44,16 @@ class Stream(Iterator[T], Generic[M, T]):
                 message = next(self._responses)
             except StopIteration:
                 self._done = True
+                if not self._cancelled:
+                    self._ended(None)
                 raise
             except grpc.RpcError as e:
                 self._done = True
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                     raise StopIteration from None
-                raise error_from_rpc(e) from None
+                error = error_from_rpc(e)
+                self._ended(error)
+                raise error from None
             self._observe(message)
             self._pending.extend(self._convert(message))
         return self._pending.popleft()
@@ -72,6 +77,10 @@ class Stream(Iterator[T], Generic[M, T]):
 
     def _observe(self, message: M) -> None:
         """Hook for subclasses: sees every response message before it is converted."""
+
+    def _ended(self, error: RnnServeError | None) -> None:
+        """Hook for subclasses: the server ended the stream, with ``error`` (None: OK); may
+        raise an error of its own instead."""
 
     @property
     def done(self) -> bool:
@@ -105,11 +114,13 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
     """The progress of a Train call: every TrainResponse, the last one with ``stop_reason`` set.
 
     ``last`` is the newest message received and ``final`` the closing one (``None`` until it
-    arrives, and forever if the stream was cancelled).
+    arrives, and forever if the stream was cancelled). A call cut off before its final message
+    (the connection or the replica failed) raises :class:`~rnnserve.errors.ConnectionLost`.
     """
 
-    def __init__(self, call: grpc.CallIterator[pb.TrainResponse]) -> None:
+    def __init__(self, call: grpc.CallIterator[pb.TrainResponse], request: pb.TrainRequest) -> None:
         super().__init__(call, lambda message: (message,))
+        self.request = request
         self.last: pb.TrainResponse | None = None
         self.final: pb.TrainResponse | None = None
 
@@ -117,6 +128,12 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
         self.last = message
         if message.stop_reason != pb.STOP_REASON_UNSPECIFIED:
             self.final = message
+
+    def _ended(self, error: RnnServeError | None) -> None:
+        if self.final is None:
+            raised = cut_off(error, self.request, self.last)
+            if raised is not None and raised is not error:
+                raise raised from None
 
     def wait(self) -> pb.TrainResponse:
         """Consume the rest of the stream and return the final message (or the last one seen)."""

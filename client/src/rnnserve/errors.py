@@ -25,6 +25,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 __all__ = [
+    "ConnectionLost",
     "FieldViolation",
     "InvalidArgument",
     "JobNotFound",
@@ -156,6 +157,35 @@ class ServerUnavailable(RnnServeError, ConnectionError):
     default_code = grpc.StatusCode.UNAVAILABLE
 
 
+class ConnectionLost(ServerUnavailable):
+    """A Train (or Step) was cut off mid-call: the connection to the replica broke (a proxy's
+    reset, a dropped connection, a stream that ended without its final message) or the
+    replica doing the work failed. The call may or may not have changed the session.
+
+    ``what`` says what happened; ``target_step`` is the step the call was heading for, when
+    known: retry with ``until_step=target_step``, which never trains past it
+    (``Session.train_to`` does). ``cause`` is the error that ended the call (None: the stream
+    just stopped); ``code``, ``reason`` and the other details are its.
+    """
+
+    def __init__(self, what: str, target_step: int | None, cause: RnnServeError | None) -> None:
+        if target_step is None:
+            advice = "check its step (info()) and retry with until_step set to its target"
+        else:
+            advice = f"retry with until_step={target_step}, which never trains past it"
+        super().__init__(
+            f"{what}; the session may have been updated; {advice} (Session.train_to retries "
+            "for you)",
+            cause.code if cause is not None else None,
+            reason=cause.reason if cause is not None else None,
+            metadata=cause.metadata if cause is not None else None,
+            retry_delay=cause.retry_delay if cause is not None else None,
+        )
+        self.what = what
+        self.target_step = target_step
+        self.cause = cause
+
+
 class Timeout(RnnServeError, TimeoutError):
     """DEADLINE_EXCEEDED: the call took longer than its timeout."""
 
@@ -194,6 +224,8 @@ _BY_REASON: dict[str, type[RnnServeError]] = {
     "STORAGE_FULL": LimitExceeded,
     "STORAGE_UNAVAILABLE": ServerUnavailable,
     "SHUTTING_DOWN": ServerUnavailable,
+    "OWNER_UNAVAILABLE": ServerUnavailable,
+    "LEASE_LOST": ServerUnavailable,
     "UNAUTHENTICATED": Unauthenticated,
 }
 

@@ -172,7 +172,9 @@ def start_metrics(settings: Settings, registry: Registry) -> metrics.MetricsServ
     if not settings.metrics_port:
         return None
     try:
-        metrics_server = metrics.start(settings.address, settings.metrics_port, registry.gauges)
+        metrics_server = metrics.start(
+            settings.address, settings.metrics_port, registry, settings.metrics_max_sessions
+        )
     except OSError as exc:
         log.error("cannot_bind_metrics", port=settings.metrics_port, error=str(exc))
         raise CannotServeError from None

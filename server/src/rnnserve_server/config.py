@@ -170,6 +170,13 @@ class Settings:
     metrics_port: int = field(
         default=0, metadata=_opt("serve Prometheus metrics on this port (0 = off)")
     )
+    metrics_max_sessions: int = field(
+        default=100,
+        metadata=_opt(
+            "most sessions with their own rnnserve_session_* series (step, losses, chars/s): "
+            "the most recently active ones; 0 = none"
+        ),
+    )
     auth_token: tuple[str, ...] = field(
         default=(),
         metadata=_opt(
@@ -385,6 +392,7 @@ def check_settings(settings: Settings) -> None:
         "blas_threads",
         "keepalive_min_ping_interval",
         *ZERO_MEANS_DEFAULT,
+        "metrics_max_sessions",
     ):
         if getattr(settings, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0")

@@ -92,6 +92,15 @@ class ShuttingDownError(DomainError):
     """The server is stopping and takes no new work (UNAVAILABLE)."""
 
 
+class OwnerUnavailableError(DomainError):
+    """Cluster mode: the replica that owns the session did not answer a forwarded call
+    (UNAVAILABLE; ``retry_seconds`` goes into RetryInfo)."""
+
+    def __init__(self, message: str, *, session_id: str, retry_seconds: float) -> None:
+        super().__init__(message, session_id=session_id)
+        self.retry_seconds = retry_seconds
+
+
 class StorageError(DomainError):
     """A change could not be saved to the data directory, so it was not made or not
     acknowledged (UNAVAILABLE; the message says what the operator must fix)."""
@@ -99,6 +108,24 @@ class StorageError(DomainError):
 
 class StorageFullError(StorageError):
     """As StorageError, because the data directory's disk is full (RESOURCE_EXHAUSTED)."""
+
+
+class LeaseLostError(StorageError):
+    """Cluster mode: a change could not be kept because another replica owns the session now:
+    this replica lost its lease while the call ran (it was paused, or cut off from Redis, past
+    the lease TTL), so its write was refused (ABORTED: retry, the call goes to the new owner).
+    """
+
+    @classmethod
+    def moved(cls, session_id: str) -> LeaseLostError:
+        """The error for ``session_id``, with the sentence a caller sees."""
+        return cls(
+            f"session {session_id!r} moved to another replica while this call ran: the "
+            "replica running it lost the session's lease (it was paused or cut off from "
+            "Redis for longer than the lease), so what it did after that is not kept; retry "
+            "the call (with until_step it never trains past its target)",
+            session_id=session_id,
+        )
 
 
 class CheckpointError(Exception):

@@ -17,6 +17,13 @@ prometheus-client default, so nothing a library registers globally leaks in:
   applied and characters trained on (``rate(...[1m])`` is updates/s and chars/s);
 - ``rnnserve_checkpoints_total{result}`` (ok / error) and ``rnnserve_checkpoint_duration_seconds``;
 - ``rnnserve_sessions_unsaved``: sessions whose last checkpoint failed (alert on > 0);
+- ``rnnserve_training_divergences_total``: Trains that ended as diverged and Steps refused
+  because their update diverged;
+- per session, label ``session_id``, for the ``--metrics-max-sessions`` most recently active
+  sessions a server holds: ``rnnserve_session_step``, ``rnnserve_session_smoothed_loss``,
+  ``rnnserve_session_validation_loss`` (once measured), ``rnnserve_session_chars_per_second``
+  (over the last THROUGHPUT_WINDOW complete seconds); ``rnnserve_session_series_omitted``:
+  sessions left out by the cap;
 - ``process_*`` and ``python_info``: the standard process and platform collectors.
 
 The RPC metrics (and ``ACTIVE_STREAMS``) are recorded by interceptors.ObservingInterceptor,
@@ -26,12 +33,15 @@ checkpoint writer whether or not they are served (an increment costs well under 
 
 from __future__ import annotations
 
+import heapq
 import importlib.metadata
 import platform
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import prometheus_client
 from prometheus_client import (
@@ -146,6 +156,11 @@ CHECKPOINT_DURATION = Histogram(
 )
 for _result in ("ok", "error"):
     CHECKPOINTS.labels(result=_result)  # both series exist from the start, at 0
+DIVERGENCES = Counter(
+    "rnnserve_training_divergences",
+    "Trains that ended as diverged and Steps refused because their update diverged.",
+    registry=REGISTRY,
+)
 
 
 JOBS = Gauge(
@@ -170,12 +185,20 @@ def record_jobs(queued: int, running: int) -> None:
     JOBS.labels(state="running").set(running)
 
 
-def record_training(updates: int, chars: int) -> None:
-    """Count ``updates`` optimizer updates over ``chars`` characters."""
+def record_training(updates: int, chars: int, session_id: str | None = None) -> None:
+    """Count ``updates`` optimizer updates over ``chars`` characters (of ``session_id``'s
+    chars/s gauge when given)."""
     if updates > 0:
         TRAINING_UPDATES.inc(updates)
     if chars > 0:
         TRAINING_CHARS.inc(chars)
+        if session_id is not None:
+            THROUGHPUT.add(session_id, chars)
+
+
+def record_divergence() -> None:
+    """Count a Train that ended as diverged or a Step whose update diverged."""
+    DIVERGENCES.inc()
 
 
 def record_checkpoint(seconds: float, ok: bool = True) -> None:
@@ -291,6 +314,144 @@ SESSIONS = SessionCollector()
 REGISTRY.register(SESSIONS)
 
 
+# ----- per-session series ----------------------------------------------------------------------
+
+# The chars/s gauge is the mean over this many complete seconds: long enough to smooth the
+# chunks of a Train, short enough to fall to 0 soon after training stops.
+THROUGHPUT_WINDOW = 10
+
+
+class Throughput:
+    """Characters trained per session in one-second buckets, for the chars/s gauge: a Step
+    loop costs a lookup and an addition per Step, and memory stays a few buckets a session."""
+
+    def __init__(self, window: int = THROUGHPUT_WINDOW) -> None:
+        self.window = window
+        self._lock = threading.Lock()  # add() on the event loop, rate() in the HTTP thread
+        self._buckets: dict[str, deque[list[int]]] = {}  # id -> [[second, chars], ...]
+        self._swept = 0
+
+    def add(self, session_id: str, chars: int, now: float | None = None) -> None:
+        """Count ``chars`` trained for ``session_id`` at ``now`` (default: the monotonic clock)."""
+        second = int(time.monotonic() if now is None else now)
+        with self._lock:
+            buckets = self._buckets.get(session_id)
+            if buckets is None:
+                buckets = self._buckets[session_id] = deque(maxlen=self.window + 1)
+            if buckets and buckets[-1][0] == second:
+                buckets[-1][1] += chars
+            else:
+                buckets.append([second, chars])
+            if second - self._swept > self.window:  # forget sessions idle for a window
+                self._swept = second
+                oldest = second - self.window
+                for idle in [i for i, b in self._buckets.items() if b[-1][0] < oldest]:
+                    del self._buckets[idle]
+
+    def rate(self, session_id: str, now: float | None = None) -> float:
+        """Mean characters per second over the last ``window`` complete seconds."""
+        second = int(time.monotonic() if now is None else now)
+        with self._lock:
+            buckets = list(self._buckets.get(session_id, ()))
+        return sum(c for s, c in buckets if second - self.window <= s < second) / self.window
+
+
+THROUGHPUT = Throughput()
+
+
+@dataclass(frozen=True)
+class SessionPoint:
+    """One session's per-session gauges at a scrape (from Registry.session_points)."""
+
+    session_id: str
+    active: float  # when it was last used (monotonic seconds); inf while a call runs on it
+    step: int
+    smoothed_loss: float | None  # None before its first update
+    validation_loss: float | None  # None until one was measured
+
+
+# What a running server is asked for its sessions' points: called in the HTTP server's thread.
+PointSource = Callable[[], Iterable[SessionPoint]]
+
+
+class SessionSource(Protocol):
+    """A running server's sessions as /metrics reads them (its Registry); both methods run in
+    the HTTP server's thread, so they only read, copying containers before iterating."""
+
+    def gauges(self) -> SessionGauges: ...
+
+    def session_points(self) -> Iterable[SessionPoint]: ...
+
+
+class SessionSeries(Collector):
+    """The per-session gauges of each running server's ``cap`` most recently active sessions.
+
+    Computed at scrape time from the sessions the server holds, so a session that leaves the
+    cap, is deleted or moves to another replica loses its series at the next scrape."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sources: list[tuple[PointSource, int]] = []
+
+    def add(self, source: PointSource, cap: int) -> None:
+        """Report the ``cap`` most recently active of ``source``'s sessions."""
+        with self._lock:
+            self._sources.append((source, cap))
+
+    def remove(self, source: PointSource) -> None:
+        """Stop reporting ``source``'s sessions (its server stopped)."""
+        with self._lock:
+            self._sources = [(s, cap) for s, cap in self._sources if s != source]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        """Runs in the HTTP server's thread."""
+        labels = ["session_id"]
+        step = GaugeMetricFamily(
+            "rnnserve_session_step", "Updates applied to the session.", labels=labels
+        )
+        loss = GaugeMetricFamily(
+            "rnnserve_session_smoothed_loss",
+            "The session's training loss (nats/char), exponentially smoothed.",
+            labels=labels,
+        )
+        validation = GaugeMetricFamily(
+            "rnnserve_session_validation_loss",
+            "The session's latest validation loss (nats/char).",
+            labels=labels,
+        )
+        speed = GaugeMetricFamily(
+            "rnnserve_session_chars_per_second",
+            f"Characters the session trained on per second, over the last {THROUGHPUT_WINDOW} s.",
+            labels=labels,
+        )
+        omitted = 0
+        with self._lock:
+            sources = list(self._sources)
+        now = time.monotonic()
+        for source, cap in sources:
+            points = list(source())
+            shown = heapq.nlargest(cap, points, key=lambda p: p.active)
+            omitted += len(points) - len(shown)
+            for point in shown:
+                ident = [point.session_id]
+                step.add_metric(ident, point.step)
+                if point.smoothed_loss is not None:
+                    loss.add_metric(ident, point.smoothed_loss)
+                if point.validation_loss is not None:
+                    validation.add_metric(ident, point.validation_loss)
+                speed.add_metric(ident, THROUGHPUT.rate(point.session_id, now))
+        yield from (step, loss, validation, speed)
+        yield GaugeMetricFamily(
+            "rnnserve_session_series_omitted",
+            "Sessions without per-session series: beyond --metrics-max-sessions.",
+            value=omitted,
+        )
+
+
+SESSION_SERIES = SessionSeries()
+REGISTRY.register(SESSION_SERIES)
+
+
 # ----- HTTP endpoint ---------------------------------------------------------------------------
 
 
@@ -307,27 +468,31 @@ def metrics_host(address: str) -> str:
 class MetricsServer:
     """The ``/metrics`` HTTP endpoint of one gRPC server, and its session gauges."""
 
-    def __init__(self, gauges: GaugeSource, host: str, port: int) -> None:
-        self._gauges = gauges
+    def __init__(self, sessions: SessionSource, host: str, port: int, max_sessions: int) -> None:
+        self._gauges = sessions.gauges
+        self._points = sessions.session_points
         self._http: WSGIServer
         self._http, self._thread = prometheus_client.start_http_server(
             port, addr=host, registry=REGISTRY
         )
         self.port: int = self._http.server_port
-        SESSIONS.add(gauges)
+        SESSIONS.add(self._gauges)
+        SESSION_SERIES.add(self._points, max_sessions)
 
     def close(self) -> None:
         """Stop serving and stop counting this server's sessions."""
         SESSIONS.remove(self._gauges)
+        SESSION_SERIES.remove(self._points)
         self._http.shutdown()
         self._http.server_close()
         self._thread.join(5)
 
 
-def start(address: str, port: int, gauges: GaugeSource) -> MetricsServer:
-    """Serve ``/metrics`` on ``port`` at the host of the gRPC ``address``, with the session
-    gauges ``gauges`` reports.
+def start(address: str, port: int, sessions: SessionSource, max_sessions: int) -> MetricsServer:
+    """Serve ``/metrics`` on ``port`` at the host of the gRPC ``address``: the session gauges
+    of ``sessions`` (a server's registry) and per-session series for its ``max_sessions``
+    most recently active sessions.
 
     Raises OSError when the port cannot be bound.
     """
-    return MetricsServer(gauges, metrics_host(address), port)
+    return MetricsServer(sessions, metrics_host(address), port, max_sessions)

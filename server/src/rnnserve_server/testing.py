@@ -11,6 +11,8 @@ for a condition with a deadline (a log line, a PING answered, a port accepting),
 - :func:`start_redis`: a :class:`RedisProcess` (``appendonly yes``), restartable on its data.
 - :func:`start_nginx`: an :class:`NginxProcess` proxying gRPC to replicas, choosing one by
   ``hash $http_x_session_id consistent`` (the conf is :func:`nginx_conf`).
+- :func:`start_prometheus`: a :class:`PrometheusProcess` scraping servers' ``/metrics`` every
+  second and evaluating rule files, queried through its HTTP API.
 
 ::
 
@@ -20,7 +22,8 @@ for a condition with a deadline (a log line, a PING answered, a port accepting),
     assert server.stop() == 0          # SIGTERM, wait, exit code
 
 It starts the server as a user would and imports none of its layers (only the client library),
-so it sits beside them. redis-server and nginx are the Debian packages (``make deps``).
+so it sits beside them. redis-server, nginx and prometheus are the Debian packages
+(``make deps``).
 """
 
 from __future__ import annotations
@@ -36,23 +39,30 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from rnnserve import Client
 
 __all__ = [
     "START_TIMEOUT",
     "NginxProcess",
+    "PrometheusProcess",
+    "PrometheusQueryError",
     "RedisProcess",
     "ServerHandle",
+    "daemons",
     "find_binary",
     "free_port",
     "nginx_conf",
     "server_command",
     "server_env",
     "start_nginx",
+    "start_prometheus",
     "start_redis",
     "start_server",
     "temporary_server",
@@ -371,7 +381,7 @@ def temporary_server(stop_timeout: float = 60.0, **settings: Any) -> Iterator[Se
             server.stop(timeout=stop_timeout)
 
 
-# ----- redis-server and nginx --------------------------------------------------------------------
+# ----- redis-server, nginx and prometheus --------------------------------------------------------
 
 
 class _Daemon:
@@ -401,13 +411,24 @@ class _Daemon:
         raise NotImplementedError
 
     def _launch(
-        self, args: list[str], ready: Callable[[], bool], timeout: float, what: str
+        self,
+        args: list[str],
+        ready: Callable[[], bool],
+        timeout: float,
+        what: str,
+        output_to_log: bool = False,
     ) -> None:
         """Run ``args`` and return once ``ready()``; AssertionError with the log's tail if the
-        process exits first or ``timeout`` passes (``what`` it did not do)."""
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        process exits first or ``timeout`` passes (``what`` it did not do). With
+        ``output_to_log`` its stdout and stderr go to ``log_path`` (a binary that can't be told
+        where to log)."""
+        with contextlib.ExitStack() as stack:
+            output: IO[bytes] | int = subprocess.DEVNULL
+            if output_to_log:
+                output = stack.enter_context(self.log_path.open("wb"))
+            self.process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=output, stderr=output
+            )
         deadline = time.monotonic() + timeout
         while True:
             if not self.alive:
@@ -449,8 +470,11 @@ class RedisProcess(_Daemon):
 
     name = "redis-server"
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, options: Sequence[str] = ()
+    ) -> None:
         super().__init__(directory, port)
+        self.options = list(options)  # more redis-server options, after the defaults: they win
         directory.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -475,6 +499,7 @@ class RedisProcess(_Daemon):
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.log_path),
+            *self.options,
         ]  # fmt: skip
         self._launch(args, self.ping, timeout, "did not answer PING")
 
@@ -604,6 +629,92 @@ def _worker_pids(master: int) -> list[int]:
     return pids
 
 
+PROMETHEUS_TEMPLATE = """\
+# Written by rnnserve_server.testing: scrape rnnserve every second, evaluate its rules.
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files: {rule_files}
+scrape_configs:
+  - job_name: rnnserve
+    static_configs:
+      - targets: {targets}
+"""
+
+
+class PrometheusQueryError(AssertionError):
+    """Prometheus answered an API call with an error (a bad expression, say)."""
+
+
+class PrometheusProcess(_Daemon):
+    """``prometheus`` on 127.0.0.1:``port`` scraping ``targets`` (``host:port`` of
+    ``/metrics``, job ``rnnserve``) and evaluating ``rule_files`` every second, with its config,
+    data and log in ``directory``. ``query(expr)`` runs an instant query, ``api(path)`` any
+    other GET of the HTTP API."""
+
+    name = "prometheus"
+
+    def __init__(
+        self, directory: Path, targets: list[str], rule_files: list[Path], port: int | None = None
+    ) -> None:
+        super().__init__(directory, port)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config = directory / "prometheus.yml"
+        self.config.write_text(
+            PROMETHEUS_TEMPLATE.format(
+                rule_files=json.dumps([str(p.resolve()) for p in rule_files]),
+                targets=json.dumps(targets),
+            )
+        )
+
+    @property
+    def log_path(self) -> Path:
+        """Its stdout and stderr (prometheus logs to stderr only)."""
+        return self.directory / "prometheus.log"
+
+    @property
+    def url(self) -> str:
+        """The base URL of the web UI and HTTP API."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start prometheus and return once ``/-/ready`` answers."""
+        args = [
+            find_binary("prometheus"),
+            f"--config.file={self.config}",
+            f"--storage.tsdb.path={self.directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+        self._launch(args, self._ready, timeout, "not ready", output_to_log=True)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1.0) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET ``/api/v1/<path>``: the ``data`` of a successful answer; PrometheusQueryError
+        with Prometheus's message otherwise."""
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as exc:  # 400 / 422: the body says why
+            body = json.load(exc)
+        if body.get("status") != "success":
+            raise PrometheusQueryError(f"{path} {params}: {body.get('error', body)}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query now: its result vector (``metric`` labels and ``value``)."""
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", data
+        return list(data["result"])
+
+
 DaemonT = TypeVar("DaemonT", bound=_Daemon)
 
 
@@ -617,16 +728,46 @@ def _start_on_a_free_port(make: Callable[[], DaemonT], tries: int = 5) -> Daemon
             return daemon
         except AssertionError:
             daemon.kill()
-            if "Address already in use" not in tail(daemon.log_path):
+            if "address already in use" not in tail(daemon.log_path).lower():
                 raise
     raise AssertionError(f"no free port in {tries} tries")
 
 
-def start_redis(directory: Path) -> RedisProcess:
-    """A started :class:`RedisProcess` with its data in ``directory``."""
-    return _start_on_a_free_port(lambda: RedisProcess(directory))
+def start_redis(directory: Path, *options: str) -> RedisProcess:
+    """A started :class:`RedisProcess` with its data in ``directory`` (and more redis-server
+    ``options``: ``"--appendonly", "no"``)."""
+    return _start_on_a_free_port(lambda: RedisProcess(directory, options=options))
 
 
 def start_nginx(directory: Path, upstreams: list[str]) -> NginxProcess:
     """A started :class:`NginxProcess` in ``directory`` in front of ``upstreams``."""
     return _start_on_a_free_port(lambda: NginxProcess(directory, upstreams))
+
+
+@contextlib.contextmanager
+def daemons(
+    directory: Path, name: str, start: Callable[..., DaemonT]
+) -> Iterator[Callable[..., DaemonT]]:
+    """A function that starts daemons: ``start(directory / f"{name}{n}", *args)``, n = 0, 1,
+    ...; every one it started is stopped (gracefully, then killed) when the block ends."""
+    started: list[DaemonT] = []
+
+    def factory(*args: Any) -> DaemonT:
+        daemon = start(directory / f"{name}{len(started)}", *args)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield factory
+    finally:
+        for daemon in started:
+            if daemon.alive:
+                daemon.stop()
+            daemon.kill()
+
+
+def start_prometheus(
+    directory: Path, targets: list[str], rule_files: list[Path]
+) -> PrometheusProcess:
+    """A started :class:`PrometheusProcess` in ``directory`` scraping ``targets``."""
+    return _start_on_a_free_port(lambda: PrometheusProcess(directory, targets, rule_files))

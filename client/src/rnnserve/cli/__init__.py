@@ -102,10 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         where = f"{e.filename}: " if e.filename else ""
         print(f"{PROG}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return EXIT_ERROR
+        # Every path the CLI opens is one the user gave: a wrong one is a usage error.
+        wrong_path = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+        return EXIT_USAGE if isinstance(e, wrong_path) else EXIT_ERROR
     except UnicodeDecodeError as e:
         print(f"{PROG}: error: the input is not UTF-8 text ({e.reason})", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

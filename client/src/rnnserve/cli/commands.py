@@ -6,19 +6,31 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from pathlib import Path
 from typing import Any
 
 from rnnserve import completion
-from rnnserve.cli.exit_codes import EXIT_CONFLICT, EXIT_OK, EXIT_UNAVAILABLE, PROG, UsageError
 from rnnserve.cli.jobs import job_progress
+from rnnserve.cli.exit_codes import (
+    EXIT_CONFLICT,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    PROG,
+    UsageError,
+    start_hint,
+)
 from rnnserve.cli.output import (
     Output,
+    _decoding,
     _enum_name,
     _format_config,
     _open_input,
     _read_text,
     _show_session,
+    _source_name,
     _state,
+    _stdin_text,
 )
 from rnnserve.client import Client
 from rnnserve.errors import SessionBusy, Timeout
@@ -147,10 +159,14 @@ def cmd_append(client: Client, args: argparse.Namespace, out: Output) -> int:
     elif args.file is None and sys.stdin.isatty():
         raise UsageError("give the text as a FILE argument, with --text, or on stdin")
     elif args.file in (None, "-"):
-        response = session.append_text(sys.stdin)
+        with _stdin_text() as stdin, _decoding("-"):
+            response = session.append_text(stdin)
     else:
-        with _open_input(args.file) as f:
+        with _open_input(args.file) as f, _decoding(args.file):
             response = session.append_text(f)
+    if not response.appended_chars:  # e.g. a download that failed and left an empty file
+        source = "--text" if args.text is not None else _source_name(args.file or "-")
+        raise UsageError(f"no input text: {source} is empty; nothing was appended")
     out.obj(response)
     out.line(
         f"appended {response.appended_chars:,} chars to {args.id} "
@@ -197,9 +213,36 @@ def cmd_fork(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def cmd_export(client: Client, args: argparse.Namespace, out: Output) -> int:
     path = args.output if args.output is not None else f"{args.id}.rnn"
-    data = client.session(args.id).export(path)
+    data = client.session(args.id).export(path, weights_only=args.weights_only)
     out.obj({"session_id": args.id, "path": path, "bytes": len(data)})
-    out.line(f"exported {args.id} to {path} ({len(data):,} bytes)")
+    what = "the weights of " if args.weights_only else ""
+    out.line(f"exported {what}{args.id} to {path} ({len(data):,} bytes)")
+    return EXIT_OK
+
+
+def cmd_convert(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Offline: the client (and its server) is not used."""
+    output = args.output or str(Path(args.archive).with_suffix(".onnx"))
+    if Path(output).resolve() == Path(args.archive).resolve():
+        raise UsageError(f"the output {output} is the archive itself: name another OUTPUT")
+    try:
+        from rnnserve.convert import to_onnx  # numpy and onnx: the onnx extra
+    except ImportError as e:
+        print(
+            f"{PROG}: error: convert needs the onnx extra: pip install 'rnnserve[onnx]' ({e})",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    model = to_onnx(args.archive, output)
+    props = {p.key: p.value for p in model.metadata_props}
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    out.obj({"archive": args.archive, "path": output, "inputs": inputs, "outputs": outputs})
+    out.line(
+        f"converted {args.archive} to {output}: {props['num_layers']}-layer {props['cell']}, "
+        f"hidden {props['hidden_size']}, {len(props['alphabet'])} characters; inputs "
+        f"{', '.join(inputs)}; outputs {', '.join(outputs)}"
+    )
     return EXIT_OK
 
 
@@ -253,7 +296,9 @@ def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> int:
             client.wait_ready(args.wait, service=args.service)
         except Timeout as e:
             out.obj({"status": "NOT_SERVING", "error": e.details})
-            print(f"{PROG}: unavailable: {e.details}", file=sys.stderr)
+            # No connection at all (not a server that answers NOT_SERVING): say how to start one.
+            hint = f"; {start_hint(args.address)}" if "(unreachable)" in e.details else ""
+            print(f"{PROG}: unavailable: {e.details}{hint}", file=sys.stderr)
             return EXIT_UNAVAILABLE
         status = "SERVING"
     else:

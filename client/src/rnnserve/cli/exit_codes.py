@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from rnnserve.errors import (
     InvalidArgument,
     LimitExceeded,
@@ -53,7 +55,8 @@ EXIT_CODES_HELP = """\
 exit codes:
   0    success (health: the server is SERVING)
   1    any other error
-  2    usage error (bad flags, no input text, an input file that does not exist)
+  2    usage error (bad flags, no input text or an empty file, an input file that does
+       not exist, is a directory or is not UTF-8 text)
   3    session not found
   4    conflict: the session id is taken, or the session is busy training
   5    server unavailable, not SERVING, or shutting down
@@ -78,6 +81,30 @@ def _error_line(error: RnnServeError, address: str) -> tuple[int, str]:
         if isinstance(error, cls):
             details = " ".join(error.details.split())
             if cls is ServerUnavailable:
-                details = f"cannot reach the server at {address}: {details}"
+                details = _unreachable(details, address)
             return code, f"{PROG}: {label}: {details}"
     return EXIT_ERROR, f"{PROG}: error: {error}"  # pragma: no cover - RnnServeError matches
+
+
+# gRPC names the address it resolved ("ipv6:%5B::1%5D:50999: "), not the one the user typed.
+_RESOLVED = re.compile(r"\b(?:ipv4|ipv6|unix|unix-abstract):\S+?:\s")
+# gRPC's own words when no connection could be made at all (nothing listens, no such host).
+_NO_CONNECTION = ("failed to connect to all addresses", "DNS resolution failed", "errors resolving")
+
+
+def _unreachable(details: str, address: str) -> str:
+    """An UNAVAILABLE error in the address's own words, with a hint when nothing answered."""
+    details = _RESOLVED.sub("", details)
+    if not any(words in details for words in _NO_CONNECTION):
+        return f"cannot reach the server at {address}: {details}"
+    cause = details.rsplit(": ", 1)[-1].strip(" []")
+    cause = cause[:1].lower() + cause[1:]
+    return f"cannot reach the server at {address} ({cause}); {start_hint(address)}"
+
+
+def start_hint(address: str) -> str:
+    """What to do when no server answers at ``address``."""
+    return (
+        f"is one running there? Start one with `make run` (in the repository) or "
+        f"`rnnserve-server --address {address}`, or give another with --address"
+    )

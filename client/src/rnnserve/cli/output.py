@@ -3,8 +3,10 @@ reading input text."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from google.protobuf import json_format
@@ -118,24 +120,58 @@ def _show_session(out: Output, session: pb.Session) -> None:
 
 
 def _read_text(path: str | None, text: str | None, what: str) -> str:
-    """The text from --text, a file ('-' is stdin), or piped stdin; UsageError if none."""
+    """The text from --text, a file ('-' is stdin), or piped stdin; UsageError if none, if
+    it is empty or if it is not UTF-8 (naming the file)."""
     if text is not None:
         if path is not None:
             raise UsageError(f"give {what} as FILE or --text, not both")
-        return text
-    if path is None:
-        if sys.stdin.isatty():
-            raise UsageError(f"give {what} as a FILE argument, with --text, or on stdin")
-        path = "-"
-    if path == "-":
-        return sys.stdin.read()
-    with _open_input(path) as f:
-        return f.read()
+        source = "--text"
+    else:
+        if path is None:
+            if sys.stdin.isatty():
+                raise UsageError(f"give {what} as a FILE argument, with --text, or on stdin")
+            path = "-"
+        source = _source_name(path)
+        with _decoding(path):
+            if path == "-":
+                with _stdin_text() as stdin:
+                    text = stdin.read()
+            else:
+                with _open_input(path) as f:
+                    text = f.read()
+    if not text:
+        raise UsageError(f"no input text: {source} is empty")
+    return text
+
+
+def _source_name(path: str) -> str:
+    return "stdin" if path == "-" else path
+
+
+@contextlib.contextmanager
+def _decoding(path: str) -> Iterator[None]:
+    """Turn a UnicodeDecodeError while reading ``path`` into a UsageError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{_source_name(path)}: not UTF-8 text ({e.reason}); convert it first "
+            "(e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _stdin_text() -> TextIO:
+    """stdin decoded as strict UTF-8 (not the locale's codec, whose surrogate escapes for
+    bad bytes would only fail later, inside the request)."""
+    return open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
 
 
 def _open_input(path: str) -> TextIO:
-    """Open a text file given on the command line; a missing one is a usage error (exit 2)."""
+    """Open a text file given on the command line; one that does not exist or is a
+    directory is a usage error (exit 2)."""
     try:
         return open(path, encoding="utf-8")
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a text file") from None

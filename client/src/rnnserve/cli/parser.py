@@ -9,6 +9,7 @@ from rnnserve import __version__
 from rnnserve.cli.commands import (
     cmd_append,
     cmd_completion,
+    cmd_convert,
     cmd_create,
     cmd_delete,
     cmd_export,
@@ -161,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--until-step",
         type=_positive_int,
         metavar="N",
-        help="instead of --steps: train until the session is at step N (running the command "
-        "again, e.g. after a lost connection, never trains past N)",
+        help="instead of --steps: train until the session is at step N; a call cut off (a lost "
+        "connection, a replica that died) is retried for up to 60 s, and never trains past N",
     )
     p.add_argument(
         "--report-every",
@@ -271,11 +272,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "export",
         cmd_export,
-        "save a whole session (weights, optimizer, corpus, history) to an archive file",
-        "  rnnserve export shakespeare -o model.rnn\n",
+        "save a whole session (weights, optimizer, corpus, history) to an archive file, or "
+        "with --weights-only its config, alphabet and weights",
+        "  rnnserve export shakespeare -o model.rnn\n"
+        "  rnnserve export shakespeare -o weights.rnn --weights-only   # docs/model-format.md\n",
     )
     p.add_argument("id", metavar="ID")
     p.add_argument("-o", "--output", metavar="FILE", help="archive path (default: ID.rnn)")
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="only the config, alphabet and weights (no corpus, optimizer state or history); "
+        "imports as a session at step 0 with no text",
+    )
+
+    p = command(
+        "convert",
+        cmd_convert,
+        "convert an archive (whole or --weights-only) to an ONNX model, offline; needs "
+        "pip install 'rnnserve[onnx]'",
+        "  rnnserve convert model.rnn model.onnx    # inputs and outputs: docs/model-format.md\n",
+    )
+    p.add_argument("archive", metavar="ARCHIVE", help="an archive made by rnnserve export")
+    p.add_argument(
+        "output", nargs="?", metavar="OUTPUT", help="ONNX path (default: ARCHIVE with .onnx)"
+    )
 
     p = command(
         "import",

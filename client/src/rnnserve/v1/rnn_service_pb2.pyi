@@ -46,6 +46,7 @@ class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_STATE_TRAINING: _ClassVar[SessionState]
     SESSION_STATE_BROKEN: _ClassVar[SessionState]
     SESSION_STATE_UNSAVED: _ClassVar[SessionState]
+    SESSION_STATE_OWNER_UNREACHABLE: _ClassVar[SessionState]
 
 class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -93,6 +94,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_SHUTTING_DOWN: _ClassVar[ErrorReason]
     ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
+    ERROR_REASON_LEASE_LOST: _ClassVar[ErrorReason]
+    ERROR_REASON_OWNER_UNAVAILABLE: _ClassVar[ErrorReason]
     ERROR_REASON_JOB_NOT_FOUND: _ClassVar[ErrorReason]
     ERROR_REASON_NOT_SUPPORTED: _ClassVar[ErrorReason]
 OPTIMIZER_UNSPECIFIED: Optimizer
@@ -116,6 +119,7 @@ SESSION_STATE_READY: SessionState
 SESSION_STATE_TRAINING: SessionState
 SESSION_STATE_BROKEN: SessionState
 SESSION_STATE_UNSAVED: SessionState
+SESSION_STATE_OWNER_UNREACHABLE: SessionState
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_COMPLETED: StopReason
 STOP_REASON_SHUTDOWN: StopReason
@@ -151,6 +155,8 @@ ERROR_REASON_STORAGE_UNAVAILABLE: ErrorReason
 ERROR_REASON_SHUTTING_DOWN: ErrorReason
 ERROR_REASON_UNAUTHENTICATED: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
+ERROR_REASON_LEASE_LOST: ErrorReason
+ERROR_REASON_OWNER_UNAVAILABLE: ErrorReason
 ERROR_REASON_JOB_NOT_FOUND: ErrorReason
 ERROR_REASON_NOT_SUPPORTED: ErrorReason
 
@@ -461,10 +467,12 @@ class UpdateSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "weights_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    weights_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., weights_only: _Optional[bool] = ...) -> None: ...
 
 class ExportSessionResponse(_message.Message):
     __slots__ = ("data", "total_bytes")

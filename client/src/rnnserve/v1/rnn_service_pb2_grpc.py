@@ -232,7 +232,8 @@ class RnnServiceServicer:
 
     def ExportSession(self, request, context):
         """ExportSession streams one archive holding the whole session (config, weights,
-        optimizer state, corpus, loss history): a numpy .npz without pickles; see the README.
+        optimizer state, corpus, loss history), or with weights_only its config, alphabet and
+        weights alone: a numpy .npz without pickles; see the README.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,7 +79,8 @@ class RnnServiceStub:
     """
     ExportSession: _grpc.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]
     """ExportSession streams one archive holding the whole session (config, weights,
-    optimizer state, corpus, loss history): a numpy .npz without pickles; see the README.
+    optimizer state, corpus, loss history), or with weights_only its config, alphabet and
+    weights alone: a numpy .npz without pickles; see the README.
     """
     ImportSession: _grpc.StreamUnaryMultiCallable[_rnn_service_pb2.ImportSessionRequest, _rnn_service_pb2.ImportSessionResponse]
     """ImportSession makes a new session from an archive that ExportSession produced,
@@ -163,7 +164,8 @@ class RnnServiceAsyncStub(RnnServiceStub):
     """
     ExportSession: _aio.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]  # type: ignore[assignment]
     """ExportSession streams one archive holding the whole session (config, weights,
-    optimizer state, corpus, loss history): a numpy .npz without pickles; see the README.
+    optimizer state, corpus, loss history), or with weights_only its config, alphabet and
+    weights alone: a numpy .npz without pickles; see the README.
     """
     ImportSession: _aio.StreamUnaryMultiCallable[_rnn_service_pb2.ImportSessionRequest, _rnn_service_pb2.ImportSessionResponse]  # type: ignore[assignment]
     """ImportSession makes a new session from an archive that ExportSession produced,
@@ -316,7 +318,8 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_rnn_service_pb2.ExportSessionResponse], _abc.AsyncIterator[_rnn_service_pb2.ExportSessionResponse]]:
         """ExportSession streams one archive holding the whole session (config, weights,
-        optimizer state, corpus, loss history): a numpy .npz without pickles; see the README.
+        optimizer state, corpus, loss history), or with weights_only its config, alphabet and
+        weights alone: a numpy .npz without pickles; see the README.
         """
 
     @_abc_1.abstractmethod

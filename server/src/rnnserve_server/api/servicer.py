@@ -166,8 +166,9 @@ class Servicer(pb_grpc.RnnServiceServicer):
     async def ExportSession(  # noqa: N802
         self, request: pb.ExportSessionRequest, context: Context
     ) -> AsyncIterator[pb.ExportSessionResponse]:
-        """The session's archive (storage/archive.py documents the format), in chunks."""
-        data = await self.sessions.export(request.session_id)
+        """The session's archive, whole or weights only (storage/archive.py documents the
+        format), in chunks."""
+        data = await self.sessions.export(request.session_id, request.weights_only)
         for message in cv.export_messages(data, self.settings.max_message_bytes):
             yield message
 

@@ -29,8 +29,10 @@ from rnnserve_server.errors import (
     DomainError,
     InvalidArgumentError,
     JobNotFoundError,
+    LeaseLostError,
     LimitExceededError,
     NotSupportedError,
+    OwnerUnavailableError,
     SessionBrokenError,
     SessionBusyError,
     SessionExistsError,
@@ -129,12 +131,17 @@ def problem_for(exc: BaseException) -> Problem | None:
         return Problem(code.INVALID_ARGUMENT, "FIELD_INVALID", message, field_path=where)
     if isinstance(exc, LimitExceededError):
         return Problem(code.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED", message, quota=exc)
+    if isinstance(exc, OwnerUnavailableError):
+        return Problem(
+            code.UNAVAILABLE, "OWNER_UNAVAILABLE", message, retry_seconds=exc.retry_seconds
+        )
     table: list[tuple[type[BaseException], grpc.StatusCode, str, float | None]] = [
         (SessionNotFoundError, code.NOT_FOUND, "SESSION_NOT_FOUND", None),
         (JobNotFoundError, code.NOT_FOUND, "JOB_NOT_FOUND", None),
         (NotSupportedError, code.FAILED_PRECONDITION, "NOT_SUPPORTED", None),
         (SessionExistsError, code.ALREADY_EXISTS, "SESSION_EXISTS", None),
         (SessionBusyError, code.FAILED_PRECONDITION, "SESSION_BUSY", None),
+        (LeaseLostError, code.ABORTED, "LEASE_LOST", None),
         (ShuttingDownError, code.UNAVAILABLE, "SHUTTING_DOWN", RETRY_SHUTTING_DOWN_S),
         (StorageFullError, code.RESOURCE_EXHAUSTED, "STORAGE_FULL", RETRY_STORAGE_FULL_S),
         (StorageError, code.UNAVAILABLE, "STORAGE_UNAVAILABLE", RETRY_STORAGE_S),

@@ -24,7 +24,7 @@ from rnnserve_server.cluster.shared_store import (
     SharedStore,
     StaleTokenError,
 )
-from rnnserve_server.errors import CheckpointError
+from rnnserve_server.errors import CheckpointError, LeaseLostError, StorageError
 from rnnserve_server.storage.checkpoint import Checkpoint, MetaCheck
 from rnnserve_server.storage.local_store import LocalStore
 
@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 # Redis calls made from an I/O thread give up after this long (the lease TTL is shorter).
 _BRIDGE_TIMEOUT = 30.0
+_REDIS_SILENT = "the cluster coordinator (Redis) is not answering, so {what}; retry in a moment"
 
 
 def pack(state: bytes, corpus: bytes) -> bytes:
@@ -91,9 +92,12 @@ class ClusterStore(LocalStore):
         if lease is not None:
             return lease.token
         # A new session (not yet in the directory) is claimed by its first checkpoint.
-        if not await self.ownership.coordinator.exists(session_id):
+        coordinator = self.ownership.coordinator
+        if not await coordinator.exists(session_id):
             claim = await self.ownership.claim(session_id)
-            if not isinstance(claim, str):
+            # (The claim may have waited for a rebuild of the directory that brought the id
+            # back: then it is not new.)
+            if not isinstance(claim, str) and not await coordinator.exists(session_id):
                 if self.on_claimed is not None:
                     self.on_claimed(session_id, claim.token)
                 return claim.token
@@ -111,7 +115,7 @@ class ClusterStore(LocalStore):
     def save(self, ckpt: Checkpoint) -> int:
         """Write the local working copy, then the shared blob under our fencing token.
 
-        Raises CheckpointError when the token is stale (another replica owns the session):
+        Raises LeaseLostError when the token is stale (another replica owns the session):
         the write is refused, never made the latest."""
         size = super().save(ckpt)
         blob = pack(
@@ -124,7 +128,9 @@ class ClusterStore(LocalStore):
             self.stale_writes += 1
             if self.on_stale is not None:
                 self.loop.call_soon_threadsafe(self.on_stale, ckpt.session_id)
-            raise CheckpointError(str(exc), public="another replica owns the session now") from None
+            raise LeaseLostError.moved(ckpt.session_id) from exc
+        except (RedisError, TimeoutError) as exc:  # down, or frozen past its op timeout
+            raise StorageError(_REDIS_SILENT.format(what="the change could not be saved")) from exc
         return size
 
     def load(self, session_id: str, check: MetaCheck | None = None) -> Checkpoint:
@@ -133,6 +139,9 @@ class ClusterStore(LocalStore):
             latest = self._wait(self.shared.latest(session_id))
         except CheckpointMissingError as exc:
             raise CheckpointError(str(exc), public="its latest checkpoint is missing") from None
+        except (RedisError, TimeoutError) as exc:  # not the checkpoint's fault: not BROKEN
+            what = "the session could not be loaded"
+            raise StorageError(_REDIS_SILENT.format(what=what)) from exc
         if latest is None:
             raise CheckpointError(
                 f"session {session_id!r} has no checkpoint in the shared directory",

@@ -13,13 +13,21 @@ slot and its scripts stay single-slot):
   (``XADD MAXLEN ~``).
 - ``P:sessions``       the directory: a sorted set of ids, all score 0, paged by id (``BYLEX``).
 - ``P:gc``             which replica sweeps the shared directory this period (``SET NX PX``).
+- ``P:directory``      the marker: set once the directory is complete. Its absence means Redis
+  lost its data (restarted without its append-only file): until a replica has rebuilt the
+  directory, the pointers and the token counters from the shared directory
+  (:meth:`Coordinator.restore`), a guarded coordinator refuses to hand out leases, so no token
+  is handed out twice and no id is created over a session it lost.
+- ``P:rebuild``        which replica rebuilds the directory (``SET NX PX``).
 
-Tokens only increase as long as Redis keeps its data: run it with ``appendonly yes``.
+Run Redis with ``appendonly yes``: without it a restart loses the leases and the loss streams,
+and whatever the owners had not checkpointed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -29,13 +37,16 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT, FieldT
 
+from rnnserve_server.errors import StorageError
+
 # Take the lease only when it is free; the token is bumped in the same atomic step, so a lease
-# never exists without its token.
+# never exists without its token. With the marker's key (KEYS[3]; guarded), none is handed out
+# while the marker is missing (Redis lost its data: the counters would start over).
 _ACQUIRE = """
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local token = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'NX', 'PX', ARGV[2])
@@ -55,15 +66,61 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# The fenced write: the pointer moves only for the holder of the newest token.
+# The fenced write: the pointer moves only for the holder of the newest token, and only
+# forward: a write whose caller gave up on a stalled Redis may reach it after a later one of
+# the same owner, and must not take the pointer back to a blob gc may have removed. A refused
+# write's blob is kept (2) when a rebuild of the directory may adopt it or already has: the
+# counter is gone (Redis lost its data), or the pointer names it.
 _ADVANCE = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) ~= current then return 0 end
+local counted = redis.call('GET', KEYS[1])
+local current = tonumber(counted or '0')
+local latest = redis.call('GET', KEYS[2])
+if tonumber(ARGV[1]) ~= current then
+  if not counted or latest == ARGV[2] then return 2 end
+  return 0
+end
+if latest then
+  local token, step = string.match(latest, '^(%d+)-(%d+)')
+  local new_step = string.match(ARGV[2], '^%d+-(%d+)')
+  if token and new_step and tonumber(token) == current
+      and tonumber(step) > tonumber(new_step) then
+    return 1
+  end
+end
 redis.call('SET', KEYS[2], ARGV[2])
 return 1
 """
 
+# A session's counter and pointer from the shared directory, after Redis lost them: the
+# counter is raised to ARGV[2] (above every token on disk) only if it is behind the disk (a
+# live one is left alone); the pointer is set only if it has none.
+_RESTORE = """
+local counted = tonumber(redis.call('GET', KEYS[1]) or '0')
+if counted < tonumber(ARGV[2]) - 1 then redis.call('SET', KEYS[1], ARGV[2]) end
+redis.call('SET', KEYS[2], ARGV[1], 'NX')
+return 1
+"""
+
 EventKind = Literal["loss", "restored"]
+
+
+class PointerMove(enum.IntEnum):
+    """What :meth:`Coordinator.advance_pointer` did."""
+
+    STALE = 0  # refused: another replica owns the session (the blob is garbage)
+    MOVED = 1  # the pointer names the blob now (or a later one of the same owner already)
+    STALE_KEPT = 2  # refused, but keep the blob: a rebuild of the directory may adopt it
+
+
+class DirectoryLostError(StorageError):
+    """Redis lost its data (restarted without its append-only file) and the session directory
+    is not rebuilt from the shared directory yet: no lease can be handed out meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the cluster coordinator (Redis) restarted without its data; the session "
+            "directory is being rebuilt from the shared directory, retry in a moment"
+        )
 
 
 @dataclass(frozen=True)
@@ -116,7 +173,8 @@ class Coordinator:
         prefix: str = "rnnserve",
         lease_ttl: float = 3.0,
         stream_maxlen: int = 10_000,
-        op_timeout: float = 5.0,
+        op_timeout: float | None = None,
+        guarded: bool = False,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be > 0 seconds")
@@ -124,7 +182,14 @@ class Coordinator:
             raise ValueError("stream_maxlen must be >= 1")
         self.prefix = prefix
         self.lease_ttl = lease_ttl
+        # Guarded: no lease while the directory marker is missing (DirectoryLostError).
+        self.guarded = guarded
         self.stream_maxlen = stream_maxlen
+        # How long one call may wait for Redis: by default a renewal interval (a third of the
+        # TTL, 0.5-5 s). A Redis that answers slower can't keep leases anyway, and a frozen
+        # one must fail the call (a checkpoint, so Steps are refused) rather than stall it.
+        if op_timeout is None:
+            op_timeout = min(5.0, max(0.5, lease_ttl / 3))
         self.op_timeout = op_timeout
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             url,
@@ -132,15 +197,21 @@ class Coordinator:
             socket_connect_timeout=op_timeout,
             socket_timeout=op_timeout,
             # A command that meets a dropped connection (Redis restarted) is retried on a
-            # new one a few times before the error reaches the caller.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            # new one a few times before the error reaches the caller; one that timed out is
+            # not (a frozen Redis would not answer the retry either).
+            retry=Retry(
+                ExponentialBackoff(cap=0.5, base=0.02),
+                retries=3,
+                supported_errors=(RedisConnectionError,),
+            ),
+            retry_on_error=[RedisConnectionError],
             health_check_interval=10,
         )
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)
         self._release = self.redis.register_script(_RELEASE)
         self._advance = self.redis.register_script(_ADVANCE)
+        self._restore = self.redis.register_script(_RESTORE)
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -150,6 +221,10 @@ class Coordinator:
     @property
     def _directory(self) -> str:
         return f"{self.prefix}:sessions"
+
+    @property
+    def _marker(self) -> str:
+        return f"{self.prefix}:directory"
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -165,19 +240,66 @@ class Coordinator:
         """Close the connection pool."""
         await self.redis.aclose()
 
+    async def appendonly(self) -> bool | str:
+        """Whether Redis keeps an append-only file (``CONFIG GET appendonly``), or why that
+        could not be checked (a managed Redis may forbid CONFIG)."""
+        try:
+            reply: Any = await self.redis.config_get("appendonly")
+        except ResponseError as exc:
+            return str(exc)
+        value = reply.get("appendonly") if isinstance(reply, dict) else None
+        return value == "yes" if value is not None else "CONFIG GET answered nothing"
+
+    # -- the directory after Redis lost its data ----------------------------------------------
+
+    async def directory_complete(self) -> bool:
+        """True while the directory marker is set (Redis kept its data, or was rebuilt)."""
+        return bool(await self.redis.exists(self._marker))
+
+    async def rebuild_turn(self, replica_addr: str, period: float) -> bool:
+        """True for the one replica that rebuilds the directory for the next ``period``
+        seconds (``SET NX PX``)."""
+        done = await self.redis.set(
+            f"{self.prefix}:rebuild", replica_addr, nx=True, px=max(1, round(period * 1000))
+        )
+        return bool(done)
+
+    async def restore(self, latest: Mapping[str, str], batch: int = 1000) -> None:
+        """Put back what the shared directory knows, then set the marker: for each session id
+        its latest checkpoint's name (``<token>-<step>.npz``), which becomes its pointer if it
+        has none, with its token counter raised above that token if it is behind it, and its
+        id in the directory."""
+        items = list(latest.items())
+        for start in range(0, len(items), batch):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for session_id, name in items[start : start + batch]:
+                    token = int(name.split("-", 1)[0])
+                    await self._restore(
+                        keys=[self.key(session_id, "token"), self.key(session_id, "ckpt")],
+                        args=[name, token + 1],
+                        client=pipe,
+                    )
+                    pipe.zadd(self._directory, {session_id: 0}, nx=True)
+                await pipe.execute()
+        await self.redis.set(self._marker, str(time.time()))
+
     # -- leases -------------------------------------------------------------------------------
 
     async def acquire(self, session_id: str, replica_addr: str) -> Lease | None:
         """Take the session's lease for ``replica_addr`` with a new, larger fencing token;
-        None if another lease is live."""
+        None if another lease is live. Guarded: DirectoryLostError while the directory
+        marker is missing."""
         ttl_ms = max(1, round(self.lease_ttl * 1000))
         sent = time.monotonic()
+        keys = [self.key(session_id, "lease"), self.key(session_id, "token")]
         token = await self._acquire(
-            keys=[self.key(session_id, "lease"), self.key(session_id, "token")],
+            keys=[*keys, self._marker] if self.guarded else keys,
             args=[replica_addr, ttl_ms],
         )
         if token is None:
             return None
+        if int(token) < 0:
+            raise DirectoryLostError()
         return Lease(session_id, replica_addr, int(token), self.lease_ttl, sent)
 
     async def renew(self, lease: Lease) -> bool:
@@ -216,14 +338,19 @@ class Coordinator:
 
     # -- the fenced checkpoint pointer ----------------------------------------------------------
 
-    async def advance_pointer(self, session_id: str, token: int, checkpoint_name: str) -> bool:
-        """Point the session at ``checkpoint_name`` if ``token`` is its current fencing token;
-        False (nothing changed) for a stale token."""
+    async def advance_pointer(
+        self, session_id: str, token: int, checkpoint_name: str
+    ) -> PointerMove:
+        """Point the session at ``checkpoint_name`` if ``token`` is its current fencing token
+        (MOVED); STALE (nothing changed) for a stale token, STALE_KEPT if the blob must be
+        kept all the same (see :class:`PointerMove`). A name of an earlier step than the
+        pointer's of the same token leaves the pointer where it is (MOVED: that write is
+        superseded)."""
         done = await self._advance(
             keys=[self.key(session_id, "token"), self.key(session_id, "ckpt")],
             args=[token, checkpoint_name],
         )
-        return bool(done)
+        return PointerMove(int(done))
 
     async def pointer(self, session_id: str) -> str | None:
         """The name of the session's latest checkpoint, or None if it has none."""

@@ -3,21 +3,28 @@
 All four call kinds are carried: the caller's metadata (``authorization`` included), its
 deadline (the time it has left), its cancellation (cancelling the inbound call cancels the
 outbound one) and the owner's answer: status, details and trailing metadata (rich error
-details travel in ``grpc-status-details-bin``). Messages are not decoded: a forward costs one
-extra hop, not a parse. A forwarded call carries ``x-rnnserve-forwarded``; a replica that gets
-one for a session it does not own must answer, not forward again (no loops).
+details travel in ``grpc-status-details-bin``). Messages are relayed as bytes, not decoded. A
+forwarded call carries ``x-rnnserve-forwarded``; a replica that gets one for a session it does
+not own must answer, not forward again (no loops).
+
+A failure of the hop itself is not relayed as is (its text names internal addresses): an owner
+that can't be reached, or that froze until it lost the session's lease, ends the call with
+:class:`~rnnserve_server.errors.OwnerUnavailableError` (UNAVAILABLE, a sentence, RetryInfo).
 
 :class:`~rnnserve_server.cluster.router.Router` picks the address per call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, cast
 
 import grpc
 import grpc.aio
+
+from rnnserve_server.errors import OwnerUnavailableError
 
 FORWARDED_KEY = "x-rnnserve-forwarded"
 # Metadata a hop must not copy: transport headers gRPC sets itself, and the hop marker.
@@ -58,18 +65,39 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+# A failed hop without the owner's google.rpc.Status came from the transport (the owner died,
+# a connection broke), not from the owner: its text names internal addresses, so the caller
+# gets a sentence instead.
+_TRANSPORT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+# Told (session id, owner address); returns once that owner no longer holds the session's lease.
+OwnerGone = Callable[[str, str], Awaitable[None]]
+
+
 class Forwarder:
-    """One channel per owner address, reused; forwards calls as bytes."""
+    """One channel per owner address, reused; forwards calls as bytes.
+
+    With ``owner_gone``, a forwarded call whose owner loses the session's lease meanwhile (it
+    froze past the lease) is given up rather than left waiting for the caller's deadline: the
+    caller gets OWNER_UNAVAILABLE with RetryInfo 0 (retry now: the session moves to a replica
+    that answers). An owner that can't be reached gives OWNER_UNAVAILABLE with RetryInfo
+    ``retry_seconds``.
+    """
 
     def __init__(
         self,
         *,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        owner_gone: OwnerGone | None = None,
+        retry_seconds: float = 1.0,
     ) -> None:
         self._credentials = credentials
         self._options = list(options)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._owner_gone = owner_gone
+        self.retry_seconds = retry_seconds
         self.forwards = 0  # calls forwarded (for the replica's metrics)
 
     def channel(self, address: str) -> grpc.aio.Channel:
@@ -97,43 +125,115 @@ class Forwarder:
             "metadata": _outbound_metadata(context),
         }
 
+    def _watch(self, call: Any, session_id: str, address: str) -> asyncio.Task[None] | None:
+        """A task that cancels the hop once its owner has lost the session's lease."""
+        owner_gone = self._owner_gone
+        if owner_gone is None or not session_id:
+            return None
+
+        async def cancel_when_gone() -> None:
+            await owner_gone(session_id, address)
+            call.cancel()
+
+        return asyncio.create_task(cancel_when_gone(), name=f"forward-watch:{session_id}")
+
+    async def _relay(
+        self,
+        call: Any,
+        streaming: bool,
+        context: grpc.aio.ServicerContext[Any, Any],
+        session_id: str,
+        address: str,
+    ) -> AsyncGenerator[bytes, None]:
+        """The hop's messages (one for a unary response); its failure becomes the caller's."""
+        watch = self._watch(call, session_id, address)
+        try:
+            if streaming:
+                async for message in call:
+                    yield message
+            else:
+                yield await call
+            return
+        except grpc.aio.AioRpcError as error:
+            if not _fired(watch):
+                await self._relay_error(error, context, session_id)
+        except asyncio.CancelledError:
+            if not _fired(watch):
+                raise  # the caller went away
+        finally:
+            if watch is not None and not watch.done():
+                watch.cancel()
+            call.cancel()  # no-op once done; cancels the hop if we were cancelled
+        raise OwnerUnavailableError(
+            f"the replica that owned session {session_id!r} stopped answering and lost the "
+            "session's lease; retry now: the session moves to a replica that answers (the "
+            "call may have been applied before the owner stopped; with until_step a retry "
+            "never trains past its target)",
+            session_id=session_id,
+            retry_seconds=0.0,
+        )
+
     async def _relay_error(
-        self, error: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        error: grpc.aio.AioRpcError,
+        context: grpc.aio.ServicerContext[Any, Any],
+        session_id: str,
     ) -> None:
-        trailing = error.trailing_metadata()
+        # grpc.aio.Metadata iterates as (key, value) pairs (the stubs say otherwise).
+        trailing = tuple(cast(Any, error.trailing_metadata() or ()))
+        from_owner = any(key == _STATUS_DETAILS_KEY for key, _ in trailing)
+        if not from_owner and error.code() in _TRANSPORT_CODES:
+            raise OwnerUnavailableError(
+                f"session {session_id!r} is owned by another replica, which did not answer "
+                "(it may have just failed); retry in a moment: once its lease lapses "
+                "(--lease-ttl) the session moves to a replica that answers",
+                session_id=session_id,
+                retry_seconds=self.retry_seconds,
+            )
         if trailing:
-            # grpc.aio.Metadata iterates as (key, value) pairs (the stubs say otherwise).
-            context.set_trailing_metadata(tuple(cast(Any, trailing)))
+            context.set_trailing_metadata(trailing)
         await context.abort(error.code(), error.details() or "")
 
+    async def _one(
+        self,
+        call: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        session_id: str,
+        address: str,
+    ) -> bytes:
+        async with contextlib.aclosing(
+            self._relay(call, False, context, session_id, address)
+        ) as responses:
+            async for response in responses:
+                return response
+        raise AssertionError("a unary hop ended without a response")  # pragma: no cover
+
     async def unary_unary(
-        self, address: str, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        address: str,
+        method: str,
+        request: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+        session_id: str = "",
     ) -> bytes:
         """Forward a unary call; the owner's response bytes."""
         stub = self.channel(address).unary_unary(method, _identity, _identity)
         call = stub(request, **self._call_args(context))
-        try:
-            response: bytes = await call
-            return response
-        except grpc.aio.AioRpcError as error:
-            await self._relay_error(error, context)
-            raise  # abort raised already; for the type checker
-        finally:
-            call.cancel()  # no-op once done; cancels the hop if we were cancelled
+        return await self._one(call, context, session_id, address)
 
     async def unary_stream(
-        self, address: str, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        address: str,
+        method: str,
+        request: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+        session_id: str = "",
     ) -> AsyncIterator[bytes]:
         """Forward a server-streaming call; yields the owner's messages."""
         stub = self.channel(address).unary_stream(method, _identity, _identity)
         call = stub(request, **self._call_args(context))
-        try:
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as error:
-            await self._relay_error(error, context)
-        finally:
-            call.cancel()
+        async for message in self._relay(call, True, context, session_id, address):
+            yield message
 
     async def stream_unary(
         self,
@@ -141,18 +241,12 @@ class Forwarder:
         method: str,
         requests: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext[Any, Any],
+        session_id: str = "",
     ) -> bytes:
         """Forward a client-streaming call; the owner's response bytes."""
         stub = self.channel(address).stream_unary(method, _identity, _identity)
         call = stub(requests, **self._call_args(context))
-        try:
-            response: bytes = await call
-            return response
-        except grpc.aio.AioRpcError as error:
-            await self._relay_error(error, context)
-            raise
-        finally:
-            call.cancel()
+        return await self._one(call, context, session_id, address)
 
     async def stream_stream(
         self,
@@ -160,18 +254,20 @@ class Forwarder:
         method: str,
         requests: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext[Any, Any],
+        session_id: str = "",
     ) -> AsyncIterator[bytes]:
         """Forward a bidirectional call; yields the owner's messages."""
         stub = self.channel(address).stream_stream(method, _identity, _identity)
         call = stub(requests, **self._call_args(context))
-        try:
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as error:
-            await self._relay_error(error, context)
-        finally:
-            with contextlib.suppress(Exception):
-                call.cancel()
+        async for message in self._relay(call, True, context, session_id, address):
+            yield message
+
+
+def _fired(watch: asyncio.Task[None] | None) -> bool:
+    """True if the watch cancelled the hop because its owner lost the lease."""
+    return (
+        watch is not None and watch.done() and not watch.cancelled() and watch.exception() is None
+    )
 
 
 def proxy_handler(forwarder: Forwarder, kinds: dict[str, Kind], address: str) -> Any:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from rnnserve_server.cluster.coordinator import Coordinator, Lease
+from rnnserve_server.cluster.coordinator import Coordinator, DirectoryLostError, Lease
 from rnnserve_server.cluster.lease_keeper import LeaseKeeper, RenewalBatcher
 
 
@@ -27,10 +27,14 @@ class Ownership:
         coordinator: Coordinator,
         address: str,
         on_lost: Callable[[str], Awaitable[None]] | None = None,
+        restore_directory: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.address = address
         self.on_lost = on_lost
+        # Called when Redis lost its data (DirectoryLostError): returns once the directory is
+        # rebuilt, so the claim can go on.
+        self.restore_directory = restore_directory
         self.leases_lost = 0  # leases that lapsed or were taken while we held them
         self._renew_failures_done = 0  # from keepers no longer running
         self._keepers: dict[str, LeaseKeeper] = {}
@@ -57,7 +61,8 @@ class Ownership:
 
         A lease still held under our own address that we do not know (this replica restarted
         within the TTL) is waited out, never forwarded to ourselves. Raises TimeoutError after
-        ``timeout`` (default: twice the lease TTL) and RedisError while Redis is unreachable.
+        ``timeout`` (default: twice the lease TTL), RedisError while Redis is unreachable, and
+        DirectoryLostError if Redis lost its data and the directory is not rebuilt meanwhile.
         """
         lock = self._locks.setdefault(session_id, asyncio.Lock())
         async with lock:
@@ -68,7 +73,13 @@ class Ownership:
             wait = timeout if timeout is not None else 2 * self.coordinator.lease_ttl
             deadline = time.monotonic() + wait
             while True:
-                lease = await self.coordinator.acquire(session_id, self.address)
+                try:
+                    lease = await self.coordinator.acquire(session_id, self.address)
+                except DirectoryLostError:
+                    if self.restore_directory is None or time.monotonic() > deadline:
+                        raise
+                    await self.restore_directory()
+                    continue
                 if lease is not None:
                     self._keepers[session_id] = LeaseKeeper(
                         self.coordinator, lease, self._lost, renew=self.renewals.renew

@@ -5,10 +5,11 @@ For a method whose request names a session (``session_id``, the first message's 
 streams): if this replica holds the session's lease, the call is served here; if no one does,
 this replica takes the lease, loads the session's latest checkpoint from the shared directory
 into its registry and serves it; if another replica holds it, the whole call is forwarded
-there as bytes (:mod:`rnnserve_server.cluster.forward`). The client's ``x-session-id``
-metadata lets a call for a session owned elsewhere be forwarded without decoding it; the
-owner still routes by the request itself. A forwarded call is never forwarded again: if the
-lease moved meanwhile, the caller gets UNAVAILABLE and retries.
+there as bytes (:mod:`rnnserve_server.cluster.forward`). Routing reads the request's own
+``session_id``; the client's ``x-session-id`` metadata is only a hint for a load balancer in
+front (it may name another session: it is never trusted here). A forwarded call is never
+forwarded again: if the lease moved meanwhile, the caller gets UNAVAILABLE
+(OWNER_UNAVAILABLE) and retries.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 
 from rnnserve_server.api import status
 from rnnserve_server.api.interceptors import Refused, guard_deserializer, rebuild
-from rnnserve_server.cluster.forward import FORWARDED_KEY, Forwarder, Kind, method_kinds
+from rnnserve_server.cluster.forward import Forwarder, Kind, forwarded, method_kinds
+from rnnserve_server.errors import OwnerUnavailableError
 
-SESSION_KEY = "x-session-id"
 SERVICE = pb.DESCRIPTOR.services_by_name["RnnService"]
 LIST_METHOD = f"/{SERVICE.full_name}/ListSessions"
 WATCH_METHOD = f"/{SERVICE.full_name}/WatchLoss"
@@ -48,13 +49,6 @@ Done = Callable[[str], None]
 
 class OwnerMovedError(Exception):
     """A forwarded call reached a replica that no longer owns the session."""
-
-
-def _metadata_value(context: aio.ServicerContext[Any, Any], key: str) -> str | None:
-    for k, v in context.invocation_metadata() or ():
-        if k == key:
-            return v if isinstance(v, str) else v.decode("utf-8", "replace")
-    return None
 
 
 class Router(Interceptor):
@@ -100,16 +94,18 @@ class Router(Interceptor):
         return entry[1]  # type: ignore[no-any-return]
 
     async def _where(self, session_id: str, context: aio.ServicerContext[Any, Any]) -> str | None:
-        forwarded = _metadata_value(context, FORWARDED_KEY) is not None
         try:
-            return await self.route(session_id, forwarded)
+            return await self.route(session_id, forwarded(context))
         except OwnerMovedError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            moved = OwnerUnavailableError(str(exc), session_id=session_id, retry_seconds=0.0)
+            await status.abort(context, moved)
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
+            changing = OwnerUnavailableError(
                 f"session {session_id!r} is changing owner; retry in a moment",
+                session_id=session_id,
+                retry_seconds=self.forwarder.retry_seconds,
             )
+            await status.abort(context, changing)
         except (RedisError, OSError):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -121,13 +117,24 @@ class Router(Interceptor):
             await status.abort(context, exc)
         raise AssertionError("abort returned")  # pragma: no cover
 
-    async def _hint(self, context: aio.ServicerContext[Any, Any]) -> str | None:
-        """The owner's address from the x-session-id metadata when it is elsewhere (forward
-        without decoding); None: decode and route by the request."""
-        sid = _metadata_value(context, SESSION_KEY)
-        if not sid or _metadata_value(context, FORWARDED_KEY) is not None:
-            return None
-        return await self._where(sid, context)
+    async def _forward(
+        self, call: Callable[..., Awaitable[Any]], *args: Any, context: Any, sid: str
+    ) -> Any:
+        """A unary-response forward; the owner not answering ends the call with its status."""
+        try:
+            return await call(*args, context, sid)
+        except OwnerUnavailableError as exc:
+            await status.abort(context, exc)
+
+    async def _forward_stream(
+        self, call: Callable[..., AsyncIterator[Any]], *args: Any, context: Any, sid: str
+    ) -> AsyncIterator[Any]:
+        """A streaming-response forward, as :meth:`_forward`."""
+        try:
+            async for message in call(*args, context, sid):
+                yield message
+        except OwnerUnavailableError as exc:
+            await status.abort(context, exc)
 
     def _wrap_list(
         self, handler: grpc.RpcMethodHandler[Any, Any]
@@ -170,14 +177,13 @@ class Router(Interceptor):
             inner = handler.unary_unary
 
             async def uu(raw: bytes, context: Any) -> Any:
-                owner = await self._hint(context)
-                if owner is not None:
-                    return await fwd.unary_unary(owner, method, raw, context)
                 request = await decode(raw, context)
                 sid = sid_of(request)
                 owner = await self._where(sid, context) if sid else None
                 if owner is not None:
-                    return await fwd.unary_unary(owner, method, raw, context)
+                    return await self._forward(
+                        fwd.unary_unary, owner, method, raw, context=context, sid=sid
+                    )
                 try:
                     return await inner(request, context)
                 finally:
@@ -188,34 +194,34 @@ class Router(Interceptor):
         elif kind == "unary_stream":
             inner = handler.unary_stream
 
-            watching = method == WATCH_METHOD and self.watch_stream is not None
-            watch_stream = self.watch_stream
-            serves_locally = self.serves_locally
+            watch_stream = self.watch_stream if method == WATCH_METHOD else None
+            serves_locally = self.serves_locally or (lambda sid: True)
 
             async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
-                if watching and watch_stream is not None and serves_locally is not None:
-                    # WatchLoss on a non-owner follows the session's Redis stream: it sees
-                    # every point whoever trains it, and survives the owner's death.
-                    request = await decode(raw, context)
-                    sid = sid_of(request)
-                    if sid and request.from_step >= 0 and not serves_locally(sid):
-                        try:
-                            source = await watch_stream(sid, int(request.from_step))
-                        except (RedisError, OSError):
-                            source = None
-                        if source is not None:
-                            async for message in source:
-                                yield message
-                            return
-                owner = await self._hint(context)
-                request = None
-                sid = ""
-                if owner is None:
-                    request = await decode(raw, context)
-                    sid = sid_of(request)
-                    owner = await self._where(sid, context) if sid else None
+                request = await decode(raw, context)
+                sid = sid_of(request)
+                # WatchLoss on a non-owner follows the session's Redis stream: it sees every
+                # point whoever trains it, and survives the owner's death.
+                if (
+                    watch_stream is not None
+                    and sid
+                    and request.from_step >= 0
+                    and not serves_locally(sid)
+                ):
+                    try:
+                        source = await watch_stream(sid, int(request.from_step))
+                    except (RedisError, OSError):
+                        source = None
+                    if source is not None:
+                        async for message in source:
+                            yield message
+                        return
+                owner = await self._where(sid, context) if sid else None
                 if owner is not None:
-                    async for message in fwd.unary_stream(owner, method, raw, context):
+                    relayed = self._forward_stream(
+                        fwd.unary_stream, owner, method, raw, context=context, sid=sid
+                    )
+                    async for message in relayed:
                         yield message
                     return
                 try:
@@ -258,15 +264,12 @@ class Router(Interceptor):
             async def setup(
                 requests: AsyncIterator[bytes], context: Any
             ) -> tuple[str | None, str, Any, AsyncIterator[bytes]]:
-                owner = await self._hint(context)
-                if owner is not None:
-                    return owner, "", None, requests
                 raw_first, rest = await first_and_rest(requests)
                 first = await decode(raw_first, context) if raw_first is not None else None
                 sid = sid_of(first) if first is not None else ""
                 owner = await self._where(sid, context) if sid else None
                 if owner is not None:
-                    return owner, "", None, chained(raw_first, rest)
+                    return owner, sid, None, chained(raw_first, rest)
                 return None, sid, decoded(first, rest, context), rest
 
             if kind == "stream_unary":
@@ -274,7 +277,9 @@ class Router(Interceptor):
                 async def su(requests: AsyncIterator[bytes], context: Any) -> Any:
                     owner, sid, local, raw = await setup(requests, context)
                     if owner is not None:
-                        return await fwd.stream_unary(owner, method, raw, context)
+                        return await self._forward(
+                            fwd.stream_unary, owner, method, raw, context=context, sid=sid
+                        )
                     try:
                         return await inner(local, context)
                     finally:
@@ -287,7 +292,10 @@ class Router(Interceptor):
                 async def ss(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
                     owner, sid, local, raw = await setup(requests, context)
                     if owner is not None:
-                        async for message in fwd.stream_stream(owner, method, raw, context):
+                        relayed = self._forward_stream(
+                            fwd.stream_stream, owner, method, raw, context=context, sid=sid
+                        )
+                        async for message in relayed:
                             yield message
                         return
                     try:

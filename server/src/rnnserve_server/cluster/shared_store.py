@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rnnserve_server.cluster.coordinator import Coordinator
+from rnnserve_server.cluster.coordinator import Coordinator, PointerMove
 
 SUFFIX = ".npz"
 _NAME = re.compile(r"^(\d+)-(\d+)\.npz$")
@@ -100,14 +100,17 @@ class SharedStore:
         """Write ``data`` as the checkpoint at ``step`` and make it the session's latest.
 
         Returns the checkpoint's name. Raises :class:`StaleTokenError` (and removes the blob
-        it wrote) if ``token`` is no longer the session's current fencing token.
+        it wrote, unless a rebuild of the directory may adopt it) if ``token`` is no longer the
+        session's current fencing token.
         """
         name = checkpoint_name(token, step)
         directory = self.session_dir(session_id)
         await asyncio.to_thread(self._write, directory, name, data)
-        if not await self.coordinator.advance_pointer(session_id, token, name):
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread((directory / name).unlink)
+        moved = await self.coordinator.advance_pointer(session_id, token, name)
+        if moved != PointerMove.MOVED:
+            if moved == PointerMove.STALE:
+                with contextlib.suppress(FileNotFoundError):
+                    await asyncio.to_thread((directory / name).unlink)
             raise StaleTokenError(
                 f"session {session_id!r}: token {token} is stale; another replica owns it now"
             )
@@ -207,26 +210,41 @@ class SharedStore:
         """``gc`` every session directory on the shared root, leaving alone blobs younger
         than ``gc_grace``; ``(sessions looked at, blobs removed)``. A session whose directory
         can't be read is skipped; RedisError ends the sweep (the next one starts over)."""
-
-        def session_ids() -> list[str]:
-            try:
-                with os.scandir(self.root) as entries:
-                    return sorted(
-                        e.name
-                        for e in entries
-                        if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
-                    )
-            except FileNotFoundError:
-                return []
-
         seen = removed = 0
-        for session_id in await asyncio.to_thread(session_ids):
+        for session_id in await asyncio.to_thread(self.session_ids):
             try:
                 removed += len(await self.gc(session_id, min_age=self.gc_grace))
             except (OSError, ValueError):
                 continue
             seen += 1
         return seen, removed
+
+    def session_ids(self) -> list[str]:
+        """The ids of the session directories on the shared root, sorted (blocking)."""
+        try:
+            with os.scandir(self.root) as entries:
+                return sorted(
+                    e.name
+                    for e in entries
+                    if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+                )
+        except FileNotFoundError:
+            return []
+
+    def latest_on_disk(self) -> dict[str, str]:
+        """Each session directory's newest checkpoint name (largest token, then step): what
+        the pointers were, for a rebuild after Redis lost them. Blocking: run it in a thread."""
+        latest: dict[str, str] = {}
+        for session_id in self.session_ids():
+            try:
+                with os.scandir(self.root / session_id) as entries:
+                    names = [(parse_name(e.name), e.name) for e in entries]
+            except OSError:
+                continue  # gone meanwhile, or unreadable: nothing to restore
+            found = [(parsed, name) for parsed, name in names if parsed is not None]
+            if found:
+                latest[session_id] = max(found)[1]
+        return latest
 
     async def delete(self, session_id: str) -> None:
         """Remove every blob of the session (after it was removed from the directory)."""

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from rnnserve_server import logs, metrics
 from rnnserve_server.api.paging import page_token_after, read_page_request
 from rnnserve_server.cluster.cluster_store import ClusterStore
-from rnnserve_server.cluster.coordinator import Coordinator
+from rnnserve_server.cluster.coordinator import Coordinator, DirectoryLostError
 from rnnserve_server.cluster.forward import Forwarder
 from rnnserve_server.cluster.health import RedisHealth
 from rnnserve_server.cluster.loss_stream import LossStreams
@@ -41,6 +41,14 @@ from rnnserve_server.sessions.session_types import StopCause
 log = logs.get_logger("rnnserve.cluster")
 
 
+# Why a ListSessions entry has no state (no address: its owner is internal).
+_UNREACHABLE = (
+    "its owner replica can't be reached (it stopped, or advertises an address that can't be "
+    "reached); calls for it fail until that replica answers again or its lease expires "
+    "(within {ttl:g} s of its last renewal) and another replica takes it over"
+)
+
+
 def advertise_address(settings: Settings, port: int) -> str:
     """The address other replicas forward to: --advertise-address, else loopback:port."""
     return settings.advertise_address or f"127.0.0.1:{port}"
@@ -52,11 +60,18 @@ class ClusterNode:
     def __init__(self, settings: Settings) -> None:
         assert settings.shared_dir is not None  # checked with the settings
         self.settings = settings
-        self.coordinator = Coordinator(settings.redis_url, lease_ttl=settings.lease_ttl)
+        self.coordinator = Coordinator(
+            settings.redis_url, lease_ttl=settings.lease_ttl, guarded=True
+        )
         # The address is known once the port is bound (bind()); claims wait for it.
-        self.ownership = Ownership(self.coordinator, "", on_lost=self._on_lost)
+        self.ownership = Ownership(
+            self.coordinator, "", on_lost=self._on_lost, restore_directory=self.ensure_directory
+        )
+        self._rebuilding: asyncio.Task[None] | None = None
         self.shared = SharedStore(settings.shared_dir, self.coordinator, gc_grace=settings.gc_grace)
-        self.forwarder = Forwarder()
+        # A forward whose owner froze gives up once the owner's lease is gone; one whose
+        # owner can't be reached asks the caller to retry after a renewal period.
+        self.forwarder = Forwarder(owner_gone=self.owner_gone, retry_seconds=settings.lease_ttl / 3)
         self.registry: Any = None  # the Registry, set by attach()
         self.store: ClusterStore | None = None
         self.health: RedisHealth | None = None
@@ -106,6 +121,60 @@ class ClusterNode:
             self._collector = asyncio.create_task(self._gc_loop(), name="cluster-gc")
         metrics.REGISTRY.register(ClusterCollector(self.counts))
         log.info("cluster_joined", advertise=self.ownership.address)
+        self._spawn(self._check_redis())
+
+    async def _check_redis(self) -> None:
+        """Warn once at start if Redis may lose its data on a restart."""
+        try:
+            kept = await self.coordinator.appendonly()
+        except (RedisError, OSError) as exc:
+            kept = f"Redis did not answer ({exc})"
+        if kept is False:
+            log.warning(
+                "redis_appendonly_off",
+                error="Redis runs with appendonly no: a restart loses every lease and loss "
+                "stream, and the sessions' updates since their last checkpoint; the directory is "
+                "then rebuilt from the shared directory. Set appendonly yes",
+            )
+        elif kept is not True:
+            log.warning(
+                "redis_appendonly_unknown",
+                error="could not check that Redis keeps an append-only file (appendonly yes), "
+                f"which the fencing tokens need to survive a restart: {kept}",
+            )
+        with contextlib.suppress(RedisError, OSError, StorageError):
+            await self.ensure_directory()  # before the first call needs it
+
+    # -- the directory after Redis lost its data ----------------------------------------------
+
+    async def ensure_directory(self) -> None:
+        """Return once Redis holds the cluster's directory: if Redis lost its data (restarted
+        without its append-only file), one replica rebuilds it from the shared directory and
+        the others wait. StorageError if it is not back within the lease TTL (retry)."""
+        if await self.coordinator.directory_complete():
+            return
+        if self._rebuilding is None or self._rebuilding.done():
+            self._rebuilding = asyncio.create_task(self._rebuild(), name="directory-rebuild")
+        await asyncio.shield(self._rebuilding)
+
+    async def _rebuild(self) -> None:
+        deadline = time.monotonic() + max(5.0, self.settings.lease_ttl)
+        while not await self.coordinator.directory_complete():
+            if await self.coordinator.rebuild_turn(self.ownership.address, 60.0):
+                started = time.monotonic()
+                latest = await asyncio.to_thread(self.shared.latest_on_disk)
+                await self.coordinator.restore(latest)
+                (log.warning if latest else log.info)(
+                    "directory_rebuilt",
+                    sessions=len(latest),
+                    duration_ms=round((time.monotonic() - started) * 1000, 1),
+                    reason="Redis held no session directory (a restart without its append-only "
+                    "file, or a new Redis): rebuilt from the shared directory",
+                )
+                return
+            if time.monotonic() > deadline:  # another replica is rebuilding it: retry later
+                raise DirectoryLostError()
+            await asyncio.sleep(0.1)
 
     def counts(self) -> ClusterCounts:
         """This replica's cluster counters, for /metrics (read at scrape time)."""
@@ -124,10 +193,34 @@ class ClusterNode:
         )
 
     async def taken_elsewhere(self, session_id: str) -> bool:
-        """True if the id is in the cluster's directory (ForkSession / ImportSession onto a
-        session this replica does not hold answer ALREADY_EXISTS, as in one process)."""
+        """True if the id is taken in the cluster (ForkSession / ImportSession onto a session
+        this replica does not hold answer ALREADY_EXISTS, as in one process).
+
+        False leaves the new id's lease with this replica, so no other replica can make it
+        meanwhile: of two replicas making one new id at once, the one that takes the lease
+        makes it and the other is told it exists. An id another replica holds but has not
+        (or no longer) in the directory is being made or deleted there: wait (up to the lease
+        TTL) for it to be registered, or let go."""
+        deadline = time.monotonic() + self.settings.lease_ttl
         try:
-            return await self.coordinator.exists(session_id)
+            while not await self.coordinator.exists(session_id):
+                async with lock_for(self._locks, session_id):
+                    claim = await self.ownership.claim(session_id)
+                    if not isinstance(claim, str):
+                        if await self.coordinator.exists(session_id):
+                            return True  # made and let go elsewhere meanwhile
+                        self._active[session_id] = claim.token  # ours to make
+                        return False
+                if time.monotonic() > deadline:
+                    return True
+                await asyncio.sleep(0.05)
+            return True
+        except TimeoutError:
+            raise StorageError(
+                f"session id {session_id!r} is changing owner, so it cannot be checked yet; "
+                "retry in a moment",
+                session_id=session_id,
+            ) from None
         except (RedisError, OSError):
             raise StorageError(
                 "the cluster coordinator (Redis) is unreachable, so the new session's id "
@@ -165,18 +258,33 @@ class ClusterNode:
                 await self._activate(session_id, claim.token)
             return None
 
+    async def owner_gone(self, session_id: str, address: str) -> None:
+        """Return once ``address`` no longer holds the session's lease (it lapsed, was released
+        or taken): a call forwarded there and still waiting is given up then, so a frozen
+        owner costs about the lease TTL, whatever the caller's deadline."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl / 3)  # the owner's renewal period
+            try:
+                owner = await self.coordinator.owner(session_id)
+            except (RedisError, OSError):
+                continue  # can't tell while Redis is away: keep waiting
+            if owner != address:
+                self._owners.pop(session_id, None)
+                log.warning("forward_owner_lost", session_id=session_id, new_owner=owner)
+                return
+
     async def _activate(self, session_id: str, token: int) -> None:
         registry = self.registry
         old = registry.sessions.pop(session_id, None)
         if old is not None:  # loaded under an older lease: another replica may have moved on
             old.deleted = True
-        self._active[session_id] = token
+        # Active under this token only once everything that needs Redis went through: a call
+        # that fails midway (Redis stalled) leaves the activation to the next call.
+        self._active.pop(session_id, None)
         if await self.coordinator.pointer(session_id) is None:
+            self._active[session_id] = token
             return  # not created yet (or deleted): the call answers for itself
         session = await registry.run_io(registry.factory.load, session_id)
-        registry.sessions[session_id] = session
-        session.deleted = False
-        self.activations += 1
         last = await self.coordinator.last_event(session_id)
         # Publishing resumes after the last step on the stream, or after the checkpoint if the
         # stream is ahead of it: steps the dead owner checkpointed but never published are in
@@ -184,14 +292,18 @@ class ClusterNode:
         published = session.step if last is None else min(last.step, session.step)
         if last is not None and last.step > session.step:
             # The old owner died after its last checkpoint: announce the rollback.
-            self.failovers += 1
             await self.coordinator.publish_restored(session_id, session.step, token=token)
+            self.failovers += 1
             log.warning(
                 "session_restored",
                 session_id=session_id,
                 step=session.step,
                 lost=last.step - session.step,
             )
+        registry.sessions[session_id] = session
+        session.deleted = False
+        self._active[session_id] = token
+        self.activations += 1
         self.streams.start(session_id, session, token, published)
         log.info("session_activated", session_id=session_id, step=session.step, token=token)
 
@@ -221,6 +333,8 @@ class ClusterNode:
                 session.resident or session.use.users or session.use.watchers
             ):
                 return  # in use again
+            if session_id in self.registry.reserved:
+                return  # being made here (ImportSession, ForkSession)
             self.registry.sessions.pop(session_id, None)
             self._active.pop(session_id, None)
             self.streams.stop(session_id)
@@ -240,7 +354,7 @@ class ClusterNode:
         log.warning("lease_lost", session_id=session_id)
         if session is not None:
             session.deleted = True  # no more checkpoints from here
-            session.request_stop(StopCause.SHUTDOWN)
+            session.request_stop(StopCause.LEASE_LOST)  # its Train ends with LEASE_LOST
             session.close_watchers()
             registry.checkpoints.mark_saved(session)
 
@@ -324,8 +438,15 @@ class ClusterNode:
         from rnnserve.v1 import rnn_service_pb2 as pb
 
         size, after = read_page_request(request.page_size, request.page_token)
-        ids, next_after = await self.coordinator.list_sessions(size, after)
-        total = await self.coordinator.count()
+        try:
+            await self.ensure_directory()
+            ids, next_after = await self.coordinator.list_sessions(size, after)
+            total = await self.coordinator.count()
+        except (RedisError, OSError):
+            raise StorageError(
+                "the cluster coordinator (Redis) is not answering, so the sessions can't be "
+                "listed; retry in a moment"
+            ) from None
         metadata = [
             (k, v)
             for k, v in context.invocation_metadata() or ()
@@ -339,15 +460,32 @@ class ClusterNode:
             response_deserializer=pb.GetSessionResponse.FromString,
         )
 
+        # Each entry waits at most 80 % of the caller's time: an owner that does not answer
+        # (killed within its lease, a wrong advertised address, frozen) costs its own entry,
+        # never the page.
+        remaining = context.time_remaining()
+        timeout = 30.0 if remaining is None else max(0.1, min(30.0, remaining * 0.8))
+
         async def one(session_id: str) -> Any:
             try:
                 reply = await get(
-                    pb.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=30
+                    pb.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=timeout
                 )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                code = exc.code()
+                if code == grpc.StatusCode.NOT_FOUND:
                     return None  # deleted meanwhile
-                raise
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return pb.Session(
+                        session_id=session_id,
+                        state=pb.SESSION_STATE_OWNER_UNREACHABLE,
+                        error=_UNREACHABLE.format(ttl=self.settings.lease_ttl),
+                    )
+                return pb.Session(
+                    session_id=session_id,
+                    state=pb.SESSION_STATE_BROKEN,
+                    error=f"its state could not be read: {exc.details()}",
+                )
             return reply.session
 
         found = await asyncio.gather(*(one(i) for i in ids))
@@ -359,7 +497,13 @@ class ClusterNode:
 
     def start_health(self, on_change: Any) -> RedisHealth:
         """Watch Redis: on_change(False) while it is unreachable, (True) once it is back."""
-        self.health = RedisHealth(self.coordinator, on_change).start()
+
+        def changed(ok: bool) -> None:
+            on_change(ok)
+            if ok and self.registry is not None:
+                self.registry.residency.retry_unsaved()  # checkpoints refused while it was away
+
+        self.health = RedisHealth(self.coordinator, changed).start()
         return self.health
 
     async def drain(self) -> None:

@@ -98,6 +98,10 @@ class Inference:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise EngineError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         if seq.shape[0] == 0:
+            if first.shape[0] == 0:  # a weights-only import before any AppendText
+                raise EngineError(
+                    "prime is empty and the session has no text to start from: give a prime"
+                )
             seq = first.astype(np.int32)
         params = {name: p.copy() for name, p in self.params.items()}  # snapshot
         rng = np.random.default_rng(seed)

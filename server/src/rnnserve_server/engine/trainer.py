@@ -23,12 +23,16 @@ from .rnn.kernels import Workspace, init_params, loss_and_grads, param_shapes
 from .vocab import Vocab
 
 
+def model_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each weight array of ``config``'s model over an alphabet of ``vocab_size``."""
+    if config.stacked:
+        return cells.Spec(config.cell, vocab_size, config.hidden_size, config.num_layers).shapes()
+    return param_shapes(vocab_size, config.hidden_size)
+
+
 def parameter_total(config: ModelConfig, vocab_size: int) -> int:
     """Number of weights of ``config``'s model over an alphabet of ``vocab_size``."""
-    if config.stacked:
-        spec = cells.Spec(config.cell, vocab_size, config.hidden_size, config.num_layers)
-        return flat_size(spec.shapes())
-    return flat_size(param_shapes(vocab_size, config.hidden_size))
+    return flat_size(model_shapes(config, vocab_size))
 
 
 def validation_split(length: int, fraction: float) -> int:
@@ -63,24 +67,12 @@ class Trainer:
     """
 
     def __init__(self, config: ModelConfig, vocab: Vocab, corpus: np.ndarray) -> None:
-        """EngineError for a bad config or a corpus shorter than seq_length or 2 characters."""
+        """EngineError for a bad config. The corpus may be too short to train on, even empty
+        (a weights-only import has no text): ``step`` refuses until there is enough."""
         config.validate()
         self.config = config
         self.vocab = vocab
         ids = check_ids(corpus, vocab.size, "corpus")
-        held = validation_split(ids.shape[0], config.validation_fraction)
-        train = ids.shape[0] - held
-        if train < 2 or train < config.seq_length:
-            extra = (
-                f" after holding out {held} for validation (validation_fraction="
-                f"{config.validation_fraction:g})"
-                if held
-                else ""
-            )
-            raise EngineError(
-                f"the text has {ids.shape[0]} character(s){extra}; training needs at least "
-                f"max(2, seq_length={config.seq_length}): give more text or a smaller seq_length"
-            )
         # (capacity,) the first corpus_length entries are used; in the smallest unsigned dtype
         # that holds every id (uint8 up to 256 characters): 4x less memory than int32.
         self._corpus = ids.astype(_id_dtype(vocab.size))
@@ -119,6 +111,23 @@ class Trainer:
         self._ws: Workspace | cells.StackWorkspace | None = None  # buffers of a corpus window
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def check_trainable(self) -> None:
+        """EngineError unless the corpus, without its held-out tail, holds a training window:
+        at least max(2, seq_length) characters."""
+        held, train = self.validation_length, self.train_length
+        if train < 2 or train < self.config.seq_length:
+            extra = (
+                f" after holding out {held} for validation (validation_fraction="
+                f"{self.config.validation_fraction:g})"
+                if held
+                else ""
+            )
+            raise EngineError(
+                f"the text has {self.corpus_length} character(s){extra}; training needs at "
+                f"least max(2, seq_length={self.config.seq_length}): give more text (AppendText "
+                "adds to a session's text) or a smaller seq_length"
+            )
 
     def _check_ids(self, ids: np.ndarray, what: str) -> np.ndarray:
         """``ids`` as a 1-D int32 array of valid ids; EngineError otherwise."""
@@ -301,8 +310,10 @@ class Trainer:
     def step(self) -> StepResult:
         """One update on the next window of every strand.
 
-        DivergedError leaves weights, optimizer state, cursors and hidden states untouched.
+        DivergedError leaves weights, optimizer state, cursors and hidden states untouched;
+        EngineError (check_trainable) when the corpus is shorter than a window.
         """
+        self.check_trainable()
         T, L = self.config.seq_length, self.train_length
         B = self.config.batch_size
         hidden = self.hidden

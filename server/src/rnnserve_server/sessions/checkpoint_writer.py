@@ -20,7 +20,10 @@ log = get_logger("rnnserve.registry")
 
 def storage_error(exc: BaseException) -> StorageError:
     """The client's sentence for a failed checkpoint write or delete (no paths: the server log
-    has those); StorageFullError when the disk is full."""
+    has those); StorageFullError when the disk is full. A StorageError (a LeaseLostError among
+    them: in cluster mode another replica owns the session now) already says it."""
+    if isinstance(exc, StorageError):
+        return exc
     code = exc.errno if isinstance(exc, OSError) else None
     if code in (errno.ENOSPC, errno.EDQUOT):
         return StorageFullError(
@@ -87,7 +90,8 @@ class CheckpointWriter:
             except Exception as exc:
                 session.checkpoint.dirty = True
                 log.error("checkpoint_failed", session_id=session.id, error=repr(exc))
-                self._mark_unsaved(session, storage_error(exc))
+                if not session.deleted:  # one gone meanwhile (a lease lost) has nothing to keep
+                    self._mark_unsaved(session, storage_error(exc))
                 return
             self.mark_saved(session)
         if self.after_writes is not None:

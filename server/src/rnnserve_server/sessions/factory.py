@@ -14,7 +14,12 @@ from rnnserve_server.engine.model_config import EngineError, ModelConfig
 from rnnserve_server.engine.rnn.kernels import param_shapes
 from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
-from rnnserve_server.errors import CheckpointError, InvalidArgumentError, LimitExceededError
+from rnnserve_server.errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    LimitExceededError,
+    StorageError,
+)
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.limits import check_alphabet_size, check_config_limits
 from rnnserve_server.sessions.session import Session
@@ -58,6 +63,8 @@ class SessionFactory:
         a broken session if its checkpoint can't be loaded."""
         try:
             return Session.from_checkpoint(self.store.load(session_id, self.check_checkpoint))
+        except StorageError:
+            raise  # the store can't be reached now (cluster mode: Redis): the file is not bad
         except Exception as exc:  # a bad file must never stop the server
             error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             log.error("checkpoint_broken", session_id=session_id, error=error)
@@ -141,5 +148,6 @@ class SessionFactory:
         except ValueError as exc:
             raise InvalidArgumentError(f"alphabet is invalid: {exc}") from None
         check_alphabet_size(self.settings, vocab.size)
-        ids = vocab.encode(text)
-        return Trainer(config, vocab, ids)
+        trainer = Trainer(config, vocab, vocab.encode(text))
+        trainer.check_trainable()  # a new session starts with text to train on
+        return trainer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,9 +29,10 @@ from rnnserve_server.errors import (
     SessionExistsError,
     SessionNotFoundError,
     ShuttingDownError,
+    StorageError,
 )
 from rnnserve_server.logs import get_logger
-from rnnserve_server.metrics import SessionGauges
+from rnnserve_server.metrics import SessionGauges, SessionPoint
 from rnnserve_server.sessions.checkpoint_writer import CheckpointWriter, storage_error
 from rnnserve_server.sessions.factory import SessionFactory, damaged, public_reason
 from rnnserve_server.sessions.limits import (
@@ -58,7 +60,7 @@ class Registry:
         self.settings = settings
         self.store = store
         self.sessions: dict[str, Session] = {}
-        self._reserved: set[str] = set()  # ids being created
+        self.reserved: set[str] = set()  # ids being created
         self.shutting_down = False
         # Training and sampling run here; disk I/O has its own pool so checkpoints never queue
         # behind long training chunks.
@@ -72,7 +74,8 @@ class Registry:
         self.checkpoints.after_writes = self._evict_after_writes
         self._evictor: asyncio.Task[None] | None = None
         # Cluster mode: True if an id not in this registry is taken by a session kept
-        # elsewhere (another replica, the shared directory); None in one process.
+        # elsewhere (another replica, the shared directory); False leaves the id claimed by
+        # this replica until the new session is written. None in one process.
         self.taken_elsewhere: Callable[[str], Awaitable[bool]] | None = None
 
     def _evict_after_writes(self) -> None:
@@ -163,10 +166,7 @@ class Registry:
         validate_session_id(session_id)
         session = self.sessions.get(session_id)
         if session is None:
-            raise SessionNotFoundError(
-                f"session {session_id!r} does not exist; ListSessions shows the existing ones",
-                session_id=session_id,
-            )
+            raise _not_found(session_id)
         return session
 
     @contextlib.asynccontextmanager
@@ -196,6 +196,8 @@ class Registry:
             try:
                 ckpt = await self.run_io(self.store.load, session.id, self.factory.check_checkpoint)
                 await self.run(session.attach, ckpt)
+            except StorageError:
+                raise  # the store can't be reached now (cluster mode: Redis): not BROKEN
             except Exception as exc:
                 error = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
                 log.error("reload_failed", session_id=session.id, error=error)
@@ -222,6 +224,21 @@ class Registry:
             unsaved=len(self.checkpoints.unsaved),
         )
 
+    def session_points(self) -> list[SessionPoint]:
+        """The per-session gauges /metrics serves, of every loadable session. Runs in the metrics
+        HTTP server's thread: reads only, copying the dict before iterating."""
+        return [
+            SessionPoint(
+                session_id=s.id,
+                active=math.inf if s.busy else s.use.last_used,
+                step=s.step,
+                smoothed_loss=s.losses.smoothed_loss if s.step else None,
+                validation_loss=s.losses.validation_loss if s.losses.validation_step else None,
+            )
+            for s in list(self.sessions.values())
+            if s.broken is None
+        ]
+
     # ----- create / delete / append -----------------------------------------------------
 
     def check_corpus_limits(self, session_bytes: int, added: int) -> None:
@@ -239,9 +256,9 @@ class Registry:
     def _check_room_for(self, session_id: str) -> None:
         """Before a new session is made: ALREADY_EXISTS if the id is in use (or being
         created), RESOURCE_EXHAUSTED if max_sessions are there already."""
-        if session_id in self.sessions or session_id in self._reserved:
+        if session_id in self.sessions or session_id in self.reserved:
             raise _exists(session_id)
-        if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
+        if len(self.sessions) + len(self.reserved) >= self.settings.max_sessions:
             raise limit_error(
                 "the number of sessions",
                 len(self.sessions) + 1,
@@ -258,14 +275,14 @@ class Registry:
             validate_session_id(session_id)
         else:
             session_id = "s-" + secrets.token_hex(6)
-            while session_id in self.sessions or session_id in self._reserved:
+            while session_id in self.sessions or session_id in self.reserved:
                 session_id = "s-" + secrets.token_hex(6)
         self._check_room_for(session_id)
         self.factory.check_config_limits(config)
         self.check_corpus_limits(0, utf8_size(text))
         alphabet_size = len(alphabet) if alphabet else len(set(text))
         needed = resident_bytes(config, alphabet_size, len(text))
-        self._reserved.add(session_id)
+        self.reserved.add(session_id)
         try:
             await self.residency.make_room(needed)
             with self.residency.reserving(needed):  # counted until the session itself is
@@ -273,7 +290,7 @@ class Registry:
                 session = Session.new(session_id, trainer)
                 self.sessions[session_id] = session
         finally:
-            self._reserved.discard(session_id)
+            self.reserved.discard(session_id)
         await self.checkpoints.flush(session)
         failed = self.checkpoints.unsaved.get(session_id)
         if failed is not None:
@@ -303,22 +320,27 @@ class Registry:
         session_id = ckpt.session_id
         validate_session_id(session_id)
         self._check_room_for(session_id)
-        if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
-            raise _exists(session_id)
-        self._reserved.add(session_id)
+        self.reserved.add(session_id)
         try:
+            if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
+                raise _exists(session_id)
             session = await self.run(self.factory.from_checkpoint, ckpt, changes or {})
             self.check_corpus_limits(0, session.summary.corpus_bytes)
             self.sessions[session_id] = session
         finally:
-            self._reserved.discard(session_id)
+            self.reserved.discard(session_id)
         await self.checkpoints.flush(session)
         if session.unsaved_changes:
             # Never acknowledge a session that is not on disk: take it back.
-            self.sessions.pop(session_id, None)
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
             session.deleted = True
+            failed = self.checkpoints.unsaved.get(session_id)
+            self.checkpoints.mark_saved(session)  # gone: health need not wait for it
             if self.taken_elsewhere is not None and await self.taken_elsewhere(session_id):
                 raise _exists(session_id)  # created on another replica meanwhile
+            if failed is not None:
+                raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
             raise CheckpointError(
                 f"session {session_id!r} could not be written to disk, so it was not created; "
                 "the server log has the reason"
@@ -336,14 +358,19 @@ class Registry:
         """Remove a session from memory and disk; a running Train stops, watch streams end."""
         self.check_serving()
         session = self.get(session_id)
-        # All or nothing: the files go first; if they can't, the session stays as it was.
-        try:
-            await self.run_io(self._delete_file, session)
-        except OSError as exc:
-            log.error("delete_failed", session_id=session_id, error=repr(exc))
-            raise storage_error(exc) from None
-        if self.sessions.get(session_id) is session:
-            del self.sessions[session_id]
+        # Concurrent deletes of one session take turns: the first removes it, the others
+        # then find it gone (NOT_FOUND), as if they had come after it.
+        async with session.delete_lock:
+            if self.sessions.get(session_id) is not session:
+                raise _not_found(session_id)
+            # All or nothing: the files go first; if they can't, the session stays as it was.
+            try:
+                await self.run_io(self._delete_file, session)
+            except OSError as exc:
+                log.error("delete_failed", session_id=session_id, error=repr(exc))
+                raise storage_error(exc) from None
+            if self.sessions.get(session_id) is session:
+                del self.sessions[session_id]
         self.checkpoints.mark_saved(session)
         session.request_stop(StopCause.DELETED)
         session.close_watchers()
@@ -375,6 +402,14 @@ class Registry:
         finally:
             if not held:
                 session.end()
+
+
+def _not_found(session_id: str) -> SessionNotFoundError:
+    """NOT_FOUND for an id no session has."""
+    return SessionNotFoundError(
+        f"session {session_id!r} does not exist; ListSessions shows the existing ones",
+        session_id=session_id,
+    )
 
 
 def _exists(session_id: str) -> SessionExistsError:

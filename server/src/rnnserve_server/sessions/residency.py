@@ -163,9 +163,13 @@ class Residency:
                             self.checkpoints.request(session)
                         elif session.evict():
                             log.info("session_evicted", session_id=session.id, reason="idle")
-            # Sessions whose checkpoint failed: try again, so they recover once there is room.
-            for session_id in list(self.checkpoints.unsaved):
-                failing = self.sessions.get(session_id)
-                if failing is not None and failing.resident:
-                    self.checkpoints.request(failing)
+            self.retry_unsaved()
             self.evict_over_limit()
+
+    def retry_unsaved(self) -> None:
+        """Checkpoint again the sessions whose checkpoint failed, so they recover once there
+        is room (or, in cluster mode, once Redis answers again)."""
+        for session_id in list(self.checkpoints.unsaved):
+            failing = self.sessions.get(session_id)
+            if failing is not None and failing.resident:
+                self.checkpoints.request(failing)

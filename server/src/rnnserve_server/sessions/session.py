@@ -87,6 +87,7 @@ class Session:
         # AppendText and UpdateSession during a job hold it between two chunks.
         self._holds = 0
         self._released: asyncio.Event | None = None
+        self.delete_lock = asyncio.Lock()  # one DeleteSession at a time
         # How long the last few single corpus steps took: their minimum is the step's cost
         # without the noise of a busy machine (one slow step must not leave the inline path).
         self._step_seconds: deque[float] = deque(maxlen=4)

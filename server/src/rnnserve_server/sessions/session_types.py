@@ -35,6 +35,7 @@ class StopCause(enum.Enum):
     STOPPED = "stopped"  # StopJob
     DELETED = "deleted"
     SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"  # cluster mode: another replica owns the session now
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Session archives: what ExportSession streams and ImportSession reads.
 
-Format ``rnnserve.archive`` version 1: an uncompressed numpy ``.npz`` (a zip of ``.npy``
-files, written with ``allow_pickle=False`` and read the same way, so no code ever runs):
+Format ``rnnserve.archive`` version 1 (a whole session): an uncompressed numpy ``.npz`` (a
+zip of ``.npy`` files, written with ``allow_pickle=False`` and read the same way, so no code
+ever runs):
 
 - ``meta``: uint8, the UTF-8 bytes of a JSON object ``{"format": "rnnserve.archive",
   "version": 1, "session_id", "create_time", "update_time" (unix seconds), "step", "loss",
@@ -14,6 +15,13 @@ files, written with ``allow_pickle=False`` and read the same way, so no code eve
   (``trainer.Wxh``, ``trainer.Whh``, ``trainer.Why``, ``trainer.bh``, ``trainer.by`` for the
   tanh RNN; other cells add their own names), the optimizer state (``trainer.optim.*``), the
   carried hidden states and the strand cursors.
+
+Version 2 adds the meta key ``weights_only``. A weights-only archive (ExportSession with
+``weights_only``) holds ``meta`` = ``{"format", "version": 2, "weights_only": true,
+"session_id", "trainer": {"config", "alphabet"}}`` and the weights ``trainer.<name>`` (every
+array of ``model_shapes(config, len(alphabet))``, in ``config.dtype``), nothing else; it
+imports as a new session at step 0 with no text. A whole session is still written as
+version 1, so older servers import it.
 
 Versioning (README, "The archive"): ``version`` grows whenever the format gains anything a
 reader must understand (an entry, a key, a meaning); a reader refuses a newer version, naming
@@ -44,11 +52,14 @@ from typing import Any, cast
 import numpy as np
 
 from rnnserve_server.engine.model_config import EngineError, ModelConfig
+from rnnserve_server.engine.trainer import Trainer, model_shapes
+from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import InvalidArgumentError
 from rnnserve_server.storage.checkpoint import Checkpoint, meta_problem, validate_session_id
 
 FORMAT = "rnnserve.archive"
-VERSION = 1
+VERSION = 2  # the newest version this server reads, and writes for weights-only archives
+WHOLE_VERSION = 1  # what a whole session is written as (older servers read it)
 MAX_ENTRIES = 256  # far more arrays than any engine state has
 MAX_META_BYTES = 64 * 1024 * 1024  # the JSON (mostly the validation history)
 _NAME_RE = re.compile(r"(meta|loss_history|corpus|trainer\.[A-Za-z0-9_.]{1,100})\.npy", re.ASCII)
@@ -68,24 +79,33 @@ _META_KEYS = frozenset(
         "trainer",
     }
 )
+# A weights-only archive's meta keys (version 2), and its trainer's.
+_WEIGHTS_META_KEYS = frozenset({"format", "version", "weights_only", "session_id", "trainer"})
+_WEIGHTS_TRAINER_KEYS = frozenset({"config", "alphabet"})
 
 # check(config, alphabet, corpus_length): raise for a config, alphabet or corpus over a limit.
 Check = Callable[[ModelConfig, str, int], None]
 
 
-def write(ckpt: Checkpoint) -> bytes:
-    """The archive of a checkpoint whose ``trainer_arrays`` hold the corpus."""
-    meta = dict(ckpt.meta)
-    meta.update(format=FORMAT, version=VERSION, session_id=ckpt.session_id)
-    meta["trainer"] = ckpt.trainer_meta
-    arrays: dict[str, np.ndarray] = {
-        "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
-        "loss_history": np.asarray(ckpt.loss_history, dtype="<f8"),
-        "corpus": np.asarray(ckpt.trainer_arrays["corpus"], dtype="<i4"),
-    }
-    for name, value in ckpt.trainer_arrays.items():
-        if name != "corpus":
-            arrays["trainer." + name] = np.asarray(value)
+def write(ckpt: Checkpoint, weights_only: bool = False) -> bytes:
+    """The archive of a checkpoint whose ``trainer_arrays`` hold the corpus: the whole
+    session (version 1), or only its config, alphabet and weights (version 2)."""
+    if weights_only:
+        trainer = {key: ckpt.trainer_meta[key] for key in ("config", "alphabet")}
+        meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "weights_only": True}
+        meta.update(session_id=ckpt.session_id, trainer=trainer)
+        config = ModelConfig.from_dict(dict(trainer["config"]))
+        names = list(model_shapes(config, len(trainer["alphabet"])))
+    else:
+        meta = dict(ckpt.meta)
+        meta.update(format=FORMAT, version=WHOLE_VERSION, session_id=ckpt.session_id)
+        meta["trainer"] = ckpt.trainer_meta
+        names = [name for name in ckpt.trainer_arrays if name != "corpus"]
+    arrays = {"meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
+    if not weights_only:
+        arrays["loss_history"] = np.asarray(ckpt.loss_history, dtype="<f8")
+        arrays["corpus"] = np.asarray(ckpt.trainer_arrays["corpus"], dtype="<i4")
+    arrays.update(("trainer." + name, np.asarray(ckpt.trainer_arrays[name])) for name in names)
     buffer = io.BytesIO()
     cast(Any, np.savez)(buffer, **arrays)
     return buffer.getvalue()
@@ -193,9 +213,8 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
         # (zipfile stops at the declared size, so the declaration is what is read).
         if total > max(len(data), 1) * 2 + 1_000_000:
             raise _bad(f"its entries declare {total} bytes, far more than the archive holds")
-        for name in ("meta", "loss_history", "corpus"):
-            if name + ".npy" not in entries:
-                raise _bad(f"the {name!r} entry is missing")
+        if "meta.npy" not in entries:
+            raise _bad("the 'meta' entry is missing")
         headers = {name: _header(zf, info) for name, info in entries.items()}
 
         dtype, shape = headers["meta.npy"]
@@ -212,10 +231,18 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
         problem = meta_problem(meta, text)
         if problem is not None:
             raise _bad(f"'meta' {problem}")
-        unknown = set(meta) - _META_KEYS
+        weights_only = meta.get("weights_only", False)
+        if not isinstance(weights_only, bool):
+            raise _bad("'meta'.weights_only is not true or false")
+        kind, keys = f"version {meta['version']}", _META_KEYS  # version 1
+        if meta["version"] > 1:
+            keys = _META_KEYS | {"weights_only"}
+            if weights_only:
+                kind, keys = "a weights-only archive", _WEIGHTS_META_KEYS
+        unknown = set(meta) - keys
         if unknown:
             shown = ", ".join(sorted(repr(k) for k in unknown))
-            raise _bad(f"'meta' has key(s) {shown}, which version {VERSION} does not have")
+            raise _bad(f"'meta' has key(s) {shown}, which {kind} does not have")
         trainer_meta = meta.pop("trainer", None)
         if not isinstance(trainer_meta, dict) or not isinstance(trainer_meta.get("config"), dict):
             raise _bad("'meta' has no trainer config")
@@ -226,7 +253,12 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
             config = ModelConfig.from_dict(dict(trainer_meta["config"]))
         except EngineError as exc:
             raise _bad(f"its config is invalid ({exc})") from None
+        if weights_only:
+            return _weights_checkpoint(zf, entries, headers, meta, trainer_meta, config, check)
 
+        for name in ("loss_history", "corpus"):
+            if name + ".npy" not in entries:
+                raise _bad(f"the {name!r} entry is missing")
         dtype, shape = headers["corpus.npy"]
         if dtype.kind not in "iu" or len(shape) != 1:
             raise _bad("'corpus' is not a 1-D array of character ids")
@@ -254,6 +286,64 @@ def _read_archive(data: bytes, check: Check) -> Checkpoint:
     session_meta["validation"] = _validation(meta.get("validation", []), step)
     return Checkpoint(
         _session_id(meta.get("session_id", "")), session_meta, arrays, trainer_meta, history
+    )
+
+
+def _weights_checkpoint(
+    zf: zipfile.ZipFile,
+    entries: dict[str, zipfile.ZipInfo],
+    headers: dict[str, tuple[np.dtype, tuple[int, ...]]],
+    meta: dict[str, Any],
+    trainer_meta: dict[str, Any],
+    config: ModelConfig,
+    check: Check,
+) -> Checkpoint:
+    """A weights-only archive as the checkpoint of a new session: step 0, no text, a fresh
+    optimizer. Every weight of the config's model must be there in its shape and dtype, and
+    nothing else, checked before any array is read."""
+    unknown = set(trainer_meta) - _WEIGHTS_TRAINER_KEYS
+    if unknown:
+        shown = ", ".join(sorted(repr(k) for k in unknown))
+        raise _bad(f"'meta'.trainer has key(s) {shown}, which a weights-only archive does not have")
+    alphabet = trainer_meta["alphabet"]
+    try:
+        vocab = Vocab(alphabet)
+    except ValueError as exc:
+        raise _bad(f"its alphabet is invalid ({exc})") from None
+    check(config, alphabet, 0)  # limits, before any array is read
+    model = f"{config.num_layers}-layer {config.cell} model"
+    shapes = model_shapes(config, len(alphabet))
+    expected = {f"trainer.{name}.npy": shape for name, shape in shapes.items()}
+    for name in entries:
+        if name != "meta.npy" and name not in expected:
+            raise _bad(
+                f"entry {name[:-4]!r} is not a weight of its {model} (a weights-only archive "
+                "holds 'meta' and the weights only)"
+            )
+    dtype = np.dtype(config.dtype)
+    for name, shape in expected.items():
+        if name not in headers:
+            raise _bad(f"the weight {name[:-4]!r} of its {model} is missing")
+        if headers[name] != (dtype, shape):
+            got_dtype, got_shape = headers[name]
+            raise _bad(f"{name[:-4]!r} is {got_dtype}{got_shape}, its config needs {dtype}{shape}")
+    trainer = Trainer(config, vocab, np.empty(0, dtype=np.int32))  # checked: can't fail
+    for name, weight in trainer.params.items():
+        value = _read(zf, entries[f"trainer.{name}.npy"])
+        if not np.isfinite(value).all():
+            raise _bad(f"array {name!r} holds NaN or infinite values")
+        np.copyto(weight, value)
+    arrays, fresh_meta = trainer.state_dict()
+    session_meta: dict[str, Any] = dict.fromkeys(
+        ("create_time", "update_time", "loss", "smoothed_loss"), 0.0
+    )
+    session_meta.update(step=0, validation=[])
+    return Checkpoint(
+        _session_id(meta.get("session_id", "")),
+        session_meta,
+        arrays,
+        fresh_meta,
+        np.empty(0, dtype=np.float64),
     )
 
 

@@ -23,7 +23,7 @@ import structlog
 from rnnserve_server import metrics
 from rnnserve_server.config import Settings
 from rnnserve_server.engine import budget
-from rnnserve_server.engine.model_config import MUTABLE_FIELDS, ModelConfig
+from rnnserve_server.engine.model_config import MUTABLE_FIELDS, DivergedError, ModelConfig
 from rnnserve_server.engine.vocab import UnknownCharactersError, utf8_size
 from rnnserve_server.errors import CheckpointError, InvalidArgumentError
 from rnnserve_server.logs import get_logger
@@ -246,11 +246,12 @@ class SessionService:
         ckpt.session_id = new_id
         return await self.registry.adopt(ckpt, changes)
 
-    async def export(self, session_id: str) -> bytes:
-        """The session's archive (storage/archive.py documents the format)."""
+    async def export(self, session_id: str, weights_only: bool = False) -> bytes:
+        """The session's archive, whole or weights only (storage/archive.py documents the
+        format)."""
         async with self.registry.use(session_id) as session:
             ckpt = await self.registry.run(session.export_state)
-        return await self.registry.run(archive.write, ckpt)
+        return await self.registry.run(archive.write, ckpt, weights_only)
 
     async def import_(self, chunks: AsyncIterator[tuple[str, bytes]]) -> Session:
         """Collect an archive from (session_id, data) chunks (bounded by max_import_bytes),
@@ -318,11 +319,17 @@ class SessionService:
                 if until_step is not None and session.step >= until_step:
                     return self._replay(session, until_step)
                 # A small model's step runs right here: the thread hop would cost more.
-                quick = session.try_step_now() if ids is None else None
-                result = (
-                    quick if quick is not None else await self.registry.run(session.step_once, ids)
-                )
-                metrics.record_training(1, result.chars)
+                try:
+                    quick = session.try_step_now() if ids is None else None
+                    result = (
+                        quick
+                        if quick is not None
+                        else await self.registry.run(session.step_once, ids)
+                    )
+                except DivergedError:
+                    metrics.record_divergence()
+                    raise
+                metrics.record_training(1, result.chars, session.id)
             finally:
                 session.end()
                 session.notify()

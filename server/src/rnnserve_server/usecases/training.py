@@ -27,6 +27,7 @@ from rnnserve_server.errors import (
     InvalidArgumentError,
     JobNotFoundError,
     LimitExceededError,
+    LeaseLostError,
     NotSupportedError,
 )
 from rnnserve_server.logs import get_logger
@@ -51,6 +52,7 @@ _CAUSES = {
     StopCause.STOPPED: ("stopped", states.STOPPED),
     StopCause.DELETED: ("deleted", states.STOPPED),
     StopCause.SHUTDOWN: ("shutdown", states.STOPPED),
+    StopCause.LEASE_LOST: ("shutdown", states.STOPPED),  # cluster: another replica owns it
 }
 _ENDED_AS = {
     "completed": states.SUCCEEDED,
@@ -449,7 +451,7 @@ class Jobs:
                 done += chunk.steps
                 chars += chunk.chars
                 record.chars_per_second = chars / max(time.monotonic() - start, 1e-9)
-                metrics.record_training(chunk.steps, chunk.chars)
+                metrics.record_training(chunk.steps, chunk.chars, session.id)
                 session.notify()
                 if chunk.error is not None:  # not applied: ends as STOP_REASON_DIVERGED
                     bound.warning("train_diverged", step=session.step, error=str(chunk.error))
@@ -498,6 +500,8 @@ class Jobs:
             record.error = str(exc) or type(exc).__name__
             bound.error("job_failed", step=session.step, error=record.error)
         finally:
+            if reason == "diverged":
+                metrics.record_divergence()
             keep = reason == "shutdown" and not record.attached  # resumed at the next start
             if not keep:
                 state = _ENDED_AS.get(reason) or _CAUSES.get(session.stop_cause, ("", ""))[1]
@@ -518,6 +522,8 @@ class Jobs:
                 done=done,
                 seconds_used=round(record.seconds_used, 3),
             )
+        if session.stop_cause is StopCause.LEASE_LOST and job.error is None:
+            job.error = LeaseLostError.moved(session.id)  # what it trained here is not kept
         final = progress(reason)
         if plan.sample_length and not session.deleted and job.error is None:
             with contextlib.suppress(Exception):
