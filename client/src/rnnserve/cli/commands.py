@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from rnnserve import completion
-from rnnserve.cli.jobs import job_progress
 from rnnserve.cli.exit_codes import (
     EXIT_CONFLICT,
     EXIT_ERROR,
@@ -20,6 +19,7 @@ from rnnserve.cli.exit_codes import (
     UsageError,
     start_hint,
 )
+from rnnserve.cli.jobs import job_progress
 from rnnserve.cli.output import (
     Output,
     _decoding,

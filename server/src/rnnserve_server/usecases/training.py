@@ -26,8 +26,8 @@ from rnnserve_server import metrics
 from rnnserve_server.errors import (
     InvalidArgumentError,
     JobNotFoundError,
-    LimitExceededError,
     LeaseLostError,
+    LimitExceededError,
     NotSupportedError,
 )
 from rnnserve_server.logs import get_logger
