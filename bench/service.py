@@ -650,7 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = load_text()
     started = time.perf_counter()
-    with server() as srv:
+    # Every core may train (the parallel row measures how sessions scale across cores; the
+    # default --max-running-jobs keeps one core for interactive calls: bench/jobs.py).
+    with server(max_running_jobs=len(os.sched_getaffinity(0))) as srv:
         floor = bench_floor(srv, args.calls)
         if "step" in only:
             bench_step(srv, floor, text, args.calls)

@@ -236,3 +236,20 @@ async def test_the_address_defaults_to_rnnserve_address(
     async with Client() as client:
         assert client.address == module_server.address
         assert await client.health() == "SERVING"
+
+
+async def test_training_jobs_from_asyncio(module_server: ServerHandle) -> None:
+    async with Client(module_server.address) as client:
+        session = await client.create_session(TEXT, session_id="aio-jobs", hidden_size=8)
+        job = await session.start_training(100, report_every=20, request_id="aio-1")
+        assert job.name.startswith("sessions/aio-jobs/jobs/")
+        steps = [p.step async for p in job.follow()]
+        assert steps and steps[-1] == 100
+        ended = await job.wait()
+        assert ended.state == pb.JOB_STATE_SUCCEEDED and ended.step == 100
+        again = await session.start_training(100, request_id="aio-1")
+        assert again.name == job.name
+        long = await session.start_training(1_000_000)
+        assert (await (await session.job()).refresh()).name == long.name
+        assert (await long.stop()).stop_reason == pb.STOP_REASON_STOPPED
+        assert [j.name for j in await session.jobs()] == [long.name, job.name]

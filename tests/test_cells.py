@@ -28,10 +28,10 @@ Masks = list[np.ndarray] | None
 Problem = tuple[Spec, dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, Masks]
 
 
-def _problem(cell: str, layers: int, dropout: float, seed: int = 0) -> Problem:
-    """Float64 weights at scale ~0.1 (biases too), a batch of windows, a nonzero state, and
+def _problem(cell: str, layers: int, dropout: float, seed: int = 0, B: int = 3) -> Problem:
+    """Float64 weights at scale ~0.1 (biases too), a batch of B windows, a nonzero state, and
     dropout masks drawn from a seeded generator (fixed for the whole check)."""
-    V, H, T, B = 5, 4, 4, 3
+    V, H, T = 5, 4, 4
     spec = Spec(cell, V, H, layers)
     rng = np.random.default_rng(seed)
     params = {name: rng.standard_normal(shape) * 0.1 for name, shape in spec.shapes().items()}
@@ -84,9 +84,22 @@ def test_gradient_check(cell: str, layers: int, dropout: float) -> None:
     assert max(errors.values()) < 1e-6, errors
 
 
+@pytest.mark.parametrize("block", [None, 1])
+@pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize(("cell", "layers", "dropout"), CASES)
-def test_fast_matches_reference(cell: str, layers: int, dropout: float) -> None:
-    spec, params, inputs, targets, state, masks = _problem(cell, layers, dropout, seed=7)
+def test_fast_matches_reference(
+    cell: str,
+    layers: int,
+    dropout: float,
+    B: int,
+    block: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every layout the fast kernels pick (B = 1 keeps Wh as is; B > 1 gate-major) and the
+    gate partials in one block or one time step a block."""
+    if block is not None:
+        monkeypatch.setattr(cells.fast, "PARTIAL_BLOCK_NUMBERS", block)
+    spec, params, inputs, targets, state, masks = _problem(cell, layers, dropout, seed=7, B=B)
     grads = {k: np.empty_like(v) for k, v in params.items()}
     loss, final = loss_and_grads(spec, params, inputs, targets, state, grads, masks=masks)
     ref_loss, ref_grads, ref_final = reference_loss_and_grads(

@@ -35,6 +35,10 @@ RUN_ELSEWHERE = {"model-format.md"}  # tests/test_model_format.py
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 GUIDES = [doc for doc in DOCS if doc.name not in RUN_ELSEWHERE]
 RUNS = ("sh", "python")
+# The state a guide starts from, where it builds on the Quickstart's: the server's settings and
+# a shell prelude. training-jobs.md's jobs of 100,000 steps end after 3 s of training here.
+SERVER_SETTINGS = {"training-jobs.md": {"max_job_seconds": 3}}
+PRELUDE = {"training-jobs.md": "rnnserve create input.txt --id shakespeare"}
 # What a guide's blocks say they print, checked after its run (each a line of the output).
 PRINTS = {
     "api.md": [r"^SESSION_NOT_FOUND \{'session_id': 'nope'\}$"],
@@ -43,6 +47,7 @@ PRINTS = {
         r"^exported shakespeare to model\.rnn ",
         r"^sh-imported$",  # the CLI's import and the library's use their own ids
     ],
+    "training-jobs.md": [r"^sessions/shakespeare/jobs/[0-9a-f]{12}$", r"\[time-limit\]$"],
 }
 
 
@@ -83,8 +88,10 @@ def test_readme_blocks_outside_the_quickstart_say_why_they_dont_run() -> None:
 def test_the_guide_runs_as_written(
     doc: Path, server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    server = server_factory()
+    server = server_factory(**SERVER_SETTINGS.get(doc.name, {}))
     blocks = [(b.language, b.code) for b in blocks_of(doc) if b.not_run is None]
+    if doc.name in PRELUDE:
+        blocks.insert(0, ("sh", PRELUDE[doc.name] + "\n"))
     work = clone_in(tmp_path / "clone")
     env = clean_env(server.address)
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env['PATH']}"  # as after `source .venv/bin/activate`

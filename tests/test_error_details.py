@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from rnnserve import (
     InvalidArgument,
+    JobNotFound,
     LimitExceeded,
     RnnServeError,
     ServerUnavailable,
@@ -34,8 +35,10 @@ from rnnserve_server.api import status
 from rnnserve_server.engine.model_config import DivergedError
 from rnnserve_server.errors import (
     InvalidArgumentError,
+    JobNotFoundError,
     LeaseLostError,
     LimitExceededError,
+    NotSupportedError,
     OwnerUnavailableError,
     SessionBrokenError,
     SessionBusyError,
@@ -302,6 +305,18 @@ CASES: list[tuple[BaseException, grpc.StatusCode, str, type[RnnServeError]]] = [
         grpc.StatusCode.NOT_FOUND,
         "SESSION_NOT_FOUND",
         SessionNotFound,
+    ),
+    (
+        JobNotFoundError("x", session_id="s"),
+        grpc.StatusCode.NOT_FOUND,
+        "JOB_NOT_FOUND",
+        JobNotFound,
+    ),
+    (
+        NotSupportedError("x"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "NOT_SUPPORTED",
+        RnnServeError,
     ),
     (
         SessionExistsError("x", session_id="s"),

@@ -649,7 +649,8 @@ CASES: list[Case] = [
         lambda h: h.raw_client_stream("AppendText", [_field(1, BASE.encode()), CORRUPT]),
         IA,
     ),
-    Case("append while training", lambda h: _train_then(h, _append_while_training), FP),
+    # A Train is an attached job: AppendText and UpdateSession apply between two chunks.
+    Case("append while training", lambda h: _train_then(h, _append_while_training), OK),
     Case("append empty chunk", lambda h: h.append([(h.fresh(), "")]), OK),
     # --- UpdateSession ---
     Case("update empty mask", _update("fresh", []), IA, "update_mask"),
@@ -664,7 +665,7 @@ CASES: list[Case] = [
     Case("update optimizer 99", _update("fresh", ["config.optimizer"], optimizer=99), IA),
     Case("update unknown session", _update("nope", ["config.clip"], clip=1.0), NF),
     Case("update bad id", _update("../x", ["config.clip"], clip=1.0), IA, "session_id"),
-    Case("update while training", lambda h: _train_then(h, _update_while_training), FP),
+    Case("update while training", lambda h: _train_then(h, _update_while_training), OK),
     # --- ForkSession ---
     Case("fork onto existing id", _fork(BASE), AE),
     Case("fork empty new id", _fork(""), IA, "new_session_id"),

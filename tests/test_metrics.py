@@ -106,8 +106,9 @@ def test_counters_move_with_rpcs(metrics_server: tuple[ServerHandle, int]) -> No
     assert rpcs(after, "Train", name="msg_sent") == len(progress)
     assert rpcs(after, "Step", name="msg_sent") == 1
     assert rpcs(after, "Step", name="msg_received") == 1
-    # AppendText streamed two chunks (the iterable's two pieces) in two messages.
-    assert rpcs(after, "AppendText", name="msg_received") == 2
+    # AppendText streamed two chunks (the iterable's two pieces) in two messages, then the
+    # chunk marked last (AppendTextRequest.marks_last).
+    assert rpcs(after, "AppendText", name="msg_received") == 3
     health = value(
         after,
         "grpc_server_handled_total",
@@ -184,3 +185,31 @@ def test_metrics_host_follows_the_grpc_address() -> None:
     assert metrics_host("localhost:50051") == "localhost"
     assert metrics_host(":50051") == "0.0.0.0"
     assert split_method("/rnnserve.v1.RnnService/Train") == ("rnnserve.v1.RnnService", "Train")
+
+
+@pytest.mark.timeout(60)
+def test_jobs_by_state_and_queue_wait(server_factory: ServerFactory) -> None:
+    port = free_port()
+    server = server_factory(metrics_port=port, max_running_jobs=1)
+    server.wait_for_log("metrics_serving", port=port)
+    with server.client() as client:
+        sessions = [
+            client.create_session("abc " * 200, session_id=f"m{i}", hidden_size=16)
+            for i in range(2)
+        ]
+        jobs = [s.start_training(1_000_000, report_every=10) for s in sessions]
+        for job in jobs:  # both have had a turn: the second waited for the first
+            with job.follow() as stream:
+                next(iter(stream))
+        _, during = scrape(port)
+        for job in jobs:
+            job.stop()
+    _, after = scrape(port)
+    assert (
+        value(during, "rnnserve_jobs", state="queued")
+        + value(during, "rnnserve_jobs", state="running")
+        == 2
+    )
+    assert value(during, "rnnserve_job_queue_wait_seconds_count") >= 1
+    assert value(after, "rnnserve_jobs", state="queued") == 0
+    assert value(after, "rnnserve_jobs", state="running") == 0

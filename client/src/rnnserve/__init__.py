@@ -15,10 +15,19 @@ same client for asyncio.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from rnnserve.client import DEFAULT_ADDRESS, Client, Session, Stream, TrainStream
+from rnnserve.client import (
+    DEFAULT_ADDRESS,
+    Client,
+    Job,
+    JobStream,
+    Session,
+    Stream,
+    TrainStream,
+)
 from rnnserve.errors import (
     ConnectionLost,
     InvalidArgument,
+    JobNotFound,
     LimitExceeded,
     PermissionDenied,
     RnnServeError,
@@ -43,6 +52,9 @@ __all__ = [
     "Client",
     "ConnectionLost",
     "InvalidArgument",
+    "Job",
+    "JobNotFound",
+    "JobStream",
     "LimitExceeded",
     "PermissionDenied",
     "RnnServeError",

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from rnnserve._aio_jobs import Job
 from rnnserve._aio_rpc import RpcClient
 from rnnserve._aio_streams import Stream, TrainStream, WatchStream
 from rnnserve._common import generate_request
@@ -15,13 +16,14 @@ from rnnserve._requests import (
     TextSource,
     append_upload,
     fork_request,
+    start_job_request,
     train_request,
     update_request,
     write_file,
 )
 from rnnserve._retry import DEFAULT_RETRY_FOR, Retries
 from rnnserve._train_to import TrainToResult, TrainToRun
-from rnnserve.errors import RnnServeError
+from rnnserve.errors import JobNotFound, RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 __all__ = ["Session"]
@@ -93,6 +95,67 @@ class Session:
         request = train_request(self.id, locals())
         call = self._client._server_stream(self._client._stub.Train, request, timeout)
         return TrainStream(call, request)
+
+    async def start_training(
+        self,
+        steps: int = 0,
+        report_every: int = 0,
+        sample_length: int = 0,
+        *,
+        until_step: int | None = None,
+        until_loss: float | None = None,
+        patience: int = 0,
+        eval_every: int = 0,
+        sample_temperature: float | None = None,
+        sample_prime: str = "",
+        max_seconds: float = 0.0,
+        warmup_steps: int = 0,
+        decay: str = "",
+        min_learning_rate: float | None = None,
+        restore_best: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Job:
+        """Start a training job the server owns (StartJob) and return its handle at once.
+
+        It takes what :meth:`train` takes, plus ``max_seconds`` (a training-time budget across
+        restarts), a learning-rate schedule (``warmup_steps``, ``decay`` "cosine" or
+        "linear" to ``min_learning_rate``) and ``restore_best`` (end at the weights of the
+        best validation loss). It runs with no client connected and resumes after a server
+        restart; ``job.follow()`` streams its progress, ``job.wait()`` waits for its end,
+        ``job.stop()`` stops it. ``request_id`` (a new UUID if not given) makes a retry of
+        this call return the same job."""
+        request = start_job_request(self.id, locals(), request_id)
+        response = await self._client._unary(self._client._stub.StartJob, request, timeout)
+        return Job(self._client, response.job)
+
+    async def jobs(self, *, timeout: float | None = None) -> list[Job]:
+        """The session's training jobs, newest first (every page of ListJobs)."""
+        jobs: list[Job] = []
+        token = ""
+        while True:
+            request = pb.ListJobsRequest(session_id=self.id, page_token=token)
+            page = await self._client._unary(self._client._stub.ListJobs, request, timeout)
+            jobs += [Job(self._client, job) for job in page.jobs]
+            token = page.next_page_token
+            if not token:
+                return jobs
+
+    async def job(self, job: str = "", *, timeout: float | None = None) -> Job:
+        """A handle on one job: its id or name, or "" for the session's running job (or the
+        newest, if none runs)."""
+        if not job:
+            info = await self.info(timeout=timeout)
+            if info.HasField("job"):
+                return Job(self._client, info.job)
+            found = await self.jobs(timeout=timeout)
+            if not found:
+                raise JobNotFound(f"session {self.id!r} has no training jobs")
+            return found[0]
+        name = job if "/" in job else f"sessions/{self.id}/jobs/{job}"
+        request = pb.GetJobRequest(name=name)
+        response = await self._client._unary(self._client._stub.GetJob, request, timeout)
+        return Job(self._client, response.job)
 
     async def update(
         self,

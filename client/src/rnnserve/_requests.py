@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, Generic, TypeVar
 
@@ -233,3 +234,36 @@ def list_request(page_size: int, token: str, seen: set[str]) -> pb.ListSessionsR
         raise RnnServeError(f"the server repeated page token {token!r}")
     seen.add(token)
     return pb.ListSessionsRequest(page_size=page_size, page_token=token)
+
+
+_DECAYS = {
+    "": pb.LEARNING_RATE_DECAY_UNSPECIFIED,
+    "constant": pb.LEARNING_RATE_DECAY_UNSPECIFIED,
+    "cosine": pb.LEARNING_RATE_DECAY_COSINE,
+    "linear": pb.LEARNING_RATE_DECAY_LINEAR,
+}
+
+
+def start_job_request(
+    session_id: str, arguments: Mapping[str, Any], request_id: str | None
+) -> pb.StartJobRequest:
+    """StartJob's request from ``Session.start_training``'s arguments (its ``locals()``):
+    the JobSpec fields, the schedule's (warmup_steps, decay, min_learning_rate) and a
+    request_id (a new UUID unless given, so the caller may retry the call safely)."""
+    spec = pb.JobSpec()
+    for name, value in arguments.items():
+        if name in ("self", "timeout", "request_id") or value is None:
+            continue
+        if name == "warmup_steps":
+            spec.schedule.warmup_steps = value
+        elif name == "decay":
+            if value not in _DECAYS:
+                raise ValueError(f"decay must be one of {sorted(_DECAYS)[1:]}, not {value!r}")
+            spec.schedule.decay = _DECAYS[value]
+        elif name == "min_learning_rate":
+            spec.schedule.min_learning_rate = value
+        else:
+            setattr(spec, name, value)
+    return pb.StartJobRequest(
+        session_id=session_id, spec=spec, request_id=request_id or uuid.uuid4().hex
+    )

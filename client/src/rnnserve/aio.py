@@ -22,6 +22,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2
 
+from rnnserve._aio_jobs import Job, JobStream
 from rnnserve._aio_rpc import RpcClient
 from rnnserve._aio_session import Session
 from rnnserve._aio_streams import Stream, TrainStream
@@ -36,7 +37,7 @@ from rnnserve._requests import (
 from rnnserve.errors import Timeout, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-__all__ = ["Client", "Session", "Stream", "TrainStream"]
+__all__ = ["Client", "Job", "JobStream", "Session", "Stream", "TrainStream"]
 
 
 class Client(RpcClient):

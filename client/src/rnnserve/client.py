@@ -26,6 +26,7 @@ from rnnserve._common import (
     TOKEN_ENV,
     health_status_name,
 )
+from rnnserve._jobs import Job, JobStream
 from rnnserve._requests import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CHUNK_CHARS,
@@ -54,6 +55,8 @@ __all__ = [
     "PRESETS",
     "TOKEN_ENV",
     "Client",
+    "Job",
+    "JobStream",
     "Session",
     "Stream",
     "TextSource",

@@ -28,6 +28,7 @@ __all__ = [
     "ConnectionLost",
     "FieldViolation",
     "InvalidArgument",
+    "JobNotFound",
     "LimitExceeded",
     "PermissionDenied",
     "RnnServeError",
@@ -93,6 +94,10 @@ class SessionNotFound(RnnServeError):
     """NOT_FOUND: no session has that id."""
 
     default_code = grpc.StatusCode.NOT_FOUND
+
+
+class JobNotFound(SessionNotFound):
+    """NOT_FOUND: the session has no training job of that name."""
 
 
 class SessionExists(RnnServeError):
@@ -208,6 +213,7 @@ _BY_CODE[grpc.StatusCode.ABORTED] = TrainingDiverged  # servers before the reaso
 # ErrorInfo reason (domain rnnserve.v1) -> class; matched before the code.
 _BY_REASON: dict[str, type[RnnServeError]] = {
     "SESSION_NOT_FOUND": SessionNotFound,
+    "JOB_NOT_FOUND": JobNotFound,
     "SESSION_EXISTS": SessionExists,
     "SESSION_BUSY": SessionBusy,
     "SESSION_BROKEN": SessionBroken,

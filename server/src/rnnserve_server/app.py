@@ -33,6 +33,7 @@ from rnnserve_server.errors import CheckpointError
 from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.startup import StartupError, TlsFiles, check_data_dir, load_tls
 from rnnserve_server.storage.local_store import LocalStore
+from rnnserve_server.usecases.session_service import SessionService
 
 log = logs.get_logger("rnnserve.app")
 
@@ -120,7 +121,7 @@ async def start_registry(registry: Registry, settings: Settings) -> None:
 
 
 def build_server(
-    settings: Settings, registry: Registry, node: ClusterNode | None
+    settings: Settings, registry: Registry, node: ClusterNode | None, service: SessionService
 ) -> tuple[aio.Server, Health]:
     """The gRPC server with RnnService, health and reflection, its interceptors (the cluster's
     router innermost: after auth and the request guard) and channel options."""
@@ -134,7 +135,7 @@ def build_server(
     if node is not None:
         interceptors.append(node.router())
     server = aio.server(interceptors=interceptors, options=options)
-    pb_grpc.add_RnnServiceServicer_to_server(Servicer(settings, registry), server)
+    pb_grpc.add_RnnServiceServicer_to_server(Servicer(settings, registry, service), server)
     server_health = Health(registry)
     health_pb2_grpc.add_HealthServicer_to_server(server_health.servicer, server)
     reflection.enable_server_reflection(
@@ -254,7 +255,9 @@ async def serve(settings: Settings) -> int:
         await start_registry(registry, settings)
     except CannotServeError:
         return 2
-    server, server_health = build_server(settings, registry, node)
+    service = SessionService(settings, registry)
+    service.jobs.cluster = node is not None  # jobs across replicas: the next issue
+    server, server_health = build_server(settings, registry, node, service)
     try:
         port = bind(server, settings, tls_files)
         metrics_server = start_metrics(settings, registry)
@@ -270,6 +273,9 @@ async def serve(settings: Settings) -> int:
         node.attach(registry, port)
         # NOT_SERVING while Redis is unreachable.
         node.start_health(lambda ok: server_health.report("redis", ok))
+    resumed = await service.jobs.resume_all()  # the jobs a stop or a crash interrupted
+    if resumed:
+        log.info("jobs_resumed", count=resumed)
     log.info(
         "serving",
         port=port,
@@ -286,6 +292,7 @@ async def serve(settings: Settings) -> int:
     await server_health.servicer.enter_graceful_shutdown()
     registry.begin_shutdown()
     await server.stop(settings.grace)
+    await service.jobs.close()  # each job's loop checkpoints it: resumed at the next start
     saved = await registry.close()
     if node is not None:  # drain: every session was checkpointed above; give the leases back
         await node.drain()

@@ -96,6 +96,24 @@ class Settings:
         ),
     )
     max_train_steps: int = field(default=1_000_000, metadata=_opt("most steps in one Train call"))
+    max_running_jobs: int = field(
+        default=0,
+        metadata=_opt(
+            "most training jobs (and Trains) computing at once; the others wait QUEUED and all "
+            "take turns by chunk. 0 = the cores this process may use (affinity and cgroup "
+            "quota) minus one, at least one, so interactive calls keep a core"
+        ),
+    )
+    max_job_seconds: float = field(
+        default=0.0,
+        metadata=_opt("end any training job after this much training time (0 = no limit)"),
+    )
+    max_jobs_per_token: int = field(
+        default=0,
+        metadata=_opt(
+            "most queued or running training jobs one bearer token may have (0 = no cap)"
+        ),
+    )
     max_generate_length: int = field(
         default=100_000, metadata=_opt("most characters in one Generate call or Train sample")
     )
@@ -359,6 +377,10 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+# Limits where 0 means "the default" (max_running_jobs) or "none" (the other two).
+ZERO_MEANS_DEFAULT = ("max_running_jobs", "max_job_seconds", "max_jobs_per_token")
+
+
 def check_settings(settings: Settings) -> None:
     """Exit (code 2) with a one-line message when settings contradict each other."""
     if (settings.tls_cert is None) != (settings.tls_key is None):
@@ -369,6 +391,7 @@ def check_settings(settings: Settings) -> None:
         "idle_evict_seconds",
         "blas_threads",
         "keepalive_min_ping_interval",
+        *ZERO_MEANS_DEFAULT,
         "metrics_max_sessions",
     ):
         if getattr(settings, name) < 0:
@@ -377,7 +400,11 @@ def check_settings(settings: Settings) -> None:
         if not getattr(settings, name) > 0:
             fail(f"--{name.replace('_', '-')} must be > 0")
     for f in dataclasses.fields(Settings):
-        if f.name.startswith("max_") and getattr(settings, f.name) < 1:
+        if (
+            f.name.startswith("max_")
+            and f.name not in ZERO_MEANS_DEFAULT
+            and getattr(settings, f.name) < 1
+        ):
             fail(f"--{f.name.replace('_', '-')} must be >= 1")
     if settings.redis_url and settings.shared_dir is None:
         fail("--redis-url needs --shared-dir (the checkpoint directory every replica mounts)")

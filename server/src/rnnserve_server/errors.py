@@ -60,6 +60,14 @@ class LimitExceededError(DomainError):
         self.value = value
 
 
+class JobNotFoundError(DomainError):
+    """The session has no job of that name (maps to NOT_FOUND)."""
+
+
+class NotSupportedError(DomainError):
+    """This server's mode can't do it (FAILED_PRECONDITION)."""
+
+
 class SessionBusyError(DomainError):
     """The session is training or otherwise can't take this call now (FAILED_PRECONDITION)."""
 

@@ -163,6 +163,28 @@ DIVERGENCES = Counter(
 )
 
 
+JOBS = Gauge(
+    "rnnserve_jobs",
+    "Training jobs on this server by state (queued: waiting for a --max-running-jobs slot).",
+    ["state"],
+    registry=REGISTRY,
+)
+for _state in ("queued", "running"):
+    JOBS.labels(state=_state)
+JOB_QUEUE_WAIT = Histogram(
+    "rnnserve_job_queue_wait_seconds",
+    "How long a training job waited for a slot before a chunk of training.",
+    buckets=DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+def record_jobs(queued: int, running: int) -> None:
+    """The number of queued and running training jobs now."""
+    JOBS.labels(state="queued").set(queued)
+    JOBS.labels(state="running").set(running)
+
+
 def record_training(updates: int, chars: int, session_id: str | None = None) -> None:
     """Count ``updates`` optimizer updates over ``chars`` characters (of ``session_id``'s
     chars/s gauge when given)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from rnnserve.cli.exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from rnnserve.cli.flags import _seconds
+from rnnserve.cli.jobs import job_progress, job_state
 from rnnserve.cli.output import Output, _enum_name, _state
 from rnnserve.cli.training import _CtrlC, _on_ctrl_c
 from rnnserve.client import Client
@@ -25,6 +26,7 @@ class Column:
     text: Callable[[pb.Session], str]
     value: Callable[[pb.Session], Any]
     right: bool = False  # numbers line up on the right
+    optional: bool = False  # shown only when some listed session has a value
 
     @property
     def key(self) -> str:
@@ -63,12 +65,19 @@ _optimizer = _configured(lambda c: _enum_name(pb.Optimizer, c.optimizer, "OPTIMI
 _validation = _optional("validation_loss")
 _speed = _optional("chars_per_second")
 
-# In display order. The place for training jobs: once Session carries its job (Session.job),
-# a JOB column (the job's state: queued, running, ...) goes right after STATE, sortable like
-# the others.
+
+def _job(s: pb.Session) -> str | None:
+    """The session's queued or running training job: its id, state, progress and ETA."""
+    if not s.HasField("job"):
+        return None
+    return f"{s.job.job_id} {job_state(s.job)} {job_progress(s.job)}"
+
+
+# In display order.
 COLUMNS: list[Column] = [
     Column("ID", lambda s: s.session_id, lambda s: s.session_id),
     Column("STATE", _state, _state),
+    Column("JOB", _text(_job), _job, optional=True),
     Column("CELL", _text(_cell), _cell),
     Column("LAYERS", _text(_layers), _layers, right=True),
     Column("HIDDEN", _text(_hidden), _hidden, right=True),
@@ -102,11 +111,12 @@ def _sorted(sessions: list[pb.Session], key: str, reverse: bool) -> list[pb.Sess
 
 
 def _table(sessions: list[pb.Session]) -> list[str]:
-    rows = [[c.header for c in COLUMNS]] + [[c.text(s) for c in COLUMNS] for s in sessions]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    shown = [c for c in COLUMNS if not c.optional or any(c.value(s) is not None for s in sessions)]
+    rows = [[c.header for c in shown]] + [[c.text(s) for c in shown] for s in sessions]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(shown))]
     return [
         "  ".join(
-            text.rjust(widths[i]) if COLUMNS[i].right else text.ljust(widths[i])
+            text.rjust(widths[i]) if shown[i].right else text.ljust(widths[i])
             for i, text in enumerate(row)
         ).rstrip()
         for row in rows

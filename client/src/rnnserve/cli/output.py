@@ -118,6 +118,10 @@ def _show_session(out: Output, session: pb.Session) -> None:
         ("resident", "yes" if session.resident else "no (on disk only)"),
         ("checkpointed", f"step {session.checkpointed_step}"),
     ]
+    if session.HasField("job"):
+        job = session.job
+        state = _enum_name(pb.JobState, job.state, "JOB_STATE_")
+        rows.append(("job", f"{job.name} {state}, step {job.step} of {job.target_step}"))
     if session.error:
         rows.append(("error", session.error))
     for key, value in rows:

@@ -32,11 +32,11 @@ from rnnserve.cli.flags import (
     _positive_int,
     _seconds,
 )
+from rnnserve.cli.jobs import add_job_commands, cmd_train_or_start
 from rnnserve.cli.listing import add_list_flags, cmd_list
 from rnnserve.cli.output import Output
 from rnnserve.cli.presets import cmd_presets
 from rnnserve.cli.tensorboard import cmd_tensorboard
-from rnnserve.cli.training import cmd_train
 from rnnserve.client import DEFAULT_ADDRESS, Client
 
 MAIN_EPILOG = f"""\
@@ -165,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "train",
-        cmd_train,
-        "apply many updates with a progress bar; Ctrl-C cancels cleanly",
+        cmd_train_or_start,
+        "apply many updates with a progress bar; Ctrl-C cancels cleanly. With --detach, "
+        "start a training job the server runs on its own (prints its name)",
         "  rnnserve train shakespeare --steps 5000\n"
+        "  rnnserve train shakespeare --steps 100000 --detach   # then: attach, stop, jobs\n"
         "  rnnserve train shakespeare --steps 100000 --max-seconds 60 --sample-length 80\n"
         "  rnnserve --json train hallo --steps 30 --report-every 10\n",
     )
@@ -198,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-seconds",
         type=_seconds,
         metavar="S",
-        help="stop (cancel cleanly) after S seconds even if steps remain",
+        help="stop (cancel cleanly) after S seconds even if steps remain (with --detach: "
+        "the job's training-time budget, counted across server restarts)",
     )
     p.add_argument(
         "--until-loss",
@@ -230,11 +233,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sample-prime", default="", metavar="TEXT", help="start each sample with TEXT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="start a training job the server owns and exit (prints its name): it goes on "
+        "without this command and after a server restart; see attach, stop, jobs",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=_nonnegative_int,
+        default=0,
+        metavar="N",
+        help="with --detach: raise the learning rate linearly from 0 over the first N updates",
+    )
+    p.add_argument(
+        "--decay",
+        choices=["cosine", "linear"],
+        help="with --detach: then decay it to --min-learning-rate at the job's last update",
+    )
+    p.add_argument(
+        "--min-learning-rate",
+        type=float,
+        metavar="LR",
+        help="with --detach: where the decay ends (default: a tenth of the session's rate)",
+    )
+    p.add_argument(
+        "--restore-best",
+        action="store_true",
+        help="with --detach: end at the weights of the best validation loss (needs a "
+        "validation split)",
+    )
+
+    add_job_commands(command)
 
     p = command(
         "set",
         cmd_set,
-        "change a session's settings (not while it trains)",
+        "change a session's settings (during a training job: between two of its chunks)",
         "  rnnserve set shakespeare --learning-rate 1e-3\n"
         "  rnnserve set shakespeare --optimizer adagrad --learning-rate 0.05\n",
     )

@@ -57,6 +57,26 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_DIVERGED: _ClassVar[StopReason]
     STOP_REASON_TARGET_LOSS: _ClassVar[StopReason]
     STOP_REASON_EARLY_STOPPED: _ClassVar[StopReason]
+    STOP_REASON_STOPPED: _ClassVar[StopReason]
+    STOP_REASON_CALLER_LEFT: _ClassVar[StopReason]
+    STOP_REASON_TIME_BUDGET: _ClassVar[StopReason]
+    STOP_REASON_TIME_LIMIT: _ClassVar[StopReason]
+    STOP_REASON_FAILED: _ClassVar[StopReason]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_STOPPED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+
+class LearningRateDecay(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEARNING_RATE_DECAY_UNSPECIFIED: _ClassVar[LearningRateDecay]
+    LEARNING_RATE_DECAY_COSINE: _ClassVar[LearningRateDecay]
+    LEARNING_RATE_DECAY_LINEAR: _ClassVar[LearningRateDecay]
 
 class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -76,6 +96,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_LEASE_LOST: _ClassVar[ErrorReason]
     ERROR_REASON_OWNER_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_JOB_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_NOT_SUPPORTED: _ClassVar[ErrorReason]
 OPTIMIZER_UNSPECIFIED: Optimizer
 OPTIMIZER_SGD: Optimizer
 OPTIMIZER_ADAGRAD: Optimizer
@@ -105,6 +127,20 @@ STOP_REASON_DELETED: StopReason
 STOP_REASON_DIVERGED: StopReason
 STOP_REASON_TARGET_LOSS: StopReason
 STOP_REASON_EARLY_STOPPED: StopReason
+STOP_REASON_STOPPED: StopReason
+STOP_REASON_CALLER_LEFT: StopReason
+STOP_REASON_TIME_BUDGET: StopReason
+STOP_REASON_TIME_LIMIT: StopReason
+STOP_REASON_FAILED: StopReason
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_STOPPED: JobState
+JOB_STATE_FAILED: JobState
+LEARNING_RATE_DECAY_UNSPECIFIED: LearningRateDecay
+LEARNING_RATE_DECAY_COSINE: LearningRateDecay
+LEARNING_RATE_DECAY_LINEAR: LearningRateDecay
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_SESSION_NOT_FOUND: ErrorReason
 ERROR_REASON_SESSION_EXISTS: ErrorReason
@@ -121,6 +157,8 @@ ERROR_REASON_UNAUTHENTICATED: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_LEASE_LOST: ErrorReason
 ERROR_REASON_OWNER_UNAVAILABLE: ErrorReason
+ERROR_REASON_JOB_NOT_FOUND: ErrorReason
+ERROR_REASON_NOT_SUPPORTED: ErrorReason
 
 class SessionConfig(_message.Message):
     __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every", "cell", "num_layers", "dropout", "validation_fraction")
@@ -153,7 +191,7 @@ class SessionConfig(_message.Message):
     def __init__(self, hidden_size: _Optional[int] = ..., seq_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., clip: _Optional[float] = ..., seed: _Optional[int] = ..., dtype: _Optional[_Union[DataType, str]] = ..., reset_every: _Optional[int] = ..., cell: _Optional[_Union[Cell, str]] = ..., num_layers: _Optional[int] = ..., dropout: _Optional[float] = ..., validation_fraction: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step", "validation_loss", "validation_step", "validation_chars", "chars_per_second")
+    __slots__ = ("session_id", "config", "state", "step", "corpus_chars", "alphabet", "loss", "smoothed_loss", "parameter_count", "create_time", "update_time", "resident", "error", "checkpointed_step", "validation_loss", "validation_step", "validation_chars", "chars_per_second", "job")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +210,7 @@ class Session(_message.Message):
     VALIDATION_STEP_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_CHARS_FIELD_NUMBER: _ClassVar[int]
     CHARS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config: SessionConfig
     state: SessionState
@@ -190,7 +229,8 @@ class Session(_message.Message):
     validation_step: int
     validation_chars: int
     chars_per_second: float
-    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., step: _Optional[int] = ..., corpus_chars: _Optional[int] = ..., alphabet: _Optional[str] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., parameter_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resident: _Optional[bool] = ..., error: _Optional[str] = ..., checkpointed_step: _Optional[int] = ..., validation_loss: _Optional[float] = ..., validation_step: _Optional[int] = ..., validation_chars: _Optional[int] = ..., chars_per_second: _Optional[float] = ...) -> None: ...
+    job: Job
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[SessionConfig, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., step: _Optional[int] = ..., corpus_chars: _Optional[int] = ..., alphabet: _Optional[str] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., parameter_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resident: _Optional[bool] = ..., error: _Optional[str] = ..., checkpointed_step: _Optional[int] = ..., validation_loss: _Optional[float] = ..., validation_step: _Optional[int] = ..., validation_chars: _Optional[int] = ..., chars_per_second: _Optional[float] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "preset", "config", "text", "alphabet")
@@ -325,7 +365,7 @@ class TrainRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., steps: _Optional[int] = ..., report_every: _Optional[int] = ..., sample_length: _Optional[int] = ..., until_loss: _Optional[float] = ..., patience: _Optional[int] = ..., eval_every: _Optional[int] = ..., sample_temperature: _Optional[float] = ..., sample_prime: _Optional[str] = ..., until_step: _Optional[int] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
-    __slots__ = ("step", "steps_done", "loss", "smoothed_loss", "chars_per_second", "sample", "elapsed_seconds", "stop_reason", "checkpointed_step", "validation_loss", "validation_step")
+    __slots__ = ("step", "steps_done", "loss", "smoothed_loss", "chars_per_second", "sample", "elapsed_seconds", "stop_reason", "checkpointed_step", "validation_loss", "validation_step", "job_name")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +377,7 @@ class TrainResponse(_message.Message):
     CHECKPOINTED_STEP_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_STEP_FIELD_NUMBER: _ClassVar[int]
+    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_done: int
     loss: float
@@ -348,7 +389,8 @@ class TrainResponse(_message.Message):
     checkpointed_step: int
     validation_loss: float
     validation_step: int
-    def __init__(self, step: _Optional[int] = ..., steps_done: _Optional[int] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., chars_per_second: _Optional[float] = ..., sample: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., checkpointed_step: _Optional[int] = ..., validation_loss: _Optional[float] = ..., validation_step: _Optional[int] = ...) -> None: ...
+    job_name: str
+    def __init__(self, step: _Optional[int] = ..., steps_done: _Optional[int] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., chars_per_second: _Optional[float] = ..., sample: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., checkpointed_step: _Optional[int] = ..., validation_loss: _Optional[float] = ..., validation_step: _Optional[int] = ..., job_name: _Optional[str] = ...) -> None: ...
 
 class WatchLossRequest(_message.Message):
     __slots__ = ("session_id", "from_step")
@@ -475,3 +517,167 @@ class ForkSessionResponse(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: Session
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class LearningRateSchedule(_message.Message):
+    __slots__ = ("warmup_steps", "decay", "min_learning_rate")
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECAY_FIELD_NUMBER: _ClassVar[int]
+    MIN_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    warmup_steps: int
+    decay: LearningRateDecay
+    min_learning_rate: float
+    def __init__(self, warmup_steps: _Optional[int] = ..., decay: _Optional[_Union[LearningRateDecay, str]] = ..., min_learning_rate: _Optional[float] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("steps", "until_step", "until_loss", "patience", "eval_every", "report_every", "sample_length", "sample_temperature", "sample_prime", "max_seconds", "schedule", "restore_best")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_STEP_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_PRIME_FIELD_NUMBER: _ClassVar[int]
+    MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_BEST_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    until_step: int
+    until_loss: float
+    patience: int
+    eval_every: int
+    report_every: int
+    sample_length: int
+    sample_temperature: float
+    sample_prime: str
+    max_seconds: float
+    schedule: LearningRateSchedule
+    restore_best: bool
+    def __init__(self, steps: _Optional[int] = ..., until_step: _Optional[int] = ..., until_loss: _Optional[float] = ..., patience: _Optional[int] = ..., eval_every: _Optional[int] = ..., report_every: _Optional[int] = ..., sample_length: _Optional[int] = ..., sample_temperature: _Optional[float] = ..., sample_prime: _Optional[str] = ..., max_seconds: _Optional[float] = ..., schedule: _Optional[_Union[LearningRateSchedule, _Mapping]] = ..., restore_best: _Optional[bool] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("name", "session_id", "job_id", "spec", "state", "stop_reason", "error", "start_step", "target_step", "step", "steps_done", "loss", "smoothed_loss", "validation_loss", "best_validation_loss", "best_step", "chars_per_second", "eta_seconds", "seconds_used", "create_time", "start_time", "end_time", "started_by", "attached", "request_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHED_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BEST_VALIDATION_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHARS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_USED_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    STARTED_BY_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    session_id: str
+    job_id: str
+    spec: JobSpec
+    state: JobState
+    stop_reason: StopReason
+    error: str
+    start_step: int
+    target_step: int
+    step: int
+    steps_done: int
+    loss: float
+    smoothed_loss: float
+    validation_loss: float
+    best_validation_loss: float
+    best_step: int
+    chars_per_second: float
+    eta_seconds: float
+    seconds_used: float
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    started_by: str
+    attached: bool
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., session_id: _Optional[str] = ..., job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., error: _Optional[str] = ..., start_step: _Optional[int] = ..., target_step: _Optional[int] = ..., step: _Optional[int] = ..., steps_done: _Optional[int] = ..., loss: _Optional[float] = ..., smoothed_loss: _Optional[float] = ..., validation_loss: _Optional[float] = ..., best_validation_loss: _Optional[float] = ..., best_step: _Optional[int] = ..., chars_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., seconds_used: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_by: _Optional[str] = ..., attached: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StartJobRequest(_message.Message):
+    __slots__ = ("session_id", "spec", "request_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    spec: JobSpec
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StartJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("session_id", "page_size", "page_token")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, session_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class StopJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StopJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WatchJobResponse(_message.Message):
+    __slots__ = ("job", "progress")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    progress: TrainResponse
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., progress: _Optional[_Union[TrainResponse, _Mapping]] = ...) -> None: ...

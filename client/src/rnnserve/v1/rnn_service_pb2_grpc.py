@@ -108,6 +108,31 @@ class RnnServiceStub:
                 request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionResponse.FromString,
                 _registered_method=True)
+        self.StartJob = channel.unary_unary(
+                '/rnnserve.v1.RnnService/StartJob',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.StartJobRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.StartJobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/rnnserve.v1.RnnService/GetJob',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/rnnserve.v1.RnnService/ListJobs',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.StopJob = channel.unary_unary(
+                '/rnnserve.v1.RnnService/StopJob',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.StopJobRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.StopJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/rnnserve.v1.RnnService/WatchJob',
+                request_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.WatchJobResponse.FromString,
+                _registered_method=True)
 
 
 class RnnServiceServicer:
@@ -198,7 +223,8 @@ class RnnServiceServicer:
         """UpdateSession changes settings of an existing session (AIP-134): the fields named in
         update_mask, among config.learning_rate, config.clip, config.reset_every and
         config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
-        that can't change in place; FAILED_PRECONDITION while the session is training.
+        that can't change in place. During a training job (a Train included) the change is
+        applied between two chunks of updates; FAILED_PRECONDITION during a Step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -224,6 +250,50 @@ class RnnServiceServicer:
     def ForkSession(self, request, context):
         """ForkSession copies a session under a new id, optionally with changed settings,
         so a new learning rate can be tried without losing the original.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartJob(self, request, context):
+        """StartJob starts a training job that the server owns (resource
+        sessions/{session}/jobs/{job}) and returns at once with it. The job runs with no
+        client connected, is checkpointed with its session and resumed after a restart.
+        Idempotent by request_id: a retry with the same request_id returns the same job.
+        FAILED_PRECONDITION (SESSION_BUSY, naming the running job) if the session already
+        runs a job or a Step; RESOURCE_EXHAUSTED past --max-jobs-per-token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """GetJob returns one job by name. NOT_FOUND if the session or job is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """ListJobs lists a session's jobs, newest first, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopJob(self, request, context):
+        """StopJob stops the named job between two updates, checkpoints the session and
+        returns the job once it has stopped. Stopping a job that already ended returns it
+        unchanged (OK), so a stale name never stops a newer job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
+        does) until the job ends; the last message holds the ended job. Cancelling the call
+        detaches: the job goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -301,6 +371,31 @@ def add_RnnServiceServicer_to_server(servicer, server):
                     servicer.ForkSession,
                     request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'StartJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartJob,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.StartJobRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.StartJobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.GetJobRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.ListJobsRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'StopJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopJob,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.StopJobRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.StopJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=rnnserve_dot_v1_dot_rnn__service__pb2.WatchJobRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnn__service__pb2.WatchJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -685,6 +780,141 @@ class RnnService:
             '/rnnserve.v1.RnnService/ForkSession',
             rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnn__service__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnService/StartJob',
+            rnnserve_dot_v1_dot_rnn__service__pb2.StartJobRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.StartJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnService/GetJob',
+            rnnserve_dot_v1_dot_rnn__service__pb2.GetJobRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnService/ListJobs',
+            rnnserve_dot_v1_dot_rnn__service__pb2.ListJobsRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnService/StopJob',
+            rnnserve_dot_v1_dot_rnn__service__pb2.StopJobRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.StopJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rnnserve.v1.RnnService/WatchJob',
+            rnnserve_dot_v1_dot_rnn__service__pb2.WatchJobRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnn__service__pb2.WatchJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

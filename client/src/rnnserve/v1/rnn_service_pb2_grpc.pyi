@@ -74,7 +74,8 @@ class RnnServiceStub:
     """UpdateSession changes settings of an existing session (AIP-134): the fields named in
     update_mask, among config.learning_rate, config.clip, config.reset_every and
     config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
-    that can't change in place; FAILED_PRECONDITION while the session is training.
+    that can't change in place. During a training job (a Train included) the change is
+    applied between two chunks of updates; FAILED_PRECONDITION during a Step.
     """
     ExportSession: _grpc.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]
     """ExportSession streams one archive holding the whole session (config, weights,
@@ -88,6 +89,28 @@ class RnnServiceStub:
     ForkSession: _grpc.UnaryUnaryMultiCallable[_rnn_service_pb2.ForkSessionRequest, _rnn_service_pb2.ForkSessionResponse]
     """ForkSession copies a session under a new id, optionally with changed settings,
     so a new learning rate can be tried without losing the original.
+    """
+    StartJob: _grpc.UnaryUnaryMultiCallable[_rnn_service_pb2.StartJobRequest, _rnn_service_pb2.StartJobResponse]
+    """StartJob starts a training job that the server owns (resource
+    sessions/{session}/jobs/{job}) and returns at once with it. The job runs with no
+    client connected, is checkpointed with its session and resumed after a restart.
+    Idempotent by request_id: a retry with the same request_id returns the same job.
+    FAILED_PRECONDITION (SESSION_BUSY, naming the running job) if the session already
+    runs a job or a Step; RESOURCE_EXHAUSTED past --max-jobs-per-token.
+    """
+    GetJob: _grpc.UnaryUnaryMultiCallable[_rnn_service_pb2.GetJobRequest, _rnn_service_pb2.GetJobResponse]
+    """GetJob returns one job by name. NOT_FOUND if the session or job is unknown."""
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_rnn_service_pb2.ListJobsRequest, _rnn_service_pb2.ListJobsResponse]
+    """ListJobs lists a session's jobs, newest first, one page at a time."""
+    StopJob: _grpc.UnaryUnaryMultiCallable[_rnn_service_pb2.StopJobRequest, _rnn_service_pb2.StopJobResponse]
+    """StopJob stops the named job between two updates, checkpoints the session and
+    returns the job once it has stopped. Stopping a job that already ended returns it
+    unchanged (OK), so a stale name never stops a newer job.
+    """
+    WatchJob: _grpc.UnaryStreamMultiCallable[_rnn_service_pb2.WatchJobRequest, _rnn_service_pb2.WatchJobResponse]
+    """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
+    does) until the job ends; the last message holds the ended job. Cancelling the call
+    detaches: the job goes on.
     """
 
 @_typing.type_check_only
@@ -136,7 +159,8 @@ class RnnServiceAsyncStub(RnnServiceStub):
     """UpdateSession changes settings of an existing session (AIP-134): the fields named in
     update_mask, among config.learning_rate, config.clip, config.reset_every and
     config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
-    that can't change in place; FAILED_PRECONDITION while the session is training.
+    that can't change in place. During a training job (a Train included) the change is
+    applied between two chunks of updates; FAILED_PRECONDITION during a Step.
     """
     ExportSession: _aio.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]  # type: ignore[assignment]
     """ExportSession streams one archive holding the whole session (config, weights,
@@ -150,6 +174,28 @@ class RnnServiceAsyncStub(RnnServiceStub):
     ForkSession: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.ForkSessionRequest, _rnn_service_pb2.ForkSessionResponse]  # type: ignore[assignment]
     """ForkSession copies a session under a new id, optionally with changed settings,
     so a new learning rate can be tried without losing the original.
+    """
+    StartJob: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.StartJobRequest, _rnn_service_pb2.StartJobResponse]  # type: ignore[assignment]
+    """StartJob starts a training job that the server owns (resource
+    sessions/{session}/jobs/{job}) and returns at once with it. The job runs with no
+    client connected, is checkpointed with its session and resumed after a restart.
+    Idempotent by request_id: a retry with the same request_id returns the same job.
+    FAILED_PRECONDITION (SESSION_BUSY, naming the running job) if the session already
+    runs a job or a Step; RESOURCE_EXHAUSTED past --max-jobs-per-token.
+    """
+    GetJob: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.GetJobRequest, _rnn_service_pb2.GetJobResponse]  # type: ignore[assignment]
+    """GetJob returns one job by name. NOT_FOUND if the session or job is unknown."""
+    ListJobs: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.ListJobsRequest, _rnn_service_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """ListJobs lists a session's jobs, newest first, one page at a time."""
+    StopJob: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.StopJobRequest, _rnn_service_pb2.StopJobResponse]  # type: ignore[assignment]
+    """StopJob stops the named job between two updates, checkpoints the session and
+    returns the job once it has stopped. Stopping a job that already ended returns it
+    unchanged (OK), so a stale name never stops a newer job.
+    """
+    WatchJob: _aio.UnaryStreamMultiCallable[_rnn_service_pb2.WatchJobRequest, _rnn_service_pb2.WatchJobResponse]  # type: ignore[assignment]
+    """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
+    does) until the job ends; the last message holds the ended job. Cancelling the call
+    detaches: the job goes on.
     """
 
 class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -261,7 +307,8 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
         """UpdateSession changes settings of an existing session (AIP-134): the fields named in
         update_mask, among config.learning_rate, config.clip, config.reset_every and
         config.optimizer. A new optimizer starts with fresh state. INVALID_ARGUMENT for a field
-        that can't change in place; FAILED_PRECONDITION while the session is training.
+        that can't change in place. During a training job (a Train included) the change is
+        applied between two chunks of updates; FAILED_PRECONDITION during a Step.
         """
 
     @_abc_1.abstractmethod
@@ -293,6 +340,58 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rnn_service_pb2.ForkSessionResponse, _abc.Awaitable[_rnn_service_pb2.ForkSessionResponse]]:
         """ForkSession copies a session under a new id, optionally with changed settings,
         so a new learning rate can be tried without losing the original.
+        """
+
+    @_abc_1.abstractmethod
+    def StartJob(
+        self,
+        request: _rnn_service_pb2.StartJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnn_service_pb2.StartJobResponse, _abc.Awaitable[_rnn_service_pb2.StartJobResponse]]:
+        """StartJob starts a training job that the server owns (resource
+        sessions/{session}/jobs/{job}) and returns at once with it. The job runs with no
+        client connected, is checkpointed with its session and resumed after a restart.
+        Idempotent by request_id: a retry with the same request_id returns the same job.
+        FAILED_PRECONDITION (SESSION_BUSY, naming the running job) if the session already
+        runs a job or a Step; RESOURCE_EXHAUSTED past --max-jobs-per-token.
+        """
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _rnn_service_pb2.GetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnn_service_pb2.GetJobResponse, _abc.Awaitable[_rnn_service_pb2.GetJobResponse]]:
+        """GetJob returns one job by name. NOT_FOUND if the session or job is unknown."""
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _rnn_service_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnn_service_pb2.ListJobsResponse, _abc.Awaitable[_rnn_service_pb2.ListJobsResponse]]:
+        """ListJobs lists a session's jobs, newest first, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def StopJob(
+        self,
+        request: _rnn_service_pb2.StopJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rnn_service_pb2.StopJobResponse, _abc.Awaitable[_rnn_service_pb2.StopJobResponse]]:
+        """StopJob stops the named job between two updates, checkpoints the session and
+        returns the job once it has stopped. Stopping a job that already ended returns it
+        unchanged (OK), so a stale name never stops a newer job.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchJob(
+        self,
+        request: _rnn_service_pb2.WatchJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rnn_service_pb2.WatchJobResponse], _abc.AsyncIterator[_rnn_service_pb2.WatchJobResponse]]:
+        """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
+        does) until the job ends; the last message holds the ended job. Cancelling the call
+        detaches: the job goes on.
         """
 
 def add_RnnServiceServicer_to_server(servicer: RnnServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -17,6 +17,7 @@ from rnnserve_server.api.paging import page_token_after
 from rnnserve_server.engine.model_config import MUTABLE_FIELDS, PRESETS, EngineError, ModelConfig
 from rnnserve_server.errors import InvalidArgumentError
 from rnnserve_server.logs import get_logger
+from rnnserve_server.sessions import job_record as states
 from rnnserve_server.sessions.limits import limit_error
 from rnnserve_server.sessions.session import Session
 from rnnserve_server.usecases.session_service import (
@@ -27,6 +28,7 @@ from rnnserve_server.usecases.session_service import (
     TrainProgress,
     fixed_field_error,
 )
+from rnnserve_server.usecases.training import JobView, job_view
 
 log = get_logger("rnnserve.service")
 
@@ -55,7 +57,25 @@ _STOP_REASONS = {
     "early_stopped": pb.STOP_REASON_EARLY_STOPPED,
     "deleted": pb.STOP_REASON_DELETED,
     "shutdown": pb.STOP_REASON_SHUTDOWN,
+    "stopped": pb.STOP_REASON_STOPPED,
+    "caller_left": pb.STOP_REASON_CALLER_LEFT,
+    "time_budget": pb.STOP_REASON_TIME_BUDGET,
+    "time_limit": pb.STOP_REASON_TIME_LIMIT,
+    "failed": pb.STOP_REASON_FAILED,
 }
+_JOB_STATES = {
+    states.QUEUED: pb.JOB_STATE_QUEUED,
+    states.RUNNING: pb.JOB_STATE_RUNNING,
+    states.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    states.STOPPED: pb.JOB_STATE_STOPPED,
+    states.FAILED: pb.JOB_STATE_FAILED,
+}
+_DECAYS = {
+    pb.LEARNING_RATE_DECAY_UNSPECIFIED: "constant",
+    pb.LEARNING_RATE_DECAY_COSINE: "cosine",
+    pb.LEARNING_RATE_DECAY_LINEAR: "linear",
+}
+_DECAY_ENUM = {v: k for k, v in _DECAYS.items()}
 
 
 @contextlib.contextmanager
@@ -240,9 +260,11 @@ def _session_message(session: Session) -> pb.Session:
         msg.state = pb.SESSION_STATE_BROKEN
         msg.error = session.broken.reason
         return msg
-    msg.state = (
-        pb.SESSION_STATE_TRAINING if session.busy in ("Train", "Step") else pb.SESSION_STATE_READY
-    )
+    job = session.active_job
+    training = session.busy in ("Train", "Step") or job is not None
+    msg.state = pb.SESSION_STATE_TRAINING if training else pb.SESSION_STATE_READY
+    if job is not None:
+        msg.job.CopyFrom(job_to_pb(job_view(session, job)))
     if session.checkpoint.error is not None:
         msg.state = pb.SESSION_STATE_UNSAVED
         msg.error = session.checkpoint.error
@@ -320,6 +342,7 @@ def progress_to_pb(p: TrainProgress) -> pb.TrainResponse:
         elapsed_seconds=p.elapsed_seconds,
         stop_reason=cast(Any, _STOP_REASONS.get(p.stop_reason or "", 0)),
         checkpointed_step=p.checkpointed_step,
+        job_name=p.job_name,
     )
     if p.validation_step:
         message.validation_loss = p.validation_loss
@@ -327,6 +350,101 @@ def progress_to_pb(p: TrainProgress) -> pb.TrainResponse:
     if p.sample is not None:
         message.sample = p.sample
     return message
+
+
+def job_plan(spec: pb.JobSpec) -> TrainingPlan:
+    """A JobSpec's plan (the use case checks it)."""
+    schedule = spec.schedule
+    decay = _DECAYS.get(schedule.decay)
+    if decay is None:
+        raise InvalidArgumentError(
+            f"spec.schedule.decay {schedule.decay} is not a LearningRateDecay",
+            field="spec.schedule.decay",
+        )
+    return TrainingPlan(
+        steps=int(spec.steps),
+        until_step=int(spec.until_step) if spec.HasField("until_step") else None,
+        until_loss=spec.until_loss if spec.HasField("until_loss") else None,
+        patience=int(spec.patience),
+        eval_every=int(spec.eval_every),
+        report_every=int(spec.report_every),
+        sample_length=int(spec.sample_length),
+        sample_temperature=(
+            spec.sample_temperature if spec.HasField("sample_temperature") else 1.0
+        ),
+        sample_prime=spec.sample_prime,
+        max_seconds=spec.max_seconds,
+        warmup_steps=int(schedule.warmup_steps),
+        decay=decay,
+        min_learning_rate=(
+            schedule.min_learning_rate if schedule.HasField("min_learning_rate") else None
+        ),
+        restore_best=spec.restore_best,
+    )
+
+
+def plan_to_spec(plan: TrainingPlan) -> pb.JobSpec:
+    """A plan as the JobSpec that asked for it."""
+    spec = pb.JobSpec(
+        steps=plan.steps,
+        patience=plan.patience,
+        eval_every=plan.eval_every,
+        report_every=plan.report_every,
+        sample_length=plan.sample_length,
+        sample_prime=plan.sample_prime,
+        max_seconds=plan.max_seconds,
+        restore_best=plan.restore_best,
+    )
+    if plan.until_step is not None:
+        spec.until_step = plan.until_step
+    if plan.until_loss is not None:
+        spec.until_loss = plan.until_loss
+    if plan.sample_temperature != 1.0:
+        spec.sample_temperature = plan.sample_temperature
+    if plan.warmup_steps or plan.decay != "constant" or plan.min_learning_rate is not None:
+        spec.schedule.warmup_steps = plan.warmup_steps
+        spec.schedule.decay = cast(Any, _DECAY_ENUM.get(plan.decay, 0))
+        if plan.min_learning_rate is not None:
+            spec.schedule.min_learning_rate = plan.min_learning_rate
+    return spec
+
+
+def job_to_pb(view: JobView) -> pb.Job:
+    """The wire form of a job."""
+    r = view.record
+    job = pb.Job(
+        name=view.name,
+        session_id=view.session_id,
+        job_id=r.job_id,
+        spec=plan_to_spec(view.plan),
+        state=cast(Any, _JOB_STATES[r.state]),
+        stop_reason=cast(Any, _STOP_REASONS.get(r.stop_reason, 0)),
+        error=r.error,
+        start_step=r.start_step,
+        target_step=r.target_step,
+        step=view.step,
+        steps_done=view.steps_done,
+        loss=view.loss,
+        smoothed_loss=view.smoothed_loss,
+        best_step=r.best_step,
+        chars_per_second=r.chars_per_second,
+        seconds_used=r.seconds_used,
+        create_time=_timestamp(r.create_time),
+        started_by=r.started_by,
+        attached=r.attached,
+        request_id=r.request_id,
+    )
+    if r.validation_loss is not None:
+        job.validation_loss = r.validation_loss
+    if r.best_validation_loss is not None:
+        job.best_validation_loss = r.best_validation_loss
+    if view.eta_seconds is not None:
+        job.eta_seconds = view.eta_seconds
+    if r.start_time:
+        job.start_time.CopyFrom(_timestamp(r.start_time))
+    if r.end_time:
+        job.end_time.CopyFrom(_timestamp(r.end_time))
+    return job
 
 
 def loss_points(points: list[tuple[int, float, float | None]]) -> pb.WatchLossResponse:

@@ -11,6 +11,8 @@ outermost (it sees every call, auth refusals included), then auth, then the requ
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import hmac
 import inspect
 import time
@@ -119,15 +121,10 @@ class ObservingInterceptor(Interceptor):
         self._wrapped: dict[str, tuple[Any, Any, Any]] = {}
 
     def _allowed(self, metadata: Any) -> bool:
-        header = ""
-        for key, value in metadata or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(metadata)
+        if not token:
             return False
-        given = token.strip().encode("utf-8")
+        given = token.encode("utf-8")
         ok = False
         for known in self._tokens:  # no early exit: the time doesn't say which token matched
             ok |= hmac.compare_digest(given, known)
@@ -189,6 +186,7 @@ class ObservingInterceptor(Interceptor):
         """``behavior`` with the guard's check (unless ``refusal``: an auth refusal answers
         UNAUTHENTICATED whatever the request), timing, the rpc line and the metrics."""
         service, method = metrics.split_method(full_method)
+        auth = bool(self._tokens)
         quiet = full_method.startswith(HEALTH_PREFIX)
         record_metrics = self.record_metrics
         rpc_metrics = (
@@ -258,6 +256,8 @@ class ObservingInterceptor(Interceptor):
 
             async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 start = begin()
+                if auth:
+                    label_caller(context)
                 try:
                     response = await inner(request, context)
                 except BaseException as exc:
@@ -272,6 +272,8 @@ class ObservingInterceptor(Interceptor):
             request: Any, context: aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             start = begin()
+            if auth:
+                label_caller(context)
             sent = 0
             try:
                 result = inner(request, context)
@@ -381,3 +383,30 @@ def guard_deserializer(
             )
 
     return guarded
+
+
+# A label of the caller's bearer token (never the token): "token:" and the first 8 hex digits
+# of its SHA-256; "" without auth. Set for each call by the interceptor, read by handlers
+# (StartJob's started_by).
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("rnnserve_caller", default="")
+
+
+def bearer_token(metadata: Any) -> str:
+    """The bearer token in a call's metadata, or ""."""
+    header = ""
+    for key, value in metadata or ():
+        if key == "authorization":
+            header = value if isinstance(value, str) else value.decode("latin-1")
+            break
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def token_label(token: str) -> str:
+    """The label of a token that logs and replies may show."""
+    return "token:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:8] if token else ""
+
+
+def label_caller(context: aio.ServicerContext[Any, Any]) -> None:
+    """Set CALLER for this call from its token (the call passed auth if auth is on)."""
+    CALLER.set(token_label(bearer_token(context.invocation_metadata())))

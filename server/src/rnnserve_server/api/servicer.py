@@ -19,13 +19,14 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 from rnnserve_server.api import converters as cv
-from rnnserve_server.api import status
+from rnnserve_server.api import interceptors, status
 from rnnserve_server.api.converters import session_to_pb
 from rnnserve_server.api.paging import page_token_after, read_page_request
 from rnnserve_server.config import Settings
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.usecases.session_service import SessionService
+from rnnserve_server.usecases.training import job_view
 
 __all__ = ["Servicer", "session_to_pb"]
 
@@ -83,10 +84,13 @@ def _bind(request: Any) -> None:
 class Servicer(pb_grpc.RnnServiceServicer):
     """rnnserve.v1.RnnService over a SessionService: convert, call, convert."""
 
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, service: SessionService | None = None
+    ) -> None:
         self.settings = settings
         self.registry = registry
-        self.sessions = SessionService(settings, registry)
+        self.sessions = service if service is not None else SessionService(settings, registry)
+        self.jobs = self.sessions.jobs
 
     # ----- sessions ---------------------------------------------------------------------
 
@@ -196,7 +200,9 @@ class Servicer(pb_grpc.RnnServiceServicer):
         self, request: pb.TrainRequest, context: Context
     ) -> AsyncIterator[pb.TrainResponse]:
         """Run request.steps updates, streaming progress."""
-        progress = self.sessions.train(request.session_id, cv.training_plan(request))
+        progress = self.sessions.train(
+            request.session_id, cv.training_plan(request), interceptors.CALLER.get()
+        )
         async with contextlib.aclosing(progress):  # a cancelled call stops the training
             async for p in progress:
                 yield cv.progress_to_pb(p)
@@ -230,3 +236,69 @@ class Servicer(pb_grpc.RnnServiceServicer):
         """Argmax next characters from a zero state, and the loss against wrap-around targets."""
         text, loss = await self.sessions.predict(request.session_id, request.text)
         return pb.PredictResponse(predicted=text, loss=loss, bits_per_char=loss / cv.LN2)
+
+    # ----- training jobs ----------------------------------------------------------------
+
+    @unary
+    async def StartJob(  # noqa: N802
+        self, request: pb.StartJobRequest, context: Context
+    ) -> pb.StartJobResponse:
+        """Check the spec, record the job with its session (durably), answer at once."""
+        self.sessions.check_serving()
+        session, record, _ = await self.jobs.start(
+            request.session_id,
+            cv.job_plan(request.spec),
+            request_id=request.request_id,
+            started_by=interceptors.CALLER.get(),
+        )
+        return pb.StartJobResponse(job=cv.job_to_pb(job_view(session, record)))
+
+    @unary
+    async def GetJob(  # noqa: N802
+        self, request: pb.GetJobRequest, context: Context
+    ) -> pb.GetJobResponse:
+        """One job by name."""
+        self.sessions.check_serving()
+        session, record = self.jobs.find(request.name)
+        return pb.GetJobResponse(job=cv.job_to_pb(job_view(session, record)))
+
+    @unary
+    async def ListJobs(  # noqa: N802
+        self, request: pb.ListJobsRequest, context: Context
+    ) -> pb.ListJobsResponse:
+        """A session's jobs, newest first, one page at a time."""
+        self.sessions.check_serving()
+        size, after = read_page_request(request.page_size, request.page_token)
+        session = self.sessions.get(request.session_id)
+        newest = list(reversed(session.jobs))
+        ids = [j.job_id for j in newest]
+        first = ids.index(after) + 1 if after in ids else 0
+        if after and after not in ids:
+            first = len(ids)  # that job is gone (its session was replaced): nothing after it
+        page = newest[first : first + size]
+        token = page_token_after(page[-1].job_id) if first + size < len(newest) else ""
+        return pb.ListJobsResponse(
+            jobs=[cv.job_to_pb(job_view(session, r)) for r in page], next_page_token=token
+        )
+
+    @unary
+    async def StopJob(  # noqa: N802
+        self, request: pb.StopJobRequest, context: Context
+    ) -> pb.StopJobResponse:
+        """Stop the job between two updates; returns it once stopped and checkpointed."""
+        session, record = await self.jobs.stop(request.name)
+        return pb.StopJobResponse(job=cv.job_to_pb(job_view(session, record)))
+
+    @stream
+    async def WatchJob(  # noqa: N802
+        self, request: pb.WatchJobRequest, context: Context
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        """The job's progress until it ends; cancelling detaches."""
+        self.sessions.check_serving()
+        updates = self.jobs.follow(request.name)
+        async with contextlib.aclosing(updates):
+            async for session, record, progress in updates:
+                message = pb.WatchJobResponse(job=cv.job_to_pb(job_view(session, record)))
+                if progress is not None:
+                    message.progress.CopyFrom(cv.progress_to_pb(progress))
+                yield message

@@ -28,8 +28,10 @@ from rnnserve_server.errors import (
     CheckpointError,
     DomainError,
     InvalidArgumentError,
+    JobNotFoundError,
     LeaseLostError,
     LimitExceededError,
+    NotSupportedError,
     OwnerUnavailableError,
     SessionBrokenError,
     SessionBusyError,
@@ -135,6 +137,8 @@ def problem_for(exc: BaseException) -> Problem | None:
         )
     table: list[tuple[type[BaseException], grpc.StatusCode, str, float | None]] = [
         (SessionNotFoundError, code.NOT_FOUND, "SESSION_NOT_FOUND", None),
+        (JobNotFoundError, code.NOT_FOUND, "JOB_NOT_FOUND", None),
+        (NotSupportedError, code.FAILED_PRECONDITION, "NOT_SUPPORTED", None),
         (SessionExistsError, code.ALREADY_EXISTS, "SESSION_EXISTS", None),
         (SessionBusyError, code.FAILED_PRECONDITION, "SESSION_BUSY", None),
         (LeaseLostError, code.ABORTED, "LEASE_LOST", None),

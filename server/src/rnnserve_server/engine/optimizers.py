@@ -37,6 +37,10 @@ class Optimizer(Protocol):
         """
         ...
 
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Use ``learning_rate`` from the next update on (a job's schedule); state is kept."""
+        ...
+
     def commit(self) -> None:
         """Make the state staged by the last ``propose`` current."""
         ...
@@ -66,6 +70,10 @@ class SGD:
     def __init__(self, size: int, learning_rate: float, dtype: np.dtype) -> None:
         self.learning_rate = learning_rate
         self._lr = dtype.type(learning_rate)
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
+        self._lr = self._lr.dtype.type(learning_rate)
 
     def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
         np.multiply(grad, self._lr, out=grad)
@@ -100,6 +108,10 @@ class Adagrad:
         self.mem = np.zeros(size, dtype=dtype)  # (P,) running sum of squared gradients
         self._staged: np.ndarray | None = None  # (P,) next ``mem``, from propose to commit
         self._tmp: np.ndarray | None = None  # (P,) scratch of propose
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
+        self._lr = self._lr.dtype.type(learning_rate)
 
     def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
         if self._staged is None or self._tmp is None:
@@ -148,6 +160,9 @@ class Adam:
         self._m_next: np.ndarray | None = None  # (P,)
         self._v_next: np.ndarray | None = None  # (P,)
         self._tmp: np.ndarray | None = None  # (P,)
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        self.learning_rate = learning_rate
 
     def propose(self, theta: np.ndarray, grad: np.ndarray, out: np.ndarray) -> None:
         if self._m_next is None or self._v_next is None or self._tmp is None:

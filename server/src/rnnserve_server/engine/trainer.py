@@ -384,6 +384,23 @@ class Trainer:
         self.config = config
         self.release_scratch()  # the old optimizer's staging buffers go with it
 
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Update with ``learning_rate`` from now on (a job's schedule); config keeps the peak."""
+        if self._optimizer.learning_rate != learning_rate:
+            self._optimizer.set_learning_rate(learning_rate)
+
+    def weights(self) -> np.ndarray:
+        """A copy of every weight as one flat array (a job's best weights)."""
+        return self._theta.copy()
+
+    def set_weights(self, theta: np.ndarray) -> None:
+        """Put back weights ``weights()`` returned (EngineError if they don't fit)."""
+        if theta.shape != self._theta.shape:
+            raise EngineError(
+                f"weights of shape {theta.shape} don't fit a model of {self._theta.shape[0]}"
+            )
+        np.copyto(self._theta, theta)
+
     # -- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self, *, corpus: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -125,7 +125,7 @@ class Registry:
         """Refuse new work, stop running Trains and end watch streams."""
         self.shutting_down = True
         for session in self.sessions.values():
-            if session.busy == "Train":
+            if session.busy == "Train" or session.active_job is not None:
                 session.request_stop(StopCause.SHUTDOWN)
             session.close_watchers()
 
@@ -381,13 +381,15 @@ class Registry:
             self.store.delete(session.id)
             session.deleted = True  # under io_lock: no checkpoint write can follow
 
-    async def append(self, session: Session, ids: np.ndarray) -> None:
-        """Append encoded text to a loaded session's corpus (marks it busy meanwhile)."""
+    async def append(self, session: Session, ids: np.ndarray, held: bool = False) -> None:
+        """Append encoded text to a loaded session's corpus (marks it busy meanwhile, unless
+        the caller ``held`` it between two chunks of its job)."""
         self.check_corpus_limits(
             session.summary.corpus_bytes, session.require_trainer().vocab.utf8_size(ids)
         )
         await self.checkpoints.check_writable(session)
-        session.begin("AppendText")
+        if not held:
+            session.begin("AppendText")
         try:
             before = await self.run(session.append, ids)
             # Durable before acknowledged (a big, rare call): it waits for its checkpoint,
@@ -398,7 +400,8 @@ class Registry:
                 await self.run(session.undo_append, before)
                 raise type(failed)(str(failed))  # a fresh one: the stored error is raised again
         finally:
-            session.end()
+            if not held:
+                session.end()
 
 
 def _not_found(session_id: str) -> SessionNotFoundError:

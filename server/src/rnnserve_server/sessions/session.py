@@ -11,10 +11,11 @@ event loop only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from rnnserve_server.engine.model_config import DivergedError, StepResult
 from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.errors import SessionBrokenError, SessionBusyError
+from rnnserve_server.sessions.job_record import STOPPED, JobRecord
 from rnnserve_server.sessions.loss_history import LossHistory
 from rnnserve_server.sessions.session_types import (
     Broken,
@@ -43,6 +45,9 @@ QUICK_STEP_SECONDS = 0.002
 # its loss history. Not after every call: re-allocating cost 4 % of a hidden-32 step and 33 % of
 # a default-preset step (page faults on fresh buffers), too much for a Step loop.
 SCRATCH_IDLE_SECONDS = 1.0
+# The jobs a session keeps (each Train is one): the oldest ended go first, and a StartJob
+# retried with the request_id of one gone makes a new job.
+MAX_JOB_HISTORY = 100
 
 
 class Session:
@@ -79,6 +84,12 @@ class Session:
         self.stop_cause = StopCause.NONE
         self.closing = False  # watch streams end (delete, shutdown)
         self.load_lock = asyncio.Lock()
+        # Its training jobs, oldest first (kept while evicted; in the checkpoint).
+        self.jobs: list[JobRecord] = []
+        self._stop_requested: asyncio.Event | None = None  # set by request_stop
+        # AppendText and UpdateSession during a job hold it between two chunks.
+        self._holds = 0
+        self._released: asyncio.Event | None = None
         self.delete_lock = asyncio.Lock()  # one DeleteSession at a time
         # How long the last few single corpus steps took: their minimum is the step's cost
         # without the noise of a busy machine (one slow step must not leave the inline path).
@@ -116,6 +127,19 @@ class Session:
             update_time=float(meta.get("update_time", 0.0)),
         )
         session.attach(ckpt)
+        session.jobs = [JobRecord.from_dict(job) for job in ckpt.jobs]
+        for job in session.jobs:
+            if job.active and job.attached:  # its caller's stream died with the server that ran it
+                job.end(
+                    STOPPED,
+                    "caller_left",
+                    session.step,
+                    session.losses.loss,
+                    session.losses.smoothed_loss,
+                )
+        best = ckpt.job_arrays.get("best_weights")
+        if best is not None and session.jobs and session.jobs[-1].active:
+            session.jobs[-1].best_weights = best
         return session
 
     def reconfigure(self, changes: dict[str, Any]) -> None:
@@ -154,7 +178,14 @@ class Session:
                 on_disk = None
             meta = self._meta()
             history = self.losses.since(0, self.losses.step)
-        return Checkpoint(self.id, meta, arrays, trainer_meta, history, on_disk)
+            jobs = [job.to_dict() for job in self.jobs]  # copies
+            job = self.active_job
+            job_arrays = {}
+            if job is not None and job.best_weights is not None:
+                job_arrays["best_weights"] = job.best_weights.copy()
+        return Checkpoint(
+            self.id, meta, arrays, trainer_meta, history, on_disk, jobs=jobs, job_arrays=job_arrays
+        )
 
     def export_state(self) -> Checkpoint:
         """A consistent copy of everything, the corpus included (worker thread): what an
@@ -195,6 +226,12 @@ class Session:
     def resident(self) -> bool:
         """True when the Trainer is in memory."""
         return self.trainer is not None
+
+    @property
+    def active_job(self) -> JobRecord | None:
+        """The queued or running job, if any (a session runs one at a time)."""
+        job = self.jobs[-1] if self.jobs else None
+        return job if job is not None and job.active else None
 
     @property
     def step(self) -> int:
@@ -242,18 +279,37 @@ class Session:
 
     # ----- busy flag (event loop only) --------------------------------------------------
 
-    def begin(self, kind: str) -> None:
-        """Mark the session busy with ``kind``; SessionBusyError if something already runs."""
+    def begin(self, kind: str, job: JobRecord | None = None) -> None:
+        """Mark the session busy with ``kind``; SessionBusyError if something already runs.
+        With ``job``, the session's job starts (or resumes): it becomes the active one."""
         self.require_trainer()
+        active = self.active_job
+        if active is not None and active is not job:
+            raise SessionBusyError(
+                f"session {self.id!r} is running training job sessions/{self.id}/jobs/"
+                f"{active.job_id}; wait for it to end or stop it (StopJob), then retry",
+                session_id=self.id,
+            )
         if self.busy is not None:
             what = "training" if self.busy in ("Train", "Step") else f"running {self.busy}"
             raise SessionBusyError(
                 f"session {self.id!r} is {what}; wait for it to finish or cancel it, then retry",
                 session_id=self.id,
             )
+        if job is not None and job not in self.jobs:
+            self.jobs.append(job)
+            ended = [j for j in self.jobs if not j.active]
+            for old in ended[: max(0, len(ended) + 1 - MAX_JOB_HISTORY)]:
+                self.jobs.remove(old)
+            self.job_changed()
         self.busy = kind
         self.cancel.clear()
         self.stop_cause = StopCause.NONE
+        self._stop_requested = None
+
+    def job_changed(self) -> None:
+        """A job record changed in a way the next checkpoint must keep (it began or ended)."""
+        self.checkpoint.dirty = True
 
     def end(self) -> None:
         """Clear the busy flag; the trainer's scratch is freed SCRATCH_IDLE_SECONDS later
@@ -292,6 +348,41 @@ class Session:
         if self.stop_cause is StopCause.NONE:
             self.stop_cause = cause
         self.cancel.set()
+        self.stop_requested().set()
+
+    def stop_requested(self) -> asyncio.Event:
+        """Set once a stop is requested (event loop): a queued job waits on it too."""
+        if self._stop_requested is None:
+            self._stop_requested = asyncio.Event()
+            if self.cancel.is_set():
+                self._stop_requested.set()
+        return self._stop_requested
+
+    @contextlib.asynccontextmanager
+    async def between_chunks(self) -> AsyncIterator[None]:
+        """Keep the session's job from starting another chunk while the block runs (it
+        waits for the chunk in progress through ``lock``): AppendText and UpdateSession
+        apply their change between two chunks, and nothing trains on it before it is kept."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds and self._released is not None:
+                self._released.set()
+                self._released = None
+
+    @property
+    def held(self) -> bool:
+        """True while a ``between_chunks`` block runs."""
+        return self._holds > 0
+
+    async def wait_between_chunks(self) -> None:
+        """Until no ``between_chunks`` block holds the session (the job loop, event loop)."""
+        while self._holds:
+            if self._released is None:
+                self._released = asyncio.Event()
+            await self._released.wait()
 
     # ----- work done in worker threads --------------------------------------------------
 
@@ -311,6 +402,8 @@ class Session:
         with self.lock:
             trainer = self.require_trainer()
             while steps < max_steps and not self.cancel.is_set():
+                if run is not None and run.learning_rate is not None:
+                    trainer.set_learning_rate(run.learning_rate(self.losses.step))
                 try:
                     last = trainer.step()
                 except DivergedError as exc:
@@ -337,12 +430,20 @@ class Session:
         """Update the run's guard and early-stopping state; True once a stop condition holds."""
         run.window_min = min(run.window_min, loss)
         if validation is not None:
+            job = run.job
             if run.best is None or validation < run.best:
                 run.best, run.stale = validation, 0
+                if job is not None:
+                    job.best_step = self.losses.step
+                    if run.restore_best:
+                        job.best_weights = self.require_trainer().weights()
             else:
                 run.stale += 1
                 if run.patience and run.stale >= run.patience:
                     run.stop = "early"
+            if job is not None:  # under the lock: a snapshot sees them with the weights
+                job.validation_loss = validation
+                job.best_validation_loss, job.stale = run.best, run.stale
         if run.until_loss is not None:
             if run.eval_every:  # with a validation split the target is the validation loss
                 if validation is not None and validation <= run.until_loss:
@@ -350,6 +451,16 @@ class Session:
             elif self.losses.smoothed_loss <= run.until_loss:
                 run.stop = "target"
         return run.stop is not None
+
+    def after_job(self, best: np.ndarray | None) -> None:
+        """After a job's last chunk (worker thread): its best weights put back (restore_best)
+        and the learning rate the session's again (a schedule changed it)."""
+        with self.lock:
+            trainer = self.require_trainer()
+            if best is not None:
+                trainer.set_weights(best)
+                self._touch()
+            trainer.set_learning_rate(trainer.config.learning_rate)
 
     def step_once(self, ids: np.ndarray | None) -> StepResult:
         """One update on the corpus (ids None) or on ids from a zero state (worker thread)."""

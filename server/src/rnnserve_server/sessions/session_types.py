@@ -9,9 +9,11 @@ import enum
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rnnserve_server.engine.model_config import DivergedError, ModelConfig, StepResult
+from rnnserve_server.sessions.job_record import JobRecord
 from rnnserve_server.storage.checkpoint import CorpusRef
 
 __all__ = [
@@ -30,6 +32,7 @@ class StopCause(enum.Enum):
 
     NONE = "none"
     CANCELLED = "cancelled"  # the client went away
+    STOPPED = "stopped"  # StopJob
     DELETED = "deleted"
     SHUTDOWN = "shutdown"
     LEASE_LOST = "lease_lost"  # cluster mode: another replica owns the session now
@@ -53,6 +56,10 @@ class TrainRun:
     stale: int = 0  # evaluations since ``best`` improved
     window_min: float = math.inf  # lowest loss since the last report (the runaway guard)
     stop: str | None = None  # "target" or "early" once a condition is met
+    # A job's schedule: the learning rate of the update that makes the session's step n + 1.
+    learning_rate: Callable[[int], float] | None = None
+    job: JobRecord | None = None  # the job's record: its best loss and patience, kept there
+    restore_best: bool = False  # keep a copy of the weights at each new best (job.best_weights)
 
 
 @dataclass

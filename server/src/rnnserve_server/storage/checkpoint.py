@@ -9,7 +9,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -126,3 +126,7 @@ class Checkpoint:
     trainer_meta: dict[str, Any]
     loss_history: np.ndarray  # float64, [step]
     corpus: CorpusRef | None = None
+    # The session's training jobs (sessions/job_record.py's dicts), oldest first, and the
+    # running job's arrays (its best weights); a session store keeps them, an archive doesn't.
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    job_arrays: dict[str, np.ndarray] = field(default_factory=dict)

@@ -59,8 +59,8 @@ def npy_shape(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
 
 def read_state(
     path: Path, session_id: str, check: MetaCheck | None = None
-) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
-    """The state file's meta, trainer arrays and loss history.
+) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+    """The state file's meta, trainer arrays, loss history and job arrays (``job.*``).
 
     ``check`` sees the trainer meta and the array shapes the file declares before any array
     is read, so a file claiming a huge model is refused without allocating it. Weights or
@@ -121,6 +121,11 @@ def read_state(
                 for name in npz.files
                 if name.startswith("trainer.")
             }
+            job_arrays = {
+                name[len("job.") :]: np.array(npz[name])
+                for name in npz.files
+                if name.startswith("job.")
+            }
     except CheckpointError:
         raise
     except FileNotFoundError:
@@ -132,7 +137,7 @@ def read_state(
             f"{path}: unreadable ({type(exc).__name__}: {exc})",
             public="its checkpoint is damaged (unreadable)",
         ) from None
-    for name, value in trainer_arrays.items():
+    for name, value in (trainer_arrays | job_arrays).items():
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             raise CheckpointError(
                 f"{path}: array {name!r} holds values that are not finite (NaN or inf)",
@@ -143,7 +148,7 @@ def read_state(
         raise CheckpointError(
             f"{path}: step {step!r} does not match {len(history)} loss history entries"
         )
-    return meta, trainer_arrays, history
+    return meta, trainer_arrays, history, job_arrays
 
 
 def corpus_ref(path: Path, value: object) -> CorpusRef:

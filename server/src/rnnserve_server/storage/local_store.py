@@ -6,10 +6,13 @@ is never used) with
 
 - ``meta``: uint8 bytes of a UTF-8 JSON object ``{"format": "rnnserve.checkpoint",
   "version": 2, "session_id", "create_time", "update_time" (unix seconds), "step", "loss",
-  "smoothed_loss", "corpus": {"length", "crc32"}, "trainer": <Trainer.state_dict() meta>}``;
+  "smoothed_loss", "corpus": {"length", "crc32"}, "trainer": <Trainer.state_dict() meta>,
+  "jobs": [<the session's training jobs, oldest first: sessions/job_record.py>] (optional)}``;
 - ``loss_history``: float64, the loss of every update, ``loss_history[i]`` is step ``i + 1``;
 - ``trainer.<name>``: each array of ``Trainer.state_dict()`` but the corpus (weights,
-  optimizer state, hidden states, cursors, RNG state).
+  optimizer state, hidden states, cursors, RNG state);
+- ``job.best_weights`` (optional): the running job's weights at its best validation loss
+  (restore_best). Checkpoints without ``jobs`` or ``job.*`` (older ones) read as no jobs.
 
 The corpus file is a ``.npy`` 1-D array of character ids (little-endian uint8, uint16 or int32:
 the trainer's in-memory dtype). The state file belongs to its first ``corpus.length`` ids, whose
@@ -197,6 +200,8 @@ class LocalStore:
             corpus={"length": ref.length, "crc32": ref.crc32},
             trainer=ckpt.trainer_meta,
         )
+        if ckpt.jobs:
+            meta["jobs"] = ckpt.jobs
         arrays: dict[str, np.ndarray] = {
             "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
             "loss_history": np.asarray(ckpt.loss_history, dtype=np.float64),
@@ -204,6 +209,8 @@ class LocalStore:
         for name, value in ckpt.trainer_arrays.items():
             if name != "corpus":
                 arrays["trainer." + name] = np.asarray(value)
+        for name, value in ckpt.job_arrays.items():
+            arrays["job." + name] = np.asarray(value)
         size += self._write_atomic(
             self.path(ckpt.session_id), lambda f: cast(Any, np.savez)(f, **arrays)
         )
@@ -230,7 +237,10 @@ class LocalStore:
         """Read a checkpoint (state, then corpus; checkpoint_reader.py checks them);
         CheckpointError naming the file and the reason if it can't be."""
         path = self.path(session_id)
-        meta, trainer_arrays, history = read_state(path, session_id, check)
+        meta, trainer_arrays, history, job_arrays = read_state(path, session_id, check)
+        jobs = meta.pop("jobs", [])
+        if not isinstance(jobs, list):
+            raise CheckpointError(f"{path}: its jobs are not a list")
         trainer_meta = meta.pop("trainer", None)
         if not isinstance(trainer_meta, dict):
             raise CheckpointError(f"{path}: trainer metadata is missing")
@@ -240,7 +250,9 @@ class LocalStore:
             trainer_arrays["corpus"] = read_corpus(self.corpus_path(session_id), path, ref)
         elif "corpus" not in trainer_arrays:
             raise CheckpointError(f"{path}: the corpus is missing")
-        return Checkpoint(session_id, meta, trainer_arrays, trainer_meta, history, ref)
+        return Checkpoint(
+            session_id, meta, trainer_arrays, trainer_meta, history, ref, jobs, job_arrays
+        )
 
     def delete(self, session_id: str) -> bool:
         """Remove a session's files (the state first); False if there was no state file.

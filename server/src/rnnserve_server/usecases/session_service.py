@@ -10,6 +10,7 @@ EngineError/DivergedError); api/status.py maps them to gRPC status codes in one 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import math
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -32,7 +33,7 @@ from rnnserve_server.sessions.session import Session
 from rnnserve_server.storage import archive
 from rnnserve_server.storage.checkpoint import validate_session_id
 from rnnserve_server.usecases.request_limits import RequestLimits, encode
-from rnnserve_server.usecases.training import TrainProgress, train
+from rnnserve_server.usecases.training import Jobs, TrainProgress
 from rnnserve_server.usecases.training_plan import TrainingPlan
 
 __all__ = [
@@ -103,6 +104,7 @@ class SessionService:
         self.settings = settings
         self.registry = registry
         self.limits = RequestLimits(settings)
+        self.jobs = Jobs(registry, self.limits)
 
     def check_serving(self) -> None:
         """ShuttingDownError once shutdown began."""
@@ -175,7 +177,11 @@ class SessionService:
             raise InvalidArgumentError("AppendText received no chunks; send at least one")
         ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         async with self.registry.use(session_id) as session:
-            await self.registry.append(session, ids)
+            if session.active_job is not None:
+                async with session.between_chunks():
+                    await self.registry.append(session, ids, held=True)
+            else:
+                await self.registry.append(session, ids)
             return session, received
 
     def _encode_for_append(self, session_id: str, text: str, offset: int) -> np.ndarray:
@@ -198,23 +204,36 @@ class SessionService:
 
     async def update(self, session_id: str, changes: dict[str, Any]) -> Session:
         """Change mutable settings; persisted before it returns."""
-        async with self.registry.use(session_id) as session:
-            # Refused while a Train or Step runs: a setting changing mid-call would make its
-            # progress reports and the loss history describe two configurations at once.
-            session.begin("UpdateSession")
-            try:
-                await self.registry.run(session.reconfigure, changes)
-                # Still busy while it is written, so no other change can mark it dirty.
-                await self.registry.checkpoints.flush(session)
-                if session.checkpoint.dirty:  # the write failed: never acknowledge what is not kept
-                    raise CheckpointError(
-                        f"session {session.id!r} was updated in memory but could not be "
-                        "checkpointed; the server log has the reason"
-                    )
-            finally:
-                session.end()
+        async with (
+            self.registry.use(session_id) as session,
+            self._exclusive(session, "UpdateSession"),
+        ):
+            await self.registry.run(session.reconfigure, changes)
+            # Still held while it is written, so no other change can mark it dirty.
+            await self.registry.checkpoints.flush(session)
+            if session.checkpoint.dirty:  # the write failed: never acknowledge what is not kept
+                raise CheckpointError(
+                    f"session {session.id!r} was updated in memory but could not be "
+                    "checkpointed; the server log has the reason"
+                )
             log.info("session_updated", session_id=session.id, **changes)
             return session
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, session: Session, kind: str) -> AsyncIterator[None]:
+        """The session to this call alone: between two chunks of its job if one runs (the job
+        trains on the change afterwards), else busy with ``kind`` (refused while a Train or
+        Step runs: a setting changing mid-call would make its progress reports and the loss
+        history describe two configurations at once)."""
+        if session.active_job is not None:
+            async with session.between_chunks():
+                yield
+            return
+        session.begin(kind)
+        try:
+            yield
+        finally:
+            session.end()
 
     async def fork(self, session_id: str, new_id: str, changes: dict[str, Any]) -> Session:
         """Copy a session (a consistent snapshot, even while it trains) under a new id."""
@@ -337,9 +356,11 @@ class SessionService:
             replayed=True,
         )
 
-    def train(self, session_id: str, plan: TrainingPlan) -> AsyncGenerator[TrainProgress, None]:
-        """The plan's updates, with progress reports (training.py)."""
-        return train(self.registry, self.limits, session_id, plan)
+    def train(
+        self, session_id: str, plan: TrainingPlan, started_by: str = ""
+    ) -> AsyncGenerator[TrainProgress, None]:
+        """The plan's updates as an attached job, with progress reports (training.py)."""
+        return self.jobs.train(session_id, plan, started_by)
 
     async def watch(
         self, session_id: str, from_step: int
@@ -401,13 +422,18 @@ class SessionService:
             )
             prime = encode(session, o.prime, "prime") if o.prime else np.zeros(0, dtype=np.int32)
             trainer = session.require_trainer()
-            it = trainer.sample(
-                prime,
-                length,
-                temperature=o.temperature,
-                top_k=o.top_k,
-                seed=seed,
-                chunk_size=GENERATE_CHUNK,
+            # The sampler snapshots the weights when made: under the lock, between two
+            # chunks of a job (never half an update).
+            it = await self.registry.run(
+                session.with_trainer,
+                lambda t: t.sample(
+                    prime,
+                    length,
+                    temperature=o.temperature,
+                    top_k=o.top_k,
+                    seed=seed,
+                    chunk_size=GENERATE_CHUNK,
+                ),
             )
             vocab = trainer.vocab
             count = 1  # sampler chunks per message

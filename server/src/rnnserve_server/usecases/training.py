@@ -1,10 +1,20 @@
-"""The Train use case: N updates in chunks off the event loop, with progress, stop conditions,
-the runaway guard, periodic checkpoints and metrics; no transport here."""
+"""Training jobs, and the one loop that runs them: chunks of updates off the event loop, taking
+turns through the scheduler, with progress, stop conditions, the runaway guard, the learning-rate
+schedule, restore_best, time budgets, periodic checkpoints and metrics; no transport here.
+
+A job is recorded with its session (sessions/job_record.py) and checkpointed with it. A
+streaming Train is an *attached* job: the same loop, stopped (CALLER_LEFT) when its caller
+leaves. A detached job that the server's shutdown stops stays RUNNING in its record, and
+``Jobs.resume_all`` runs it again when the server starts on the same data directory.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import re
+import secrets
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -13,18 +23,46 @@ from typing import Any, cast
 import numpy as np
 
 from rnnserve_server import metrics
-from rnnserve_server.errors import LeaseLostError
+from rnnserve_server.errors import (
+    InvalidArgumentError,
+    JobNotFoundError,
+    LeaseLostError,
+    LimitExceededError,
+    NotSupportedError,
+)
 from rnnserve_server.logs import get_logger
+from rnnserve_server.sessions import job_record as states
+from rnnserve_server.sessions.job_record import JobRecord
 from rnnserve_server.sessions.registry import Registry
 from rnnserve_server.sessions.session import Session
 from rnnserve_server.sessions.session_types import ChunkResult, StopCause, TrainRun
+from rnnserve_server.usecases.job_scheduler import JobScheduler, default_slots
 from rnnserve_server.usecases.request_limits import RequestLimits
-from rnnserve_server.usecases.training_plan import TrainingPlan
+from rnnserve_server.usecases.training_plan import FittedPlan, TrainingPlan
 
 log = get_logger("rnnserve.service")
 
-CHUNK_SECONDS = 0.05  # training time per executor call: cancel/RPC latency vs overhead
-PROGRESS_LOG_SECONDS = 10.0  # training progress is logged at most this often per Train
+CHUNK_SECONDS = 0.25  # training time per turn: scheduling and stop latency vs overhead
+PROGRESS_LOG_SECONDS = 10.0  # training progress is logged at most this often per job
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+JOB_NAME_RE = re.compile(r"sessions/([^/]+)/jobs/([^/]+)")
+# Why a stop request ended a job: (stop reason, state).
+_CAUSES = {
+    StopCause.CANCELLED: ("caller_left", states.STOPPED),
+    StopCause.STOPPED: ("stopped", states.STOPPED),
+    StopCause.DELETED: ("deleted", states.STOPPED),
+    StopCause.SHUTDOWN: ("shutdown", states.STOPPED),
+    StopCause.LEASE_LOST: ("shutdown", states.STOPPED),  # cluster: another replica owns it
+}
+_ENDED_AS = {
+    "completed": states.SUCCEEDED,
+    "target_loss": states.SUCCEEDED,
+    "early_stopped": states.SUCCEEDED,
+    "time_budget": states.SUCCEEDED,
+    "time_limit": states.STOPPED,
+    "diverged": states.FAILED,
+    "failed": states.FAILED,
+}
 
 
 @dataclass
@@ -40,8 +78,65 @@ class TrainProgress:
     checkpointed_step: int
     validation_loss: float = 0.0
     validation_step: int = 0
-    stop_reason: str | None = None  # completed|diverged|target_loss|early_stopped|deleted|shutdown
+    # completed|diverged|target_loss|early_stopped|deleted|shutdown|stopped|caller_left|
+    # time_budget|time_limit|failed
+    stop_reason: str | None = None
     sample: str | None = None
+    job_name: str = ""
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as a reply shows it: its record, with the progress of its session if active."""
+
+    name: str
+    session_id: str
+    record: JobRecord
+    plan: TrainingPlan
+    step: int
+    steps_done: int
+    loss: float
+    smoothed_loss: float
+    eta_seconds: float | None
+
+
+def job_name(session_id: str, job_id: str) -> str:
+    return f"sessions/{session_id}/jobs/{job_id}"
+
+
+def parse_job_name(name: str) -> tuple[str, str]:
+    """(session id, job id) of "sessions/{session}/jobs/{job}"; INVALID_ARGUMENT otherwise."""
+    match = JOB_NAME_RE.fullmatch(name)
+    if match is None:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise InvalidArgumentError(
+            f"name {shown!r} is not a job name: use sessions/SESSION_ID/jobs/JOB_ID "
+            "(StartJob, ListJobs and GetSession show them)",
+            field="name",
+        )
+    return match.group(1), match.group(2)
+
+
+def job_view(session: Session, record: JobRecord) -> JobView:
+    """The job with its progress now."""
+    active = record.active and session.resident
+    step = session.step if active else record.end_step
+    eta = None
+    config = session.summary.config
+    if active and record.chars_per_second > 0 and config is not None:
+        per_step = config.batch_size * config.seq_length
+        eta = max(0, record.target_step - step) * per_step / record.chars_per_second
+    return JobView(
+        name=job_name(session.id, record.job_id),
+        session_id=session.id,
+        record=record,
+        plan=TrainingPlan.from_dict(record.spec),
+        step=step,
+        steps_done=max(0, step - record.start_step),
+        loss=session.losses.loss if active else record.loss,
+        smoothed_loss=session.losses.smoothed_loss if active else record.smoothed_loss,
+        eta_seconds=eta,
+    )
 
 
 async def sample_text(
@@ -64,7 +159,7 @@ async def sample_text(
 async def train_chunk(
     registry: Registry, session: Session, max_steps: int, run: TrainRun | None = None
 ) -> ChunkResult:
-    """One executor call of training that survives the handler being cancelled.
+    """One executor call of training that survives the caller being cancelled.
 
     On cancellation the running chunk is told to stop, awaited (so the session is
     consistent before the busy flag clears), and the cancellation re-raised.
@@ -81,22 +176,214 @@ async def train_chunk(
         raise
 
 
-async def train(
-    registry: Registry, limits: RequestLimits, session_id: str, plan: TrainingPlan
-) -> AsyncGenerator[TrainProgress, None]:
-    """Run the plan's updates in chunks off the event loop, yielding progress."""
-    plan.check(limits)
-    every = plan.report_every
-    async with registry.use(session_id) as session:
-        fitted = plan.fit(session, limits)
-        steps = fitted.steps
+class RunningJob:
+    """A job being run: its record, its loop's task and the followers of its progress."""
+
+    def __init__(self, session: Session, record: JobRecord, plan: TrainingPlan) -> None:
+        self.session = session
+        self.record = record
+        self.plan = plan
+        self.task: asyncio.Task[None] | None = None
+        self.followers: list[asyncio.Queue[TrainProgress | None]] = []
+        self.error: BaseException | None = None  # why the loop failed (an attached caller's)
+        self.ended = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return job_name(self.session.id, self.record.job_id)
+
+    def follow(self) -> asyncio.Queue[TrainProgress | None]:
+        """A queue of every progress report from now on; None after the last."""
+        queue: asyncio.Queue[TrainProgress | None] = asyncio.Queue()
+        if self.ended.is_set():
+            queue.put_nowait(None)
+        else:
+            self.followers.append(queue)
+        return queue
+
+    def publish(self, message: TrainProgress | None) -> None:
+        for queue in self.followers:
+            queue.put_nowait(message)
+        if message is None:
+            self.followers.clear()
+
+
+class Jobs:
+    """The training jobs of one server: start, stop, look up, follow and resume them."""
+
+    def __init__(self, registry: Registry, limits: RequestLimits) -> None:
+        self.registry = registry
+        self.limits = limits
+        settings = registry.settings
+        self.scheduler = JobScheduler(settings.max_running_jobs or default_slots())
+        self.running: dict[tuple[str, str], RunningJob] = {}
+        self.cluster = False  # cluster mode: StartJob refused, nothing resumed (next issue)
+
+    # ----- start ------------------------------------------------------------------------
+
+    async def start(
+        self,
+        session_id: str,
+        plan: TrainingPlan,
+        *,
+        request_id: str = "",
+        started_by: str = "",
+        attached: bool = False,
+    ) -> tuple[Session, JobRecord, RunningJob | None]:
+        """Check the plan, record a job on the session and start its loop. A retried
+        ``request_id`` returns the job it made (and its runner if still running)."""
+        if not attached and self.cluster:
+            raise NotSupportedError(
+                "training jobs are not yet supported in cluster mode; use a streaming Train "
+                "(rnnserve train without --detach), or run a single server"
+            )
+        plan.check(self.limits)
+        if request_id and not REQUEST_ID_RE.fullmatch(request_id):
+            raise InvalidArgumentError(
+                "request_id must be 1 to 64 letters, digits, '-' or '_' (a UUID fits)",
+                field="request_id",
+            )
+        async with self.registry.use(session_id) as session:
+            for job in session.jobs if request_id else ():
+                if job.request_id == request_id:  # a retry (AIP-155): the same job
+                    return session, job, self.running.get((session.id, job.job_id))
+            fitted = plan.fit(session, self.limits)
+            self._check_token_cap(started_by)
+            await self.registry.checkpoints.check_writable(session)
+            # Fixed now, so however often the job resumes it never trains past it (a Step may
+            # have run during the check above: until_step still holds).
+            target = session.step + fitted.steps if plan.until_step is None else plan.until_step
+            now = time.time()
+            record = JobRecord(
+                job_id=secrets.token_hex(6),
+                spec=plan.to_dict(),
+                start_step=session.step,
+                target_step=max(target, session.step),
+                create_time=now,
+                started_by=started_by,
+                attached=attached,
+                request_id=request_id,
+            )
+            session.begin("Train", record)
+            if not attached:  # durable before acknowledged: a crash right after resumes it
+                await self.registry.checkpoints.flush(session)
+                failed = self.registry.checkpoints.unsaved.get(session.id)
+                if failed is not None:
+                    session.jobs.remove(record)
+                    session.end()
+                    raise type(failed)(str(failed))
+            running = self._launch(session, record, plan, fitted)
+        return session, record, running
+
+    def _check_token_cap(self, started_by: str) -> None:
+        cap = self.registry.settings.max_jobs_per_token
+        if not cap or not started_by:
+            return
+        mine = sum(1 for j in self.running.values() if j.record.started_by == started_by)
+        if mine >= cap:
+            raise LimitExceededError(
+                f"the token {started_by} has {mine} queued or running training jobs, the most "
+                f"this server allows (max_jobs_per_token {cap}); stop one or wait for one to end",
+                setting="max_jobs_per_token",
+                limit=cap,
+                value=mine + 1,
+            )
+
+    def _launch(
+        self, session: Session, record: JobRecord, plan: TrainingPlan, fitted: FittedPlan
+    ) -> RunningJob:
+        job = RunningJob(session, record, plan)
+        if self.scheduler.waiting or self.scheduler.running >= self.scheduler.slots:
+            record.state = states.QUEUED
+        else:
+            record.state = states.RUNNING
+        self.running[(session.id, record.job_id)] = job
+        self._count()
+        job.task = asyncio.create_task(self._run(job, fitted))
+        log.info(
+            "train_started",
+            job=job.name,
+            session_id=session.id,
+            token=record.started_by,
+            attached=record.attached,
+            start_step=session.step,
+            target_step=record.target_step,
+            resumed=record.start_time > 0,
+        )
+        return job
+
+    async def resume_all(self) -> int:
+        """Run again every detached job a checkpoint left queued or running (server start);
+        an attached job's caller is gone: it is recorded as stopped. The number resumed."""
+        resumed = 0
+        for session in list(self.registry.sessions.values()):
+            record = session.active_job
+            if record is None:
+                continue
+            if self.cluster:  # jobs across replicas: the next issue
+                self._end_record(session, record, "shutdown", states.STOPPED)
+                self.registry.checkpoints.request(session)
+                continue
+            plan = TrainingPlan.from_dict(record.spec)
+            try:
+                async with self.registry.use(session.id) as loaded:
+                    fitted = plan.fit(loaded, self.limits)
+                    loaded.begin("Train", record)
+                    self._launch(loaded, record, plan, fitted)
+                    resumed += 1
+            except Exception as exc:  # the job can't go on here: say why, keep serving
+                record.error = f"could not resume: {exc}"
+                self._end_record(session, record, "failed", states.FAILED)
+                log.error(
+                    "job_resume_failed", job=job_name(session.id, record.job_id), error=str(exc)
+                )
+                if session.resident:
+                    self.registry.checkpoints.request(session)
+        return resumed
+
+    # ----- the loop ---------------------------------------------------------------------
+
+    async def _run(self, job: RunningJob, fitted: FittedPlan) -> None:
+        """The job's loop, holding its session in memory (as a call does) until its last
+        message is out: nothing evicts it meanwhile."""
+        session = job.session
+        session.use.users += 1
+        try:
+            await self._loop(job, fitted)
+        finally:
+            session.use.users -= 1
+            session.use.last_used = time.monotonic()
+
+    async def _loop(self, job: RunningJob, fitted: FittedPlan) -> None:
+        """The one training loop: chunks in turns until the job ends."""
+        registry, session, record, plan = self.registry, job.session, job.record, job.plan
+        settings = registry.settings
+        steps = max(0, record.target_step - session.step)
         run = TrainRun(
             steps=steps,
             eval_every=fitted.eval_every,
             until_loss=plan.until_loss,
             patience=plan.patience,
+            best=record.best_validation_loss,
+            stale=record.stale,
+            job=record,
+            restore_best=plan.restore_best,
         )
-        diverged = False
+        schedule = plan.schedule()
+        if schedule is not None:
+            total = record.target_step - record.start_step
+            first = record.start_step
+
+            def rate(step: int) -> float:
+                peak = session.require_trainer().config.learning_rate
+                return schedule.rate(peak, step - first, total)
+
+            run.learning_rate = rate
+        every = plan.report_every
+        start = last_report = last_log = last_ckpt = time.monotonic()
+        done = chars = 0
+        reason = "completed"
+        bound = log.bind(session_id=session.id, job=job.name)
 
         async def sample() -> str:
             text = await sample_text(
@@ -104,23 +391,7 @@ async def train(
             )
             return plan.sample_prime + text
 
-        def runaway_window() -> bool:
-            """The guard: every loss since the last report above the runaway line."""
-            high = run.window_min > fitted.runaway
-            run.window_min = math.inf
-            return high
-
-        await registry.checkpoints.check_writable(session)
-        session.begin("Train")
-        if plan.until_step is not None:  # a Step may have run meanwhile: never train past it
-            steps = run.steps = min(steps, max(0, plan.until_step - session.step))
-        start = last_report = last_log = last_ckpt = time.monotonic()
-        done = chars = 0
-        first_step = session.step
-        bound = log.bind(session_id=session.id, steps=steps)
-        bound.info("train_started", step=first_step)
-
-        def progress(reason: str | None = None) -> TrainProgress:
+        def progress(stop_reason: str | None = None) -> TrainProgress:
             elapsed = time.monotonic() - start
             return TrainProgress(
                 step=session.step,
@@ -129,37 +400,71 @@ async def train(
                 smoothed_loss=session.losses.smoothed_loss,
                 chars_per_second=chars / elapsed if elapsed > 0 else 0.0,
                 elapsed_seconds=elapsed,
-                stop_reason=reason,
+                stop_reason=stop_reason,
                 checkpointed_step=max(session.checkpoint.step, 0),
                 validation_loss=session.losses.validation_loss
                 if session.losses.validation_step
                 else 0.0,
                 validation_step=session.losses.validation_step,
+                job_name=job.name,
             )
 
+        def runaway_window() -> bool:
+            """The guard: every loss since the last report above the runaway line."""
+            high = run.window_min > fitted.runaway
+            run.window_min = math.inf
+            return high
+
         try:
-            while done < steps and not session.cancel.is_set() and run.stop is None:
-                limit = steps - done
-                if every:
-                    limit = min(limit, every - done % every)
-                chunk = await train_chunk(registry, session, limit, run)
+            while True:
+                if session.cancel.is_set():
+                    reason = _CAUSES.get(session.stop_cause, ("stopped", ""))[0]
+                    break
+                if done >= steps:
+                    break
+                if run.stop is not None:
+                    reason = "target_loss" if run.stop == "target" else "early_stopped"
+                    break
+                if plan.max_seconds and record.seconds_used >= plan.max_seconds:
+                    reason = "time_budget"
+                    break
+                if settings.max_job_seconds and record.seconds_used >= settings.max_job_seconds:
+                    reason = "time_limit"
+                    break
+                await session.wait_between_chunks()
+                if not await self._turn(session, record):
+                    continue  # stopped while queued: the top of the loop says why
+                if session.held:  # a change came while it queued: it goes first
+                    self.scheduler.release()
+                    continue
+                began = time.monotonic()
+                try:
+                    if not record.start_time:
+                        record.start_time = time.time()
+                    limit = steps - done
+                    if every:
+                        limit = min(limit, every - done % every)
+                    chunk = await train_chunk(registry, session, limit, run)
+                finally:
+                    self.scheduler.release()
+                    record.seconds_used += time.monotonic() - began
                 done += chunk.steps
                 chars += chunk.chars
-                elapsed = time.monotonic() - start
-                if elapsed > 0:
-                    session.chars_per_second = chars / elapsed
+                record.chars_per_second = chars / max(time.monotonic() - start, 1e-9)
+                session.chars_per_second = record.chars_per_second
                 metrics.record_training(chunk.steps, chunk.chars, session.id)
                 session.notify()
                 if chunk.error is not None:  # not applied: ends as STOP_REASON_DIVERGED
                     bound.warning("train_diverged", step=session.step, error=str(chunk.error))
-                    diverged = True
+                    reason = "diverged"
+                    record.error = str(chunk.error)
                     break
                 unsaved = registry.checkpoints.unsaved.get(session.id)
                 if unsaved is not None:  # don't train on what can't be kept
                     bound.warning("train_unsaved", step=session.step, error=str(unsaved))
                     raise type(unsaved)(str(unsaved))
                 now = time.monotonic()
-                if now - last_ckpt >= registry.settings.checkpoint_interval:
+                if now - last_ckpt >= settings.checkpoint_interval:
                     registry.checkpoints.request(session)
                     last_ckpt = now
                 if now - last_log >= PROGRESS_LOG_SECONDS:
@@ -172,7 +477,11 @@ async def train(
                     last_log = now
                 due = (done % every == 0) if every else (now - last_report >= 1.0)
                 if (due or done == steps) and chunk.steps and runaway_window():
-                    diverged = True
+                    reason = "diverged"
+                    record.error = (
+                        f"the loss stayed above {fitted.runaway:.3g} (twice an untrained "
+                        "model's) for a whole report window"
+                    )
                     bound.warning(
                         "train_runaway",
                         step=session.step,
@@ -185,40 +494,187 @@ async def train(
                     if plan.sample_length:
                         message.sample = await sample()
                     last_report = now
-                    yield message
-            cause = session.stop_cause
-            reason = "completed"
-            if diverged:
-                reason = "diverged"
-                metrics.record_divergence()
-            elif run.stop == "target":
-                reason = "target_loss"
-            elif run.stop == "early":
-                reason = "early_stopped"
-            elif done < steps:
-                reason = "deleted" if cause is StopCause.DELETED else "shutdown"
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client went away, maybe while a progress message was being sent.
-            session.request_stop(StopCause.CANCELLED)
-            raise
+                    job.publish(message)
+        except Exception as exc:
+            job.error = exc
+            reason = "failed"
+            record.error = str(exc) or type(exc).__name__
+            bound.error("job_failed", step=session.step, error=record.error)
         finally:
-            session.end()
-            session.notify()  # watchers waiting for the Train to end
-            if not session.deleted:
-                registry.checkpoints.request(session)
-            elapsed = time.monotonic() - start
-            bound.info(
+            if reason == "diverged":
+                metrics.record_divergence()
+            keep = reason == "shutdown" and not record.attached  # resumed at the next start
+            if not keep:
+                state = _ENDED_AS.get(reason) or _CAUSES.get(session.stop_cause, ("", ""))[1]
+                self._end_record(session, record, reason, state or states.STOPPED)
+            await self._leave(session, record, restore=record.state == states.SUCCEEDED)
+            self.running.pop((session.id, record.job_id), None)
+            self._count()
+            log.info(
                 "train_finished",
-                step=session.step,
-                done=done,
-                chars_per_second=round(chars / elapsed, 1) if elapsed > 0 else 0.0,
+                job=job.name,
+                session_id=session.id,
+                token=record.started_by,
+                state=record.state,
+                stop_reason=reason,
                 cause=session.stop_cause.value,
+                step=session.step,
+                target_step=record.target_step,
+                done=done,
+                seconds_used=round(record.seconds_used, 3),
             )
-        if not session.deleted:
-            await registry.checkpoints.flush(session)
-        if session.stop_cause is StopCause.LEASE_LOST:  # what it trained here is not kept
-            raise LeaseLostError.moved(session.id)
+        if session.stop_cause is StopCause.LEASE_LOST and job.error is None:
+            job.error = LeaseLostError.moved(session.id)  # what it trained here is not kept
         final = progress(reason)
-        if plan.sample_length and not session.deleted:
-            final.sample = await sample()
-        yield final
+        if plan.sample_length and not session.deleted and job.error is None:
+            with contextlib.suppress(Exception):
+                final.sample = await sample()
+        job.publish(final)
+        job.publish(None)
+        job.ended.set()
+
+    async def _turn(self, session: Session, record: JobRecord) -> bool:
+        """Wait for a scheduler slot (QUEUED meanwhile); False if a stop came first."""
+        if self.scheduler.try_acquire():
+            record.state = states.RUNNING
+            return True
+        record.state = states.QUEUED
+        self._count()
+        queued = time.monotonic()
+        acquire = asyncio.ensure_future(self.scheduler.acquire())
+        stop = asyncio.ensure_future(session.stop_requested().wait())
+        try:
+            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not acquire.done():
+                acquire.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+        metrics.JOB_QUEUE_WAIT.observe(time.monotonic() - queued)
+        if acquire.cancelled() or acquire.exception() is not None:
+            return False
+        record.state = states.RUNNING
+        self._count()
+        return True
+
+    def _end_record(self, session: Session, record: JobRecord, reason: str, state: str) -> None:
+        if session.resident:
+            record.end(
+                state, reason, session.step, session.losses.loss, session.losses.smoothed_loss
+            )
+        else:
+            record.end(state, reason, record.end_step, record.loss, record.smoothed_loss)
+        session.job_changed()
+
+    async def _leave(self, session: Session, record: JobRecord, restore: bool) -> None:
+        """The session after its job's loop: the best weights put back (restore_best), the
+        learning rate back at the session's, not busy, checkpointed."""
+        best = record.best_weights if restore else None
+        if not record.active:
+            record.best_weights = None
+        if session.resident and not session.deleted:
+            try:
+                await self.registry.run(session.after_job, best)
+            except Exception as exc:  # pragma: no cover - the weights came from this model
+                log.error("job_restore_failed", session_id=session.id, error=str(exc))
+        session.end()
+        session.notify()
+        if not session.deleted:
+            await self.registry.checkpoints.flush(session)
+
+    def _count(self) -> None:
+        queued = sum(1 for j in self.running.values() if j.record.state == states.QUEUED)
+        metrics.record_jobs(queued, len(self.running) - queued)
+
+    # ----- the calls --------------------------------------------------------------------
+
+    def find(self, name: str) -> tuple[Session, JobRecord]:
+        """The session and record a job name names; NOT_FOUND naming what is unknown."""
+        session_id, job_id = parse_job_name(name)
+        session = self.registry.get(session_id)
+        for record in session.jobs:
+            if record.job_id == job_id:
+                return session, record
+        raise JobNotFoundError(
+            f"session {session_id!r} has no job {job_id!r}; ListJobs shows its jobs",
+            session_id=session_id,
+        )
+
+    async def stop(self, name: str) -> tuple[Session, JobRecord]:
+        """Stop the named job between two updates and wait until it is checkpointed; a job
+        that ended is returned unchanged."""
+        session, record = self.find(name)
+        job = self.running.get((session.id, record.job_id))
+        if job is not None and record.active:
+            session.request_stop(StopCause.STOPPED)
+            await job.ended.wait()
+        return session, record
+
+    async def follow(
+        self, name: str
+    ) -> AsyncGenerator[tuple[Session, JobRecord, TrainProgress | None], None]:
+        """The job now, then its progress until it ends; the last item has the ended job."""
+        session, record = self.find(name)
+        job = self.running.get((session.id, record.job_id))
+        if job is None:
+            yield session, record, None
+            return
+        queue = job.follow()
+        yield session, record, None  # where it is now, before its next progress report
+        while True:
+            message = await queue.get()
+            if message is None:
+                return
+            yield session, record, message
+
+    async def train(
+        self, session_id: str, plan: TrainingPlan, started_by: str = ""
+    ) -> AsyncGenerator[TrainProgress, None]:
+        """A streaming Train: an attached job, its progress until it ends; the job stops
+        (CALLER_LEFT) when the caller leaves."""
+        session, _, job = await self.start(session_id, plan, started_by=started_by, attached=True)
+        assert job is not None  # an attached job is never a retry
+        queue = job.follow()
+        try:
+            while (message := await queue.get()) is not None:
+                if job.error is not None:  # the caller gets the error, not a last message
+                    break
+                yield message
+            if job.error is not None:
+                raise _fresh(job.error)
+        finally:
+            if not job.ended.is_set():  # the caller left (cancelled, or the stream closed)
+                session.request_stop(StopCause.CANCELLED)
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(job.ended.wait())
+
+    async def close(self) -> None:
+        """Wait for every job's loop (after the registry's shutdown asked them to stop)."""
+        for job in list(self.running.values()):
+            job.session.request_stop(StopCause.SHUTDOWN)
+        tasks = [j.task for j in self.running.values() if j.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _fresh(exc: BaseException) -> BaseException:
+    """A new exception like ``exc`` (one raised object can't be raised in two places)."""
+    try:
+        return type(exc)(str(exc))
+    except Exception:  # pragma: no cover - an exception type with another signature
+        return exc
+
+
+__all__ = [
+    "CHUNK_SECONDS",
+    "JobView",
+    "Jobs",
+    "RunningJob",
+    "TrainProgress",
+    "job_name",
+    "job_view",
+    "parse_job_name",
+    "sample_text",
+    "train_chunk",
+]

@@ -1,7 +1,8 @@
-"""A Train's plan: what it asks for, checked in one place before anything runs.
+"""A Train's plan, which is a training job's spec: what it asks for, checked in one place
+before anything runs.
 
-``TrainingPlan`` holds plain values only (``to_dict``/``from_dict`` round-trip through JSON), so
-the same plan can be a server-owned training job's spec. ``check`` refuses what no session could
+``TrainingPlan`` holds plain values only (``to_dict``/``from_dict`` round-trip through JSON): a
+job's record keeps it as its spec (sessions/job_record.py). ``check`` refuses what no session could
 run (before the session is looked up); ``fit`` checks it against the session it runs on and
 resolves what the run needs (``FittedPlan``).
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from rnnserve_server.engine.schedule import DECAYS, LearningRateSchedule
 from rnnserve_server.errors import InvalidArgumentError
 from rnnserve_server.sessions.session import Session
 from rnnserve_server.usecases.request_limits import RequestLimits, encode
@@ -27,7 +29,7 @@ RUNAWAY_FACTOR = 2.0
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """What one Train asks for (TrainRequest's fields)."""
+    """What one Train or training job asks for (TrainRequest's fields, JobSpec's)."""
 
     steps: int = 0  # updates to apply; 0 with until_step
     until_step: int | None = None  # instead of steps: train until the session is at this step
@@ -38,6 +40,11 @@ class TrainingPlan:
     sample_length: int = 0  # characters sampled with each report; 0 none
     sample_temperature: float = 1.0
     sample_prime: str = ""  # the text samples start after
+    max_seconds: float = 0.0  # a job's training-time budget across restarts; 0 none
+    warmup_steps: int = 0  # the schedule's linear warm-up (updates)
+    decay: str = "constant"  # the schedule's decay after it: constant, cosine or linear
+    min_learning_rate: float | None = None  # where the decay ends; None: a tenth of the peak
+    restore_best: bool = False  # end at the weights of the best validation loss
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-able values."""
@@ -45,8 +52,16 @@ class TrainingPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:
-        """Inverse of ``to_dict`` (unchecked: ``check`` it before running)."""
-        return cls(**data)
+        """Inverse of ``to_dict`` (unchecked: ``check`` it before running); unknown keys
+        (a newer server's) are left out."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def schedule(self) -> LearningRateSchedule | None:
+        """The learning-rate schedule, None when the rate stays the session's."""
+        if not self.warmup_steps and self.decay == "constant":
+            return None
+        return LearningRateSchedule(self.warmup_steps, self.decay, self.min_learning_rate)
 
     def check(self, limits: RequestLimits) -> None:
         """INVALID_ARGUMENT / RESOURCE_EXHAUSTED for values out of range on any session."""
@@ -83,6 +98,21 @@ class TrainingPlan:
             )
         if self.sample_prime:
             limits.check_text(self.sample_prime, "sample_prime", min_chars=1)
+        if not math.isfinite(self.max_seconds) or self.max_seconds < 0:
+            raise InvalidArgumentError(
+                f"max_seconds must be a finite number >= 0 (0 is no budget), not {self.max_seconds}"
+            )
+        if self.warmup_steps < 0:
+            raise InvalidArgumentError(
+                f"schedule.warmup_steps must be >= 0, not {self.warmup_steps}"
+            )
+        if self.decay not in DECAYS:
+            raise InvalidArgumentError(f"schedule.decay must be one of {DECAYS}, not {self.decay}")
+        low = self.min_learning_rate
+        if low is not None and (not math.isfinite(low) or low < 0):
+            raise InvalidArgumentError(
+                f"schedule.min_learning_rate must be a finite number >= 0, not {low}"
+            )
 
     def fit(self, session: Session, limits: RequestLimits) -> FittedPlan:
         """The plan on ``session`` (loaded): the updates left to apply, the evaluation
@@ -105,8 +135,9 @@ class TrainingPlan:
             else np.zeros(0, dtype=np.int32)
         )
         has_validation = trainer.validation_length >= 2
-        if not has_validation and (self.patience or self.eval_every):
+        if not has_validation and (self.patience or self.eval_every or self.restore_best):
             field = "patience" if self.patience else "eval_every"
+            field = "restore_best" if self.restore_best else field
             raise InvalidArgumentError(
                 f"{field} needs a validation split, and session {session.id!r} has none; "
                 "create a session with validation_fraction (e.g. 0.1); an existing "

@@ -107,7 +107,16 @@ class StackWorkspace:
         self.tcs = [np.empty((T, B, H), dtype) for _ in range(L)] if lstm else []  # tanh(c_t)
         self.ghn = [np.empty((T, B, H), dtype) for _ in range(L)] if gru else []  # h Wh_n + bn
         self.drop = [np.empty((T, B, H), dtype) for _ in range(L - 1)]  # masked outputs
-        self.tmp = np.empty((B, G), dtype)  # h_{t-1} @ Wh
+        self.tmp = np.empty((B, G), dtype)  # h_{t-1} @ Wh (rnn)
+        # The gated recurrence's h_{t-1} Wh: for B > 1 one batched product over the n gate
+        # blocks (n, H, H) into an (n, B, H) buffer, gate-major: it beat one (B, H) @ (H, n*H)
+        # product (OpenBLAS, 1 thread, LSTM: 215 against 270 us at B = 32, H = 256; 52 against
+        # 125 us at B = 8); at B = 1 the plain product was faster.
+        n = GATES[spec.cell]
+        self.hidden_size, self.gate_major = H, B > 1
+        self.Whg = np.empty((n, H, H) if self.gate_major else (H, G), dtype)
+        self.tmpg = np.empty((n, B, H) if self.gate_major else (B, G), dtype)
+        self.WhT = np.empty((G, H) if self.gate_major else (0, 0), dtype)  # for the backward
         self.tmpH = np.empty((B, H), dtype)
         self.carry = np.empty((B, H), dtype)  # dL/dh_{t-1} through the recurrence
         self.dc = np.empty((B, H), dtype)  # dL/dc_t (LSTM)
@@ -123,6 +132,19 @@ class StackWorkspace:
         # Per-step views, made once: slicing in the hot loops cost ~20 % of a batch-1 step.
         self.fwd_views = [self._forward_views(spec, li, T) for li in range(L)]
         self.bwd_views = [self._backward_views(spec, li, T, B) for li in range(L)]
+
+    def loop_layout(self, a: np.ndarray) -> np.ndarray:
+        """A step's (B, n*H) pre-activations as a view in the layout of ``tmpg``."""
+        return (
+            a.reshape(a.shape[0], -1, self.hidden_size).transpose(1, 0, 2) if self.gate_major else a
+        )
+
+    def gates(self, x: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Gates start .. stop-1 of ``x`` in the loop layout (``Whg``, ``tmpg``, loop_layout)."""
+        if self.gate_major:
+            return x[start] if stop == start + 1 else x[start:stop]
+        H = self.hidden_size
+        return x[..., start * H : stop * H]
 
     def _backward_views(self, spec: Spec, li: int, T: int, B: int) -> list[tuple[np.ndarray, ...]]:
         H, dH, dA, K = spec.hidden_size, self.dH, self.dA, self.K
@@ -148,16 +170,18 @@ class StackWorkspace:
         H, A, hs = spec.hidden_size, self.A[li], self.hs[li]
         if spec.cell == "lstm":
             cs, tcs = self.cs[li], self.tcs[li]
-            return [
-                (a, a[:, H:], *_blocks(a, H, 4), cs[t], cs[t + 1], tcs[t], hs[t], hs[t + 1])
-                for t, a in enumerate(A)
-            ]
+            views = []
+            for t, a in enumerate(A):
+                state = (cs[t], cs[t + 1], tcs[t], hs[t], hs[t + 1])
+                views.append((a, self.loop_layout(a), a[:, H:], *_blocks(a, H, 4), *state))
+            return views
         if spec.cell == "gru":
             ghn = self.ghn[li]
-            return [
-                (a[:, : 2 * H], *_blocks(a, H, 3), ghn[t], hs[t], hs[t + 1])
-                for t, a in enumerate(A)
-            ]
+            views = []
+            for t, a in enumerate(A):
+                rz_loop = self.gates(self.loop_layout(a), 0, 2)
+                views.append((a[:, : 2 * H], rz_loop, *_blocks(a, H, 3), ghn[t], hs[t], hs[t + 1]))
+            return views
         return [(A[t], hs[t], hs[t + 1]) for t in range(T)]
 
 
