@@ -587,7 +587,7 @@ def test_ctrl_c_as_training_starts_says_the_step(module_server: ServerHandle) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Exit codes against the README's table (issue 16 item 16)
+# Exit codes against docs/client.md's table (issue 16 item 16)
 
 
 @pytest.mark.parametrize("command", ["create", "append", "import"])

@@ -1,7 +1,7 @@
 """`make cluster` (scripts/cluster.sh) as a user runs it: real redis-server, replicas and nginx
 on free loopback ports, its state in a temporary CLUSTER_DIR.
 
-A taken port stops it with the reason before anything starts; the README's cluster block
+A taken port stops it with the reason before anything starts; docs/cluster.md's block
 (create, train, kill -9 a replica by the pid file in CLUSTER_DIR, `make cluster-restart`) runs
 as written; the script's SIGTERM stops everything, the restarted replica too.
 """
@@ -104,9 +104,9 @@ def running_cluster(env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
 
 
 def cluster_block() -> str:
-    """The README's shell block of the cluster walk-through."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks: list[str] = re.findall(r"^```sh\n(.*?)^```$", readme, re.S | re.M)
+    """docs/cluster.md's shell block of the cluster walk-through."""
+    guide = (ROOT / "docs" / "cluster.md").read_text(encoding="utf-8")
+    blocks: list[str] = re.findall(r"^```sh\n(.*?)^```$", guide, re.S | re.M)
     (block,) = [b for b in blocks if "make cluster-restart" in b]
     return block
 
@@ -120,7 +120,7 @@ def alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-def test_the_readme_block_kills_and_restarts_a_replica(tmp_path: Path) -> None:
+def test_the_guides_block_kills_and_restarts_a_replica(tmp_path: Path) -> None:
     directory = tmp_path / "cluster"
     env = cluster_env(directory)
     replica2 = f"127.0.0.1:{int(env['REPLICA_BASE_PORT']) + 1}"

@@ -1,6 +1,6 @@
-"""What can be lost, row by row (README "What can be lost"): full disk, unwritable or deleted
-data directory, damaged, oversized or non-regular checkpoint files, orphans, crashes right
-after an acknowledged AppendText or Step.
+"""What can be lost, row by row (docs/operations.md "What can be lost"): full disk, unwritable
+or deleted data directory, damaged, oversized or non-regular checkpoint files, orphans, crashes
+right after an acknowledged AppendText or Step.
 
 A full disk is a real one: a small tmpfs mounted on the data directory (tests run as root, in
 CI too); a read-only data directory is a read-only bind mount (chmod does not stop root).
@@ -467,14 +467,14 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
         store.close()
 
 
-def test_readme_what_can_be_lost_names_tests_that_exist() -> None:
-    """Every row of README "What can be lost" names at least one test, and each named test is
-    defined in the file it names (``::name`` alone means the previous file)."""
+def test_what_can_be_lost_names_tests_that_exist() -> None:
+    """Every row of docs/operations.md "What can be lost" names at least one test, and each
+    named test is defined in the file it names (``::name`` alone means the previous file)."""
     import re
 
     root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## What can be lost", 1)[1].split("\n## ", 1)[0]
+    guide = (root / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = guide.split("## What can be lost", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) >= 5  # header + crash, SIGTERM, full disk, delete, damaged file, orphans
     for row in rows[1:]:

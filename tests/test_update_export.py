@@ -41,7 +41,7 @@ def client(module_server: ServerHandle) -> Iterator[Client]:
 
 
 def load_archive(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The README's recipe: plain numpy, no pickles."""
+    """docs/client.md's recipe: plain numpy, no pickles."""
     import io
 
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
@@ -145,18 +145,18 @@ def numpy_predict_loss(meta: dict[str, Any], arrays: dict[str, np.ndarray], text
     return nats / len(ids)
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "client.md"
 
 
-def readme_numpy_block() -> str:
-    """The README's Python block that loads an archive with plain numpy."""
-    blocks = README.read_text(encoding="utf-8").split("```python\n")[1:]
+def guide_numpy_block() -> str:
+    """docs/client.md's Python block that loads an archive with plain numpy."""
+    blocks = GUIDE.read_text(encoding="utf-8").split("```python\n")[1:]
     found = [b.split("```")[0] for b in blocks if 'np.load("model.rnn"' in b]
-    assert len(found) == 1, "the README shows one plain-numpy loading block"
+    assert len(found) == 1, "docs/client.md shows one plain-numpy loading block"
     return found[0]
 
 
-def test_the_readme_numpy_recipe_reproduces_predict(
+def test_the_guides_numpy_recipe_reproduces_predict(
     client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     session = client.create_session(TEXT, **SMALL)
@@ -164,7 +164,7 @@ def test_the_readme_numpy_recipe_reproduces_predict(
     session.export(tmp_path / "model.rnn")
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {}
-    exec(readme_numpy_block(), namespace)  # exactly what the README shows
+    exec(guide_numpy_block(), namespace)  # exactly what docs/client.md shows
     text = TEXT[:150]
     assert namespace["loss"](text) == pytest.approx(session.predict(text).loss, rel=1e-4)
 

@@ -190,7 +190,7 @@ class Session:
     def export_stream(
         self, *, weights_only: bool = False, timeout: float | None = None
     ) -> Stream[pb.ExportSessionResponse, bytes]:
-        """The session's archive (see the README's "Export, import, fork"), in chunks;
+        """The session's archive (see docs/client.md, "The archive"), in chunks;
         ``weights_only``: its config, alphabet and weights alone (docs/model-format.md)."""
         request = pb.ExportSessionRequest(session_id=self.id, weights_only=weights_only)
         call = self._client._server_stream(self._client._stub.ExportSession, request, timeout)

@@ -10,7 +10,7 @@
         print(await session.generate(200, seed=1))
 
 Requests are built and errors mapped by the same code as the sync client's (``rnnserve._common``,
-:func:`rnnserve.errors.error_from_rpc`); the same calls are retried (see the README).
+:func:`rnnserve.errors.error_from_rpc`); the same calls are retried (see docs/client.md).
 """
 
 from __future__ import annotations

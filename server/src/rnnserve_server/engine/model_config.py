@@ -154,7 +154,7 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # Chosen with bench/quality.py: clearly better held-out loss than min-char-rnn in the same
-    # wall-clock time (see README, "Performance").
+    # wall-clock time (see docs/performance.md).
     # 120 s runs on this 2-core machine (held-out bits/char from a zero state): this preset 2.58
     # (2.56 with lr 5e-3);
     # min-char-rnn 2.82; hidden 256 / 512 (batch 16-32, adam 2e-3..3e-3) 2.72-2.75 (too few

@@ -23,7 +23,7 @@ array of ``model_shapes(config, len(alphabet))``, in ``config.dtype``), nothing 
 imports as a new session at step 0 with no text. A whole session is still written as
 version 1, so older servers import it.
 
-Versioning (README, "The archive"): ``version`` grows whenever the format gains anything a
+Versioning (docs/client.md, "Versions"): ``version`` grows whenever the format gains anything a
 reader must understand (an entry, a key, a meaning); a reader refuses a newer version, naming
 both, and within a version it reads refuses every entry or key that version does not have
 (state it can't restore is never dropped silently).
@@ -348,7 +348,7 @@ def _weights_checkpoint(
 
 
 def _check_version(version: object) -> None:
-    """The versioning rule (README, "The archive"): a newer version is refused, naming both."""
+    """The versioning rule (docs/client.md, "Versions"): a newer version is refused, naming both."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise _bad(f"'meta'.version {version!r} is not a format version (1, 2, ...)")
     if version > VERSION:
