@@ -233,7 +233,7 @@ class RnnServiceServicer:
     def ExportSession(self, request, context):
         """ExportSession streams one archive holding the whole session (config, weights,
         optimizer state, corpus, loss history), or with weights_only its config, alphabet and
-        weights alone: a numpy .npz without pickles; see the README.
+        weights alone: a numpy .npz without pickles; see docs/model-format.md and docs/client.md.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

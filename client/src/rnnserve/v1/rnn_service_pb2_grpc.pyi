@@ -80,7 +80,7 @@ class RnnServiceStub:
     ExportSession: _grpc.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]
     """ExportSession streams one archive holding the whole session (config, weights,
     optimizer state, corpus, loss history), or with weights_only its config, alphabet and
-    weights alone: a numpy .npz without pickles; see the README.
+    weights alone: a numpy .npz without pickles; see docs/model-format.md and docs/client.md.
     """
     ImportSession: _grpc.StreamUnaryMultiCallable[_rnn_service_pb2.ImportSessionRequest, _rnn_service_pb2.ImportSessionResponse]
     """ImportSession makes a new session from an archive that ExportSession produced,
@@ -165,7 +165,7 @@ class RnnServiceAsyncStub(RnnServiceStub):
     ExportSession: _aio.UnaryStreamMultiCallable[_rnn_service_pb2.ExportSessionRequest, _rnn_service_pb2.ExportSessionResponse]  # type: ignore[assignment]
     """ExportSession streams one archive holding the whole session (config, weights,
     optimizer state, corpus, loss history), or with weights_only its config, alphabet and
-    weights alone: a numpy .npz without pickles; see the README.
+    weights alone: a numpy .npz without pickles; see docs/model-format.md and docs/client.md.
     """
     ImportSession: _aio.StreamUnaryMultiCallable[_rnn_service_pb2.ImportSessionRequest, _rnn_service_pb2.ImportSessionResponse]  # type: ignore[assignment]
     """ImportSession makes a new session from an archive that ExportSession produced,
@@ -319,7 +319,7 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_rnn_service_pb2.ExportSessionResponse], _abc.AsyncIterator[_rnn_service_pb2.ExportSessionResponse]]:
         """ExportSession streams one archive holding the whole session (config, weights,
         optimizer state, corpus, loss history), or with weights_only its config, alphabet and
-        weights alone: a numpy .npz without pickles; see the README.
+        weights alone: a numpy .npz without pickles; see docs/model-format.md and docs/client.md.
         """
 
     @_abc_1.abstractmethod
