@@ -350,11 +350,14 @@ def test_paused_owner_cannot_write_after_its_lease_moved(
         client.create_session(TEXT, session_id="p", hidden_size=32, seed=1)
         stream = client.session("p").train(10**6, report_every=10)
         assert next(stream).step >= 1
-        wait_until(
-            lambda: (redis_get(redis_server, key + "ckpt") or "").startswith("1-"),
-            timeout=90,
-            what="the first owner's checkpoint",
-        )
+
+        # The training owner's token is not always 1: the release loop may have let the
+        # lease go between create and Train. Wait for a checkpoint under the current token.
+        def checkpointed_under_current_token() -> bool:
+            token = redis_get(redis_server, key + "token") or "?"
+            return (redis_get(redis_server, key + "ckpt") or "").startswith(f"{token}-")
+
+        wait_until(checkpointed_under_current_token, timeout=90, what="the owner's checkpoint")
         old_token = int(redis_get(redis_server, key + "token") or 0)
         old.process.send_signal(signal.SIGSTOP)
         try:
