@@ -197,7 +197,8 @@ async def open_cluster(settings: Settings) -> ClusterNode | None:
     peer = load_peer_tls(settings)
     node = ClusterNode(settings, peer_tls=peer, redis_access=load_redis_access(settings))
     try:
-        await check_redis(node.coordinator.redis, settings.redis_url, node.coordinator.op_timeout)
+        # Time for the client's retries of a refused connection (Redis down: start anyway).
+        await check_redis(node.coordinator.redis, settings.redis_url, timeout=5.0)
     except StartupError:
         await node.close()
         raise

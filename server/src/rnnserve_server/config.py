@@ -553,8 +553,6 @@ def check_cluster_security(settings: Settings) -> None:
             f"calls carry the callers' tokens): give {_flags(PEER_TLS)} (docs/cluster.md, "
             "Security)"
         )
-    if peer_tls_on(settings) and settings.peer_address == settings.address:
-        fail("--peer-address must differ from --address (replicas get a port of their own)")
     if not settings.redis_url:
         return
     url = urllib.parse.urlsplit(settings.redis_url)

@@ -256,7 +256,7 @@ def load_redis_access(settings: Settings) -> RedisAccess:
     )
 
 
-async def check_redis(redis: Any, url: str, timeout: float) -> None:
+async def check_redis(redis: Any, url: str, *, timeout: float) -> None:
     """One PING at start: Redis refusing the password, or TLS with it failing, stops the
     server (StartupError: settings to fix). A Redis that is down or slow does not: the server
     starts and health says NOT_SERVING until Redis answers."""
