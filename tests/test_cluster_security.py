@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from rnnserve import ServerUnavailable, Unauthenticated
 from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
@@ -29,6 +30,7 @@ TOKEN = "cluster-token"
 PASSWORD = "redis pass-word with spaces"
 TEXT = "the quick brown fox jumps over the lazy dog. " * 10
 FORWARDED = "x-rnnserve-forwarded"
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ def test_calls_are_forwarded_over_mutual_tls_and_only_peers_get_in(
     server_factory: ServerFactory, secure_redis: RedisProcess, pki: Pki, tmp_path: Path
 ) -> None:
     shared = tmp_path / "shared"
-    owner = server_factory(**replica_settings(pki, secure_redis, shared))
+    health_port = free_port()
+    owner = server_factory(**replica_settings(pki, secure_redis, shared, health_port=health_port))
     metrics_port = free_port()
     other = server_factory(**replica_settings(pki, secure_redis, shared, metrics_port=metrics_port))
     tls = {"ca_file": pki.client_ca.cert, "token": TOKEN, "timeout": 20}
@@ -127,9 +130,11 @@ def test_calls_are_forwarded_over_mutual_tls_and_only_peers_get_in(
     with other.client(**tls) as client:
         assert client.session("owned").step().step == 2
     assert scrape(metrics_port)["rnnserve_cluster_forwards_total"] == 1
-    with other.client(ca_file=pki.client_ca.cert, token="wrong", timeout=10) as client:
-        with pytest.raises(Unauthenticated):
-            client.session("owned").info()  # the owner checks the forwarded token too
+    with (
+        other.client(ca_file=pki.client_ca.cert, token="wrong", timeout=10) as client,
+        pytest.raises(Unauthenticated),
+    ):
+        client.session("owned").info()  # the owner checks the forwarded token too
 
     # The peer port: only a certificate the peer CA signed gets a TLS connection.
     address = f"127.0.0.1:{peer_port(owner)}"
@@ -153,6 +158,18 @@ def test_calls_are_forwarded_over_mutual_tls_and_only_peers_get_in(
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "--peer-tls-ca" in (denied.value.details() or "")
     assert PASSWORD not in owner.text_log() and TOKEN not in owner.text_log()
+
+    # --health-port: health alone in plain text, for Kubernetes' grpc probes (no TLS there).
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        assert check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+    with pytest.raises(grpc.RpcError) as unimplemented:
+        get_session(f"127.0.0.1:{health_port}", None, metadata=auth)
+    assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_a_replica_without_the_peer_ca_can_not_forward(
@@ -182,11 +199,11 @@ def test_a_replica_without_the_peer_ca_can_not_forward(
     )
     with owner.client(ca_file=pki.client_ca.cert, token=TOKEN) as client:
         client.create_session(TEXT, session_id="kept", hidden_size=16, seq_length=8)
-    with impostor.client(ca_file=pki.client_ca.cert, token=TOKEN, timeout=3) as client:
-        with pytest.raises(ServerUnavailable, match="did not answer"):
-            client.session("kept").info()
-    with plain.client(token=TOKEN, timeout=3) as client:
-        with pytest.raises(ServerUnavailable, match="did not answer"):
+    for replica, tls in ((impostor, {"ca_file": pki.client_ca.cert}), (plain, {})):
+        with (
+            replica.client(token=TOKEN, timeout=3, **tls) as client,
+            pytest.raises(ServerUnavailable, match="did not answer"),
+        ):
             client.session("kept").info()
     with owner.client(ca_file=pki.client_ca.cert, token=TOKEN) as client:
         assert client.session("kept").info().step == 0  # the owner kept it

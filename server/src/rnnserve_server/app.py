@@ -189,6 +189,20 @@ def add_port(server: aio.Server, address: str, credentials: grpc.ServerCredentia
     return port
 
 
+def bind_health_port(settings: Settings, server_health: Health) -> aio.Server | None:
+    """--health-port: a server of grpc.health.v1 alone in plain text (the main server's
+    status), for probes that can't speak TLS, bound, not started; None when off.
+    CannotServeError if it can't be bound."""
+    if not settings.health_port:
+        return None
+    health_server = aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(server_health.servicer, health_server)
+    host = metrics.metrics_host(settings.address)
+    host = f"[{host}]" if ":" in host else host
+    add_port(health_server, f"{host}:{settings.health_port}", None)
+    return health_server
+
+
 async def open_cluster(settings: Settings) -> ClusterNode | None:
     """Cluster mode's node (None without --redis-url), its peer TLS and Redis files checked
     and Redis asked once whether it accepts this replica; StartupError otherwise."""
@@ -300,6 +314,7 @@ async def serve(settings: Settings) -> int:
     try:
         port = bind(server, settings, tls_files)
         peer_port = bind_peer(server, settings, node.peer_tls if node is not None else None)
+        health_server = bind_health_port(settings, server_health)
         metrics_server = start_metrics(settings, registry)
     except CannotServeError:
         await registry.close()
@@ -310,6 +325,8 @@ async def serve(settings: Settings) -> int:
     signals.install()  # before the serving line: a SIGTERM sent as soon as it appears is clean
     await server.start()
     await server_health.set(health_pb2.HealthCheckResponse.SERVING)
+    if health_server is not None:
+        await health_server.start()
     registry.checkpoints.on_storage_change = lambda ok: server_health.report("storage", ok)
     if node is not None:
         node.attach(registry, peer_port or port)  # replicas forward to the peer port
@@ -335,6 +352,8 @@ async def serve(settings: Settings) -> int:
     await server_health.servicer.enter_graceful_shutdown()
     registry.begin_shutdown()
     await server.stop(settings.grace)
+    if health_server is not None:
+        await health_server.stop(None)
     await service.jobs.close()  # each job's loop checkpoints it: resumed at the next start
     saved = await registry.close()
     if node is not None:  # drain: every session was checkpointed above; give the leases back

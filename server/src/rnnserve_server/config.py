@@ -177,6 +177,13 @@ class Settings:
     metrics_port: int = field(
         default=0, metadata=_opt("serve Prometheus metrics on this port (0 = off)")
     )
+    health_port: int = field(
+        default=0,
+        metadata=_opt(
+            "also serve grpc.health.v1 alone, in plain text, on this port of --address's host "
+            "(for Kubernetes grpc probes, which can't speak TLS); 0 = off"
+        ),
+    )
     metrics_max_sessions: int = field(
         default=100,
         metadata=_opt(
@@ -466,6 +473,7 @@ def check_settings(settings: Settings) -> None:
         "keepalive_min_ping_interval",
         *ZERO_MEANS_DEFAULT,
         "metrics_max_sessions",
+        "health_port",
     ):
         if getattr(settings, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0")
