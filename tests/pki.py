@@ -1,4 +1,5 @@
-"""Certificates made by the tests: a CA and the certificates it signs, as PEM files."""
+"""Certificates made by the tests (with ``cryptography``: no openssl to be missing): CAs, the
+certificates they sign, self-signed ones, as PEM files."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+LOCAL = ("localhost", "127.0.0.1")
 
 
 @dataclass(frozen=True)
@@ -29,71 +32,67 @@ class Ca:
     name: x509.Name
     private_key: ec.EllipticCurvePrivateKey
 
-    def issue(
-        self, directory: Path, common_name: str, names: tuple[str, ...] = ("127.0.0.1", "localhost")
-    ) -> Issued:
+    def issue(self, directory: Path, common_name: str, names: tuple[str, ...] = LOCAL) -> Issued:
         """A certificate for ``names`` (IP addresses or DNS names), usable as TLS server and
         client, signed by this CA; written to ``directory/<common_name>.{crt,key}``."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        sans: list[x509.GeneralName] = []
-        for name in names:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-            except ValueError:
-                sans.append(x509.DNSName(name))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(self.private_key, hashes.SHA256())
-        )
-        return _write(directory, common_name, cert, key)
+        return _make(directory, common_name, common_name, names, issuer=self)
 
 
 def make_ca(directory: Path, common_name: str) -> Ca:
     """A self-signed CA certificate in ``directory/<common_name>.crt``."""
-    directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    issued = _make(directory, common_name, common_name, (), ca=True, key=key)
+    return Ca(issued.cert, _name(common_name), key)
+
+
+def self_signed(
+    directory: Path,
+    stem: str,
+    names: tuple[str, ...] = LOCAL,
+    not_after: datetime.datetime | None = None,
+) -> Issued:
+    """A self-signed certificate (its own CA) for ``names``, valid from two days before
+    ``not_after`` (default: a day from now); ``directory/<stem>.{crt,key}``."""
+    return _make(directory, stem, "localhost", names, ca=True, not_after=not_after)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _make(
+    directory: Path,
+    stem: str,
+    common_name: str,
+    names: tuple[str, ...],
+    *,
+    issuer: Ca | None = None,
+    ca: bool = False,
+    key: ec.EllipticCurvePrivateKey | None = None,
+    not_after: datetime.datetime | None = None,
+) -> Issued:
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    end = not_after if not_after is not None else now + datetime.timedelta(days=1)
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(_name(common_name))
+        .issuer_name(issuer.name if issuer else _name(common_name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
+        .not_valid_before(min(now, end) - datetime.timedelta(days=2))
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
-    return Ca(_write(directory, common_name, cert, key).cert, name, key)
-
-
-def _write(
-    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> Issued:
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(issuer.private_key if issuer else key, hashes.SHA256())
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from rnnserve_server.testing import server_env
+
+from tests.pki import make_ca, self_signed
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory
@@ -157,34 +155,11 @@ def test_read_only_data_dir_refuses_to_start(tmp_path: Path, fresh: bool) -> Non
 
 
 def _certificate(
-    directory: Path, name: str, *, days: float = 1.0, not_after: datetime.datetime | None = None
+    directory: Path, name: str, *, not_after: datetime.datetime | None = None
 ) -> tuple[Path, Path]:
-    """A self-signed localhost certificate and its key as PEM files ``name``.pem / -key.pem."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    end = not_after if not_after is not None else now + datetime.timedelta(days=days)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(min(now, end) - datetime.timedelta(days=2))
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    """A self-signed localhost certificate and its key as PEM files ``name``.crt / .key."""
+    issued = self_signed(directory, name, ("localhost",), not_after)
+    return issued.cert, issued.key
 
 
 @pytest.mark.timeout(90)
@@ -243,8 +218,6 @@ PEER_FLAGS = "--peer-address, --peer-tls-ca, --peer-tls-cert, --peer-tls-key"
 def test_cluster_security_settings_refuse_to_start_with_a_sentence(tmp_path: Path) -> None:
     """A partial or contradictory security setting stops the server (exit 2) saying what to
     fix; none of them turns itself off."""
-    from tests.pki import make_ca
-
     ca = make_ca(tmp_path, "peer-ca")
     peer = ca.issue(tmp_path, "replica")
     cert, key = _certificate(tmp_path, "clients")
@@ -271,7 +244,8 @@ def test_cluster_security_settings_refuse_to_start_with_a_sentence(tmp_path: Pat
         (
             peer_tls,
             None,
-            f"rnnserve-server: {PEER_FLAGS} are for cluster mode: give --redis-url too",
+            f"rnnserve-server: cluster mode settings ({PEER_FLAGS}) without --redis-url: give "
+            "it too, or leave them out",
         ),
         (
             ["--redis-url", "redis://:hunter2@127.0.0.1:1/0", "--shared-dir", "/tmp/x"],
@@ -282,7 +256,7 @@ def test_cluster_security_settings_refuse_to_start_with_a_sentence(tmp_path: Pat
         (
             [*REDIS, "--redis-tls-ca", str(ca.cert)],
             None,
-            "rnnserve-server: --redis-tls-ca need a rediss:// --redis-url (Redis over TLS)",
+            "rnnserve-server: --redis-tls-ca: only with a rediss:// --redis-url (Redis over TLS)",
         ),
         (
             [*REDIS],
@@ -309,8 +283,6 @@ def test_cluster_security_settings_refuse_to_start_with_a_sentence(tmp_path: Pat
 def test_cluster_security_files_refuse_to_start_with_a_sentence(tmp_path: Path) -> None:
     """Files that can't serve: an empty Redis password file, a peer certificate its CA did not
     sign, one without the name peers check (cannot_start, before Redis is asked)."""
-    from tests.pki import make_ca
-
     ca, other = make_ca(tmp_path, "peer-ca"), make_ca(tmp_path, "other-ca")
     signed, foreign = ca.issue(tmp_path, "replica"), other.issue(tmp_path, "foreign")
     empty = tmp_path / "password"

@@ -202,7 +202,11 @@ class Settings:
         default=None, metadata=_secret("file of accepted tokens, one a line ('#' comments)")
     )
     tls_cert: Path | None = field(
-        default=None, metadata=_secret("PEM certificate chain: serve TLS (needs --tls-key)")
+        default=None,
+        metadata=_secret(
+            "PEM certificate chain: serve TLS (needs --tls-key; in cluster mode also mutual "
+            "TLS between replicas, the --peer-* settings)"
+        ),
     )
     tls_key: Path | None = field(default=None, metadata=_secret("PEM private key for --tls-cert"))
     max_request_bytes: int = field(
@@ -548,7 +552,10 @@ def check_cluster_security(settings: Settings) -> None:
         given = ["peer_tls_server_name"]
     redis_given = [name for name in REDIS_SECURITY if getattr(settings, name) is not None]
     if not settings.redis_url and (given or redis_given):
-        fail(f"{_flags(given + redis_given)} are for cluster mode: give --redis-url too")
+        fail(
+            f"cluster mode settings ({_flags(given + redis_given)}) without --redis-url: give "
+            "it too, or leave them out"
+        )
     if given and not peer_tls_on(settings):
         missing = [name for name in PEER_TLS if not getattr(settings, name)]
         fail(
@@ -564,8 +571,10 @@ def check_cluster_security(settings: Settings) -> None:
     if not settings.redis_url:
         return
     url = urllib.parse.urlsplit(settings.redis_url)
-    if url.scheme not in ("redis", "rediss"):
-        fail(f"--redis-url must start with redis:// or rediss:// (TLS), not {url.scheme}://")
+    if url.scheme not in ("redis", "rediss", "unix"):
+        fail(
+            f"--redis-url must start with redis://, rediss:// (TLS) or unix://, not {url.scheme}://"
+        )
     if url.password is not None:
         fail(
             "--redis-url holds a password, which command lines and logs show: remove it from "
@@ -573,6 +582,6 @@ def check_cluster_security(settings: Settings) -> None:
         )
     tls_files = [name for name in REDIS_SECURITY[1:] if getattr(settings, name) is not None]
     if tls_files and url.scheme != "rediss":
-        fail(f"{_flags(tls_files)} need a rediss:// --redis-url (Redis over TLS)")
+        fail(f"{_flags(tls_files)}: only with a rediss:// --redis-url (Redis over TLS)")
     if (settings.redis_tls_cert is None) != (settings.redis_tls_key is None):
         fail("--redis-tls-cert and --redis-tls-key must be given together")
