@@ -129,11 +129,11 @@ def test_calls_are_forwarded_over_mutual_tls_and_only_peers_get_in(
     # Through the other replicas: forwarded to the owner over mutual TLS, the token with it.
     with other.client(**tls) as client:
         assert client.session("owned").step().step == 2
+        assert scrape(metrics_port)["rnnserve_cluster_forwards_total"] == 1
         # ListSessions asks each owner for its entry over the peer port too.
         listed = {entry.session_id: entry for entry in client.list_sessions()}["owned"]
         assert listed.step == 2 and not listed.error
         assert listed.state != pb.SESSION_STATE_OWNER_UNREACHABLE
-    assert scrape(metrics_port)["rnnserve_cluster_forwards_total"] == 1
     with (
         other.client(ca_file=pki.client_ca.cert, token="wrong", timeout=10) as client,
         pytest.raises(Unauthenticated),
