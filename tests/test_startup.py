@@ -266,6 +266,13 @@ def test_cluster_security_settings_refuse_to_start_with_a_sentence(tmp_path: Pat
             "protection off)",
         ),
         (
+            [],
+            {"RNNSERVE_AUTH_TOKEN_FILE": ""},  # was: no token file, so no auth
+            "rnnserve-server: bad RNNSERVE_AUTH_TOKEN_FILE: is empty: give a value, or leave the "
+            "setting unset (an empty security setting stops the server rather than turn the "
+            "protection off)",
+        ),
+        (
             ["--tls-cert", "", "--tls-key", ""],
             None,
             "rnnserve-server: error: argument --tls-cert: is empty: give a value, or leave the "
