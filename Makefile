@@ -11,7 +11,7 @@ GEN_DIR := client/src/rnnserve/v1
 # Prometheus tests): `make test` and `make cluster` install the missing ones (add a package
 # here and both get it). Each is named like its command, which counts as installed where there
 # is no dpkg.
-DEB_DEPS := redis-server nginx prometheus
+DEB_DEPS := redis-server nginx prometheus openssl
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .DEFAULT_GOAL := help
@@ -28,7 +28,7 @@ $(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
 
-deps: ## apt-get install the Debian packages the tests run (DEB_DEPS: redis-server, nginx, prometheus) if missing
+deps: ## apt-get install the Debian packages the tests run (DEB_DEPS: redis-server, nginx, prometheus, openssl) if missing
 	@missing=""; for p in $(DEB_DEPS); do \
 	  if command -v dpkg-query >/dev/null; then \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed'; \

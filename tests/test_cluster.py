@@ -466,7 +466,7 @@ CLUSTER_ARGV = ["--redis-url", "redis://h/0", "--shared-dir", "/tmp/x"]
         ),
         (
             [*CLUSTER_ARGV, "--tls-cert", "c.pem", "--tls-key", "k.pem"],
-            "over TLS",
+            "needs mutual TLS between replicas",
         ),
     ],
 )

@@ -150,3 +150,20 @@ def test_every_relative_link_resolves(doc: Path) -> None:
             assert anchor in anchors(linked.read_text(encoding="utf-8")), (
                 f"{doc.name}: {target}: no heading with that anchor"
             )
+
+
+def test_every_server_setting_is_in_the_operations_table() -> None:
+    """``rnnserve-server --help`` and docs/operations.md's Configuration table name the same
+    settings (a new flag gets its row)."""
+    import dataclasses
+
+    from rnnserve_server.config import Settings
+
+    table = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    rows = "\n".join(line for line in table.splitlines() if line.startswith("| `--"))
+    missing = [
+        f"--{f.name.replace('_', '-')}"
+        for f in dataclasses.fields(Settings)
+        if f"`--{f.name.replace('_', '-')}`" not in rows
+    ]
+    assert not missing, f"docs/operations.md's settings table has no row for {missing}"

@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from rnnserve_server.testing import server_env
+
+from tests.pki import make_ca, self_signed
 
 if TYPE_CHECKING:
     from tests.conftest import ServerFactory
@@ -157,34 +155,11 @@ def test_read_only_data_dir_refuses_to_start(tmp_path: Path, fresh: bool) -> Non
 
 
 def _certificate(
-    directory: Path, name: str, *, days: float = 1.0, not_after: datetime.datetime | None = None
+    directory: Path, name: str, *, not_after: datetime.datetime | None = None
 ) -> tuple[Path, Path]:
-    """A self-signed localhost certificate and its key as PEM files ``name``.pem / -key.pem."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    end = not_after if not_after is not None else now + datetime.timedelta(days=days)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(min(now, end) - datetime.timedelta(days=2))
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    """A self-signed localhost certificate and its key as PEM files ``name``.crt / .key."""
+    issued = self_signed(directory, name, ("localhost",), not_after)
+    return issued.cert, issued.key
 
 
 @pytest.mark.timeout(90)
@@ -231,3 +206,112 @@ def test_certificate_expiry_is_read_without_third_party_code(tmp_path: Path, yea
     )
     cert, key = _certificate(tmp_path, f"y{years}", not_after=end)
     assert load_tls(cert, key).not_after == end
+
+
+# ----- cluster mode across machines: peer mutual TLS, Redis AUTH and TLS (issue 19) ----------
+
+REDIS = ["--redis-url", "redis://127.0.0.1:1/0", "--shared-dir", "/tmp/rnnserve-unused"]
+PEER_FLAGS = "--peer-address, --peer-tls-ca, --peer-tls-cert, --peer-tls-key"
+
+
+@pytest.mark.timeout(120)
+def test_cluster_security_settings_refuse_to_start_with_a_sentence(tmp_path: Path) -> None:
+    """A partial or contradictory security setting stops the server (exit 2) saying what to
+    fix; none of them turns itself off."""
+    ca = make_ca(tmp_path, "peer-ca")
+    peer = ca.issue(tmp_path, "replica")
+    cert, key = _certificate(tmp_path, "clients")
+    peer_tls = [
+        "--peer-address", "127.0.0.1:0",
+        "--peer-tls-ca", str(ca.cert),
+        "--peer-tls-cert", str(peer.cert),
+        "--peer-tls-key", str(peer.key),
+    ]  # fmt: skip
+    cases: list[tuple[list[str], dict[str, str] | None, str]] = [
+        (
+            [*REDIS, "--peer-tls-ca", str(ca.cert)],
+            None,
+            f"rnnserve-server: mutual TLS between replicas needs all of {PEER_FLAGS}; missing "
+            "--peer-address, --peer-tls-cert, --peer-tls-key (docs/cluster.md, Security)",
+        ),
+        (
+            [*REDIS, "--tls-cert", str(cert), "--tls-key", str(key)],
+            None,
+            "rnnserve-server: cluster mode with --tls-cert needs mutual TLS between replicas too "
+            f"(forwarded calls carry the callers' tokens): give {PEER_FLAGS} (docs/cluster.md, "
+            "Security)",
+        ),
+        (
+            peer_tls,
+            None,
+            f"rnnserve-server: cluster mode settings ({PEER_FLAGS}) without --redis-url: give "
+            "it too, or leave them out",
+        ),
+        (
+            ["--redis-url", "redis://:hunter2@127.0.0.1:1/0", "--shared-dir", "/tmp/x"],
+            None,
+            "rnnserve-server: --redis-url holds a password, which command lines and logs show: "
+            "remove it from the URL and put it in a file given by --redis-password-file",
+        ),
+        (
+            [*REDIS, "--redis-tls-ca", str(ca.cert)],
+            None,
+            "rnnserve-server: --redis-tls-ca: only with a rediss:// --redis-url (Redis over TLS)",
+        ),
+        (
+            [*REDIS],
+            {"RNNSERVE_PEER_TLS_CA": ""},
+            "rnnserve-server: bad RNNSERVE_PEER_TLS_CA: is empty: give a value, or leave the "
+            "setting unset (an empty security setting stops the server rather than turn the "
+            "protection off)",
+        ),
+        (
+            [],
+            {"RNNSERVE_AUTH_TOKEN_FILE": ""},  # was: no token file, so no auth
+            "rnnserve-server: bad RNNSERVE_AUTH_TOKEN_FILE: is empty: give a value, or leave the "
+            "setting unset (an empty security setting stops the server rather than turn the "
+            "protection off)",
+        ),
+        (
+            ["--tls-cert", "", "--tls-key", ""],
+            None,
+            "rnnserve-server: error: argument --tls-cert: is empty: give a value, or leave the "
+            "setting unset (an empty security setting stops the server rather than turn the "
+            "protection off)",
+        ),
+    ]
+    for args, env, sentence in cases:
+        result = run_server(tmp_path, *args, env=env)
+        assert assert_refused(result, sentence) == sentence
+        assert "hunter2" not in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_cluster_security_files_refuse_to_start_with_a_sentence(tmp_path: Path) -> None:
+    """Files that can't serve: an empty Redis password file, a peer certificate its CA did not
+    sign, one without the name peers check (cannot_start, before Redis is asked)."""
+    ca, other = make_ca(tmp_path, "peer-ca"), make_ca(tmp_path, "other-ca")
+    signed, foreign = ca.issue(tmp_path, "replica"), other.issue(tmp_path, "foreign")
+    empty = tmp_path / "password"
+    empty.write_text("\n")
+    result = run_server(tmp_path, *REDIS, "--redis-password-file", str(empty))
+    line = assert_refused(result, "cannot_start", "--redis-password-file")
+    assert f"--redis-password-file {empty} is empty (its first line is the password)" in line
+
+    def peer(cert: Path, key: Path, *more: str) -> subprocess.CompletedProcess[str]:
+        return run_server(
+            tmp_path, *REDIS,
+            "--peer-address", "127.0.0.1:0",
+            "--peer-tls-ca", str(ca.cert),
+            "--peer-tls-cert", str(cert),
+            "--peer-tls-key", str(key),
+            *more,
+        )  # fmt: skip
+
+    line = assert_refused(peer(foreign.cert, foreign.key), "cannot_start", "would refuse")
+    assert f"other replicas would refuse --peer-tls-cert {foreign.cert} (" in line
+    assert f"it must be signed by --peer-tls-ca {ca.cert}, valid now" in line
+    unnamed = peer(signed.cert, signed.key, "--advertise-address", "replica-7.internal:50052")
+    assert "'replica-7.internal'" in assert_refused(unnamed, "cannot_start", "would refuse")
+    line = assert_refused(peer(signed.cert, foreign.key), "cannot_start", "does not match")
+    assert f"--peer-tls-key {foreign.key} does not match the certificate --peer-tls-cert" in line

@@ -27,11 +27,20 @@ from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 from rnnserve_server import logs, metrics
 from rnnserve_server.api.interceptors import HARD_MESSAGE_FACTOR, ObservingInterceptor
 from rnnserve_server.api.servicer import Servicer
+from rnnserve_server.cluster.security import PeerTls
 from rnnserve_server.cluster.wiring import ClusterNode
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import CheckpointError
 from rnnserve_server.sessions.registry import Registry
-from rnnserve_server.startup import StartupError, TlsFiles, check_data_dir, load_tls
+from rnnserve_server.startup import (
+    StartupError,
+    TlsFiles,
+    check_data_dir,
+    check_redis,
+    load_peer_tls,
+    load_redis_access,
+    load_tls,
+)
 from rnnserve_server.storage.local_store import LocalStore
 from rnnserve_server.usecases.session_service import SessionService
 
@@ -151,19 +160,63 @@ def build_server(
 
 def bind(server: aio.Server, settings: Settings, tls_files: TlsFiles | None) -> int:
     """Bind --address (with TLS when given); the port, CannotServeError if it can't be bound."""
+    credentials = None
+    if tls_files is not None:
+        credentials = grpc.ssl_server_credentials([(tls_files.key, tls_files.cert)])
+    return add_port(server, settings.address, credentials)
+
+
+def bind_peer(server: aio.Server, settings: Settings, peer: PeerTls | None) -> int | None:
+    """Bind --peer-address with mutual TLS (cluster mode); its port, None without peer TLS."""
+    if peer is None:
+        return None
+    return add_port(server, settings.peer_address, peer.server_credentials())
+
+
+def add_port(server: aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``address`` (TLS with ``credentials``); the port, CannotServeError if it can't be."""
     try:
-        if tls_files is not None:
-            credentials = grpc.ssl_server_credentials([(tls_files.key, tls_files.cert)])
-            port = server.add_secure_port(settings.address, credentials)
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
         else:
-            port = server.add_insecure_port(settings.address)
+            port = server.add_insecure_port(address)
     except (RuntimeError, OSError) as exc:
-        log.error("cannot_bind", address=settings.address, error=str(exc))
+        log.error("cannot_bind", address=address, error=str(exc))
         raise CannotServeError from None
     if not port:
-        log.error("cannot_bind", address=settings.address, error="port unavailable")
+        log.error("cannot_bind", address=address, error="port unavailable")
         raise CannotServeError
     return port
+
+
+def bind_health_port(settings: Settings, server_health: Health) -> aio.Server | None:
+    """--health-port: a server of grpc.health.v1 alone in plain text (the main server's
+    status), for probes that can't speak TLS, bound, not started; None when off.
+    CannotServeError if it can't be bound."""
+    if not settings.health_port:
+        return None
+    health_server = aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(server_health.servicer, health_server)
+    host = metrics.metrics_host(settings.address)
+    host = f"[{host}]" if ":" in host else host
+    add_port(health_server, f"{host}:{settings.health_port}", None)
+    return health_server
+
+
+async def open_cluster(settings: Settings) -> ClusterNode | None:
+    """Cluster mode's node (None without --redis-url), its peer TLS and Redis files checked
+    and Redis asked once whether it accepts this replica; StartupError otherwise."""
+    if not settings.redis_url:
+        return None
+    peer = load_peer_tls(settings)
+    node = ClusterNode(settings, peer_tls=peer, redis_access=load_redis_access(settings))
+    try:
+        # Time for the client's retries of a refused connection (Redis down: start anyway).
+        await check_redis(node.coordinator.redis, settings.redis_url, timeout=5.0)
+    except StartupError:
+        await node.close()
+        raise
+    return node
 
 
 def start_metrics(settings: Settings, registry: Registry) -> metrics.MetricsServer | None:
@@ -244,11 +297,11 @@ async def serve(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT; return the process exit code."""
     try:
         tls_files = preflight(settings)
+        # Cluster mode (issue 11): a fenced, shared store and a routing interceptor.
+        node = await open_cluster(settings)
     except StartupError as exc:
         log.error("cannot_start", error=str(exc))
         return 2
-    # Cluster mode (issue 11): a fenced, shared store and a routing interceptor.
-    node = ClusterNode(settings) if settings.redis_url else None
     store = node.make_store() if node is not None else LocalStore(settings.data_dir)
     registry = Registry(settings, store)
     try:
@@ -260,17 +313,23 @@ async def serve(settings: Settings) -> int:
     server, server_health = build_server(settings, registry, node, service)
     try:
         port = bind(server, settings, tls_files)
+        peer_port = bind_peer(server, settings, node.peer_tls if node is not None else None)
+        health_server = bind_health_port(settings, server_health)
         metrics_server = start_metrics(settings, registry)
     except CannotServeError:
         await registry.close()
+        if node is not None:
+            await node.close()
         return 2
     signals = StopSignals()
     signals.install()  # before the serving line: a SIGTERM sent as soon as it appears is clean
     await server.start()
     await server_health.set(health_pb2.HealthCheckResponse.SERVING)
+    if health_server is not None:
+        await health_server.start()
     registry.checkpoints.on_storage_change = lambda ok: server_health.report("storage", ok)
     if node is not None:
-        node.attach(registry, port)
+        node.attach(registry, peer_port or port)  # replicas forward to the peer port
         # NOT_SERVING while Redis is unreachable.
         node.start_health(lambda ok: server_health.report("redis", ok))
     resumed = await service.jobs.resume_all()  # the jobs a stop or a crash interrupted
@@ -281,6 +340,7 @@ async def serve(settings: Settings) -> int:
         port=port,
         address=settings.address,
         tls=tls_files is not None,
+        peer_port=peer_port,
         auth=bool(settings.tokens()),
         data_dir=str(settings.data_dir),
         pid=os.getpid(),
@@ -292,6 +352,8 @@ async def serve(settings: Settings) -> int:
     await server_health.servicer.enter_graceful_shutdown()
     registry.begin_shutdown()
     await server.stop(settings.grace)
+    if health_server is not None:
+        await health_server.stop(None)
     await service.jobs.close()  # each job's loop checkpoints it: resumed at the next start
     saved = await registry.close()
     if node is not None:  # drain: every session was checkpointed above; give the leases back

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,12 @@ def _default_resident_bytes() -> int:
 
 def _opt(help: str, **extra: Any) -> dict[str, Any]:
     return {"help": help, **extra}
+
+
+def _secret(help: str) -> dict[str, Any]:
+    """A security setting: given empty (``--tls-cert ''``, ``RNNSERVE_PEER_TLS_CA=""``) it
+    stops the server rather than turn the protection off."""
+    return {"help": help, "fail_closed": True}
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,13 @@ class Settings:
     metrics_port: int = field(
         default=0, metadata=_opt("serve Prometheus metrics on this port (0 = off)")
     )
+    health_port: int = field(
+        default=0,
+        metadata=_opt(
+            "also serve grpc.health.v1 alone, in plain text, on this port of --address's host "
+            "(for Kubernetes grpc probes, which can't speak TLS); 0 = off"
+        ),
+    )
     metrics_max_sessions: int = field(
         default=100,
         metadata=_opt(
@@ -185,12 +199,16 @@ class Settings:
         ),
     )
     auth_token_file: Path | None = field(
-        default=None, metadata=_opt("file of accepted tokens, one a line ('#' comments)")
+        default=None, metadata=_secret("file of accepted tokens, one a line ('#' comments)")
     )
     tls_cert: Path | None = field(
-        default=None, metadata=_opt("PEM certificate chain: serve TLS (needs --tls-key)")
+        default=None,
+        metadata=_secret(
+            "PEM certificate chain: serve TLS (needs --tls-key; in cluster mode also mutual "
+            "TLS between replicas, the --peer-* settings)"
+        ),
     )
-    tls_key: Path | None = field(default=None, metadata=_opt("PEM private key for --tls-cert"))
+    tls_key: Path | None = field(default=None, metadata=_secret("PEM private key for --tls-cert"))
     max_request_bytes: int = field(
         default=1024**3,
         metadata=_opt(
@@ -221,8 +239,68 @@ class Settings:
     redis_url: str = field(
         default="",
         metadata=_opt(
-            "cluster mode: the Redis URL (redis://host:port/db) holding leases, the session "
-            "directory and loss streams; needs --shared-dir. Unset: one process, --data-dir only"
+            "cluster mode: the Redis URL (redis://host:port/db, rediss:// for TLS) holding "
+            "leases, the session directory and loss streams; needs --shared-dir. No password "
+            "in it: --redis-password-file. Unset: one process, --data-dir only"
+        ),
+    )
+    redis_password_file: Path | None = field(
+        default=None,
+        metadata=_secret(
+            "cluster mode: file whose first line is the Redis password (AUTH; the user, if "
+            "not default, goes in the URL: rediss://user@host:port/0)"
+        ),
+    )
+    redis_tls_ca: Path | None = field(
+        default=None,
+        metadata=_secret(
+            "cluster mode, rediss:// URL: PEM CA certificates Redis's certificate is checked "
+            "against (with its host name); default: the system's CAs"
+        ),
+    )
+    redis_tls_cert: Path | None = field(
+        default=None,
+        metadata=_secret(
+            "cluster mode, rediss:// URL: PEM client certificate for a Redis that requires "
+            "one (tls-auth-clients yes); needs --redis-tls-key"
+        ),
+    )
+    redis_tls_key: Path | None = field(
+        default=None, metadata=_secret("PEM private key for --redis-tls-cert")
+    )
+    peer_address: str = field(
+        default="",
+        metadata=_secret(
+            "cluster mode, mutual TLS between replicas: host:port this replica listens on for "
+            "the calls other replicas forward to it (each must present a certificate signed "
+            "by --peer-tls-ca); --advertise-address then names this port. Needs the three "
+            "--peer-tls-* files"
+        ),
+    )
+    peer_tls_ca: Path | None = field(
+        default=None,
+        metadata=_secret(
+            "cluster mode: PEM CA certificate that signs every replica's peer certificate "
+            "(and nothing else): both ends of a forward are checked against it"
+        ),
+    )
+    peer_tls_cert: Path | None = field(
+        default=None,
+        metadata=_secret(
+            "cluster mode: this replica's PEM peer certificate chain, signed by --peer-tls-ca, "
+            "presented as server and as client (no extended key usage, or both serverAuth "
+            "and clientAuth)"
+        ),
+    )
+    peer_tls_key: Path | None = field(
+        default=None, metadata=_secret("PEM private key for --peer-tls-cert")
+    )
+    peer_tls_server_name: str = field(
+        default="",
+        metadata=_opt(
+            "cluster mode: the name every replica's peer certificate holds (DNS SAN), checked "
+            "instead of the advertised host, so one certificate serves every replica (pod IPs "
+            "change); default: the host of the other replica's --advertise-address"
         ),
     )
     shared_dir: Path | None = field(
@@ -291,6 +369,11 @@ def _field_type(f: dataclasses.Field[Any]) -> str:
 
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = _field_type(f)
+    if f.metadata.get("fail_closed") and not raw.strip():
+        raise argparse.ArgumentTypeError(
+            "is empty: give a value, or leave the setting unset (an empty security setting "
+            "stops the server rather than turn the protection off)"
+        )
     if kind == "int":
         return int(raw)
     if kind == "float":
@@ -323,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
+        meta.pop("fail_closed", None)
         help_text = f"{meta.pop('help')} [env {_env_name(f.name)}; default {_default_text(f)}]"
         kind = _field_type(f)
         if kind == "tuple[str, ...]":
@@ -353,7 +437,7 @@ def load_settings(
         elif _env_name(f.name) in env:
             try:
                 values[f.name] = _convert(f, env[_env_name(f.name)])
-            except ValueError as exc:
+            except (ValueError, argparse.ArgumentTypeError) as exc:
                 fail(f"bad {_env_name(f.name)}: {exc}")
     settings = Settings(**values)
     check_settings(settings)
@@ -393,6 +477,7 @@ def check_settings(settings: Settings) -> None:
         "keepalive_min_ping_interval",
         *ZERO_MEANS_DEFAULT,
         "metrics_max_sessions",
+        "health_port",
     ):
         if getattr(settings, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0")
@@ -408,14 +493,9 @@ def check_settings(settings: Settings) -> None:
             fail(f"--{f.name.replace('_', '-')} must be >= 1")
     if settings.redis_url and settings.shared_dir is None:
         fail("--redis-url needs --shared-dir (the checkpoint directory every replica mounts)")
-    if settings.redis_url and settings.tls_cert is not None:
-        fail(
-            "cluster mode (--redis-url) does not forward calls between replicas over TLS yet: "
-            "run the replicas without --tls-cert on a private network, with TLS at the load "
-            "balancer"
-        )
     if settings.shared_dir is not None and not settings.redis_url:
         fail("--shared-dir is for cluster mode: give --redis-url too")
+    check_cluster_security(settings)
     if not settings.lease_ttl > 0:
         fail("--lease-ttl must be > 0")
     if settings.idle_release_seconds < 0:
@@ -449,3 +529,59 @@ def check_auth(settings: Settings) -> None:
             + "; ".join(where)
             + "): give at least one non-empty token, or unset the auth options to run without auth"
         )
+
+
+PEER_TLS = ("peer_address", "peer_tls_ca", "peer_tls_cert", "peer_tls_key")
+REDIS_SECURITY = ("redis_password_file", "redis_tls_ca", "redis_tls_cert", "redis_tls_key")
+
+
+def _flags(names: Sequence[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+def peer_tls_on(settings: Settings) -> bool:
+    """True when replicas forward to each other over mutual TLS (all four settings given)."""
+    return all(getattr(settings, name) for name in PEER_TLS)
+
+
+def check_cluster_security(settings: Settings) -> None:
+    """Fail closed: a partial peer TLS or Redis TLS setting, a password in the Redis URL, or
+    TLS for clients with plain text between replicas stops the server (exit 2)."""
+    given = [name for name in PEER_TLS if getattr(settings, name)]
+    if settings.peer_tls_server_name and not given:
+        given = ["peer_tls_server_name"]
+    redis_given = [name for name in REDIS_SECURITY if getattr(settings, name) is not None]
+    if not settings.redis_url and (given or redis_given):
+        fail(
+            f"cluster mode settings ({_flags(given + redis_given)}) without --redis-url: give "
+            "it too, or leave them out"
+        )
+    if given and not peer_tls_on(settings):
+        missing = [name for name in PEER_TLS if not getattr(settings, name)]
+        fail(
+            f"mutual TLS between replicas needs all of {_flags(PEER_TLS)}; missing "
+            f"{_flags(missing)} (docs/cluster.md, Security)"
+        )
+    if settings.redis_url and settings.tls_cert is not None and not peer_tls_on(settings):
+        fail(
+            "cluster mode with --tls-cert needs mutual TLS between replicas too (forwarded "
+            f"calls carry the callers' tokens): give {_flags(PEER_TLS)} (docs/cluster.md, "
+            "Security)"
+        )
+    if not settings.redis_url:
+        return
+    url = urllib.parse.urlsplit(settings.redis_url)
+    if url.scheme not in ("redis", "rediss", "unix"):
+        fail(
+            f"--redis-url must start with redis://, rediss:// (TLS) or unix://, not {url.scheme}://"
+        )
+    if url.password is not None:
+        fail(
+            "--redis-url holds a password, which command lines and logs show: remove it from "
+            "the URL and put it in a file given by --redis-password-file"
+        )
+    tls_files = [name for name in REDIS_SECURITY[1:] if getattr(settings, name) is not None]
+    if tls_files and url.scheme != "rediss":
+        fail(f"{_flags(tls_files)}: only with a rediss:// --redis-url (Redis over TLS)")
+    if (settings.redis_tls_cert is None) != (settings.redis_tls_key is None):
+        fail("--redis-tls-cert and --redis-tls-key must be given together")

@@ -8,7 +8,8 @@ for a condition with a deadline (a log line, a PING answered, a port accepting),
 - :func:`start_server`: ``python -m rnnserve_server`` on 127.0.0.1 port 0, returned as a
   :class:`ServerHandle` once it logged ``event=serving``; its JSON log lines, SIGTERM / SIGKILL,
   a :class:`rnnserve.Client` for it. :func:`temporary_server` is one on a throwaway directory.
-- :func:`start_redis`: a :class:`RedisProcess` (``appendonly yes``), restartable on its data.
+- :func:`start_redis`: a :class:`RedisProcess` (``appendonly yes``), restartable on its data;
+  with ``requirepass`` and TLS on request (:class:`RedisTls`).
 - :func:`start_nginx`: an :class:`NginxProcess` proxying gRPC to replicas, choosing one by
   ``hash $http_x_session_id consistent`` (the conf is :func:`nginx_conf`).
 - :func:`start_prometheus`: a :class:`PrometheusProcess` scraping servers' ``/metrics`` every
@@ -34,6 +35,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -54,6 +57,7 @@ __all__ = [
     "PrometheusProcess",
     "PrometheusQueryError",
     "RedisProcess",
+    "RedisTls",
     "ServerHandle",
     "daemons",
     "find_binary",
@@ -463,24 +467,72 @@ class _Daemon:
             self.process.wait(10)
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS for a :class:`RedisProcess`: its certificate and key, the CA it checks clients
+    against, and the client certificate rnnserve presents when Redis requires one."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert: Path | None = None  # with client_key: Redis runs with tls-auth-clients yes
+    client_key: Path | None = None
+
+
+def _resp(*words: str) -> bytes:
+    """A Redis command in the protocol's array form (a password may hold spaces)."""
+    parts = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class RedisProcess(_Daemon):
     """A ``redis-server`` on 127.0.0.1 with its data and log in ``directory``: ``url`` for
     clients; ``stop()`` is SIGTERM (it writes its append-only file), ``restart()`` the same
-    port and data again, ``kill()`` a crash (up to ~1 s of writes may be lost)."""
+    port and data again, ``kill()`` a crash (up to ~1 s of writes may be lost).
+
+    With ``password`` it runs with ``requirepass`` (the password is also written to
+    ``password_file``); with ``tls`` it serves only TLS (``--port 0 --tls-port``) and ``url``
+    is ``rediss://``. :meth:`server_settings` gives the rnnserve-server settings that reach it.
+    """
 
     name = "redis-server"
 
     def __init__(
-        self, directory: Path, port: int | None = None, options: Sequence[str] = ()
+        self,
+        directory: Path,
+        port: int | None = None,
+        options: Sequence[str] = (),
+        *,
+        password: str | None = None,
+        tls: RedisTls | None = None,
     ) -> None:
         super().__init__(directory, port)
         self.options = list(options)  # more redis-server options, after the defaults: they win
+        self.password = password
+        self.tls = tls
         directory.mkdir(parents=True, exist_ok=True)
+        self.password_file = directory / "password"
+        if password is not None:
+            self.password_file.write_text(password + "\n")
 
     @property
     def url(self) -> str:
-        """The ``redis://`` URL of the server."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The ``redis://`` (``rediss://`` with TLS) URL of the server, without password."""
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def server_settings(self) -> dict[str, Any]:
+        """rnnserve-server settings (for :func:`start_server`) that reach this Redis."""
+        settings: dict[str, Any] = {"redis_url": self.url}
+        if self.password is not None:
+            settings["redis_password_file"] = self.password_file
+        if self.tls is not None:
+            settings["redis_tls_ca"] = self.tls.ca
+            settings["redis_tls_cert"] = self.tls.client_cert
+            settings["redis_tls_key"] = self.tls.client_key
+        return settings
 
     @property
     def log_path(self) -> Path:
@@ -489,9 +541,22 @@ class RedisProcess(_Daemon):
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the server and return once it answers PING (not ``-LOADING``)."""
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            tls = self.tls
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(tls.cert),
+                "--tls-key-file", str(tls.key),
+                "--tls-ca-cert-file", str(tls.ca),
+                "--tls-auth-clients", "yes" if tls.client_cert else "no",
+            ]  # fmt: skip
+        if self.password is not None:
+            listen += ["--requirepass", self.password]
         args = [
             find_binary("redis-server"),
-            "--port", str(self.port),
+            *listen,
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
             "--appendonly", "yes",
@@ -504,11 +569,30 @@ class RedisProcess(_Daemon):
         self._launch(args, self.ping, timeout, "did not answer PING")
 
     def ping(self) -> bool:
-        """True if the server answers PING with PONG right now."""
+        """True if the server answers PING with PONG right now (after AUTH, over TLS)."""
+        command = _resp("PING")
+        if self.password is not None:
+            command = _resp("AUTH", self.password) + command
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+            with contextlib.ExitStack() as stack:
+                sock: socket.socket = stack.enter_context(
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1.0)
+                )
+                if self.tls is not None:
+                    context = ssl.create_default_context(cafile=self.tls.ca)
+                    if self.tls.client_cert is not None:
+                        context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+                    sock = stack.enter_context(
+                        context.wrap_socket(sock, server_hostname="127.0.0.1")
+                    )
+                sock.sendall(command)
+                answer = b""
+                while b"PONG" not in answer and not answer.startswith(b"-"):
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return b"+PONG" in answer
         except OSError:
             return False
 
@@ -733,10 +817,14 @@ def _start_on_a_free_port(make: Callable[[], DaemonT], tries: int = 5) -> Daemon
     raise AssertionError(f"no free port in {tries} tries")
 
 
-def start_redis(directory: Path, *options: str) -> RedisProcess:
+def start_redis(
+    directory: Path, *options: str, password: str | None = None, tls: RedisTls | None = None
+) -> RedisProcess:
     """A started :class:`RedisProcess` with its data in ``directory`` (and more redis-server
-    ``options``: ``"--appendonly", "no"``)."""
-    return _start_on_a_free_port(lambda: RedisProcess(directory, options=options))
+    ``options``: ``"--appendonly", "no"``; ``password`` and ``tls``: see the class)."""
+    return _start_on_a_free_port(
+        lambda: RedisProcess(directory, options=options, password=password, tls=tls)
+    )
 
 
 def start_nginx(directory: Path, upstreams: list[str]) -> NginxProcess:
@@ -748,12 +836,13 @@ def start_nginx(directory: Path, upstreams: list[str]) -> NginxProcess:
 def daemons(
     directory: Path, name: str, start: Callable[..., DaemonT]
 ) -> Iterator[Callable[..., DaemonT]]:
-    """A function that starts daemons: ``start(directory / f"{name}{n}", *args)``, n = 0, 1,
-    ...; every one it started is stopped (gracefully, then killed) when the block ends."""
+    """A function that starts daemons: ``start(directory / f"{name}{n}", *args, **kwargs)``,
+    n = 0, 1, ...; every one it started is stopped (gracefully, then killed) when the block
+    ends."""
     started: list[DaemonT] = []
 
-    def factory(*args: Any) -> DaemonT:
-        daemon = start(directory / f"{name}{len(started)}", *args)
+    def factory(*args: Any, **kwargs: Any) -> DaemonT:
+        daemon = start(directory / f"{name}{len(started)}", *args, **kwargs)
         started.append(daemon)
         return daemon
 

@@ -40,6 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import EncodableT, FieldT
 
+from rnnserve_server.cluster.security import RedisAccess
 from rnnserve_server.errors import StorageError
 
 # Take the lease only when it is free; the token is bumped in the same atomic step, so a lease
@@ -175,6 +176,7 @@ class Coordinator:
         stream_maxlen: int = 10_000,
         op_timeout: float | None = None,
         guarded: bool = False,
+        access: RedisAccess | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be > 0 seconds")
@@ -206,6 +208,8 @@ class Coordinator:
             ),
             retry_on_error=[RedisConnectionError],
             health_check_interval=10,
+            # The password and TLS files (--redis-password-file, --redis-tls-*).
+            **(access or RedisAccess()).client_options(url),
         )
         self._acquire = self.redis.register_script(_ACQUIRE)
         self._renew = self.redis.register_script(_RENEW)

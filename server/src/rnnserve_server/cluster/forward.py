@@ -5,7 +5,10 @@ deadline (the time it has left), its cancellation (cancelling the inbound call c
 outbound one) and the owner's answer: status, details and trailing metadata (rich error
 details travel in ``grpc-status-details-bin``). Messages are relayed as bytes, not decoded. A
 forwarded call carries ``x-rnnserve-forwarded``; a replica that gets one for a session it does
-not own must answer, not forward again (no loops).
+not own must answer, not forward again (no loops). With mutual TLS between replicas the hop
+goes to the owner's peer port over a channel with this replica's certificate
+(:class:`~rnnserve_server.cluster.security.PeerTls`), and the router honours the marker only
+from a verified peer (:func:`~rnnserve_server.cluster.security.from_peer`).
 
 A failure of the hop itself is not relayed as is (its text names internal addresses): an owner
 that can't be reached, or that froze until it lost the session's lease, ends the call with

@@ -25,7 +25,14 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 
 from rnnserve_server.api import status
 from rnnserve_server.api.interceptors import Refused, guard_deserializer, rebuild
-from rnnserve_server.cluster.forward import Forwarder, Kind, forwarded, method_kinds
+from rnnserve_server.cluster.forward import (
+    FORWARDED_KEY,
+    Forwarder,
+    Kind,
+    forwarded,
+    method_kinds,
+)
+from rnnserve_server.cluster.security import from_peer
 from rnnserve_server.errors import OwnerUnavailableError
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RnnService"]
@@ -63,7 +70,12 @@ class Router(Interceptor):
         list_sessions: Callable[[Any, Any], Awaitable[Any]],
         serves_locally: Callable[[str], bool] | None = None,
         watch_stream: Callable[[str, int], Awaitable[AsyncIterator[Any] | None]] | None = None,
+        *,
+        peers_only: bool = False,
     ) -> None:
+        # Mutual TLS between replicas: the forwarded marker counts only on a call from a
+        # peer (a verified peer certificate), anything else carrying it is refused.
+        self.peers_only = peers_only
         self.list_sessions = list_sessions
         self.serves_locally = serves_locally
         self.watch_stream = watch_stream
@@ -94,8 +106,16 @@ class Router(Interceptor):
         return entry[1]  # type: ignore[no-any-return]
 
     async def _where(self, session_id: str, context: aio.ServicerContext[Any, Any]) -> str | None:
+        hop = forwarded(context)
+        if hop and self.peers_only and not from_peer(context):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{FORWARDED_KEY} is for calls between replicas: it is accepted only on the "
+                "peer port (--peer-address) from a replica whose certificate --peer-tls-ca "
+                "signed; leave it out of client calls",
+            )
         try:
-            return await self.route(session_id, forwarded(context))
+            return await self.route(session_id, hop)
         except OwnerMovedError as exc:
             moved = OwnerUnavailableError(str(exc), session_id=session_id, retry_seconds=0.0)
             await status.abort(context, moved)

@@ -33,6 +33,7 @@ from rnnserve_server.cluster.loss_stream import LossStreams
 from rnnserve_server.cluster.metrics import ClusterCollector, ClusterCounts
 from rnnserve_server.cluster.ownership import Ownership
 from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
+from rnnserve_server.cluster.security import PeerTls, RedisAccess
 from rnnserve_server.cluster.shared_store import SharedStore
 from rnnserve_server.config import Settings
 from rnnserve_server.errors import StorageError
@@ -57,11 +58,18 @@ def advertise_address(settings: Settings, port: int) -> str:
 class ClusterNode:
     """This replica's part of the cluster."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        peer_tls: PeerTls | None = None,
+        redis_access: RedisAccess | None = None,
+    ) -> None:
         assert settings.shared_dir is not None  # checked with the settings
         self.settings = settings
+        self.peer_tls = peer_tls  # forwards over mutual TLS, accepted only from peers
         self.coordinator = Coordinator(
-            settings.redis_url, lease_ttl=settings.lease_ttl, guarded=True
+            settings.redis_url, lease_ttl=settings.lease_ttl, guarded=True, access=redis_access
         )
         # The address is known once the port is bound (bind()); claims wait for it.
         self.ownership = Ownership(
@@ -71,7 +79,12 @@ class ClusterNode:
         self.shared = SharedStore(settings.shared_dir, self.coordinator, gc_grace=settings.gc_grace)
         # A forward whose owner froze gives up once the owner's lease is gone; one whose
         # owner can't be reached asks the caller to retry after a renewal period.
-        self.forwarder = Forwarder(owner_gone=self.owner_gone, retry_seconds=settings.lease_ttl / 3)
+        self.forwarder = Forwarder(
+            credentials=peer_tls.channel_credentials() if peer_tls is not None else None,
+            options=peer_tls.channel_options() if peer_tls is not None else (),
+            owner_gone=self.owner_gone,
+            retry_seconds=settings.lease_ttl / 3,
+        )
         self.registry: Any = None  # the Registry, set by attach()
         self.store: ClusterStore | None = None
         self.health: RedisHealth | None = None
@@ -109,6 +122,7 @@ class ClusterNode:
             self.list_sessions,
             self.serves_locally,
             self.streams.watch,
+            peers_only=self.peer_tls is not None,
         )
 
     def attach(self, registry: Any, port: int) -> None:
