@@ -675,9 +675,11 @@ class WatchJobRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class WatchJobResponse(_message.Message):
-    __slots__ = ("job", "progress")
+    __slots__ = ("job", "progress", "restored_at_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_AT_STEP_FIELD_NUMBER: _ClassVar[int]
     job: Job
     progress: TrainResponse
-    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., progress: _Optional[_Union[TrainResponse, _Mapping]] = ...) -> None: ...
+    restored_at_step: int
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., progress: _Optional[_Union[TrainResponse, _Mapping]] = ..., restored_at_step: _Optional[int] = ...) -> None: ...
