@@ -38,6 +38,7 @@ from rnnserve_server.errors import (
     JobNotFoundError,
     LeaseLostError,
     LimitExceededError,
+    NewerFormatError,
     NotSupportedError,
     OwnerUnavailableError,
     SessionBrokenError,
@@ -317,6 +318,12 @@ CASES: list[tuple[BaseException, grpc.StatusCode, str, type[RnnServeError]]] = [
         grpc.StatusCode.FAILED_PRECONDITION,
         "NOT_SUPPORTED",
         RnnServeError,
+    ),
+    (
+        NewerFormatError("x", session_id="s"),
+        grpc.StatusCode.UNAVAILABLE,
+        "NEWER_FORMAT",
+        ServerUnavailable,
     ),
     (
         SessionExistsError("x", session_id="s"),

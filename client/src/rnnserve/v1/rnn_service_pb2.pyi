@@ -98,6 +98,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_OWNER_UNAVAILABLE: _ClassVar[ErrorReason]
     ERROR_REASON_JOB_NOT_FOUND: _ClassVar[ErrorReason]
     ERROR_REASON_NOT_SUPPORTED: _ClassVar[ErrorReason]
+    ERROR_REASON_NEWER_FORMAT: _ClassVar[ErrorReason]
 OPTIMIZER_UNSPECIFIED: Optimizer
 OPTIMIZER_SGD: Optimizer
 OPTIMIZER_ADAGRAD: Optimizer
@@ -159,6 +160,7 @@ ERROR_REASON_LEASE_LOST: ErrorReason
 ERROR_REASON_OWNER_UNAVAILABLE: ErrorReason
 ERROR_REASON_JOB_NOT_FOUND: ErrorReason
 ERROR_REASON_NOT_SUPPORTED: ErrorReason
+ERROR_REASON_NEWER_FORMAT: ErrorReason
 
 class SessionConfig(_message.Message):
     __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every", "cell", "num_layers", "dropout", "validation_fraction")

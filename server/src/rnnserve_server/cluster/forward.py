@@ -235,6 +235,18 @@ class Forwarder:
         async for message in self._relay(call, True, context, session_id, address):
             yield message
 
+    def stream_call(
+        self,
+        address: str,
+        method: str,
+        request: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Any:
+        """A server-streaming hop whose failures (``grpc.aio.AioRpcError``) its caller
+        handles: WatchJob following its job from replica to replica."""
+        stub = self.channel(address).unary_stream(method, _identity, _identity)
+        return stub(request, **self._call_args(context))
+
     async def stream_unary(
         self,
         address: str,

@@ -16,6 +16,7 @@ from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import (
     CheckpointError,
+    CheckpointTooNewError,
     InvalidArgumentError,
     LimitExceededError,
     StorageError,
@@ -63,8 +64,8 @@ class SessionFactory:
         a broken session if its checkpoint can't be loaded."""
         try:
             return Session.from_checkpoint(self.store.load(session_id, self.check_checkpoint))
-        except StorageError:
-            raise  # the store can't be reached now (cluster mode: Redis): the file is not bad
+        except (StorageError, CheckpointTooNewError):
+            raise  # the store can't be reached now (Redis), or a newer server reads the file
         except Exception as exc:  # a bad file must never stop the server
             error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             log.error("checkpoint_broken", session_id=session_id, error=error)
