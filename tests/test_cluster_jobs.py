@@ -195,7 +195,7 @@ def test_sigterm_of_the_owner_moves_its_job_with_no_step_lost(
         assert not any(m.HasField("restored_at_step") for m in watcher.loss_messages)
         assert watcher.job_messages[-1].job.state == pb.JOB_STATE_SUCCEEDED
         assert not watcher.errors
-        moved = [e for e in owner.logs() if e.get("event") == "train_finished"]
+        moved = [e for e in owner.logs if e.get("event") == "train_finished"]
         assert moved and moved[-1]["stop_reason"] == "shutdown"
     finally:
         watcher.close()
@@ -245,7 +245,7 @@ def test_six_jobs_on_three_replicas_with_one_slot_each_share_the_slots(
     end = max(j.end_time.ToMicroseconds() for j in jobs) / 1e6
     busy = sum(j.seconds_used for j in jobs) / 3
     assert end - begin <= busy + 10.0, (end - begin, busy)
-    moved = [e for r in replicas[1:] for e in r.logs() if e.get("event") == "job_claimed"]
+    moved = [e for r in replicas[1:] for e in r.logs if e.get("event") == "job_claimed"]
     assert moved  # the other replicas took some
 
 
@@ -298,7 +298,7 @@ def test_a_checkpoint_of_a_newer_format_is_left_to_a_replica_that_reads_it(
 
     (old,) = start_replicas(server_factory, redis_server, shared, count=1)
     wait_until(
-        lambda: any(e.get("event") == "session_too_new" for e in old.logs()),
+        lambda: any(e.get("event") == "session_too_new" for e in old.logs),
         30,
         "the old replica to meet the checkpoint",
     )
@@ -310,7 +310,7 @@ def test_a_checkpoint_of_a_newer_format_is_left_to_a_replica_that_reads_it(
     assert redis_jobs(redis_server) == ["u"]  # the job is kept
     assert redis_get(redis_server, "rnnserve:s:{u}:lease") is None  # and left alone
     assert redis_get(redis_server, "rnnserve:s:{u}:ckpt") == pointer
-    assert not [e for e in old.logs() if e.get("event") == "checkpoint_broken"]
+    assert not [e for e in old.logs if e.get("event") == "checkpoint_broken"]
 
     newer = server_factory(
         env=newer_replica_env(tmp_path),
