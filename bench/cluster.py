@@ -10,6 +10,10 @@ Prints:
 - failover time over ``--trials`` kills: ``kill -9`` the owner of a session while it trains,
   then Step it through a surviving replica until one succeeds (the lease TTL + the restore),
   p50 and max, and the steps lost (the step trained before the kill minus the step restored);
+- job failover over ``--trials`` kills: ``kill -9`` the owner of a session whose training job
+  runs with no client connected, then time until the job trains again elsewhere (the first
+  loss point a surviving replica puts on the session's Redis stream: the lease TTL, a claim
+  interval and the restore), p50 and max (target: <= 5 s at the default TTL);
 - throughput: aggregate training chars/s (hidden 512, batch 32, seq 100), from the Train
   messages (steps done over the server's elapsed seconds, per session, summed): one session
   on one replica; two sessions on one replica (the one-server reference); two sessions on two
@@ -26,7 +30,7 @@ Prints:
 
 Every replica and this process use one BLAS thread. Starts its own ``redis-server`` (``make
 deps``) and replicas in a temporary directory and stops them. Run: ``python bench/cluster.py``
-(all parts, ~3 minutes on 2 cores), ``--only forward,throughput`` for a subset; ``--trials``,
+(all parts, ~4 minutes on 2 cores), ``--only forward,throughput`` for a subset; ``--trials``,
 ``--lease-ttl``, ``--steps``, ``--seconds``, ``--rounds``, ``--watchers``.
 """
 
@@ -69,7 +73,7 @@ from bench._common import (  # noqa: E402
     wait_idle,
 )
 
-PARTS = ("forward", "failover", "throughput", "watch")
+PARTS = ("forward", "failover", "jobs", "throughput", "watch")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -177,6 +181,52 @@ def failover(
         "steps_lost_p50": statistics.median(lost),
         "steps_lost_max": max(lost),
     }
+
+
+def job_failover(
+    root: Path, redis_url: str, shared: Path, lease_ttl: float, trials: int, steps: int
+) -> dict[str, float]:
+    """kill -9 the replica running a training job (no client connected) -> the job's first
+    loss point from another replica, per trial."""
+    import redis as redis_lib
+
+    times: list[float] = []
+    survivors = [
+        start_replica(root / f"job-survivor{i}", redis_url, shared, lease_ttl) for i in (0, 1)
+    ]
+    stream = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for trial in range(trials):
+            victim = start_replica(root / f"job-victim{trial}", redis_url, shared, lease_ttl)
+            session_id = f"bench-job{trial}"
+            key = f"rnnserve:s:{{{session_id}}}:loss"
+            with Client(victim.address, timeout=30) as client:
+                session = client.create_session(TEXT, session_id=session_id, hidden_size=64)
+                job = session.start_training(10**7, report_every=50)
+            while True:  # the job trains on the victim, no client connected
+                last: Any = stream.xrevrange(key, count=1)
+                if last and int(last[0][1].get("step", 0)) >= steps:
+                    break
+                time.sleep(0.01)
+            cursor = str(last[0][0])
+            killed = time.perf_counter()
+            victim.kill()
+            while True:  # a loss point from whoever took the job over
+                read: Any = stream.xread({key: cursor}, block=100)
+                entries = read[0][1] if read else []
+                if any(fields.get("kind") == "loss" for _, fields in entries):
+                    break
+                cursor = str(entries[-1][0]) if entries else cursor
+                if time.perf_counter() - killed > 10 * lease_ttl + 30:
+                    raise SystemExit("no replica took the job over")
+            times.append(time.perf_counter() - killed)
+            with Client(survivors[0].address, timeout=30) as client:
+                client.session(session_id).job(job.name).stop()  # its slot is free again
+    finally:
+        stream.close()
+        for survivor in survivors:
+            survivor.stop()
+    return {"job_failover_p50_s": statistics.median(times), "job_failover_max_s": max(times)}
 
 
 # -- throughput ---------------------------------------------------------------------------
@@ -520,6 +570,10 @@ def main() -> None:
                 replicas = []
             if "failover" in only:
                 results.update(failover(root, url, shared, args.lease_ttl, args.trials, args.steps))
+            if "jobs" in only:
+                results.update(
+                    job_failover(root, url, shared, args.lease_ttl, args.trials, args.steps)
+                )
         finally:
             for replica in replicas:
                 replica.kill()  # left running only by an error
@@ -575,6 +629,12 @@ def main() -> None:
             f"{args.lease_ttl:g} s: p50 {results['failover_p50_s']:.2f} s, "
             f"max {results['failover_max_s']:.2f} s; steps lost p50 "
             f"{results['steps_lost_p50']:.0f}, max {results['steps_lost_max']:.0f}"
+        )
+    if "jobs" in only:
+        print(
+            f"job failover (kill -9 -> the job training elsewhere, no client), {args.trials} "
+            f"trials, lease TTL {args.lease_ttl:g} s: p50 {results['job_failover_p50_s']:.2f} s, "
+            f"max {results['job_failover_max_s']:.2f} s"
         )
 
 

@@ -50,8 +50,8 @@ class Watcher:
         stub = pb_grpc.RnnServiceStub(self.channel)
         self.job_messages: list[pb.WatchJobResponse] = []
         self.loss_messages: list[pb.WatchLossResponse] = []
-        self._job_call = stub.WatchJob(pb.WatchJobRequest(name=job_name), timeout=100)
-        self._loss_call = stub.WatchLoss(
+        self._job_call: Any = stub.WatchJob(pb.WatchJobRequest(name=job_name), timeout=100)
+        self._loss_call: Any = stub.WatchLoss(
             pb.WatchLossRequest(session_id=session_id, from_step=1), timeout=100
         )
         self.errors: list[BaseException] = []
@@ -135,7 +135,7 @@ def test_a_job_goes_on_elsewhere_after_kill9_of_its_owner_with_no_client(
     target = 3000
     with Client(nginx.address, timeout=30) as client:
         session = client.create_session(TEXT, session_id="k", hidden_size=32, seed=1)
-        job = session.start_training(target, report_every=20)
+        job = session.start_training(target, report_every=20, request_id="k-1")
     # Every client is closed: the job trains on its own.
     owner = owner_of(replicas, redis_server, "k")
     other = next(r for r in replicas if r is not owner)
@@ -154,13 +154,16 @@ def test_a_job_goes_on_elsewhere_after_kill9_of_its_owner_with_no_client(
         assert ended.state == pb.JOB_STATE_SUCCEEDED
         assert ended.step == ended.target_step == target
         assert ended.stop_reason == pb.STOP_REASON_COMPLETED
-        wait_until(lambda: watcher.job_messages[-1:] and watcher.loss_steps()[-1:] == [target])
+        wait_until(lambda: bool(watcher.job_messages) and watcher.loss_steps()[-1:] == [target])
         (restored,) = restores(redis_server, "k")
         assert 0 < restored < target
         check_one_rollback_then_every_step(watcher, restored, target)
         assert not watcher.errors
         with other.client(timeout=30) as client:
-            assert client.session("k").info().step == target  # never past its target
+            session = client.session("k")
+            assert session.info().step == target  # never past its target
+            # StartJob retried after the failover: the same job, not a new one.
+            assert session.start_training(target, request_id="k-1").name == job.name
         assert redis_jobs(redis_server) == []  # it ended: out of the set
     finally:
         watcher.close()
