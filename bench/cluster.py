@@ -202,7 +202,7 @@ def job_failover(
             key = f"rnnserve:s:{{{session_id}}}:loss"
             with Client(victim.address, timeout=30) as client:
                 session = client.create_session(TEXT, session_id=session_id, hidden_size=64)
-                job = session.start_training(10**7, report_every=50)
+                job = session.start_training(10**6, report_every=50)
             while True:  # the job trains on the victim, no client connected
                 last: Any = stream.xrevrange(key, count=1)
                 if last and int(last[0][1].get("step", 0)) >= steps:
