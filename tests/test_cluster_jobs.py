@@ -23,7 +23,7 @@ from tests.test_failover import checkpointed, owner_of, published, restores
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import NginxFactory, RedisProcess
-    from tests.conftest import ServerFactory
+    from tests.conftest import ServerFactory, ServerHandle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,6 +70,11 @@ class Watcher:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.errors.append(exc)
 
+    def saw_the_end(self, target: int) -> bool:
+        """True once the WatchJob stream ended (or failed) and WatchLoss showed ``target``."""
+        ended = bool(self.errors) or not self._threads[0].is_alive()
+        return ended and self.loss_steps()[-1:] == [target]
+
     def loss_steps(self) -> list[int]:
         return [p.step for m in self.loss_messages for p in m.points]
 
@@ -79,6 +84,23 @@ class Watcher:
         for thread in self._threads:
             thread.join(10)
         self.channel.close()
+
+
+def start_job(address: str, session_id: str, target: int, request_id: str | None = None) -> str:
+    """A new session trained by a job of ``target`` steps, started through ``address`` and
+    left with no client connected; the job's name."""
+    with Client(address, timeout=30) as client:
+        session = client.create_session(TEXT, session_id=session_id, hidden_size=32, seed=1)
+        return session.start_training(target, report_every=20, request_id=request_id).name
+
+
+def watch_once_trained(
+    replica: ServerHandle, redis: RedisProcess, name: str, session_id: str
+) -> Watcher:
+    """Watchers on ``replica`` once the job put its first points on the session's stream (a
+    WatchLoss on a replica that does not own the session follows the stream from then)."""
+    wait_until(lambda: published(redis, session_id) > 0, 30, "the job's first points")
+    return Watcher(replica.address, name, session_id)
 
 
 def job_of(client: Client, name: str) -> pb.Job:
@@ -133,14 +155,10 @@ def test_a_job_goes_on_elsewhere_after_kill9_of_its_owner_with_no_client(
     )
     nginx = nginx_factory([r.address for r in replicas])
     target = 3000
-    with Client(nginx.address, timeout=30) as client:
-        session = client.create_session(TEXT, session_id="k", hidden_size=32, seed=1)
-        job = session.start_training(target, report_every=20, request_id="k-1")
-    # Every client is closed: the job trains on its own.
+    name = start_job(nginx.address, "k", target, request_id="k-1")  # no client from here on
     owner = owner_of(replicas, redis_server, "k")
     other = next(r for r in replicas if r is not owner)
-    wait_until(lambda: published(redis_server, "k") > 0, 30, "the job's first points")
-    watcher = Watcher(other.address, job.name, "k")
+    watcher = watch_once_trained(other, redis_server, name, "k")
     try:
         # No checkpoint during the job but StartJob's (step 0): once watchers saw steps past
         # it, a kill makes the rollback certain, not a race with a periodic checkpoint.
@@ -152,11 +170,12 @@ def test_a_job_goes_on_elsewhere_after_kill9_of_its_owner_with_no_client(
         checkpointed_before = checkpointed(redis_server, "k")
         owner.kill()
         with other.client(timeout=30) as client:
-            ended = wait_ended(client, job.name)
+            ended = wait_ended(client, name)
         assert ended.state == pb.JOB_STATE_SUCCEEDED
         assert ended.step == ended.target_step == target
         assert ended.stop_reason == pb.STOP_REASON_COMPLETED
-        wait_until(lambda: bool(watcher.job_messages) and watcher.loss_steps()[-1:] == [target])
+        wait_until(lambda: watcher.saw_the_end(target), 30, "the watchers to see the end")
+        assert not watcher.errors
         (restored,) = restores(redis_server, "k")
         assert restored == checkpointed_before == 0
         check_one_rollback_then_every_step(watcher, restored, target)
@@ -165,7 +184,7 @@ def test_a_job_goes_on_elsewhere_after_kill9_of_its_owner_with_no_client(
             session = client.session("k")
             assert session.info().step == target  # never past its target
             # StartJob retried after the failover: the same job, not a new one.
-            assert session.start_training(target, request_id="k-1").name == job.name
+            assert session.start_training(target, request_id="k-1").name == name
         assert redis_jobs(redis_server) == []  # it ended: out of the set
     finally:
         watcher.close()
@@ -178,22 +197,18 @@ def test_sigterm_of_the_owner_moves_its_job_with_no_step_lost(
     replicas = start_replicas(server_factory, redis_server, tmp_path / "shared")
     owner, other = replicas[0], replicas[1]
     target = 2500
-    with owner.client(timeout=30) as client:
-        session = client.create_session(TEXT, session_id="d", hidden_size=32, seed=1)
-        job = session.start_training(target, report_every=20)
-    wait_until(lambda: published(redis_server, "d") > 0, 30, "the job's first points")
-    watcher = Watcher(other.address, job.name, "d")
+    name = start_job(owner.address, "d", target)
+    watcher = watch_once_trained(other, redis_server, name, "d")
     try:
         wait_until(lambda: published(redis_server, "d") > 200, 30, "the job to train")
         assert owner.stop() == 0  # drain: the job stops at a boundary, checkpointed
         with other.client(timeout=30) as client:
-            ended = wait_ended(client, job.name)
+            ended = wait_ended(client, name)
         assert ended.state == pb.JOB_STATE_SUCCEEDED
         assert ended.step == target
         assert ended.steps_done == target  # every step the job made is kept
-        wait_until(
-            lambda: watcher.loss_steps()[-1:] == [target],
-        )
+        wait_until(lambda: watcher.saw_the_end(target), 30, "the watchers to see the end")
+        assert not watcher.errors
         assert restores(redis_server, "d") == []  # no rollback
         assert watcher.loss_steps() == list(range(1, target + 1))
         assert not any(m.HasField("restored_at_step") for m in watcher.job_messages)
@@ -216,17 +231,18 @@ def test_job_calls_work_from_a_replica_that_does_not_own_the_session(
     with other.client(timeout=30) as client:
         session = client.session("s")
         job = session.start_training(10**6, report_every=10, request_id="start-1")
+        name = job.name
         assert owner_of([owner, other], redis_server, "s") is owner  # it runs on the owner
         assert redis_jobs(redis_server) == ["s"]
         again = session.start_training(10**6, request_id="start-1")  # a retry: the same job
-        assert again.name == job.name
+        assert again.name == name
         assert job.refresh().state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
-        assert [j.name for j in session.jobs()] == [job.name]
+        assert [j.name for j in session.jobs()] == [name]
         stopped = job.stop()
         assert stopped.state == pb.JOB_STATE_STOPPED
         assert stopped.stop_reason == pb.STOP_REASON_STOPPED
     with owner.client(timeout=30) as client:
-        assert job_of(client, job.name).state == pb.JOB_STATE_STOPPED
+        assert job_of(client, name).state == pb.JOB_STATE_STOPPED
     assert redis_jobs(redis_server) == []
 
 
@@ -294,7 +310,7 @@ def test_a_checkpoint_of_a_newer_format_is_left_to_a_replica_that_reads_it(
     (first,) = start_replicas(server_factory, redis_server, shared, count=1)
     with first.client(timeout=30) as client:
         session = client.create_session(TEXT, session_id="u", hidden_size=32, seed=1)
-        job = session.start_training(800, report_every=20)
+        name = session.start_training(800, report_every=20).name
         wait_until(lambda: published(redis_server, "u") > 50, 30, "the job to train")
     assert first.stop() == 0  # the job is checkpointed RUNNING, its lease released
     pointer = redis_get(redis_server, "rnnserve:s:{u}:ckpt")
@@ -324,7 +340,7 @@ def test_a_checkpoint_of_a_newer_format_is_left_to_a_replica_that_reads_it(
         lease_ttl=2,
     )
     with old.client(timeout=30) as client:  # through the old replica: forwarded to the newer
-        ended = wait_ended(client, job.name)
+        ended = wait_ended(client, name)
     assert ended.state == pb.JOB_STATE_SUCCEEDED
     assert ended.step == 800
     assert owner_of([old, newer], redis_server, "u") is newer

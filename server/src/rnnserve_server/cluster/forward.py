@@ -71,6 +71,15 @@ def _identity(data: bytes) -> bytes:
 _TRANSPORT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+
+def hop_failed(error: grpc.aio.AioRpcError) -> bool:
+    """True if the error is the hop's own failure (the owner could not be reached, or died
+    mid-call), not an answer from the owner (which carries its status details)."""
+    trailing = tuple(cast(Any, error.trailing_metadata() or ()))
+    from_owner = any(key == _STATUS_DETAILS_KEY for key, _ in trailing)
+    return not from_owner and error.code() in _TRANSPORT_CODES
+
+
 # Told (session id, owner address); returns once that owner no longer holds the session's lease.
 OwnerGone = Callable[[str, str], Awaitable[None]]
 
@@ -181,8 +190,7 @@ class Forwarder:
     ) -> None:
         # grpc.aio.Metadata iterates as (key, value) pairs (the stubs say otherwise).
         trailing = tuple(cast(Any, error.trailing_metadata() or ()))
-        from_owner = any(key == _STATUS_DETAILS_KEY for key, _ in trailing)
-        if not from_owner and error.code() in _TRANSPORT_CODES:
+        if hop_failed(error):
             raise OwnerUnavailableError(
                 f"session {session_id!r} is owned by another replica, which did not answer "
                 "(it may have just failed); retry in a moment: once its lease lapses "

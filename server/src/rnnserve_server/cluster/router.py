@@ -27,7 +27,7 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 
 from rnnserve_server.api import status
 from rnnserve_server.api.interceptors import Refused, guard_deserializer, rebuild
-from rnnserve_server.cluster.forward import Forwarder, Kind, forwarded, method_kinds
+from rnnserve_server.cluster.forward import Forwarder, Kind, forwarded, hop_failed, method_kinds
 from rnnserve_server.errors import OwnerUnavailableError
 from rnnserve_server.usecases.training import JOB_NAME_RE
 
@@ -384,7 +384,7 @@ class Router(Interceptor):
                     if not active:
                         return
             except grpc.aio.AioRpcError as error:  # the owner's own answers are the caller's
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                if not hop_failed(error) and error.code() != grpc.StatusCode.UNAVAILABLE:
                     context.set_trailing_metadata(tuple(error.trailing_metadata() or ()))
                     await context.abort(error.code(), error.details() or "")
             finally:
