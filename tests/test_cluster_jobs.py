@@ -75,6 +75,11 @@ class Watcher:
         ended = bool(self.errors) or not self._threads[0].is_alive()
         return ended and self.loss_steps()[-1:] == [target]
 
+    def saw_progress(self) -> bool:
+        """True once both streams delivered progress (so a rollback is behind what they saw)."""
+        job = any(m.HasField("progress") for m in self.job_messages)
+        return job and bool(self.loss_steps())
+
     def loss_steps(self) -> list[int]:
         return [p.step for m in self.loss_messages for p in m.points]
 
@@ -163,7 +168,7 @@ def test_a_job_goes_on_elsewhere_after_kill9_of_its_owner_with_no_client(
         # No checkpoint during the job but StartJob's (step 0): once watchers saw steps past
         # it, a kill makes the rollback certain, not a race with a periodic checkpoint.
         wait_until(
-            lambda: published(redis_server, "k") > 100,
+            lambda: published(redis_server, "k") > 100 and watcher.saw_progress(),
             30,
             "the job to train past its checkpoint",
         )
