@@ -333,6 +333,9 @@ def test_a_checkpoint_of_a_newer_format_is_left_to_a_replica_that_reads_it(
             client.session("u").info()
         assert info.value.reason == "NEWER_FORMAT"
         assert "newer than this server reads" in str(info.value)
+        (listed,) = client.list_sessions()  # listed, not BROKEN, saying why
+        assert listed.state == pb.SESSION_STATE_OWNER_UNREACHABLE
+        assert "newer than this server reads" in listed.error
     assert redis_jobs(redis_server) == ["u"]  # the job is kept
     assert redis_get(redis_server, "rnnserve:s:{u}:lease") is None  # and left alone
     assert redis_get(redis_server, "rnnserve:s:{u}:ckpt") == pointer

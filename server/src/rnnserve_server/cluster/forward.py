@@ -23,6 +23,7 @@ from typing import Any, Literal, cast
 
 import grpc
 import grpc.aio
+from google.rpc import error_details_pb2, status_pb2
 
 from rnnserve_server.errors import OwnerUnavailableError
 
@@ -78,6 +79,18 @@ def hop_failed(error: grpc.aio.AioRpcError) -> bool:
     trailing = tuple(cast(Any, error.trailing_metadata() or ()))
     from_owner = any(key == _STATUS_DETAILS_KEY for key, _ in trailing)
     return not from_owner and error.code() in _TRANSPORT_CODES
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason a replica put in its error's status details ("" if none)."""
+    for key, value in cast(Any, error.trailing_metadata() or ()):
+        if key != _STATUS_DETAILS_KEY:
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return str(info.reason)
+    return ""
 
 
 # Told (session id, owner address); returns once that owner no longer holds the session's lease.

@@ -31,7 +31,7 @@ from rnnserve_server import logs, metrics
 from rnnserve_server.api.paging import page_token_after, read_page_request
 from rnnserve_server.cluster.cluster_store import ClusterStore
 from rnnserve_server.cluster.coordinator import Coordinator, DirectoryLostError
-from rnnserve_server.cluster.forward import Forwarder
+from rnnserve_server.cluster.forward import Forwarder, error_reason
 from rnnserve_server.cluster.health import RedisHealth
 from rnnserve_server.cluster.loss_stream import LossStreams
 from rnnserve_server.cluster.metrics import ClusterCollector, ClusterCounts
@@ -594,10 +594,15 @@ class ClusterNode:
                 if code == grpc.StatusCode.NOT_FOUND:
                     return None  # deleted meanwhile
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    # A checkpoint newer than this replica reads: no replica that reads it
+                    # answers, and the replica's own sentence says so.
+                    newer = error_reason(exc) == "NEWER_FORMAT"
                     return pb.Session(
                         session_id=session_id,
                         state=pb.SESSION_STATE_OWNER_UNREACHABLE,
-                        error=_UNREACHABLE.format(ttl=self.settings.lease_ttl),
+                        error=(exc.details() or "")
+                        if newer
+                        else _UNREACHABLE.format(ttl=self.settings.lease_ttl),
                     )
                 return pb.Session(
                     session_id=session_id,
