@@ -494,8 +494,11 @@ class ClusterNode:
                 return
             await jobs.park(session_id)
             await self.registry.checkpoints.flush(session)
-            if session.unsaved_changes or self.registry.shutting_down:
-                return  # not safely on disk (or draining anyway): it stays here
+            if self.registry.shutting_down:
+                return  # the drain checkpoints it and lets it go
+            if session.unsaved_changes:  # not safely on disk: it goes on here
+                await jobs.resume(session)
+                return
             await self._let_go(session_id)
         log.info("job_handed_off", session_id=session_id, step=session.step)
 
