@@ -10,10 +10,11 @@ Prints:
 - failover time over ``--trials`` kills: ``kill -9`` the owner of a session while it trains,
   then Step it through a surviving replica until one succeeds (the lease TTL + the restore),
   p50 and max, and the steps lost (the step trained before the kill minus the step restored);
-- job failover over ``--trials`` kills: ``kill -9`` the owner of a session whose training job
-  runs with no client connected, then time until the job trains again elsewhere (the first
-  loss point a surviving replica puts on the session's Redis stream: the lease TTL, a claim
-  interval and the restore), p50 and max (target: <= 5 s at the default TTL);
+- training jobs with no client connected, ``--trials`` of each: ``kill -9`` the replica
+  running the job, or SIGTERM it (drain), then time until the job trains again elsewhere
+  (the first loss point another replica puts on the session's Redis stream: for a kill the
+  lease TTL, a claim interval and the restore; for a drain the drain and a claim interval),
+  p50 and max (target for the kill: <= 5 s at the default TTL);
 - throughput: aggregate training chars/s (hidden 512, batch 32, seq 100), from the Train
   messages (steps done over the server's elapsed seconds, per session, summed): one session
   on one replica; two sessions on one replica (the one-server reference); two sessions on two
@@ -41,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -186,17 +188,18 @@ def failover(
 def job_failover(
     root: Path, redis_url: str, shared: Path, lease_ttl: float, trials: int, steps: int
 ) -> dict[str, float]:
-    """kill -9 the replica running a training job (no client connected) -> the job's first
-    loss point from another replica, per trial."""
+    """Per trial, a training job with no client connected: ``kill -9`` its replica, or
+    SIGTERM it (drain), and time until the job's first loss point from another replica."""
     import redis as redis_lib
 
-    times: list[float] = []
+    times: dict[str, list[float]] = {"kill": [], "drain": []}
     survivors = [
         start_replica(root / f"job-survivor{i}", redis_url, shared, lease_ttl) for i in (0, 1)
     ]
     stream = redis_lib.Redis.from_url(redis_url, decode_responses=True)
     try:
-        for trial in range(trials):
+        for trial in range(2 * trials):
+            how = "kill" if trial % 2 == 0 else "drain"
             victim = start_replica(root / f"job-victim{trial}", redis_url, shared, lease_ttl)
             session_id = f"bench-job{trial}"
             key = f"rnnserve:s:{{{session_id}}}:loss"
@@ -208,25 +211,38 @@ def job_failover(
                 if last and int(last[0][1].get("step", 0)) >= steps:
                     break
                 time.sleep(0.01)
-            cursor = str(last[0][0])
-            killed = time.perf_counter()
-            victim.kill()
-            while True:  # a loss point from whoever took the job over
+            started = time.perf_counter()
+            if how == "kill":
+                victim.kill()
+            else:
+                victim.process.send_signal(signal.SIGTERM)
+            # The victim's own last points come first (a drain publishes them): wait for one
+            # published under another lease, i.e. by the replica that took the job over.
+            cursor, deadline = str(last[0][0]), started + 10 * lease_ttl + 30
+            token = int(last[0][1].get("token", 0))
+            while True:
                 read: Any = stream.xread({key: cursor}, block=100)
                 entries = read[0][1] if read else []
-                if any(fields.get("kind") == "loss" for _, fields in entries):
+                if any(
+                    f.get("kind") == "loss" and int(f.get("token", 0)) != token for _, f in entries
+                ):
                     break
                 cursor = str(entries[-1][0]) if entries else cursor
-                if time.perf_counter() - killed > 10 * lease_ttl + 30:
+                if time.perf_counter() > deadline:
                     raise SystemExit("no replica took the job over")
-            times.append(time.perf_counter() - killed)
+            times[how].append(time.perf_counter() - started)
+            victim.wait()
             with Client(survivors[0].address, timeout=30) as client:
                 client.session(session_id).job(job.name).stop()  # its slot is free again
     finally:
         stream.close()
         for survivor in survivors:
             survivor.stop()
-    return {"job_failover_p50_s": statistics.median(times), "job_failover_max_s": max(times)}
+    return {
+        f"job_{how}_{stat}_s": f(values)
+        for how, values in times.items()
+        for stat, f in (("p50", statistics.median), ("max", max))
+    }
 
 
 # -- throughput ---------------------------------------------------------------------------
@@ -631,11 +647,12 @@ def main() -> None:
             f"{results['steps_lost_p50']:.0f}, max {results['steps_lost_max']:.0f}"
         )
     if "jobs" in only:
-        print(
-            f"job failover (kill -9 -> the job training elsewhere, no client), {args.trials} "
-            f"trials, lease TTL {args.lease_ttl:g} s: p50 {results['job_failover_p50_s']:.2f} s, "
-            f"max {results['job_failover_max_s']:.2f} s"
-        )
+        for how, what in (("kill", "kill -9"), ("drain", "SIGTERM (drain)")):
+            print(
+                f"training job, no client: {what} -> training elsewhere, {args.trials} trials, "
+                f"lease TTL {args.lease_ttl:g} s: p50 {results[f'job_{how}_p50_s']:.2f} s, "
+                f"max {results[f'job_{how}_max_s']:.2f} s"
+            )
 
 
 if __name__ == "__main__":

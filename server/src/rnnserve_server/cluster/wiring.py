@@ -310,7 +310,7 @@ class ClusterNode:
             self._active[session_id] = token
             return  # not created yet (or deleted): the call answers for itself
         try:
-            session = await registry.run_io(registry.factory.load, session_id)
+            session = await registry.run_io(registry.factory.load, session_id, True)
         except CheckpointTooNewError as exc:  # a rolling upgrade: leave it to a newer replica
             self._too_new[session_id] = pointer
             with contextlib.suppress(RedisError, OSError):
