@@ -440,8 +440,10 @@ class ClusterNode:
                 return
             try:
                 await self.balance_jobs()
-            except (RedisError, OSError, StorageError) as exc:
+            except (RedisError, OSError, StorageError) as exc:  # Redis away: next round
                 log.warning("job_claim_failed", error=str(exc))
+            except Exception as exc:  # never let the loop die: the jobs would stop moving
+                log.error("job_claim_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def balance_jobs(self) -> None:
         """One round of the claim loop."""
