@@ -103,6 +103,8 @@ class ClusterNode:
         # name: left to a newer replica until the pointer moves.
         self._too_new: dict[str, str] = {}
         self.claim_interval = settings.job_claim_interval or settings.lease_ttl / 3
+        self.jobs_claimed = 0  # training jobs taken over here
+        self.jobs_handed_off = 0  # training jobs given to a replica with a free slot
 
     # -- assembly -------------------------------------------------------------------------
 
@@ -214,6 +216,8 @@ class ClusterNode:
             gc_sweeps=self.gc_sweeps,
             gc_removed=self.gc_removed,
             redis_up=health is None or health.serving,
+            jobs_claimed=self.jobs_claimed,
+            jobs_handed_off=self.jobs_handed_off,
         )
 
     async def taken_elsewhere(self, session_id: str) -> bool:
@@ -481,6 +485,7 @@ class ClusterNode:
             await self.coordinator.remove_job(session_id)
             self.done(session_id)
             return False
+        self.jobs_claimed += 1
         log.info("job_claimed", session_id=session_id, job=record.job_id, step=session.step)
         return True
 
@@ -502,6 +507,7 @@ class ClusterNode:
                 await jobs.resume(session)
                 return
             await self._let_go(session_id)
+        self.jobs_handed_off += 1
         log.info("job_handed_off", session_id=session_id, step=session.step)
 
     async def _let_go(self, session_id: str) -> None:
