@@ -352,3 +352,14 @@ def test_a_checkpoint_of_a_newer_format_is_left_to_a_replica_that_reads_it(
     assert ended.state == pb.JOB_STATE_SUCCEEDED
     assert ended.step == 800
     assert owner_of([old, newer], redis_server, "u") is newer
+
+
+def test_the_client_hints_the_load_balancer_with_the_session_of_a_job_name() -> None:
+    """Job calls name their session only inside the job's name: the client still sends it as
+    x-session-id, so nginx's hash reaches the owner first."""
+    from rnnserve._base import session_of
+
+    assert session_of(pb.GetJobRequest(name="sessions/a-1/jobs/0f3a")) == "a-1"
+    assert session_of(pb.ListJobsRequest(session_id="b")) == "b"
+    assert session_of(pb.StopJobRequest(name="not/a/job/name")) == ""
+    assert session_of(pb.WatchJobRequest(name="sessions/c/jobs")) == ""
