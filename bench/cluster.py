@@ -10,6 +10,11 @@ Prints:
 - failover time over ``--trials`` kills: ``kill -9`` the owner of a session while it trains,
   then Step it through a surviving replica until one succeeds (the lease TTL + the restore),
   p50 and max, and the steps lost (the step trained before the kill minus the step restored);
+- training jobs with no client connected, ``--trials`` of each: ``kill -9`` the replica
+  running the job, or SIGTERM it (drain), then time until the job trains again elsewhere
+  (the first loss point another replica puts on the session's Redis stream: for a kill the
+  lease TTL, a claim interval and the restore; for a drain the drain and a claim interval),
+  p50 and max (target for the kill: <= 5 s at the default TTL);
 - throughput: aggregate training chars/s (hidden 512, batch 32, seq 100), from the Train
   messages (steps done over the server's elapsed seconds, per session, summed): one session
   on one replica; two sessions on one replica (the one-server reference); two sessions on two
@@ -26,7 +31,7 @@ Prints:
 
 Every replica and this process use one BLAS thread. Starts its own ``redis-server`` (``make
 deps``) and replicas in a temporary directory and stops them. Run: ``python bench/cluster.py``
-(all parts, ~3 minutes on 2 cores), ``--only forward,throughput`` for a subset; ``--trials``,
+(all parts, ~4 minutes on 2 cores), ``--only forward,throughput`` for a subset; ``--trials``,
 ``--lease-ttl``, ``--steps``, ``--seconds``, ``--rounds``, ``--watchers``.
 """
 
@@ -37,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -69,7 +75,7 @@ from bench._common import (  # noqa: E402
     wait_idle,
 )
 
-PARTS = ("forward", "failover", "throughput", "watch")
+PARTS = ("forward", "failover", "jobs", "throughput", "watch")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -176,6 +182,66 @@ def failover(
         "failover_max_s": max(times),
         "steps_lost_p50": statistics.median(lost),
         "steps_lost_max": max(lost),
+    }
+
+
+def job_failover(
+    root: Path, redis_url: str, shared: Path, lease_ttl: float, trials: int, steps: int
+) -> dict[str, float]:
+    """Per trial, a training job with no client connected: ``kill -9`` its replica, or
+    SIGTERM it (drain), and time until the job's first loss point from another replica."""
+    import redis as redis_lib
+
+    times: dict[str, list[float]] = {"kill": [], "drain": []}
+    survivors = [
+        start_replica(root / f"job-survivor{i}", redis_url, shared, lease_ttl) for i in (0, 1)
+    ]
+    stream = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for trial in range(2 * trials):
+            how = "kill" if trial % 2 == 0 else "drain"
+            victim = start_replica(root / f"job-victim{trial}", redis_url, shared, lease_ttl)
+            session_id = f"bench-job{trial}"
+            key = f"rnnserve:s:{{{session_id}}}:loss"
+            with Client(victim.address, timeout=30) as client:
+                session = client.create_session(TEXT, session_id=session_id, hidden_size=64)
+                job = session.start_training(10**6, report_every=50)
+            while True:  # the job trains on the victim, no client connected
+                last: Any = stream.xrevrange(key, count=1)
+                if last and int(last[0][1].get("step", 0)) >= steps:
+                    break
+                time.sleep(0.01)
+            started = time.perf_counter()
+            if how == "kill":
+                victim.kill()
+            else:
+                victim.process.send_signal(signal.SIGTERM)
+            # The victim's own last points come first (a drain publishes them): wait for one
+            # published under another lease, i.e. by the replica that took the job over.
+            cursor, deadline = str(last[0][0]), started + 10 * lease_ttl + 30
+            token = int(last[0][1].get("token", 0))
+            while True:
+                read: Any = stream.xread({key: cursor}, block=100)
+                entries = read[0][1] if read else []
+                if any(
+                    f.get("kind") == "loss" and int(f.get("token", 0)) != token for _, f in entries
+                ):
+                    break
+                cursor = str(entries[-1][0]) if entries else cursor
+                if time.perf_counter() > deadline:
+                    raise SystemExit("no replica took the job over")
+            times[how].append(time.perf_counter() - started)
+            victim.wait()
+            with Client(survivors[0].address, timeout=30) as client:
+                client.session(session_id).job(job.name).stop()  # its slot is free again
+    finally:
+        stream.close()
+        for survivor in survivors:
+            survivor.stop()
+    return {
+        f"job_{how}_{stat}_s": f(values)
+        for how, values in times.items()
+        for stat, f in (("p50", statistics.median), ("max", max))
     }
 
 
@@ -520,6 +586,10 @@ def main() -> None:
                 replicas = []
             if "failover" in only:
                 results.update(failover(root, url, shared, args.lease_ttl, args.trials, args.steps))
+            if "jobs" in only:
+                results.update(
+                    job_failover(root, url, shared, args.lease_ttl, args.trials, args.steps)
+                )
         finally:
             for replica in replicas:
                 replica.kill()  # left running only by an error
@@ -576,6 +646,13 @@ def main() -> None:
             f"max {results['failover_max_s']:.2f} s; steps lost p50 "
             f"{results['steps_lost_p50']:.0f}, max {results['steps_lost_max']:.0f}"
         )
+    if "jobs" in only:
+        for how, what in (("kill", "kill -9"), ("drain", "SIGTERM (drain)")):
+            print(
+                f"training job, no client: {what} -> training elsewhere, {args.trials} trials, "
+                f"lease TTL {args.lease_ttl:g} s: p50 {results[f'job_{how}_p50_s']:.2f} s, "
+                f"max {results[f'job_{how}_max_s']:.2f} s"
+            )
 
 
 if __name__ == "__main__":

@@ -479,16 +479,3 @@ def test_cluster_settings_that_cannot_work_are_refused(
         load_settings(argv, environ={})
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-
-
-@pytest.mark.timeout(60)
-def test_training_jobs_are_refused_in_cluster_mode_and_train_still_works(
-    server_factory: ServerFactory, redis_server: RedisProcess, tmp_path: Path
-) -> None:
-    (replica,) = start_replicas(server_factory, redis_server, tmp_path / "shared", count=1)
-    with replica.client() as client:
-        session = client.create_session(TEXT, session_id="no-jobs", hidden_size=16)
-        with pytest.raises(RnnServeError, match="not yet supported in cluster mode") as info:
-            session.start_training(10)
-        assert info.value.reason == "NOT_SUPPORTED"
-        assert session.train(10).wait().stop_reason == pb.STOP_REASON_COMPLETED

@@ -38,6 +38,7 @@ from rnnserve_server.errors import (
     JobNotFoundError,
     LeaseLostError,
     LimitExceededError,
+    NewerFormatError,
     NotSupportedError,
     OwnerUnavailableError,
     SessionBrokenError,
@@ -319,6 +320,12 @@ CASES: list[tuple[BaseException, grpc.StatusCode, str, type[RnnServeError]]] = [
         RnnServeError,
     ),
     (
+        NewerFormatError("x", session_id="s"),
+        grpc.StatusCode.UNAVAILABLE,
+        "NEWER_FORMAT",
+        ServerUnavailable,
+    ),
+    (
         SessionExistsError("x", session_id="s"),
         grpc.StatusCode.ALREADY_EXISTS,
         "SESSION_EXISTS",
@@ -375,7 +382,13 @@ def test_every_reason_maps_to_its_code_and_client_class(
     error = error_from_rpc(_Trailers(code, message))
     assert error.reason == reason and error.code is code
     assert isinstance(error, cls)
-    retry = {"SHUTTING_DOWN", "STORAGE_FULL", "STORAGE_UNAVAILABLE", "OWNER_UNAVAILABLE"}
+    retry = {
+        "SHUTTING_DOWN",
+        "STORAGE_FULL",
+        "STORAGE_UNAVAILABLE",
+        "OWNER_UNAVAILABLE",
+        "NEWER_FORMAT",
+    }
     assert (error.retry_delay is not None) == (reason in retry)
 
 

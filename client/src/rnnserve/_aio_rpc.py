@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from rnnserve._base import BaseClient
+from rnnserve._base import BaseClient, session_of
 from rnnserve._requests import Upload
 from rnnserve.errors import error_from_rpc
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
@@ -37,13 +37,13 @@ class RpcClient(BaseClient[aio.Channel]):
             return await method(
                 request,
                 timeout=self._deadline(timeout),
-                metadata=self._call_metadata(getattr(request, "session_id", "")),
+                metadata=self._call_metadata(session_of(request)),
             )
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
 
     def _server_stream(self, method: Any, request: Any, timeout: float | None) -> Any:
-        metadata = self._call_metadata(getattr(request, "session_id", ""))
+        metadata = self._call_metadata(session_of(request))
         return method(request, timeout=timeout, metadata=metadata)
 
     async def _client_stream(

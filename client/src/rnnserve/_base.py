@@ -82,3 +82,13 @@ class BaseClient(Generic[ChannelT]):
     def _call_metadata(self, session_id: str) -> tuple[tuple[str, str], ...]:
         """The token, and the session id for a hashing load balancer."""
         return session_metadata(self._metadata, session_id)
+
+
+def session_of(request: Any) -> str:
+    """The session a request is about, for the load balancer's hint: its ``session_id``, or
+    the session in a job's ``name`` (sessions/{session}/jobs/{job}); "" if neither."""
+    session_id = str(getattr(request, "session_id", "") or "")
+    if session_id:
+        return session_id
+    parts = str(getattr(request, "name", "") or "").split("/")
+    return parts[1] if len(parts) == 4 and parts[0] == "sessions" and parts[2] == "jobs" else ""

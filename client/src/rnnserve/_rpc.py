@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import grpc
 
-from rnnserve._base import BaseClient
+from rnnserve._base import BaseClient, session_of
 from rnnserve._requests import Upload
 from rnnserve.errors import error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
@@ -46,7 +46,7 @@ class RpcClient(BaseClient[grpc.Channel]):
             return method(
                 request,
                 timeout=self._deadline(timeout),
-                metadata=self._call_metadata(getattr(request, "session_id", "")),
+                metadata=self._call_metadata(session_of(request)),
             )
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
@@ -58,7 +58,7 @@ class RpcClient(BaseClient[grpc.Channel]):
         timeout: float | None,
     ) -> grpc.CallIterator[Resp]:
         # The call starts lazily; errors surface when the stream is iterated.
-        metadata = self._call_metadata(getattr(request, "session_id", ""))
+        metadata = self._call_metadata(session_of(request))
         return method(request, timeout=timeout, metadata=metadata)
 
     def _client_stream(

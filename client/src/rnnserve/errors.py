@@ -225,6 +225,7 @@ _BY_REASON: dict[str, type[RnnServeError]] = {
     "STORAGE_UNAVAILABLE": ServerUnavailable,
     "SHUTTING_DOWN": ServerUnavailable,
     "OWNER_UNAVAILABLE": ServerUnavailable,
+    "NEWER_FORMAT": ServerUnavailable,
     "LEASE_LOST": ServerUnavailable,
     "UNAUTHENTICATED": Unauthenticated,
 }

@@ -309,7 +309,8 @@ async def serve(settings: Settings) -> int:
     except CannotServeError:
         return 2
     service = SessionService(settings, registry)
-    service.jobs.cluster = node is not None  # jobs across replicas: the next issue
+    if node is not None:
+        service.jobs.board = node.job_board(service.jobs)  # jobs move between replicas
     server, server_health = build_server(settings, registry, node, service)
     try:
         port = bind(server, settings, tls_files)

@@ -327,6 +327,14 @@ class Settings:
             "cluster mode: checkpoint and release (lease and memory) a session idle this long"
         ),
     )
+    job_claim_interval: float = field(
+        default=0.0,
+        metadata=_opt(
+            "cluster mode: seconds between each replica's look for training jobs that lost "
+            "their replica (died, drained, handed off) and for free job slots elsewhere; "
+            "0 means a third of --lease-ttl"
+        ),
+    )
     gc_interval: float = field(
         default=300.0,
         metadata=_opt(
@@ -500,6 +508,8 @@ def check_settings(settings: Settings) -> None:
         fail("--lease-ttl must be > 0")
     if settings.idle_release_seconds < 0:
         fail("--idle-release-seconds must be >= 0")
+    if settings.job_claim_interval < 0:
+        fail("--job-claim-interval must be >= 0 (0 means a third of --lease-ttl)")
     if settings.gc_interval < 0:
         fail("--gc-interval must be >= 0 (0 turns the sweeps off)")
     if settings.gc_grace < 0:

@@ -101,6 +101,11 @@ class OwnerUnavailableError(DomainError):
         self.retry_seconds = retry_seconds
 
 
+class NewerFormatError(DomainError):
+    """Cluster mode (a rolling upgrade): the session's checkpoint is of a newer format than
+    this replica reads, so a newer replica must serve it (UNAVAILABLE)."""
+
+
 class StorageError(DomainError):
     """A change could not be saved to the data directory, so it was not made or not
     acknowledged (UNAVAILABLE; the message says what the operator must fix)."""
@@ -146,3 +151,12 @@ class CheckpointError(Exception):
         super().__init__(message)
         self.public = public
         self.damaged = damaged
+
+
+class CheckpointTooNewError(CheckpointError):
+    """The checkpoint is of a newer format version than this server reads: not damaged, and
+    not BROKEN either (a newer server reads it)."""
+
+    def __init__(self, message: str, public: str, *, version: int) -> None:
+        super().__init__(message, public, damaged=False)
+        self.version = version

@@ -98,6 +98,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_OWNER_UNAVAILABLE: _ClassVar[ErrorReason]
     ERROR_REASON_JOB_NOT_FOUND: _ClassVar[ErrorReason]
     ERROR_REASON_NOT_SUPPORTED: _ClassVar[ErrorReason]
+    ERROR_REASON_NEWER_FORMAT: _ClassVar[ErrorReason]
 OPTIMIZER_UNSPECIFIED: Optimizer
 OPTIMIZER_SGD: Optimizer
 OPTIMIZER_ADAGRAD: Optimizer
@@ -159,6 +160,7 @@ ERROR_REASON_LEASE_LOST: ErrorReason
 ERROR_REASON_OWNER_UNAVAILABLE: ErrorReason
 ERROR_REASON_JOB_NOT_FOUND: ErrorReason
 ERROR_REASON_NOT_SUPPORTED: ErrorReason
+ERROR_REASON_NEWER_FORMAT: ErrorReason
 
 class SessionConfig(_message.Message):
     __slots__ = ("hidden_size", "seq_length", "batch_size", "learning_rate", "optimizer", "clip", "seed", "dtype", "reset_every", "cell", "num_layers", "dropout", "validation_fraction")
@@ -675,9 +677,11 @@ class WatchJobRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class WatchJobResponse(_message.Message):
-    __slots__ = ("job", "progress")
+    __slots__ = ("job", "progress", "restored_at_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_AT_STEP_FIELD_NUMBER: _ClassVar[int]
     job: Job
     progress: TrainResponse
-    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., progress: _Optional[_Union[TrainResponse, _Mapping]] = ...) -> None: ...
+    restored_at_step: int
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., progress: _Optional[_Union[TrainResponse, _Mapping]] = ..., restored_at_step: _Optional[int] = ...) -> None: ...

@@ -262,6 +262,10 @@ class RnnServiceServicer:
         Idempotent by request_id: a retry with the same request_id returns the same job.
         FAILED_PRECONDITION (SESSION_BUSY, naming the running job) if the session already
         runs a job or a Step; RESOURCE_EXHAUSTED past --max-jobs-per-token.
+        Cluster mode: the job runs on the session's owner and moves with the session (the
+        owner dies, drains, or another replica has a free slot): see docs/training-jobs.md,
+        "In a cluster". Every job call is routed to the owner by the session id in its
+        request (session_id, or the job name).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -293,7 +297,8 @@ class RnnServiceServicer:
     def WatchJob(self, request, context):
         """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
         does) until the job ends; the last message holds the ended job. Cancelling the call
-        detaches: the job goes on.
+        detaches: the job goes on. Cluster mode: the stream follows the job when it moves to
+        another replica (restored_at_step announces a failover's rollback).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -97,6 +97,10 @@ class RnnServiceStub:
     Idempotent by request_id: a retry with the same request_id returns the same job.
     FAILED_PRECONDITION (SESSION_BUSY, naming the running job) if the session already
     runs a job or a Step; RESOURCE_EXHAUSTED past --max-jobs-per-token.
+    Cluster mode: the job runs on the session's owner and moves with the session (the
+    owner dies, drains, or another replica has a free slot): see docs/training-jobs.md,
+    "In a cluster". Every job call is routed to the owner by the session id in its
+    request (session_id, or the job name).
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_rnn_service_pb2.GetJobRequest, _rnn_service_pb2.GetJobResponse]
     """GetJob returns one job by name. NOT_FOUND if the session or job is unknown."""
@@ -110,7 +114,8 @@ class RnnServiceStub:
     WatchJob: _grpc.UnaryStreamMultiCallable[_rnn_service_pb2.WatchJobRequest, _rnn_service_pb2.WatchJobResponse]
     """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
     does) until the job ends; the last message holds the ended job. Cancelling the call
-    detaches: the job goes on.
+    detaches: the job goes on. Cluster mode: the stream follows the job when it moves to
+    another replica (restored_at_step announces a failover's rollback).
     """
 
 @_typing.type_check_only
@@ -182,6 +187,10 @@ class RnnServiceAsyncStub(RnnServiceStub):
     Idempotent by request_id: a retry with the same request_id returns the same job.
     FAILED_PRECONDITION (SESSION_BUSY, naming the running job) if the session already
     runs a job or a Step; RESOURCE_EXHAUSTED past --max-jobs-per-token.
+    Cluster mode: the job runs on the session's owner and moves with the session (the
+    owner dies, drains, or another replica has a free slot): see docs/training-jobs.md,
+    "In a cluster". Every job call is routed to the owner by the session id in its
+    request (session_id, or the job name).
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_rnn_service_pb2.GetJobRequest, _rnn_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns one job by name. NOT_FOUND if the session or job is unknown."""
@@ -195,7 +204,8 @@ class RnnServiceAsyncStub(RnnServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_rnn_service_pb2.WatchJobRequest, _rnn_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
     does) until the job ends; the last message holds the ended job. Cancelling the call
-    detaches: the job goes on.
+    detaches: the job goes on. Cluster mode: the stream follows the job when it moves to
+    another replica (restored_at_step announces a failover's rollback).
     """
 
 class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -354,6 +364,10 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
         Idempotent by request_id: a retry with the same request_id returns the same job.
         FAILED_PRECONDITION (SESSION_BUSY, naming the running job) if the session already
         runs a job or a Step; RESOURCE_EXHAUSTED past --max-jobs-per-token.
+        Cluster mode: the job runs on the session's owner and moves with the session (the
+        owner dies, drains, or another replica has a free slot): see docs/training-jobs.md,
+        "In a cluster". Every job call is routed to the owner by the session id in its
+        request (session_id, or the job name).
         """
 
     @_abc_1.abstractmethod
@@ -391,7 +405,8 @@ class RnnServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_rnn_service_pb2.WatchJobResponse], _abc.AsyncIterator[_rnn_service_pb2.WatchJobResponse]]:
         """WatchJob streams a job: first as it is now (no progress), then its progress (as Train
         does) until the job ends; the last message holds the ended job. Cancelling the call
-        detaches: the job goes on.
+        detaches: the job goes on. Cluster mode: the stream follows the job when it moves to
+        another replica (restored_at_step announces a failover's rollback).
         """
 
 def add_RnnServiceServicer_to_server(servicer: RnnServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -301,4 +301,8 @@ class Servicer(pb_grpc.RnnServiceServicer):
                 message = pb.WatchJobResponse(job=cv.job_to_pb(job_view(session, record)))
                 if progress is not None:
                     message.progress.CopyFrom(cv.progress_to_pb(progress))
+                else:  # the first message: where a failover's move resumed it, if it did
+                    running = self.jobs.running.get((session.id, record.job_id))
+                    if running is not None and running.restored_at is not None:
+                        message.restored_at_step = running.restored_at
                 yield message

@@ -230,6 +230,14 @@ class Coordinator:
     def _marker(self) -> str:
         return f"{self.prefix}:directory"
 
+    @property
+    def _jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    @property
+    def _capacity(self) -> str:
+        return f"{self.prefix}:capacity"
+
     # -- connection ---------------------------------------------------------------------------
 
     async def ping(self) -> bool:
@@ -390,6 +398,7 @@ class Coordinator:
         id never reuses a token."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self._directory, session_id)
+            pipe.zrem(self._jobs, session_id)
             pipe.delete(
                 self.key(session_id, "ckpt"),
                 self.key(session_id, "loss"),
@@ -415,6 +424,60 @@ class Coordinator:
         ids = await self.redis.zrangebylex(self._directory, low, "+", start=0, num=page_size + 1)
         page = [str(i) for i in ids[:page_size]]
         return page, (page[-1] if len(ids) > page_size else "")
+
+    # -- training jobs --------------------------------------------------------------------------
+
+    async def add_jobs(self, session_ids: list[str]) -> None:
+        """Put sessions in the set of sessions with a queued or running job (a session already
+        there keeps its place: the oldest job is claimed first)."""
+        if session_ids:
+            now = time.time()
+            await self.redis.zadd(self._jobs, {i: now for i in session_ids}, nx=True)
+
+    async def remove_job(self, session_id: str) -> None:
+        """Take the session out of the set (its job ended)."""
+        await self.redis.zrem(self._jobs, session_id)
+
+    async def job_owners(self) -> list[tuple[str, str | None]]:
+        """(session id, owner's address or None) for every session with a job, oldest first."""
+        ids = [str(i) for i in await self.redis.zrange(self._jobs, 0, -1)]
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id in ids:
+                pipe.get(self.key(session_id, "lease"))
+            values = await pipe.execute()
+        return [
+            (i, None if v is None else str(v).rsplit("|", 1)[0])
+            for i, v in zip(ids, values, strict=True)
+        ]
+
+    async def put_free_slots(self, replica_addr: str, free: int) -> None:
+        """Say how many job slots this replica has free (negative: jobs waiting for one),
+        valid for a lease TTL."""
+        expiry = time.time() + self.lease_ttl
+        await self.redis.hset(self._capacity, replica_addr, f"{free}|{expiry:.3f}")
+
+    async def drop_free_slots(self, replica_addr: str) -> None:
+        """This replica takes no more jobs (drain)."""
+        await self.redis.hdel(self._capacity, replica_addr)
+
+    async def free_slots_elsewhere(self, replica_addr: str) -> int:
+        """The free job slots the other replicas said they have (expired entries removed)."""
+        entries: dict[Any, Any] = await self.redis.hgetall(self._capacity)
+        now, free, expired = time.time(), 0, []
+        for address, value in entries.items():
+            count, _, expiry = str(value).partition("|")
+            try:
+                if float(expiry) < now:
+                    expired.append(address)
+                elif address != replica_addr:
+                    free += max(0, int(count))
+            except ValueError:
+                expired.append(address)
+        if expired:
+            await self.redis.hdel(self._capacity, *expired)
+        return free
 
     # -- loss streams ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 
 import grpc
 import grpc.aio
+from google.rpc import error_details_pb2, status_pb2
 
 from rnnserve_server.errors import OwnerUnavailableError
 
@@ -73,6 +74,27 @@ def _identity(data: bytes) -> bytes:
 # gets a sentence instead.
 _TRANSPORT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def hop_failed(error: grpc.aio.AioRpcError) -> bool:
+    """True if the error is the hop's own failure (the owner could not be reached, or died
+    mid-call), not an answer from the owner (which carries its status details)."""
+    trailing = tuple(cast(Any, error.trailing_metadata() or ()))
+    from_owner = any(key == _STATUS_DETAILS_KEY for key, _ in trailing)
+    return not from_owner and error.code() in _TRANSPORT_CODES
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason a replica put in its error's status details ("" if none)."""
+    for key, value in cast(Any, error.trailing_metadata() or ()):
+        if key != _STATUS_DETAILS_KEY:
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return str(info.reason)
+    return ""
+
 
 # Told (session id, owner address); returns once that owner no longer holds the session's lease.
 OwnerGone = Callable[[str, str], Awaitable[None]]
@@ -184,8 +206,7 @@ class Forwarder:
     ) -> None:
         # grpc.aio.Metadata iterates as (key, value) pairs (the stubs say otherwise).
         trailing = tuple(cast(Any, error.trailing_metadata() or ()))
-        from_owner = any(key == _STATUS_DETAILS_KEY for key, _ in trailing)
-        if not from_owner and error.code() in _TRANSPORT_CODES:
+        if hop_failed(error):
             raise OwnerUnavailableError(
                 f"session {session_id!r} is owned by another replica, which did not answer "
                 "(it may have just failed); retry in a moment: once its lease lapses "
@@ -237,6 +258,18 @@ class Forwarder:
         call = stub(request, **self._call_args(context))
         async for message in self._relay(call, True, context, session_id, address):
             yield message
+
+    def stream_call(
+        self,
+        address: str,
+        method: str,
+        request: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Any:
+        """A server-streaming hop whose failures (``grpc.aio.AioRpcError``) its caller
+        handles: WatchJob following its job from replica to replica."""
+        stub = self.channel(address).unary_stream(method, _identity, _identity)
+        return stub(request, **self._call_args(context))
 
     async def stream_unary(
         self,

@@ -10,6 +10,9 @@
 - ``rnnserve_cluster_stale_writes_total``: checkpoints refused by the fenced pointer;
 - ``rnnserve_cluster_gc_sweeps_total``: sweeps of the shared directory this replica ran
   (--gc-interval); ``rnnserve_cluster_gc_removed_total``: blobs they removed;
+- ``rnnserve_cluster_jobs_claimed_total``: training jobs this replica took over (their replica
+  died, drained or handed them off); ``rnnserve_cluster_jobs_handed_off_total``: jobs it
+  handed to a replica with a free slot;
 - ``rnnserve_cluster_redis_up``: 1 while Redis answers.
 """
 
@@ -36,6 +39,8 @@ class ClusterCounts:
     gc_sweeps: int
     gc_removed: int
     redis_up: bool
+    jobs_claimed: int = 0
+    jobs_handed_off: int = 0
 
 
 class ClusterCollector(Collector):
@@ -72,6 +77,12 @@ class ClusterCollector(Collector):
             ),
             ("gc_sweeps", "Sweeps of the shared directory this replica ran", c.gc_sweeps),
             ("gc_removed", "Unreferenced checkpoint blobs the sweeps removed", c.gc_removed),
+            ("jobs_claimed", "Training jobs taken over from another replica", c.jobs_claimed),
+            (
+                "jobs_handed_off",
+                "Training jobs handed to a replica with a free slot",
+                c.jobs_handed_off,
+            ),
         ]
         for name, help_text, count in counters:
             yield CounterMetricFamily(f"rnnserve_cluster_{name}", help_text, value=count)

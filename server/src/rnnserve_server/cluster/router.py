@@ -6,15 +6,17 @@ streams): if this replica holds the session's lease, the call is served here; if
 this replica takes the lease, loads the session's latest checkpoint from the shared directory
 into its registry and serves it; if another replica holds it, the whole call is forwarded
 there as bytes (:mod:`rnnserve_server.cluster.forward`). Routing reads the request's own
-``session_id``; the client's ``x-session-id`` metadata is only a hint for a load balancer in
-front (it may name another session: it is never trusted here). A forwarded call is never
-forwarded again: if the lease moved meanwhile, the caller gets UNAVAILABLE
-(OWNER_UNAVAILABLE) and retries.
+``session_id`` (or the session in a job's ``name``); the client's ``x-session-id`` metadata is
+only a hint for a load balancer in front (it may name another session: it is never trusted
+here). A forwarded call is never forwarded again: if the lease moved meanwhile, the caller
+gets UNAVAILABLE (OWNER_UNAVAILABLE) and retries. WatchJob from a client follows its job
+from replica to replica (:meth:`Router._follow_job`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +32,18 @@ from rnnserve_server.cluster.forward import (
     Forwarder,
     Kind,
     forwarded,
+    hop_failed,
     method_kinds,
 )
 from rnnserve_server.cluster.security import from_peer
 from rnnserve_server.errors import OwnerUnavailableError
+from rnnserve_server.usecases.training import JOB_NAME_RE
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RnnService"]
 LIST_METHOD = f"/{SERVICE.full_name}/ListSessions"
 WATCH_METHOD = f"/{SERVICE.full_name}/WatchLoss"
+WATCH_JOB_METHOD = f"/{SERVICE.full_name}/WatchJob"
+_ACTIVE_JOB = (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
 # Methods whose request carries no session id: served by whichever replica gets them.
 _UNROUTED = {LIST_METHOD}
 
@@ -56,6 +62,16 @@ Done = Callable[[str], None]
 
 class OwnerMovedError(Exception):
     """A forwarded call reached a replica that no longer owns the session."""
+
+
+def session_of(request: Any) -> str:
+    """The session a request is about: its ``session_id``, or the session in a job's
+    ``name`` (sessions/{session}/jobs/{job}); "" if neither (served where it lands)."""
+    session_id = str(getattr(request, "session_id", "") or "")
+    if session_id:
+        return session_id
+    match = JOB_NAME_RE.fullmatch(str(getattr(request, "name", "") or ""))
+    return match.group(1) if match is not None else ""
 
 
 class Router(Interceptor):
@@ -189,9 +205,7 @@ class Router(Interceptor):
 
         fwd = self.forwarder
         done = self.done
-
-        def sid_of(request: Any) -> str:
-            return str(getattr(request, "session_id", "") or "")
+        sid_of = session_of
 
         if kind == "unary_unary":
             inner = handler.unary_unary
@@ -236,6 +250,10 @@ class Router(Interceptor):
                         async for message in source:
                             yield message
                         return
+                if method == WATCH_JOB_METHOD and sid and not forwarded(context):
+                    async for message in self._follow_job(raw, request, context, inner, sid):
+                        yield message
+                    return
                 owner = await self._where(sid, context) if sid else None
                 if owner is not None:
                     relayed = self._forward_stream(
@@ -338,6 +356,79 @@ class Router(Interceptor):
             built.stream_unary,
             built.stream_stream,
         )
+
+    async def _follow_job(
+        self, raw: bytes, request: Any, context: Any, inner: Any, sid: str
+    ) -> AsyncIterator[Any]:
+        """WatchJob from a client: relay the job's messages from its owner (here or
+        forwarded); when the job moves (its owner died, drained or handed it off) follow it
+        to the new owner. The first message from a new owner that resumed behind what this
+        watcher saw carries ``restored_at_step`` (one announced rollback)."""
+        seen = -1  # the furthest step this watcher was shown
+        patience = 9 * self.forwarder.retry_seconds + 5.0  # about 3 lease TTLs without news
+        deadline = time.monotonic() + patience
+        legs = 0
+        while True:
+            owner = await self._where(sid, context)
+            call = None
+            if owner is None:
+                source: AsyncIterator[Any] = self._local(inner(request, context), sid)
+            else:
+                call = self.forwarder.stream_call(owner, WATCH_JOB_METHOD, raw, context)
+                source = call.__aiter__()
+            fresh = True
+            try:
+                async for item in source:
+                    message = (
+                        pb.WatchJobResponse.FromString(item) if isinstance(item, bytes) else item
+                    )
+                    active = message.job.state in _ACTIVE_JOB
+                    if fresh:
+                        fresh = False
+                        back = (
+                            message.restored_at_step
+                            if message.HasField("restored_at_step")
+                            else message.job.step
+                        )
+                        if legs and 0 <= back < seen:
+                            message.restored_at_step = seen = back
+                        else:
+                            message.ClearField("restored_at_step")
+                    if active and message.progress.stop_reason:
+                        continue  # it left that replica: not its end
+                    step = message.progress.step if message.HasField("progress") else -1
+                    step = max(step, message.job.step)
+                    if step > seen:
+                        deadline = time.monotonic() + patience
+                        seen = step
+                    yield message
+                    if not active:
+                        return
+            except grpc.aio.AioRpcError as error:  # the owner's own answers are the caller's
+                if not hop_failed(error) and error.code() != grpc.StatusCode.UNAVAILABLE:
+                    context.set_trailing_metadata(tuple(error.trailing_metadata() or ()))
+                    await context.abort(error.code(), error.details() or "")
+            finally:
+                if call is not None:
+                    call.cancel()
+            legs += 1
+            if time.monotonic() > deadline:
+                moving = OwnerUnavailableError(
+                    f"the job of session {sid!r} is moving between replicas and no replica "
+                    "runs it yet; watch it again in a moment",
+                    session_id=sid,
+                    retry_seconds=self.forwarder.retry_seconds,
+                )
+                await status.abort(context, moving)
+            await asyncio.sleep(self.forwarder.retry_seconds)
+
+    async def _local(self, messages: AsyncIterator[Any], sid: str) -> AsyncIterator[Any]:
+        """A call's messages served here; ``done`` once it ends."""
+        try:
+            async for message in messages:
+                yield message
+        finally:
+            self.done(sid)
 
 
 def lock_for(locks: dict[str, asyncio.Lock], key: str) -> asyncio.Lock:

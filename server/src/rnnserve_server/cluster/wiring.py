@@ -9,7 +9,11 @@ forwarder and the router, and keeps the registry's view of sessions in step with
   be refused by the fenced pointer anyway;
 - an idle session (evicted from memory by the registry, which checkpoints it first) gives its
   lease back, so any replica can activate it next;
-- drain (SIGTERM): the registry checkpoints everything, then every lease is released.
+- drain (SIGTERM): the registry checkpoints everything, then every lease is released;
+- training jobs: Redis keeps the set of sessions with a detached job; every claim interval a
+  replica with a free job slot activates (the path a call takes) those no one owns, and the
+  activation resumes the job; a replica with more jobs than slots hands one off when another
+  has a free slot; a checkpoint of a newer format is left to a newer replica.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from rnnserve_server import logs, metrics
 from rnnserve_server.api.paging import page_token_after, read_page_request
 from rnnserve_server.cluster.cluster_store import ClusterStore
 from rnnserve_server.cluster.coordinator import Coordinator, DirectoryLostError
-from rnnserve_server.cluster.forward import Forwarder
+from rnnserve_server.cluster.forward import Forwarder, error_reason
 from rnnserve_server.cluster.health import RedisHealth
 from rnnserve_server.cluster.loss_stream import LossStreams
 from rnnserve_server.cluster.metrics import ClusterCollector, ClusterCounts
@@ -36,8 +40,14 @@ from rnnserve_server.cluster.router import OwnerMovedError, Router, lock_for
 from rnnserve_server.cluster.security import PeerTls, RedisAccess
 from rnnserve_server.cluster.shared_store import SharedStore
 from rnnserve_server.config import Settings
-from rnnserve_server.errors import StorageError
+from rnnserve_server.errors import (
+    CheckpointTooNewError,
+    NewerFormatError,
+    ShuttingDownError,
+    StorageError,
+)
 from rnnserve_server.sessions.session_types import StopCause
+from rnnserve_server.usecases.training import Jobs
 
 log = logs.get_logger("rnnserve.cluster")
 
@@ -100,6 +110,14 @@ class ClusterNode:
         self.streams = LossStreams(self.coordinator, lambda: self.registry)
         self._owners: dict[str, tuple[str, float]] = {}  # id -> (owner, cache expiry)
         self._owner_cache_ttl = min(1.0, settings.lease_ttl / 4)
+        self.jobs: Jobs | None = None  # set by job_board()
+        self._claimer: asyncio.Task[None] | None = None
+        # Sessions whose checkpoint is newer than this replica reads -> that checkpoint's
+        # name: left to a newer replica until the pointer moves.
+        self._too_new: dict[str, str] = {}
+        self.claim_interval = settings.job_claim_interval or settings.lease_ttl / 3
+        self.jobs_claimed = 0  # training jobs taken over here
+        self.jobs_handed_off = 0  # training jobs given to a replica with a free slot
 
     # -- assembly -------------------------------------------------------------------------
 
@@ -125,6 +143,12 @@ class ClusterNode:
             peers_only=self.peer_tls is not None,
         )
 
+    def job_board(self, jobs: Jobs) -> JobBoard:
+        """The set of sessions with a detached job, for ``jobs`` (whose share of the cluster's
+        jobs this node then balances)."""
+        self.jobs = jobs
+        return JobBoard(self.coordinator)
+
     def attach(self, registry: Any, port: int) -> None:
         """Start serving: the registry to keep in step, the bound port (for the address)."""
         self.registry = registry
@@ -133,6 +157,8 @@ class ClusterNode:
         self._releaser = asyncio.create_task(self._release_loop(), name="cluster-release")
         if self.settings.gc_interval > 0:
             self._collector = asyncio.create_task(self._gc_loop(), name="cluster-gc")
+        if self.jobs is not None:
+            self._claimer = asyncio.create_task(self._claim_loop(), name="cluster-jobs")
         metrics.REGISTRY.register(ClusterCollector(self.counts))
         log.info("cluster_joined", advertise=self.ownership.address)
         self._spawn(self._check_redis())
@@ -204,6 +230,8 @@ class ClusterNode:
             gc_sweeps=self.gc_sweeps,
             gc_removed=self.gc_removed,
             redis_up=health is None or health.serving,
+            jobs_claimed=self.jobs_claimed,
+            jobs_handed_off=self.jobs_handed_off,
         )
 
     async def taken_elsewhere(self, session_id: str) -> bool:
@@ -295,16 +323,30 @@ class ClusterNode:
         # Active under this token only once everything that needs Redis went through: a call
         # that fails midway (Redis stalled) leaves the activation to the next call.
         self._active.pop(session_id, None)
-        if await self.coordinator.pointer(session_id) is None:
+        pointer = await self.coordinator.pointer(session_id)
+        if pointer is None:
             self._active[session_id] = token
             return  # not created yet (or deleted): the call answers for itself
-        session = await registry.run_io(registry.factory.load, session_id)
+        try:
+            session = await registry.run_io(registry.factory.load, session_id, True)
+        except CheckpointTooNewError as exc:  # a rolling upgrade: leave it to a newer replica
+            self._too_new[session_id] = pointer
+            with contextlib.suppress(RedisError, OSError):
+                await self.ownership.release(session_id)
+            log.warning("session_too_new", session_id=session_id, version=exc.version)
+            raise NewerFormatError(
+                f"session {session_id!r}: {exc.public}; no newer replica owns it now: retry "
+                "once one runs (a rolling upgrade is under way)",
+                session_id=session_id,
+            ) from None
+        self._too_new.pop(session_id, None)
         last = await self.coordinator.last_event(session_id)
         # Publishing resumes after the last step on the stream, or after the checkpoint if the
         # stream is ahead of it: steps the dead owner checkpointed but never published are in
         # the checkpoint's history, and go out now rather than leave a gap.
         published = session.step if last is None else min(last.step, session.step)
-        if last is not None and last.step > session.step:
+        rolled_back = last is not None and last.step > session.step
+        if last is not None and rolled_back:
             # The old owner died after its last checkpoint: announce the rollback.
             await self.coordinator.publish_restored(session_id, session.step, token=token)
             self.failovers += 1
@@ -320,6 +362,8 @@ class ClusterNode:
         self.activations += 1
         self.streams.start(session_id, session, token, published)
         log.info("session_activated", session_id=session_id, step=session.step, token=token)
+        if self.jobs is not None and not registry.shutting_down:  # its job goes on here
+            await self.jobs.resume(session, session.step if rolled_back else None)
 
     def done(self, session_id: str) -> None:
         """A call served here ended: a session that no longer exists gives its lease back; a
@@ -349,13 +393,7 @@ class ClusterNode:
                 return  # in use again
             if session_id in self.registry.reserved:
                 return  # being made here (ImportSession, ForkSession)
-            self.registry.sessions.pop(session_id, None)
-            self._active.pop(session_id, None)
-            self.streams.stop(session_id)
-            if self.store is not None:
-                await self.registry.run_io(self.store.forget, session_id)
-            with contextlib.suppress(RedisError, OSError):
-                await self.ownership.release(session_id)
+            await self._let_go(session_id)
             log.info("session_released", session_id=session_id)
 
     async def _on_lost(self, session_id: str) -> None:
@@ -408,6 +446,97 @@ class ClusterNode:
                         session.evict()
                 if not session.resident:
                     self._spawn(self._release(session_id))
+
+    # -- training jobs across replicas ------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        """Every claim interval: say how many job slots are free here, hand off jobs waiting
+        for a slot when another replica has one, claim jobs that lost their replica."""
+        while True:
+            await asyncio.sleep(self.claim_interval)
+            if self.registry.shutting_down:
+                return
+            try:
+                await self.balance_jobs()
+            except (RedisError, OSError, StorageError) as exc:  # Redis away: next round
+                log.warning("job_claim_failed", error=str(exc))
+            except Exception as exc:  # never let the loop die: the jobs would stop moving
+                log.error("job_claim_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def balance_jobs(self) -> None:
+        """One round of the claim loop."""
+        jobs, coordinator, address = self.jobs, self.coordinator, self.ownership.address
+        assert jobs is not None
+        await coordinator.add_jobs(jobs.detached())  # back in the set after a Redis loss
+        free = jobs.free_slots()
+        await coordinator.put_free_slots(address, free)
+        if free < 0:
+            elsewhere = await coordinator.free_slots_elsewhere(address)
+            for session_id in jobs.movable(min(-free, elsewhere)):
+                self._spawn(self._hand_off(session_id))
+            return
+        for session_id, owner in await coordinator.job_owners():
+            if free <= 0 or self.registry.shutting_down:
+                return
+            if owner is not None or session_id in self.registry.sessions:
+                continue
+            too_new = self._too_new.get(session_id)
+            if too_new is not None and await coordinator.pointer(session_id) == too_new:
+                continue  # still newer than this replica reads
+            if await self._claim_job(session_id):
+                free = jobs.free_slots()
+
+    async def _claim_job(self, session_id: str) -> bool:
+        """Activate a session whose job lost its replica, as a call would; True if its job
+        runs here now. An entry whose session has no detached job left is dropped."""
+        try:
+            await self.route(session_id, True)  # True: never forward; raise if owned
+        except (OwnerMovedError, NewerFormatError, ShuttingDownError, TimeoutError):
+            return False
+        session = self.registry.sessions.get(session_id)
+        record = session.active_job if session is not None else None
+        if record is None or record.attached:
+            await self.coordinator.remove_job(session_id)
+            self.done(session_id)
+            return False
+        self.jobs_claimed += 1
+        log.info("job_claimed", session_id=session_id, job=record.job_id, step=session.step)
+        return True
+
+    async def _hand_off(self, session_id: str) -> None:
+        """Give the session of a job waiting for a slot to a replica that has one: its job
+        stops between two updates, is checkpointed (still RUNNING in its record) and the
+        lease is released; a replica with a free slot claims it."""
+        jobs = self.jobs
+        assert jobs is not None
+        async with lock_for(self._locks, session_id):
+            session = self.registry.sessions.get(session_id)
+            if session is None or not self.serves_locally(session_id):
+                return
+            await jobs.park(session_id)
+            await self.registry.checkpoints.flush(session)
+            if self.registry.shutting_down:
+                return  # the drain checkpoints it and lets it go
+            if session.unsaved_changes:  # not safely on disk: it goes on here
+                await jobs.resume(session)
+                return
+            await self._let_go(session_id)
+        self.jobs_handed_off += 1
+        log.info("job_handed_off", session_id=session_id, step=session.step)
+
+    async def _let_go(self, session_id: str) -> None:
+        """Drop the session here and release its lease (under its activation lock)."""
+        session = self.registry.sessions.pop(session_id, None)
+        if session is not None:
+            session.deleted = True  # no more checkpoints from here
+            session.close_watchers()
+        self._active.pop(session_id, None)
+        self._owners.pop(session_id, None)
+        self.streams.stop(session_id)
+        if self.store is not None:
+            await self.registry.run_io(self.store.forget, session_id)
+        with contextlib.suppress(RedisError, OSError):
+            await self.ownership.release(session_id)
 
     async def _gc_loop(self) -> None:
         """Every --gc-interval, one replica of the cluster (whichever takes the turn in Redis)
@@ -490,10 +619,15 @@ class ClusterNode:
                 if code == grpc.StatusCode.NOT_FOUND:
                     return None  # deleted meanwhile
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    # A checkpoint newer than this replica reads: no replica that reads it
+                    # answers, and the replica's own sentence says so.
+                    newer = error_reason(exc) == "NEWER_FORMAT"
                     return pb.Session(
                         session_id=session_id,
                         state=pb.SESSION_STATE_OWNER_UNREACHABLE,
-                        error=_UNREACHABLE.format(ttl=self.settings.lease_ttl),
+                        error=(exc.details() or "")
+                        if newer
+                        else _UNREACHABLE.format(ttl=self.settings.lease_ttl),
                     )
                 return pb.Session(
                     session_id=session_id,
@@ -522,7 +656,9 @@ class ClusterNode:
 
     async def drain(self) -> None:
         """After the registry checkpointed every session: give every lease back."""
-        for task in (self._releaser, self._collector):
+        with contextlib.suppress(RedisError, OSError):
+            await self.coordinator.drop_free_slots(self.ownership.address)
+        for task in (self._releaser, self._collector, self._claimer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -538,3 +674,23 @@ class ClusterNode:
         await self.forwarder.close()
         with contextlib.suppress(RedisError, OSError):
             await self.coordinator.close()
+
+
+class JobBoard:
+    """Training jobs' set in Redis (usecases/training.py's JobBoard)."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    async def add(self, session_id: str) -> None:
+        try:
+            await self.coordinator.add_jobs([session_id])
+        except (RedisError, OSError):
+            raise StorageError(
+                "the cluster coordinator (Redis) is not answering, so the job could not be "
+                "recorded; retry in a moment",
+                session_id=session_id,
+            ) from None
+
+    async def remove(self, session_id: str) -> None:
+        await self.coordinator.remove_job(session_id)

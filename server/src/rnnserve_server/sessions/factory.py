@@ -16,6 +16,7 @@ from rnnserve_server.engine.trainer import Trainer
 from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import (
     CheckpointError,
+    CheckpointTooNewError,
     InvalidArgumentError,
     LimitExceededError,
     StorageError,
@@ -58,14 +59,18 @@ class SessionFactory:
         """LimitExceededError when a hyperparameter is over its server limit."""
         check_config_limits(self.settings, config)
 
-    def load(self, session_id: str) -> Session:
+    def load(self, session_id: str, leave_newer: bool = False) -> Session:
         """The session kept in the store under ``session_id`` (I/O: call in a worker thread);
-        a broken session if its checkpoint can't be loaded."""
+        a broken session if its checkpoint can't be loaded. ``leave_newer`` (cluster mode):
+        a checkpoint of a newer format raises CheckpointTooNewError (a newer replica reads
+        it) instead."""
         try:
             return Session.from_checkpoint(self.store.load(session_id, self.check_checkpoint))
         except StorageError:
             raise  # the store can't be reached now (cluster mode: Redis): the file is not bad
         except Exception as exc:  # a bad file must never stop the server
+            if leave_newer and isinstance(exc, CheckpointTooNewError):
+                raise  # a newer replica reads it
             error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
             log.error("checkpoint_broken", session_id=session_id, error=error)
             try:

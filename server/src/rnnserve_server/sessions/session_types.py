@@ -36,6 +36,7 @@ class StopCause(enum.Enum):
     DELETED = "deleted"
     SHUTDOWN = "shutdown"
     LEASE_LOST = "lease_lost"  # cluster mode: another replica owns the session now
+    MOVED = "moved"  # cluster mode: its job is handed to a replica with a free slot
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from rnnserve_server.errors import CheckpointError
+from rnnserve_server.errors import CheckpointError, CheckpointTooNewError
 from rnnserve_server.storage.checkpoint import (
     FORMAT,
     READ_VERSIONS,
@@ -76,7 +76,16 @@ def read_state(
             meta = json.loads(text)
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not an rnnserve checkpoint (bad format tag)")
-            if meta.get("version") not in READ_VERSIONS:
+            version = meta.get("version")
+            if type(version) is int and version > max(READ_VERSIONS):
+                raise CheckpointTooNewError(
+                    f"{path}: checkpoint format version {version} is newer than this "
+                    f"server reads ({', '.join(map(str, READ_VERSIONS))})",
+                    public=f"its checkpoint is format version {version}, newer than this "
+                    f"server reads (up to {max(READ_VERSIONS)}): a newer rnnserve serves it",
+                    version=version,
+                )
+            if version not in READ_VERSIONS:
                 raise CheckpointError(
                     f"{path}: checkpoint format version {meta.get('version')!r} is not "
                     f"supported (this server reads versions "

@@ -6,6 +6,10 @@ A job is recorded with its session (sessions/job_record.py) and checkpointed wit
 streaming Train is an *attached* job: the same loop, stopped (CALLER_LEFT) when its caller
 leaves. A detached job that the server's shutdown stops stays RUNNING in its record, and
 ``Jobs.resume_all`` runs it again when the server starts on the same data directory.
+
+In cluster mode a :class:`JobBoard` (Redis) knows every session with a detached job, so
+another replica can resume it (``Jobs.resume``) when its session moves there; a job *parked*
+for a move (``Jobs.park``) stays RUNNING in its record, as at shutdown.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -28,7 +32,6 @@ from rnnserve_server.errors import (
     JobNotFoundError,
     LeaseLostError,
     LimitExceededError,
-    NotSupportedError,
 )
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions import job_record as states
@@ -53,6 +56,7 @@ _CAUSES = {
     StopCause.DELETED: ("deleted", states.STOPPED),
     StopCause.SHUTDOWN: ("shutdown", states.STOPPED),
     StopCause.LEASE_LOST: ("shutdown", states.STOPPED),  # cluster: another replica owns it
+    StopCause.MOVED: ("shutdown", states.STOPPED),  # cluster: handed to another replica
 }
 _ENDED_AS = {
     "completed": states.SUCCEEDED,
@@ -176,6 +180,16 @@ async def train_chunk(
         raise
 
 
+class JobBoard(Protocol):
+    """Cluster mode: the set of sessions with a detached job that is queued or running, from
+    which another replica resumes a job whose owner is gone. StorageError if it can't be
+    reached."""
+
+    async def add(self, session_id: str) -> None: ...
+
+    async def remove(self, session_id: str) -> None: ...
+
+
 class RunningJob:
     """A job being run: its record, its loop's task and the followers of its progress."""
 
@@ -183,6 +197,8 @@ class RunningJob:
         self.session = session
         self.record = record
         self.plan = plan
+        # The checkpoint's step it resumed from after a failover took back later steps.
+        self.restored_at: int | None = None
         self.task: asyncio.Task[None] | None = None
         self.followers: list[asyncio.Queue[TrainProgress | None]] = []
         self.error: BaseException | None = None  # why the loop failed (an attached caller's)
@@ -217,7 +233,7 @@ class Jobs:
         settings = registry.settings
         self.scheduler = JobScheduler(settings.max_running_jobs or default_slots())
         self.running: dict[tuple[str, str], RunningJob] = {}
-        self.cluster = False  # cluster mode: StartJob refused, nothing resumed (next issue)
+        self.board: JobBoard | None = None  # cluster mode
 
     # ----- start ------------------------------------------------------------------------
 
@@ -232,11 +248,6 @@ class Jobs:
     ) -> tuple[Session, JobRecord, RunningJob | None]:
         """Check the plan, record a job on the session and start its loop. A retried
         ``request_id`` returns the job it made (and its runner if still running)."""
-        if not attached and self.cluster:
-            raise NotSupportedError(
-                "training jobs are not yet supported in cluster mode; use a streaming Train "
-                "(rnnserve train without --detach), or run a single server"
-            )
         plan.check(self.limits)
         if request_id and not REQUEST_ID_RE.fullmatch(request_id):
             raise InvalidArgumentError(
@@ -253,6 +264,8 @@ class Jobs:
             # Fixed now, so however often the job resumes it never trains past it (a Step may
             # have run during the check above: until_step still holds).
             target = session.step + fitted.steps if plan.until_step is None else plan.until_step
+            if not attached and self.board is not None:  # before the job can exist
+                await self.board.add(session.id)
             now = time.time()
             record = JobRecord(
                 job_id=secrets.token_hex(6),
@@ -317,29 +330,63 @@ class Jobs:
         an attached job's caller is gone: it is recorded as stopped. The number resumed."""
         resumed = 0
         for session in list(self.registry.sessions.values()):
-            record = session.active_job
-            if record is None:
-                continue
-            if self.cluster:  # jobs across replicas: the next issue
-                self._end_record(session, record, "shutdown", states.STOPPED)
-                self.registry.checkpoints.request(session)
-                continue
-            plan = TrainingPlan.from_dict(record.spec)
-            try:
-                async with self.registry.use(session.id) as loaded:
-                    fitted = plan.fit(loaded, self.limits)
-                    loaded.begin("Train", record)
-                    self._launch(loaded, record, plan, fitted)
-                    resumed += 1
-            except Exception as exc:  # the job can't go on here: say why, keep serving
-                record.error = f"could not resume: {exc}"
-                self._end_record(session, record, "failed", states.FAILED)
-                log.error(
-                    "job_resume_failed", job=job_name(session.id, record.job_id), error=str(exc)
-                )
-                if session.resident:
-                    self.registry.checkpoints.request(session)
+            resumed += await self.resume(session)
         return resumed
+
+    async def resume(self, session: Session, restored_at: int | None = None) -> bool:
+        """Run the session's queued or running job again (server start; cluster mode: the
+        session was activated here). ``restored_at``: a failover took the steps after this
+        one back. True if a job was resumed."""
+        record = session.active_job
+        if record is None or (session.id, record.job_id) in self.running:
+            return False
+        plan = TrainingPlan.from_dict(record.spec)
+        try:
+            async with self.registry.use(session.id) as loaded:
+                fitted = plan.fit(loaded, self.limits)
+                loaded.begin("Train", record)
+                job = self._launch(loaded, record, plan, fitted)
+                job.restored_at = restored_at
+                return True
+        except Exception as exc:  # the job can't go on here: say why, keep serving
+            record.error = f"could not resume: {exc}"
+            self._end_record(session, record, "failed", states.FAILED)
+            log.error("job_resume_failed", job=job_name(session.id, record.job_id), error=str(exc))
+            if session.resident:
+                self.registry.checkpoints.request(session)
+            if self.board is not None:
+                with contextlib.suppress(Exception):
+                    await self.board.remove(session.id)
+        return False
+
+    # ----- cluster mode: what a replica's share of the jobs is -------------------------------
+
+    def free_slots(self) -> int:
+        """Slots minus the jobs queued or running here (negative: more jobs than slots)."""
+        return self.scheduler.slots - len(self.running)
+
+    def detached(self) -> list[str]:
+        """The ids of the sessions whose detached job runs (or queues) here."""
+        return [s for (s, _), j in self.running.items() if not j.record.attached]
+
+    def movable(self, count: int) -> list[str]:
+        """Up to ``count`` sessions whose detached job waits for a slot here, newest first
+        (the older keep their place)."""
+        waiting = [
+            j
+            for j in self.running.values()
+            if not j.record.attached and j.record.state == states.QUEUED
+        ]
+        waiting.sort(key=lambda j: j.record.create_time, reverse=True)
+        return [j.session.id for j in waiting[: max(0, count)]]
+
+    async def park(self, session_id: str) -> None:
+        """Stop the session's job here between two updates, still RUNNING in its record and
+        checkpointed, so another replica resumes it (a fairness move)."""
+        for (sid, _), job in list(self.running.items()):
+            if sid == session_id:
+                job.session.request_stop(StopCause.MOVED)
+                await job.ended.wait()
 
     # ----- the loop ---------------------------------------------------------------------
 
@@ -508,6 +555,11 @@ class Jobs:
                 state = _ENDED_AS.get(reason) or _CAUSES.get(session.stop_cause, ("", ""))[1]
                 self._end_record(session, record, reason, state or states.STOPPED)
             await self._leave(session, record, restore=record.state == states.SUCCEEDED)
+            if not keep and not record.attached and self.board is not None:
+                try:
+                    await self.board.remove(session.id)
+                except Exception as exc:  # the claim loops drop an ended job's entry
+                    bound.warning("job_board_remove_failed", error=str(exc))
             self.running.pop((session.id, record.job_id), None)
             self._count()
             log.info(
@@ -668,6 +720,7 @@ def _fresh(exc: BaseException) -> BaseException:
 
 __all__ = [
     "CHUNK_SECONDS",
+    "JobBoard",
     "JobView",
     "Jobs",
     "RunningJob",
