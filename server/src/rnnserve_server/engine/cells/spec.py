@@ -146,23 +146,22 @@ class StackWorkspace:
         # At B = 1 a numpy call costs ~0.35 us on same-shape operands and ~1 us when one is
         # broadcast or has a negative stride (the general iterator), so the per-step buffers
         # below are laid out for same-shape calls.
+        self.dA = np.empty((T, B, G) if not gru else (0, 0, G), dtype)  # dL/da_t
         if lstm:
             # Backward: M[t] = [M_g, M_i, M_f, M_o | K, F] (gate order of the weights), F_t =
-            # f_{t+1}, and dAx[t] = [dL/da_t | K d, F dc] with d, dc side by side in S, so one
-            # product [K, F] * [d, dc_{t+1}] makes both terms of dL/dc_t.
+            # f_{t+1}, and S = [d, dc], so one product [K, F] * [dL/dh_t, dL/dc_{t+1}] makes
+            # both terms of dL/dc_t (into KdFdc).
             self.M = np.empty((T, B, 6 * H), dtype)
             self.K = self.M[..., 4 * H : 5 * H]  # o (1 - tanh(c_t)^2)
-            self.dAx = np.empty((T, B, 6 * H), dtype)
-            self.dA = self.dAx[..., :G]  # dL/da_t (row stride 6H: BLAS takes it as it is)
             self.S = np.empty((B, 2 * H), dtype)  # [d, dc]: dL/dh_t, dL/dc_{t+1} then _t
-            # The forward's input part x_t Wx + b in the loop's gate order, contiguous, in
-            # dAx's memory: dead before the backward writes dAx.
-            self.pre = self.dAx.reshape(-1)[: T * B * G].reshape(T, B, G)
+            self.KdFdc = np.empty((B, 2 * H), dtype)
+            # The forward's input part x_t Wx + b in the loop's gate order, in dA's memory:
+            # dead before the backward writes dA.
+            self.pre = self.dA
             self.P = np.empty((B, 2 * H), dtype)  # [f c_{t-1}, i g]
         else:
             self.M = np.empty((T, B, G), dtype)  # GRU: M[..., :H] = (h Wh_n + bn) r (1 - r)
             self.K = np.empty((T, B, H), dtype)  # GRU: (h - n) z (1 - z); rnn: 1 - h_t^2
-            self.dA = np.empty((T, B, G), dtype)  # dL/da_t
         self.Q = np.empty((T, B, H), dtype) if gru else self.K  # GRU: (1 - z)(1 - n^2)
         self.dA_parts = [(slice(0, G), self.dA)]  # dL/da_t as (gate columns, (T, B, .)) blocks
         self.dGh = self.dA  # dL/d(h_{t-1} Wh [+ bn])
@@ -199,13 +198,13 @@ class StackWorkspace:
     def _backward_views(self, spec: Spec, li: int, T: int, B: int) -> list[tuple[np.ndarray, ...]]:
         H, dH, dA, K = spec.hidden_size, self.dH, self.dA, self.K
         if spec.cell == "lstm":
-            M, X = self.M, self.dAx
+            M, KdFdc = self.M, self.KdFdc
+            dc_terms = (KdFdc, KdFdc[:, :H], KdFdc[:, H:])
             dc3 = self.S[:, None, H:]  # (B, 1, H)
             views: list[tuple[np.ndarray, ...]] = []
             for t in range(T):
-                o_and_c = (M[t][:, 3 * H : 4 * H], X[t][:, 3 * H : 4 * H], M[t][:, 4 * H :])
-                dc_terms = (X[t][:, 4 * H :], X[t][:, 4 * H : 5 * H], X[t][:, 5 * H :])
-                gif = (M[t].reshape(B, 6, H)[:, :3], dc3, X[t].reshape(B, 6, H)[:, :3])
+                o_and_c = (M[t][:, 3 * H : 4 * H], dA[t][:, 3 * H :], M[t][:, 4 * H :])
+                gif = (M[t].reshape(B, 6, H)[:, :3], dc3, dA[t].reshape(B, 4, H)[:, :3])
                 views.append((dH[t], *o_and_c, *dc_terms, *gif, dA[t]))
             return views
         if spec.cell == "gru":
