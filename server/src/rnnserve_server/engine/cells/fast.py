@@ -144,10 +144,9 @@ def _time_chunks(A: np.ndarray, H: int) -> list[slice]:
 
 def _lstm_partials(spec: Spec, ws: StackWorkspace, li: int) -> None:
     """M = the per-step factors that turn dL/dc_t (g, i, f blocks) and dL/dh_t (o block) into
-    dL/da_t, in the weights' gate order; K = o (1 - tanh(c_t)^2), the path from h_t to c_t;
-    F_t = f_{t+1} (0 at the last step), from c_{t+1} back to c_t. The window in chunks of time
-    steps of ~64k numbers a block: the temporaries stay small and in cache (B 32, H 256: ~6 ms
-    a window against 8-26 ms for the whole window at once)."""
+    dL/da_t, in the weights' gate order; K = o (1 - tanh(c_t)^2), the path from h_t to c_t.
+    The window in chunks of time steps of ~64k numbers a block: the temporaries stay small and
+    in cache (B 32, H 256: ~6 ms a window against 8-26 ms for the whole window at once)."""
     H = spec.hidden_size
     for t in _time_chunks(ws.A[li], H):
         A, M, tc = ws.A[li][t], ws.M[t], ws.tcs[li][t]  # A: g, f, i, o (loop_order)
@@ -157,9 +156,6 @@ def _lstm_partials(spec: Spec, ws: StackWorkspace, li: int) -> None:
         M[..., 2 * H : 3 * H] = ws.cs[li][:-1][t] * f * (1.0 - f)
         M[..., 3 * H : 4 * H] = tc * o * (1.0 - o)
         np.multiply(o, 1.0 - tc * tc, out=ws.K[t])
-    F = ws.M[..., 5 * H :]
-    F[:-1] = ws.A[li][1:, :, H : 2 * H]
-    F[-1] = 0.0
 
 
 def _gru_partials(spec: Spec, ws: StackWorkspace, li: int) -> None:
@@ -186,7 +182,7 @@ def _backward_layer(
     if ws.gate_major:
         WhT = ws.WhT
         np.copyto(WhT, p[f"Wh{li}"].T)
-    carry, steps = ws.carry, ws.bwd_views[li][:T]
+    carry, tmpH, steps = ws.carry, ws.tmpH, ws.bwd_views[li][:T]
     dot, add, mul = np.dot, np.add, np.multiply
     if spec.cell == "rnn":
         hs = ws.hs[li][1:]
@@ -202,22 +198,24 @@ def _backward_layer(
                 dot(da, WhT, out=carry)
     elif spec.cell == "lstm":
         _lstm_partials(spec, ws, li)
-        S, H = ws.S, spec.hidden_size
-        d, dc = S[:, :H], S[:, H:]  # dL/dh_t; dL/dc_{t+1}, then dL/dc_t
-        carry.fill(0.0)
+        dc, tmpH = ws.dc, ws.tmpH
         dc.fill(0.0)
+        dc3 = dc[:, None, :]
+        # 7 numpy calls a step. (Fusing K d and f dc into one product needs f_{t+1} beside
+        # K_t, a copy that cost more at B 32 than the call it saves at B 1.)
         for t in range(T - 1, -1, -1):
-            dH_t, M_o, dA_o, KF, KdFdc, Kd, Fdc, M_gif, dc3, dA_gif, da = steps[t]
-            add(dH_t, carry, out=d)
-            mul(M_o, d, out=dA_o)  # o
-            mul(KF, S, out=KdFdc)  # [K d, f_{t+1} dc_{t+1}]
-            add(Kd, Fdc, out=dc)  # dL/dc_t: through h_t, and from c_{t+1}
+            d, K_t, M_gif, dA_gif, M_o, dA_o, f, da = steps[t]
+            if t < T - 1:
+                add(d, carry, out=d)
+            mul(d, K_t, out=tmpH)
+            add(dc, tmpH, out=dc)  # dL/dc_t: through h_t, and from c_{t+1}
             mul(M_gif, dc3, out=dA_gif)  # g, i, f
+            mul(M_o, d, out=dA_o)  # o
             if t > 0:
+                mul(dc, f, out=dc)
                 dot(da, WhT, out=carry)
     else:  # gru
         _gru_partials(spec, ws, li)
-        tmpH = ws.tmpH
         for t in range(T - 1, -1, -1):
             d, Q_t, K_t, R_t, r, z, dr, dz, dgh_n, dn, dgh = steps[t]
             if t < T - 1:

@@ -147,21 +147,14 @@ class StackWorkspace:
         # broadcast or has a negative stride (the general iterator), so the per-step buffers
         # below are laid out for same-shape calls.
         self.dA = np.empty((T, B, G) if not gru else (0, 0, G), dtype)  # dL/da_t
+        self.M = np.empty((T, B, G), dtype)  # per-step partials of the gates (backward)
+        self.K = np.empty((T, B, H), dtype)  # LSTM: o (1 - tanh(c)^2); GRU: (h - n) z (1 - z)
+        self.dc = np.empty((B, H), dtype)  # dL/dc_t (LSTM)
         if lstm:
-            # Backward: M[t] = [M_g, M_i, M_f, M_o | K, F] (gate order of the weights), F_t =
-            # f_{t+1}, and S = [d, dc], so one product [K, F] * [dL/dh_t, dL/dc_{t+1}] makes
-            # both terms of dL/dc_t (into KdFdc).
-            self.M = np.empty((T, B, 6 * H), dtype)
-            self.K = self.M[..., 4 * H : 5 * H]  # o (1 - tanh(c_t)^2)
-            self.S = np.empty((B, 2 * H), dtype)  # [d, dc]: dL/dh_t, dL/dc_{t+1} then _t
-            self.KdFdc = np.empty((B, 2 * H), dtype)
             # The forward's input part x_t Wx + b in the loop's gate order, in dA's memory:
             # dead before the backward writes dA.
             self.pre = self.dA
             self.P = np.empty((B, 2 * H), dtype)  # [f c_{t-1}, i g]
-        else:
-            self.M = np.empty((T, B, G), dtype)  # GRU: M[..., :H] = (h Wh_n + bn) r (1 - r)
-            self.K = np.empty((T, B, H), dtype)  # GRU: (h - n) z (1 - z); rnn: 1 - h_t^2
         self.Q = np.empty((T, B, H), dtype) if gru else self.K  # GRU: (1 - z)(1 - n^2)
         self.dA_parts = [(slice(0, G), self.dA)]  # dL/da_t as (gate columns, (T, B, .)) blocks
         self.dGh = self.dA  # dL/d(h_{t-1} Wh [+ bn])
@@ -198,15 +191,12 @@ class StackWorkspace:
     def _backward_views(self, spec: Spec, li: int, T: int, B: int) -> list[tuple[np.ndarray, ...]]:
         H, dH, dA, K = spec.hidden_size, self.dH, self.dA, self.K
         if spec.cell == "lstm":
-            M, KdFdc = self.M, self.KdFdc
-            dc_terms = (KdFdc, KdFdc[:, :H], KdFdc[:, H:])
-            dc3 = self.S[:, None, H:]  # (B, 1, H)
-            views: list[tuple[np.ndarray, ...]] = []
-            for t in range(T):
-                o_and_c = (M[t][:, 3 * H : 4 * H], dA[t][:, 3 * H :], M[t][:, 4 * H :])
-                gif = (M[t].reshape(B, 6, H)[:, :3], dc3, dA[t].reshape(B, 4, H)[:, :3])
-                views.append((dH[t], *o_and_c, *dc_terms, *gif, dA[t]))
-            return views
+            M4, dA4 = self.M.reshape(T, B, 4, H), dA.reshape(T, B, 4, H)
+            f = self.A[li][..., H : 2 * H]  # the loop's gate order
+            return [
+                (dH[t], K[t], M4[t, :, :3], dA4[t, :, :3], M4[t, :, 3], dA4[t, :, 3], f[t], dA[t])
+                for t in range(T)
+            ]
         if spec.cell == "gru":
             r, z = self.A[li][..., :H], self.A[li][..., H : 2 * H]
             Q, R, G = self.Q, self.M[..., :H], self.dGh
