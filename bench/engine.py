@@ -21,8 +21,10 @@ Adagrad, one-hot inputs, (h, c) carried. Their roofline counts 6 G H^2 + 6 H V F
 character (G gates: LSTM 4, GRU 3; the products of the first paragraph with W_hh now H x GH)
 at the FLOP/s of one (seq*batch x H) @ (H x GH) GEMM.
 
-Each cell is the best of several short timed repeats (the machine is shared). Torch runs with as
-many threads as numpy's BLAS (``--threads`` to override). Run: ``python bench/engine.py``.
+Each cell is the best of several short timed repeats (the machine is shared); ``--cpu-time``
+times by this process's CPU time instead of the wall clock (for a busy machine: less moved by
+the other processes, still by those sharing its core and caches). Torch runs with as many threads
+as numpy's BLAS (``--threads`` to override). Run: ``python bench/engine.py``.
 """
 
 from __future__ import annotations
@@ -60,19 +62,26 @@ def blas_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
+# What rate() times: wall-clock, or with --cpu-time this process's CPU time (on a machine
+# shared with other work the wall clock mostly measures the others; CPU time moves less, though
+# cache and core sharing still slow it).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def rate(step: Callable[[], Any], chars_per_step: int, seconds: float, repeats: int = 5) -> float:
     """Best chars/s over ``repeats`` timed slices of about ``seconds / repeats`` each."""
     step()  # warm up (allocations, caches)
-    t0 = time.perf_counter()
+    t0 = clock()
     step()
-    once = max(time.perf_counter() - t0, 1e-6)
+    once = max(clock() - t0, 1e-6)
     n = max(1, int(seconds / repeats / once))
     best = 0.0
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(n):
             step()
-        best = max(best, n * chars_per_step / (time.perf_counter() - t0))
+        best = max(best, n * chars_per_step / max(clock() - t0, 1e-9))
     return best
 
 
@@ -203,12 +212,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-loop", action="store_true", help="skip the per-char loop column")
     parser.add_argument("--cells", default="lstm,gru", help="gated cells to compare ('' none)")
     parser.add_argument("--no-rnn", action="store_true", help="skip the tanh RNN table")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by this process's CPU time, not the wall clock (for a busy machine; with "
+        "more than one thread it adds the threads' times)",
+    )
     args = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS["cpu" if args.cpu_time else "wall"]
     threads = args.threads or blas_threads()
     vocab, ids = load_ids()
     V = vocab.size
 
     print(f"CPU: {cpu_name()}; numpy {np.__version__}, BLAS threads {threads}")
+    if args.cpu_time:
+        print("timed by process CPU time (--cpu-time), not the wall clock")
     cells = [c for c in args.cells.split(",") if c]
     # Every numpy cell first, torch last: once torch has run, its OpenMP threads keep spinning
     # for a while and slowed the next multi-threaded numpy cell by ~25 % on 2 cores.

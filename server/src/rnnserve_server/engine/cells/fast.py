@@ -7,22 +7,22 @@ import numpy as np
 from .spec import (
     Spec,
     StackWorkspace,
+    loop_order,
 )
 
 
-def _sigmoid_(x: np.ndarray) -> None:
-    """x <- sigmoid(x) in place, as 0.5 tanh(x / 2) + 0.5 (no overflow, fewer passes)."""
-    np.multiply(x, 0.5, out=x)
-    np.tanh(x, out=x)
-    np.multiply(x, 0.5, out=x)
-    np.add(x, 0.5, out=x)
-
-
-def _recurrent_weights(Wh: np.ndarray, ws: StackWorkspace) -> np.ndarray:
-    """Wh (H, n*H) copied into ``ws.Whg`` in the recurrence's layout (``ws.gate_major``)."""
-    if ws.gate_major:
-        n, H = ws.Whg.shape[0], Wh.shape[0]
-        np.copyto(ws.Whg, Wh.reshape(H, n, H).transpose(1, 0, 2))
+def _recurrent_weights(spec: Spec, Wh: np.ndarray, ws: StackWorkspace) -> np.ndarray:
+    """Wh (H, n*H) copied into ``ws.Whg`` in the recurrence's layout (``ws.gate_major``; the
+    LSTM's gates in loop_order)."""
+    H = Wh.shape[0]
+    if ws.gate_major:  # (n, H, H), seen as (H, n, H)
+        blocks = ws.Whg.transpose(1, 0, 2)
+        if spec.cell == "lstm":
+            loop_order(spec, Wh, blocks)
+        else:
+            np.copyto(blocks, Wh.reshape(H, -1, H))
+    elif spec.cell == "lstm":
+        loop_order(spec, Wh, ws.Whg)
     else:
         np.copyto(ws.Whg, Wh)
     return ws.Whg
@@ -44,36 +44,41 @@ def _forward_layer(
             add(a, tmp, out=h)
             tanh(h, out=h)
     elif spec.cell == "lstm":
-        # sigmoid(x) = 0.5 tanh(x/2) + 0.5: the i, f, o columns of a are halved (in the
-        # bulk input part here, in a copy of Wh) so one tanh covers all four gates.
-        A = ws.A[li][:T]
-        A[..., H:] *= 0.5
-        Whg, tmpg = _recurrent_weights(Wh, ws), ws.tmpg
+        # sigmoid(x) = 0.5 tanh(x/2) + 0.5: the f, i, o columns are halved (in the input part
+        # ws.pre by forward(), in a copy of Wh here) so one tanh covers all four gates.
+        Whg, tmpg, half = _recurrent_weights(spec, Wh, ws), ws.tmpg, ws.half
         ws.gates(Whg, 1, 4)[...] *= 0.5
-        for a, a_g, s, g, i, f, o, c_prev, c, tc, h_prev, h in steps:
+        P = ws.P
+        P0, P1 = P[:, :H], P[:, H:]
+        # 9 numpy calls a step, on same-shape operands (Z[t] = [c_{t-1}, g, f, i, o]).
+        for pre, a_g, a, s, fi, cg, c, tc, o, h_prev, h in steps:
             matmul(h_prev, Whg, out=tmpg)
-            add(a_g, tmpg, out=a_g)
+            add(pre, tmpg, out=a_g)
             tanh(a, out=a)
-            mul(s, 0.5, out=s)
-            add(s, 0.5, out=s)
-            mul(f, c_prev, out=c)
-            mul(i, g, out=tmpH)
-            add(c, tmpH, out=c)
+            mul(s, half, out=s)
+            add(s, half, out=s)
+            mul(fi, cg, out=P)  # [f c_{t-1}, i g]
+            add(P0, P1, out=c)
             tanh(c, out=tc)
             mul(o, tc, out=h)
     else:  # gru
-        bn = p[f"bn{li}"]
-        Whg, tmpg = _recurrent_weights(Wh, ws), ws.tmpg
+        bn = ws.tmpH2  # bn{li} (H,) as (B, H): a broadcast operand costs ~3x at B = 1
+        np.copyto(bn, p[f"bn{li}"])
+        Whg, tmpg, half, sub = _recurrent_weights(spec, Wh, ws), ws.tmpg, ws.half, np.subtract
+        ws.gates(Whg, 0, 2)[...] *= 0.5  # r, z: sigmoid as tanh, as for the LSTM above
         tmp_rz, tmp_n = ws.gates(tmpg, 0, 2), ws.gates(tmpg, 2, 3)
+        # 12 numpy calls a step, on same-shape operands
         for rz, rz_g, r, z, n, ghn, h_prev, h in steps:
             matmul(h_prev, Whg, out=tmpg)
             add(rz_g, tmp_rz, out=rz_g)
-            _sigmoid_(rz)
+            tanh(rz, out=rz)
+            mul(rz, half, out=rz)
+            add(rz, half, out=rz)
             add(tmp_n, bn, out=ghn)
             mul(r, ghn, out=tmpH)
             add(n, tmpH, out=n)
             tanh(n, out=n)
-            np.subtract(h_prev, n, out=tmpH)
+            sub(h_prev, n, out=tmpH)
             mul(z, tmpH, out=tmpH)
             add(n, tmpH, out=h)
 
@@ -94,13 +99,22 @@ def forward(
     H, G, N = spec.hidden_size, spec.gates, xs.size
     new_state = np.empty_like(state)
     inp: np.ndarray | None = None
+    # The sigmoid gates' columns (LSTM i, f, o; GRU r, z): their input part is halved here,
+    # sigmoid(x) = 0.5 tanh(x/2) + 0.5 (_forward_layer).
+    sig = {"lstm": slice(H, G), "gru": slice(0, 2 * H)}.get(spec.cell, slice(0))
     for li in range(spec.num_layers):
-        A = ws.A[li]
+        A = ws.pre if spec.cell == "lstm" else ws.A[li]  # x_t Wx + b, (T, B, G)
+        b = loop_order(spec, p[f"b{li}"], ws.bl)
         if inp is None:
-            np.take(p["Wx0"], xs, axis=0, out=A)  # the input projection as a gather
+            E = ws.E  # the input rows with the bias folded in
+            np.add(loop_order(spec, p["Wx0"], E), b, out=E)
+            E[:, sig] *= 0.5
+            np.take(E, xs, axis=0, out=A)  # the input projection as a gather
         else:
-            np.matmul(inp.reshape(N, H), p[f"Wx{li}"], out=A.reshape(N, G))
-        A += p[f"b{li}"]
+            Wx = loop_order(spec, p[f"Wx{li}"], ws.Wxl)
+            np.matmul(inp.reshape(N, H), Wx, out=A.reshape(N, G))
+            A += b
+            A[..., sig] *= 0.5
         h0, c0 = spec.layer_state(state, li)
         ws.hs[li][0] = h0
         if c0 is not None:
@@ -130,17 +144,17 @@ def _time_chunks(A: np.ndarray, H: int) -> list[slice]:
 
 def _lstm_partials(spec: Spec, ws: StackWorkspace, li: int) -> None:
     """M = the per-step factors that turn dL/dc_t (g, i, f blocks) and dL/dh_t (o block) into
-    dL/da_t; K = o (1 - tanh(c_t)^2), the path from h_t to c_t. The window in chunks of time
-    steps of ~64k numbers a block: the temporaries stay small and in cache (B 32, H 256: ~6 ms
-    a window against 8-26 ms for the whole window at once)."""
+    dL/da_t, in the weights' gate order; K = o (1 - tanh(c_t)^2), the path from h_t to c_t.
+    The window in chunks of time steps of ~64k numbers a block: the temporaries stay small and
+    in cache (B 32, H 256: ~6 ms a window against 8-26 ms for the whole window at once)."""
     H = spec.hidden_size
     for t in _time_chunks(ws.A[li], H):
-        A, M, tc = ws.A[li][t], ws.M[t], ws.tcs[li][t]
-        g, i, f, o = A[..., :H], A[..., H : 2 * H], A[..., 2 * H : 3 * H], A[..., 3 * H :]
+        A, M, tc = ws.A[li][t], ws.M[t], ws.tcs[li][t]  # A: g, f, i, o (loop_order)
+        g, f, i, o = A[..., :H], A[..., H : 2 * H], A[..., 2 * H : 3 * H], A[..., 3 * H :]
         M[..., :H] = i * (1.0 - g * g)
         M[..., H : 2 * H] = g * i * (1.0 - i)
         M[..., 2 * H : 3 * H] = ws.cs[li][:-1][t] * f * (1.0 - f)
-        M[..., 3 * H :] = tc * o * (1.0 - o)
+        M[..., 3 * H : 4 * H] = tc * o * (1.0 - o)
         np.multiply(o, 1.0 - tc * tc, out=ws.K[t])
 
 
@@ -184,9 +198,11 @@ def _backward_layer(
                 dot(da, WhT, out=carry)
     elif spec.cell == "lstm":
         _lstm_partials(spec, ws, li)
-        dc = ws.dc
+        dc, tmpH = ws.dc, ws.tmpH
         dc.fill(0.0)
         dc3 = dc[:, None, :]
+        # 7 numpy calls a step. (Fusing K d and f dc into one product needs f_{t+1} beside
+        # K_t, a copy that cost more at B 32 than the call it saves at B 1.)
         for t in range(T - 1, -1, -1):
             d, K_t, M_gif, dA_gif, M_o, dA_o, f, da = steps[t]
             if t < T - 1:
@@ -201,14 +217,13 @@ def _backward_layer(
     else:  # gru
         _gru_partials(spec, ws, li)
         for t in range(T - 1, -1, -1):
-            d, Q_t, K_t, R_t, r, z, dr, dz, dn, d_rz, dgh_rz, dgh_n, dgh = steps[t]
+            d, Q_t, K_t, R_t, r, z, dr, dz, dgh_n, dn, dgh = steps[t]
             if t < T - 1:
                 add(d, carry, out=d)
             mul(d, Q_t, out=dn)
             mul(d, K_t, out=dz)
             mul(dn, R_t, out=dr)
             mul(dn, r, out=dgh_n)  # d(h Wh_n + bn)
-            np.copyto(dgh_rz, d_rz)
             if t > 0:
                 dot(dgh, WhT, out=carry)
                 mul(d, z, out=tmpH)
@@ -256,20 +271,27 @@ def loss_and_grads(
 
     for li in range(spec.num_layers - 1, -1, -1):
         _backward_layer(spec, p, li, ws, T)
-        dA = ws.dA.reshape(N, G)
         np.matmul(ws.hs[li][:-1].reshape(N, H).T, ws.dGh.reshape(N, G), out=grads[f"Wh{li}"])
-        np.sum(dA, axis=0, out=grads[f"b{li}"])
         if spec.cell == "gru":
             np.sum(ws.dGh[..., 2 * H :], axis=(0, 1), out=grads[f"bn{li}"])
         if li == 0:
             onehot, xs_flat = ws.onehot, xs.reshape(N)
             onehot[ws.rows, xs_flat] = 1.0
-            np.matmul(onehot.T, dA, out=grads["Wx0"])
-            onehot[ws.rows, xs_flat] = 0.0
+            below = onehot
         else:
-            below = ws.drop[li - 1] if masks is not None else ws.hs[li - 1][1:]
-            np.matmul(below.reshape(N, H).T, dA, out=grads[f"Wx{li}"])
-            np.matmul(dA, p[f"Wx{li}"].T, out=ws.dH.reshape(N, H))
-            if masks is not None:
-                ws.dH *= masks[li - 1]
+            below = (ws.drop[li - 1] if masks is not None else ws.hs[li - 1][1:]).reshape(N, H)
+        dH = ws.dH.reshape(N, H)
+        for k, (cols, part) in enumerate(ws.dA_parts):  # dL/da_t: one block, GRU's two
+            dA = part.reshape(N, -1)
+            np.sum(dA, axis=0, out=grads[f"b{li}"][cols])
+            np.matmul(below.T, dA, out=grads[f"Wx{li}"][:, cols])
+            if li > 0:  # dL/dh_t of the layer below
+                tmp = ws.K.reshape(N, H) if k else dH  # K: free until the next partials
+                np.matmul(dA, p[f"Wx{li}"][:, cols].T, out=tmp)
+                if k:
+                    dH += tmp
+        if li == 0:
+            ws.onehot[ws.rows, xs.reshape(N)] = 0.0
+        elif masks is not None:
+            ws.dH *= masks[li - 1]
     return loss, new_state
