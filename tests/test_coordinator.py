@@ -7,12 +7,14 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rnnserve_server.cluster import Coordinator, Lease, LeaseKeeper
 from rnnserve_server.cluster.health import RedisHealth
+from rnnserve_server.cluster.loss_stream import LossStreams
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import RedisProcess
@@ -215,6 +217,41 @@ async def test_a_publish_that_timed_out_but_went_through_is_not_appended_twice(
         assert [e.validation for e in events[:5]] == [None, None, None, 2.75, None]
         assert [e.loss for e in events[-2:]] == [2.85, 2.8]
     finally:
+        await writer.close()
+
+
+async def test_a_stream_watcher_outlives_a_read_that_timed_out(
+    redis_server: RedisProcess,
+) -> None:
+    """WatchLoss on a replica that does not own the session follows its stream with a blocked
+    read; one that times out (a stalled Redis, a busy machine) is sent again from where it was,
+    and the watcher goes on instead of ending with an error."""
+    reader = Coordinator(redis_server.url, lease_ttl=6.0, op_timeout=0.5)
+    writer = Coordinator(redis_server.url)
+    registry = SimpleNamespace(shutting_down=False, sessions={})
+    streams = LossStreams(reader, lambda: registry)
+    await writer.register("s")
+    await writer.publish_losses("s", 1, [3.0], token=1)
+    source = await streams.watch("s", 1)
+    assert source is not None
+    watched = aiter(source)
+    try:
+        assert [p.step for p in (await anext(watched)).points] == [1]
+        await wait_until(lambda: _blocked_clients(writer, 1), what="the tail's XREAD BLOCK")
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            # Sent after the tail's read, on the same loop with the same timeout: once this
+            # one timed out, the tail's has too.
+            with pytest.raises(RedisTimeoutError):
+                await reader.read_loss("s", "0")
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        await writer.publish_losses("s", 2, [2.9], token=1)
+        following = await asyncio.wait_for(anext(watched), 10)
+        assert [p.step for p in following.points] == [2]
+    finally:
+        await watched.aclose()  # type: ignore[attr-defined]
+        await reader.close()
         await writer.close()
 
 
