@@ -188,15 +188,17 @@ async def test_a_publish_that_timed_out_but_went_through_is_not_appended_twice(
     """An owner whose publish timed out on a stalled Redis sends the same points again; the
     first call was executed all the same once Redis ran again: each step is on the stream
     once (a watcher replaying it would see an unannounced step back)."""
+    redis = redis_server.process
+    assert redis is not None
     writer = Coordinator(redis_server.url, op_timeout=0.5)
     try:
         await writer.publish_losses("s", 1, [3.0, 2.9], token=1)
-        redis_server.process.send_signal(signal.SIGSTOP)
+        redis.send_signal(signal.SIGSTOP)
         try:
             with pytest.raises(RedisTimeoutError):
                 await writer.publish_losses("s", 3, [2.8, 2.7], token=1, validation={4: 2.75})
         finally:
-            redis_server.process.send_signal(signal.SIGCONT)
+            redis.send_signal(signal.SIGCONT)
 
         async def went_through() -> bool:
             last = await writer.last_event("s")
@@ -226,6 +228,8 @@ async def test_a_stream_watcher_outlives_a_read_that_timed_out(
     """WatchLoss on a replica that does not own the session follows its stream with a blocked
     read; one that times out (a stalled Redis, a busy machine) is sent again from where it was,
     and the watcher goes on instead of ending with an error."""
+    redis = redis_server.process
+    assert redis is not None
     reader = Coordinator(redis_server.url, lease_ttl=6.0, op_timeout=0.5)
     writer = Coordinator(redis_server.url)
     registry = SimpleNamespace(shutting_down=False, sessions={})
@@ -238,14 +242,14 @@ async def test_a_stream_watcher_outlives_a_read_that_timed_out(
     try:
         assert [p.step for p in (await anext(watched)).points] == [1]
         await wait_until(lambda: _blocked_clients(writer, 1), what="the tail's XREAD BLOCK")
-        redis_server.process.send_signal(signal.SIGSTOP)
+        redis.send_signal(signal.SIGSTOP)
         try:
             # Sent after the tail's read, on the same loop with the same timeout: once this
             # one timed out, the tail's has too.
             with pytest.raises(RedisTimeoutError):
                 await reader.read_loss("s", "0")
         finally:
-            redis_server.process.send_signal(signal.SIGCONT)
+            redis.send_signal(signal.SIGCONT)
         await writer.publish_losses("s", 2, [2.9], token=1)
         following = await asyncio.wait_for(anext(watched), 10)
         assert [p.step for p in following.points] == [2]

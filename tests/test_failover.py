@@ -26,6 +26,7 @@ from tests.test_cluster import (
     stream_events,
     wait_until,
 )
+from tests.test_cluster_consistency import wait_checkpointed
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import NginxFactory, NginxProcess, RedisProcess
@@ -83,7 +84,7 @@ def behind_nginx(
         # done (under load a Train started earlier was killed before it, and rolled back to
         # step 0). Not the pointer: it moves before the writer is done, and a Train begun
         # meanwhile is checkpointed by that same writer.
-        wait_until(lambda: session.info().checkpointed_step == 1, what="step 1 checkpointed")
+        wait_checkpointed(session, 1)
     return nginx, owner_of(replicas, redis, session_id)
 
 
