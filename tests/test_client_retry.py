@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from rnnserve import Client, ConnectionLost, ServerUnavailable, aio
-from rnnserve._train_to import TrainToResult
+from rnnserve._train_to import TrainToResult, TrainToRun
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -186,3 +186,28 @@ def test_a_train_without_until_step_cut_off_raises_connection_lost(
         "the connection to the replica was lost mid-call; the session may have been updated; "
         f"retry with until_step={target}"
     )
+
+
+def test_train_to_reports_each_rollback_once_and_where_its_train_started() -> None:
+    """``train_to``'s rollbacks from what the server answers each try (GetSession's step, then
+    the Train's messages): a cluster's failover is reported once, at the step the session went
+    back to; and a restore that GetSession did not see (done by the replica that ran the Train,
+    after GetSession answered elsewhere) is reported from the Train's own first message."""
+    run = TrainToRun(60.0, None, None, None)
+
+    def message(step: int, steps_done: int) -> pb.TrainResponse:
+        return pb.TrainResponse(step=step, steps_done=steps_done)
+
+    run.started(1)
+    run.progress(message(101, 100))  # then the owner dies: steps 42..101 were not checkpointed
+    run.started(41)  # the next try finds the session restored at its checkpoint
+    run.progress(message(61, 20))
+    assert run.result.rollbacks == [(101, 41)]
+    # Cut off again (a drain, a proxy's reset) before it trained past 101: nothing was lost.
+    run.started(61)
+    run.progress(message(81, 20))
+    assert run.result.rollbacks == [(101, 41)]
+    # GetSession said 81, but the Train ran where the session was restored at 71.
+    run.started(81)
+    run.progress(message(91, 20))
+    assert run.result.rollbacks == [(101, 41), (81, 71)]

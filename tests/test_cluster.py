@@ -223,6 +223,37 @@ def stream_events(redis: RedisProcess, session_id: str) -> list[dict[str, str]]:
     return [{str(k): str(v) for k, v in fields.items()} for _, fields in entries]
 
 
+def frozen(server: ServerHandle) -> bool:
+    """True once every thread of the server's process is stopped (SIGSTOP)."""
+    states = []
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+    return all(state in "Tt" for state in states)
+
+
+def kill_if_ahead_of_checkpoint(
+    server: ServerHandle, redis: RedisProcess, session_id: str, seen: int, past: int = 0
+) -> int | None:
+    """Kill -9 the owner ``server`` if its death now loses steps the caller (who saw ``seen``)
+    and the watchers saw: the checkpoint it dies with (past step ``past``) is behind both;
+    that checkpoint's step, or None (it runs on). Looked at while it is frozen, so no
+    checkpoint or loss point of its can land between the look and the kill."""
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: frozen(server), what="the owner frozen")
+        checkpointed = stream_ahead_of_checkpoint(redis, session_id)
+        if checkpointed is not None and past < checkpointed < seen:
+            server.kill()
+            return checkpointed
+        return None
+    finally:
+        if server.alive:
+            server.process.send_signal(signal.SIGCONT)
+
+
 def stream_ahead_of_checkpoint(redis: RedisProcess, session_id: str) -> int | None:
     """The step of the session's latest checkpoint if its loss stream already carries a later
     step (a kill -9 now loses steps watchers saw); else None."""
@@ -230,6 +261,7 @@ def stream_ahead_of_checkpoint(redis: RedisProcess, session_id: str) -> int | No
 
     client = redis_lib.Redis.from_url(redis.url, decode_responses=True)
     try:
+        client.ping()  # after what a frozen writer had sent: Redis ran it by the reply
         pointer: Any = client.get(f"rnnserve:s:{{{session_id}}}:ckpt")
         last: Any = client.xrevrange(f"rnnserve:s:{{{session_id}}}:loss", count=1)
     finally:
@@ -291,15 +323,19 @@ def test_kill9_owner_mid_train_fails_over_and_watchers_see_one_announced_rollbac
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     checkpointed_at_kill: list[int] = []
+    seen_at_kill: list[int] = []
 
     def kill_past_a_checkpoint(message: pb.TrainResponse) -> None:
         if checkpointed_at_kill or message.step < kill_after:
             return
-        checkpointed = stream_ahead_of_checkpoint(redis_server, "k")
-        if checkpointed is not None and checkpointed > 1:  # a checkpoint of this Train, and
-            # watchers saw steps it lacks: they are lost with the owner
+        # Killed once a checkpoint of this Train is behind the steps watchers and this
+        # client saw: they are lost with the owner, and both see the rollback.
+        checkpointed = kill_if_ahead_of_checkpoint(
+            replicas[0], redis_server, "k", message.step, past=1
+        )
+        if checkpointed is not None:
             checkpointed_at_kill.append(checkpointed)
-            replicas[0].kill()
+            seen_at_kill.append(message.step)
 
     with replicas[1].client() as client:  # forwards to the owner until it dies
         session = client.session("k")
@@ -308,17 +344,16 @@ def test_kill9_owner_mid_train_fails_over_and_watchers_see_one_announced_rollbac
         assert session.info().step == target  # completed on another replica
     assert result.retries >= 1
 
-    # The stream: steps 1..L from the dead owner, one `restored` event at R (the last
-    # checkpoint: at least the one seen before the kill), then R+1..target from the new owner.
+    # The stream: steps 1..L from the dead owner, one `restored` event at R (the checkpoint
+    # it died with), then R+1..target from the new owner.
     events = stream_events(redis_server, "k")
     restores = [int(e["step"]) for e in events if e["kind"] == "restored"]
-    assert len(restores) <= 1
-    restored_at = restores[0] if restores else None
-    assert restored_at is None or restored_at >= checkpointed_at_kill[0]
+    assert restores == checkpointed_at_kill
     steps = [int(e["step"]) for e in events if e["kind"] == "loss"]
     assert replay(steps, restores) == list(range(1, target + 1))
-    if result.rollbacks:  # the client saw a step past the checkpoint: it reports the rollback
-        assert [restored for _, restored in result.rollbacks] == restores
+    # The client reports the same rollback, from at least the step it saw at the kill.
+    ((seen, restored),) = result.rollbacks
+    assert restored == checkpointed_at_kill[0] and seen >= seen_at_kill[0]
 
     # The watcher on replica 2 saw the same: no gap apart from the one announced rollback.
     assert watcher_done.wait(60), "the watcher on replica 2 did not reach the target"

@@ -4,13 +4,17 @@ checkpoint pointer, the session directory, loss streams, and surviving a Redis r
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rnnserve_server.cluster import Coordinator, Lease, LeaseKeeper
 from rnnserve_server.cluster.health import RedisHealth
+from rnnserve_server.cluster.loss_stream import LossStreams
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import RedisProcess
@@ -176,6 +180,83 @@ async def test_stream_history_live_and_restored(redis_server: RedisProcess) -> N
     finally:
         await writer.close()
         await watcher.close()
+
+
+async def test_a_publish_that_timed_out_but_went_through_is_not_appended_twice(
+    redis_server: RedisProcess,
+) -> None:
+    """An owner whose publish timed out on a stalled Redis sends the same points again; the
+    first call was executed all the same once Redis ran again: each step is on the stream
+    once (a watcher replaying it would see an unannounced step back)."""
+    redis = redis_server.process
+    assert redis is not None
+    writer = Coordinator(redis_server.url, op_timeout=0.5)
+    try:
+        await writer.publish_losses("s", 1, [3.0, 2.9], token=1)
+        redis.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisTimeoutError):
+                await writer.publish_losses("s", 3, [2.8, 2.7], token=1, validation={4: 2.75})
+        finally:
+            redis.send_signal(signal.SIGCONT)
+
+        async def went_through() -> bool:
+            last = await writer.last_event("s")
+            return last is not None and last.step == 4
+
+        await wait_until(went_through, what="the timed-out publish executed")
+        await writer.publish_losses("s", 3, [2.8, 2.7, 2.6], token=1)  # again, and step 5
+        # A new owner (token 2) restored at step 2 publishes steps 3 and 4 again: kept.
+        await writer.publish_restored("s", 2, token=2)
+        await writer.publish_losses("s", 3, [2.85, 2.8], token=2)
+        events = await writer.read_loss("s", "0")
+        assert [(e.kind, e.step, e.token) for e in events] == [
+            *(("loss", step, 1) for step in range(1, 6)),
+            ("restored", 2, 2),
+            ("loss", 3, 2),
+            ("loss", 4, 2),
+        ]
+        assert [e.validation for e in events[:5]] == [None, None, None, 2.75, None]
+        assert [e.loss for e in events[-2:]] == [2.85, 2.8]
+    finally:
+        await writer.close()
+
+
+async def test_a_stream_watcher_outlives_a_read_that_timed_out(
+    redis_server: RedisProcess,
+) -> None:
+    """WatchLoss on a replica that does not own the session follows its stream with a blocked
+    read; one that times out (a stalled Redis, a busy machine) is sent again from where it was,
+    and the watcher goes on instead of ending with an error."""
+    redis = redis_server.process
+    assert redis is not None
+    reader = Coordinator(redis_server.url, lease_ttl=6.0, op_timeout=0.5)
+    writer = Coordinator(redis_server.url)
+    registry = SimpleNamespace(shutting_down=False, sessions={})
+    streams = LossStreams(reader, lambda: registry)
+    await writer.register("s")
+    await writer.publish_losses("s", 1, [3.0], token=1)
+    source = await streams.watch("s", 1)
+    assert source is not None
+    watched = aiter(source)
+    try:
+        assert [p.step for p in (await anext(watched)).points] == [1]
+        await wait_until(lambda: _blocked_clients(writer, 1), what="the tail's XREAD BLOCK")
+        redis.send_signal(signal.SIGSTOP)
+        try:
+            # Sent after the tail's read, on the same loop with the same timeout: once this
+            # one timed out, the tail's has too.
+            with pytest.raises(RedisTimeoutError):
+                await reader.read_loss("s", "0")
+        finally:
+            redis.send_signal(signal.SIGCONT)
+        await writer.publish_losses("s", 2, [2.9], token=1)
+        following = await asyncio.wait_for(anext(watched), 10)
+        assert [p.step for p in following.points] == [2]
+    finally:
+        await watched.aclose()  # type: ignore[attr-defined]
+        await reader.close()
+        await writer.close()
 
 
 async def _blocked_clients(coord: Coordinator, at_least: int) -> bool:

@@ -39,22 +39,33 @@ class TrainToRun:
         self._stop_at = None if max_seconds is None else time.monotonic() + max_seconds
         self._on_progress = on_progress
         self._on_retry = on_retry
-        self._seen = 0
+        self._seen = 0  # the session's step as last seen (after a rollback: where it went)
+        self._first = False  # the next message is the try's first
 
     def started(self, step: int) -> None:
-        """A try starts with the session at ``step``: a rollback if a step already seen is
-        ahead of it."""
-        if self._seen > step:
-            self.result.rollbacks.append((self._seen, step))
-        self._seen = max(self._seen, step)
+        """A try starts with the session at ``step`` (GetSession's): a rollback if the step
+        last seen is ahead of it. Once reported, the rollback's step is the one seen: a
+        later try that finds the steps after it trained again is no new rollback."""
+        self._went_to(step)
+        self._first = True
 
     def progress(self, message: pb.TrainResponse) -> None:
-        """One Train message."""
+        """One Train message. The try's first says where its Train started (the replica that
+        runs it may have restored the session after GetSession answered): a rollback too if
+        that is behind the step last seen."""
         self._retries.progressed()
+        if self._first:
+            self._first = False
+            self._went_to(message.step - message.steps_done)
         self._seen = max(self._seen, message.step)
         self.result.final = message
         if self._on_progress is not None:
             self._on_progress(message)
+
+    def _went_to(self, step: int) -> None:
+        if step < self._seen:
+            self.result.rollbacks.append((self._seen, step))
+        self._seen = step
 
     def done(self) -> bool:
         """After a try's stream ended: True if it ended for a reason a retry would not change

@@ -102,6 +102,41 @@ redis.call('SET', KEYS[2], ARGV[1], 'NX')
 return 1
 """
 
+# An owner's loss points, each appended once however often the call is sent: a publish
+# whose caller gave up on a stalled Redis (socket timeout) may still be executed, and the
+# owner then sends the same points again. Points at or before the newest entry of the same
+# fencing token are skipped (an owner publishes its steps in order). ARGV: token ('' for
+# none: nothing skipped), MAXLEN, first step, then each point's loss and validation loss
+# ('' if none was measured). Returns the number appended.
+_PUBLISH = """
+local first = tonumber(ARGV[3])
+local skip = 0
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if ARGV[1] ~= '' and newest then
+  local token, step
+  local fields = newest[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'token' then token = fields[i + 1] end
+    if fields[i] == 'step' then step = tonumber(fields[i + 1]) end
+  end
+  if token == ARGV[1] and step and step >= first then skip = step - first + 1 end
+end
+local count = (#ARGV - 3) / 2
+for i = skip, count - 1 do
+  local point = {'kind', 'loss', 'step', string.format('%d', first + i), 'loss', ARGV[4 + 2 * i]}
+  if ARGV[1] ~= '' then
+    point[#point + 1] = 'token'
+    point[#point + 1] = ARGV[1]
+  end
+  if ARGV[5 + 2 * i] ~= '' then
+    point[#point + 1] = 'val'
+    point[#point + 1] = ARGV[5 + 2 * i]
+  end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(point))
+end
+return math.max(count - skip, 0)
+"""
+
 EventKind = Literal["loss", "restored"]
 
 
@@ -216,6 +251,7 @@ class Coordinator:
         self._release = self.redis.register_script(_RELEASE)
         self._advance = self.redis.register_script(_ADVANCE)
         self._restore = self.redis.register_script(_RESTORE)
+        self._publish = self.redis.register_script(_PUBLISH)
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -507,18 +543,20 @@ class Coordinator:
         losses: list[float],
         token: int | None = None,
         validation: Mapping[int, float] | None = None,
-    ) -> None:
+    ) -> int:
         """Append the loss points of steps ``first_step``, ``first_step + 1``, ... in one
-        round trip (a pipeline of XADDs); ``validation`` maps a step to the validation loss
-        measured there (a point of such a step carries it)."""
-        key = self.key(session_id, "loss")
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for offset, loss in enumerate(losses):
-                step = first_step + offset
-                measured = validation.get(step) if validation is not None else None
-                fields = _loss_fields(step, loss, token, measured)
-                pipe.xadd(key, fields, maxlen=self.stream_maxlen, approximate=True)
-            await pipe.execute()
+        round trip; ``validation`` maps a step to the validation loss measured there (a point
+        of such a step carries it). With a ``token``, sending the same points again (after a
+        call that timed out but went through) appends none twice. The number appended."""
+        args: list[EncodableT] = [
+            "" if token is None else token,
+            self.stream_maxlen,
+            first_step,
+        ]
+        for offset, loss in enumerate(losses):
+            measured = validation.get(first_step + offset) if validation is not None else None
+            args += [repr(float(loss)), "" if measured is None else repr(float(measured))]
+        return int(await self._publish(keys=[self.key(session_id, "loss")], args=args))
 
     async def _xadd(self, session_id: str, fields: dict[FieldT, EncodableT]) -> str:
         entry_id = await self.redis.xadd(

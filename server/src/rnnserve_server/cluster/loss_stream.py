@@ -23,6 +23,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from rnnserve_server.cluster.coordinator import Coordinator, StreamEvent, stream_event
+from rnnserve_server.errors import StorageError
 
 TAIL_EVENTS = 2000  # newest events a tail keeps for its watchers; slower ones read Redis
 
@@ -31,6 +32,14 @@ def _order(entry_id: str) -> tuple[int, int]:
     """A stream id ("<ms>-<seq>", or "0") as something that sorts like the stream."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _unreachable(session_id: str) -> StorageError:
+    return StorageError(
+        "the cluster coordinator (Redis) is not answering, so the session's loss can't be "
+        "followed; watch it again in a moment",
+        session_id=session_id,
+    )
 
 
 class Tail:
@@ -65,15 +74,26 @@ class Tail:
 
     async def run(self, shutting_down: Callable[[], bool]) -> None:
         cursor = self.base
-        try:
-            while not shutting_down():
+        failing_since: float | None = None
+        while not shutting_down():
+            try:
                 events = await self.coordinator.read_loss(
                     self.session_id, cursor, count=1000, block=1.0
                 )
-                if not events:
-                    if not await self.coordinator.exists(self.session_id):
-                        break  # deleted
-                    continue
+                if not events and not await self.coordinator.exists(self.session_id):
+                    break  # deleted
+            except (RedisError, OSError) as exc:
+                # A read that timed out (a busy machine, Redis restarting) is sent again from
+                # the same id, so nothing is missed; Redis away for a lease TTL ends it.
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self.coordinator.lease_ttl:
+                    self.error = exc
+                    break
+                await asyncio.sleep(0.1)
+                continue
+            failing_since = None
+            if events:
                 cursor = events[-1].id
                 self.events.extend(events)
                 self.keys.extend(_order(e.id) for e in events)
@@ -82,8 +102,6 @@ class Tail:
                     self.base = self.events[drop - 1].id
                     del self.events[:drop], self.keys[:drop]
                 self._wake()
-        except (RedisError, OSError) as exc:
-            self.error = exc
         self.ended = True
         self._wake()
 
@@ -221,10 +239,13 @@ class LossStreams:
             while not self._registry().shutting_down:
                 events = tail.after(cursor)
                 if events is None:  # catching up on history: read it, without blocking
-                    events = await self.coordinator.read_loss(session_id, cursor, count=1000)
+                    try:
+                        events = await self.coordinator.read_loss(session_id, cursor, count=1000)
+                    except (RedisError, OSError) as exc:
+                        raise _unreachable(session_id) from exc
                 if not events:
                     if tail.error is not None:
-                        raise tail.error
+                        raise _unreachable(session_id) from tail.error
                     if tail.ended:
                         return  # deleted
                     await tail.wait(1.0)

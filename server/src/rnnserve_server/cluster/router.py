@@ -36,7 +36,7 @@ from rnnserve_server.cluster.forward import (
     method_kinds,
 )
 from rnnserve_server.cluster.security import from_peer
-from rnnserve_server.errors import OwnerUnavailableError
+from rnnserve_server.errors import OwnerUnavailableError, StorageError
 from rnnserve_server.usecases.training import JOB_NAME_RE
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RnnService"]
@@ -247,8 +247,11 @@ class Router(Interceptor):
                     except (RedisError, OSError):
                         source = None
                     if source is not None:
-                        async for message in source:
-                            yield message
+                        try:
+                            async for message in source:
+                                yield message
+                        except StorageError as exc:  # Redis away: UNAVAILABLE, watch again
+                            await status.abort(context, exc)
                         return
                 if method == WATCH_JOB_METHOD and sid and not forwarded(context):
                     async for message in self._follow_job(raw, request, context, inner, sid):
