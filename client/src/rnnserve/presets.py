@@ -48,7 +48,7 @@ _AT_REST = {
 GUIDE: list[PresetGuide] = [
     PresetGuide(
         "default",
-        "rnn 1x128, seq 50, batch 32, adam 3e-3, reset 10",
+        "gru 1x128, seq 50, batch 32, adam 3e-3, reset 10",
         "real text when you want a useful model soon: by far the fastest per character "
         "(about 25x quality's); it flattens near 1.72 nats on tiny Shakespeare (too small "
         "to go lower)",
