@@ -5,7 +5,9 @@ with Python 3.11 has, so that a run is reproducible without a download.
   skipped), cut at 100,000 characters: ~100 KB of legal English (Apache-2.0 ... GPL-2).
 - ``stdlib``: the ``.py`` files of the running Python's standard library (``sysconfig``'s
   ``stdlib`` path, ``site-packages`` and ``dist-packages`` left out) in sorted path order, cut
-  at 3,000,000 characters: source code. Other patch releases of 3.11 differ slightly.
+  at 3,000,000 characters, every non-ASCII character replaced by "?" (a few dozen in string
+  literals, which the held-out tail would otherwise hold outside the training alphabet):
+  source code. Other patch releases of 3.11 differ slightly.
 
 Tiny Shakespeare (karpathy/char-rnn's ``input.txt``, 1,115,394 characters) is the third; it
 is a download, so it is not built here.
@@ -52,7 +54,8 @@ def stdlib() -> str:
         for p in root.rglob("*.py")
         if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
     )
-    return concatenate(files, SIZES["stdlib"])
+    text = concatenate(files, SIZES["stdlib"])
+    return "".join(ch if ch.isascii() else "?" for ch in text)
 
 
 BUILDERS = {"licenses": licenses, "stdlib": stdlib}
