@@ -153,10 +153,11 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # Chosen with bench/quality.py on three corpora (BENCHMARKS.md "Quality at rest"): one GRU
-    # layer of 128 beat the tanh RNN of 128 (the default until 2026-12-08) after 1, 5 and 20
-    # minutes on tiny Shakespeare, the standard library's source and 100 KB of licenses;
-    # GRU 192 and 256 see too few characters in the first minutes on two cores.
+    # Chosen with bench/quality.py on three corpora (BENCHMARKS.md "Quality of the presets"):
+    # one GRU layer of 128 beat the tanh RNN of 128 (the default until 2026-12-08) after 1 and 5
+    # minutes on tiny Shakespeare, the standard library's source and 100 KB of licenses, and
+    # after 20 on tiny Shakespeare (1.607 vs 1.739); GRU 192 and 256 see too few characters in
+    # the first minute on two cores, and their Step nears 50 ms.
     "default": ModelConfig(
         hidden_size=128,
         seq_length=50,
@@ -177,7 +178,8 @@ PRESETS: dict[str, ModelConfig] = {
     # Best held-out loss on tiny Shakespeare at 300 s and at 1,200 s on an idle 2-core machine
     # (bench/quality.py through the service, BENCHMARKS.md "Gated cells"): 2 x GRU 256 with
     # dropout 0.25, 1.551 / 1.538 nats; one GRU 256 1.578 / 1.607 (over-fits past ~10 epochs),
-    # one GRU 384 1.566 at 300 s; LSTMs and the tanh default did worse.
+    # one GRU 384 1.566 at 300 s; LSTMs and the tanh default did worse. A cosine learning-rate
+    # decay (a job's schedule, not a preset field) took it to 1.520 after 4.5 M characters.
     "quality": ModelConfig(
         hidden_size=256,
         seq_length=50,
