@@ -156,8 +156,9 @@ PRESETS: dict[str, ModelConfig] = {
     # Chosen with bench/quality.py on three corpora (BENCHMARKS.md "Quality of the presets"):
     # one GRU layer of 128 beat the tanh RNN of 128 (the default until 2026-12-08) after 1 and 5
     # minutes on tiny Shakespeare, the standard library's source and 100 KB of licenses, and
-    # after 20 on tiny Shakespeare (1.607 vs 1.739); GRU 192 and 256 see too few characters in
-    # the first minute on two cores, and their Step nears 50 ms.
+    # after 20 on tiny Shakespeare (1.607 vs 1.739; on the 100 KB text it over-fits by then,
+    # 1.501, where early stopping helps); GRU 192 and 256 see too few characters in the first
+    # minute on two cores, and their Step nears 50 ms.
     "default": ModelConfig(
         hidden_size=128,
         seq_length=50,
