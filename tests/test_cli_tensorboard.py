@@ -88,7 +88,7 @@ def test_tensorboard_writes_every_point_sample_and_hyperparameter(
 ) -> None:
     with module_server.client() as client:
         a = client.create_session(
-            TEXT, session_id="tb-a", hidden_size=16, seed=1, validation_fraction=0.2
+            TEXT, session_id="tb-a", cell="rnn", hidden_size=16, seed=1, validation_fraction=0.2
         )
         a.train(60, report_every=10).wait()
         b = client.create_session(TEXT, session_id="tb-b", hidden_size=8, cell="gru", seed=2)

@@ -281,7 +281,7 @@ def test_list_table_and_empty(server: ServerHandle) -> None:
         "CHARS/S", "CREATED", "CHECKPOINTED",
     ]  # fmt: skip
     a = rows[0].split()
-    assert a[:8] == ["table-a", "ready", "rnn", "1", "16", "adam", "7", a[7]]
+    assert a[:8] == ["table-a", "ready", "gru", "1", "16", "adam", "7", a[7]]  # default: GRU
     assert float(a[7]) > 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", a[10]) and re.fullmatch(r"\d\d:\d\d", a[11])
     assert a[12] == "7"  # checkpointed step: Train checkpoints before its final message

@@ -22,8 +22,12 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.timeout(120)
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-# Each measured preset's row in BENCHMARKS.md's "Quality at rest" table.
-ROWS = {"default": "tanh `default`", "min-char-rnn": "`min-char-rnn`", "quality": "`quality` now"}
+# Each measured preset's row in BENCHMARKS.md's "Quality of the presets" table.
+ROWS = {
+    "default": "| **`default` now** |",
+    "min-char-rnn": "| `min-char-rnn` | 2026",
+    "quality": "| `quality` | 2026",
+}
 
 
 def model_text(config: pb.SessionConfig) -> str:
@@ -54,23 +58,26 @@ def test_the_table_says_what_each_server_preset_is(module_server: ServerHandle) 
 
 def test_every_figure_is_in_benchmarks_md() -> None:
     text = BENCHMARKS.read_text(encoding="utf-8")
-    section = text[text.index("### Quality at rest") :]
+    section = text[text.index("### Quality of the presets") :]
     section = section[: section.index("\n### ", 1)]
-    heading = section.splitlines()[0]
+    assert "AMD EPYC" in section
     for guide in GUIDE:
         if guide.measured is None:
             assert guide.name not in ROWS
             continue
         m = guide.measured
-        assert m.source == 'BENCHMARKS.md, "Quality at rest"'
-        assert m.date in heading and "AMD EPYC" in section and "AMD EPYC" in m.machine
+        assert m.source == 'BENCHMARKS.md, "Quality of the presets"' and "AMD EPYC" in m.machine
         (row,) = [line for line in section.splitlines() if ROWS[guide.name] in line]
+        assert m.date in row
         cells = row.split("|")
-        at_5, at_20 = cells[-3], cells[-2]  # "300 s: chars/s, epochs, nats" and "1,200 s: ..."
-        assert set(m.nats) <= set(MINUTES) and 1 not in m.nats  # nothing at 1 minute yet
-        assert f"**{m.nats[5]:.3f}**" in at_5
-        assert f"**{m.nats[20]:.3f}**" in at_20
-        assert f"{m.chars_per_second:,.0f} c/s" in at_20
+        at = dict(zip(MINUTES, cells[-4:-1], strict=True))  # "60 s: ...", "300 s", "1,200 s"
+        assert set(m.nats) <= set(MINUTES)
+        for minutes in MINUTES:
+            if minutes in m.nats:
+                assert f"**{m.nats[minutes]:.3f}**" in at[minutes], (guide.name, minutes)
+            else:
+                assert at[minutes].strip() == "—", (guide.name, minutes)
+        assert f"{m.chars_per_second:,.0f} c/s" in at[5]
 
 
 def test_presets_command(module_server: ServerHandle) -> None:
@@ -80,13 +87,16 @@ def test_presets_command(module_server: ServerHandle) -> None:
     assert lines[0].split() == ["PRESET", "MODEL", "1", "MIN", "5", "MIN", "20", "MIN", "CHARS/S"]
     rows = {line.split()[0]: line for line in lines[1 : 1 + len(GUIDE)]}
     assert list(rows) == [g.name for g in GUIDE]
-    assert rows["quality"].split()[-4:] == ["-", "1.551", "1.538", "14,469"]
-    assert rows["default"].split()[-4:] == ["-", "1.722", "1.739", "361,182"]
+    assert rows["quality"].split()[-4:] == ["-", "1.551", "1.538", "14,958"]
+    assert rows["default"].split()[-4:] == ["1.724", "1.618", "1.607", "45,365"]
     assert rows["notebook"].split()[-4:] == ["-", "-", "-", "-"]
     assert "-: not measured yet" in result.stdout
     assert re.search(
-        r'BENCHMARKS\.md, "Quality at rest", 2026-12-01, 2-core AMD EPYC', result.stdout
+        r'Measured \(min-char-rnn, quality\): BENCHMARKS\.md, "Quality of the presets", '
+        r"2026-12-01, 2-core AMD EPYC",
+        result.stdout,
     )
+    assert re.search(r'Measured \(default\): BENCHMARKS\.md, "[^"]+", 2026-12-08', result.stdout)
     for guide in GUIDE:  # what each is for
         assert re.search(
             rf"^{re.escape(guide.name)} +{re.escape(guide.use[:40])}", result.stdout, re.M
@@ -100,6 +110,7 @@ def test_presets_command(module_server: ServerHandle) -> None:
     assert by_name["notebook"]["held_out_nats"] == {"1min": None, "5min": None, "20min": None}
     assert by_name["notebook"]["measured"] is None
     assert by_name["quality"]["held_out_nats"] == {"1min": None, "5min": 1.551, "20min": 1.538}
+    assert by_name["default"]["held_out_nats"] == {"1min": 1.724, "5min": 1.618, "20min": 1.607}
 
     create_help = rnnserve(module_server, "create", "--help")
     assert "`rnnserve presets` says what each" in " ".join(create_help.stdout.split())

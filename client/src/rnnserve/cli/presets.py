@@ -40,8 +40,13 @@ def cmd_presets(client: Client, args: argparse.Namespace, out: Output) -> int:
     sources = {
         (g.measured.source, g.measured.date, g.measured.machine) for g in GUIDE if g.measured
     }
-    for source, date, machine in sorted(sources):
-        measured = ", ".join(g.name for g in GUIDE if g.measured and g.measured.source == source)
+    for key in sorted(sources):
+        source, date, machine = key
+        measured = ", ".join(
+            g.name
+            for g in GUIDE
+            if g.measured and (g.measured.source, g.measured.date, g.measured.machine) == key
+        )
         out.line(f"Measured ({measured}): {source}, {date}, {machine}; tiny Shakespeare.")
     out.line()
     width = max(len(g.name) for g in GUIDE) + 2

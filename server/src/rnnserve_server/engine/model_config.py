@@ -153,12 +153,12 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # Chosen with bench/quality.py: clearly better held-out loss than min-char-rnn in the same
-    # wall-clock time (see docs/performance.md).
-    # 120 s runs on this 2-core machine (held-out bits/char from a zero state): this preset 2.58
-    # (2.56 with lr 5e-3);
-    # min-char-rnn 2.82; hidden 256 / 512 (batch 16-32, adam 2e-3..3e-3) 2.72-2.75 (too few
-    # updates in the budget).
+    # Chosen with bench/quality.py on three corpora (BENCHMARKS.md "Quality of the presets"):
+    # one GRU layer of 128 beat the tanh RNN of 128 (the default until 2026-12-08) after 1 and 5
+    # minutes on tiny Shakespeare, the standard library's source and 100 KB of licenses, and
+    # after 20 on tiny Shakespeare (1.607 vs 1.739; on the 100 KB text it over-fits by then,
+    # 1.501, where early stopping helps); GRU 192 and 256 see too few characters in the first
+    # minute on two cores, and their Step nears 50 ms.
     "default": ModelConfig(
         hidden_size=128,
         seq_length=50,
@@ -166,6 +166,7 @@ PRESETS: dict[str, ModelConfig] = {
         learning_rate=3e-3,
         optimizer="adam",
         reset_every=10,
+        cell="gru",
     ),
     # The notebook seed: learns `Hallo` -> `alloH`; diverges on real text.
     "notebook": ModelConfig(
@@ -178,7 +179,8 @@ PRESETS: dict[str, ModelConfig] = {
     # Best held-out loss on tiny Shakespeare at 300 s and at 1,200 s on an idle 2-core machine
     # (bench/quality.py through the service, BENCHMARKS.md "Gated cells"): 2 x GRU 256 with
     # dropout 0.25, 1.551 / 1.538 nats; one GRU 256 1.578 / 1.607 (over-fits past ~10 epochs),
-    # one GRU 384 1.566 at 300 s; LSTMs and the tanh default did worse.
+    # one GRU 384 1.566 at 300 s; LSTMs and the tanh default did worse. A cosine learning-rate
+    # decay (a job's schedule, not a preset field) took it to 1.520 after 4.5 M characters.
     "quality": ModelConfig(
         hidden_size=256,
         seq_length=50,
