@@ -28,11 +28,16 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 ENDED = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_STOPPED, pb.JOB_STATE_FAILED})
 
 
+# A watch also waits for a newer replica to take a session whose checkpoint is of a newer
+# format than the replica it reached reads (a rolling upgrade): it only reads.
+WATCH_REASONS = frozenset({"NEWER_FORMAT"})
+
+
 class Reconnects:
     """One watch's reconnections: the deadline, the backoff and the retry window."""
 
     def __init__(self, retry_for: float, timeout: float | None) -> None:
-        self._retries = Retries(retry_for)
+        self._retries = Retries(retry_for, reasons=WATCH_REASONS)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self.reconnects = 0  # times the watch was opened again after it was cut off
         self.gone = False  # a reconnection found the session (or job) deleted
