@@ -22,9 +22,9 @@ from rnnserve._watch import JobWatch, LossWatch
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 from tests.cli_runner import cli_env
-from tests.test_cluster import start_replicas, wait_until
-from tests.test_cluster_jobs import start_job
-from tests.test_failover import owner_of, published
+from tests.test_cluster import wait_until
+from tests.test_cluster_jobs import job_behind_nginx
+from tests.test_failover import published
 
 if TYPE_CHECKING:
     from tests.cluster_fixtures import NginxFactory, RedisProcess
@@ -187,14 +187,10 @@ def test_watchers_through_nginx_follow_the_job_when_its_owner_dies_or_drains(
     nginx_factory: NginxFactory,
     tmp_path: Path,
 ) -> None:
-    # No checkpoint during the job but StartJob's: a kill -9 rolls the job back to step 0.
-    replicas = start_replicas(
-        server_factory, redis_server, tmp_path / "shared", checkpoint_interval=600
-    )
-    nginx = nginx_factory([r.address for r in replicas])
     target = 3000
-    name = start_job(nginx.address, "w", target)
-    owner = owner_of(replicas, redis_server, "w")
+    _, nginx, name, owner = job_behind_nginx(
+        server_factory, redis_server, nginx_factory, tmp_path, "w", target
+    )
     watchers = Watchers(nginx.address, name, target)  # x-session-id: nginx sends them to owner
     try:
         wait_until(lambda: watchers.saw_progress() or bool(watchers.errors), 30, "the watchers")

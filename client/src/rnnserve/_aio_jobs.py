@@ -20,9 +20,8 @@ class JobStream(ReconnectingStream[pb.WatchJobResponse, pb.TrainResponse]):
     """A job's progress, reconnecting by itself; see :class:`rnnserve.JobStream`."""
 
     def __init__(self, start: Callable[[Any, float | None], Any], watch: JobWatch) -> None:
-        super().__init__(start, watch, watch.deliver)
+        super().__init__(start, watch)
         self._job_watch = watch
-        self.rollbacks = watch.rollbacks
 
     @property
     def job(self) -> pb.Job:

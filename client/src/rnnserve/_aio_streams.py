@@ -12,7 +12,7 @@ from typing import Any, Generic, Self, TypeVar
 import grpc
 
 from rnnserve._retry import cut_off
-from rnnserve._watch import LossWatch, Reconnects
+from rnnserve._watch import Reconnects
 from rnnserve.errors import RnnServeError, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -146,12 +146,12 @@ class ReconnectingStream(Stream[M, T]):
     def __init__(
         self,
         start: Callable[[Any, float | None], Any],
-        watch: Reconnects,
-        convert: Callable[[M], Iterable[T]],
+        watch: Reconnects[M, T],
     ) -> None:
         self._start = start
         self._watch = watch
-        super().__init__(self._open(), convert)
+        super().__init__(self._open(), watch.deliver)
+        self.rollbacks = watch.rollbacks
 
     def _open(self) -> Any:
         return self._start(self._watch.request(), self._watch.time_left())
@@ -178,7 +178,3 @@ class ReconnectingStream(Stream[M, T]):
 class WatchStream(ReconnectingStream[pb.WatchLossResponse, pb.LossPoint]):
     """The loss points of a WatchLoss call, reconnecting by itself; ``rollbacks`` as in the
     sync :class:`rnnserve.WatchStream`."""
-
-    def __init__(self, start: Callable[[Any, float | None], Any], watch: LossWatch) -> None:
-        super().__init__(start, watch, watch.deliver)
-        self.rollbacks = watch.rollbacks

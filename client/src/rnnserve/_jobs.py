@@ -33,9 +33,8 @@ class JobStream(ReconnectingStream[pb.WatchJobResponse, pb.TrainResponse]):
         start: Callable[[Any, float | None], grpc.CallIterator[pb.WatchJobResponse]],
         watch: JobWatch,
     ) -> None:
-        super().__init__(start, watch, watch.deliver)
+        super().__init__(start, watch)
         self._job_watch = watch
-        self.rollbacks = watch.rollbacks
 
     @property
     def job(self) -> pb.Job:

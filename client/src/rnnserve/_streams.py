@@ -12,7 +12,7 @@ from typing import Any, Generic, Self, TypeVar
 import grpc
 
 from rnnserve._retry import cut_off
-from rnnserve._watch import LossWatch, Reconnects
+from rnnserve._watch import Reconnects
 from rnnserve.errors import RnnServeError, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -165,13 +165,13 @@ class ReconnectingStream(Stream[M, T]):
     def __init__(
         self,
         start: Callable[[Any, float | None], grpc.CallIterator[M]],
-        watch: Reconnects,
-        convert: Callable[[M], Iterable[T]],
+        watch: Reconnects[M, T],
     ) -> None:
         self._start = start
         self._watch = watch
         self._wake = threading.Event()  # a cancel ends the wait before a reconnection
-        super().__init__(self._open(), convert)
+        super().__init__(self._open(), watch.deliver)
+        self.rollbacks = watch.rollbacks
 
     def _open(self) -> grpc.CallIterator[M]:
         return self._start(self._watch.request(), self._watch.time_left())
@@ -204,11 +204,3 @@ class WatchStream(ReconnectingStream[pb.WatchLossResponse, pb.LossPoint]):
     """The loss points of a WatchLoss call, reconnecting by itself. ``rollbacks`` lists the
     steps a cluster restored the session at after a replica failed (``restored_at_step``):
     the points that follow such a rollback repeat the steps after it."""
-
-    def __init__(
-        self,
-        start: Callable[[Any, float | None], grpc.CallIterator[pb.WatchLossResponse]],
-        watch: LossWatch,
-    ) -> None:
-        super().__init__(start, watch, watch.deliver)
-        self.rollbacks = watch.rollbacks

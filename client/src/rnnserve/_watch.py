@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -33,10 +33,16 @@ ENDED = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_STOPPED, pb.JOB_STATE_FA
 WATCH_REASONS = frozenset({"NEWER_FORMAT"})
 
 
-class Reconnects:
-    """One watch's reconnections: the deadline, the backoff and the retry window."""
+M = TypeVar("M")
+T = TypeVar("T")
+
+
+class Reconnects(Generic[M, T]):
+    """One watch's reconnections: the deadline, the backoff and the retry window; subclasses
+    say what to ask (``request``) and what a message delivers (``deliver``)."""
 
     def __init__(self, retry_for: float, timeout: float | None) -> None:
+        self.rollbacks: list[int] = []  # steps the watched session or job went back to
         self._retries = Retries(retry_for, reasons=WATCH_REASONS)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self.reconnects = 0  # times the watch was opened again after it was cut off
@@ -49,6 +55,10 @@ class Reconnects:
 
     def request(self) -> Any:
         """The next connection's request."""
+        raise NotImplementedError
+
+    def deliver(self, message: M) -> Iterable[T]:
+        """What one message of the watch delivers to its reader."""
         raise NotImplementedError
 
     def finished(self) -> bool:
@@ -83,7 +93,7 @@ class Reconnects:
         return fresh
 
 
-class LossWatch(Reconnects):
+class LossWatch(Reconnects[pb.WatchLossResponse, pb.LossPoint]):
     """A WatchLoss that reconnects: ``request()`` for each connection, ``deliver`` turns
     its messages into the points not yet delivered."""
 
@@ -94,7 +104,6 @@ class LossWatch(Reconnects):
         self._session_id = session_id
         self._first = from_step
         self.last: int | None = None  # the last step delivered
-        self.rollbacks: list[int] = []
 
     def request(self) -> pb.WatchLossRequest:
         """The next connection's request: from the step after the last one delivered."""
@@ -113,7 +122,7 @@ class LossWatch(Reconnects):
         return points
 
 
-class JobWatch(Reconnects):
+class JobWatch(Reconnects[pb.WatchJobResponse, pb.TrainResponse]):
     """A WatchJob that reconnects: ``deliver`` turns its messages into the progress reports
     not yet delivered and keeps ``job``, the newest Job seen."""
 
@@ -121,7 +130,6 @@ class JobWatch(Reconnects):
         super().__init__(retry_for, timeout)
         self.job = job
         self.last = -1  # the step of the last report delivered
-        self.rollbacks: list[int] = []
 
     def request(self) -> pb.WatchJobRequest:
         return pb.WatchJobRequest(name=self.job.name)
