@@ -184,8 +184,8 @@ def add_job_commands(make: Callable[..., argparse.ArgumentParser]) -> None:
         (
             "attach",
             cmd_attach,
-            "follow a training job's progress and samples until it ends; Ctrl-C detaches "
-            "(the job goes on)",
+            "follow a training job's progress and samples until it ends, reconnecting if "
+            "the connection is lost; Ctrl-C detaches (the job goes on)",
             "  rnnserve attach shakespeare\n",
         ),
         (
