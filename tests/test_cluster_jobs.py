@@ -22,7 +22,7 @@ from tests.test_cluster import TEXT, redis_get, start_replicas, wait_until
 from tests.test_failover import checkpointed, owner_of, published, restores
 
 if TYPE_CHECKING:
-    from tests.cluster_fixtures import NginxFactory, RedisProcess
+    from tests.cluster_fixtures import NginxFactory, NginxProcess, RedisProcess
     from tests.conftest import ServerFactory, ServerHandle
 
 pytestmark = pytest.mark.timeout(120)
@@ -99,6 +99,24 @@ def start_job(address: str, session_id: str, target: int, request_id: str | None
         return session.start_training(target, report_every=20, request_id=request_id).name
 
 
+def job_behind_nginx(
+    server_factory: ServerFactory,
+    redis: RedisProcess,
+    nginx_factory: NginxFactory,
+    tmp_path: Path,
+    session_id: str,
+    target: int,
+    request_id: str | None = None,
+) -> tuple[list[ServerHandle], NginxProcess, str, ServerHandle]:
+    """Three replicas that checkpoint a job only at its start (a kill -9 rolls it back to
+    step 0), nginx in front, and a job of ``target`` steps started through nginx: the
+    replicas, the nginx, the job's name and its owner."""
+    replicas = start_replicas(server_factory, redis, tmp_path / "shared", checkpoint_interval=600)
+    nginx = nginx_factory([r.address for r in replicas])
+    name = start_job(nginx.address, session_id, target, request_id=request_id)
+    return replicas, nginx, name, owner_of(replicas, redis, session_id)
+
+
 def watch_once_trained(
     replica: ServerHandle, redis: RedisProcess, name: str, session_id: str
 ) -> Watcher:
@@ -155,13 +173,10 @@ def test_a_job_goes_on_elsewhere_after_kill9_of_its_owner_with_no_client(
     nginx_factory: NginxFactory,
     tmp_path: Path,
 ) -> None:
-    replicas = start_replicas(
-        server_factory, redis_server, tmp_path / "shared", checkpoint_interval=600
-    )
-    nginx = nginx_factory([r.address for r in replicas])
     target = 3000
-    name = start_job(nginx.address, "k", target, request_id="k-1")  # no client from here on
-    owner = owner_of(replicas, redis_server, "k")
+    replicas, _, name, owner = job_behind_nginx(
+        server_factory, redis_server, nginx_factory, tmp_path, "k", target, request_id="k-1"
+    )  # no client from here on
     other = next(r for r in replicas if r is not owner)
     watcher = watch_once_trained(other, redis_server, name, "k")
     try:

@@ -313,7 +313,7 @@ def test_shutdown_health_streams_and_exit_code(server: ServerHandle) -> None:
         assert client.health() == "SERVING"
         s = small_session(client, "shut")
         stream, _ = start_long_train(s)
-        watch = s.watch_loss(1)
+        watch = s.watch_loss(1, retry_for=0)  # the server's end of it, not reconnecting
         assert next(watch).step == 1
         with grpc.insecure_channel(server.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -3,25 +3,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from rnnserve._aio_rpc import RpcClient
-from rnnserve._aio_streams import Stream
-from rnnserve._jobs import ENDED
+from rnnserve._aio_streams import ReconnectingStream
+from rnnserve._retry import DEFAULT_RETRY_FOR
+from rnnserve._watch import ENDED, JobWatch
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 __all__ = ["Job", "JobStream"]
 
 
-class JobStream(Stream[pb.WatchJobResponse, pb.TrainResponse]):
-    """A job's progress; see :class:`rnnserve.JobStream`."""
+class JobStream(ReconnectingStream[pb.WatchJobResponse, pb.TrainResponse]):
+    """A job's progress, reconnecting by itself; see :class:`rnnserve.JobStream`."""
 
-    def __init__(self, call: Any, job: pb.Job) -> None:
-        super().__init__(call, lambda m: (m.progress,) if m.HasField("progress") else ())
-        self.job = job
+    def __init__(self, start: Callable[[Any, float | None], Any], watch: JobWatch) -> None:
+        super().__init__(start, watch)
+        self._job_watch = watch
 
-    def _observe(self, message: pb.WatchJobResponse) -> None:
-        self.job = message.job
+    @property
+    def job(self) -> pb.Job:
+        return self._job_watch.job
 
 
 class Job:
@@ -52,15 +56,18 @@ class Job:
         self.info = (await self._client._unary(self._client._stub.StopJob, request, timeout)).job
         return self.info
 
-    def follow(self, *, timeout: float | None = None) -> JobStream:
-        """The job's progress until it ends; leaving early detaches."""
-        request = pb.WatchJobRequest(name=self.name)
-        call = self._client._server_stream(self._client._stub.WatchJob, request, timeout)
-        return JobStream(call, self.info)
+    def follow(
+        self, *, timeout: float | None = None, retry_for: float = DEFAULT_RETRY_FOR
+    ) -> JobStream:
+        """The job's progress until it ends; leaving early detaches; reconnects by itself."""
+        start = partial(self._client._server_stream, self._client._stub.WatchJob)
+        return JobStream(start, JobWatch(self.info, retry_for, timeout))
 
-    async def wait(self, *, timeout: float | None = None) -> pb.Job:
+    async def wait(
+        self, *, timeout: float | None = None, retry_for: float = DEFAULT_RETRY_FOR
+    ) -> pb.Job:
         """Until the job ends; the ended job."""
-        stream = self.follow(timeout=timeout)
+        stream = self.follow(timeout=timeout, retry_for=retry_for)
         async for _ in stream:
             pass
         self.info = stream.job

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from rnnserve._aio_jobs import Job
@@ -23,6 +24,7 @@ from rnnserve._requests import (
 )
 from rnnserve._retry import DEFAULT_RETRY_FOR, Retries
 from rnnserve._train_to import TrainToResult, TrainToRun
+from rnnserve._watch import LossWatch
 from rnnserve.errors import JobNotFound, RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -214,12 +216,19 @@ class Session:
             write_file(path, data)
         return data
 
-    def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
+    def watch_loss(
+        self,
+        from_step: int = 1,
+        *,
+        timeout: float | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
+    ) -> WatchStream:
         """Every update's loss from ``from_step`` on, then live; cancel it to stop watching.
-        ``stream.rollbacks`` lists a cluster's announced restores."""
-        request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
-        call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
-        return WatchStream(call)
+        ``stream.rollbacks`` lists a cluster's announced restores. A watch cut off
+        reconnects by itself from the step after its last point, for up to ``retry_for``
+        seconds since its last message; ``timeout`` is the whole watch's deadline."""
+        start = partial(self._client._server_stream, self._client._stub.WatchLoss)
+        return WatchStream(start, LossWatch(self.id, from_step, retry_for, timeout))
 
     async def train_to(
         self,

@@ -7,15 +7,16 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import grpc
 
 from rnnserve._retry import cut_off
+from rnnserve._watch import Reconnects
 from rnnserve.errors import RnnServeError, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-__all__ = ["Stream", "TrainStream"]
+__all__ = ["ReconnectingStream", "Stream", "TrainStream", "WatchStream"]
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -45,6 +46,8 @@ class Stream(AsyncIterator[T], Generic[M, T]):
             try:
                 message = await self._responses.__anext__()
             except StopAsyncIteration:
+                if not self._cancelled and await self._again(None):
+                    continue
                 self._done = True
                 if not self._cancelled:
                     self._ended(None)
@@ -55,10 +58,13 @@ class Stream(AsyncIterator[T], Generic[M, T]):
                 self._done = True
                 raise StopAsyncIteration from None
             except grpc.RpcError as e:
-                self._done = True
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                    self._done = True
                     raise StopAsyncIteration from None
                 error = error_from_rpc(e)
+                if await self._again(error):
+                    continue
+                self._done = True
                 self._ended(error)
                 raise error from None
             self._observe(message)
@@ -67,6 +73,12 @@ class Stream(AsyncIterator[T], Generic[M, T]):
 
     def _observe(self, message: M) -> None:
         """Hook for subclasses: sees every response message before it is converted."""
+
+    async def _again(self, error: RnnServeError | None) -> bool:
+        """Hook for subclasses: the call ended with ``error`` (None: OK); True once a new call
+        replaces it (the iteration goes on), False to end as the call did. May raise
+        StopAsyncIteration to end quietly."""
+        return False
 
     def _ended(self, error: RnnServeError | None) -> None:
         """Hook for subclasses: the server ended the stream, with ``error`` (None: OK); may
@@ -84,7 +96,7 @@ class Stream(AsyncIterator[T], Generic[M, T]):
             self._call.cancel()
             self._done = True
 
-    async def __aenter__(self) -> Stream[M, T]:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -127,15 +139,42 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
         return result
 
 
-class WatchStream(Stream[pb.WatchLossResponse, pb.LossPoint]):
-    """The loss points of a WatchLoss call. ``rollbacks`` lists the steps a cluster restored
-    the session at after a replica failed (``restored_at_step``): the points that follow such
-    a rollback repeat the steps after it."""
+class ReconnectingStream(Stream[M, T]):
+    """A watch that opens its call again when it is cut off; see
+    :class:`rnnserve._streams.ReconnectingStream`."""
 
-    def __init__(self, call: Any) -> None:
-        super().__init__(call, lambda response: response.points)
-        self.rollbacks: list[int] = []
+    def __init__(
+        self,
+        start: Callable[[Any, float | None], Any],
+        watch: Reconnects[M, T],
+    ) -> None:
+        self._start = start
+        self._watch = watch
+        super().__init__(self._open(), watch.deliver)
+        self.rollbacks = watch.rollbacks
 
-    def _observe(self, message: pb.WatchLossResponse) -> None:
-        if message.HasField("restored_at_step"):
-            self.rollbacks.append(message.restored_at_step)
+    def _open(self) -> Any:
+        return self._start(self._watch.request(), self._watch.time_left())
+
+    @property
+    def reconnects(self) -> int:
+        return self._watch.reconnects
+
+    async def _again(self, error: RnnServeError | None) -> bool:
+        delay = self._watch.after(error)
+        if delay is None:
+            if self._watch.gone:
+                self._done = True
+                raise StopAsyncIteration
+            return False
+        await asyncio.sleep(delay)
+        if self._cancelled:
+            raise StopAsyncIteration
+        self._call = self._open()
+        self._responses = self._call.__aiter__()
+        return True
+
+
+class WatchStream(ReconnectingStream[pb.WatchLossResponse, pb.LossPoint]):
+    """The loss points of a WatchLoss call, reconnecting by itself; ``rollbacks`` as in the
+    sync :class:`rnnserve.WatchStream`."""

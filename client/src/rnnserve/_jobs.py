@@ -4,28 +4,41 @@ docs/training-jobs.md), and :class:`JobStream`, its progress (re-exported by
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
 import grpc
 
+from rnnserve._retry import DEFAULT_RETRY_FOR
 from rnnserve._rpc import RpcClient
-from rnnserve._streams import Stream
+from rnnserve._streams import ReconnectingStream
+from rnnserve._watch import ENDED, JobWatch
 from rnnserve.v1 import rnn_service_pb2 as pb
 
 __all__ = ["ENDED", "Job", "JobStream"]
 
-# The states of a job that has ended.
-ENDED = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_STOPPED, pb.JOB_STATE_FAILED})
 
-
-class JobStream(Stream[pb.WatchJobResponse, pb.TrainResponse]):
+class JobStream(ReconnectingStream[pb.WatchJobResponse, pb.TrainResponse]):
     """A job's progress (WatchJob): TrainResponse messages as a Train streams them; ``job`` is
-    the newest Job seen (ended once the stream ends). Cancelling detaches: the job goes on."""
+    the newest Job seen (ended once the stream ends). Cancelling detaches: the job goes on.
 
-    def __init__(self, call: grpc.CallIterator[pb.WatchJobResponse], job: pb.Job) -> None:
-        super().__init__(call, lambda m: (m.progress,) if m.HasField("progress") else ())
-        self.job = job
+    Cut off before the job's end (its replica died or drained, a proxy reset the stream), it
+    reconnects by itself (``reconnects`` counts it) and goes on after the last report it
+    delivered; ``rollbacks`` lists the steps the job was back at when it had resumed from a
+    checkpoint behind that report (the reports that follow repeat the steps after it)."""
 
-    def _observe(self, message: pb.WatchJobResponse) -> None:
-        self.job = message.job
+    def __init__(
+        self,
+        start: Callable[[Any, float | None], grpc.CallIterator[pb.WatchJobResponse]],
+        watch: JobWatch,
+    ) -> None:
+        super().__init__(start, watch)
+        self._job_watch = watch
+
+    @property
+    def job(self) -> pb.Job:
+        return self._job_watch.job
 
 
 class Job:
@@ -58,16 +71,19 @@ class Job:
         self.info = self._client._unary(self._client._stub.StopJob, request, timeout).job
         return self.info
 
-    def follow(self, *, timeout: float | None = None) -> JobStream:
+    def follow(
+        self, *, timeout: float | None = None, retry_for: float = DEFAULT_RETRY_FOR
+    ) -> JobStream:
         """The job's progress until it ends (as ``Session.train`` streams it); leaving the
-        loop early detaches, it does not stop the job."""
-        request = pb.WatchJobRequest(name=self.name)
-        call = self._client._server_stream(self._client._stub.WatchJob, request, timeout)
-        return JobStream(call, self.info)
+        loop early detaches, it does not stop the job. A watch cut off before the end
+        reconnects by itself for up to ``retry_for`` seconds since its last message;
+        ``timeout`` is the whole watch's deadline."""
+        start = partial(self._client._server_stream, self._client._stub.WatchJob)
+        return JobStream(start, JobWatch(self.info, retry_for, timeout))
 
-    def wait(self, *, timeout: float | None = None) -> pb.Job:
-        """Until the job ends; the ended job."""
-        stream = self.follow(timeout=timeout)
+    def wait(self, *, timeout: float | None = None, retry_for: float = DEFAULT_RETRY_FOR) -> pb.Job:
+        """Until the job ends (reconnecting as :meth:`follow` does); the ended job."""
+        stream = self.follow(timeout=timeout, retry_for=retry_for)
         for _ in stream:
             pass
         self.info = stream.job

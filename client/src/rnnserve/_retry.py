@@ -43,15 +43,21 @@ _CUT_OFF: dict[str | None, str] = {
 }
 
 
-def worth_retrying(error: RnnServeError, *, while_busy: bool = False) -> bool:
+def worth_retrying(
+    error: RnnServeError, *, while_busy: bool = False, reasons: frozenset[str] = frozenset()
+) -> bool:
     """True if sending the same idempotent call again may succeed: anything but the server's
     answer to the request itself (not found, invalid, diverged, a limit, auth, a server
     fault), which a retry would only repeat. ``while_busy``: SESSION_BUSY too (a Train of the
-    session's previous owner may still be stopping)."""
+    session's previous owner may still be stopping); ``reasons``: more reasons to retry."""
     if isinstance(error, ConnectionLost):
         return True
     if error.reason is not None:
-        return error.reason in _TRANSIENT_REASONS or (while_busy and error.reason == "SESSION_BUSY")
+        return (
+            error.reason in _TRANSIENT_REASONS
+            or error.reason in reasons
+            or (while_busy and error.reason == "SESSION_BUSY")
+        )
     return error.code in _TRANSIENT_CODES
 
 
@@ -60,9 +66,12 @@ class Retries:
     at least the server's RetryInfo delay) and for how long in all: ``retry_for`` seconds
     since the last try that made progress."""
 
-    def __init__(self, retry_for: float, *, while_busy: bool = False) -> None:
+    def __init__(
+        self, retry_for: float, *, while_busy: bool = False, reasons: frozenset[str] = frozenset()
+    ) -> None:
         self.retry_for = retry_for
         self.while_busy = while_busy
+        self.reasons = reasons
         self._next = FIRST_DELAY
         self._give_up_at: float | None = None
 
@@ -74,7 +83,7 @@ class Retries:
     def delay(self, error: RnnServeError) -> float:
         """Seconds to wait before trying again after ``error``; raises ``error`` itself if it
         is not worth retrying or the time for retries is up."""
-        if not worth_retrying(error, while_busy=self.while_busy):
+        if not worth_retrying(error, while_busy=self.while_busy, reasons=self.reasons):
             raise error
         now = time.monotonic()
         if self._give_up_at is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from rnnserve._common import generate_request
@@ -24,6 +25,7 @@ from rnnserve._retry import DEFAULT_RETRY_FOR, Retries
 from rnnserve._rpc import RpcClient
 from rnnserve._streams import Stream, TrainStream, WatchStream
 from rnnserve._train_to import TrainToResult, TrainToRun
+from rnnserve._watch import LossWatch
 from rnnserve.errors import JobNotFound, RnnServeError
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -239,16 +241,24 @@ class Session:
             write_file(path, data)
         return data
 
-    def watch_loss(self, from_step: int = 1, *, timeout: float | None = None) -> WatchStream:
+    def watch_loss(
+        self,
+        from_step: int = 1,
+        *,
+        timeout: float | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
+    ) -> WatchStream:
         """Every update's loss from ``from_step`` on, then live as anyone trains the session.
 
-        The stream ends when the session is deleted or the server stops; cancel it to stop
-        watching earlier. In a cluster, ``stream.rollbacks`` lists the steps the session was
+        The stream ends when the session is deleted; cancel it to stop watching earlier. A
+        watch cut off (the server or a replica stopped or died, a proxy reset the stream)
+        reconnects by itself from the step after the last point it delivered, for up to
+        ``retry_for`` seconds since its last message; ``timeout`` is the whole watch's
+        deadline. In a cluster, ``stream.rollbacks`` lists the steps the session was
         restored at after a replica failed.
         """
-        request = pb.WatchLossRequest(session_id=self.id, from_step=from_step)
-        call = self._client._server_stream(self._client._stub.WatchLoss, request, timeout)
-        return WatchStream(call)
+        start = partial(self._client._server_stream, self._client._stub.WatchLoss)
+        return WatchStream(start, LossWatch(self.id, from_step, retry_for, timeout))
 
     def train_to(
         self,

@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import grpc
 
 from rnnserve._retry import cut_off
+from rnnserve._watch import Reconnects
 from rnnserve.errors import RnnServeError, error_from_rpc
 from rnnserve.v1 import rnn_service_pb2 as pb
 
-__all__ = ["Stream", "TrainStream"]
+__all__ = ["ReconnectingStream", "Stream", "TrainStream", "WatchStream"]
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -43,15 +45,20 @@ class Stream(Iterator[T], Generic[M, T]):
             try:
                 message = next(self._responses)
             except StopIteration:
+                if not self._cancelled and self._again(None):
+                    continue
                 self._done = True
                 if not self._cancelled:
                     self._ended(None)
                 raise
             except grpc.RpcError as e:
-                self._done = True
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                    self._done = True
                     raise StopIteration from None
                 error = error_from_rpc(e)
+                if self._again(error):
+                    continue
+                self._done = True
                 self._ended(error)
                 raise error from None
             self._observe(message)
@@ -78,6 +85,12 @@ class Stream(Iterator[T], Generic[M, T]):
     def _observe(self, message: M) -> None:
         """Hook for subclasses: sees every response message before it is converted."""
 
+    def _again(self, error: RnnServeError | None) -> bool:
+        """Hook for subclasses: the call ended with ``error`` (None: OK); True once a new call
+        replaces it (the iteration goes on), False to end as the call did. May raise
+        StopIteration to end quietly."""
+        return False
+
     def _ended(self, error: RnnServeError | None) -> None:
         """Hook for subclasses: the server ended the stream, with ``error`` (None: OK); may
         raise an error of its own instead."""
@@ -98,7 +111,7 @@ class Stream(Iterator[T], Generic[M, T]):
         """Same as :meth:`cancel`."""
         self.cancel()
 
-    def __enter__(self) -> Stream[M, T]:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -145,15 +158,49 @@ class TrainStream(Stream[pb.TrainResponse, pb.TrainResponse]):
         return result
 
 
-class WatchStream(Stream[pb.WatchLossResponse, pb.LossPoint]):
-    """The loss points of a WatchLoss call. ``rollbacks`` lists the steps a cluster restored
-    the session at after a replica failed (``restored_at_step``): the points that follow such
-    a rollback repeat the steps after it."""
+class ReconnectingStream(Stream[M, T]):
+    """A watch that opens its call again when it is cut off (:mod:`rnnserve._watch` decides
+    when and from where); ``reconnects`` counts the times it did."""
 
-    def __init__(self, call: grpc.CallIterator[pb.WatchLossResponse]) -> None:
-        super().__init__(call, lambda response: response.points)
-        self.rollbacks: list[int] = []
+    def __init__(
+        self,
+        start: Callable[[Any, float | None], grpc.CallIterator[M]],
+        watch: Reconnects[M, T],
+    ) -> None:
+        self._start = start
+        self._watch = watch
+        self._wake = threading.Event()  # a cancel ends the wait before a reconnection
+        super().__init__(self._open(), watch.deliver)
+        self.rollbacks = watch.rollbacks
 
-    def _observe(self, message: pb.WatchLossResponse) -> None:
-        if message.HasField("restored_at_step"):
-            self.rollbacks.append(message.restored_at_step)
+    def _open(self) -> grpc.CallIterator[M]:
+        return self._start(self._watch.request(), self._watch.time_left())
+
+    @property
+    def reconnects(self) -> int:
+        return self._watch.reconnects
+
+    def _again(self, error: RnnServeError | None) -> bool:
+        delay = self._watch.after(error)
+        if delay is None:
+            if self._watch.gone:
+                self._done = True
+                raise StopIteration
+            return False
+        if not self._wake.wait(delay):  # not cancelled meanwhile
+            self._call = self._open()
+            self._responses = iter(self._call)
+        if self._cancelled:
+            self._call.cancel()  # type: ignore[no-untyped-call]
+            raise StopIteration
+        return True
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._wake.set()
+
+
+class WatchStream(ReconnectingStream[pb.WatchLossResponse, pb.LossPoint]):
+    """The loss points of a WatchLoss call, reconnecting by itself. ``rollbacks`` lists the
+    steps a cluster restored the session at after a replica failed (``restored_at_step``):
+    the points that follow such a rollback repeat the steps after it."""

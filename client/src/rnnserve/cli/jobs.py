@@ -8,7 +8,7 @@ import datetime
 import sys
 from collections.abc import Callable
 
-from rnnserve._jobs import ENDED, Job
+from rnnserve._jobs import ENDED, Job, JobStream
 from rnnserve.cli.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, UsageError
 from rnnserve.cli.output import Output, _enum_name
 from rnnserve.cli.training import _progress_line, cmd_train
@@ -90,8 +90,10 @@ def cmd_train_or_start(client: Client, args: argparse.Namespace, out: Output) ->
 def cmd_attach(client: Client, args: argparse.Namespace, out: Output) -> int:
     job = _find(client, args)
     stream = job.follow()
+    said = Said()
     try:
         for progress in stream:
+            said.news(stream)
             out.obj(progress)
             if progress.stop_reason == pb.STOP_REASON_UNSPECIFIED:
                 out.line(_progress_line(progress))
@@ -109,6 +111,29 @@ def cmd_attach(client: Client, args: argparse.Namespace, out: Output) -> int:
     out.obj(ended)
     out.line(job_line(ended))
     return EXIT_ERROR if ended.state == pb.JOB_STATE_FAILED else EXIT_OK
+
+
+class Said:
+    """What ``attach`` told stderr about its watch: that it reconnected (once) and each
+    rollback of the job."""
+
+    def __init__(self) -> None:
+        self.reconnected = False
+        self.rollbacks = 0
+
+    def news(self, stream: JobStream) -> None:
+        if stream.reconnects and not self.reconnected:
+            self.reconnected = True
+            print(
+                f"{PROG}: the connection was lost; reconnected, following the job", file=sys.stderr
+            )
+        for step in stream.rollbacks[self.rollbacks :]:
+            print(
+                f"{PROG}: the job went back to step {step} (it resumed from its last "
+                "checkpoint): the steps after it are trained again",
+                file=sys.stderr,
+            )
+        self.rollbacks = len(stream.rollbacks)
 
 
 def cmd_stop(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -159,8 +184,8 @@ def add_job_commands(make: Callable[..., argparse.ArgumentParser]) -> None:
         (
             "attach",
             cmd_attach,
-            "follow a training job's progress and samples until it ends; Ctrl-C detaches "
-            "(the job goes on)",
+            "follow a training job's progress and samples until it ends, reconnecting if "
+            "the connection is lost; Ctrl-C detaches (the job goes on)",
             "  rnnserve attach shakespeare\n",
         ),
         (
