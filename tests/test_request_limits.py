@@ -133,6 +133,39 @@ def test_a_model_over_the_budget_is_refused_at_create_and_in_every_call(
     assert server.stop() == 0
 
 
+@pytest.mark.timeout(120)
+def test_a_gated_model_whose_update_is_over_the_limit_is_refused_naming_its_shape(
+    server_factory: ServerFactory,
+) -> None:
+    """A one-layer GRU (hidden 64, batch 8 x seq 1000) takes ~37 MiB an update; the budget
+    counted it as a tanh RNN of hidden 3 x 64 (~24 MiB) and let it in under a 32 MiB limit.
+    Now it is refused at create, and the sentence names the cell, the layers and the need."""
+    from rnnserve_server.engine import budget
+    from rnnserve_server.engine.trainer import Trainer
+    from rnnserve_server.engine.vocab import Vocab
+
+    server = server_factory(max_request_bytes=LIMIT)
+    with server.client(timeout=60) as client:
+        with pytest.raises(LimitExceeded) as exc:
+            client.create_session(
+                SMALL_TEXT, session_id="gru", cell="gru", hidden_size=64, seq_length=1000,
+                batch_size=8,
+            )  # fmt: skip
+        message = _resource_exhausted(exc)
+        config = _config(64, 1000, 8, "float32", "gru")
+        vocab = Vocab("".join(sorted(set(SMALL_TEXT))))
+        trainer = Trainer(config, vocab, vocab.encode(SMALL_TEXT))
+        assert _peak(trainer.step) > LIMIT  # what refusing protects against
+        need = budget.update_bytes(budget.Model.of(config, vocab.size), 1000, 8)
+        assert (
+            "(batch_size 8 x seq_length 1000, 1-layer gru, hidden 64, alphabet 58, float32) "
+            f"needs about {need / 2**20:,.0f} MiB of working memory per update" in message
+        ), message
+        assert "over the server limit of 32 MiB" in message
+        assert list(client.list_sessions()) == []
+    assert server.stop() == 0
+
+
 def _peak(fn: Callable[[], object]) -> int:
     """Bytes allocated at the peak of fn() beyond what was allocated before (numpy reports
     its buffers to tracemalloc)."""

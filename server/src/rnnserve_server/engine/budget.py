@@ -34,12 +34,14 @@ class Model:
     stacked: bool  # a cells/ model (ModelConfig.stacked), not the seed's tanh RNN
     parameters: int  # number of weights
     itemsize: int  # bytes of a float
+    dropout: bool = False  # training draws dropout masks (cells.dropout_masks)
 
     @classmethod
     def of(cls, config: ModelConfig, vocab: int) -> Model:
         spec = cells.Spec(config.cell, vocab, config.hidden_size, config.num_layers)
         weights = parameter_total(config, vocab)
-        return cls(spec, config.stacked, weights, np.dtype(config.dtype).itemsize)
+        dropout = config.dropout > 0 and config.num_layers > 1
+        return cls(spec, config.stacked, weights, np.dtype(config.dtype).itemsize, dropout)
 
 
 def workspace_bytes(model: Model, steps: int, batch: int, vocab: int | None = None) -> int:
@@ -59,16 +61,13 @@ def workspace_bytes(model: Model, steps: int, batch: int, vocab: int | None = No
 
 def _dropout_and_partials(model: Model, steps: int, batch: int) -> int:
     """A cells/ model's update beyond its workspace: the dropout masks of the layers below
-    the top (with their float64 draws) and the gate partials' temporaries (a few blocks of
-    ~PARTIAL_BLOCK_NUMBERS, fast._time_chunks)."""
-    if not model.stacked:
-        return 0
+    the top (each drawn through a float64 and a bool temporary), and a gated cell's partials'
+    temporaries (a few blocks of ~PARTIAL_BLOCK_NUMBERS, fast._time_chunks)."""
     spec, item = model.spec, model.itemsize
     block = steps * batch * spec.hidden_size
-    masks = (spec.num_layers - 1) * block * item + (
-        block * (8 + 1 + item) if spec.num_layers > 1 else 0
-    )
-    partials = 4 * max(PARTIAL_BLOCK_NUMBERS, batch * spec.hidden_size) * item
+    masks = (spec.num_layers - 1) * block * item + block * (8 + 1) if model.dropout else 0
+    gated = model.stacked and spec.cell != "rnn"
+    partials = 4 * max(PARTIAL_BLOCK_NUMBERS, batch * spec.hidden_size) * item if gated else 0
     return masks + partials
 
 
