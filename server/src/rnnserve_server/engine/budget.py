@@ -2,10 +2,12 @@
 
 Each estimate is an upper bound of what the engine allocates for the call (checked against
 tracemalloc's peak in tests/test_request_limits.py) from the sizes alone: characters of text,
-hidden size H, alphabet size V and the float size. The service refuses a call whose estimate is
+the model's shape (cell, layers, hidden size H, alphabet size V) and the float size; a gated or
+stacked model's window workspace from cells.workspace_buffers, the table StackWorkspace is
+built from. The service refuses a call whose estimate is
 over ``--max-request-bytes`` (RESOURCE_EXHAUSTED naming it), so no single Step, Predict, Generate
 or Train can take the machine's memory: Step with a long text is one BPTT window over all of
-it (T x (3H + 2V) floats), which the other size limits don't bound.
+it (T x (3H + 2V) floats for the tanh RNN), which the other size limits don't bound.
 """
 
 from __future__ import annotations
