@@ -245,6 +245,7 @@ def _allocated(make: Callable[[], object]) -> int:
         (96, 60, 3000, "float32", 50, 4, "gru", 1, 0.0),
         (64, 1500, 3000, "float64", 20, 8, "gru", 3, 0.1),
         (64, 100, 3000, "float32", 30, 4, "rnn", 2, 0.0),
+        (32, 1000, 9000, "float32", 10, 2, "gru", 2, 0.0),  # a prime over EVAL_CHUNK
     ],
 )
 def test_estimates_bound_what_the_engine_allocates(
