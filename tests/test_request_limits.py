@@ -9,6 +9,7 @@ refuses to send.
 
 from __future__ import annotations
 
+import functools
 import gc
 import re
 import tracemalloc
@@ -23,6 +24,8 @@ from rnnserve.v1 import rnn_service_pb2 as pb
 from rnnserve.v1 import rnn_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from rnnserve_server.engine.model_config import ModelConfig
+
     from tests.conftest import ServerFactory
 
 # 3000 distinct three-byte characters: each session's alphabet is ~9 KB on the wire.
@@ -130,6 +133,39 @@ def test_a_model_over_the_budget_is_refused_at_create_and_in_every_call(
     assert server.stop() == 0
 
 
+@pytest.mark.timeout(120)
+def test_a_gated_model_whose_update_is_over_the_limit_is_refused_naming_its_shape(
+    server_factory: ServerFactory,
+) -> None:
+    """A one-layer GRU (hidden 64, batch 8 x seq 1000) takes ~37 MiB an update; the budget
+    counted it as a tanh RNN of hidden 3 x 64 (~24 MiB) and let it in under a 32 MiB limit.
+    Now it is refused at create, and the sentence names the cell, the layers and the need."""
+    from rnnserve_server.engine import budget
+    from rnnserve_server.engine.trainer import Trainer
+    from rnnserve_server.engine.vocab import Vocab
+
+    server = server_factory(max_request_bytes=LIMIT)
+    with server.client(timeout=60) as client:
+        with pytest.raises(LimitExceeded) as exc:
+            client.create_session(
+                SMALL_TEXT, session_id="gru", cell="gru", hidden_size=64, seq_length=1000,
+                batch_size=8,
+            )  # fmt: skip
+        message = _resource_exhausted(exc)
+        config = _config(64, 1000, 8, "float32", "gru")
+        vocab = Vocab("".join(sorted(set(SMALL_TEXT))))
+        trainer = Trainer(config, vocab, vocab.encode(SMALL_TEXT))
+        assert _peak(trainer.step) > LIMIT  # what refusing protects against
+        need = budget.update_bytes(budget.Model.of(config, vocab.size), 1000, 8)
+        assert (
+            "(batch_size 8 x seq_length 1000, 1-layer gru, hidden 64, alphabet 58, float32) "
+            f"needs about {need / 2**20:,.0f} MiB of working memory per update" in message
+        ), message
+        assert "over the server limit of 32 MiB" in message
+        assert list(client.list_sessions()) == []
+    assert server.stop() == 0
+
+
 def _peak(fn: Callable[[], object]) -> int:
     """Bytes allocated at the peak of fn() beyond what was allocated before (numpy reports
     its buffers to tracemalloc)."""
@@ -143,43 +179,98 @@ def _peak(fn: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
+def _config(hidden: int, seq: int, batch: int, dtype: str, cell: str = "rnn", layers: int = 1,
+            dropout: float = 0.0) -> ModelConfig:  # fmt: skip
+    from rnnserve_server.engine.model_config import ModelConfig
+
+    return ModelConfig(
+        hidden_size=hidden, seq_length=seq, batch_size=batch, learning_rate=0.01,
+        optimizer="adam", dtype=dtype, seed=1, cell=cell, num_layers=layers, dropout=dropout,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_workspace_estimate_bounds_the_built_workspace(cell: str, layers: int, dtype: str) -> None:
+    """The window workspace the budget counts for a model is at least what the trainer
+    builds for it (gated cells' workspaces were up to 1.6x their estimate), and close to it."""
+    from rnnserve_server.engine import budget
+
+    for hidden, batch, steps, vocab in [(64, 4, 25, 60), (128, 32, 50, 500), (256, 1, 600, 100),
+                                        (32, 16, 100, 3000)]:  # fmt: skip
+        config = _config(hidden, steps, batch, dtype, cell, layers)
+        measured = _allocated(functools.partial(_window_workspace, config, vocab))
+        estimate = budget.workspace_bytes(budget.Model.of(config, vocab), steps, batch)
+        assert measured <= estimate <= 1.25 * measured, (hidden, batch, steps, vocab)
+
+
+def _window_workspace(config: ModelConfig, vocab: int) -> object:
+    """The workspace a Trainer of ``config`` builds for its corpus windows."""
+    from rnnserve_server.engine import cells
+    from rnnserve_server.engine.rnn.kernels import Workspace
+
+    T, B, H = config.seq_length, config.batch_size, config.hidden_size
+    if config.stacked:
+        spec = cells.Spec(config.cell, vocab, H, config.num_layers)
+        return cells.StackWorkspace(spec, T, B, config.dtype)
+    return Workspace(T, B, H, vocab, config.dtype)
+
+
+def _allocated(make: Callable[[], object]) -> int:
+    """Bytes held by what make() returns (numpy reports its buffers to tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = make()
+        held = tracemalloc.get_traced_memory()[0] - before
+        del kept
+        return held
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
-    ("hidden", "vocab", "chars", "dtype", "seq", "batch"),
+    ("hidden", "vocab", "chars", "dtype", "seq", "batch", "cell", "layers", "dropout"),
     [
-        (64, 50, 3000, "float32", 25, 4),
-        (128, 500, 5000, "float32", 50, 32),
-        (256, 1500, 3000, "float64", 100, 16),
-        (32, 3000, 9000, "float32", 10, 2),
+        (64, 50, 3000, "float32", 25, 4, "rnn", 1, 0.0),
+        (128, 500, 5000, "float32", 50, 32, "rnn", 1, 0.0),
+        (256, 1500, 3000, "float64", 100, 16, "rnn", 1, 0.0),
+        (32, 3000, 9000, "float32", 10, 2, "rnn", 1, 0.0),
+        (64, 60, 3000, "float32", 50, 8, "lstm", 1, 0.0),
+        (128, 300, 5000, "float64", 25, 16, "lstm", 2, 0.2),
+        (96, 60, 3000, "float32", 50, 4, "gru", 1, 0.0),
+        (64, 1500, 3000, "float64", 20, 8, "gru", 3, 0.1),
+        (64, 100, 3000, "float32", 30, 4, "rnn", 2, 0.0),
+        (32, 1000, 9000, "float32", 10, 2, "gru", 2, 0.0),  # a prime over EVAL_CHUNK
     ],
 )
 def test_estimates_bound_what_the_engine_allocates(
-    hidden: int, vocab: int, chars: int, dtype: str, seq: int, batch: int
-) -> None:
+    hidden: int, vocab: int, chars: int, dtype: str, seq: int, batch: int, cell: str,
+    layers: int, dropout: float,
+) -> None:  # fmt: skip
     """Each estimate is at least the measured peak (a bound), and within 3x of it (useful)."""
     from rnnserve_server.engine import budget
-    from rnnserve_server.engine.model_config import ModelConfig
     from rnnserve_server.engine.trainer import Trainer
     from rnnserve_server.engine.vocab import Vocab
 
     rng = np.random.default_rng(0)
     vocabulary = Vocab("".join(chr(0x4E00 + i) for i in range(vocab)))
-    config = ModelConfig(
-        hidden_size=hidden, seq_length=seq, batch_size=batch, learning_rate=0.01,
-        optimizer="adam", dtype=dtype, seed=1,
-    )  # fmt: skip
-    itemsize = np.dtype(dtype).itemsize
+    config = _config(hidden, seq, batch, dtype, cell, layers, dropout)
+    model = budget.Model.of(config, vocab)
     ids = rng.integers(0, vocab, chars).astype(np.int32)
-    h, v, i = hidden, vocab, itemsize
     cases: list[tuple[str, Callable[[Trainer], object], int]] = [
-        ("step text", lambda t: t.step_on(ids), budget.step_text_bytes(chars, h, v, i)),
-        ("predict", lambda t: t.predict(ids), budget.predict_bytes(chars, h, v, i)),
+        ("step text", lambda t: t.step_on(ids), budget.step_text_bytes(chars, model)),
+        ("predict", lambda t: t.predict(ids), budget.predict_bytes(chars, model)),
         (
             "generate",
             lambda t: list(t.sample(ids, 3000, seed=1)),
-            budget.generate_bytes(chars, 3000, h, v, i),
+            budget.generate_bytes(chars, 3000, model),
         ),
-        ("train step", lambda t: t.step(), budget.train_bytes(seq, batch, h, v, i, 0)),
+        ("train step", lambda t: t.step(), budget.train_bytes(model, seq, batch, 0)),
     ]
     for name, call, estimate in cases:
         trainer = Trainer(config, vocabulary, rng.integers(0, vocab, 20_000).astype(np.int32))

@@ -2,90 +2,126 @@
 
 Each estimate is an upper bound of what the engine allocates for the call (checked against
 tracemalloc's peak in tests/test_request_limits.py) from the sizes alone: characters of text,
-hidden size H, alphabet size V and the float size. The service refuses a call whose estimate is
+the model's shape (cell, layers, hidden size H, alphabet size V) and the float size; a gated or
+stacked model's window workspace from cells.workspace_buffers, the table StackWorkspace is
+built from. The service refuses a call whose estimate is
 over ``--max-request-bytes`` (RESOURCE_EXHAUSTED naming it), so no single Step, Predict, Generate
 or Train can take the machine's memory: Step with a long text is one BPTT window over all of
-it (T x (3H + 2V) floats), which the other size limits don't bound.
+it (T x (3H + 2V) floats for the tanh RNN), which the other size limits don't bound.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
+
+from rnnserve_server.engine import cells
 from rnnserve_server.engine.arrays import EVAL_CHUNK
-from rnnserve_server.engine.cells import GATES
+from rnnserve_server.engine.cells.fast import PARTIAL_BLOCK_NUMBERS
 from rnnserve_server.engine.model_config import ModelConfig
+from rnnserve_server.engine.trainer import parameter_total
 
-VIEW_BYTES = 200  # a numpy view object: the workspace keeps three per time step
+VIEW_BYTES = 200  # a numpy view object: the tanh RNN's workspace keeps three per time step
 ID_BYTES = 40  # per character: ids as int32 and intp, targets, and their copies on the way in
 TEXT_BYTES = 16  # per character of text returned (ids, then the decoded str)
 
 
-def width(config: ModelConfig) -> int:
-    """The hidden size the tanh-RNN estimates below are given for ``config``'s model: gates x
-    layers x hidden_size, an upper bound of a gated or stacked model's per-step work and
-    weights (each layer's G x H pre-activations and state, and its weights)."""
-    return GATES.get(config.cell, 4) * config.num_layers * config.hidden_size
+@dataclass(frozen=True)
+class Model:
+    """What the estimates need of a session's model over its alphabet."""
+
+    spec: cells.Spec  # its shape (for the seed's tanh RNN too: a one-layer "rnn")
+    stacked: bool  # a cells/ model (ModelConfig.stacked), not the seed's tanh RNN
+    parameters: int  # number of weights
+    itemsize: int  # bytes of a float
+    dropout: bool = False  # training draws dropout masks (cells.dropout_masks)
+
+    @classmethod
+    def of(cls, config: ModelConfig, vocab: int) -> Model:
+        spec = cells.Spec(config.cell, vocab, config.hidden_size, config.num_layers)
+        weights = parameter_total(config, vocab)
+        dropout = config.dropout > 0 and config.num_layers > 1
+        return cls(spec, config.stacked, weights, np.dtype(config.dtype).itemsize, dropout)
 
 
-def param_count(hidden: int, vocab: int) -> int:
-    """Parameters of the tanh RNN: Wxh, Whh, Why, bh, by."""
-    return 2 * hidden * vocab + hidden * hidden + hidden + vocab
-
-
-def _workspace(steps: int, batch: int, hidden: int, vocab: int, itemsize: int) -> int:
-    """rnn.kernels.Workspace(steps, batch, hidden, vocab): input rows, Whh.T, hidden states, logits,
-    one-hot inputs, the two backward buffers, and per-step views."""
-    n = steps * batch
+def workspace_bytes(model: Model, steps: int, batch: int, vocab: int | None = None) -> int:
+    """The workspace of a window of ``steps`` x ``batch``: cells.StackWorkspace's buffers
+    (cells.workspace_bytes, from the table the workspace is built from), or the tanh RNN's
+    rnn.kernels.Workspace(steps, batch, hidden, vocab): input rows, Whh.T, hidden states,
+    logits, one-hot inputs, the two backward buffers, and per-step views. ``vocab``: the tanh
+    RNN's logits width (0 for a forward pass without them; default the alphabet's)."""
+    if model.stacked:
+        return cells.workspace_bytes(model.spec, steps, batch, model.itemsize)
+    hidden, n = model.spec.hidden_size, steps * batch
+    vocab = model.spec.vocab_size if vocab is None else vocab
     floats = 2 * vocab * hidden + hidden * hidden + (steps + 2) * batch * hidden
     floats += 2 * n * vocab + 2 * n * hidden
-    return floats * itemsize + n * 8 + 3 * (steps + 1) * VIEW_BYTES
+    return floats * model.itemsize + n * 8 + 3 * (steps + 1) * VIEW_BYTES
 
 
-def update_bytes(steps: int, batch: int, hidden: int, vocab: int, itemsize: int) -> int:
+def _dropout_and_partials(model: Model, steps: int, batch: int) -> int:
+    """A cells/ model's update beyond its workspace: the dropout masks of the layers below
+    the top (each drawn through a float64 and a bool temporary), and a gated cell's partials'
+    temporaries (a few blocks of ~PARTIAL_BLOCK_NUMBERS, fast._time_chunks)."""
+    spec, item = model.spec, model.itemsize
+    block = steps * batch * spec.hidden_size
+    masks = (spec.num_layers - 1) * block * item + block * (8 + 1) if model.dropout else 0
+    gated = model.stacked and spec.cell != "rnn"
+    partials = 4 * max(PARTIAL_BLOCK_NUMBERS, batch * spec.hidden_size) * item if gated else 0
+    return masks + partials
+
+
+def update_bytes(model: Model, steps: int, batch: int) -> int:
     """One update on ``batch`` windows of ``steps`` characters (Trainer.step / step_on):
     the workspace, gradient buffers, and per-character softmax temporaries."""
     n = steps * batch
     # Gradients, then the optimizer's update: its state (made at the first update) and
     # temporaries of the parameters' size (measured: up to ~6 parameter vectors in all).
-    update = 6 * param_count(hidden, vocab) * itemsize
-    return _workspace(steps, batch, hidden, vocab, itemsize) + update + n * (ID_BYTES + 4 * 8)
+    update = 6 * model.parameters * model.itemsize
+    work = workspace_bytes(model, steps, batch) + _dropout_and_partials(model, steps, batch)
+    return work + update + n * (ID_BYTES + 4 * 8)
 
 
-def step_text_bytes(chars: int, hidden: int, vocab: int, itemsize: int) -> int:
+def step_text_bytes(chars: int, model: Model) -> int:
     """Step with a text of ``chars`` characters: one window over all of it."""
-    return update_bytes(max(chars - 1, 1), 1, hidden, vocab, itemsize) + chars * ID_BYTES
+    return update_bytes(model, max(chars - 1, 1), 1) + chars * ID_BYTES
 
 
-def _forward_bytes(chars: int, hidden: int, vocab: int, itemsize: int) -> int:
-    """A forward pass over ``chars`` characters in EVAL_CHUNK chunks, with logits. A shorter
-    last chunk makes its own workspace while the previous one is still held: two at the peak."""
+def _forward_bytes(model: Model, chars: int, logits: bool) -> int:
+    """A forward pass over ``chars`` characters in EVAL_CHUNK chunks, with ``logits`` or
+    without. A shorter last chunk makes its own workspace while the previous one is still
+    held: two at the peak."""
     c = max(min(chars, EVAL_CHUNK), 1)
-    ws = 2 * (_workspace(c, 1, hidden, 0, itemsize) + vocab * hidden * itemsize)
-    return ws + c * vocab * (itemsize + 3 * 8)  # logits, exp in float64, argmax temporaries
+    vocab, hidden, item = model.spec.vocab_size, model.spec.hidden_size, model.itemsize
+    if model.stacked:
+        ws = 2 * workspace_bytes(model, c, 1)
+    else:
+        ws = 2 * (workspace_bytes(model, c, 1, vocab=0) + (vocab * hidden * item if logits else 0))
+    return ws + (c * vocab * (item + 3 * 8) if logits else 0)  # exp in float64, argmax temps
 
 
-def predict_bytes(chars: int, hidden: int, vocab: int, itemsize: int) -> int:
+def predict_bytes(chars: int, model: Model) -> int:
     """Predict over ``chars`` characters: chunked forward passes (with float64 weights for
     a chunk that overflows the model's dtype) plus the per-character ids and reply."""
-    wide = param_count(hidden, vocab) * 8
-    return _forward_bytes(chars, hidden, vocab, itemsize) + wide + chars * (ID_BYTES + TEXT_BYTES)
+    wide = model.parameters * 8
+    return _forward_bytes(model, chars, True) + wide + chars * (ID_BYTES + TEXT_BYTES)
 
 
-def generate_bytes(prime_chars: int, length: int, hidden: int, vocab: int, itemsize: int) -> int:
+def generate_bytes(prime_chars: int, length: int, model: Model) -> int:
     """Generate ``length`` characters after a prime: a snapshot of the weights, their
     transposed copies, the chunked warm-up over the prime, and the text produced."""
-    weights = (param_count(hidden, vocab) + 2 * vocab * hidden + hidden * hidden) * itemsize
-    warm = _forward_bytes(prime_chars, hidden, 0, itemsize)
+    vocab, hidden = model.spec.vocab_size, model.spec.hidden_size
+    weights = (model.parameters + 2 * vocab * hidden + hidden * hidden) * model.itemsize
+    warm = _forward_bytes(model, prime_chars, False)
     return weights + warm + 4 * vocab * 8 + prime_chars * ID_BYTES + length * TEXT_BYTES
 
 
-def train_bytes(
-    seq_length: int, batch: int, hidden: int, vocab: int, itemsize: int, sample_length: int
-) -> int:
+def train_bytes(model: Model, seq_length: int, batch: int, sample_length: int) -> int:
     """Train: one corpus update at a time, plus a sample of ``sample_length`` characters."""
-    update = update_bytes(seq_length, batch, hidden, vocab, itemsize)
-    sample = generate_bytes(1, sample_length, hidden, vocab, itemsize) if sample_length else 0
+    update = update_bytes(model, seq_length, batch)
+    sample = generate_bytes(1, sample_length, model) if sample_length else 0
     return update + sample
 
 

@@ -8,12 +8,9 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-import numpy as np
-
 from rnnserve_server.config import Settings
 from rnnserve_server.engine import budget
 from rnnserve_server.engine.model_config import ModelConfig
-from rnnserve_server.engine.trainer import parameter_total
 from rnnserve_server.errors import LimitExceededError
 from rnnserve_server.logs import get_logger
 from rnnserve_server.sessions.checkpoint_writer import CheckpointWriter
@@ -30,15 +27,13 @@ def resident_bytes(config: ModelConfig, vocab_size: int, corpus_chars: int) -> i
     optimizer state, gradient and proposed weights (update scratch), one window's workspace
     (inputs, hidden states and probabilities of every strand and step, forward and backward),
     the carried hidden states and the corpus ids."""
-    V, H = vocab_size, config.hidden_size
-    B, T = config.batch_size, config.seq_length
-    item = np.dtype(config.dtype).itemsize
-    parameters = parameter_total(config, V)
-    H = budget.width(config)  # a gated or stacked model's per-step state: gates x layers x H
-    weights = parameters * item * (3 + _OPTIMIZER_SLOTS.get(config.optimizer, 2))
-    window = 3 * B * (T + 1) * (H + V) * item
+    V, B, T = vocab_size, config.batch_size, config.seq_length
+    model = budget.Model.of(config, V)
+    weights = model.parameters * model.itemsize * (3 + _OPTIMIZER_SLOTS.get(config.optimizer, 2))
+    window = budget.workspace_bytes(model, T, B)
+    state = B * model.spec.state_size * model.itemsize  # h (and c) of every layer per strand
     id_bytes = 1 if V <= 256 else 2 if V <= 65536 else 4
-    return weights + window + B * H * item + corpus_chars * id_bytes
+    return weights + window + state + corpus_chars * id_bytes
 
 
 def session_bytes(session: Session) -> int:

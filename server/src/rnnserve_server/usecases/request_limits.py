@@ -21,13 +21,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
+def _describe(config: ModelConfig, vocab: int) -> str:
+    """The model's sizes the estimate grows with, as the refusal names them."""
+    cell = "" if not config.stacked else f"{config.num_layers}-layer {config.cell}, "
+    return f"{cell}hidden {config.hidden_size}, alphabet {vocab}, {config.dtype}"
+
+
 @functools.lru_cache(maxsize=1024)
-def _train_need(
-    seq: int, batch: int, hidden: int, vocab: int, dtype: str, sample_length: int
-) -> int:
+def _train_need(model: budget.Model, seq: int, batch: int, sample_length: int) -> int:
     """budget.train_bytes for a model, memoised (a few sizes per server, asked every Step)."""
-    itemsize = np.dtype(dtype).itemsize
-    return budget.train_bytes(seq, batch, hidden, vocab, itemsize, sample_length)
+    return budget.train_bytes(model, seq, batch, sample_length)
 
 
 def encode(session: Session, text: str, field: str) -> np.ndarray:
@@ -68,23 +71,23 @@ class RequestLimits:
         self,
         session: Session,
         what: str,
-        estimate: Callable[[int, int, int, int], int],
+        estimate: Callable[[int, budget.Model], int],
         chars: int = 0,
         fix: str = "",
     ) -> None:
-        """RESOURCE_EXHAUSTED when the call's working memory, ``estimate(chars, hidden,
-        alphabet, itemsize)`` on this session's model (engine/budget.py), is over
+        """RESOURCE_EXHAUSTED when the call's working memory, ``estimate(chars, model)`` on
+        this session's model (engine/budget.py), is over
         --max-request-bytes. With ``chars`` the message says how many characters would fit;
         else ``fix`` says what smaller request would."""
         config = session.require_trainer().config
-        hidden, vocab = budget.width(config), len(session.summary.alphabet)
-        itemsize = np.dtype(config.dtype).itemsize
+        vocab = len(session.summary.alphabet)
+        model = budget.Model.of(config, vocab)
         limit = self.settings.max_request_bytes
-        need = estimate(chars, hidden, vocab, itemsize)
+        need = estimate(chars, model)
         if need <= limit:
             return
         if chars:
-            most = budget.most_chars(lambda c: estimate(c, hidden, vocab, itemsize), limit, chars)
+            most = budget.most_chars(lambda c: estimate(c, model), limit, chars)
             fix = (
                 f"send at most {most} characters, or "
                 if most >= 2
@@ -92,7 +95,7 @@ class RequestLimits:
             )
         raise LimitExceededError(
             f"{what} needs about {_mib(need)} of working memory on this session's model "
-            f"(hidden {config.hidden_size}, alphabet {vocab}, {config.dtype}), over the server "
+            f"({_describe(config, vocab)}), over the server "
             f"limit of {_mib(limit)}; {fix}the operator can raise the limit with "
             "--max-request-bytes or RNNSERVE_MAX_REQUEST_BYTES",
             setting="max_request_bytes",
@@ -105,12 +108,7 @@ class RequestLimits:
         config = session.require_trainer().config
         seq, batch = config.seq_length, config.batch_size
         need = _train_need(
-            seq,
-            batch,
-            budget.width(config),
-            len(session.summary.alphabet),
-            config.dtype,
-            sample_length,
+            budget.Model.of(config, len(session.summary.alphabet)), seq, batch, sample_length
         )
         if need <= self.settings.max_request_bytes:
             return  # the common case, cached: this is on Step's hot path
@@ -118,18 +116,19 @@ class RequestLimits:
             session,
             f"{what} (batch_size {batch} x seq_length {seq}"
             + (f", sample_length {sample_length})" if sample_length else ")"),
-            lambda _, h, v, i: budget.train_bytes(seq, batch, h, v, i, sample_length),
-            fix="use a session with a smaller batch_size, seq_length or hidden_size, or ",
+            lambda _, model: budget.train_bytes(model, seq, batch, sample_length),
+            fix="use a session with a smaller batch_size, seq_length, hidden_size or "
+            "num_layers, or ",
         )
 
     def check_create_memory(self, config: ModelConfig, text: str, alphabet: str) -> None:
         """Refuse a session that could never train under --max-request-bytes (one update of
         batch_size x seq_length on its model), rather than create one every Step refuses."""
-        limit, itemsize = self.settings.max_request_bytes, np.dtype(config.dtype).itemsize
+        limit = self.settings.max_request_bytes
 
         def need(vocab: int) -> int:
             return budget.update_bytes(
-                config.seq_length, config.batch_size, budget.width(config), vocab, itemsize
+                budget.Model.of(config, vocab), config.seq_length, config.batch_size
             )
 
         # The alphabet size is at most the text's length: count it only when that matters.
@@ -139,10 +138,10 @@ class RequestLimits:
         if need(vocab) > limit:
             raise LimitExceededError(
                 f"training this session (batch_size {config.batch_size} x seq_length "
-                f"{config.seq_length}, hidden {config.hidden_size}, alphabet {vocab}, "
-                f"{config.dtype}) needs about {_mib(need(vocab))} of working memory per update, "
-                f"over the server limit of {_mib(limit)}; use a smaller batch_size, seq_length "
-                "or hidden_size, or the operator can raise the limit with --max-request-bytes "
+                f"{config.seq_length}, {_describe(config, vocab)}) needs about "
+                f"{_mib(need(vocab))} of working memory per update, over the server limit of "
+                f"{_mib(limit)}; use a smaller batch_size, seq_length, hidden_size or "
+                "num_layers, or the operator can raise the limit with --max-request-bytes "
                 "or RNNSERVE_MAX_REQUEST_BYTES",
                 setting="max_request_bytes",
                 limit=limit,

@@ -417,7 +417,7 @@ class SessionService:
             self.limits.check_memory(
                 session,
                 f"Generate of {length} characters after a prime of {prime_chars}",
-                lambda _, h, v, i: budget.generate_bytes(prime_chars, length, h, v, i),
+                lambda _, model: budget.generate_bytes(prime_chars, length, model),
                 fix="use a session with a smaller hidden_size or alphabet, or ",
             )
             prime = encode(session, o.prime, "prime") if o.prime else np.zeros(0, dtype=np.int32)

@@ -37,7 +37,15 @@ from __future__ import annotations
 from .fast import loss_and_grads
 from .inference import recurrence, score
 from .reference import reference_loss_and_grads
-from .spec import CELLS, GATES, Spec, StackWorkspace, dropout_masks, init_stack
+from .spec import (
+    CELLS,
+    GATES,
+    Spec,
+    StackWorkspace,
+    dropout_masks,
+    init_stack,
+    workspace_bytes,
+)
 
 __all__ = [
     "CELLS",
@@ -50,4 +58,5 @@ __all__ = [
     "recurrence",
     "reference_loss_and_grads",
     "score",
+    "workspace_bytes",
 ]

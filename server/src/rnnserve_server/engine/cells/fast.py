@@ -109,7 +109,9 @@ def forward(
             E = ws.E  # the input rows with the bias folded in
             np.add(loop_order(spec, p["Wx0"], E), b, out=E)
             E[:, sig] *= 0.5
-            np.take(E, xs, axis=0, out=A)  # the input projection as a gather
+            # The input projection as a gather. mode="wrap": ids are checked on the way in, and
+            # the default mode="raise" gathers into a hidden copy of A (T x B x G floats).
+            np.take(E, xs, axis=0, out=A, mode="wrap")
         else:
             Wx = loop_order(spec, p[f"Wx{li}"], ws.Wxl)
             np.matmul(inp.reshape(N, H), Wx, out=A.reshape(N, G))

@@ -3,7 +3,7 @@ state; the draw itself is engine/sampler.py's, shared with the tanh RNN)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -16,24 +16,32 @@ from .spec import (
 )
 
 
-def score(
-    spec: Spec, p: dict[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray
-) -> tuple[np.ndarray, float]:
-    """From a zero state, the argmax id after each input (int32) and the summed nats of
-    ``targets``; long texts run in chunks of EVAL_CHUNK steps with the state carried."""
+def _chunks(
+    spec: Spec, p: dict[str, np.ndarray], inputs: np.ndarray, state: np.ndarray
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """The forward pass over ``inputs`` from ``state`` in chunks of EVAL_CHUNK steps (memory
+    stays bounded for long texts): (start, stop, top layer's outputs (t, 1, H), state after)."""
     T = inputs.shape[0]
-    dtype = p["Wy"].dtype
-    state = np.zeros((1, spec.state_size), dtype=dtype)
-    argmax = np.empty(T, dtype=np.int32)
-    nats = 0.0
     ws: StackWorkspace | None = None
     for start in range(0, T, EVAL_CHUNK):
         stop = min(start + EVAL_CHUNK, T)
         xs = np.asarray(inputs[start:stop], dtype=np.intp)[:, None]  # (t, 1)
         if ws is None or ws.key[0] != stop - start:
-            ws = StackWorkspace(spec, stop - start, 1, dtype)
-        with np.errstate(all="ignore"):
-            top, state = forward(spec, p, xs, state, ws)
+            ws = StackWorkspace(spec, stop - start, 1, p["Wy"].dtype)
+        top, state = forward(spec, p, xs, state, ws)
+        yield start, stop, top, state
+
+
+def score(
+    spec: Spec, p: dict[str, np.ndarray], inputs: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """From a zero state, the argmax id after each input (int32) and the summed nats of
+    ``targets``; long texts run in chunks of EVAL_CHUNK steps with the state carried."""
+    state = np.zeros((1, spec.state_size), dtype=p["Wy"].dtype)
+    argmax = np.empty(inputs.shape[0], dtype=np.int32)
+    nats = 0.0
+    with np.errstate(all="ignore"):
+        for start, stop, top, _ in _chunks(spec, p, inputs, state):
             logits = top[:, 0, :] @ p["Wy"] + p["by"]  # (t, V)
             logits = logits - logits.max(axis=1, keepdims=True)
             argmax[start:stop] = logits.argmax(axis=1)
@@ -51,9 +59,8 @@ def recurrence(
     new h (H,). No dropout."""
     dtype = p["Wy"].dtype
     state = np.zeros((1, spec.state_size), dtype=dtype)
-    if prime.shape[0] > 1:
-        ws = StackWorkspace(spec, prime.shape[0] - 1, 1, dtype)
-        _, state = forward(spec, p, np.asarray(prime[:-1], dtype=np.intp)[:, None], state, ws)
+    for *_, warmed in _chunks(spec, p, prime[:-1], state):
+        state = warmed  # the state after the last chunk
     layers = [spec.layer_state(state, li) for li in range(spec.num_layers)]
     hc = [(h.copy(), None if c is None else c.copy()) for h, c in layers]
 

@@ -108,68 +108,133 @@ def dropout_masks(
 # The fast implementation
 
 
+# Python objects StackWorkspace keeps besides its buffers, measured with tracemalloc: the
+# per-step views of each layer (forward and backward, with their tuples; ~0.9 KB a step for
+# rnn, ~2.6-2.7 KB for LSTM and GRU) and, once, the workspace's own objects (~5-10 KB).
+STEP_VIEW_BYTES = {"rnn": 1000, "lstm": 2800, "gru": 2900}
+OBJECT_BYTES = 16384
+
+
+def workspace_buffers(spec: Spec, T: int, B: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Every array StackWorkspace(spec, T, B) allocates: name -> (how many, shape of each).
+    The workspace is built from this table and engine/budget.py sizes it from this table, so
+    the memory estimate can't drift from what is allocated."""
+    L, H, G, V = spec.num_layers, spec.hidden_size, spec.gates, spec.vocab_size
+    N, n = T * B, GATES[spec.cell]
+    lstm, gru, gate_major = spec.cell == "lstm", spec.cell == "gru", B > 1
+    return {
+        "hs": (L, (T + 1, B, H)),
+        "Z": (L if lstm else 0, (T + 1, B, 5 * H)),
+        "A": (0 if lstm else L, (T, B, G)),
+        "tcs": (L if lstm else 0, (T, B, H)),
+        "ghn": (L if gru else 0, (T, B, H)),
+        "drop": (L - 1, (T, B, H)),
+        "tmp": (1, (B, G)),
+        "E": (1, (V, G)),
+        "Wxl": (1, (H, G) if lstm and L > 1 else (0, G)),
+        "bl": (1, (G,)),
+        "Whg": (1, (n, H, H) if gate_major else (H, G)),
+        "tmpg": (1, (n, B, H) if gate_major else (B, G)),
+        "WhT": (1, (G, H) if gate_major else (0, 0)),
+        "tmpH": (1, (B, H)),
+        "tmpH2": (1, (B, H)),
+        "carry": (1, (B, H)),
+        "dA": (1, (0, 0, G) if gru else (T, B, G)),
+        "M": (1, (T, B, G)),
+        "K": (1, (T, B, H)),
+        "dc": (1, (B, H)),
+        "P": (1 if lstm else 0, (B, 2 * H)),
+        "Q": (1 if gru else 0, (T, B, H)),
+        "dGx": (1 if gru else 0, (T, B, 4 * H)),
+        "half": (1, (B, (3 if lstm else 2) * H)),
+        "dH": (1, (T, B, H)),
+        "logits": (1, (N, V)),
+        "onehot": (1, (N, V)),
+    }
+
+
+def workspace_bytes(spec: Spec, T: int, B: int, itemsize: int) -> int:
+    """What StackWorkspace(spec, T, B) of floats of ``itemsize`` bytes holds: its buffers
+    (workspace_buffers), the row indices and the per-step views."""
+    floats = sum(
+        count * math.prod(shape) for count, shape in workspace_buffers(spec, T, B).values()
+    )
+    views = spec.num_layers * T * STEP_VIEW_BYTES[spec.cell] + OBJECT_BYTES
+    return floats * itemsize + T * B * np.dtype(np.intp).itemsize + views
+
+
 class StackWorkspace:
-    """Buffers for one window shape (T steps, B strands), reused across steps."""
+    """Buffers for one window shape (T steps, B strands), reused across steps; each is one of
+    workspace_buffers (the rest are views into them)."""
 
     def __init__(self, spec: Spec, T: int, B: int, dtype: np.dtype | str) -> None:
         self.key = (T, B, np.dtype(dtype))
-        L, H, G, V = spec.num_layers, spec.hidden_size, spec.gates, spec.vocab_size
+        L, H, G = spec.num_layers, spec.hidden_size, spec.gates
         N = T * B
         lstm, gru = spec.cell == "lstm", spec.cell == "gru"
-        self.hs = [np.empty((T + 1, B, H), dtype) for _ in range(L)]  # hs[0] = h0
+        table = workspace_buffers(spec, T, B)
+
+        def layers(name: str) -> list[np.ndarray]:
+            count, shape = table[name]
+            return [np.empty(shape, dtype) for _ in range(count)]
+
+        def one(name: str) -> np.ndarray:
+            return np.empty(table[name][1], dtype)
+
+        self.hs = layers("hs")  # hs[li][0] = h0
         # LSTM: row t of Z (B, 5H) is [c_t | g f i o of step t] (gates in loop_order), so
         # one product [f, i] * [c_{t-1}, g] and one sum make c_t; A and cs are views into it.
-        self.Z = [np.empty((T + 1, B, 5 * H), dtype) for _ in range(L)] if lstm else []
-        self.A = [z[:T, :, H:] for z in self.Z]  # activated gates (T, B, G) (rnn: unused)
-        if not lstm:
-            self.A = [np.empty((T, B, G), dtype) for _ in range(L)]
+        self.Z = layers("Z")
+        # activated gates (T, B, G) (rnn: the pre-activations, then h)
+        self.A = [z[:T, :, H:] for z in self.Z] if lstm else layers("A")
         self.cs = [z[:, :, :H] for z in self.Z]  # c_t (T + 1, B, H), cs[0] = c0
-        self.tcs = [np.empty((T, B, H), dtype) for _ in range(L)] if lstm else []  # tanh(c_t)
-        self.ghn = [np.empty((T, B, H), dtype) for _ in range(L)] if gru else []  # h Wh_n + bn
-        self.drop = [np.empty((T, B, H), dtype) for _ in range(L - 1)]  # masked outputs
-        self.tmp = np.empty((B, G), dtype)  # h_{t-1} @ Wh (rnn)
-        self.E = np.empty((V, G), dtype)  # Wx0 + b0, sigmoid gates halved: layer 0's input rows
-        self.Wxl = np.empty((H, G) if lstm and L > 1 else (0, G), dtype)  # loop_order(Wx{li>0})
-        self.bl = np.empty(G, dtype)  # loop_order(b)
+        self.tcs = layers("tcs")  # tanh(c_t) (LSTM)
+        self.ghn = layers("ghn")  # h Wh_n + bn (GRU)
+        self.drop = layers("drop")  # masked outputs
+        self.tmp = one("tmp")  # h_{t-1} @ Wh (rnn)
+        self.E = one("E")  # Wx0 + b0, sigmoid gates halved: layer 0's input rows
+        self.Wxl = one("Wxl")  # loop_order(Wx{li>0}) (LSTM)
+        self.bl = one("bl")  # loop_order(b)
         # The gated recurrence's h_{t-1} Wh: for B > 1 one batched product over the n gate
         # blocks (n, H, H) into an (n, B, H) buffer, gate-major: it beat one (B, H) @ (H, n*H)
         # product (OpenBLAS, 1 thread, LSTM: 215 against 270 us at B = 32, H = 256; 52 against
         # 125 us at B = 8); at B = 1 the plain product was faster.
-        n = GATES[spec.cell]
         self.hidden_size, self.gate_major = H, B > 1
-        self.Whg = np.empty((n, H, H) if self.gate_major else (H, G), dtype)
-        self.tmpg = np.empty((n, B, H) if self.gate_major else (B, G), dtype)
-        self.WhT = np.empty((G, H) if self.gate_major else (0, 0), dtype)  # for the backward
-        self.tmpH = np.empty((B, H), dtype)
-        self.tmpH2 = np.empty((B, H), dtype)
-        self.carry = np.empty((B, H), dtype)  # dL/dh_{t-1} through the recurrence
+        self.Whg = one("Whg")
+        self.tmpg = one("tmpg")
+        self.WhT = one("WhT")  # for the backward (B > 1)
+        self.tmpH = one("tmpH")
+        self.tmpH2 = one("tmpH2")
+        self.carry = one("carry")  # dL/dh_{t-1} through the recurrence
         # At B = 1 a numpy call costs ~0.35 us on same-shape operands and ~1 us when one is
         # broadcast or has a negative stride (the general iterator), so the per-step buffers
         # below are laid out for same-shape calls.
-        self.dA = np.empty((T, B, G) if not gru else (0, 0, G), dtype)  # dL/da_t
-        self.M = np.empty((T, B, G), dtype)  # per-step partials of the gates (backward)
-        self.K = np.empty((T, B, H), dtype)  # LSTM: o (1 - tanh(c)^2); GRU: (h - n) z (1 - z)
-        self.dc = np.empty((B, H), dtype)  # dL/dc_t (LSTM)
+        self.dA = one("dA")  # dL/da_t (GRU: dGx's blocks instead)
+        self.M = one("M")  # per-step partials of the gates (backward)
+        self.K = one("K")  # LSTM: o (1 - tanh(c)^2); GRU: (h - n) z (1 - z)
+        self.dc = one("dc")  # dL/dc_t (LSTM)
         if lstm:
             # The forward's input part x_t Wx + b in the loop's gate order, in dA's memory:
             # dead before the backward writes dA.
             self.pre = self.dA
-            self.P = np.empty((B, 2 * H), dtype)  # [f c_{t-1}, i g]
-        self.Q = np.empty((T, B, H), dtype) if gru else self.K  # GRU: (1 - z)(1 - n^2)
+            self.P = one("P")  # [f c_{t-1}, i g]
+        self.Q = one("Q") if gru else self.K  # GRU: (1 - z)(1 - n^2)
         self.dA_parts = [(slice(0, G), self.dA)]  # dL/da_t as (gate columns, (T, B, .)) blocks
         self.dGh = self.dA  # dL/d(h_{t-1} Wh [+ bn])
         if gru:
             # dGx[t] = [dr, dz, dgh_n, dn] (dgh_n = dL/d(h Wh_n + bn)): dGh is its first three
             # blocks and dL/da_t = [dr, dz, dn] two blocks of it (no per-step copy).
-            dGx = np.empty((T, B, 4 * H), dtype)
+            dGx = one("dGx")
             self.dGh = dGx[..., :G]
             self.dA_parts = [(slice(0, 2 * H), dGx[..., : 2 * H]), (slice(2 * H, G), dGx[..., G:])]
         # sigmoid(x) = 0.5 tanh(x / 2) + 0.5: the affine part over the sigmoid gates, with
         # same-shape operands
-        self.half = np.full((B, (3 if lstm else 2) * H), 0.5, dtype)
-        self.dH = np.empty((T, B, H), dtype)  # dL/dh_t of the layer being differentiated
-        self.logits = np.empty((N, V), dtype)  # y, then p, then dL/dy
-        self.onehot = np.zeros((N, V), dtype)  # layer 0's inputs, for dWx0 as one product
+        self.half = one("half")
+        self.half.fill(0.5)
+        self.dH = one("dH")  # dL/dh_t of the layer being differentiated
+        self.logits = one("logits")  # y, then p, then dL/dy
+        self.onehot = one("onehot")  # layer 0's inputs, for dWx0 as one product
+        self.onehot.fill(0.0)
         self.rows = np.arange(N)
         # Per-step views, made once: slicing in the hot loops cost ~20 % of a batch-1 step.
         self.fwd_views = [self._forward_views(spec, li, T) for li in range(L)]
