@@ -206,6 +206,22 @@ def test_a_job_goes_on_elsewhere_after_kill9_of_its_owner_with_no_client(
             # StartJob retried after the failover: the same job, not a new one.
             assert session.start_training(target, request_id="k-1").name == name
         assert redis_jobs(redis_server) == []  # it ended: out of the set
+        # A watcher that saw the dead owner's steps and reconnects to the new owner itself
+        # (through nginx it may land there) is told of the rollback too, and shown the
+        # retrained steps again.
+        new_owner = owner_of([r for r in replicas if r is not owner], redis_server, "k")
+        with (
+            new_owner.client(timeout=30) as client,
+            client.session("k").watch_loss(from_step=100) as stream,
+        ):
+            before = []  # the dead owner's steps from 100, then the rollback
+            for point in stream:
+                if stream.rollbacks or point.step >= target:
+                    break
+                before.append(point.step)
+            assert stream.rollbacks == [restored]
+            assert point.step == restored + 1
+            assert before == list(range(100, 100 + len(before)))
     finally:
         watcher.close()
 

@@ -84,7 +84,7 @@ class Router(Interceptor):
         forwarder: Forwarder,
         max_bytes: int,
         list_sessions: Callable[[Any, Any], Awaitable[Any]],
-        serves_locally: Callable[[str], bool] | None = None,
+        watches_locally: Callable[[str, int], bool] | None = None,
         watch_stream: Callable[[str, int], Awaitable[AsyncIterator[Any] | None]] | None = None,
         *,
         peers_only: bool = False,
@@ -93,7 +93,7 @@ class Router(Interceptor):
         # peer (a verified peer certificate), anything else carrying it is refused.
         self.peers_only = peers_only
         self.list_sessions = list_sessions
-        self.serves_locally = serves_locally
+        self.watches_locally = watches_locally
         self.watch_stream = watch_stream
         self.route = route
         self.done = done
@@ -229,7 +229,7 @@ class Router(Interceptor):
             inner = handler.unary_stream
 
             watch_stream = self.watch_stream if method == WATCH_METHOD else None
-            serves_locally = self.serves_locally or (lambda sid: True)
+            watches_locally = self.watches_locally or (lambda sid, from_step: True)
 
             async def us(raw: bytes, context: Any) -> AsyncIterator[Any]:
                 request = await decode(raw, context)
@@ -240,7 +240,7 @@ class Router(Interceptor):
                     watch_stream is not None
                     and sid
                     and request.from_step >= 0
-                    and not serves_locally(sid)
+                    and not watches_locally(sid, int(request.from_step))
                 ):
                     try:
                         source = await watch_stream(sid, int(request.from_step))

@@ -115,6 +115,8 @@ class ClusterNode:
         # Sessions whose checkpoint is newer than this replica reads -> that checkpoint's
         # name: left to a newer replica until the pointer moves.
         self._too_new: dict[str, str] = {}
+        # Sessions activated here from a checkpoint behind the stream -> the step restored.
+        self._restored_at: dict[str, int] = {}
         self.claim_interval = settings.job_claim_interval or settings.lease_ttl / 3
         self.jobs_claimed = 0  # training jobs taken over here
         self.jobs_handed_off = 0  # training jobs given to a replica with a free slot
@@ -138,7 +140,7 @@ class ClusterNode:
             self.forwarder,
             self.settings.max_message_bytes,
             self.list_sessions,
-            self.serves_locally,
+            self.watches_locally,
             self.streams.watch,
             peers_only=self.peer_tls is not None,
         )
@@ -346,6 +348,10 @@ class ClusterNode:
         # the checkpoint's history, and go out now rather than leave a gap.
         published = session.step if last is None else min(last.step, session.step)
         rolled_back = last is not None and last.step > session.step
+        if rolled_back:
+            self._restored_at[session_id] = session.step
+        else:
+            self._restored_at.pop(session_id, None)
         if last is not None and rolled_back:
             # The old owner died after its last checkpoint: announce the rollback.
             await self.coordinator.publish_restored(session_id, session.step, token=token)
@@ -532,6 +538,7 @@ class ClusterNode:
             session.close_watchers()
         self._active.pop(session_id, None)
         self._owners.pop(session_id, None)
+        self._restored_at.pop(session_id, None)
         self.streams.stop(session_id)
         if self.store is not None:
             await self.registry.run_io(self.store.forget, session_id)
@@ -563,6 +570,15 @@ class ClusterNode:
             )
 
     # -- WatchLoss from the Redis stream ------------------------------------------------------
+
+    def watches_locally(self, session_id: str, from_step: int) -> bool:
+        """True if a WatchLoss from ``from_step`` is served from this replica's memory. A
+        watcher asking for steps past a restore this replica made (a client reconnecting after
+        the old owner died) saw steps that were lost: the stream, which holds them and the
+        restore, tells it about the rollback."""
+        restored = self._restored_at.get(session_id)
+        rewinds = restored is not None and from_step > restored + 1
+        return self.serves_locally(session_id) and not rewinds
 
     def serves_locally(self, session_id: str) -> bool:
         """True if the session is active here under our live lease."""
