@@ -58,7 +58,9 @@ def test_sigterm_checkpoints_every_session_and_exits_within_grace(
         streams = [s.train(10**6, report_every=10) for s in trained]
         for stream in streams:
             next(stream)
-        watch = trained[0].watch_loss(1)
+        # retry_for=0: this checks that the server ends its watchers (the client library
+        # would reconnect to a server that comes back).
+        watch = trained[0].watch_loss(1, retry_for=0)
         assert next(watch).step == 1
         for _ in range(3):
             stepped.step()
