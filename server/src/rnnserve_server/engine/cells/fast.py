@@ -1,6 +1,14 @@
-"""The fast forward/backward over a window (buffers reused; only the recurrence loops)."""
+"""The fast forward/backward over a window (buffers reused; only the recurrence loops).
+
+The gated cells' per-step element-wise work runs in one C call a step (_kernel.c) when that
+extension is built, else in numpy; RNNSERVE_ENGINE_KERNEL=numpy forces numpy (benchmarks' A/B,
+or a build without a compiler), =c fails at import if the extension is missing."""
 
 from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -9,6 +17,47 @@ from .spec import (
     StackWorkspace,
     loop_order,
 )
+
+KERNEL_VARIABLE = "RNNSERVE_ENGINE_KERNEL"
+
+
+def load_kernel() -> ModuleType | None:
+    """The compiled step kernel, or None for the numpy path (see the module's docstring)."""
+    choice = os.environ.get(KERNEL_VARIABLE, "")
+    if choice not in ("", "c", "numpy"):
+        raise ValueError(f"{KERNEL_VARIABLE} must be c or numpy, not {choice!r}")
+    if choice == "numpy":
+        return None
+    try:
+        from . import _kernel
+    except ImportError:
+        if choice == "c":
+            raise
+        return None
+    return _kernel
+
+
+KERNEL = load_kernel()  # tests and benchmarks set it to compare the two paths
+
+
+def _kernel_layer(spec: Spec, ws: StackWorkspace, li: int) -> Any:
+    """Layer li's buffers exported to the C kernel once per workspace (all of them are the
+    workspace's own; GRU's bn is read from ws.tmpH2[0], which _forward_layer fills)."""
+    layer = ws.kernel_layers.get(li)
+    if layer is None:
+        assert KERNEL is not None
+        rec = ws.tmpg.reshape(-1)
+        if spec.cell == "lstm":
+            layer = KERNEL.lstm(
+                ws.pre, ws.Z[li], ws.tcs[li], ws.hs[li], rec, ws.dH, ws.carry, ws.dc, ws.dA
+            )
+        else:
+            assert ws.dGx is not None
+            layer = KERNEL.gru(
+                ws.A[li], ws.ghn[li], ws.hs[li], rec, ws.tmpH2[0], ws.dH, ws.carry, ws.dGx
+            )
+        ws.kernel_layers[li] = layer
+    return layer
 
 
 def _recurrent_weights(spec: Spec, Wh: np.ndarray, ws: StackWorkspace) -> np.ndarray:
@@ -48,6 +97,9 @@ def _forward_layer(
         # ws.pre by forward(), in a copy of Wh here) so one tanh covers all four gates.
         Whg, tmpg, half = _recurrent_weights(spec, Wh, ws), ws.tmpg, ws.half
         ws.gates(Whg, 1, 4)[...] *= 0.5
+        if KERNEL is not None:
+            _kernel_forward(spec, ws, li, Whg, matmul, steps)
+            return
         P = ws.P
         P0, P1 = P[:, :H], P[:, H:]
         # 9 numpy calls a step, on same-shape operands (Z[t] = [c_{t-1}, g, f, i, o]).
@@ -66,6 +118,9 @@ def _forward_layer(
         np.copyto(bn, p[f"bn{li}"])
         Whg, tmpg, half, sub = _recurrent_weights(spec, Wh, ws), ws.tmpg, ws.half, np.subtract
         ws.gates(Whg, 0, 2)[...] *= 0.5  # r, z: sigmoid as tanh, as for the LSTM above
+        if KERNEL is not None:
+            _kernel_forward(spec, ws, li, Whg, matmul, steps)
+            return
         tmp_rz, tmp_n = ws.gates(tmpg, 0, 2), ws.gates(tmpg, 2, 3)
         # 12 numpy calls a step, on same-shape operands
         for rz, rz_g, r, z, n, ghn, h_prev, h in steps:
@@ -81,6 +136,16 @@ def _forward_layer(
             sub(h_prev, n, out=tmpH)
             mul(z, tmpH, out=tmpH)
             add(n, tmpH, out=h)
+
+
+def _kernel_forward(
+    spec: Spec, ws: StackWorkspace, li: int, Whg: np.ndarray, matmul: Any, steps: list[Any]
+) -> None:
+    """The gated recurrence with the C kernel: per step numpy's h_{t-1} Wh, then one call."""
+    step, tmpg = _kernel_layer(spec, ws, li).forward, ws.tmpg
+    for t, views in enumerate(steps):
+        matmul(views[-2], Whg, out=tmpg)  # views[-2]: h_{t-1}
+        step(t)
 
 
 def forward(
@@ -198,6 +263,15 @@ def _backward_layer(
             mul(d, D_t, out=da)
             if t > 0:
                 dot(da, WhT, out=carry)
+    elif KERNEL is not None:
+        # The gate gradients in one call a step; carry and dc start at zero (the last step's).
+        step = _kernel_layer(spec, ws, li).backward
+        carry.fill(0.0)
+        ws.dc.fill(0.0)
+        for t in range(T - 1, 0, -1):
+            step(t)
+            dot(steps[t][-1], WhT, out=carry)  # steps[t][-1]: dL/da_t (GRU: dL/d(h Wh + bn))
+        step(0)
     elif spec.cell == "lstm":
         _lstm_partials(spec, ws, li)
         dc, tmpH = ws.dc, ws.tmpH

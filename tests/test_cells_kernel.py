@@ -1,0 +1,183 @@
+"""The gated cells' C step kernel (engine/cells/_kernel.c): built, the same numbers as the numpy
+path in float32 and float64, and bad buffers refused with an exception (never a crash)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from rnnserve_server.engine.cells import (
+    Spec,
+    StackWorkspace,
+    _kernel,
+    dropout_masks,
+    fast,
+    init_stack,
+    loss_and_grads,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_the_kernel_is_built_and_chosen_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make install` builds it (the import above fails this file otherwise); without the
+    variable the engine uses it, RNNSERVE_ENGINE_KERNEL=numpy turns it off."""
+    monkeypatch.delenv(fast.KERNEL_VARIABLE, raising=False)
+    assert fast.load_kernel() is _kernel
+    monkeypatch.setenv(fast.KERNEL_VARIABLE, "c")
+    assert fast.load_kernel() is _kernel
+    monkeypatch.setenv(fast.KERNEL_VARIABLE, "numpy")
+    assert fast.load_kernel() is None
+    monkeypatch.setenv(fast.KERNEL_VARIABLE, "fortran")
+    with pytest.raises(ValueError, match="RNNSERVE_ENGINE_KERNEL must be c or numpy"):
+        fast.load_kernel()
+
+
+def _run(
+    monkeypatch: pytest.MonkeyPatch, kernel: Any, spec: Spec, dtype: str, B: int, T: int
+) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
+    """One training window (dropout 0.3 between layers) from a nonzero state."""
+    monkeypatch.setattr(fast, "KERNEL", kernel)
+    rng = np.random.default_rng(3)
+    _, params = init_stack(spec, rng, dtype)
+    for p in params.values():  # nonzero biases; weights large enough to saturate some gates
+        p += rng.uniform(-0.5, 0.5, p.shape).astype(dtype)
+    inputs = rng.integers(0, spec.vocab_size, size=(B, T))
+    targets = rng.integers(0, spec.vocab_size, size=(B, T))
+    state = np.tanh(rng.standard_normal((B, spec.state_size))).astype(dtype)
+    masks = dropout_masks(spec, 0.3, T, B, np.random.default_rng(4), np.dtype(dtype))
+    grads = {k: np.empty_like(v) for k, v in params.items()}
+    loss, final = loss_and_grads(spec, params, inputs, targets, state, grads, masks=masks)
+    return loss, final, grads
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [("float32", 2e-4), ("float64", 1e-10)])
+@pytest.mark.parametrize(("B", "H"), [(1, 16), (3, 37)])  # 37: the vector loops' remainders
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_kernel_matches_the_numpy_path(
+    monkeypatch: pytest.MonkeyPatch, cell: str, layers: int, B: int, H: int, dtype: str, rtol: float
+) -> None:
+    spec = Spec(cell, 11, H, layers)
+    loss, final, grads = _run(monkeypatch, _kernel, spec, dtype, B, T=9)
+    ref_loss, ref_final, ref_grads = _run(monkeypatch, None, spec, dtype, B, T=9)
+    assert loss == pytest.approx(ref_loss, rel=rtol)
+    assert final.dtype == ref_final.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(final, ref_final, rtol=rtol, atol=rtol)
+    for name, g in grads.items():
+        assert g.dtype == np.dtype(dtype), name
+        scale = float(np.abs(ref_grads[name]).max())
+        np.testing.assert_allclose(g, ref_grads[name], rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_float32_tanh_saturates_and_keeps_nan(
+    cell: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Huge pre-activations (every gate saturated) give what numpy's tanh gives; a NaN weight
+    makes the loss NaN (training notices it) instead of being clipped away."""
+    spec = Spec(cell, 11, 16, 1)
+    _, params = init_stack(spec, np.random.default_rng(0), "float32")
+    params["Wx0"][...] *= 1e4
+    inputs = np.arange(8).reshape(1, 8) % 11
+    state = np.zeros((1, spec.state_size), np.float32)
+    grads = {k: np.empty_like(v) for k, v in params.items()}
+    results = []
+    for kernel in (_kernel, None):
+        monkeypatch.setattr(fast, "KERNEL", kernel)
+        results.append(loss_and_grads(spec, params, inputs, inputs, state, grads))
+    (loss, final), (ref_loss, ref_final) = results
+    assert np.isfinite(loss) and loss == pytest.approx(ref_loss, rel=1e-6)
+    np.testing.assert_allclose(final, ref_final, atol=1e-6)
+    monkeypatch.setattr(fast, "KERNEL", _kernel)
+    params["Wh0"][0, 0] = np.nan
+    loss, _ = loss_and_grads(spec, params, inputs, inputs, state, grads)
+    assert np.isnan(loss)
+
+
+def _lstm_arrays(T: int = 3, B: int = 2, H: int = 4, dtype: str = "float32") -> list[np.ndarray]:
+    """lstm()'s arguments, in order, from a real workspace."""
+    ws = StackWorkspace(Spec("lstm", 5, H, 1), T, B, dtype)
+    return [
+        ws.pre,
+        ws.Z[0],
+        ws.tcs[0],
+        ws.hs[0],
+        ws.tmpg.reshape(-1),
+        ws.dH,
+        ws.carry,
+        ws.dc,
+        ws.dA,
+    ]
+
+
+def _gru_arrays(T: int = 3, B: int = 2, H: int = 4) -> list[np.ndarray]:
+    ws = StackWorkspace(Spec("gru", 5, H, 1), T, B, "float32")
+    assert ws.dGx is not None
+    return [ws.A[0], ws.ghn[0], ws.hs[0], ws.tmpg.reshape(-1), ws.tmpH2[0], ws.dH, ws.carry, ws.dGx]
+
+
+def _replaced(arrays: list[np.ndarray], i: int, bad: Any) -> list[Any]:
+    out: list[Any] = list(arrays)
+    out[i] = bad
+    return out
+
+
+@pytest.mark.parametrize(
+    ("make", "index", "damage", "error", "match"),
+    [
+        ("lstm", 1, lambda a: a[:-1], ValueError, "Z has the wrong shape"),
+        ("lstm", 0, lambda a: a.reshape(a.shape[0], -1), ValueError, "pre has the wrong shape"),
+        ("lstm", 2, lambda a: a.astype(np.float64), TypeError, "tcs is float64"),
+        ("lstm", 1, lambda a: a.astype(np.int32), TypeError, "Z must be float32 or float64"),
+        ("lstm", 6, lambda a: np.asfortranarray(np.ones((4, 2), a.dtype)), TypeError, "carry"),
+        ("lstm", 8, lambda a: a[:, :, ::2], TypeError, "dA must be a C-contiguous"),
+        ("lstm", 4, lambda a: a[:-1], ValueError, "rec has the wrong shape"),
+        ("lstm", 5, lambda a: a.tolist(), TypeError, "dH must be"),
+        ("lstm", 3, lambda a: a[:, :0], ValueError, "hs must be"),
+        ("gru", 4, lambda a: a[:-1], ValueError, "bn has the wrong shape"),
+        ("gru", 7, lambda a: a[..., :-1].copy(), ValueError, "dGx has the wrong shape"),
+        ("gru", 2, lambda a: a[:1], ValueError, "hs must be"),
+    ],
+)
+def test_bad_buffers_are_refused(
+    make: str, index: int, damage: Any, error: type[Exception], match: str
+) -> None:
+    arrays = _lstm_arrays() if make == "lstm" else _gru_arrays()
+    with pytest.raises(error, match=match):
+        getattr(_kernel, make)(*_replaced(arrays, index, damage(arrays[index])))
+
+
+def test_read_only_outputs_wrong_counts_and_steps_are_refused() -> None:
+    arrays = _lstm_arrays()
+    frozen = arrays[1].copy()
+    frozen.flags.writeable = False
+    with pytest.raises(TypeError, match="Z must be a C-contiguous, writable"):
+        _kernel.lstm(*_replaced(arrays, 1, frozen))
+    read_only_input = arrays[0].copy()
+    read_only_input.flags.writeable = False
+    _kernel.lstm(*_replaced(arrays, 0, read_only_input))  # inputs may be read-only
+    with pytest.raises(TypeError, match=r"takes 9 arrays \(8 given\)"):
+        _kernel.lstm(*arrays[:-1])
+    layer = _kernel.lstm(*arrays)
+    for t in (-1, 3, 2**70):
+        with pytest.raises((IndexError, OverflowError)):
+            layer.forward(t)
+    with pytest.raises(TypeError):
+        layer.backward("1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="one argument"):
+        layer.forward()  # type: ignore[call-arg]
+    for t in range(3):  # the steps in range run (on whatever the buffers hold)
+        layer.forward(t)
+        layer.backward(t)
+    with pytest.raises(TypeError):
+        _kernel.Layer()  # type: ignore[call-arg]
+
+
+def test_a_layer_keeps_its_arrays_alive() -> None:
+    """The kernel holds the buffers it was given: dropping every other reference is safe."""
+    layer = _kernel.gru(*_gru_arrays(T=5, B=3, H=8))
+    for t in range(5):
+        layer.forward(t)
+        layer.backward(t)
