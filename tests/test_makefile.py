@@ -52,6 +52,16 @@ def test_make_test_installs_everything_before_running_the_tests(tmp_path: Path) 
         assert package in "\n".join(lines[:pytest_at])
 
 
+def test_make_install_gets_a_c_compiler_before_pip_builds_the_kernel(tmp_path: Path) -> None:
+    """pip compiles the server's engine kernel (a C extension): on a fresh machine without cc
+    or Python's headers, apt-get installs them first."""
+    lines = dry_run(tmp_path, "install")
+    pip_at = first(lines, "pip install -q -e")
+    check = "\n".join(lines[first(lines, "command -v cc") : pip_at])
+    for step in ("gcc libc6-dev", "Python.h", "python3-dev", "apt-get install"):
+        assert step in check, step
+
+
 def deb_deps() -> list[str]:
     """The Makefile's list of Debian packages (DEB_DEPS)."""
     makefile = (ROOT / "Makefile").read_text()

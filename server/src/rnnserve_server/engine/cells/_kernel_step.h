@@ -4,37 +4,39 @@
  * function name with the type's suffix) and TANH defined. Each step function is the loop body
  * of fast.py's numpy loop for the same cell, fused: one pass over the step's rows instead of 7
  * to 12 numpy calls. Layouts (row-major, C-contiguous; b a strand, H hidden units):
- *   rec   the step's h_{t-1} Wh from numpy, gate-major (gates, B, H)
+ *   rec   the step's h_{t-1} Wh from numpy, gate-major (gates, B, H), in the weights' gate
+ *         order and not halved (the weights are used as they are at batch 1)
  *   hs    (T + 1, B, H) h_t, hs[0] the incoming state
  * LSTM: Z (T + 1, B, 5H), row t = [c_{t-1} | g f i o of step t] (the loop's gate order),
  *       pre (T, B, 4H) x_t Wx + b in that order, tcs (T, B, H) tanh(c_t),
  *       dA (T, B, 4H) dL/da_t in the weights' order g i f o.
  * GRU:  A (T, B, 3H) r z n, pre-activations (input part) in, activations out;
  *       ghn (T, B, H) h_{t-1} Wh_n + bn; dGx (T, B, 4H) [dr, dz, dghn, dn].
- * The sigmoid gates' pre-activations arrive halved: sigmoid(x) = 0.5 tanh(x / 2) + 0.5, as in
- * the numpy path, so both paths compute the same numbers up to rounding.
+ * The sigmoid gates' input part arrives halved (sigmoid(x) = 0.5 tanh(x / 2) + 0.5, as in the
+ * numpy path), their rec is halved here: exact in binary floating point, so the same numbers
+ * as the numpy path's halved copy of Wh, which the kernel path does without.
  *
  * The per-row functions take restrict parameters (GCC honours restrict on parameters, also
  * once inlined, not on local pointers): without it every loop would need run-time alias checks
  * and most would stay scalar. */
 
-/* act = tanh(pre + rec), or sigmoid (0.5 tanh + 0.5) if sig */
+/* act = tanh(pre + rec), or if sig sigmoid: 0.5 tanh(pre + rec / 2) + 0.5 (pre is halved) */
 static inline void FN(activate)(Py_ssize_t H, int sig, const REAL *restrict pre,
                                 const REAL *restrict rec, REAL *restrict act)
 {
     if (sig)
         for (Py_ssize_t j = 0; j < H; j++)
-            act[j] = (REAL)0.5 * TANH(pre[j] + rec[j]) + (REAL)0.5;
+            act[j] = (REAL)0.5 * TANH(pre[j] + (REAL)0.5 * rec[j]) + (REAL)0.5;
     else
         for (Py_ssize_t j = 0; j < H; j++)
             act[j] = TANH(pre[j] + rec[j]);
 }
 
-/* a = sigmoid(a + rec) (the GRU's r and z, in place) */
+/* a = sigmoid of (a halved) + rec (the GRU's r and z, in place) */
 static inline void FN(sigmoid_in_place)(Py_ssize_t H, REAL *restrict a, const REAL *restrict rec)
 {
     for (Py_ssize_t j = 0; j < H; j++)
-        a[j] = (REAL)0.5 * TANH(a[j] + rec[j]) + (REAL)0.5;
+        a[j] = (REAL)0.5 * TANH(a[j] + (REAL)0.5 * rec[j]) + (REAL)0.5;
 }
 
 /* c_t = f c_{t-1} + i g, tanh(c_t), h_t = o tanh(c_t) */
@@ -60,8 +62,8 @@ static VECTORIZE void FN(lstm_forward)(const Layer *k, Py_ssize_t t)
         const Py_ssize_t row = t * B + b, next = (t + 1) * B + b;
         REAL *z = Z + row * 5 * H;  /* c_{t-1}, g, f, i, o */
         for (int g = 0; g < 4; g++)  /* g (tanh), f, i, o (sigmoid) */
-            FN(activate)(H, g > 0, pre + row * 4 * H + g * H, rec + (g * B + b) * H,
-                         z + (g + 1) * H);
+            FN(activate)(H, g > 0, pre + row * 4 * H + g * H,
+                         rec + (LSTM_REC_GATE[g] * B + b) * H, z + (g + 1) * H);
         /* c_t goes into the next row's first block */
         FN(lstm_cell)(H, z, Z + next * 5 * H, tcs + row * H, hs + next * H);
     }

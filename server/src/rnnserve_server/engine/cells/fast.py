@@ -87,7 +87,9 @@ def _forward_layer(
     tmp, tmpH, steps = ws.tmp, ws.tmpH, ws.fwd_views[li][:T]
     dot, add, mul, tanh = np.dot, np.add, np.multiply, np.tanh
     matmul = np.matmul if ws.gate_major else np.dot  # np.dot: less call overhead at B = 1
-    if spec.cell == "rnn":
+    if KERNEL is not None and spec.cell != "rnn":
+        _kernel_forward(spec, p, li, ws, steps)
+    elif spec.cell == "rnn":
         for a, h_prev, h in steps:
             dot(h_prev, Wh, out=tmp)
             add(a, tmp, out=h)
@@ -97,9 +99,6 @@ def _forward_layer(
         # ws.pre by forward(), in a copy of Wh here) so one tanh covers all four gates.
         Whg, tmpg, half = _recurrent_weights(spec, Wh, ws), ws.tmpg, ws.half
         ws.gates(Whg, 1, 4)[...] *= 0.5
-        if KERNEL is not None:
-            _kernel_forward(spec, ws, li, Whg, matmul, steps)
-            return
         P = ws.P
         P0, P1 = P[:, :H], P[:, H:]
         # 9 numpy calls a step, on same-shape operands (Z[t] = [c_{t-1}, g, f, i, o]).
@@ -118,9 +117,6 @@ def _forward_layer(
         np.copyto(bn, p[f"bn{li}"])
         Whg, tmpg, half, sub = _recurrent_weights(spec, Wh, ws), ws.tmpg, ws.half, np.subtract
         ws.gates(Whg, 0, 2)[...] *= 0.5  # r, z: sigmoid as tanh, as for the LSTM above
-        if KERNEL is not None:
-            _kernel_forward(spec, ws, li, Whg, matmul, steps)
-            return
         tmp_rz, tmp_n = ws.gates(tmpg, 0, 2), ws.gates(tmpg, 2, 3)
         # 12 numpy calls a step, on same-shape operands
         for rz, rz_g, r, z, n, ghn, h_prev, h in steps:
@@ -139,12 +135,21 @@ def _forward_layer(
 
 
 def _kernel_forward(
-    spec: Spec, ws: StackWorkspace, li: int, Whg: np.ndarray, matmul: Any, steps: list[Any]
+    spec: Spec, p: dict[str, np.ndarray], li: int, ws: StackWorkspace, steps: list[Any]
 ) -> None:
-    """The gated recurrence with the C kernel: per step numpy's h_{t-1} Wh, then one call."""
-    step, tmpg = _kernel_layer(spec, ws, li).forward, ws.tmpg
+    """The gated recurrence with the C kernel: per step numpy's h_{t-1} Wh, then one call.
+    Wh as it is (the kernel halves the sigmoid gates' part itself and reads the gates in the
+    weights' order): no copy at B = 1, only the gate-major one for B > 1."""
+    H, Wh = spec.hidden_size, p[f"Wh{li}"]
+    if spec.cell == "gru":
+        np.copyto(ws.tmpH2, p[f"bn{li}"])  # the kernel reads bn from tmpH2[0]
+    matmul = np.dot  # less call overhead than np.matmul at B = 1
+    if ws.gate_major:
+        np.copyto(ws.Whg.transpose(1, 0, 2), Wh.reshape(H, -1, H))
+        Wh, matmul = ws.Whg, np.matmul
+    step, rec = _kernel_layer(spec, ws, li).forward, ws.tmpg
     for t, views in enumerate(steps):
-        matmul(views[-2], Whg, out=tmpg)  # views[-2]: h_{t-1}
+        matmul(views[-2], Wh, out=rec)  # views[-2]: h_{t-1}
         step(t)
 
 
