@@ -38,10 +38,11 @@ RUN python3 -m venv /opt/build \
  && /opt/build/bin/pip wheel --wheel-dir /wheels ./client ./server
 # --no-index: the runtime venv gets exactly the wheels built above, nothing fetched afterwards.
 # pip and setuptools are not needed at run time; removing them saves ~15 MB. The --help calls
-# fail the build if an entry point cannot start.
+# fail the build if an entry point cannot start, the import if the engine's kernel was not built.
 RUN python3 -m venv /opt/rnnserve \
  && /opt/rnnserve/bin/pip install --no-index --find-links /wheels rnnserve-server \
  && /opt/rnnserve/bin/pip uninstall -y pip setuptools \
+ && /opt/rnnserve/bin/python -c 'import rnnserve_server.engine.cells._kernel' \
  && /opt/rnnserve/bin/rnnserve-server --help > /dev/null \
  && /opt/rnnserve/bin/rnnserve --help > /dev/null
 

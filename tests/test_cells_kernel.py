@@ -172,7 +172,7 @@ def test_read_only_outputs_wrong_counts_and_steps_are_refused() -> None:
         layer.forward(t)
         layer.backward(t)
     with pytest.raises(TypeError):
-        _kernel.Layer()  # type: ignore[call-arg]
+        _kernel.Layer()
 
 
 def test_a_layer_keeps_its_arrays_alive() -> None:

@@ -143,10 +143,10 @@ def _kernel_forward(
     H, Wh = spec.hidden_size, p[f"Wh{li}"]
     if spec.cell == "gru":
         np.copyto(ws.tmpH2, p[f"bn{li}"])  # the kernel reads bn from tmpH2[0]
-    matmul = np.dot  # less call overhead than np.matmul at B = 1
+    matmul = np.matmul if ws.gate_major else np.dot  # np.dot: less call overhead at B = 1
     if ws.gate_major:
         np.copyto(ws.Whg.transpose(1, 0, 2), Wh.reshape(H, -1, H))
-        Wh, matmul = ws.Whg, np.matmul
+        Wh = ws.Whg
     step, rec = _kernel_layer(spec, ws, li).forward, ws.tmpg
     for t, views in enumerate(steps):
         matmul(views[-2], Wh, out=rec)  # views[-2]: h_{t-1}
