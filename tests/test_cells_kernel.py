@@ -127,17 +127,17 @@ def _replaced(arrays: list[np.ndarray], i: int, bad: Any) -> list[Any]:
 @pytest.mark.parametrize(
     ("make", "index", "damage", "error", "match"),
     [
-        ("lstm", 1, lambda a: a[:-1], ValueError, "Z has the wrong shape"),
-        ("lstm", 0, lambda a: a.reshape(a.shape[0], -1), ValueError, "pre has the wrong shape"),
+        ("lstm", 1, lambda a: a[:-1], ValueError, "Z has the shape"),
+        ("lstm", 0, lambda a: a.reshape(a.shape[0], -1), ValueError, "pre has the shape"),
         ("lstm", 2, lambda a: a.astype(np.float64), TypeError, "tcs is float64"),
         ("lstm", 1, lambda a: a.astype(np.int32), TypeError, "Z must be float32 or float64"),
         ("lstm", 6, lambda a: np.asfortranarray(np.ones((4, 2), a.dtype)), TypeError, "carry"),
         ("lstm", 8, lambda a: a[:, :, ::2], TypeError, "dA must be a C-contiguous"),
-        ("lstm", 4, lambda a: a[:-1], ValueError, "rec has the wrong shape"),
+        ("lstm", 4, lambda a: a[:-1], ValueError, "rec has the shape"),
         ("lstm", 5, lambda a: a.tolist(), TypeError, "dH must be"),
         ("lstm", 3, lambda a: a[:, :0], ValueError, "hs must be"),
-        ("gru", 4, lambda a: a[:-1], ValueError, "bn has the wrong shape"),
-        ("gru", 7, lambda a: a[..., :-1].copy(), ValueError, "dGx has the wrong shape"),
+        ("gru", 4, lambda a: a[:-1], ValueError, "bn has the shape"),
+        ("gru", 7, lambda a: a[..., :-1].copy(), ValueError, "dGx has the shape"),
         ("gru", 2, lambda a: a[:1], ValueError, "hs must be"),
     ],
 )

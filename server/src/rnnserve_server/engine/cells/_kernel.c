@@ -133,10 +133,14 @@ static PyObject *layer_backward(Layer *self, PyObject *const *args, Py_ssize_t n
     return run_step(self, args, nargs, fn);
 }
 
+/* A METH_FASTCALL function in a PyMethodDef (the cast through void (*)(void) is the documented
+ * way to store a function of another signature there) */
+#define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn), METH_FASTCALL
+
 static PyMethodDef layer_methods[] = {
-    {"forward", (PyCFunction)(void (*)(void))layer_forward, METH_FASTCALL,
+    {"forward", FASTCALL(layer_forward),
      "forward(t): step t's gates, c_t and h_t from its input part and h_{t-1} Wh."},
-    {"backward", (PyCFunction)(void (*)(void))layer_backward, METH_FASTCALL,
+    {"backward", FASTCALL(layer_backward),
      "backward(t): step t's dL/da_t from dL/dh_t and the carried gradients."},
     {NULL, NULL, 0, NULL},
 };
@@ -151,23 +155,22 @@ static PyTypeObject LayerType = {
     .tp_methods = layer_methods,
 };
 
-/* What each argument must be: its name (for errors), its shape in units of T, B, H (a dim
- * of -1 is T + 1; a product like 5H is written as the multiplier, see dims()), writable. */
+/* What each argument must be: its name (for errors), its shape, and whether the kernel
+ * writes it. A shape is one letter a dimension: 'T' T, 'U' T + 1, 'B' B, 'H' H, '3' to '5'
+ * that many H, 'g' gates x B x H (rec, flat). */
 typedef struct {
     const char *name;
-    int ndim;
-    char dims[3];  /* 'T' T, 'U' T + 1, 'B' B, 'H' H, '2'..'5' that many H, 'g' gates * B * H */
+    const char *dims;
     int writable;
 } ArgSpec;
 
 static const ArgSpec LSTM_ARGS[L_COUNT] = {
-    {"pre", 3, "TB4", 0}, {"Z", 3, "UB5", 1}, {"tcs", 3, "TBH", 1}, {"hs", 3, "UBH", 1},
-    {"rec", 1, "g", 0}, {"dH", 3, "TBH", 0}, {"carry", 2, "BH", 0}, {"dc", 2, "BH", 1},
-    {"dA", 3, "TB4", 1},
+    {"pre", "TB4", 0}, {"Z", "UB5", 1}, {"tcs", "TBH", 1}, {"hs", "UBH", 1}, {"rec", "g", 0},
+    {"dH", "TBH", 0}, {"carry", "BH", 0}, {"dc", "BH", 1}, {"dA", "TB4", 1},
 };
 static const ArgSpec GRU_ARGS[G_COUNT] = {
-    {"A", 3, "TB3", 1}, {"ghn", 3, "TBH", 1}, {"hs", 3, "UBH", 1}, {"rec", 1, "g", 0},
-    {"bn", 1, "H", 0}, {"dH", 3, "TBH", 1}, {"carry", 2, "BH", 0}, {"dGx", 3, "TB4", 1},
+    {"A", "TB3", 1}, {"ghn", "TBH", 1}, {"hs", "UBH", 1}, {"rec", "g", 0},
+    {"bn", "H", 0}, {"dH", "TBH", 1}, {"carry", "BH", 0}, {"dGx", "TB4", 1},
 };
 
 static Py_ssize_t expected_dim(char code, const Layer *k, int gates)
@@ -205,8 +208,8 @@ static int export_views(Layer *k, PyObject *const *args, Py_ssize_t nargs, const
         }
         k->nviews = i + 1;
         const char *fmt = k->view[i].format;
-        if (fmt[0] == '@' || fmt[0] == '=' || fmt[0] == '<')
-            fmt++;  /* native order: this module is only built for little-endian machines */
+        if (fmt[0] == '@' || fmt[0] == '=' || fmt[0] == (PY_LITTLE_ENDIAN ? '<' : '>'))
+            fmt++;  /* native byte order, said explicitly */
         int f64 = strcmp(fmt, "d") == 0;
         if (!f64 && strcmp(fmt, "f") != 0) {
             PyErr_Format(PyExc_TypeError, "%s(): %s must be float32 or float64, not format '%s'",
@@ -231,13 +234,23 @@ static int export_views(Layer *k, PyObject *const *args, Py_ssize_t nargs, const
     k->H = hs->shape[2];
     for (int i = 0; i < count; i++) {
         const Py_buffer *v = &k->view[i];
-        int ok = v->ndim == spec[i].ndim;
-        for (int d = 0; ok && d < spec[i].ndim; d++)
+        int ndim = (int)strlen(spec[i].dims), ok = v->ndim == ndim;
+        for (int d = 0; ok && d < ndim; d++)
             ok = v->shape[d] == expected_dim(spec[i].dims[d], k, gates);
         if (!ok) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s(): %s has the wrong shape for T=%zd, B=%zd, H=%zd (its dims: %s)",
-                         fname, spec[i].name, k->T, k->B, k->H, spec[i].dims);
+            PyObject *want = PyTuple_New(ndim), *got = PyTuple_New(v->ndim);
+            for (int d = 0; want && got && d < ndim; d++) {
+                Py_ssize_t n = expected_dim(spec[i].dims[d], k, gates);
+                PyTuple_SET_ITEM(want, d, PyLong_FromSsize_t(n));
+            }
+            for (int d = 0; want && got && d < v->ndim; d++)
+                PyTuple_SET_ITEM(got, d, PyLong_FromSsize_t(v->shape[d]));
+            if (want && got)
+                PyErr_Format(PyExc_ValueError,
+                             "%s(): %s has the shape %R, not %R (T=%zd, B=%zd, H=%zd from hs)",
+                             fname, spec[i].name, got, want, k->T, k->B, k->H);
+            Py_XDECREF(want);
+            Py_XDECREF(got);
             return -1;
         }
     }
@@ -273,9 +286,8 @@ static PyObject *kernel_gru(PyObject *module, PyObject *const *args, Py_ssize_t 
 }
 
 static PyMethodDef kernel_methods[] = {
-    {"lstm", (PyCFunction)(void (*)(void))kernel_lstm, METH_FASTCALL,
-     "lstm(pre, Z, tcs, hs, rec, dH, carry, dc, dA) -> Layer"},
-    {"gru", (PyCFunction)(void (*)(void))kernel_gru, METH_FASTCALL,
+    {"lstm", FASTCALL(kernel_lstm), "lstm(pre, Z, tcs, hs, rec, dH, carry, dc, dA) -> Layer"},
+    {"gru", FASTCALL(kernel_gru),
      "gru(A, ghn, hs, rec, bn, dH, carry, dGx) -> Layer"},
     {NULL, NULL, 0, NULL},
 };
