@@ -96,6 +96,29 @@ def test_the_float32_tanh_saturates_and_keeps_nan(
     assert np.isnan(loss)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_kernel_tanh_is_within_two_ulp(dtype: str) -> None:
+    """The kernel's own tanh (vectorizable, unlike libm's) over the whole range, tiny inputs,
+    infinities and NaN: a GRU step with no recurrent part gives n = tanh(input part)."""
+    x = np.concatenate(
+        [np.linspace(-30, 30, 60001), np.geomspace(1e-30, 1.0, 3001), [0.625, -0.625]]
+    )
+    x = np.concatenate([x, -x, [np.inf, -np.inf, np.nan]]).astype(dtype)
+    H = x.size
+    A = np.zeros((1, 1, 3 * H), dtype)
+    A[0, 0, 2 * H :] = x
+    zeros = np.zeros(3 * H, dtype)
+    buffers = [A, np.empty((1, 1, H), dtype), np.zeros((2, 1, H), dtype), zeros]
+    buffers += [np.zeros(H, dtype), np.zeros((1, 1, H), dtype), np.zeros((1, H), dtype)]
+    _kernel.gru(*buffers, np.empty((1, 1, 4 * H), dtype)).forward(0)
+    got = A[0, 0, 2 * H :]
+    exact = np.tanh(x.astype(np.longdouble))
+    ulp = np.spacing(np.abs(exact.astype(dtype)))
+    finite = np.isfinite(x)
+    assert np.all(np.abs(got[finite] - exact[finite]) <= 2 * ulp[finite])
+    assert list(got[~finite][:2]) == [1.0, -1.0] and np.isnan(got[-1])
+
+
 def _lstm_arrays(T: int = 3, B: int = 2, H: int = 4, dtype: str = "float32") -> list[np.ndarray]:
     """lstm()'s arguments, in order, from a real workspace."""
     ws = StackWorkspace(Spec("lstm", 5, H, 1), T, B, dtype)
