@@ -107,10 +107,9 @@ def test_the_kernel_tanh_is_within_two_ulp(dtype: str) -> None:
     H = x.size
     A = np.zeros((1, 1, 3 * H), dtype)
     A[0, 0, 2 * H :] = x
-    zeros = np.zeros(3 * H, dtype)
-    buffers = [A, np.empty((1, 1, H), dtype), np.zeros((2, 1, H), dtype), zeros]
-    buffers += [np.zeros(H, dtype), np.zeros((1, 1, H), dtype), np.zeros((1, H), dtype)]
-    _kernel.gru(*buffers, np.empty((1, 1, 4 * H), dtype)).forward(0)
+    ghn, hs, rec, bn = (np.zeros(shape, dtype) for shape in [(1, 1, H), (2, 1, H), 3 * H, H])
+    dH, carry, dGx = np.zeros((1, 1, H), dtype), np.zeros((1, H), dtype), np.zeros((1, 1, 4 * H))
+    _kernel.gru(A, ghn, hs, rec, bn, dH, carry, dGx.astype(dtype)).forward(0)
     got = A[0, 0, 2 * H :]
     exact = np.tanh(x.astype(np.longdouble))
     ulp = np.spacing(np.abs(exact.astype(dtype)))
