@@ -24,7 +24,7 @@ help: ## list the targets
 # makes sure there is something to compile it with.
 KERNEL_SRC := $(wildcard $(addprefix server/src/rnnserve_server/engine/cells/,_kernel.c _kernel_step.h))
 
-$(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml $(KERNEL_SRC) | compiler
+$(STAMP): client/pyproject.toml server/pyproject.toml server/setup.py pyproject.toml $(KERNEL_SRC) | compiler
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade 'pip>=25.1'
 	$(BIN)/pip install -q -e 'client[plot,onnx,tensorboard]' -e server --group dev

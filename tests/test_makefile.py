@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # What the Makefile's install rules depend on (their timestamps decide what is rebuilt).
 INPUTS = ["Makefile", "pyproject.toml", "client/pyproject.toml", "server/pyproject.toml"]
+INPUTS += ["server/setup.py"]
 INPUTS += ["package.json", "package-lock.json"]
 
 
