@@ -88,7 +88,7 @@ def _forward_layer(
     dot, add, mul, tanh = np.dot, np.add, np.multiply, np.tanh
     matmul = np.matmul if ws.gate_major else np.dot  # np.dot: less call overhead at B = 1
     if KERNEL is not None and spec.cell != "rnn":
-        _kernel_forward(spec, p, li, ws, steps)
+        _kernel_forward(spec, p, li, ws, steps, matmul)
     elif spec.cell == "rnn":
         for a, h_prev, h in steps:
             dot(h_prev, Wh, out=tmp)
@@ -135,7 +135,12 @@ def _forward_layer(
 
 
 def _kernel_forward(
-    spec: Spec, p: dict[str, np.ndarray], li: int, ws: StackWorkspace, steps: list[Any]
+    spec: Spec,
+    p: dict[str, np.ndarray],
+    li: int,
+    ws: StackWorkspace,
+    steps: list[Any],
+    matmul: Any,
 ) -> None:
     """The gated recurrence with the C kernel: per step numpy's h_{t-1} Wh, then one call.
     Wh as it is (the kernel halves the sigmoid gates' part itself and reads the gates in the
@@ -143,7 +148,6 @@ def _kernel_forward(
     H, Wh = spec.hidden_size, p[f"Wh{li}"]
     if spec.cell == "gru":
         np.copyto(ws.tmpH2, p[f"bn{li}"])  # the kernel reads bn from tmpH2[0]
-    matmul = np.matmul if ws.gate_major else np.dot  # np.dot: less call overhead at B = 1
     if ws.gate_major:
         np.copyto(ws.Whg.transpose(1, 0, 2), Wh.reshape(H, -1, H))
         Wh = ws.Whg
