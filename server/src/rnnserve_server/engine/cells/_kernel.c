@@ -16,8 +16,9 @@
 enum { L_PRE, L_Z, L_TCS, L_HS, L_REC, L_DH, L_CARRY, L_DC, L_DA, L_COUNT };
 enum { G_A, G_GHN, G_HS, G_REC, G_BN, G_DH, G_CARRY, G_DGX, G_COUNT };
 #define MAX_VIEWS 9
-/* The LSTM's gates in Z's (the loop's) order g f i o, as blocks of rec (the weights' g i f o) */
-static const int LSTM_REC_GATE[4] = {0, 2, 1, 3};
+/* The LSTM's gates in Z's (the loop's) order g f i o, as blocks of pre and rec (the weights'
+ * order g i f o) */
+static const int WEIGHTS_GATE[4] = {0, 2, 1, 3};
 
 typedef struct {
     PyObject_HEAD

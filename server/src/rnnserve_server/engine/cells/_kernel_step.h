@@ -8,7 +8,7 @@
  *         order and not halved (the weights are used as they are at batch 1)
  *   hs    (T + 1, B, H) h_t, hs[0] the incoming state
  * LSTM: Z (T + 1, B, 5H), row t = [c_{t-1} | g f i o of step t] (the loop's gate order),
- *       pre (T, B, 4H) x_t Wx + b in that order, tcs (T, B, H) tanh(c_t),
+ *       pre (T, B, 4H) x_t Wx + b in the weights' order, tcs (T, B, H) tanh(c_t),
  *       dA (T, B, 4H) dL/da_t in the weights' order g i f o.
  * GRU:  A (T, B, 3H) r z n, pre-activations (input part) in, activations out;
  *       ghn (T, B, H) h_{t-1} Wh_n + bn; dGx (T, B, 4H) [dr, dz, dghn, dn].
@@ -62,8 +62,8 @@ static VECTORIZE void FN(lstm_forward)(const Layer *k, Py_ssize_t t)
         const Py_ssize_t row = t * B + b, next = (t + 1) * B + b;
         REAL *z = Z + row * 5 * H;  /* c_{t-1}, g, f, i, o */
         for (int g = 0; g < 4; g++)  /* g (tanh), f, i, o (sigmoid) */
-            FN(activate)(H, g > 0, pre + row * 4 * H + g * H,
-                         rec + (LSTM_REC_GATE[g] * B + b) * H, z + (g + 1) * H);
+            FN(activate)(H, g > 0, pre + row * 4 * H + WEIGHTS_GATE[g] * H,
+                         rec + (WEIGHTS_GATE[g] * B + b) * H, z + (g + 1) * H);
         /* c_t goes into the next row's first block */
         FN(lstm_cell)(H, z, Z + next * 5 * H, tcs + row * H, hs + next * H);
     }

@@ -134,6 +134,12 @@ def _forward_layer(
             add(n, tmpH, out=h)
 
 
+def _weights_order(spec: Spec, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``w`` as it is: the C kernel reads the input part in the weights' gate order (the
+    numpy loop needs loop_order's copy)."""
+    return w
+
+
 def _kernel_forward(
     spec: Spec,
     p: dict[str, np.ndarray],
@@ -174,20 +180,21 @@ def forward(
     new_state = np.empty_like(state)
     inp: np.ndarray | None = None
     # The sigmoid gates' columns (LSTM i, f, o; GRU r, z): their input part is halved here,
-    # sigmoid(x) = 0.5 tanh(x/2) + 0.5 (_forward_layer).
+    # sigmoid(x) = 0.5 tanh(x/2) + 0.5 (_forward_layer). The LSTM's in either gate order.
     sig = {"lstm": slice(H, G), "gru": slice(0, 2 * H)}.get(spec.cell, slice(0))
+    order = loop_order if KERNEL is None else _weights_order  # the C kernel reads either
     for li in range(spec.num_layers):
         A = ws.pre if spec.cell == "lstm" else ws.A[li]  # x_t Wx + b, (T, B, G)
-        b = loop_order(spec, p[f"b{li}"], ws.bl)
+        b = order(spec, p[f"b{li}"], ws.bl)
         if inp is None:
             E = ws.E  # the input rows with the bias folded in
-            np.add(loop_order(spec, p["Wx0"], E), b, out=E)
+            np.add(order(spec, p["Wx0"], E), b, out=E)
             E[:, sig] *= 0.5
             # The input projection as a gather. mode="wrap": ids are checked on the way in, and
             # the default mode="raise" gathers into a hidden copy of A (T x B x G floats).
             np.take(E, xs, axis=0, out=A, mode="wrap")
         else:
-            Wx = loop_order(spec, p[f"Wx{li}"], ws.Wxl)
+            Wx = order(spec, p[f"Wx{li}"], ws.Wxl)
             np.matmul(inp.reshape(N, H), Wx, out=A.reshape(N, G))
             A += b
             A[..., sig] *= 0.5
