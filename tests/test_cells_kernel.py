@@ -203,3 +203,49 @@ def test_a_layer_keeps_its_arrays_alive() -> None:
     for t in range(5):
         layer.forward(t)
         layer.backward(t)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scatter_sum_is_the_one_hot_product(dtype: str) -> None:
+    """dL/dWx0 without the one-hot matrix: repeated ids add up, ids never seen give zero rows,
+    and both out and rows may be column blocks of wider arrays (the GRU's two dA blocks)."""
+    rng = np.random.default_rng(5)
+    V, N = 7, 40
+    ids = rng.integers(0, V - 2, N)  # the last two ids never occur
+    wide_rows = rng.standard_normal((N, 30)).astype(dtype)
+    rows = wide_rows[:, 5:17]
+    out_wide = np.full((V, 20), np.nan, dtype)
+    out = out_wide[:, 3:15]
+    _kernel.scatter_sum(out, ids, rows)
+    onehot = np.zeros((N, V))
+    onehot[np.arange(N), ids] = 1.0
+    np.testing.assert_allclose(out, onehot.T @ rows, rtol=1e-6, atol=1e-6)
+    assert np.all(out[V - 2 :] == 0.0)
+    assert np.isnan(out_wide[:, :3]).all() and np.isnan(out_wide[:, 15:]).all()  # only out
+    _kernel.scatter_sum(out[:, :0], ids[:0], rows[:0, :0])  # nothing to do is fine
+
+
+def test_scatter_sum_refuses_bad_ids_and_buffers_before_writing() -> None:
+    out = np.full((5, 4), 7.0, np.float32)
+    rows = np.ones((3, 4), np.float32)
+    ids = np.array([0, 4, 2])
+    bad: list[tuple[tuple[Any, ...], type[Exception], str]] = [
+        ((out, np.array([0, 5, 1]), rows), ValueError, r"ids\[1\] = 5 is outside 0 .. 4"),
+        ((out, np.array([0, -1, 1]), rows), ValueError, r"ids\[1\] = -1"),
+        ((out, ids.astype(np.int32), rows), TypeError, "ids int64"),
+        ((out, ids.astype(np.float64), rows), TypeError, "ids int64"),
+        ((out, ids, rows.astype(np.float64)), TypeError, "float32 or float64 alike"),
+        ((out, ids[:2], rows), ValueError, r"rows \(N, W\) and ids \(N,\)"),
+        ((out, ids, np.ones((3, 5), np.float32)), ValueError, r"out must be \(V, W\)"),
+        ((out, ids, np.ones((3, 8), np.float32)[:, ::2]), ValueError, "must be contiguous"),
+        ((out.T, ids[:2] % 4, np.ones((2, 5), np.float32)), ValueError, "must be contiguous"),
+        ((out, ids), TypeError, r"takes 3 arrays \(2 given\)"),
+    ]
+    for args, error, match in bad:
+        with pytest.raises(error, match=match):
+            _kernel.scatter_sum(*args)
+    frozen = out.copy()
+    frozen.flags.writeable = False
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        _kernel.scatter_sum(frozen, ids, rows)
+    assert np.all(out == 7.0)  # nothing was written by a refused call

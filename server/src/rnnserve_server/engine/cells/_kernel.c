@@ -185,6 +185,22 @@ static PyTypeObject LayerType = {
     .tp_methods = layer_methods,
 };
 
+/* A buffer's struct format without a prefix that says native byte order (other orders keep
+ * theirs, and match no format below). */
+static const char *native(const Py_buffer *v)
+{
+    const char *fmt = v->format;
+    return fmt[0] == '@' || fmt[0] == '=' || fmt[0] == (PY_LITTLE_ENDIAN ? '<' : '>') ? fmt + 1
+                                                                                     : fmt;
+}
+
+/* 1 float64, 0 float32, -1 neither */
+static int float_format(const Py_buffer *v)
+{
+    const char *fmt = native(v);
+    return strcmp(fmt, "d") == 0 ? 1 : strcmp(fmt, "f") == 0 ? 0 : -1;
+}
+
 /* What each argument must be: its name (for errors), its shape, and whether the kernel
  * writes it. A shape is one letter a dimension: 'T' T, 'U' T + 1, 'B' B, 'H' H, '3' to '5'
  * that many H, 'g' gates x B x H (rec, flat). */
@@ -237,11 +253,8 @@ static int export_views(Layer *k, PyObject *const *args, Py_ssize_t nargs, const
             return -1;
         }
         k->nviews = i + 1;
-        const char *fmt = k->view[i].format;
-        if (fmt[0] == '@' || fmt[0] == '=' || fmt[0] == (PY_LITTLE_ENDIAN ? '<' : '>'))
-            fmt++;  /* native byte order, said explicitly */
-        int f64 = strcmp(fmt, "d") == 0;
-        if (!f64 && strcmp(fmt, "f") != 0) {
+        int f64 = float_format(&k->view[i]);
+        if (f64 < 0) {
             PyErr_Format(PyExc_TypeError, "%s(): %s must be float32 or float64, not format '%s'",
                          fname, spec[i].name, k->view[i].format);
             return -1;
@@ -315,8 +328,72 @@ static PyObject *kernel_gru(PyObject *module, PyObject *const *args, Py_ssize_t 
     return new_layer(args, nargs, 0);
 }
 
+/* scatter_sum(out, ids, rows): out (V, W) float, rows (N, W) of the same type (rows may be
+ * strided, each row contiguous), ids (N,) int64, each in 0 .. V - 1, all checked before
+ * anything is written. */
+static PyObject *kernel_scatter_sum(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "scatter_sum() takes 3 arrays (%zd given)", nargs);
+        return NULL;
+    }
+    Py_buffer out, ids, rows;
+    if (PyObject_GetBuffer(args[0], &out, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &ids, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &rows, PyBUF_STRIDES | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&out);
+        PyBuffer_Release(&ids);
+        return NULL;
+    }
+    int f64 = float_format(&out);
+    const char *id_fmt = native(&ids);
+    int id_ok = ids.itemsize == 8 && strlen(id_fmt) == 1 && strchr("lqn", id_fmt[0]) != NULL;
+    if (f64 < 0 || float_format(&rows) != f64 || !id_ok) {
+        PyErr_SetString(PyExc_TypeError,
+                        "scatter_sum(): out and rows must be float32 or float64 alike, ids int64");
+    } else if (out.ndim != 2 || rows.ndim != 2 || ids.ndim != 1 || out.shape[1] != rows.shape[1]
+               || rows.shape[0] != ids.shape[0]) {
+        PyErr_SetString(PyExc_ValueError,
+                        "scatter_sum(): out must be (V, W), rows (N, W) and ids (N,)");
+    } else if (out.strides[1] != out.itemsize || rows.strides[1] != rows.itemsize) {
+        PyErr_SetString(PyExc_ValueError, "scatter_sum(): the rows of out and rows must be "
+                                          "contiguous");
+    } else {
+        const int64_t *id = ids.buf;
+        for (Py_ssize_t n = 0; n < ids.shape[0]; n++)
+            if (id[n] < 0 || id[n] >= out.shape[0]) {
+                PyErr_Format(PyExc_ValueError, "scatter_sum(): ids[%zd] = %lld is outside 0 .. %zd",
+                             n, (long long)id[n], out.shape[0] - 1);
+                break;
+            }
+    }
+    if (!PyErr_Occurred()) {
+        int big = rows.shape[0] * rows.shape[1] >= RELEASE_GIL_NUMBERS;
+        PyThreadState *state = big ? PyEval_SaveThread() : NULL;
+        if (f64)
+            scatter_sum_f64(&out, &ids, &rows);
+        else
+            scatter_sum_f32(&out, &ids, &rows);
+        if (state)
+            PyEval_RestoreThread(state);
+    }
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&rows);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef kernel_methods[] = {
     {"lstm", FASTCALL(kernel_lstm), "lstm(pre, Z, tcs, hs, rec, dH, carry, dc, dA) -> Layer"},
+    {"scatter_sum", FASTCALL(kernel_scatter_sum),
+     "scatter_sum(out, ids, rows): out[v] = the sum of rows[n] with ids[n] == v"},
     {"gru", FASTCALL(kernel_gru),
      "gru(A, ghn, hs, rec, bn, dH, carry, dGx) -> Layer"},
     {NULL, NULL, 0, NULL},

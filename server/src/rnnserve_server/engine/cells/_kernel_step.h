@@ -169,3 +169,23 @@ static VECTORIZE void FN(gru_backward)(const Layer *k, Py_ssize_t t)
                      carry + b * H, dGx + row * 4 * H, t > 0 ? dH + (row - B) * H : NULL);
     }
 }
+
+static inline void FN(add_row)(Py_ssize_t W, REAL *restrict dst, const REAL *restrict src)
+{
+    for (Py_ssize_t j = 0; j < W; j++)
+        dst[j] += src[j];
+}
+
+/* out[v] = the sum of rows[n] over the n with ids[n] == v (dL/dWx0 from the one-hot inputs:
+ * what a one-hot matrix product computes, in one pass over rows). Checked by scatter_sum(). */
+static VECTORIZE void FN(scatter_sum)(const Py_buffer *out, const Py_buffer *ids,
+                                      const Py_buffer *rows)
+{
+    const Py_ssize_t V = out->shape[0], W = out->shape[1], N = rows->shape[0];
+    const int64_t *id = ids->buf;
+    for (Py_ssize_t v = 0; v < V; v++)
+        memset((char *)out->buf + v * out->strides[0], 0, W * sizeof(REAL));
+    for (Py_ssize_t n = 0; n < N; n++)
+        FN(add_row)(W, (REAL *)((char *)out->buf + id[n] * out->strides[0]),
+                    (const REAL *)((const char *)rows->buf + n * rows->strides[0]));
+}
