@@ -5,7 +5,9 @@
  *
  * lstm(...) and gru(...) check the window's arrays once (dtype, C order, shapes) and keep
  * their buffers exported, so each per-step call costs one int argument: at batch 1 the numpy
- * path's cost is mostly the 7 to 12 calls a step, not the arithmetic. */
+ * path's cost is mostly the 7 to 12 calls a step, not the arithmetic.
+ *
+ * scatter_sum(...) is layer 0's dL/dWx0 for one-hot inputs: rows of dL/da summed by id. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
