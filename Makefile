@@ -15,18 +15,39 @@ DEB_DEPS := redis-server nginx prometheus openssl
 SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps proto proto-check proto-breaking lint test run cluster cluster-restart demo bench image image-test clean
+.PHONY: help install compiler deps proto proto-check proto-breaking lint test run cluster cluster-restart demo bench image image-test clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): client/pyproject.toml server/pyproject.toml pyproject.toml
+# The server's engine kernel is C that pip compiles: a change to it reinstalls, and `compiler`
+# makes sure there is something to compile it with.
+KERNEL_SRC := $(wildcard $(addprefix server/src/rnnserve_server/engine/cells/,_kernel.c _kernel_step.h))
+
+$(STAMP): client/pyproject.toml server/pyproject.toml server/setup.py pyproject.toml $(KERNEL_SRC) | compiler
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade 'pip>=25.1'
 	$(BIN)/pip install -q -e 'client[plot,onnx,tensorboard]' -e server --group dev
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the client, the server and the dev tools
+
+# A C compiler and $(PYTHON)'s headers for the server's kernel (engine/cells/_kernel.c): on a
+# machine without them, apt-get installs gcc, libc6-dev and python3-dev, as `deps` does its
+# packages.
+compiler: ## apt-get install a C compiler and Python's headers if missing (pip builds the server's C kernel)
+	@missing=""; \
+	command -v cc >/dev/null || missing="gcc libc6-dev"; \
+	$(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_path("include"), "Python.h")))' \
+	  || missing="$$missing python3-dev"; \
+	if test -n "$$missing"; then \
+	  command -v apt-get >/dev/null \
+	    || { echo "no apt-get: install$$missing (a C compiler, Python's headers) with this system's package manager"; exit 1; }; \
+	  echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -qq \
+	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 deps: ## apt-get install the Debian packages the tests run (DEB_DEPS: redis-server, nginx, prometheus, openssl) if missing
 	@missing=""; for p in $(DEB_DEPS); do \

@@ -17,7 +17,9 @@ For each shape (hidden, seq_length, batch), float32, Adagrad lr 0.1, clip 5, one
 A second table does the same for the gated cells (``--cells``, default lstm,gru) at the
 shapes of issue 13 (hidden 128, seq 50, batch 1 and hidden 256, seq 100, batch 32): rnnserve's
 ``Trainer.step`` with ``cell=lstm|gru`` next to ``torch.nn.LSTM`` / ``torch.nn.GRU`` + Linear +
-Adagrad, one-hot inputs, (h, c) carried. Their roofline counts 6 G H^2 + 6 H V FLOPs per
+Adagrad, one-hot inputs, (h, c) carried, and rnnserve again on the gated cells' numpy path
+(column ``numpy``: the C step kernel off, as RNNSERVE_ENGINE_KERNEL=numpy does; n/a when the
+kernel is off anyway). Their roofline counts 6 G H^2 + 6 H V FLOPs per
 character (G gates: LSTM 4, GRU 3; the products of the first paragraph with W_hh now H x GH)
 at the FLOP/s of one (seq*batch x H) @ (H x GH) GEMM.
 
@@ -42,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the bench package, whichever directory this runs from
 
 import numpy as np  # noqa: E402
+from rnnserve_server.engine.cells import fast  # noqa: E402
 from rnnserve_server.engine.model_config import ModelConfig  # noqa: E402
 from rnnserve_server.engine.trainer import Trainer  # noqa: E402
 from rnnserve_server.engine.vocab import Vocab  # noqa: E402
@@ -105,6 +108,20 @@ def bench_rnnserve(
     )
     trainer = Trainer(config, vocab, ids)
     return rate(trainer.step, T * B, seconds)
+
+
+def bench_numpy_path(
+    H: int, T: int, B: int, vocab: Vocab, ids: np.ndarray, seconds: float, cell: str
+) -> float | None:
+    """bench_rnnserve with the gated cells' C kernel off; None if it is off already."""
+    kernel = fast.KERNEL
+    if kernel is None:
+        return None
+    fast.KERNEL = None
+    try:
+        return bench_rnnserve(H, T, B, vocab, ids, seconds, cell)
+    finally:
+        fast.KERNEL = kernel
 
 
 def bench_torch(
@@ -235,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     for cell in cells:
         for H, T, B in CELL_SHAPES:
             ours = bench_rnnserve(H, T, B, vocab, ids, args.seconds, cell)
+            numpy_path = bench_numpy_path(H, T, B, vocab, ids, args.seconds, cell)
             G = GATES[cell]
             roof = gemm_flops(T * B, H, G * H, args.seconds) / (6 * G * H * H + 6 * H * V)
-            gated.append((cell, H, T, B, ours, roof))
+            gated.append((cell, H, T, B, ours, numpy_path, roof))
     measured = []
     for H, T, B in [] if args.no_rnn else SHAPES:
         ours = bench_rnnserve(H, T, B, vocab, ids, args.seconds)
@@ -251,8 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     gated_rows = [
-        (cell, H, T, B, ours, bench_torch(H, T, B, V, args.seconds, threads, cell), roof)
-        for cell, H, T, B, ours, roof in gated
+        (
+            cell,
+            H,
+            T,
+            B,
+            ours,
+            numpy_path,
+            bench_torch(H, T, B, V, args.seconds, threads, cell),
+            roof,
+        )
+        for cell, H, T, B, ours, numpy_path, roof in gated
     ]
 
     def fmt(x: float | None) -> str:
@@ -265,15 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gated cells: chars/s of training, float32, Adagrad; {V}-char vocabulary")
         header = (
             f"{'cell':>4} {'hidden':>6} {'seq':>4} {'batch':>5} | {'rnnserve':>10} "
-            f"{'torch':>10} {'roofline':>10} | {'vs torch':>8} {'of roof':>7}"
+            f"{'numpy':>10} {'torch':>10} {'roofline':>10} | {'vs numpy':>8} {'vs torch':>8} "
+            f"{'of roof':>7}"
         )
         print(header)
         print("-" * len(header))
-        for cell, H, T, B, ours, torch_rate, roof in gated_rows:
+        for cell, H, T, B, ours, numpy_path, torch_rate, roof in gated_rows:
             print(
-                f"{cell:>4} {H:>6} {T:>4} {B:>5} | {fmt(ours):>10} {fmt(torch_rate):>10} "
-                f"{fmt(roof):>10} | {ratio(ours, torch_rate):>8} {100 * ours / roof:>6.0f}%"
+                f"{cell:>4} {H:>6} {T:>4} {B:>5} | {fmt(ours):>10} {fmt(numpy_path):>10} "
+                f"{fmt(torch_rate):>10} {fmt(roof):>10} | {ratio(ours, numpy_path):>8} "
+                f"{ratio(ours, torch_rate):>8} {100 * ours / roof:>6.0f}%"
             )
+        kernel = "on" if fast.KERNEL is not None else "off (RNNSERVE_ENGINE_KERNEL or not built)"
+        print(f"rnnserve: the C step kernel {kernel}; numpy: the numpy path in this process")
         print(
             "roofline: (6 G H^2 + 6 H V) FLOPs per character (G = 4 LSTM, 3 GRU) at the FLOP/s "
             "of one (seq*batch x H) @ (H x G*H) float32 GEMM"

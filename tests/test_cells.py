@@ -10,6 +10,7 @@ import pytest
 from rnnserve_server.engine import cells
 from rnnserve_server.engine.cells import (
     Spec,
+    _kernel,
     dropout_masks,
     loss_and_grads,
     reference_loss_and_grads,
@@ -25,7 +26,22 @@ CASES = [
 ]
 
 Masks = list[np.ndarray] | None
+
 Problem = tuple[Spec, dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, Masks]
+
+
+@pytest.fixture(params=["c", "numpy"])
+def engine_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test that uses it runs on both paths of the gated cells' steps: the C kernel (an
+    import error here if it is not built: the test fails) and numpy."""
+    monkeypatch.setattr(cells.fast, "KERNEL", _kernel if request.param == "c" else None)
+    return str(request.param)
+
+
+@pytest.fixture
+def numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numpy path: the tests that damage its gate partials."""
+    monkeypatch.setattr(cells.fast, "KERNEL", None)
 
 
 def _problem(cell: str, layers: int, dropout: float, seed: int = 0, B: int = 3) -> Problem:
@@ -74,6 +90,7 @@ def _gradient_errors(problem: Problem) -> dict[str, float]:
     return errors
 
 
+@pytest.mark.usefixtures("engine_path")
 @pytest.mark.parametrize(("cell", "layers", "dropout"), CASES)
 def test_gradient_check(cell: str, layers: int, dropout: float) -> None:
     problem = _problem(cell, layers, dropout)
@@ -84,6 +101,7 @@ def test_gradient_check(cell: str, layers: int, dropout: float) -> None:
     assert max(errors.values()) < 1e-6, errors
 
 
+@pytest.mark.usefixtures("engine_path")
 @pytest.mark.parametrize("block", [None, 1])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize(("cell", "layers", "dropout"), CASES)
@@ -126,6 +144,7 @@ def _broken(
     monkeypatch.setattr(cells.fast, name, broken)
 
 
+@pytest.mark.usefixtures("numpy_path")
 @pytest.mark.parametrize("layers", [1, 2])
 def test_gradient_check_catches_a_dropped_forget_gate_gradient(
     monkeypatch: pytest.MonkeyPatch, layers: int
@@ -139,6 +158,7 @@ def test_gradient_check_catches_a_dropped_forget_gate_gradient(
     assert errors["Wh0"] > 1e-3 and errors["b0"] > 1e-3, errors
 
 
+@pytest.mark.usefixtures("numpy_path")
 @pytest.mark.parametrize("layers", [1, 2])
 def test_gradient_check_catches_a_dropped_reset_gate_gradient(
     monkeypatch: pytest.MonkeyPatch, layers: int
@@ -152,6 +172,7 @@ def test_gradient_check_catches_a_dropped_reset_gate_gradient(
     assert errors["Wh0"] > 1e-3 and errors["b0"] > 1e-3, errors
 
 
+@pytest.mark.usefixtures("numpy_path")
 def test_gradient_check_catches_a_cell_state_not_carried_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # What the Makefile's install rules depend on (their timestamps decide what is rebuilt).
 INPUTS = ["Makefile", "pyproject.toml", "client/pyproject.toml", "server/pyproject.toml"]
+INPUTS += ["server/setup.py"]
 INPUTS += ["package.json", "package-lock.json"]
 
 
@@ -50,6 +51,16 @@ def test_make_test_installs_everything_before_running_the_tests(tmp_path: Path) 
         assert first(lines, step) < pytest_at, step
     for package in deb_deps():  # the Debian services the tests run
         assert package in "\n".join(lines[:pytest_at])
+
+
+def test_make_install_gets_a_c_compiler_before_pip_builds_the_kernel(tmp_path: Path) -> None:
+    """pip compiles the server's engine kernel (a C extension): on a fresh machine without cc
+    or Python's headers, apt-get installs them first."""
+    lines = dry_run(tmp_path, "install")
+    pip_at = first(lines, "pip install -q -e")
+    check = "\n".join(lines[first(lines, "command -v cc") : pip_at])
+    for step in ("gcc libc6-dev", "Python.h", "python3-dev", "apt-get install"):
+        assert step in check, step
 
 
 def deb_deps() -> list[str]:

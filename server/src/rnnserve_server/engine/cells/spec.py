@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -221,10 +222,11 @@ class StackWorkspace:
         self.Q = one("Q") if gru else self.K  # GRU: (1 - z)(1 - n^2)
         self.dA_parts = [(slice(0, G), self.dA)]  # dL/da_t as (gate columns, (T, B, .)) blocks
         self.dGh = self.dA  # dL/d(h_{t-1} Wh [+ bn])
+        self.dGx: np.ndarray | None = None
         if gru:
             # dGx[t] = [dr, dz, dgh_n, dn] (dgh_n = dL/d(h Wh_n + bn)): dGh is its first three
             # blocks and dL/da_t = [dr, dz, dn] two blocks of it (no per-step copy).
-            dGx = one("dGx")
+            dGx = self.dGx = one("dGx")
             self.dGh = dGx[..., :G]
             self.dA_parts = [(slice(0, 2 * H), dGx[..., : 2 * H]), (slice(2 * H, G), dGx[..., G:])]
         # sigmoid(x) = 0.5 tanh(x / 2) + 0.5: the affine part over the sigmoid gates, with
@@ -239,6 +241,8 @@ class StackWorkspace:
         # Per-step views, made once: slicing in the hot loops cost ~20 % of a batch-1 step.
         self.fwd_views = [self._forward_views(spec, li, T) for li in range(L)]
         self.bwd_views = [self._backward_views(spec, li, T, B) for li in range(L)]
+        # Layer li's buffers exported to the C step kernel (fast._kernel_layer), made once.
+        self.kernel_layers: dict[int, Any] = {}
 
     def loop_layout(self, a: np.ndarray) -> np.ndarray:
         """A step's (B, n*H) pre-activations as a view in the layout of ``tmpg``."""
