@@ -25,6 +25,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 # Each measured preset's row in BENCHMARKS.md's "Quality of the presets" table.
 ROWS = {
     "default": "| **`default` now** |",
+    "notebook": "| `notebook` | 2026",
     "min-char-rnn": "| `min-char-rnn` | 2026",
     "quality": "| `quality` | 2026",
 }
