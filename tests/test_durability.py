@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 TEXT = "It was the best of times, it was the worst of times. " * 8
 # The tanh RNN: tests below damage its arrays by name (trainer.Whh).
-SMALL = dict(cell="rnn", hidden_size=8, seq_length=8, batch_size=2, seed=3)
+SMALL = dict(cell="rnn", num_layers=1, hidden_size=8, seq_length=8, batch_size=2, seed=3)
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -449,7 +449,9 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
     store.open()
     try:
         vocab = Vocab.from_text(TEXT)
-        config = PRESETS["default"].replace(cell="rnn", hidden_size=8, seq_length=8, batch_size=2)
+        config = PRESETS["default"].replace(
+            cell="rnn", num_layers=1, dropout=0.0, hidden_size=8, seq_length=8, batch_size=2
+        )
         session = Session.new("claims", Trainer(config, vocab, vocab.encode(TEXT)))
         ckpt = session.snapshot()
         assert ckpt is not None
@@ -464,6 +466,37 @@ def test_checkpoint_shapes_are_checked_before_allocating(tmp_path: Path) -> None
             tracemalloc.stop()
         assert peak < 20_000_000, peak  # the hidden-3000 model was never allocated
         assert loaded.broken is not None and "array shapes" in loaded.broken.reason
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_stacked_model_wide_against_its_alphabet_loads_after_a_restart(
+    tmp_path: Path, cell: str
+) -> None:
+    """The shape check's bound counts the layers above the first as H wide: a two-layer
+    model of hidden 256 over a small alphabet was refused as damaged on every load."""
+    from rnnserve_server.config import Settings
+    from rnnserve_server.engine.model_config import PRESETS
+    from rnnserve_server.engine.trainer import Trainer
+    from rnnserve_server.engine.vocab import Vocab
+    from rnnserve_server.sessions.registry import Registry
+    from rnnserve_server.sessions.session import Session
+    from rnnserve_server.storage.local_store import LocalStore
+
+    store = LocalStore(tmp_path)
+    store.open()
+    try:
+        vocab = Vocab.from_text(TEXT)
+        config = PRESETS["default"].replace(
+            cell=cell, num_layers=2, dropout=0.25, hidden_size=256, seq_length=8, batch_size=2
+        )
+        session = Session.new("wide", Trainer(config, vocab, vocab.encode(TEXT)))
+        ckpt = session.snapshot()
+        assert ckpt is not None
+        store.save(ckpt)
+        loaded = Registry(Settings(data_dir=tmp_path), store).factory.load("wide")
+        assert loaded.broken is None
     finally:
         store.close()
 

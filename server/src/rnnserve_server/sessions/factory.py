@@ -12,7 +12,7 @@ import numpy as np
 from rnnserve_server.config import Settings
 from rnnserve_server.engine.model_config import EngineError, ModelConfig
 from rnnserve_server.engine.rnn.kernels import param_shapes
-from rnnserve_server.engine.trainer import Trainer
+from rnnserve_server.engine.trainer import Trainer, parameter_total
 from rnnserve_server.engine.vocab import Vocab
 from rnnserve_server.errors import (
     CheckpointError,
@@ -106,10 +106,12 @@ class SessionFactory:
         tanh_rnn = set(expected) <= set(shapes)  # the seed's cell: every shape is known
         expected.update(hidden=(B, H), cursors=(B,))
         parameters = sum(int(np.prod(shape)) for shape in expected.values())
-        if not tanh_rnn:  # other cells and layers: at most 4 gates of (H + V + 1) x (H + V)
+        if not tanh_rnn:  # other cells and layers: the weights, and a state (LSTM: h and c)
+            # per layer. (A bound of 4 (H + V + 1)(H + V) a layer refused the layers above the
+            # first, whose inputs are H wide, when H was large against V.)
             raw = trainer_meta["config"]
             layers = max(int(raw.get("layers", 1) or 1), int(raw.get("num_layers", 1) or 1))
-            parameters = 4 * layers * (H + V + 1) * (H + V) + 2 * layers * B * H
+            parameters = parameter_total(config, V) + 2 * layers * B * H
         for name, shape in shapes.items():
             want = expected.get(name) if tanh_rnn else None
             if name == "corpus":
