@@ -247,7 +247,9 @@ def job_failover(
 
 # -- throughput ---------------------------------------------------------------------------
 
-BIG = PRESETS["default"].replace(cell="rnn", hidden_size=512, batch_size=32, seq_length=100, seed=1)
+BIG = PRESETS["default"].replace(
+    cell="rnn", num_layers=1, dropout=0.0, hidden_size=512, batch_size=32, seq_length=100, seed=1
+)
 
 
 def train_rate(jobs: list[tuple[str, str]], warmup: float, seconds: float) -> list[float]:
@@ -453,7 +455,9 @@ def ms_pcts(values: list[float]) -> tuple[float, float]:
 def watch(replicas: list[ServerHandle], n: int, seconds: float, text: str) -> dict[str, Any]:
     addresses = [r.address for r in replicas]
     sid = "bench-watch"
-    config = PRESETS["default"].replace(cell="rnn", hidden_size=32, seed=1)
+    config = PRESETS["default"].replace(
+        cell="rnn", num_layers=1, dropout=0.0, hidden_size=32, seed=1
+    )
     out: dict[str, Any] = {}
     with Client(addresses[0], timeout=None) as client:
         client.create_session(text, session_id=sid, **config_kwargs(config))

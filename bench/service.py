@@ -231,7 +231,7 @@ def bench_floor(srv: ServerHandle, n: int) -> Floor:
 
 def bench_step(srv: ServerHandle, floor: Floor, text: str, n: int) -> None:
     print("step: Step RPC round trip vs Trainer.step in-process", flush=True)
-    tiny = PRESETS["default"].replace(cell="rnn", hidden_size=32, seed=1)
+    tiny = PRESETS["default"].replace(cell="rnn", num_layers=1, dropout=0.0, hidden_size=32, seed=1)
     default = PRESETS["default"].replace(seed=1)
     channel, check = health_check(srv.address)
     with Client(srv.address) as client:
@@ -291,7 +291,13 @@ def bench_step(srv: ServerHandle, floor: Floor, text: str, n: int) -> None:
 def bench_train(srv: ServerHandle, text: str, seconds: float) -> None:
     print("train: Train stream chars/s vs a Trainer.step loop in-process", flush=True)
     big = PRESETS["default"].replace(
-        cell="rnn", hidden_size=512, batch_size=32, seq_length=100, seed=1
+        cell="rnn",
+        num_layers=1,
+        dropout=0.0,
+        hidden_size=512,
+        batch_size=32,
+        seq_length=100,
+        seed=1,
     )
     default = PRESETS["default"].replace(seed=1)
     with Client(srv.address) as client:
@@ -434,7 +440,13 @@ def bench_parallel(
 ) -> None:
     print("parallel: aggregate chars/s with N sessions training at once", flush=True)
     config = PRESETS["default"].replace(
-        cell="rnn", hidden_size=512, batch_size=32, seq_length=100, seed=1
+        cell="rnn",
+        num_layers=1,
+        dropout=0.0,
+        hidden_size=512,
+        batch_size=32,
+        seq_length=100,
+        seed=1,
     )
     chars_per_step = config.batch_size * config.seq_length
     trainers = [trainer_for(config, text) for _ in range(max(counts))]
@@ -554,7 +566,9 @@ def step_delays(session: Any, watchers: Watchers, steps: int) -> tuple[list[floa
 
 def bench_watch(srv: ServerHandle, text: str, n: int, seconds: float) -> None:
     print(f"watch: {n} WatchLoss streams on one training session", flush=True)
-    config = PRESETS["default"].replace(cell="rnn", hidden_size=32, seed=1)
+    config = PRESETS["default"].replace(
+        cell="rnn", num_layers=1, dropout=0.0, hidden_size=32, seed=1
+    )
     with Client(srv.address) as client:
         session = client.create_session(text, session_id="watched", **config_kwargs(config))
         session.train(20).wait()

@@ -50,7 +50,12 @@ def main() -> int:
     print(f"corpus: {len(text):,} characters; {args.seconds:g} s of back-to-back Steps per model")
     with temporary_server(log_level="debug") as srv, Client(srv.address, timeout=60) as client:
         models = (
-            ("hidden 32", PRESETS["default"].replace(cell="rnn", hidden_size=32, seed=1)),
+            (
+                "hidden 32",
+                PRESETS["default"].replace(
+                    cell="rnn", num_layers=1, dropout=0.0, hidden_size=32, seed=1
+                ),
+            ),
             ("default", PRESETS["default"].replace(seed=1)),
         )
         for name, config in models:

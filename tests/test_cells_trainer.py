@@ -136,9 +136,9 @@ def test_seed_presets_are_still_the_tanh_rnn() -> None:
     for name in ("notebook", "min-char-rnn"):
         config = PRESETS[name]
         assert (config.cell, config.num_layers, config.dropout) == ("rnn", 1, 0.0)
-    # The default became one GRU layer (chosen on three corpora: BENCHMARKS.md).
+    # The default became two GRU layers with dropout (chosen on three corpora: BENCHMARKS.md).
     default = PRESETS["default"]
-    assert (default.cell, default.num_layers, default.dropout) == ("gru", 1, 0.0)
+    assert (default.cell, default.num_layers, default.dropout) == ("gru", 2, 0.25)
     trainer = _trainer()
     assert set(trainer.params) == {"Wxh", "Whh", "Why", "bh", "by"}
 

@@ -190,7 +190,15 @@ def test_watch_several_plot_draws_one_chart(module_server: ServerHandle) -> None
 
 
 def test_show_puts_sessions_side_by_side(module_server: ServerHandle) -> None:
-    make(module_server, "cmps-a", 10, cell="rnn", hidden_size=16, validation_fraction=0.2)
+    make(
+        module_server,
+        "cmps-a",
+        10,
+        cell="rnn",
+        num_layers=1,
+        hidden_size=16,
+        validation_fraction=0.2,
+    )
     make(module_server, "cmps-b", 0, hidden_size=8, cell="gru", num_layers=2)
     result = rnnserve(module_server, "show", "cmps-a", "cmps-b")
     assert result.returncode == 0, result.stderr
@@ -219,7 +227,9 @@ def columns(result: subprocess.CompletedProcess[str]) -> tuple[list[str], list[l
 
 
 def test_list_columns_sort_and_state_filter(server: ServerHandle) -> None:
-    a, _ = make(server, "ls-a", 20, cell="rnn", hidden_size=16, validation_fraction=0.2)
+    a, _ = make(
+        server, "ls-a", 20, cell="rnn", num_layers=1, hidden_size=16, validation_fraction=0.2
+    )
     b, _ = make(server, "ls-b", 10, hidden_size=8, cell="gru", num_layers=2)
     c, _ = make(server, "ls-c", 0, preset="notebook")
     assert a.HasField("chars_per_second") and a.chars_per_second > 0  # a Train measured it

@@ -88,7 +88,13 @@ def test_tensorboard_writes_every_point_sample_and_hyperparameter(
 ) -> None:
     with module_server.client() as client:
         a = client.create_session(
-            TEXT, session_id="tb-a", cell="rnn", hidden_size=16, seed=1, validation_fraction=0.2
+            TEXT,
+            session_id="tb-a",
+            cell="rnn",
+            num_layers=1,
+            hidden_size=16,
+            seed=1,
+            validation_fraction=0.2,
         )
         a.train(60, report_every=10).wait()
         b = client.create_session(TEXT, session_id="tb-b", hidden_size=8, cell="gru", seed=2)
@@ -122,9 +128,9 @@ def test_tensorboard_writes_every_point_sample_and_hyperparameter(
                 "dtype": "float32",
                 "reset_every": config.reset_every,
                 "validation_fraction": config.validation_fraction,
-                "cell": "rnn" if session_id == "tb-a" else "gru",
-                "num_layers": 1,
-                "dropout": 0,
+                "cell": "rnn" if session_id == "tb-a" else "gru",  # tb-b: the default's 2 layers
+                "num_layers": config.num_layers,
+                "dropout": config.dropout,
                 "parameter_count": info.parameter_count,
             }
         )

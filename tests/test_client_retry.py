@@ -133,7 +133,12 @@ def test_train_to_survives_a_connection_cut_mid_train(
     with module_server.client() as setup:
         # The tanh RNN: 2000 cheap updates (the GRU default takes several times as long).
         setup.create_session(
-            "cut me off " * 40, session_id=session_id, cell="rnn", hidden_size=16, seed=1
+            "cut me off " * 40,
+            session_id=session_id,
+            cell="rnn",
+            num_layers=1,
+            hidden_size=16,
+            seed=1,
         )
     proxy = FlakyProxy(module_server.address, drop=0)
     target = 2000

@@ -80,7 +80,7 @@ def behind_nginx(
     with Client(nginx.address, timeout=30) as client:
         # The tanh RNN: the 3000 updates below were sized for it (a GRU takes longer).
         session = client.create_session(
-            TEXT, session_id=session_id, cell="rnn", hidden_size=32, seed=1
+            TEXT, session_id=session_id, cell="rnn", num_layers=1, hidden_size=32, seed=1
         )
         assert session.step().step == 1
         # Step's checkpoint is written behind its reply: wait until the owner says it is

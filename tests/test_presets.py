@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from rnnserve.client import PRESETS
+from rnnserve.errors import InvalidArgument
 from rnnserve.presets import GUIDE, MINUTES
 from rnnserve.v1 import rnn_service_pb2 as pb
 
@@ -88,16 +89,17 @@ def test_presets_command(module_server: ServerHandle) -> None:
     assert lines[0].split() == ["PRESET", "MODEL", "1", "MIN", "5", "MIN", "20", "MIN", "CHARS/S"]
     rows = {line.split()[0]: line for line in lines[1 : 1 + len(GUIDE)]}
     assert list(rows) == [g.name for g in GUIDE]
-    assert rows["quality"].split()[-4:] == ["-", "1.551", "1.538", "14,958"]
-    assert rows["default"].split()[-4:] == ["1.724", "1.618", "1.607", "45,365"]
-    assert rows["notebook"].split()[-4:] == ["-", "-", "-", "-"]
+    assert rows["quality"].split()[-4:] == ["1.751", "1.551", "1.538", "14,958"]
+    assert rows["default"].split()[-4:] == ["1.632", "1.564", "1.529", "68,622"]
+    assert rows["notebook"].split()[-4:] == ["10.763", "10.747", "12.150", "20,747"]
     assert "-: not measured yet" in result.stdout
-    assert re.search(
-        r'Measured \(min-char-rnn, quality\): BENCHMARKS\.md, "Quality of the presets", '
-        r"2026-12-01, 2-core AMD EPYC",
-        result.stdout,
-    )
-    assert re.search(r'Measured \(default\): BENCHMARKS\.md, "[^"]+", 2026-12-08', result.stdout)
+    for guide in GUIDE:  # each preset's source, date and machine (they differ here)
+        assert guide.measured is not None
+        assert re.search(
+            rf'Measured \({guide.name}\): BENCHMARKS\.md, "Quality of the presets", '
+            rf"{guide.measured.date}, 2-core AMD EPYC",
+            result.stdout,
+        )
     for guide in GUIDE:  # what each is for
         assert re.search(
             rf"^{re.escape(guide.name)} +{re.escape(guide.use[:40])}", result.stdout, re.M
@@ -108,10 +110,23 @@ def test_presets_command(module_server: ServerHandle) -> None:
         for line in rnnserve(module_server, "--json", "presets").stdout.splitlines()
     ]
     by_name = {o["preset"]: o for o in objects}
-    assert by_name["notebook"]["held_out_nats"] == {"1min": None, "5min": None, "20min": None}
-    assert by_name["notebook"]["measured"] is None
-    assert by_name["quality"]["held_out_nats"] == {"1min": None, "5min": 1.551, "20min": 1.538}
-    assert by_name["default"]["held_out_nats"] == {"1min": 1.724, "5min": 1.618, "20min": 1.607}
+    assert by_name["notebook"]["held_out_nats"] == {"1min": 10.763, "5min": 10.747, "20min": 12.15}
+    assert by_name["quality"]["held_out_nats"] == {"1min": 1.751, "5min": 1.551, "20min": 1.538}
+    assert by_name["default"]["held_out_nats"] == {"1min": 1.632, "5min": 1.564, "20min": 1.529}
 
     create_help = rnnserve(module_server, "create", "--help")
     assert "`rnnserve presets` says what each" in " ".join(create_help.stdout.split())
+
+
+def test_one_layer_asked_of_a_preset_with_dropout_gets_none(module_server: ServerHandle) -> None:
+    """The default has dropout between its two layers; a request for one layer drops it (it
+    would have nothing to act on), and a dropout it asks for itself is still refused."""
+    with module_server.client() as client:
+        made = client.create_session("Hallo, world. " * 10, num_layers=1)
+        config = made.info().config
+        assert (config.num_layers, config.dropout) == (1, 0.0)
+        assert made.step().step == 1
+        stacked = client.create_session("Hallo, world. " * 10, num_layers=3).info().config
+        assert (stacked.num_layers, stacked.dropout) == (3, 0.25)
+        with pytest.raises(InvalidArgument, match="dropout applies between layers"):
+            client.create_session("Hallo, world. " * 10, num_layers=1, dropout=0.2)

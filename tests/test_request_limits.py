@@ -76,7 +76,9 @@ def test_requests_over_the_memory_budget_are_refused_naming_the_setting(
     with server.client(timeout=60) as client:
         # The tanh RNN these figures were sized for (a GRU's chunked Generate warm-up alone
         # is about this limit).
-        small = client.create_session(SMALL_TEXT, session_id="small", cell="rnn", hidden_size=64)
+        small = client.create_session(
+            SMALL_TEXT, session_id="small", cell="rnn", num_layers=1, hidden_size=64
+        )
         long_text = (SMALL_TEXT * 25)[:100_000]
         with pytest.raises(LimitExceeded) as exc:
             small.step(text=long_text)
@@ -150,8 +152,8 @@ def test_a_gated_model_whose_update_is_over_the_limit_is_refused_naming_its_shap
     with server.client(timeout=60) as client:
         with pytest.raises(LimitExceeded) as exc:
             client.create_session(
-                SMALL_TEXT, session_id="gru", cell="gru", hidden_size=64, seq_length=1000,
-                batch_size=8,
+                SMALL_TEXT, session_id="gru", cell="gru", num_layers=1, hidden_size=64,
+                seq_length=1000, batch_size=8,
             )  # fmt: skip
         message = _resource_exhausted(exc)
         config = _config(64, 1000, 8, "float32", "gru")
@@ -288,7 +290,9 @@ def test_default_budget_refuses_the_reported_step(server_factory: ServerFactory)
     alphabet = "".join(chr(0x4E00 + i) for i in range(4096))
     with server.client(timeout=60) as client:
         # The tanh RNN, as in the issue (a GRU this size needs over 1 GiB for a corpus update).
-        s = client.create_session(alphabet, session_id="largest", cell="rnn", hidden_size=1024)
+        s = client.create_session(
+            alphabet, session_id="largest", cell="rnn", num_layers=1, hidden_size=1024
+        )
         with pytest.raises(LimitExceeded) as exc:
             s.step(text=(alphabet * 8)[:32_000])
         assert "Step on a text of 32000 characters" in _resource_exhausted(exc)

@@ -168,6 +168,10 @@ def config_from_create(request: pb.CreateSessionRequest) -> ModelConfig:
         raise InvalidArgumentError(f"preset {request.preset} is not a known Preset value")
     changes = config_changes(request.config, _CREATE_FIELDS)
     changes.setdefault("seed", secrets.randbelow(2**31))
+    if changes.get("num_layers") == 1:
+        # Dropout applies between layers: a request for one layer drops the preset's (a
+        # dropout it sets itself is still refused).
+        changes.setdefault("dropout", 0.0)
     config = PRESETS[_PRESETS[request.preset]].replace(**changes)
     with field_errors():
         config.validate()
