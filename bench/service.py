@@ -62,6 +62,10 @@ from bench._common import (  # noqa: E402
 )
 
 ROWS = ("floor", "step", "train", "generate", "sessions", "parallel", "watch")
+# The tanh RNN the engine rows measure at their large shape (one layer, no dropout).
+BIG_TANH = PRESETS["default"].replace(
+    cell="rnn", num_layers=1, dropout=0.0, hidden_size=512, batch_size=32, seq_length=100, seed=1
+)
 
 
 def server(**settings: Any) -> AbstractContextManager[ServerHandle]:
@@ -290,15 +294,7 @@ def bench_step(srv: ServerHandle, floor: Floor, text: str, n: int) -> None:
 
 def bench_train(srv: ServerHandle, text: str, seconds: float) -> None:
     print("train: Train stream chars/s vs a Trainer.step loop in-process", flush=True)
-    big = PRESETS["default"].replace(
-        cell="rnn",
-        num_layers=1,
-        dropout=0.0,
-        hidden_size=512,
-        batch_size=32,
-        seq_length=100,
-        seed=1,
-    )
+    big = BIG_TANH
     default = PRESETS["default"].replace(seed=1)
     with Client(srv.address) as client:
         for name, config in (("hidden 512 batch 32 seq 100", big), ("default", default)):
@@ -439,15 +435,7 @@ def bench_parallel(
     srv: ServerHandle, text: str, seconds: float, counts: list[int], rounds: int = 3
 ) -> None:
     print("parallel: aggregate chars/s with N sessions training at once", flush=True)
-    config = PRESETS["default"].replace(
-        cell="rnn",
-        num_layers=1,
-        dropout=0.0,
-        hidden_size=512,
-        batch_size=32,
-        seq_length=100,
-        seed=1,
-    )
+    config = BIG_TANH
     chars_per_step = config.batch_size * config.seq_length
     trainers = [trainer_for(config, text) for _ in range(max(counts))]
     for trainer in trainers:
