@@ -74,7 +74,7 @@ def test_quality_preset_is_a_gated_cell(module_server: ServerHandle) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"dropout": 0.5}, "dropout applies between layers"),
+        ({"num_layers": 1, "dropout": 0.5}, "dropout applies between layers"),
         ({"num_layers": 2, "dropout": 1.5}, "config.dropout must be a number in [0, 1)"),
         ({"num_layers": 0}, "config.num_layers must be an integer >= 1"),
         ({"cell": 9}, "config.cell 9 is not a known Cell value"),

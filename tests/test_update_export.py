@@ -26,6 +26,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 # The tanh RNN: its arrays are the ones docs/client.md's plain-numpy recipe reads.
 SMALL: dict[str, Any] = {
     "cell": "rnn",
+    "num_layers": 1,
     "hidden_size": 16,
     "seq_length": 10,
     "batch_size": 4,
