@@ -109,9 +109,7 @@ class SessionFactory:
         if not tanh_rnn:  # other cells and layers: the weights, and a state (LSTM: h and c)
             # per layer. (A bound of 4 (H + V + 1)(H + V) a layer refused the layers above the
             # first, whose inputs are H wide, when H was large against V.)
-            raw = trainer_meta["config"]
-            layers = max(int(raw.get("layers", 1) or 1), int(raw.get("num_layers", 1) or 1))
-            parameters = parameter_total(config, V) + 2 * layers * B * H
+            parameters = parameter_total(config, V) + 2 * config.num_layers * B * H
         for name, shape in shapes.items():
             want = expected.get(name) if tanh_rnn else None
             if name == "corpus":
